@@ -1,0 +1,302 @@
+//! The faiss binding: the only module of tandem with `unsafe` code.
+//!
+//! Index construction, training and persistence go through the safe `faiss` crate. Searching
+//! calls `faiss_Index_search_with_params` directly, for two reasons the safe crate does not
+//! cover: it takes `&mut self` for searches that faiss itself treats as const (we want many
+//! concurrent readers), and filtered search needs an `IDSelectorBitmap` passed through
+//! `SearchParameters` so that faiss skips rows *during* the search — the result is the true
+//! filtered top-k, not a top-k that a filter then thins out.
+//!
+//! Labels are row offsets inside the segment (no IDMap): the segment maps them to primary keys.
+//! Every call here is CPU-bound and must run on the search or index-building pool, never on an
+//! async worker.
+#![allow(unsafe_code)]
+
+use std::ffi::CStr;
+use std::path::Path;
+use std::ptr;
+
+use faiss::index::autotune::ParameterSpace;
+use faiss::index::IndexImpl;
+use faiss::{Index, MetricType};
+use parking_lot::{RwLock, RwLockWriteGuard};
+
+use crate::error::{ClusterError, Result};
+use crate::schema::{IndexKind, Metric};
+
+/// Per-request search knobs (already defaulted and bounded by the caller).
+#[derive(Debug, Clone, Copy)]
+pub struct Knobs {
+    pub nprobe: usize,
+    pub ef_search: usize,
+}
+
+/// One bit per row offset, bit `i` = byte `i >> 3`, bit `i & 7` (faiss's `IDSelectorBitmap`).
+#[derive(Debug, Clone)]
+pub struct Bitmap {
+    bytes: Vec<u8>,
+    ones: usize,
+}
+
+impl Bitmap {
+    pub fn from_fn(n: usize, mut f: impl FnMut(usize) -> bool) -> Bitmap {
+        let mut bytes = vec![0u8; n.div_ceil(8)];
+        let mut ones = 0;
+        for i in 0..n {
+            if f(i) {
+                bytes[i >> 3] |= 1 << (i & 7);
+                ones += 1;
+            }
+        }
+        Bitmap { bytes, ones }
+    }
+
+    pub fn get(&self, i: usize) -> bool {
+        self.bytes.get(i >> 3).is_some_and(|b| (b >> (i & 7)) & 1 == 1)
+    }
+
+    /// Rows that pass.
+    pub fn count(&self) -> usize {
+        self.ones
+    }
+}
+
+pub struct AnnIndex {
+    index: IndexImpl,
+    kind: IndexKind,
+    /// faiss's C API exposes no `SearchParametersHNSW`, so efSearch is a property of the index.
+    /// Searches that want the current value share the read side; one that needs another value
+    /// takes the write side just long enough to change it.
+    ef_search: RwLock<usize>,
+}
+
+impl std::fmt::Debug for AnnIndex {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "AnnIndex({})", self.kind)
+    }
+}
+
+fn faiss_err(what: &str, e: impl std::fmt::Display) -> ClusterError {
+    ClusterError::Faiss(format!("{what}: {e}"))
+}
+
+fn last_error(what: &str, code: i32) -> ClusterError {
+    // SAFETY: faiss_get_last_error returns null or a NUL-terminated string owned by faiss's
+    // thread-local error slot, valid until the next faiss call on this thread; we copy it now.
+    let msg = unsafe {
+        let p = faiss_sys::faiss_get_last_error();
+        if p.is_null() { String::new() } else { CStr::from_ptr(p).to_string_lossy().into_owned() }
+    };
+    ClusterError::Faiss(format!("{what} failed with code {code}: {msg}"))
+}
+
+fn metric_type(metric: Metric) -> MetricType {
+    match metric {
+        Metric::L2 => MetricType::L2,
+        // Cosine vectors are normalised on the way in, so inner product is cosine similarity.
+        Metric::Ip | Metric::Cosine => MetricType::InnerProduct,
+    }
+}
+
+impl AnnIndex {
+    /// Builds an index over `vectors` (n * dim floats). Slow for HNSW and IVF: run it on the
+    /// index-building pool.
+    pub fn build(kind: IndexKind, metric: Metric, dim: usize, vectors: &[f32]) -> Result<AnnIndex> {
+        let n = vectors.len() / dim;
+        let description = match kind {
+            IndexKind::Flat => "Flat".to_string(),
+            // faiss wants ~39 training points per list; a small segment trains fewer lists
+            // rather than failing or producing empty lists.
+            IndexKind::IvfFlat { nlist } => format!("IVF{},Flat", (n / 39).clamp(1, nlist as usize)),
+            IndexKind::Hnsw { m, .. } => format!("HNSW{m},Flat"),
+        };
+        let mut index = faiss::index_factory(dim as u32, &description, metric_type(metric))
+            .map_err(|e| faiss_err(&format!("index_factory({description})"), e))?;
+        if let IndexKind::Hnsw { ef_construction, .. } = kind {
+            let ps = ParameterSpace::new().map_err(|e| faiss_err("parameter space", e))?;
+            ps.set_index_parameter(&index, "efConstruction", ef_construction as f64)
+                .map_err(|e| faiss_err("set efConstruction", e))?;
+        }
+        if !index.is_trained() {
+            index.train(vectors).map_err(|e| faiss_err("train", e))?;
+        }
+        index.add(vectors).map_err(|e| faiss_err("add", e))?;
+        let ann = AnnIndex { index, kind, ef_search: RwLock::new(0) };
+        Ok(ann)
+    }
+
+    pub fn kind(&self) -> IndexKind {
+        self.kind
+    }
+
+    pub fn len(&self) -> usize {
+        self.index.ntotal() as usize
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let p = path.to_str().ok_or_else(|| ClusterError::Internal(format!("non-utf8 path {}", path.display())))?;
+        faiss::write_index(&self.index, p).map_err(|e| faiss_err(&format!("write {p}"), e))
+    }
+
+    pub fn load(path: &Path, kind: IndexKind) -> Result<AnnIndex> {
+        let p = path.to_str().ok_or_else(|| ClusterError::Internal(format!("non-utf8 path {}", path.display())))?;
+        let index = faiss::read_index(p).map_err(|e| faiss_err(&format!("read {p}"), e))?;
+        Ok(AnnIndex { index, kind, ef_search: RwLock::new(0) })
+    }
+
+    /// Top-`k` rows for each query (`queries` holds nq * dim floats), restricted to `allow` when
+    /// given. Returns (distances, labels), nq * k each, closest first; missing results have
+    /// label -1.
+    pub fn search(&self, queries: &[f32], dim: usize, k: usize, allow: Option<&Bitmap>, knobs: Knobs) -> Result<(Vec<f32>, Vec<i64>)> {
+        let nq = queries.len() / dim;
+        let mut distances = vec![0f32; nq * k];
+        let mut labels = vec![-1i64; nq * k];
+        if nq == 0 || k == 0 {
+            return Ok((distances, labels));
+        }
+        match self.kind {
+            IndexKind::Hnsw { .. } => {
+                let want = knobs.ef_search.max(k);
+                let guard = self.ef_search.read();
+                if *guard == want {
+                    self.search_raw(queries, k, allow, None, &mut distances, &mut labels)?;
+                } else {
+                    drop(guard);
+                    let mut w = self.ef_search.write();
+                    if *w != want {
+                        let ps = ParameterSpace::new().map_err(|e| faiss_err("parameter space", e))?;
+                        ps.set_index_parameter(&self.index, "efSearch", want as f64)
+                            .map_err(|e| faiss_err("set efSearch", e))?;
+                        *w = want;
+                    }
+                    let _r = RwLockWriteGuard::downgrade(w);
+                    self.search_raw(queries, k, allow, None, &mut distances, &mut labels)?;
+                }
+            }
+            IndexKind::IvfFlat { .. } => {
+                self.search_raw(queries, k, allow, Some(knobs.nprobe.max(1)), &mut distances, &mut labels)?;
+            }
+            IndexKind::Flat => self.search_raw(queries, k, allow, None, &mut distances, &mut labels)?,
+        }
+        Ok((distances, labels))
+    }
+
+    fn search_raw(
+        &self,
+        queries: &[f32],
+        k: usize,
+        allow: Option<&Bitmap>,
+        nprobe: Option<usize>,
+        distances: &mut [f32],
+        labels: &mut [i64],
+    ) -> Result<()> {
+        let nq = distances.len() / k;
+        let index = self.index.inner_ptr();
+        // SAFETY: `index` is a live faiss index owned by self; faiss CPU indexes support
+        // concurrent const searches (efSearch changes are excluded by the RwLock above). The
+        // selector borrows `allow`'s bytes, which outlive this call; params and selector are
+        // freed below on every path. Output buffers hold nq * k elements, as faiss writes.
+        unsafe {
+            let mut sel: *mut faiss_sys::FaissIDSelectorBitmap = ptr::null_mut();
+            if let Some(bm) = allow {
+                let rc = faiss_sys::faiss_IDSelectorBitmap_new(&mut sel, bm.bytes.len(), bm.bytes.as_ptr());
+                if rc != 0 {
+                    return Err(last_error("IDSelectorBitmap_new", rc));
+                }
+            }
+            let sel_base = sel as *mut faiss_sys::FaissIDSelector;
+            let mut params: *mut faiss_sys::FaissSearchParameters = ptr::null_mut();
+            let rc = match nprobe {
+                Some(nprobe) => {
+                    let mut ivf: *mut faiss_sys::FaissSearchParametersIVF = ptr::null_mut();
+                    let rc = faiss_sys::faiss_SearchParametersIVF_new_with(&mut ivf, sel_base, nprobe, 0);
+                    params = ivf as *mut faiss_sys::FaissSearchParameters;
+                    rc
+                }
+                None if !sel.is_null() => faiss_sys::faiss_SearchParameters_new(&mut params, sel_base),
+                None => 0,
+            };
+            let result = if rc != 0 {
+                Err(last_error("SearchParameters_new", rc))
+            } else {
+                let rc = if params.is_null() {
+                    faiss_sys::faiss_Index_search(index, nq as i64, queries.as_ptr(), k as i64, distances.as_mut_ptr(), labels.as_mut_ptr())
+                } else {
+                    faiss_sys::faiss_Index_search_with_params(
+                        index,
+                        nq as i64,
+                        queries.as_ptr(),
+                        k as i64,
+                        params,
+                        distances.as_mut_ptr(),
+                        labels.as_mut_ptr(),
+                    )
+                };
+                if rc != 0 { Err(last_error("search", rc)) } else { Ok(()) }
+            };
+            if !params.is_null() {
+                faiss_sys::faiss_SearchParameters_free(params);
+            }
+            if !sel.is_null() {
+                faiss_sys::faiss_IDSelector_free(sel_base);
+            }
+            result
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+        // xorshift: deterministic and dependency-free
+        let mut s = seed | 1;
+        (0..n * dim)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                (s % 10_000) as f32 / 10_000.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn flat_with_bitmap_returns_only_allowed_rows() {
+        let dim = 8;
+        let v = data(500, dim, 7);
+        let idx = AnnIndex::build(IndexKind::Flat, Metric::L2, dim, &v).unwrap();
+        let allow = Bitmap::from_fn(500, |i| i % 3 == 0);
+        let (d, l) = idx.search(&v[..dim * 2], dim, 10, Some(&allow), Knobs { nprobe: 1, ef_search: 16 }).unwrap();
+        assert!(l.iter().all(|&x| x >= 0 && x % 3 == 0), "{l:?}");
+        assert_eq!(l[0], 0);
+        assert!(d[0].abs() < 1e-6);
+        // unfiltered, query 1 finds itself
+        let (_, l) = idx.search(&v[dim..dim * 2], dim, 1, None, Knobs { nprobe: 1, ef_search: 16 }).unwrap();
+        assert_eq!(l[0], 1);
+    }
+
+    #[test]
+    fn hnsw_and_ivf_build_search_save_load() {
+        let dim = 16;
+        let v = data(2000, dim, 11);
+        for kind in [IndexKind::Hnsw { m: 16, ef_construction: 100 }, IndexKind::IvfFlat { nlist: 16 }] {
+            let idx = AnnIndex::build(kind, Metric::L2, dim, &v).unwrap();
+            let (_, l) = idx.search(&v[dim * 5..dim * 6], dim, 3, None, Knobs { nprobe: 16, ef_search: 64 }).unwrap();
+            assert_eq!(l[0], 5, "{kind}");
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("x.index");
+            idx.save(&p).unwrap();
+            let back = AnnIndex::load(&p, kind).unwrap();
+            assert_eq!(back.len(), 2000);
+            let allow = Bitmap::from_fn(2000, |i| i != 5);
+            let (_, l) = back.search(&v[dim * 5..dim * 6], dim, 3, Some(&allow), Knobs { nprobe: 16, ef_search: 32 }).unwrap();
+            assert!(!l.contains(&5), "{kind}: filtered row came back");
+        }
+    }
+}

@@ -1,0 +1,332 @@
+//! A collection: its schema and its shards. Writes that span shards are validated as a whole and
+//! carry one timestamp; reads take a snapshot at the collection's serviceable ts.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use parking_lot::RwLock;
+
+use crate::error::{ClusterError, Result};
+use crate::filter::Filter;
+use crate::schema::Schema;
+use crate::segment::{Row, Sealed};
+use crate::shard::{Recovering, Shard, ShardOp, ShardOptions};
+use crate::ts::{HybridClock, Ts, physical_ms};
+
+/// A validated write, ready to be split over shards.
+#[derive(Debug)]
+pub enum Write {
+    Insert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row> },
+    Upsert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row> },
+    DeleteIds(Vec<i64>),
+    DeleteFilter(Filter),
+}
+
+pub struct Collection {
+    pub id: u64,
+    pub created_ts: Ts,
+    schema: RwLock<Arc<Schema>>,
+    shards: Vec<Arc<Shard>>,
+    dir: PathBuf,
+    dropped: AtomicBool,
+}
+
+impl std::fmt::Debug for Collection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Collection({}, {})", self.id, self.schema.read().name)
+    }
+}
+
+/// Segments that need an index built, by shard.
+pub type IndexJobs = Vec<(usize, Arc<Sealed>)>;
+
+/// Which shard holds an id. A fixed mix of the id's bits (Fibonacci hashing): stable across
+/// versions and processes, because replication partitions follow shards.
+pub fn shard_of(id: i64, shards: usize) -> usize {
+    (((id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 32) % shards as u64) as usize
+}
+
+impl Collection {
+    pub fn open(id: u64, created_ts: Ts, schema: Schema, dir: &Path, opts: &ShardOptions, clock: &HybridClock) -> Result<(Collection, IndexJobs)> {
+        let loaded = (0..schema.shards).map(|i| Shard::load(i, &dir.join(format!("shard-{i}")), &schema, opts)).collect::<Result<Vec<_>>>()?;
+        let aborted = abort_incomplete_writes(&schema.name, &loaded)?;
+        let mut shards = Vec::new();
+        let mut jobs = Vec::new();
+        for (i, (rec, aborted)) in loaded.into_iter().zip(aborted).enumerate() {
+            let (shard, needs) = rec.replay(&schema, &aborted, clock)?;
+            jobs.extend(needs.into_iter().map(|s| (i, s)));
+            shards.push(Arc::new(shard));
+        }
+        let c = Collection { id, created_ts, schema: RwLock::new(Arc::new(schema)), shards, dir: dir.to_path_buf(), dropped: AtomicBool::new(false) };
+        Ok((c, jobs))
+    }
+
+    pub fn schema(&self) -> Arc<Schema> {
+        self.schema.read().clone()
+    }
+
+    pub fn set_schema(&self, schema: Schema) {
+        *self.schema.write() = Arc::new(schema);
+    }
+
+    pub fn shards(&self) -> &[Arc<Shard>] {
+        &self.shards
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn mark_dropped(&self) {
+        self.dropped.store(true, Ordering::Release);
+    }
+
+    pub fn is_dropped(&self) -> bool {
+        self.dropped.load(Ordering::Acquire)
+    }
+
+    /// Logs and applies a write; blocking (fsync). Returns (ts, rows changed). Either every
+    /// shard's part is validated and logged or, on a validation error, nothing changes.
+    pub fn write(&self, clock: &HybridClock, write: Write, jobs: &mut IndexJobs) -> Result<(Ts, u64)> {
+        let schema = self.schema();
+        let n = self.shards.len();
+        let mut guards: Vec<_> = match &write {
+            Write::DeleteFilter(_) => (0..n).collect::<Vec<_>>(),
+            Write::Insert { ids, .. } | Write::Upsert { ids, .. } | Write::DeleteIds(ids) => {
+                let mut touched: Vec<usize> = ids.iter().map(|&id| shard_of(id, n)).collect();
+                touched.sort_unstable();
+                touched.dedup();
+                touched
+            }
+        }
+        .into_iter()
+        // Always in shard order, so two multi-shard writes cannot deadlock.
+        .map(|i| (i, self.shards[i].lock_state()))
+        .collect();
+
+        let mut parts: BTreeMap<usize, ShardOp> = BTreeMap::new();
+        match write {
+            Write::Insert { ids, vectors, rows } => {
+                let mut existing = Vec::new();
+                for (_, g) in &guards {
+                    existing.extend(g.existing(&ids));
+                }
+                if !existing.is_empty() {
+                    existing.sort_unstable();
+                    let shown: Vec<String> = existing.iter().take(10).map(|i| i.to_string()).collect();
+                    return Err(ClusterError::AlreadyExists(format!(
+                        "{} id(s) already exist in collection {:?}: {}{} (use upsert to replace rows)",
+                        existing.len(),
+                        schema.name,
+                        shown.join(", "),
+                        if existing.len() > 10 { ", ..." } else { "" }
+                    )));
+                }
+                split_rows(&schema, n, ids, vectors, rows, &mut parts, false);
+            }
+            Write::Upsert { ids, vectors, rows } => split_rows(&schema, n, ids, vectors, rows, &mut parts, true),
+            Write::DeleteIds(ids) => {
+                for id in ids {
+                    if let ShardOp::Delete { ids } = parts.entry(shard_of(id, n)).or_insert(ShardOp::Delete { ids: vec![] }) {
+                        ids.push(id);
+                    }
+                }
+            }
+            Write::DeleteFilter(filter) => {
+                for (i, g) in &guards {
+                    let ids = g.matching_live(&filter);
+                    if !ids.is_empty() {
+                        parts.insert(*i, ShardOp::Delete { ids });
+                    }
+                }
+            }
+        }
+        if parts.is_empty() {
+            return Ok((clock.now(), 0));
+        }
+        let participants: Vec<u32> = if parts.len() > 1 { parts.keys().map(|&i| i as u32).collect() } else { Vec::new() };
+        let mut pendings: Vec<_> = parts.keys().map(|&i| (i, self.shards[i].lock_pending())).collect();
+        let ts = clock.now();
+        let mut total = 0;
+        let mut lsns = Vec::with_capacity(parts.len());
+        let mut sealed = Vec::new();
+        for ((i, op), (_, pending)) in parts.into_iter().zip(pendings.iter_mut()) {
+            let st = &mut guards.iter_mut().find(|(g, _)| *g == i).expect("locked above").1;
+            let (lsn, count) = self.shards[i].append_and_apply(st, pending, &schema, ts, op, &participants, &mut sealed)?;
+            jobs.extend(sealed.drain(..).map(|s| (i, s)));
+            lsns.push((i, lsn));
+            total += count;
+        }
+        drop(pendings);
+        drop(guards);
+        for (i, lsn) in lsns {
+            self.shards[i].finish(lsn)?;
+        }
+        Ok((ts, total))
+    }
+
+    /// Every change with ts <= this is applied on every shard.
+    pub fn serviceable_ts(&self, clock: &HybridClock) -> Ts {
+        self.shards.iter().map(|s| s.serviceable_ts(clock)).min().unwrap_or_else(|| clock.peek())
+    }
+
+    /// Waits until the collection can serve a read at `guarantee`, then returns the snapshot to
+    /// read at (>= guarantee). Cancel-safe: it only waits.
+    pub async fn wait_serviceable(&self, clock: &HybridClock, guarantee: Ts, deadline: Instant) -> Result<Ts> {
+        for shard in &self.shards {
+            loop {
+                let notified = shard.advanced.notified();
+                tokio::pin!(notified);
+                notified.as_mut().enable();
+                let s = shard.serviceable_ts(clock);
+                if s >= guarantee {
+                    break;
+                }
+                if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
+                    return Err(ClusterError::DeadlineExceeded(format!(
+                        "collection {:?} shard {} is serviceable up to ts {s}, {} ms behind the requested ts {guarantee}",
+                        self.schema.read().name,
+                        shard.index,
+                        physical_ms(guarantee).saturating_sub(physical_ms(s))
+                    )));
+                }
+            }
+        }
+        Ok(self.serviceable_ts(clock).max(guarantee))
+    }
+
+    /// Rows visible at `snapshot` for the given ids, in request order (missing ids skipped).
+    pub fn get(&self, ids: &[i64], snapshot: Ts) -> Vec<(i64, Vec<f32>, Row)> {
+        let n = self.shards.len();
+        ids.iter()
+            .filter_map(|&id| self.shards[shard_of(id, n)].get(id, snapshot).map(|(v, r)| (id, v, r)))
+            .collect()
+    }
+
+    pub fn payloads(&self, ids: &[i64], snapshot: Ts) -> HashMap<i64, Row> {
+        self.get(ids, snapshot).into_iter().map(|(id, _, r)| (id, r)).collect()
+    }
+}
+
+/// A write that touched several shards is logged as one record per shard, fsynced separately;
+/// a crash between those fsyncs leaves some parts on disk and not others. Such a write was
+/// never acknowledged, and applying only its surviving parts would expose a partial write, so
+/// recovery aborts it (durably, before anything new is written) on every shard that holds a
+/// part. Returns the aborted timestamps per shard.
+fn abort_incomplete_writes(collection: &str, loaded: &[Recovering]) -> Result<Vec<HashSet<Ts>>> {
+    let tails = loaded.iter().map(|r| r.summarize()).collect::<Result<Vec<_>>>()?;
+    let mut aborted: Vec<HashSet<Ts>> = tails.iter().map(|t| t.aborted.clone()).collect();
+    for tail in &tails {
+        for (ts, participants) in &tail.multi {
+            let complete = participants.iter().all(|&p| {
+                let p = p as usize;
+                p < loaded.len() && (tails[p].present.contains(ts) || loaded[p].covers(*ts))
+            });
+            if complete {
+                continue;
+            }
+            for &p in participants {
+                let p = p as usize;
+                if p < loaded.len() && tails[p].present.contains(ts) && aborted[p].insert(*ts) {
+                    loaded[p].abort(*ts)?;
+                }
+            }
+            tracing::warn!(collection, ts, ?participants, "aborted a multi-shard write that did not reach every shard before a crash");
+        }
+    }
+    Ok(aborted)
+}
+
+fn split_rows(schema: &Schema, n: usize, ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row>, parts: &mut BTreeMap<usize, ShardOp>, upsert: bool) {
+    let dim = schema.dim;
+    for (i, (id, row)) in ids.into_iter().zip(rows).enumerate() {
+        let part = parts.entry(shard_of(id, n)).or_insert_with(|| {
+            if upsert {
+                ShardOp::Upsert { ids: vec![], vectors: vec![], rows: vec![] }
+            } else {
+                ShardOp::Insert { ids: vec![], vectors: vec![], rows: vec![] }
+            }
+        });
+        if let ShardOp::Insert { ids, vectors: v, rows } | ShardOp::Upsert { ids, vectors: v, rows } = part {
+            ids.push(id);
+            v.extend_from_slice(&vectors[i * dim..(i + 1) * dim]);
+            rows.push(row);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::schema::{IndexKind, Metric};
+    use crate::wal::{SyncPolicy, Wal, WalOptions};
+
+    fn opts() -> ShardOptions {
+        ShardOptions { wal: WalOptions { sync: SyncPolicy::Always, segment_bytes: 1 << 20 }, seal_rows: 1000 }
+    }
+
+    fn open(dir: &Path) -> Collection {
+        let schema = Schema::new("c".into(), 2, Metric::L2, IndexKind::Flat, 2, vec![]).unwrap();
+        Collection::open(1, 1, schema, dir, &opts(), &HybridClock::new()).unwrap().0
+    }
+
+    fn ids(c: &Collection) -> Vec<i64> {
+        let mut out = Vec::new();
+        for s in c.shards() {
+            s.scan(Ts::MAX - 1, None, |rows, off| out.push(rows.ids[off]));
+        }
+        out.sort_unstable();
+        out
+    }
+
+    fn insert(c: &Collection, clock: &HybridClock, ids: Vec<i64>) {
+        let n = ids.len();
+        c.write(clock, Write::Insert { ids, vectors: vec![0.5; n * 2], rows: vec![vec![]; n] }, &mut Vec::new()).unwrap();
+    }
+
+    /// A crash between the fsyncs of a multi-shard write's parts must not leave the surviving
+    /// part applied: recovery aborts the whole write, durably, and keeps later writes.
+    #[test]
+    fn recovery_aborts_a_multi_shard_write_missing_a_part() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = {
+            // two ids on different shards
+            let a = (0..).find(|&i| shard_of(i, 2) == 0).unwrap();
+            let b = (0..).find(|&i| shard_of(i, 2) == 1).unwrap();
+            (a, b)
+        };
+        let a2 = (a + 1..).find(|&i| shard_of(i, 2) == 0).unwrap();
+        {
+            let c = open(dir.path());
+            let clock = HybridClock::new();
+            insert(&c, &clock, vec![a, b]);
+            insert(&c, &clock, vec![a2]);
+            assert_eq!(ids(&c), { let mut v = vec![a, b, a2]; v.sort(); v });
+        }
+        // Simulate the crash: shard 1's part of the first write never reached its disk.
+        {
+            let wal = Wal::open(&dir.path().join("shard-1").join("wal"), opts().wal).unwrap();
+            assert_eq!(wal.last_lsn(), 1);
+            wal.truncate_after(1).unwrap();
+        }
+        for _ in 0..2 {
+            let c = open(dir.path());
+            assert_eq!(ids(&c), vec![a2], "the partial write must vanish, the later one stay");
+        }
+    }
+
+    #[test]
+    fn shard_of_spreads_sequential_ids() {
+        let mut counts = [0usize; 4];
+        for id in 0..40_000 {
+            counts[shard_of(id, 4)] += 1;
+        }
+        for c in counts {
+            assert!((9_000..11_000).contains(&c), "{counts:?}");
+        }
+        assert_eq!(shard_of(-5, 1), 0);
+    }
+}

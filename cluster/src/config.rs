@@ -1,0 +1,231 @@
+//! Cluster node configuration: defaults, then a TOML file, then `TANDEM__`-prefixed environment
+//! variables (loading lives in the binary); `validate()` rejects nonsense with messages that name
+//! the setting and the value. `docs/tandem.example.toml` is the commented reference.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::node::NodeOptions;
+use crate::role::Role;
+use crate::shard::ShardOptions;
+use crate::wal::{SyncPolicy, WalOptions};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ClusterConfig {
+    /// Names this cluster in its replication group.
+    pub cluster_id: String,
+    /// gRPC listen address; port 0 picks a free port.
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub role: Role,
+    pub wal: WalConfig,
+    pub segment: SegmentConfig,
+    pub search: SearchConfig,
+    pub index: IndexConfig,
+    pub limits: Limits,
+    pub read: ReadConfig,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WalSync {
+    Always,
+    Interval,
+    Never,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct WalConfig {
+    pub sync: WalSync,
+    pub interval_ms: u64,
+    pub file_mib: u64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SegmentConfig {
+    pub seal_rows: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SearchConfig {
+    /// 0 = one per core.
+    pub threads: usize,
+    pub default_nprobe: u32,
+    pub default_ef_search: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct IndexConfig {
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_write_rows: usize,
+    pub max_top_k: u32,
+    pub max_nq: usize,
+    pub max_query_limit: u32,
+    pub max_get_ids: usize,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReadConfig {
+    /// BOUNDED staleness when a request gives none.
+    pub default_staleness_ms: u64,
+    /// The longest a read waits for the serviceable ts when the request sets no deadline.
+    pub max_wait_ms: u64,
+}
+
+impl Default for ClusterConfig {
+    fn default() -> Self {
+        ClusterConfig {
+            cluster_id: "local".into(),
+            listen: "127.0.0.1:19530".into(),
+            data_dir: PathBuf::from("./tandem-data"),
+            role: Role::Leading,
+            wal: WalConfig::default(),
+            segment: SegmentConfig::default(),
+            search: SearchConfig::default(),
+            index: IndexConfig::default(),
+            limits: Limits::default(),
+            read: ReadConfig::default(),
+        }
+    }
+}
+
+impl Default for WalConfig {
+    fn default() -> Self {
+        WalConfig { sync: WalSync::Always, interval_ms: 10, file_mib: 64 }
+    }
+}
+
+impl Default for SegmentConfig {
+    fn default() -> Self {
+        SegmentConfig { seal_rows: 65_536 }
+    }
+}
+
+impl Default for SearchConfig {
+    fn default() -> Self {
+        SearchConfig { threads: 0, default_nprobe: 16, default_ef_search: 64 }
+    }
+}
+
+impl Default for IndexConfig {
+    fn default() -> Self {
+        IndexConfig { threads: 1 }
+    }
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits { max_message_bytes: 64 << 20, max_write_rows: 100_000, max_top_k: 16_384, max_nq: 1_024, max_query_limit: 16_384, max_get_ids: 16_384 }
+    }
+}
+
+impl Default for ReadConfig {
+    fn default() -> Self {
+        ReadConfig { default_staleness_ms: 1_000, max_wait_ms: 10_000 }
+    }
+}
+
+impl ClusterConfig {
+    /// Every problem found, each naming the setting and its value.
+    pub fn validate(&self) -> Result<(), Vec<String>> {
+        let mut errs = Vec::new();
+        if let Err(e) = crate::schema::validate_name("cluster_id", &self.cluster_id) {
+            errs.push(e.to_string());
+        }
+        if self.listen.parse::<std::net::SocketAddr>().is_err() {
+            errs.push(format!("listen = {:?} is not an address like 127.0.0.1:19530", self.listen));
+        }
+        if self.data_dir.as_os_str().is_empty() {
+            errs.push("data_dir is empty".into());
+        }
+        if self.wal.sync == WalSync::Interval && !(1..=10_000).contains(&self.wal.interval_ms) {
+            errs.push(format!("wal.interval_ms = {} is out of range 1..=10000", self.wal.interval_ms));
+        }
+        if !(1..=4096).contains(&self.wal.file_mib) {
+            errs.push(format!("wal.file_mib = {} is out of range 1..=4096", self.wal.file_mib));
+        }
+        if !(1..=10_000_000).contains(&self.segment.seal_rows) {
+            errs.push(format!("segment.seal_rows = {} is out of range 1..=10000000", self.segment.seal_rows));
+        }
+        if self.search.threads > 1024 {
+            errs.push(format!("search.threads = {} is more than 1024", self.search.threads));
+        }
+        if !(1..=65_536).contains(&self.search.default_nprobe) {
+            errs.push(format!("search.default_nprobe = {} is out of range 1..=65536", self.search.default_nprobe));
+        }
+        if !(1..=32_768).contains(&self.search.default_ef_search) {
+            errs.push(format!("search.default_ef_search = {} is out of range 1..=32768", self.search.default_ef_search));
+        }
+        if !(1..=64).contains(&self.index.threads) {
+            errs.push(format!("index.threads = {} is out of range 1..=64", self.index.threads));
+        }
+        if !(1 << 16..=1 << 30).contains(&self.limits.max_message_bytes) {
+            errs.push(format!("limits.max_message_bytes = {} is out of range 65536..=1073741824", self.limits.max_message_bytes));
+        }
+        for (name, v) in [
+            ("limits.max_write_rows", self.limits.max_write_rows),
+            ("limits.max_top_k", self.limits.max_top_k as usize),
+            ("limits.max_nq", self.limits.max_nq),
+            ("limits.max_query_limit", self.limits.max_query_limit as usize),
+            ("limits.max_get_ids", self.limits.max_get_ids),
+        ] {
+            if v == 0 {
+                errs.push(format!("{name} = 0 must be at least 1"));
+            }
+        }
+        if self.read.max_wait_ms == 0 {
+            errs.push("read.max_wait_ms = 0 must be at least 1".into());
+        }
+        if errs.is_empty() { Ok(()) } else { Err(errs) }
+    }
+
+    pub fn node_options(&self) -> NodeOptions {
+        let sync = match self.wal.sync {
+            WalSync::Always => SyncPolicy::Always,
+            WalSync::Interval => SyncPolicy::Interval(Duration::from_millis(self.wal.interval_ms)),
+            WalSync::Never => SyncPolicy::Never,
+        };
+        let cores = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2);
+        NodeOptions {
+            cluster_id: self.cluster_id.clone(),
+            data_dir: self.data_dir.clone(),
+            role: self.role,
+            shard: ShardOptions { wal: WalOptions { sync, segment_bytes: self.wal.file_mib << 20 }, seal_rows: self.segment.seal_rows },
+            search_threads: if self.search.threads == 0 { cores } else { self.search.threads },
+            index_threads: self.index.threads,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid_and_bad_values_are_named() {
+        ClusterConfig::default().validate().unwrap();
+        let mut c = ClusterConfig::default();
+        c.listen = "nowhere".into();
+        c.segment.seal_rows = 0;
+        c.cluster_id = "a b".into();
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("\"nowhere\"")));
+        assert!(errs.iter().any(|e| e.contains("segment.seal_rows = 0")));
+        assert!(errs.iter().any(|e| e.contains("\"a b\"")));
+    }
+}

@@ -1,0 +1,435 @@
+//! The `tandem.v1.Tandem` gRPC service of a cluster node: turns requests into validated engine
+//! calls and engine results into replies. Validation happens here, before anything changes, and
+//! every rejection names the bad value.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_proto::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use crate::ann::Knobs;
+use crate::collection::{Collection, Write};
+use crate::config::ClusterConfig;
+use crate::error::{ClusterError, Result};
+use crate::filter::Filter;
+use crate::node::Node;
+use crate::schema::{Metric, Schema};
+use crate::segment::{Row, SearchPlan};
+use crate::ts::{SessionToken, Ts, compose, wall_ms};
+
+#[derive(Clone)]
+pub struct ClusterService {
+    node: Arc<Node>,
+    cfg: Arc<ClusterConfig>,
+}
+
+type Reply<T> = std::result::Result<Response<T>, Status>;
+
+/// The deadline a request carries (`grpc-timeout`), capped by the node's longest wait.
+fn deadline<T>(req: &Request<T>, max_wait: Duration) -> Instant {
+    let parsed = req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+    Instant::now() + parsed.map_or(max_wait, |d| d.min(max_wait))
+}
+
+fn parse_grpc_timeout(s: &str) -> Option<Duration> {
+    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.saturating_mul(3600)),
+        "M" => Duration::from_secs(n.saturating_mul(60)),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| ClusterError::Internal(format!("blocking task: {e}")))?
+}
+
+fn check_vectors(what: &str, schema: &Schema, ids: Option<&[i64]>, vectors: &mut [f32]) -> Result<usize> {
+    let dim = schema.dim;
+    if vectors.is_empty() {
+        return Err(ClusterError::invalid(format!("{what}: empty batch, no vectors")));
+    }
+    if vectors.len() % dim != 0 || ids.is_some_and(|ids| ids.len() * dim != vectors.len()) {
+        let rows = ids.map_or(String::new(), |ids| format!(" for {} ids", ids.len()));
+        return Err(ClusterError::invalid(format!(
+            "{what}: wrong vector dimension: collection {:?} has dim {dim}, got {} floats{rows}",
+            schema.name,
+            vectors.len()
+        )));
+    }
+    let n = vectors.len() / dim;
+    for (i, v) in vectors.chunks_exact_mut(dim).enumerate() {
+        let label = ids.map_or(format!("query {i}"), |ids| format!("the vector of id {}", ids[i]));
+        if let Some(p) = v.iter().position(|x| !x.is_finite()) {
+            return Err(ClusterError::invalid(format!("{what}: {label} has a non-finite value ({}) at position {p}", v[p])));
+        }
+        if schema.metric == Metric::Cosine {
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            if norm == 0.0 || !norm.is_finite() {
+                return Err(ClusterError::invalid(format!("{what}: {label} has zero length; COSINE needs a non-zero vector")));
+            }
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+    }
+    Ok(n)
+}
+
+fn compile_filter(schema: &Schema, filter: &str) -> Result<Option<Filter>> {
+    if filter.trim().is_empty() { Ok(None) } else { Ok(Some(Filter::compile(filter, &schema.fields)?)) }
+}
+
+impl ClusterService {
+    pub fn new(node: Arc<Node>, cfg: Arc<ClusterConfig>) -> Self {
+        ClusterService { node, cfg }
+    }
+
+    fn max_wait(&self) -> Duration {
+        Duration::from_millis(self.cfg.read.max_wait_ms)
+    }
+
+    fn rows(&self, what: &str, schema: &Schema, ids: &[i64], mut vectors: Vec<f32>, payloads: &[pb::Payload]) -> Result<(Vec<f32>, Vec<Row>)> {
+        if ids.is_empty() {
+            return Err(ClusterError::invalid(format!("{what}: empty batch, no ids")));
+        }
+        if ids.len() > self.cfg.limits.max_write_rows {
+            return Err(ClusterError::invalid(format!("{what}: {} rows exceed the limit of {} per request", ids.len(), self.cfg.limits.max_write_rows)));
+        }
+        check_vectors(what, schema, Some(ids), &mut vectors)?;
+        let mut seen = std::collections::HashSet::with_capacity(ids.len());
+        if let Some(dup) = ids.iter().find(|id| !seen.insert(**id)) {
+            return Err(ClusterError::invalid(format!("{what}: id {dup} appears more than once in the batch")));
+        }
+        if !payloads.is_empty() && payloads.len() != ids.len() {
+            return Err(ClusterError::invalid(format!("{what}: {} payloads for {} ids: send none or one per id", payloads.len(), ids.len())));
+        }
+        let rows = if payloads.is_empty() {
+            vec![vec![None; schema.fields.len()]; ids.len()]
+        } else {
+            payloads.iter().map(|p| schema.row_from_payload(Some(p))).collect::<Result<_>>()?
+        };
+        Ok((vectors, rows))
+    }
+
+    /// Waits until the collection can serve the requested consistency and returns the snapshot
+    /// to read at, and the token to hand back.
+    async fn snapshot(&self, c: &Collection, read: Option<&pb::ReadOptions>, deadline: Instant) -> Result<(Ts, SessionToken)> {
+        let role = self.node.role();
+        if !role.is_readable() {
+            return Err(ClusterError::Unavailable(format!("cluster {} is {role} and serves no reads", self.node.opts.cluster_id)));
+        }
+        let default = pb::ReadOptions::default();
+        let read = read.unwrap_or(&default);
+        let token = SessionToken::decode(&read.session_token)?;
+        let level = pb::ConsistencyLevel::try_from(read.consistency)
+            .map_err(|_| ClusterError::invalid(format!("unknown consistency level {}: use STRONG, BOUNDED, SESSION or EVENTUALLY", read.consistency)))?;
+        use pb::ConsistencyLevel as L;
+        let guarantee = match level {
+            L::Strong => self.node.clock.peek(),
+            L::Bounded => {
+                let staleness = if read.staleness_ms == 0 { self.cfg.read.default_staleness_ms } else { read.staleness_ms };
+                compose(wall_ms().saturating_sub(staleness), 0)
+            }
+            L::Session | L::Unspecified => token.map_or(0, |t| t.ts),
+            L::Eventually => 0,
+        };
+        let snap = c.wait_serviceable(&self.node.clock, guarantee, deadline).await?;
+        let reply = self.node.token(snap);
+        Ok((snap, token.map_or(reply, |t| reply.max(t))))
+    }
+
+    fn mutation(&self, ts: Ts, count: u64) -> pb::MutationResponse {
+        pb::MutationResponse { count, ts, session_token: self.node.token(ts).encode() }
+    }
+
+    async fn write(&self, c: Arc<Collection>, w: Write) -> Result<(Ts, u64)> {
+        let node = self.node.clone();
+        blocking(move || node.write(&c, w)).await
+    }
+
+    fn collection_info(&self, c: &Collection) -> pb::CollectionInfo {
+        let mut rows = 0;
+        let mut segments = Vec::new();
+        for shard in c.shards() {
+            let s = shard.stats();
+            rows += s.live_rows;
+            for seg in &s.sealed {
+                let state = if seg.index().is_some() { pb::segment_info::State::Indexed } else { pb::segment_info::State::Sealed };
+                segments.push(pb::SegmentInfo { id: seg.id, shard: shard.index, state: state as i32, rows: seg.len() as u64, deleted: seg.deleted() as u64 });
+            }
+            if s.growing.1 > 0 {
+                segments.push(pb::SegmentInfo {
+                    id: s.growing.0,
+                    shard: shard.index,
+                    state: pb::segment_info::State::Growing as i32,
+                    rows: s.growing.1,
+                    deleted: s.growing.2,
+                });
+            }
+        }
+        pb::CollectionInfo {
+            schema: Some(c.schema().to_proto()),
+            collection_id: c.id,
+            created_ts: c.created_ts,
+            rows,
+            segments,
+            serviceable_ts: c.serviceable_ts(&self.node.clock),
+        }
+    }
+
+    fn entities(schema: &Schema, found: Vec<(i64, Vec<f32>, Row)>, outputs: &[usize], include_vectors: bool) -> Vec<pb::Entity> {
+        found
+            .into_iter()
+            .map(|(id, v, row)| pb::Entity { id, vector: if include_vectors { v } else { Vec::new() }, payload: schema.payload_of(&row, outputs) })
+            .collect()
+    }
+}
+
+#[tonic::async_trait]
+impl pb::tandem_server::Tandem for ClusterService {
+    async fn create_collection(&self, req: Request<pb::CreateCollectionRequest>) -> Reply<pb::CreateCollectionResponse> {
+        let schema = req.into_inner().schema.ok_or_else(|| ClusterError::invalid("create collection needs a schema"))?;
+        let node = self.node.clone();
+        let (c, ts) = blocking(move || node.create_collection(&schema)).await?;
+        Ok(Response::new(pb::CreateCollectionResponse { collection: Some(self.collection_info(&c)), session_token: self.node.token(ts).encode() }))
+    }
+
+    async fn drop_collection(&self, req: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
+        let name = req.into_inner().name;
+        let node = self.node.clone();
+        let ts = blocking(move || node.drop_collection(&name)).await?;
+        Ok(Response::new(pb::DropCollectionResponse { session_token: self.node.token(ts).encode() }))
+    }
+
+    async fn list_collections(&self, _req: Request<pb::ListCollectionsRequest>) -> Reply<pb::ListCollectionsResponse> {
+        Ok(Response::new(pb::ListCollectionsResponse { names: self.node.collection_names() }))
+    }
+
+    async fn describe_collection(&self, req: Request<pb::DescribeCollectionRequest>) -> Reply<pb::DescribeCollectionResponse> {
+        let c = self.node.collection(&req.into_inner().name)?;
+        Ok(Response::new(pb::DescribeCollectionResponse { collection: Some(self.collection_info(&c)) }))
+    }
+
+    async fn create_index(&self, req: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
+        let r = req.into_inner();
+        let node = self.node.clone();
+        let ts = blocking(move || node.create_index(&r.collection, r.index.as_ref())).await?;
+        Ok(Response::new(pb::CreateIndexResponse { session_token: self.node.token(ts).encode() }))
+    }
+
+    async fn drop_index(&self, req: Request<pb::DropIndexRequest>) -> Reply<pb::DropIndexResponse> {
+        let name = req.into_inner().collection;
+        let node = self.node.clone();
+        let ts = blocking(move || node.drop_index(&name)).await?;
+        Ok(Response::new(pb::DropIndexResponse { session_token: self.node.token(ts).encode() }))
+    }
+
+    async fn insert(&self, req: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
+        let r = req.into_inner();
+        let c = self.node.collection(&r.collection)?;
+        let (vectors, rows) = self.rows("insert", &c.schema(), &r.ids, r.vectors, &r.payloads)?;
+        let (ts, n) = self.write(c, Write::Insert { ids: r.ids, vectors, rows }).await?;
+        Ok(Response::new(self.mutation(ts, n)))
+    }
+
+    async fn upsert(&self, req: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {
+        let r = req.into_inner();
+        let c = self.node.collection(&r.collection)?;
+        let (vectors, rows) = self.rows("upsert", &c.schema(), &r.ids, r.vectors, &r.payloads)?;
+        let (ts, n) = self.write(c, Write::Upsert { ids: r.ids, vectors, rows }).await?;
+        Ok(Response::new(self.mutation(ts, n)))
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::MutationResponse> {
+        let r = req.into_inner();
+        let c = self.node.collection(&r.collection)?;
+        let w = match (r.ids.is_empty(), r.filter.trim().is_empty()) {
+            (false, true) => {
+                if r.ids.len() > self.cfg.limits.max_write_rows {
+                    return Err(ClusterError::invalid(format!("delete: {} ids exceed the limit of {}", r.ids.len(), self.cfg.limits.max_write_rows)).into());
+                }
+                Write::DeleteIds(r.ids)
+            }
+            (true, false) => Write::DeleteFilter(compile_filter(&c.schema(), &r.filter)?.expect("non-empty")),
+            (true, true) => return Err(ClusterError::invalid("delete needs ids or a filter").into()),
+            (false, false) => return Err(ClusterError::invalid("delete takes ids or a filter, not both").into()),
+        };
+        let (ts, n) = self.write(c, w).await?;
+        Ok(Response::new(self.mutation(ts, n)))
+    }
+
+    async fn flush(&self, req: Request<pb::FlushRequest>) -> Reply<pb::FlushResponse> {
+        // Index builds can take minutes: a flush waits as long as the client allows.
+        let deadline = Instant::now() + req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout).unwrap_or(Duration::from_secs(3600));
+        let c = self.node.collection(&req.into_inner().collection)?;
+        let (n, ts) = self.node.flush(&c, deadline).await?;
+        Ok(Response::new(pb::FlushResponse { sealed_segments: n, session_token: self.node.token(ts).encode() }))
+    }
+
+    async fn search(&self, req: Request<pb::SearchRequest>) -> Reply<pb::SearchResponse> {
+        let deadline = deadline(&req, self.max_wait());
+        let mut r = req.into_inner();
+        let c = self.node.collection(&r.collection)?;
+        let schema = c.schema();
+        let max_k = self.cfg.limits.max_top_k;
+        if r.top_k == 0 || r.top_k > max_k {
+            return Err(ClusterError::invalid(format!("top_k {} is out of range 1..={max_k}", r.top_k)).into());
+        }
+        let nq = check_vectors("search", &schema, None, &mut r.vectors)?;
+        if nq > self.cfg.limits.max_nq {
+            return Err(ClusterError::invalid(format!("search: {nq} query vectors exceed the limit of {}", self.cfg.limits.max_nq)).into());
+        }
+        let filter = compile_filter(&schema, &r.filter)?;
+        let outputs = schema.output_fields(&r.output_fields)?;
+        let params = r.params.unwrap_or_default();
+        let knobs = Knobs {
+            nprobe: if params.nprobe == 0 { self.cfg.search.default_nprobe } else { params.nprobe.min(65_536) } as usize,
+            ef_search: if params.ef_search == 0 { self.cfg.search.default_ef_search } else { params.ef_search.min(32_768) } as usize,
+        };
+        let (snap, token) = self.snapshot(&c, r.read.as_ref(), deadline).await?;
+        let node = self.node.clone();
+        let c2 = c.clone();
+        let schema2 = schema.clone();
+        let k = r.top_k as usize;
+        let want_payloads = !outputs.is_empty();
+        let (topk, payloads) = self
+            .node
+            .on_search_pool(move || {
+                let plan = SearchPlan { queries: &r.vectors, dim: schema2.dim, k, metric: schema2.metric, filter: filter.as_ref(), knobs, snapshot: snap };
+                let topk = node.fanout.search(&c2, &plan)?;
+                let payloads = if !want_payloads {
+                    Default::default()
+                } else {
+                    let ids: Vec<i64> = topk.iter().flatten().map(|h| h.1).collect();
+                    c2.payloads(&ids, snap)
+                };
+                Ok((topk, payloads))
+            })
+            .await?;
+        let results = topk
+            .into_iter()
+            .map(|hits| pb::Hits {
+                hits: hits
+                    .into_iter()
+                    .map(|(distance, id)| pb::Hit { id, distance, payload: payloads.get(&id).and_then(|row| schema.payload_of(row, &outputs)) })
+                    .collect(),
+            })
+            .collect();
+        Ok(Response::new(pb::SearchResponse { results, session_token: token.encode() }))
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
+        let deadline = deadline(&req, self.max_wait());
+        let r = req.into_inner();
+        let c = self.node.collection(&r.collection)?;
+        let schema = c.schema();
+        if r.ids.is_empty() {
+            return Err(ClusterError::invalid("get needs at least one id").into());
+        }
+        if r.ids.len() > self.cfg.limits.max_get_ids {
+            return Err(ClusterError::invalid(format!("get: {} ids exceed the limit of {}", r.ids.len(), self.cfg.limits.max_get_ids)).into());
+        }
+        let outputs = schema.output_fields(&r.output_fields)?;
+        let (snap, token) = self.snapshot(&c, r.read.as_ref(), deadline).await?;
+        let c2 = c.clone();
+        let found = self.node.on_search_pool(move || Ok(c2.get(&r.ids, snap))).await?;
+        Ok(Response::new(pb::GetResponse { entities: Self::entities(&schema, found, &outputs, r.include_vectors), session_token: token.encode() }))
+    }
+
+    async fn query(&self, req: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
+        let deadline = deadline(&req, self.max_wait());
+        let r = req.into_inner();
+        let c = self.node.collection(&r.collection)?;
+        let schema = c.schema();
+        let max = self.cfg.limits.max_query_limit;
+        if r.limit > max {
+            return Err(ClusterError::invalid(format!("query limit {} exceeds the maximum {max}", r.limit)).into());
+        }
+        let limit = if r.limit == 0 { 1000.min(max) } else { r.limit } as usize;
+        let filter = compile_filter(&schema, &r.filter)?;
+        let outputs = schema.output_fields(&r.output_fields)?;
+        let (snap, token) = self.snapshot(&c, r.read.as_ref(), deadline).await?;
+        let c2 = c.clone();
+        let found = self
+            .node
+            .on_search_pool(move || {
+                let mut ids = Vec::new();
+                for shard in c2.shards() {
+                    shard.scan(snap, filter.as_ref(), |rows, off| ids.push(rows.ids[off]));
+                }
+                ids.sort_unstable();
+                ids.truncate(limit);
+                Ok(c2.get(&ids, snap))
+            })
+            .await?;
+        Ok(Response::new(pb::QueryResponse { entities: Self::entities(&schema, found, &outputs, r.include_vectors), session_token: token.encode() }))
+    }
+
+    async fn count(&self, req: Request<pb::CountRequest>) -> Reply<pb::CountResponse> {
+        let deadline = deadline(&req, self.max_wait());
+        let r = req.into_inner();
+        let c = self.node.collection(&r.collection)?;
+        let filter = compile_filter(&c.schema(), &r.filter)?;
+        let (snap, token) = self.snapshot(&c, r.read.as_ref(), deadline).await?;
+        let c2 = c.clone();
+        let count = self
+            .node
+            .on_search_pool(move || {
+                let mut n = 0u64;
+                for shard in c2.shards() {
+                    shard.scan(snap, filter.as_ref(), |_, _| n += 1);
+                }
+                Ok(n)
+            })
+            .await?;
+        Ok(Response::new(pb::CountResponse { count, session_token: token.encode() }))
+    }
+
+    async fn get_cluster_info(&self, _req: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
+        let mut collections = Vec::new();
+        for name in self.node.collection_names() {
+            let Ok(c) = self.node.collection(&name) else { continue };
+            let mut status = pb::CollectionStatus { name, serviceable_ts: c.serviceable_ts(&self.node.clock), ..Default::default() };
+            for shard in c.shards() {
+                let s = shard.stats();
+                status.rows += s.live_rows;
+                status.growing_segments += u64::from(s.growing.1 > 0);
+                status.sealed_segments += s.sealed.len() as u64;
+                status.memory_bytes += s.memory_bytes;
+                status.disk_bytes += shard.wal_disk_bytes() + dir_bytes(shard.dir());
+            }
+            collections.push(status);
+        }
+        Ok(Response::new(pb::GetClusterInfoResponse {
+            cluster_id: self.node.opts.cluster_id.clone(),
+            role: self.node.role().to_proto() as i32,
+            epoch: self.node.epoch(),
+            current_ts: self.node.clock.peek(),
+            collections,
+            version: env!("CARGO_PKG_VERSION").to_string(),
+        }))
+    }
+}
+
+fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir).map(|it| it.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeout_parses_units() {
+        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
+        assert_eq!(parse_grpc_timeout("x"), None);
+        assert_eq!(parse_grpc_timeout(""), None);
+    }
+}

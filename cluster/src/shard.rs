@@ -1,0 +1,645 @@
+//! A shard: one ordered change log (its WAL) and the segments it fills.
+//!
+//! Write path (driven by `Collection`, which locks every shard a request touches in index order
+//! so a multi-shard write is validated as a whole and gets one timestamp):
+//!
+//! ```text
+//!  lock state ─► validate ─► lock pending ─► ts = clock.now() ─► WAL append (to the OS)
+//!     ─► pending.push(lsn, ts) ─► apply to segments ─► unlock ─► fsync (group commit)
+//!     ─► pop pending up to the durable LSN ─► serviceable ts advances ─► ack
+//! ```
+//!
+//! The *serviceable ts* is "every change with ts <= it is applied and durable": just below the
+//! oldest pending write, or the clock's current time when nothing is pending. Reads take it as
+//! their snapshot, so a read never sees a write that a crash could still lose, and a Strong read
+//! (guarantee = the clock's time when it arrives) waits only for writes already in flight.
+//!
+//! Checkpoint: once a sealed segment's index is built, its data and index files are written and
+//! the manifest (segments, tombstones, `replay_from_lsn`) replaces the old one atomically; WAL
+//! files wholly below `replay_from_lsn` are deleted. Recovery loads the manifest's segments and
+//! replays the WAL from there; replay is idempotent (an insert of a live id replaces it, a delete
+//! of a deleted row does nothing), so records that the manifest already reflects are harmless.
+
+use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use parking_lot::{Mutex, MutexGuard, RwLock, RwLockWriteGuard};
+use prost::Message;
+use rayon::prelude::*;
+use tandem_proto::storage::v1 as st;
+
+use crate::ann::AnnIndex;
+use crate::error::{ClusterError, Result};
+use crate::filter::Filter;
+use crate::fsio;
+use crate::schema::{IndexKind, Schema, row_to_payload};
+use crate::segment::{Growing, LIVE, Row, Rows, SearchPlan, Sealed, SegmentId, TopK, merge_topk};
+use crate::ts::{HybridClock, Ts};
+use crate::wal::{Lsn, SyncPolicy, Wal, WalOptions};
+
+#[derive(Debug, Clone)]
+pub struct ShardOptions {
+    pub wal: WalOptions,
+    /// A growing segment is sealed when it holds this many rows.
+    pub seal_rows: usize,
+}
+
+/// One shard's part of a write.
+#[derive(Debug, Clone)]
+pub enum ShardOp {
+    Insert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row> },
+    Upsert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row> },
+    Delete { ids: Vec<i64> },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Loc {
+    seg: SegmentId,
+    off: u32,
+}
+
+pub struct ShardState {
+    growing: Growing,
+    sealed: BTreeMap<SegmentId, Arc<Sealed>>,
+    /// Where the newest live version of each id is.
+    locs: HashMap<i64, Loc>,
+    next_segment_id: SegmentId,
+    /// Highest ts applied; when a read's snapshot is at or above it, `locs` describes the
+    /// snapshot exactly and point lookups need no scan.
+    last_applied_ts: Ts,
+}
+
+#[derive(Debug, Default)]
+pub struct Pending {
+    queue: VecDeque<(Lsn, Ts)>,
+    /// The newest (lsn, ts) known durable and popped from the queue.
+    durable: (Lsn, Ts),
+}
+
+pub struct Shard {
+    pub index: u32,
+    dir: PathBuf,
+    wal: Wal,
+    sync: SyncPolicy,
+    seal_rows: usize,
+    state: RwLock<ShardState>,
+    pending: Mutex<Pending>,
+    /// Woken whenever the serviceable ts advances.
+    pub advanced: tokio::sync::Notify,
+    checkpoint_lock: Mutex<HashMap<SegmentId, IndexKind>>,
+}
+
+impl std::fmt::Debug for Shard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Shard({}, {})", self.index, self.dir.display())
+    }
+}
+
+/// Segments that were sealed and now need an index.
+pub type NeedsIndex = Vec<Arc<Sealed>>;
+
+fn seg_data_path(dir: &Path, id: SegmentId) -> PathBuf {
+    dir.join(format!("seg-{id}.data"))
+}
+
+fn seg_index_path(dir: &Path, id: SegmentId) -> PathBuf {
+    dir.join(format!("seg-{id}.index"))
+}
+
+/// A shard whose segments are loaded but whose WAL tail is not replayed yet: the collection
+/// first checks, across shards, that every multi-shard write in the tails is complete.
+pub struct Recovering {
+    shard: Shard,
+    manifest_max_ts: Ts,
+    replay_from: Lsn,
+    needs_index: NeedsIndex,
+}
+
+/// What a WAL tail holds of multi-shard writes.
+#[derive(Debug, Default)]
+pub struct TailSummary {
+    /// (ts, participants) of every multi-shard record.
+    pub multi: Vec<(Ts, Vec<u32>)>,
+    pub present: HashSet<Ts>,
+    pub aborted: HashSet<Ts>,
+}
+
+impl Recovering {
+    pub fn summarize(&self) -> Result<TailSummary> {
+        let mut out = TailSummary::default();
+        let mut failure = None;
+        self.shard.wal.read_from(self.replay_from, |lsn, payload| match st::WalRecord::decode(payload) {
+            Ok(rec) => {
+                if let Some(st::wal_record::Op::Abort(a)) = &rec.op {
+                    out.aborted.insert(a.ts);
+                } else if !rec.participants.is_empty() {
+                    out.present.insert(rec.ts);
+                    out.multi.push((rec.ts, rec.participants));
+                }
+                true
+            }
+            Err(e) => {
+                failure = Some(ClusterError::Corrupt(format!("wal record {lsn} of {}: {e}", self.shard.dir.display())));
+                false
+            }
+        })?;
+        failure.map_or(Ok(out), Err)
+    }
+
+    /// Whether this shard's checkpoint covers `ts`: its part of any write at or below it was
+    /// durable (and so is in the segments or still in the WAL).
+    pub fn covers(&self, ts: Ts) -> bool {
+        ts <= self.manifest_max_ts
+    }
+
+    /// Durably records that the write at `ts` is aborted.
+    pub fn abort(&self, ts: Ts) -> Result<()> {
+        let rec = st::WalRecord { ts, op: Some(st::wal_record::Op::Abort(st::AbortWrite { ts })), participants: vec![] };
+        let lsn = self.shard.wal.append_nosync(&rec.encode_to_vec())?;
+        self.shard.wal.sync_to(lsn)?;
+        Ok(())
+    }
+
+    /// Replays the WAL tail, skipping aborted writes.
+    pub fn replay(self, schema: &Schema, aborted: &HashSet<Ts>, clock: &HybridClock) -> Result<(Shard, NeedsIndex)> {
+        let Recovering { shard, manifest_max_ts, replay_from, mut needs_index } = self;
+        let mut max_ts = manifest_max_ts;
+        let mut failure = None;
+        {
+            let mut state = shard.state.write();
+            shard.wal.read_from(replay_from, |lsn, payload| {
+                let rec = match decode_record(schema, payload) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        failure = Some(ClusterError::Corrupt(format!("wal record {lsn} of {}: {e}", shard.dir.display())));
+                        return false;
+                    }
+                };
+                max_ts = max_ts.max(rec.0);
+                if let Some(op) = rec.1
+                    && !aborted.contains(&rec.0)
+                {
+                    shard.apply(&mut state, schema.dim, lsn, rec.0, op, &mut needs_index);
+                }
+                true
+            })?;
+        }
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        clock.observe(max_ts);
+        shard.pending.lock().durable = (shard.wal.last_lsn(), max_ts);
+        Ok((shard, needs_index))
+    }
+}
+
+impl Shard {
+    /// Opens (or creates) the shard in `dir` and loads the manifest's segments; the WAL tail is
+    /// replayed by `Recovering::replay`.
+    pub fn load(index: u32, dir: &Path, schema: &Schema, opts: &ShardOptions) -> Result<Recovering> {
+        fsio::create_dir(dir)?;
+        let manifest = match fsio::read_checked(&dir.join("manifest"))? {
+            Some(b) => st::ShardManifest::decode(b.as_slice())
+                .map_err(|e| ClusterError::Corrupt(format!("manifest of shard {}: {e}", dir.display())))?,
+            None => st::ShardManifest::default(),
+        };
+        let mut needs_index = Vec::new();
+        let mut sealed = BTreeMap::new();
+        let mut manifest_index = HashMap::new();
+        let mut locs = HashMap::new();
+        for r in &manifest.segments {
+            let seg = load_segment(dir, schema, r)?;
+            let stored_kind = r.index.as_ref().map(|i| IndexKind::from_proto(Some(i))).transpose()?;
+            let index_file = seg_index_path(dir, r.id);
+            if stored_kind == Some(schema.index) && index_file.exists() {
+                seg.set_index(Arc::new(AnnIndex::load(&index_file, schema.index)?));
+                manifest_index.insert(r.id, schema.index);
+            } else {
+                needs_index.push(seg.clone());
+            }
+            for off in 0..seg.len() {
+                if seg.delete_ts(off) == LIVE {
+                    locs.insert(seg.rows.ids[off], Loc { seg: seg.id, off: off as u32 });
+                }
+            }
+            sealed.insert(seg.id, seg);
+        }
+        let next_segment_id = manifest.next_segment_id.max(1);
+        let state = ShardState {
+            growing: Growing::new(next_segment_id),
+            sealed,
+            locs,
+            next_segment_id: next_segment_id + 1,
+            last_applied_ts: manifest.max_ts,
+        };
+        let wal = Wal::open(&dir.join("wal"), opts.wal.clone())?;
+        let replay_from = manifest.replay_from_lsn.max(wal.first_lsn());
+        let shard = Shard {
+            index,
+            dir: dir.to_path_buf(),
+            sync: opts.wal.sync,
+            wal,
+            seal_rows: opts.seal_rows.max(1),
+            state: RwLock::new(state),
+            pending: Mutex::new(Pending::default()),
+            advanced: tokio::sync::Notify::new(),
+            checkpoint_lock: Mutex::new(manifest_index),
+        };
+        Ok(Recovering { shard, manifest_max_ts: manifest.max_ts, replay_from, needs_index })
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    pub fn lock_state(&self) -> RwLockWriteGuard<'_, ShardState> {
+        self.state.write()
+    }
+
+    pub fn lock_pending(&self) -> MutexGuard<'_, Pending> {
+        self.pending.lock()
+    }
+
+    /// Logs and applies one shard's part of a write. The caller holds this shard's state and
+    /// pending locks (in that order) and issued `ts` under them. Returns the record's LSN and
+    /// the number of rows changed. Nothing is changed when the WAL append fails.
+    pub fn append_and_apply(
+        &self,
+        st: &mut ShardState,
+        pending: &mut Pending,
+        schema: &Schema,
+        ts: Ts,
+        op: ShardOp,
+        participants: &[u32],
+        needs_index: &mut NeedsIndex,
+    ) -> Result<(Lsn, u64)> {
+        let rec = encode_record(schema, ts, &op, participants);
+        let lsn = self.wal.append_nosync(&rec)?;
+        pending.queue.push_back((lsn, ts));
+        let n = self.apply(st, schema.dim, lsn, ts, op, needs_index);
+        Ok((lsn, n))
+    }
+
+    /// Waits until the record at `lsn` is durable (per the sync policy), then advances the
+    /// serviceable ts. Call without holding the shard's locks: concurrent writers share fsyncs.
+    pub fn finish(&self, lsn: Lsn) -> Result<()> {
+        if self.sync == SyncPolicy::Always {
+            self.wal.sync_to(lsn)?;
+        }
+        self.advance();
+        Ok(())
+    }
+
+    fn acked_lsn(&self) -> Lsn {
+        match self.sync {
+            SyncPolicy::Always => self.wal.durable_lsn(),
+            // Under Interval/Never an ack means "written to the OS", and so does visibility.
+            SyncPolicy::Interval(_) | SyncPolicy::Never => self.wal.last_lsn(),
+        }
+    }
+
+    fn advance(&self) {
+        let acked = self.acked_lsn();
+        let mut p = self.pending.lock();
+        let mut moved = false;
+        while let Some(&(lsn, ts)) = p.queue.front() {
+            if lsn > acked {
+                break;
+            }
+            p.durable = (lsn, ts);
+            p.queue.pop_front();
+            moved = true;
+        }
+        drop(p);
+        if moved {
+            self.advanced.notify_waiters();
+        }
+    }
+
+    /// Every change with ts <= the returned value is applied and acknowledged-durable.
+    pub fn serviceable_ts(&self, clock: &HybridClock) -> Ts {
+        let p = self.pending.lock();
+        match p.queue.front() {
+            Some(&(_, ts)) => ts - 1,
+            // Holding the pending lock: no writer of this shard sits between `clock.now()` and
+            // its push, so every ts this shard will still apply is above `peek()`.
+            None => clock.peek(),
+        }
+    }
+
+    fn apply(&self, st: &mut ShardState, dim: usize, lsn: Lsn, ts: Ts, op: ShardOp, needs_index: &mut NeedsIndex) -> u64 {
+        st.last_applied_ts = st.last_applied_ts.max(ts);
+        match op {
+            ShardOp::Insert { ids, vectors, rows } | ShardOp::Upsert { ids, vectors, rows } => {
+                let n = ids.len() as u64;
+                for (i, (id, row)) in ids.into_iter().zip(rows).enumerate() {
+                    // Insert was validated to hit no live id; on replay an insert may meet the
+                    // version a manifest already holds, and replaces it like an upsert.
+                    st.tombstone(id, ts);
+                    let off = st.growing.push(lsn, id, ts, &vectors[i * dim..(i + 1) * dim], row);
+                    st.locs.insert(id, Loc { seg: st.growing.id, off });
+                    if st.growing.rows.len() >= self.seal_rows {
+                        needs_index.push(st.seal());
+                    }
+                }
+                n
+            }
+            ShardOp::Delete { ids } => ids.into_iter().filter(|&id| st.tombstone(id, ts)).count() as u64,
+        }
+    }
+
+    /// Seals the growing segment if it holds rows.
+    pub fn seal_growing(&self) -> Option<Arc<Sealed>> {
+        let mut st = self.state.write();
+        if st.growing.rows.is_empty() { None } else { Some(st.seal()) }
+    }
+
+    pub fn sealed_segments(&self) -> Vec<Arc<Sealed>> {
+        self.state.read().sealed.values().cloned().collect()
+    }
+
+    pub fn search(&self, plan: &SearchPlan<'_>) -> Result<TopK> {
+        let (growing, sealed) = {
+            let st = self.state.read();
+            (st.growing.search(plan), st.sealed.values().cloned().collect::<Vec<_>>())
+        };
+        let mut parts: Vec<TopK> = sealed.par_iter().map(|s| s.search(plan)).collect::<Result<_>>()?;
+        parts.push(growing);
+        Ok(merge_topk(plan.metric, plan.k, plan.nq(), parts))
+    }
+
+    /// Calls `f(rows, off)` for every row visible at `snapshot` that passes `filter`.
+    pub fn scan(&self, snapshot: Ts, filter: Option<&Filter>, mut f: impl FnMut(&Rows, usize)) {
+        let st = self.state.read();
+        for seg in st.sealed.values() {
+            for off in 0..seg.len() {
+                if seg.visible(off, snapshot) && filter.is_none_or(|fl| fl.matches(seg.rows.ids[off], &seg.rows.payloads[off])) {
+                    f(&seg.rows, off);
+                }
+            }
+        }
+        let g = &st.growing;
+        for off in 0..g.rows.len() {
+            if g.visible(off, snapshot) && filter.is_none_or(|fl| fl.matches(g.rows.ids[off], &g.rows.payloads[off])) {
+                f(&g.rows, off);
+            }
+        }
+    }
+
+    /// The version of `id` visible at `snapshot`, as (vector, payload row).
+    pub fn get(&self, id: i64, snapshot: Ts) -> Option<(Vec<f32>, Row)> {
+        let st = self.state.read();
+        let dim = |rows: &Rows| if rows.is_empty() { 0 } else { rows.vectors.len() / rows.len() };
+        let take = |rows: &Rows, off: usize| {
+            let d = dim(rows);
+            (rows.vector(d, off).to_vec(), rows.payloads[off].clone())
+        };
+        if snapshot >= st.last_applied_ts {
+            let loc = st.locs.get(&id)?;
+            return if loc.seg == st.growing.id {
+                st.growing.visible(loc.off as usize, snapshot).then(|| take(&st.growing.rows, loc.off as usize))
+            } else {
+                let seg = st.sealed.get(&loc.seg)?;
+                seg.visible(loc.off as usize, snapshot).then(|| take(&seg.rows, loc.off as usize))
+            };
+        }
+        // Writes newer than the snapshot were applied: the version it sees may be an older one.
+        for seg in st.sealed.values() {
+            for off in 0..seg.len() {
+                if seg.rows.ids[off] == id && seg.visible(off, snapshot) {
+                    return Some(take(&seg.rows, off));
+                }
+            }
+        }
+        (0..st.growing.rows.len())
+            .find(|&off| st.growing.rows.ids[off] == id && st.growing.visible(off, snapshot))
+            .map(|off| take(&st.growing.rows, off))
+    }
+
+    /// Writes the files of newly indexed segments and a new manifest, then drops WAL files the
+    /// manifest makes unnecessary. Serialised per shard.
+    pub fn checkpoint(&self, schema: &Schema) -> Result<()> {
+        let mut manifest_index = self.checkpoint_lock.lock();
+        // Make everything written so far durable, so the watermark below covers it.
+        self.wal.sync_to(self.wal.last_lsn())?;
+        self.advance();
+        let sealed = self.sealed_segments();
+        let mut written = Vec::new();
+        for seg in &sealed {
+            let Some(index) = seg.index() else { continue };
+            if manifest_index.get(&seg.id) == Some(&index.kind()) {
+                continue;
+            }
+            if !seg.is_persisted() {
+                write_segment(&self.dir, schema, seg)?;
+            }
+            let path = seg_index_path(&self.dir, seg.id);
+            let tmp = path.with_extension("index.tmp");
+            index.save(&tmp)?;
+            std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| ClusterError::io(&tmp, e))?;
+            std::fs::rename(&tmp, &path).map_err(|e| ClusterError::io(&path, e))?;
+            written.push((seg.clone(), index.kind()));
+        }
+        if written.is_empty() && !sealed.iter().any(|s| !s.is_persisted()) {
+            return Ok(());
+        }
+        fsio::sync_dir(&self.dir)?;
+        let (durable_lsn, durable_ts) = self.pending.lock().durable;
+        let manifest = {
+            let st = self.state.read();
+            let mut replay_from = durable_lsn + 1;
+            if !st.growing.rows.is_empty() {
+                replay_from = replay_from.min(st.growing.first_lsn);
+            }
+            let mut segments = Vec::new();
+            for seg in st.sealed.values() {
+                let kind = written
+                    .iter()
+                    .find(|(s, _)| s.id == seg.id)
+                    .map(|(_, k)| *k)
+                    .or_else(|| manifest_index.get(&seg.id).copied());
+                let Some(kind) = kind else {
+                    replay_from = replay_from.min(seg.first_lsn);
+                    continue;
+                };
+                let tombstones = (0..seg.len())
+                    .filter_map(|off| {
+                        let ts = seg.delete_ts(off);
+                        // Deletes not yet durable are left to WAL replay: a crash must not
+                        // persist a delete that was never acknowledged.
+                        (ts != LIVE && ts <= durable_ts).then_some(st::Tombstone { offset: off as u32, ts })
+                    })
+                    .collect();
+                segments.push(st::SegmentRef { id: seg.id, rows: seg.len() as u64, index: Some(kind.to_proto()), tombstones });
+            }
+            st::ShardManifest { segments, replay_from_lsn: replay_from, max_ts: durable_ts, next_segment_id: st.next_segment_id }
+        };
+        fsio::write_atomic(&self.dir.join("manifest"), &manifest.encode_to_vec())?;
+        for (seg, kind) in written {
+            seg.set_persisted(true);
+            manifest_index.insert(seg.id, kind);
+        }
+        self.wal.truncate_before(manifest.replay_from_lsn)?;
+        Ok(())
+    }
+
+    pub fn wal_disk_bytes(&self) -> u64 {
+        self.wal.disk_bytes()
+    }
+
+    pub fn stats(&self) -> ShardStats {
+        let st = self.state.read();
+        ShardStats {
+            live_rows: st.locs.len() as u64,
+            growing: (st.growing.id, st.growing.rows.len() as u64, (st.growing.rows.len() - st.growing.live_rows()) as u64),
+            memory_bytes: (st.growing.rows.memory_bytes() + st.sealed.values().map(|s| s.memory_bytes()).sum::<usize>()) as u64,
+            sealed: st.sealed.values().cloned().collect(),
+        }
+    }
+}
+
+pub struct ShardStats {
+    pub live_rows: u64,
+    /// (segment id, rows, deleted)
+    pub growing: (SegmentId, u64, u64),
+    pub sealed: Vec<Arc<Sealed>>,
+    pub memory_bytes: u64,
+}
+
+impl ShardState {
+    /// Marks the live version of `id` deleted at `ts`. Returns whether there was one.
+    fn tombstone(&mut self, id: i64, ts: Ts) -> bool {
+        let Some(loc) = self.locs.remove(&id) else { return false };
+        if loc.seg == self.growing.id {
+            self.growing.delete_ts[loc.off as usize] = ts;
+        } else if let Some(seg) = self.sealed.get(&loc.seg) {
+            seg.delete(loc.off as usize, ts);
+        }
+        true
+    }
+
+    fn seal(&mut self) -> Arc<Sealed> {
+        let next = Growing::new(self.next_segment_id);
+        self.next_segment_id += 1;
+        let g = std::mem::replace(&mut self.growing, next);
+        let seg = Arc::new(Sealed::from_growing(g));
+        self.sealed.insert(seg.id, seg.clone());
+        seg
+    }
+
+    /// The ids among `ids` that are live now (for insert validation).
+    pub fn existing(&self, ids: &[i64]) -> Vec<i64> {
+        ids.iter().copied().filter(|id| self.locs.contains_key(id)).collect()
+    }
+
+    /// Ids of live rows that pass `filter` (delete by filter resolves ids before logging).
+    pub fn matching_live(&self, filter: &Filter) -> Vec<i64> {
+        let mut out = Vec::new();
+        for (&id, loc) in &self.locs {
+            let row = if loc.seg == self.growing.id {
+                &self.growing.rows.payloads[loc.off as usize]
+            } else {
+                match self.sealed.get(&loc.seg) {
+                    Some(s) => &s.rows.payloads[loc.off as usize],
+                    None => continue,
+                }
+            };
+            if filter.matches(id, row) {
+                out.push(id);
+            }
+        }
+        out.sort_unstable();
+        out
+    }
+}
+
+fn encode_record(schema: &Schema, ts: Ts, op: &ShardOp, participants: &[u32]) -> Vec<u8> {
+    let batch = |ids: &[i64], vectors: &[f32], rows: &[Row]| st::RowBatch {
+        ids: ids.to_vec(),
+        vectors: vectors.to_vec(),
+        payloads: if schema.fields.is_empty() { Vec::new() } else { rows.iter().map(|r| row_to_payload(schema, r)).collect() },
+    };
+    let op = match op {
+        ShardOp::Insert { ids, vectors, rows } => st::wal_record::Op::Insert(batch(ids, vectors, rows)),
+        ShardOp::Upsert { ids, vectors, rows } => st::wal_record::Op::Upsert(batch(ids, vectors, rows)),
+        ShardOp::Delete { ids } => st::wal_record::Op::Delete(st::DeleteIds { ids: ids.clone() }),
+    };
+    st::WalRecord { ts, op: Some(op), participants: participants.to_vec() }.encode_to_vec()
+}
+
+fn decode_batch(schema: &Schema, b: st::RowBatch) -> Result<(Vec<i64>, Vec<f32>, Vec<Row>)> {
+    if b.vectors.len() != b.ids.len() * schema.dim {
+        return Err(ClusterError::Corrupt(format!("{} vectors floats for {} ids of dim {}", b.vectors.len(), b.ids.len(), schema.dim)));
+    }
+    let rows = if b.payloads.is_empty() {
+        vec![vec![None; schema.fields.len()]; b.ids.len()]
+    } else {
+        b.payloads.iter().map(|p| schema.row_from_payload(Some(p))).collect::<Result<_>>()?
+    };
+    Ok((b.ids, b.vectors, rows))
+}
+
+/// (ts, operation); `None` for an abort marker.
+fn decode_record(schema: &Schema, payload: &[u8]) -> Result<(Ts, Option<ShardOp>)> {
+    let rec = st::WalRecord::decode(payload).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
+    let op = match rec.op {
+        Some(st::wal_record::Op::Insert(b)) => {
+            let (ids, vectors, rows) = decode_batch(schema, b)?;
+            ShardOp::Insert { ids, vectors, rows }
+        }
+        Some(st::wal_record::Op::Upsert(b)) => {
+            let (ids, vectors, rows) = decode_batch(schema, b)?;
+            ShardOp::Upsert { ids, vectors, rows }
+        }
+        Some(st::wal_record::Op::Delete(d)) => ShardOp::Delete { ids: d.ids },
+        Some(st::wal_record::Op::Abort(_)) => return Ok((rec.ts, None)),
+        None => return Err(ClusterError::Corrupt("record without an operation".into())),
+    };
+    Ok((rec.ts, Some(op)))
+}
+
+fn write_segment(dir: &Path, schema: &Schema, seg: &Sealed) -> Result<()> {
+    let data = st::SegmentData {
+        id: seg.id,
+        dim: schema.dim as u32,
+        ids: seg.rows.ids.clone(),
+        insert_ts: seg.rows.insert_ts.clone(),
+        vectors: seg.rows.vectors.clone(),
+        payloads: if schema.fields.is_empty() {
+            Vec::new()
+        } else {
+            seg.rows.payloads.iter().map(|r| row_to_payload(schema, r)).collect()
+        },
+    };
+    fsio::write_atomic(&seg_data_path(dir, seg.id), &data.encode_to_vec())
+}
+
+fn load_segment(dir: &Path, schema: &Schema, r: &st::SegmentRef) -> Result<Arc<Sealed>> {
+    let path = seg_data_path(dir, r.id);
+    let bytes = fsio::read_checked(&path)?.ok_or_else(|| ClusterError::Corrupt(format!("{} is listed in the manifest but missing", path.display())))?;
+    let d = st::SegmentData::decode(bytes.as_slice()).map_err(|e| ClusterError::Corrupt(format!("{}: {e}", path.display())))?;
+    let n = d.ids.len();
+    if d.insert_ts.len() != n || d.vectors.len() != n * schema.dim || (!d.payloads.is_empty() && d.payloads.len() != n) {
+        return Err(ClusterError::Corrupt(format!("{}: column lengths disagree", path.display())));
+    }
+    let payloads = if d.payloads.is_empty() {
+        vec![vec![None; schema.fields.len()]; n]
+    } else {
+        d.payloads.iter().map(|p| schema.row_from_payload(Some(p))).collect::<Result<_>>()?
+    };
+    let g = Growing {
+        id: d.id,
+        first_lsn: 0,
+        rows: Rows { ids: d.ids, insert_ts: d.insert_ts, vectors: d.vectors, payloads },
+        delete_ts: vec![LIVE; n],
+    };
+    let seg = Arc::new(Sealed::from_growing(g));
+    for t in &r.tombstones {
+        if (t.offset as usize) < n {
+            seg.delete(t.offset as usize, t.ts);
+        }
+    }
+    seg.set_persisted(true);
+    Ok(seg)
+}

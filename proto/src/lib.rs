@@ -1,0 +1,20 @@
+//! tandem's protobuf types: the public gRPC API (`tandem.v1`, served by clusters and the gateway
+//! alike) and the records a cluster node keeps on disk (`tandem.storage.v1`).
+//!
+//! Generated code only, plus the few conversions every user of the API needs.
+#![forbid(unsafe_code)]
+
+pub mod v1 {
+    #![allow(clippy::all, missing_docs)]
+    tonic::include_proto!("tandem.v1");
+}
+
+pub mod storage {
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("tandem.storage.v1");
+    }
+}
+
+/// Encoded `FileDescriptorSet` of every tandem .proto, for gRPC server reflection.
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));

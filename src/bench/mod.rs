@@ -1,0 +1,2 @@
+//! `tandem bench ...`: benchmarks that print a human table and write JSON.
+pub mod search;

@@ -1,0 +1,868 @@
+//! `tandem bench search`: what the gRPC serving path costs compared with faiss itself.
+//!
+//! One process, one run: generate (or read) a data set and its exact top-k, start an in-process
+//! cluster on a loopback port, ingest every vector through gRPC with the WAL on, then for each
+//! index kind measure
+//!
+//! ```text
+//!   grpc: client tasks ─► tonic ─► ClusterService::search ─► search pool ─► faiss  (one segment)
+//!   raw:  threads ─────────────────────────────────────────────────────────► faiss  (same kind,
+//!                                                                                  same vectors)
+//! ```
+//!
+//! with the same concurrency, one query per call on both sides, and report QPS, latency and
+//! recall@k for each, and their ratio. The cluster's segment is sized to hold every row, so the
+//! cluster searches exactly one faiss index built like the raw one: the ratio is the cost of the
+//! serving path, not of a different index layout.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use serde::Serialize;
+use tandem_cluster::ann::{AnnIndex, Knobs};
+use tandem_cluster::config::WalSync;
+use tandem_cluster::schema::{IndexKind, Metric};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::tandem_client::TandemClient;
+use tonic::transport::Channel;
+
+use crate::dataset::{self, Dataset};
+
+/// Large enough for an ingest batch of 2000 x 4096-d vectors.
+const MAX_MESSAGE_BYTES: usize = 64 << 20;
+const COLLECTION: &str = "bench";
+
+/// The figures the project publishes (`docs/architecture.md`); the report says whether each is met.
+const TARGET_HNSW_RECALL: f64 = 0.95;
+const TARGET_QPS_RATIO: f64 = 0.7;
+const TARGET_INGEST_VPS: f64 = 50_000.0;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IndexArg {
+    Flat,
+    #[value(name = "ivf_flat", alias = "ivf-flat", alias = "ivf")]
+    IvfFlat,
+    Hnsw,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MetricArg {
+    L2,
+    Ip,
+    Cosine,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum WalSyncArg {
+    /// fsync before every acknowledgement (concurrent writes share one fsync)
+    Always,
+    /// no explicit fsync: measures the engine without the disk
+    Never,
+}
+
+/// Defaults reach the project's targets on 100k x 128 (see the report of a release run in
+/// `docs/architecture.md`): nlist ~ 3 * sqrt(n), nprobe 32 of 1024 lists, HNSW M=16 with
+/// efConstruction 200 and efSearch 64.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SearchBenchArgs {
+    /// Base vectors (synthetic), or the most to take from --file
+    #[arg(long, default_value_t = 100_000)]
+    pub n: usize,
+    /// Dimension of synthetic vectors (a --file gives its own)
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    /// Query vectors (with --file: held out from the end of the file)
+    #[arg(long, default_value_t = 1000)]
+    pub queries: usize,
+    /// Neighbours per query (recall@k)
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Gaussian clusters of the synthetic data
+    #[arg(long, default_value_t = 100)]
+    pub clusters: usize,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Read base vectors from this .fvecs file instead of generating them
+    #[arg(long)]
+    pub file: Option<PathBuf>,
+    /// Index kinds to measure, in order
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "flat,ivf_flat,hnsw")]
+    pub indexes: Vec<IndexArg>,
+    #[arg(long, value_enum, ignore_case = true, default_value_t = MetricArg::L2)]
+    pub metric: MetricArg,
+    /// Concurrent searches, on both the gRPC and the raw side [default: number of cores]
+    #[arg(long)]
+    pub concurrency: Option<usize>,
+    /// Length of each measurement (at least one pass over every query is always made)
+    #[arg(long, default_value_t = 10.0)]
+    pub duration_secs: f64,
+    /// Stop each measurement after this many searches instead of after --duration-secs
+    #[arg(long)]
+    pub queries_per_run: Option<usize>,
+    #[arg(long, default_value_t = 1024)]
+    pub ivf_nlist: u32,
+    #[arg(long, default_value_t = 32)]
+    pub nprobe: u32,
+    #[arg(long, default_value_t = 16)]
+    pub hnsw_m: u32,
+    #[arg(long, default_value_t = 200)]
+    pub ef_construction: u32,
+    #[arg(long, default_value_t = 64)]
+    pub ef_search: u32,
+    /// Rows per Insert request during ingest
+    #[arg(long, default_value_t = 2000)]
+    pub batch: usize,
+    /// Concurrent Insert streams during ingest (they share WAL fsyncs)
+    #[arg(long, default_value_t = 4)]
+    pub ingest_streams: usize,
+    #[arg(long, value_enum, default_value_t = WalSyncArg::Always)]
+    pub wal_sync: WalSyncArg,
+    /// Where the cluster's temporary data directory goes (its WAL is fsynced there) [default:
+    /// the system temp dir]
+    #[arg(long)]
+    pub data_dir: Option<PathBuf>,
+    /// Write every figure and parameter here as JSON
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+impl IndexArg {
+    fn kind(self, a: &SearchBenchArgs) -> IndexKind {
+        match self {
+            IndexArg::Flat => IndexKind::Flat,
+            IndexArg::IvfFlat => IndexKind::IvfFlat { nlist: a.ivf_nlist },
+            IndexArg::Hnsw => IndexKind::Hnsw { m: a.hnsw_m, ef_construction: a.ef_construction },
+        }
+    }
+}
+
+impl MetricArg {
+    fn engine(self) -> Metric {
+        match self {
+            MetricArg::L2 => Metric::L2,
+            MetricArg::Ip => Metric::Ip,
+            MetricArg::Cosine => Metric::Cosine,
+        }
+    }
+
+    fn proto(self) -> pb::Metric {
+        match self {
+            MetricArg::L2 => pb::Metric::L2,
+            MetricArg::Ip => pb::Metric::Ip,
+            MetricArg::Cosine => pb::Metric::Cosine,
+        }
+    }
+}
+
+impl SearchBenchArgs {
+    fn validate(&self) -> anyhow::Result<()> {
+        ensure!(self.n >= 1, "--n {} must be at least 1", self.n);
+        ensure!(self.file.is_some() || (1..=32_768).contains(&self.dim), "--dim {} is out of range 1..=32768", self.dim);
+        ensure!(self.queries >= 1, "--queries {} must be at least 1", self.queries);
+        ensure!((1..=16_384).contains(&self.k), "--k {} is out of range 1..=16384", self.k);
+        ensure!(self.clusters >= 1, "--clusters {} must be at least 1", self.clusters);
+        ensure!(!self.indexes.is_empty(), "--indexes is empty: name at least one of flat, ivf_flat, hnsw");
+        ensure!(self.concurrency != Some(0), "--concurrency 0 must be at least 1");
+        ensure!(self.duration_secs.is_finite() && self.duration_secs > 0.0, "--duration-secs {} must be positive", self.duration_secs);
+        ensure!(self.queries_per_run != Some(0), "--queries-per-run 0 must be at least 1");
+        ensure!((1..=65_536).contains(&self.ivf_nlist), "--ivf-nlist {} is out of range 1..=65536", self.ivf_nlist);
+        ensure!((1..=65_536).contains(&self.nprobe), "--nprobe {} is out of range 1..=65536", self.nprobe);
+        ensure!((2..=128).contains(&self.hnsw_m), "--hnsw-m {} is out of range 2..=128", self.hnsw_m);
+        ensure!((8..=4096).contains(&self.ef_construction), "--ef-construction {} is out of range 8..=4096", self.ef_construction);
+        ensure!((1..=32_768).contains(&self.ef_search), "--ef-search {} is out of range 1..=32768", self.ef_search);
+        ensure!((1..=100_000).contains(&self.batch), "--batch {} is out of range 1..=100000", self.batch);
+        ensure!(self.ingest_streams >= 1, "--ingest-streams 0 must be at least 1");
+        let mut seen = Vec::new();
+        for i in &self.indexes {
+            ensure!(!seen.contains(i), "--indexes names {i:?} twice");
+            seen.push(*i);
+        }
+        Ok(())
+    }
+
+    fn knobs(&self) -> Knobs {
+        Knobs { nprobe: self.nprobe as usize, ef_search: self.ef_search as usize }
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Report
+
+#[derive(Debug, Serialize)]
+struct Report {
+    benchmark: &'static str,
+    version: &'static str,
+    machine: Machine,
+    params: Params,
+    ground_truth_secs: f64,
+    ingest: IngestReport,
+    indexes: Vec<IndexReport>,
+    targets: Vec<Target>,
+}
+
+#[derive(Debug, Serialize)]
+struct Machine {
+    cores: usize,
+    os: &'static str,
+    arch: &'static str,
+    debug_build: bool,
+}
+
+#[derive(Debug, Serialize)]
+struct Params {
+    source: String,
+    n: usize,
+    queries: usize,
+    dim: usize,
+    k: usize,
+    clusters: Option<usize>,
+    seed: Option<u64>,
+    metric: MetricArg,
+    concurrency: usize,
+    duration_secs: f64,
+    queries_per_run: Option<usize>,
+    ivf_nlist: u32,
+    nprobe: u32,
+    hnsw_m: u32,
+    ef_construction: u32,
+    ef_search: u32,
+    batch: usize,
+    ingest_streams: usize,
+    wal_sync: WalSyncArg,
+    consistency: &'static str,
+}
+
+#[derive(Debug, Serialize)]
+struct IngestReport {
+    vectors: usize,
+    /// Vector data only (n * dim * 4 bytes), in 10^6 bytes.
+    megabytes: f64,
+    secs: f64,
+    vectors_per_sec: f64,
+    mb_per_sec: f64,
+    requests: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct IndexReport {
+    index: IndexArg,
+    spec: String,
+    /// Cluster: from the end of ingest (first index) or CreateIndex (others) until Flush
+    /// reports the segment indexed and persisted.
+    build_secs: f64,
+    /// `AnnIndex::build` of the same kind over the same vectors, in this process.
+    raw_build_secs: f64,
+    grpc: RunReport,
+    raw: RunReport,
+    /// grpc.qps / raw.qps
+    qps_ratio: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+struct RunReport {
+    requests: usize,
+    secs: f64,
+    qps: f64,
+    mean_ms: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    max_ms: f64,
+    recall: f64,
+    /// Distinct queries the recall is computed over.
+    recall_queries: usize,
+}
+
+#[derive(Debug, Serialize)]
+struct Target {
+    name: String,
+    value: f64,
+    min: f64,
+    met: bool,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Measurement
+
+/// When a measured run stops: after `requests` searches, or once `duration` has passed — but
+/// never before every query was asked once, so recall covers the whole query set.
+#[derive(Debug, Clone, Copy)]
+struct StopRule {
+    duration: Duration,
+    requests: Option<usize>,
+    min_requests: usize,
+}
+
+impl StopRule {
+    /// `i` is the number of searches started before this one.
+    fn stop(&self, i: usize, started: Instant) -> bool {
+        match self.requests {
+            Some(r) => i >= r,
+            None => i >= self.min_requests && started.elapsed() >= self.duration,
+        }
+    }
+
+    fn warmup(nq: usize, concurrency: usize) -> StopRule {
+        let r = nq.min(200).max(concurrency * 4);
+        StopRule { duration: Duration::ZERO, requests: Some(r), min_requests: 0 }
+    }
+}
+
+/// What one worker (task or thread) of a run observed.
+#[derive(Debug, Default)]
+struct WorkerLog {
+    latencies_ns: Vec<u64>,
+    /// (query number, ids) for the first time each query was asked.
+    results: Vec<(usize, Vec<i64>)>,
+}
+
+fn summarize(logs: Vec<WorkerLog>, secs: f64, nq: usize, truth: &[Vec<i64>], k: usize) -> RunReport {
+    let mut lat: Vec<u64> = Vec::new();
+    let mut answers: Vec<Option<Vec<i64>>> = vec![None; nq];
+    for log in logs {
+        lat.extend(log.latencies_ns);
+        for (q, ids) in log.results {
+            answers[q].get_or_insert(ids);
+        }
+    }
+    lat.sort_unstable();
+    let pct = |p: f64| -> f64 {
+        if lat.is_empty() {
+            return 0.0;
+        }
+        // Nearest rank.
+        let rank = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len());
+        lat[rank - 1] as f64 / 1e6
+    };
+    let (results, truths): (Vec<Vec<i64>>, Vec<Vec<i64>>) =
+        answers.into_iter().zip(truth).filter_map(|(a, t)| a.map(|a| (a, t.clone()))).unzip();
+    let requests = lat.len();
+    RunReport {
+        requests,
+        secs,
+        qps: if secs > 0.0 { requests as f64 / secs } else { 0.0 },
+        mean_ms: if requests == 0 { 0.0 } else { lat.iter().sum::<u64>() as f64 / requests as f64 / 1e6 },
+        p50_ms: pct(0.50),
+        p99_ms: pct(0.99),
+        max_ms: lat.last().map_or(0.0, |&x| x as f64 / 1e6),
+        recall: dataset::recall_at_k(&results, &truths, k),
+        recall_queries: results.len(),
+    }
+}
+
+/// Searches through gRPC: `clients.len()` tasks, one query per request, until `stop`.
+async fn grpc_run(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, k: usize, knobs: Knobs, stop: StopRule) -> anyhow::Result<(Vec<WorkerLog>, f64)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let started = Instant::now();
+    let mut tasks = Vec::with_capacity(clients.len());
+    for client in clients {
+        let mut client = client.clone();
+        let (ds, next) = (ds.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut log = WorkerLog::default();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if stop.stop(i, started) {
+                    return anyhow::Ok(log);
+                }
+                let q = i % ds.nq();
+                let req = pb::SearchRequest {
+                    collection: COLLECTION.into(),
+                    vectors: ds.query(q).to_vec(),
+                    top_k: k as u32,
+                    params: Some(pb::SearchParams { nprobe: knobs.nprobe as u32, ef_search: knobs.ef_search as u32 }),
+                    // The data is flushed and nothing writes during the run: EVENTUALLY skips the
+                    // wait for the serviceable timestamp, which is not what is measured here.
+                    read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Eventually as i32, ..Default::default() }),
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                let resp = client.search(req).await.with_context(|| format!("search of query {q}"))?.into_inner();
+                log.latencies_ns.push(t.elapsed().as_nanos() as u64);
+                if i < ds.nq() {
+                    let ids = resp.results.into_iter().next().map(|h| h.hits.into_iter().map(|h| h.id).collect()).unwrap_or_default();
+                    log.results.push((q, ids));
+                }
+            }
+        }));
+    }
+    let mut logs = Vec::with_capacity(tasks.len());
+    for t in tasks {
+        logs.push(t.await.context("search task")??);
+    }
+    Ok((logs, started.elapsed().as_secs_f64()))
+}
+
+/// Searches `index` directly from `concurrency` threads, one query per call, until `stop`.
+/// Blocking: run it off the async runtime.
+fn raw_run(index: &AnnIndex, queries: &[f32], dim: usize, k: usize, knobs: Knobs, concurrency: usize, stop: StopRule) -> anyhow::Result<(Vec<WorkerLog>, f64)> {
+    let nq = queries.len() / dim;
+    let next = AtomicUsize::new(0);
+    let started = Instant::now();
+    let logs = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..concurrency)
+            .map(|_| {
+                s.spawn(|| {
+                    let mut log = WorkerLog::default();
+                    loop {
+                        let i = next.fetch_add(1, Ordering::Relaxed);
+                        if stop.stop(i, started) {
+                            return anyhow::Ok(log);
+                        }
+                        let q = i % nq;
+                        let t = Instant::now();
+                        let (_, labels) = index.search(&queries[q * dim..(q + 1) * dim], dim, k, None, knobs)?;
+                        log.latencies_ns.push(t.elapsed().as_nanos() as u64);
+                        if i < nq {
+                            log.results.push((q, labels.into_iter().filter(|&l| l >= 0).collect()));
+                        }
+                    }
+                })
+            })
+            .collect();
+        workers.into_iter().map(|w| w.join().map_err(|_| anyhow::anyhow!("a raw search thread panicked"))?).collect::<anyhow::Result<Vec<_>>>()
+    })?;
+    Ok((logs, started.elapsed().as_secs_f64()))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Setup
+
+/// A scratch directory removed on drop, so an interrupted or failed run leaves nothing behind.
+struct ScratchDir(PathBuf);
+
+impl ScratchDir {
+    fn new(parent: Option<&Path>) -> anyhow::Result<ScratchDir> {
+        static SEQ: AtomicUsize = AtomicUsize::new(0);
+        let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
+        let dir = parent.join(format!("tandem-bench-{}-{nanos}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create scratch directory {}", dir.display()))?;
+        Ok(ScratchDir(dir))
+    }
+}
+
+impl Drop for ScratchDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// `.fvecs`: per row a little-endian i32 dimension, then that many f32.
+fn read_fvecs(path: &Path, max_rows: usize) -> anyhow::Result<(usize, Vec<f32>)> {
+    use std::io::Read;
+    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
+    let mut dim = None;
+    let mut out = Vec::new();
+    let mut head = [0u8; 4];
+    let mut rows = 0usize;
+    while rows < max_rows {
+        match r.read_exact(&mut head) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
+            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+        }
+        let d = i32::from_le_bytes(head);
+        ensure!((1..=32_768).contains(&d), "{}: row {rows} has dimension {d}, expected 1..=32768 (is it .fvecs?)", path.display());
+        let d = d as usize;
+        if *dim.get_or_insert(d) != d {
+            bail!("{}: row {rows} has dimension {d}, earlier rows {}", path.display(), dim.unwrap_or(0));
+        }
+        let mut buf = vec![0u8; d * 4];
+        r.read_exact(&mut buf).with_context(|| format!("{}: row {rows} is truncated", path.display()))?;
+        out.extend(buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
+        rows += 1;
+    }
+    let dim = dim.with_context(|| format!("{} holds no vectors", path.display()))?;
+    Ok((dim, out))
+}
+
+/// The data set: synthetic, or base rows from `--file` with the queries held out of its tail.
+fn load(a: &SearchBenchArgs) -> anyhow::Result<(Dataset, String)> {
+    let Some(path) = &a.file else {
+        let ds = dataset::gaussian_mixture(a.n, a.queries, a.dim, a.clusters, a.seed);
+        return Ok((ds, format!("gaussian_mixture(clusters={}, seed={})", a.clusters, a.seed)));
+    };
+    ensure!(path.extension().is_some_and(|e| e == "fvecs"), "--file {}: only .fvecs files are read", path.display());
+    let (dim, v) = read_fvecs(path, a.n.saturating_add(a.queries))?;
+    let rows = v.len() / dim;
+    ensure!(rows > a.queries, "--file {} has {rows} vectors: it needs more than --queries {}", path.display(), a.queries);
+    let base_rows = rows - a.queries;
+    let (base, queries) = v.split_at(base_rows * dim);
+    let ds = Dataset { dim, base: base.to_vec(), queries: queries.to_vec() };
+    if a.metric == MetricArg::Cosine {
+        let zero = ds.base.chunks_exact(dim).position(|v| v.iter().all(|&x| x == 0.0));
+        ensure!(zero.is_none(), "--file {}: row {} is all zeros, which COSINE cannot compare", path.display(), zero.unwrap_or(0));
+    }
+    Ok((ds, format!("file:{}", path.display())))
+}
+
+async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<TandemClient<Channel>> {
+    let client = TandemClient::connect(format!("http://{addr}"))
+        .await
+        .with_context(|| format!("cannot connect to the bench cluster at {addr}"))?
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    Ok(client)
+}
+
+/// Inserts every base row through gRPC from `streams` concurrent request streams.
+async fn ingest(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, batch: usize) -> anyhow::Result<(f64, usize)> {
+    let next = Arc::new(AtomicUsize::new(0));
+    let batches = ds.n().div_ceil(batch);
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for client in clients {
+        let mut client = client.clone();
+        let (ds, next) = (ds.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let b = next.fetch_add(1, Ordering::Relaxed);
+                if b >= batches {
+                    return anyhow::Ok(());
+                }
+                let (lo, hi) = (b * batch, ((b + 1) * batch).min(ds.n()));
+                let req = pb::InsertRequest {
+                    collection: COLLECTION.into(),
+                    ids: (lo as i64..hi as i64).collect(),
+                    vectors: ds.base[lo * ds.dim..hi * ds.dim].to_vec(),
+                    payloads: Vec::new(),
+                };
+                client.insert(req).await.with_context(|| format!("insert of rows {lo}..{hi}"))?;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.context("ingest task")??;
+    }
+    Ok((started.elapsed().as_secs_f64(), batches))
+}
+
+async fn flush(client: &mut TandemClient<Channel>) -> anyhow::Result<()> {
+    client.flush(pb::FlushRequest { collection: COLLECTION.into() }).await.context("flush")?;
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------------------------
+// The run
+
+pub async fn run(args: SearchBenchArgs) -> anyhow::Result<()> {
+    let report = bench(&args).await?;
+    print_table(&report);
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report)?;
+        std::fs::write(path, json + "\n").with_context(|| format!("cannot write --json {}", path.display()))?;
+        eprintln!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
+async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
+    a.validate()?;
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let concurrency = a.concurrency.unwrap_or(cores);
+    let metric = a.metric.engine();
+    let knobs = a.knobs();
+
+    let a2 = a.clone();
+    let (ds, source) = tokio::task::spawn_blocking(move || load(&a2)).await??;
+    let ds = Arc::new(ds);
+    let (n, nq, dim) = (ds.n(), ds.nq(), ds.dim);
+    let k = a.k.min(n);
+    eprintln!("data: {n} base + {nq} query vectors of dim {dim} ({source}); computing exact top-{k}...");
+    let t = Instant::now();
+    let ds2 = ds.clone();
+    let truth = Arc::new(tokio::task::spawn_blocking(move || dataset::ground_truth(&ds2, k, metric)).await?);
+    let ground_truth_secs = t.elapsed().as_secs_f64();
+
+    // Raw faiss gets what the cluster stores: COSINE vectors unit length.
+    let raw_vectors = if metric == Metric::Cosine {
+        let mut v = (*ds).clone();
+        dataset::normalize_rows(&mut v.base, dim);
+        dataset::normalize_rows(&mut v.queries, dim);
+        Arc::new(v)
+    } else {
+        ds.clone()
+    };
+
+    let scratch = ScratchDir::new(a.data_dir.as_deref())?;
+    let mut cfg = tandem_cluster::ClusterConfig::default();
+    cfg.cluster_id = "bench".into();
+    cfg.listen = "127.0.0.1:0".into();
+    cfg.data_dir = scratch.0.join("data");
+    // One segment holding every row: the cluster then searches a single faiss index built over
+    // the same vectors as the raw one.
+    cfg.segment.seal_rows = n.max(1);
+    cfg.wal.sync = match a.wal_sync {
+        WalSyncArg::Always => WalSync::Always,
+        WalSyncArg::Never => WalSync::Never,
+    };
+    cfg.limits.max_message_bytes = MAX_MESSAGE_BYTES;
+    cfg.limits.max_write_rows = cfg.limits.max_write_rows.max(a.batch);
+    if let Err(errs) = cfg.validate() {
+        bail!("bench cluster config is invalid: {}", errs.join("; "));
+    }
+    let running = tandem_cluster::server::start(cfg).await.context("cannot start the bench cluster")?;
+    let result = measure(a, &running, &ds, &raw_vectors, &truth, k, knobs, concurrency).await;
+    let stopped = running.stop().await;
+    let (ingest, indexes) = result?;
+    stopped.context("bench cluster did not stop cleanly")?;
+    drop(scratch);
+
+    let mut targets = vec![Target {
+        name: "ingest_vectors_per_sec".into(),
+        value: ingest.vectors_per_sec,
+        min: TARGET_INGEST_VPS,
+        met: ingest.vectors_per_sec >= TARGET_INGEST_VPS,
+    }];
+    for r in &indexes {
+        if r.index == IndexArg::Hnsw {
+            targets.push(Target { name: format!("hnsw_grpc_recall_at_{k}"), value: r.grpc.recall, min: TARGET_HNSW_RECALL, met: r.grpc.recall >= TARGET_HNSW_RECALL });
+        }
+        targets.push(Target { name: format!("{}_qps_ratio", serde_name(r.index)), value: r.qps_ratio, min: TARGET_QPS_RATIO, met: r.qps_ratio >= TARGET_QPS_RATIO });
+    }
+
+    Ok(Report {
+        benchmark: "tandem bench search",
+        version: env!("CARGO_PKG_VERSION"),
+        machine: Machine { cores, os: std::env::consts::OS, arch: std::env::consts::ARCH, debug_build: cfg!(debug_assertions) },
+        params: Params {
+            source,
+            n,
+            queries: nq,
+            dim,
+            k,
+            clusters: a.file.is_none().then_some(a.clusters),
+            seed: a.file.is_none().then_some(a.seed),
+            metric: a.metric,
+            concurrency,
+            duration_secs: a.duration_secs,
+            queries_per_run: a.queries_per_run,
+            ivf_nlist: a.ivf_nlist,
+            nprobe: a.nprobe,
+            hnsw_m: a.hnsw_m,
+            ef_construction: a.ef_construction,
+            ef_search: a.ef_search,
+            batch: a.batch,
+            ingest_streams: a.ingest_streams,
+            wal_sync: a.wal_sync,
+            consistency: "EVENTUALLY",
+        },
+        ground_truth_secs,
+        ingest,
+        indexes,
+        targets,
+    })
+}
+
+fn serde_name(i: IndexArg) -> &'static str {
+    match i {
+        IndexArg::Flat => "flat",
+        IndexArg::IvfFlat => "ivf_flat",
+        IndexArg::Hnsw => "hnsw",
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn measure(
+    a: &SearchBenchArgs,
+    running: &tandem_cluster::server::Running,
+    ds: &Arc<Dataset>,
+    raw_vectors: &Arc<Dataset>,
+    truth: &Arc<Vec<Vec<i64>>>,
+    k: usize,
+    knobs: Knobs,
+    concurrency: usize,
+) -> anyhow::Result<(IngestReport, Vec<IndexReport>)> {
+    let (n, nq, dim) = (ds.n(), ds.nq(), ds.dim);
+    let metric = a.metric.engine();
+    let mut admin = connect(running.addr).await?;
+    // One connection per stream or search task, as separate clients would have: a shared HTTP/2
+    // connection would serialise every request through one connection task.
+    let mut ingest_clients = Vec::new();
+    for _ in 0..a.ingest_streams {
+        ingest_clients.push(connect(running.addr).await?);
+    }
+    let mut search_clients = Vec::new();
+    for _ in 0..concurrency {
+        search_clients.push(connect(running.addr).await?);
+    }
+
+    let first = a.indexes[0];
+    let schema = pb::CollectionSchema {
+        name: COLLECTION.into(),
+        dim: dim as u32,
+        metric: a.metric.proto() as i32,
+        index: Some(first.kind(a).to_proto()),
+        shards: 1,
+        fields: Vec::new(),
+    };
+    admin.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.context("create collection")?;
+
+    eprintln!("ingest: {n} vectors in batches of {} from {} streams (wal sync {:?})...", a.batch, a.ingest_streams, a.wal_sync);
+    let (ingest_secs, requests) = ingest(&ingest_clients, ds, a.batch).await?;
+    drop(ingest_clients);
+    let megabytes = (n * dim * 4) as f64 / 1e6;
+    let ingest = IngestReport {
+        vectors: n,
+        megabytes,
+        secs: ingest_secs,
+        vectors_per_sec: n as f64 / ingest_secs,
+        mb_per_sec: megabytes / ingest_secs,
+        requests,
+    };
+
+    let stop = StopRule { duration: Duration::from_secs_f64(a.duration_secs), requests: a.queries_per_run, min_requests: nq };
+    let mut reports = Vec::new();
+    for (i, &which) in a.indexes.iter().enumerate() {
+        let kind = which.kind(a);
+        eprintln!("{kind}: building in the cluster...");
+        let t = Instant::now();
+        if i > 0 {
+            admin.create_index(pb::CreateIndexRequest { collection: COLLECTION.into(), index: Some(kind.to_proto()) }).await.context("create index")?;
+        }
+        flush(&mut admin).await?;
+        let build_secs = t.elapsed().as_secs_f64();
+
+        eprintln!("{kind}: searching through gRPC ({concurrency} concurrent)...");
+        grpc_run(&search_clients, ds, k, knobs, StopRule::warmup(nq, concurrency)).await?;
+        let (logs, secs) = grpc_run(&search_clients, ds, k, knobs, stop).await?;
+        let grpc = summarize(logs, secs, nq, truth, k);
+
+        eprintln!("{kind}: building raw faiss...");
+        let rv = raw_vectors.clone();
+        let t = Instant::now();
+        let index = tokio::task::spawn_blocking(move || AnnIndex::build(kind, metric, dim, &rv.base)).await??;
+        let raw_build_secs = t.elapsed().as_secs_f64();
+        eprintln!("{kind}: searching raw faiss ({concurrency} threads)...");
+        let rv = raw_vectors.clone();
+        let (logs, secs) = tokio::task::spawn_blocking(move || {
+            raw_run(&index, &rv.queries, dim, k, knobs, concurrency, StopRule::warmup(nq, concurrency))?;
+            raw_run(&index, &rv.queries, dim, k, knobs, concurrency, stop)
+        })
+        .await??;
+        let raw = summarize(logs, secs, nq, truth, k);
+
+        let qps_ratio = if raw.qps > 0.0 { grpc.qps / raw.qps } else { 0.0 };
+        reports.push(IndexReport { index: which, spec: kind.to_string(), build_secs, raw_build_secs, grpc, raw, qps_ratio });
+    }
+    Ok((ingest, reports))
+}
+
+fn print_table(r: &Report) {
+    let p = &r.params;
+    println!(
+        "tandem bench search {}: {} x {} ({}), {} queries, k={}, metric {:?}, concurrency {}, {} cores",
+        r.version, p.n, p.dim, p.source, p.queries, p.k, p.metric, p.concurrency, r.machine.cores
+    );
+    let i = &r.ingest;
+    println!(
+        "ingest (wal sync {:?}, {} streams x {} rows): {} vectors in {:.2} s = {:.0} vectors/s, {:.1} MB/s",
+        p.wal_sync, p.ingest_streams, p.batch, i.vectors, i.secs, i.vectors_per_sec, i.mb_per_sec
+    );
+    println!();
+    println!(
+        "{:<9} {:>8} {:>8} | {:>8} {:>9} {:>8} {:>8} | {:>8} {:>9} {:>8} {:>8} | {:>6}",
+        "index", "build s", "raw bld", "recall", "grpc qps", "p50 ms", "p99 ms", "recall", "raw qps", "p50 ms", "p99 ms", "ratio"
+    );
+    for x in &r.indexes {
+        println!(
+            "{:<9} {:>8.2} {:>8.2} | {:>8.4} {:>9.0} {:>8.3} {:>8.3} | {:>8.4} {:>9.0} {:>8.3} {:>8.3} | {:>6.2}",
+            serde_name(x.index),
+            x.build_secs,
+            x.raw_build_secs,
+            x.grpc.recall,
+            x.grpc.qps,
+            x.grpc.p50_ms,
+            x.grpc.p99_ms,
+            x.raw.recall,
+            x.raw.qps,
+            x.raw.p50_ms,
+            x.raw.p99_ms,
+            x.qps_ratio
+        );
+    }
+    println!();
+    for t in &r.targets {
+        println!("target {:<28} {:>12.3} >= {:<10} {}", t.name, t.value, t.min, if t.met { "met" } else { "MISSED" });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: SearchBenchArgs,
+    }
+
+    #[test]
+    fn defaults_parse_and_validate() {
+        let a = Cli::try_parse_from(["bench"]).unwrap().args;
+        a.validate().unwrap();
+        assert_eq!(a.indexes, vec![IndexArg::Flat, IndexArg::IvfFlat, IndexArg::Hnsw]);
+        let a = Cli::try_parse_from(["bench", "--indexes", "hnsw,ivf-flat", "--metric", "COSINE"]).unwrap().args;
+        assert_eq!(a.indexes, vec![IndexArg::Hnsw, IndexArg::IvfFlat]);
+        assert_eq!(a.metric, MetricArg::Cosine);
+        let a = Cli::try_parse_from(["bench", "--indexes", "hnsw,hnsw"]).unwrap().args;
+        assert!(a.validate().unwrap_err().to_string().contains("twice"));
+    }
+
+    #[test]
+    fn fvecs_round_trip() {
+        let dir = ScratchDir::new(None).unwrap();
+        let path = dir.0.join("x.fvecs");
+        let mut bytes = Vec::new();
+        for row in [[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]] {
+            bytes.extend(3i32.to_le_bytes());
+            row.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+        }
+        std::fs::write(&path, &bytes).unwrap();
+        assert_eq!(read_fvecs(&path, usize::MAX).unwrap(), (3, vec![1., 2., 3., 4., 5., 6.]));
+        assert_eq!(read_fvecs(&path, 1).unwrap(), (3, vec![1., 2., 3.]));
+        std::fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
+        assert!(read_fvecs(&path, usize::MAX).unwrap_err().to_string().contains("row 1 is truncated"));
+    }
+
+    /// The whole harness on a tiny set: proves the wiring (ingest, index switches, both search
+    /// paths, recall against the ground truth, JSON), not the speed.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn whole_bench_on_a_tiny_set() {
+        let dir = ScratchDir::new(None).unwrap();
+        let json = dir.0.join("report.json");
+        let mut a = Cli::try_parse_from(["bench", "--n", "2000", "--dim", "16", "--queries", "50", "--clusters", "10", "--duration-secs", "0.3"])
+            .unwrap()
+            .args;
+        a.ivf_nlist = 16;
+        a.concurrency = Some(2);
+        a.data_dir = Some(dir.0.clone());
+        a.json = Some(json.clone());
+        run(a).await.unwrap();
+
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        assert_eq!(v["ingest"]["vectors"], 2000);
+        let indexes = v["indexes"].as_array().unwrap();
+        let names: Vec<&str> = indexes.iter().map(|x| x["index"].as_str().unwrap()).collect();
+        assert_eq!(names, ["flat", "ivf_flat", "hnsw"]);
+        for x in indexes {
+            for side in ["grpc", "raw"] {
+                let recall = x[side]["recall"].as_f64().unwrap();
+                assert!((0.0..=1.0).contains(&recall) && recall > 0.5, "{side} {x}");
+                assert_eq!(x[side]["recall_queries"], 50, "{side} {x}");
+                assert!(x[side]["requests"].as_u64().unwrap() >= 50);
+            }
+        }
+        assert_eq!(indexes[0]["grpc"]["recall"].as_f64(), Some(1.0), "{}", indexes[0]);
+        assert_eq!(indexes[0]["raw"]["recall"].as_f64(), Some(1.0), "{}", indexes[0]);
+    }
+}

@@ -1,0 +1,6 @@
+//! The `tandem` binary's library half: configuration loading, client commands, the demo and the
+//! benchmarks. `main.rs` is only argument parsing and dispatch.
+#![forbid(unsafe_code)]
+
+pub mod bench;
+pub mod dataset;

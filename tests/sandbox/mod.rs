@@ -1,0 +1,231 @@
+//! The in-process test sandbox: clusters on `127.0.0.1:0` with temp data dirs, and ways to
+//! restart or kill a member. Every integration test builds on it.
+//!
+//! ```ignore
+//! let sb = Sandbox::builder().cluster("a").build().await;
+//! let mut c = sb.client("a").await;
+//! sb.restart("a").await;            // graceful stop + start on the same data dir
+//! let p = ProcessCluster::start(dir); // a real `tandem cluster` process, for kill -9
+//! ```
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use tandem_cluster::ClusterConfig;
+use tandem_cluster::server::{self, Running};
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::tandem_client::TandemClient;
+use tokio::sync::Mutex;
+use tonic::transport::Channel;
+
+pub type Client = TandemClient<Channel>;
+
+pub struct SandboxBuilder {
+    clusters: Vec<(String, Box<dyn Fn(&mut ClusterConfig) + Send>)>,
+}
+
+impl SandboxBuilder {
+    pub fn cluster(self, name: &str) -> Self {
+        self.cluster_with(name, |_| {})
+    }
+
+    /// A cluster whose config the closure adjusts (e.g. a small `segment.seal_rows`).
+    pub fn cluster_with(mut self, name: &str, f: impl Fn(&mut ClusterConfig) + Send + 'static) -> Self {
+        self.clusters.push((name.to_string(), Box::new(f)));
+        self
+    }
+
+    pub async fn build(self) -> Sandbox {
+        let root = tempfile::tempdir().expect("temp dir");
+        let mut members = BTreeMap::new();
+        for (name, adjust) in self.clusters {
+            let mut cfg = ClusterConfig::default();
+            cfg.cluster_id = name.clone();
+            cfg.listen = "127.0.0.1:0".into();
+            cfg.data_dir = root.path().join(&name);
+            // Tests exercise the real durability path.
+            cfg.search.threads = 2;
+            adjust(&mut cfg);
+            let running = server::start(cfg.clone()).await.expect("start cluster");
+            members.insert(name, Mutex::new(Member { cfg, running: Some(running) }));
+        }
+        Sandbox { _root: root, members }
+    }
+}
+
+struct Member {
+    cfg: ClusterConfig,
+    running: Option<Running>,
+}
+
+pub struct Sandbox {
+    _root: tempfile::TempDir,
+    members: BTreeMap<String, Mutex<Member>>,
+}
+
+impl Sandbox {
+    pub fn builder() -> SandboxBuilder {
+        SandboxBuilder { clusters: Vec::new() }
+    }
+
+    fn member(&self, name: &str) -> &Mutex<Member> {
+        self.members.get(name).unwrap_or_else(|| panic!("no cluster {name} in the sandbox"))
+    }
+
+    pub async fn addr(&self, name: &str) -> SocketAddr {
+        self.member(name).lock().await.running.as_ref().expect("cluster is running").addr
+    }
+
+    pub async fn client(&self, name: &str) -> Client {
+        connect(self.addr(name).await).await
+    }
+
+    pub async fn data_dir(&self, name: &str) -> PathBuf {
+        self.member(name).lock().await.cfg.data_dir.clone()
+    }
+
+    /// Graceful stop, then start again on the same data directory (a new port).
+    pub async fn restart(&self, name: &str) {
+        let mut m = self.member(name).lock().await;
+        if let Some(r) = m.running.take() {
+            r.stop().await.expect("stop");
+        }
+        m.running = Some(server::start(m.cfg.clone()).await.expect("restart"));
+    }
+
+    pub async fn stop(&self, name: &str) {
+        let mut m = self.member(name).lock().await;
+        if let Some(r) = m.running.take() {
+            r.stop().await.expect("stop");
+        }
+    }
+}
+
+pub async fn connect(addr: SocketAddr) -> Client {
+    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
+    TandemClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+}
+
+/// A real `tandem cluster` process (for kill -9). Killed when dropped.
+pub struct ProcessCluster {
+    pub child: Child,
+    pub addr: SocketAddr,
+}
+
+impl ProcessCluster {
+    /// Starts `tandem cluster` on a free port with `data_dir`; extra `TANDEM__` env overrides.
+    pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> ProcessCluster {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
+        cmd.args(["cluster", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn tandem cluster");
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            while let Some(Ok(line)) = lines.next() {
+                if let Some(addr) = line.split(" listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>().expect("address"));
+                }
+            }
+        });
+        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("tandem cluster printed no address within 60s");
+        ProcessCluster { child, addr }
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProcessCluster {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+// ---- data helpers -------------------------------------------------------------------------
+
+/// Deterministic pseudo-random vectors in [-1, 1) (xorshift; no dependency on the generator
+/// under test).
+pub fn vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
+    let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    (0..n * dim)
+        .map(|_| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            ((s >> 11) as f64 / (1u64 << 53) as f64 * 2.0 - 1.0) as f32
+        })
+        .collect()
+}
+
+pub fn field(name: &str, ty: pb::ScalarType) -> pb::FieldSchema {
+    pb::FieldSchema { name: name.into(), r#type: ty as i32 }
+}
+
+pub fn schema(name: &str, dim: u32, metric: pb::Metric, index: Option<pb::IndexSpec>, shards: u32, fields: Vec<pb::FieldSchema>) -> pb::CollectionSchema {
+    pb::CollectionSchema { name: name.into(), dim, metric: metric as i32, index, shards, fields }
+}
+
+pub fn hnsw(m: u32, ef_construction: u32) -> Option<pb::IndexSpec> {
+    Some(pb::IndexSpec { kind: Some(pb::index_spec::Kind::Hnsw(pb::HnswIndex { m, ef_construction })) })
+}
+
+pub fn ivf(nlist: u32) -> Option<pb::IndexSpec> {
+    Some(pb::IndexSpec { kind: Some(pb::index_spec::Kind::IvfFlat(pb::IvfFlatIndex { nlist })) })
+}
+
+pub fn int(v: i64) -> pb::Value {
+    pb::Value { kind: Some(pb::value::Kind::Int64Value(v)) }
+}
+
+pub fn dbl(v: f64) -> pb::Value {
+    pb::Value { kind: Some(pb::value::Kind::DoubleValue(v)) }
+}
+
+pub fn string(v: &str) -> pb::Value {
+    pb::Value { kind: Some(pb::value::Kind::StringValue(v.into())) }
+}
+
+pub fn payload(kv: &[(&str, pb::Value)]) -> pb::Payload {
+    pb::Payload { fields: kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect() }
+}
+
+pub fn read(level: pb::ConsistencyLevel, token: &str) -> Option<pb::ReadOptions> {
+    Some(pb::ReadOptions { consistency: level as i32, session_token: token.into(), staleness_ms: 0 })
+}
+
+pub async fn count(c: &mut Client, collection: &str) -> u64 {
+    c.count(pb::CountRequest { collection: collection.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Strong, "") })
+        .await
+        .expect("count")
+        .into_inner()
+        .count
+}
+
+/// Waits until `f` returns true (polling), failing after `limit`.
+pub async fn eventually<F, Fut>(limit: Duration, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    while !f().await {
+        assert!(start.elapsed() < limit, "condition not reached within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
