@@ -28,7 +28,8 @@ impl fmt::Display for InvalidConfig {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str("invalid configuration:")?;
         for p in &self.problems {
-            write!(f, "\n  - {p}")?;
+            // Multi-line problems (TOML syntax errors quote the line) stay inside their item.
+            write!(f, "\n  - {}", p.trim_end().replace('\n', "\n    "))?;
         }
         Ok(())
     }
@@ -60,10 +61,7 @@ pub fn load_cluster_config_with(
         // figment silently skips a missing file; a file named on the command line that is not
         // there is a mistake worth stopping for.
         if !path.is_file() {
-            return Err(InvalidConfig {
-                problems: vec![format!("config file {} does not exist or is not a file", path.display())],
-            }
-            .into());
+            return Err(InvalidConfig { problems: vec![format!("config file {} does not exist or is not a file", path.display())] }.into());
         }
         // `file_exact`: a relative path means relative to the working directory, not "search
         // every parent directory" as `Toml::file` would.
@@ -154,7 +152,12 @@ fn describe(e: &figment::Error) -> String {
     let key = e.path.join(".");
     match &e.kind {
         Kind::UnknownField(field, expected) => {
-            let full = if key.is_empty() { field.clone() } else { format!("{key}.{field}") };
+            // figment's path usually ends with the unknown field already.
+            let full = match e.path.last() {
+                Some(last) if last == field => key,
+                _ if key.is_empty() => field.clone(),
+                _ => format!("{key}.{field}"),
+            };
             format!("unknown setting {full:?}{source}: expected one of {}", expected.join(", "))
         }
         Kind::UnknownVariant(v, expected) => {
@@ -196,10 +199,7 @@ mod tests {
     #[test]
     fn env_overrides_file_and_flags_override_env() {
         let dir = tempfile::tempdir().unwrap();
-        let path = write(
-            dir.path(),
-            "listen = \"127.0.0.1:7000\"\ncluster_id = \"east\"\n[wal]\nsync = \"interval\"\ninterval_ms = 50\n",
-        );
+        let path = write(dir.path(), "listen = \"127.0.0.1:7000\"\ncluster_id = \"east\"\n[wal]\nsync = \"interval\"\ninterval_ms = 50\n");
         let vars = env(&[
             ("TANDEM__WAL__SYNC", "never"),
             ("TANDEM__LISTEN", "127.0.0.1:0"),
@@ -228,11 +228,7 @@ mod tests {
         assert!(p[0].contains("wal.sync") && p[0].contains("sometimes"), "{p:?}");
         assert!(p[0].contains("tandem.toml"), "{p:?}");
 
-        let p = problems(load_cluster_config_with(
-            None,
-            env(&[("TANDEM__SEGMENT__SEAL_ROWS", "lots")]),
-            &ConfigOverrides::default(),
-        ));
+        let p = problems(load_cluster_config_with(None, env(&[("TANDEM__SEGMENT__SEAL_ROWS", "lots")]), &ConfigOverrides::default()));
         assert!(p[0].contains("segment.seal_rows") && p[0].contains("TANDEM__SEGMENT__SEAL_ROWS"), "{p:?}");
 
         // validate() problems are all reported, not just the first.
@@ -262,11 +258,7 @@ mod tests {
 
     #[test]
     fn missing_file_is_an_error() {
-        let p = problems(load_cluster_config_with(
-            Some(Path::new("/nonexistent/tandem.toml")),
-            env(&[]),
-            &ConfigOverrides::default(),
-        ));
+        let p = problems(load_cluster_config_with(Some(Path::new("/nonexistent/tandem.toml")), env(&[]), &ConfigOverrides::default()));
         assert!(p[0].contains("/nonexistent/tandem.toml"), "{p:?}");
     }
 

@@ -71,9 +71,8 @@ impl Mixture {
         let mut rng = StdRng::seed_from_u64(mix(seed, STREAM_CENTRES, 0));
         let centres = (0..clusters * dim).map(|_| rng.random_range(-1.0f32..=1.0)).collect();
         // Clusters of different spread, so that some are dense and some diffuse, as in real data.
-        let sigmas = (0..clusters)
-            .map(|_| Normal::new(0.0f32, rng.random_range(0.1f32..=0.3)).expect("sigma is finite and positive"))
-            .collect();
+        let sigmas =
+            (0..clusters).map(|_| Normal::new(0.0f32, rng.random_range(0.1f32..=0.3)).expect("sigma is finite and positive")).collect();
         Mixture { dim, centres, sigmas }
     }
 

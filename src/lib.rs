@@ -3,4 +3,8 @@
 #![forbid(unsafe_code)]
 
 pub mod bench;
+pub mod cli;
+pub mod config;
 pub mod dataset;
+pub mod demo;
+pub mod readers;

@@ -1,1 +1,94 @@
-fn main() {}
+//! `tandem`: run a cluster node, talk to one, benchmark one, or take the demo tour.
+//!
+//! Only argument parsing and dispatch live here; the commands are in the library (`tandem::cli`,
+//! `tandem::demo`, `tandem::bench`). Exit codes: 0 success, 1 failure (`error: ...` on stderr),
+//! 64 invalid configuration (every problem listed), 2 bad command-line usage (clap).
+
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use tandem::bench::search::SearchBenchArgs;
+use tandem::cli::cluster::ClusterArgs;
+use tandem::cli::collection::CollectionCmd;
+use tandem::cli::info::InfoArgs;
+use tandem::cli::insert::InsertArgs;
+use tandem::cli::search::SearchArgs;
+use tandem::config::InvalidConfig;
+use tandem::demo::DemoArgs;
+
+/// EX_USAGE from sysexits.h: the configuration given is unusable.
+const EXIT_INVALID_CONFIG: u8 = 64;
+
+#[derive(Debug, Parser)]
+#[command(name = "tandem", version, about = "cross-cluster leading/alternative replication for vector search")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run a cluster node until SIGTERM or Ctrl-C.
+    Cluster(ClusterArgs),
+    /// Create, list, describe or drop collections.
+    #[command(subcommand)]
+    Collection(CollectionCmd),
+    /// Insert (or upsert) vectors from a .npy, .fvecs or JSON lines file.
+    Insert(InsertArgs),
+    /// Search a collection with one or more query vectors.
+    Search(SearchArgs),
+    /// Show the cluster's identity, role and collections.
+    Info(InfoArgs),
+    /// Start a cluster in this process and walk through the API with sample data.
+    Demo(DemoArgs),
+    /// Benchmarks.
+    #[command(subcommand)]
+    Bench(BenchCmd),
+}
+
+#[derive(Debug, Subcommand)]
+enum BenchCmd {
+    /// Search throughput and latency.
+    Search(SearchBenchArgs),
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Cluster(a) => tandem::cli::cluster::run(a).await,
+        Command::Collection(c) => tandem::cli::collection::run(c).await,
+        Command::Insert(a) => tandem::cli::insert::run(a).await,
+        Command::Search(a) => tandem::cli::search::run(a).await,
+        Command::Info(a) => tandem::cli::info::run(a).await,
+        Command::Demo(a) => tandem::demo::run(a).await,
+        // The bench sets up its own logging, if any.
+        Command::Bench(BenchCmd::Search(a)) => tandem::bench::search::run(a).await,
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(dispatch(cli.command));
+    // After a timed-out drain, server tasks may still be running: don't wait on them for long.
+    runtime.shutdown_timeout(Duration::from_secs(2));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => match e.downcast_ref::<InvalidConfig>() {
+            Some(invalid) => {
+                eprintln!("error: {invalid}");
+                ExitCode::from(EXIT_INVALID_CONFIG)
+            }
+            None => {
+                eprintln!("error: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}

@@ -24,8 +24,11 @@ use tandem_proto::v1 as pb;
 pub enum Format {
     /// From the file name's extension, else from its first bytes.
     Auto,
+    /// A 2-D little-endian float32 array in C order.
     Npy,
+    /// Per vector: its dimension (i32 LE), then that many f32 LE.
     Fvecs,
+    /// One JSON object per line: {"id": 1, "vector": [...], "payload": {...}}.
     Jsonl,
 }
 
@@ -63,9 +66,18 @@ pub struct VectorFile {
 
 enum Kind {
     /// `remaining` rows of `dim` floats follow.
-    Npy { r: BufReader<File>, remaining: u64 },
-    Fvecs { r: BufReader<File> },
-    Jsonl { r: BufReader<File>, line: u64, buf: String },
+    Npy {
+        r: BufReader<File>,
+        remaining: u64,
+    },
+    Fvecs {
+        r: BufReader<File>,
+    },
+    Jsonl {
+        r: BufReader<File>,
+        line: u64,
+        buf: String,
+    },
 }
 
 impl std::fmt::Debug for VectorFile {
@@ -105,7 +117,9 @@ impl VectorFile {
             Format::Fvecs => {
                 let dim = match peek_fvecs_dim(&mut r).with_context(|| format!("cannot read {}", path.display()))? {
                     None => None,
-                    Some(d) if d <= 0 => bail!("{}: row 0 has dimension {d}: an .fvecs row starts with its dimension (> 0)", path.display()),
+                    Some(d) if d <= 0 => {
+                        bail!("{}: row 0 has dimension {d}: an .fvecs row starts with its dimension (> 0)", path.display())
+                    }
                     Some(d) => Some(d as usize),
                 };
                 // Exact when the file is well-formed; a bad row is reported when reached.
@@ -148,9 +162,8 @@ impl VectorFile {
                     return Ok(None);
                 }
                 let mut bytes = vec![0u8; n * dim * 4];
-                r.read_exact(&mut bytes).with_context(|| {
-                    format!("{}: cannot read rows {}..{}", self.path.display(), self.row, self.row + n as u64)
-                })?;
+                r.read_exact(&mut bytes)
+                    .with_context(|| format!("{}: cannot read rows {}..{}", self.path.display(), self.row, self.row + n as u64))?;
                 *remaining -= n as u64;
                 let ids = seq_ids(&self.path, self.start_id, self.row, n)?;
                 Batch { ids, vectors: f32s(&bytes), payloads: Vec::new() }
@@ -204,8 +217,7 @@ impl VectorFile {
                         continue;
                     }
                     let row = self.row + batch.len() as u64;
-                    let parsed = parse_json_row(text, self.dim)
-                        .with_context(|| format!("{}:{}", self.path.display(), *line))?;
+                    let parsed = parse_json_row(text, self.dim).with_context(|| format!("{}:{}", self.path.display(), *line))?;
                     self.dim.get_or_insert(parsed.vector.len());
                     let id = match parsed.id {
                         Some(id) => id,
@@ -348,10 +360,7 @@ fn parse_npy_dict(text: &str) -> anyhow::Result<(u64, usize)> {
         other => bail!("fortran_order {other:?} is neither True nor False"),
     }
     let shape = npy_value(text, "shape")?;
-    let inner = shape
-        .strip_prefix('(')
-        .and_then(|s| s.strip_suffix(')'))
-        .with_context(|| format!("shape {shape:?} is not a tuple"))?;
+    let inner = shape.strip_prefix('(').and_then(|s| s.strip_suffix(')')).with_context(|| format!("shape {shape:?} is not a tuple"))?;
     let dims: Vec<u64> = inner
         .split(',')
         .map(str::trim)
@@ -392,7 +401,12 @@ struct JsonRow {
 }
 
 fn parse_json_row(text: &str, dim: Option<usize>) -> anyhow::Result<JsonRow> {
-    let v: serde_json::Value = serde_json::from_str(text).context("not valid JSON")?;
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|e| {
+        // serde_json counts lines within the one line it was given; only the column helps.
+        let msg = e.to_string();
+        let msg = msg.split(" at line ").next().unwrap_or_default().to_string();
+        anyhow::anyhow!("not valid JSON at column {}: {msg}", e.column())
+    })?;
     let serde_json::Value::Object(obj) = v else { bail!("expected a JSON object like {{\"id\": 1, \"vector\": [0.1, 0.2]}}") };
     let mut row = JsonRow { id: None, vector: Vec::new(), payload: None };
     let mut has_vector = false;

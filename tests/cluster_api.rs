@@ -256,7 +256,7 @@ async fn bad_input_is_rejected_and_changes_nothing() {
         Code::InvalidArgument,
         "unknown payload field \"colour\": collection \"items\" declares price",
     );
-    assert_status(c.insert(ins(vec![100], vec![1.0; 4], vec![payload(&[("price", string("cheap"))])])).await, Code::InvalidArgument, "\"price\" is declared Float64 but got a string");
+    assert_status(c.insert(ins(vec![100], vec![1.0; 4], vec![payload(&[("price", string("cheap"))])])).await, Code::InvalidArgument, "\"price\" is declared DOUBLE but got a string");
     // a multi-shard batch where one id exists: rejected as a whole
     assert_status(c.insert(ins((5..25).collect(), vectors(20, 4, 2), vec![])).await, Code::AlreadyExists, "5 id(s) already exist");
     let mut unknown = ins(vec![1], vec![1.0; 4], vec![]);

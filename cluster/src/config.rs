@@ -146,6 +146,10 @@ impl ClusterConfig {
         if let Err(e) = crate::schema::validate_name("cluster_id", &self.cluster_id) {
             errs.push(e.to_string());
         }
+        if self.role == Role::Recovering {
+            // Recovering is entered by a node that finds itself behind, never configured.
+            errs.push("role = \"recovering\" cannot be configured: use leading, alternative or standby".into());
+        }
         if self.listen.parse::<std::net::SocketAddr>().is_err() {
             errs.push(format!("listen = {:?} is not an address like 127.0.0.1:19530", self.listen));
         }

@@ -272,11 +272,12 @@ impl Node {
         let mut schema = (*old).clone();
         schema.index = kind;
         c.set_schema(schema);
+        // Issued before the catalog is written, so the catalog's max_ts covers it.
+        let ts = self.clock.now();
         if let Err(e) = self.write_catalog(&self.collections.read(), *next_id) {
             c.set_schema((*old).clone());
             return Err(e);
         }
-        let ts = self.clock.now();
         let jobs: IndexJobs = c.shards().iter().enumerate().flat_map(|(i, s)| s.sealed_segments().into_iter().map(move |seg| (i, seg))).collect();
         self.enqueue(&c, jobs);
         Ok(ts)

@@ -251,7 +251,8 @@ impl Schema {
                 }
                 (Some(k), _) => {
                     return Err(ClusterError::invalid(format!(
-                        "payload field {name:?} is declared {want:?} but got {}",
+                        "payload field {name:?} is declared {} but got {}",
+                        api_type_name(want),
                         kind_name(k)
                     )));
                 }
@@ -318,6 +319,16 @@ pub fn scalar_to_value(v: &Scalar) -> pb::Value {
 pub fn row_to_payload(schema: &Schema, row: &[Option<Scalar>]) -> pb::Payload {
     let all: Vec<usize> = (0..schema.fields.len()).collect();
     schema.payload_of(row, &all).unwrap_or_default()
+}
+
+/// The type's name as the API spells it (`ScalarType` in tandem.proto).
+pub fn api_type_name(t: ScalarType) -> &'static str {
+    match t {
+        ScalarType::Int64 => "INT64",
+        ScalarType::Float64 => "DOUBLE",
+        ScalarType::Bool => "BOOL",
+        ScalarType::String => "STRING",
+    }
 }
 
 fn kind_name(k: &pb::value::Kind) -> &'static str {
@@ -391,7 +402,7 @@ mod tests {
         let mut p = pb::Payload::default();
         p.fields.insert("tag".into(), scalar_to_value(&Scalar::Int64(1)));
         let e = s.row_from_payload(Some(&p)).unwrap_err().to_string();
-        assert!(e.contains("\"tag\" is declared String but got an int64"), "{e}");
+        assert!(e.contains("\"tag\" is declared STRING but got an int64"), "{e}");
 
         let mut p = pb::Payload::default();
         p.fields.insert("price".into(), scalar_to_value(&Scalar::Float64(f64::NAN)));

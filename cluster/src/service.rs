@@ -55,7 +55,7 @@ fn check_vectors(what: &str, schema: &Schema, ids: Option<&[i64]>, vectors: &mut
     if vectors.is_empty() {
         return Err(ClusterError::invalid(format!("{what}: empty batch, no vectors")));
     }
-    if vectors.len() % dim != 0 || ids.is_some_and(|ids| ids.len() * dim != vectors.len()) {
+    if !vectors.len().is_multiple_of(dim) || ids.is_some_and(|ids| ids.len() * dim != vectors.len()) {
         let rows = ids.map_or(String::new(), |ids| format!(" for {} ids", ids.len()));
         return Err(ClusterError::invalid(format!(
             "{what}: wrong vector dimension: collection {:?} has dim {dim}, got {} floats{rows}",

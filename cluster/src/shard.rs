@@ -264,6 +264,7 @@ impl Shard {
     /// Logs and applies one shard's part of a write. The caller holds this shard's state and
     /// pending locks (in that order) and issued `ts` under them. Returns the record's LSN and
     /// the number of rows changed. Nothing is changed when the WAL append fails.
+    #[allow(clippy::too_many_arguments)] // each is a distinct part of one logged write
     pub fn append_and_apply(
         &self,
         st: &mut ShardState,

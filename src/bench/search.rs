@@ -15,7 +15,7 @@
 //! cluster searches exactly one faiss index built like the raw one: the ratio is the cost of the
 //! serving path, not of a different index layout.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -30,6 +30,7 @@ use tandem_proto::v1::tandem_client::TandemClient;
 use tonic::transport::Channel;
 
 use crate::dataset::{self, Dataset};
+use crate::readers;
 
 /// Large enough for an ingest batch of 2000 x 4096-d vectors.
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
@@ -356,7 +357,13 @@ fn summarize(logs: Vec<WorkerLog>, secs: f64, nq: usize, truth: &[Vec<i64>], k: 
 }
 
 /// Searches through gRPC: `clients.len()` tasks, one query per request, until `stop`.
-async fn grpc_run(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, k: usize, knobs: Knobs, stop: StopRule) -> anyhow::Result<(Vec<WorkerLog>, f64)> {
+async fn grpc_run(
+    clients: &[TandemClient<Channel>],
+    ds: &Arc<Dataset>,
+    k: usize,
+    knobs: Knobs,
+    stop: StopRule,
+) -> anyhow::Result<(Vec<WorkerLog>, f64)> {
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(clients.len());
@@ -400,7 +407,15 @@ async fn grpc_run(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, k: usize
 
 /// Searches `index` directly from `concurrency` threads, one query per call, until `stop`.
 /// Blocking: run it off the async runtime.
-fn raw_run(index: &AnnIndex, queries: &[f32], dim: usize, k: usize, knobs: Knobs, concurrency: usize, stop: StopRule) -> anyhow::Result<(Vec<WorkerLog>, f64)> {
+fn raw_run(
+    index: &AnnIndex,
+    queries: &[f32],
+    dim: usize,
+    k: usize,
+    knobs: Knobs,
+    concurrency: usize,
+    stop: StopRule,
+) -> anyhow::Result<(Vec<WorkerLog>, f64)> {
     let nq = queries.len() / dim;
     let next = AtomicUsize::new(0);
     let started = Instant::now();
@@ -425,7 +440,10 @@ fn raw_run(index: &AnnIndex, queries: &[f32], dim: usize, k: usize, knobs: Knobs
                 })
             })
             .collect();
-        workers.into_iter().map(|w| w.join().map_err(|_| anyhow::anyhow!("a raw search thread panicked"))?).collect::<anyhow::Result<Vec<_>>>()
+        workers
+            .into_iter()
+            .map(|w| w.join().map_err(|_| anyhow::anyhow!("a raw search thread panicked"))?)
+            .collect::<anyhow::Result<Vec<_>>>()
     })?;
     Ok((logs, started.elapsed().as_secs_f64()))
 }
@@ -433,64 +451,23 @@ fn raw_run(index: &AnnIndex, queries: &[f32], dim: usize, k: usize, knobs: Knobs
 // ---------------------------------------------------------------------------------------------
 // Setup
 
-/// A scratch directory removed on drop, so an interrupted or failed run leaves nothing behind.
-struct ScratchDir(PathBuf);
-
-impl ScratchDir {
-    fn new(parent: Option<&Path>) -> anyhow::Result<ScratchDir> {
-        static SEQ: AtomicUsize = AtomicUsize::new(0);
-        let parent = parent.map_or_else(std::env::temp_dir, Path::to_path_buf);
-        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.subsec_nanos());
-        let dir = parent.join(format!("tandem-bench-{}-{nanos}-{}", std::process::id(), SEQ.fetch_add(1, Ordering::Relaxed)));
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create scratch directory {}", dir.display()))?;
-        Ok(ScratchDir(dir))
-    }
-}
-
-impl Drop for ScratchDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-/// `.fvecs`: per row a little-endian i32 dimension, then that many f32.
-fn read_fvecs(path: &Path, max_rows: usize) -> anyhow::Result<(usize, Vec<f32>)> {
-    use std::io::Read;
-    let f = std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let mut r = std::io::BufReader::with_capacity(1 << 20, f);
-    let mut dim = None;
-    let mut out = Vec::new();
-    let mut head = [0u8; 4];
-    let mut rows = 0usize;
-    while rows < max_rows {
-        match r.read_exact(&mut head) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => break,
-            Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
-        }
-        let d = i32::from_le_bytes(head);
-        ensure!((1..=32_768).contains(&d), "{}: row {rows} has dimension {d}, expected 1..=32768 (is it .fvecs?)", path.display());
-        let d = d as usize;
-        if *dim.get_or_insert(d) != d {
-            bail!("{}: row {rows} has dimension {d}, earlier rows {}", path.display(), dim.unwrap_or(0));
-        }
-        let mut buf = vec![0u8; d * 4];
-        r.read_exact(&mut buf).with_context(|| format!("{}: row {rows} is truncated", path.display()))?;
-        out.extend(buf.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
-        rows += 1;
-    }
-    let dim = dim.with_context(|| format!("{} holds no vectors", path.display()))?;
-    Ok((dim, out))
-}
-
 /// The data set: synthetic, or base rows from `--file` with the queries held out of its tail.
 fn load(a: &SearchBenchArgs) -> anyhow::Result<(Dataset, String)> {
     let Some(path) = &a.file else {
         let ds = dataset::gaussian_mixture(a.n, a.queries, a.dim, a.clusters, a.seed);
         return Ok((ds, format!("gaussian_mixture(clusters={}, seed={})", a.clusters, a.seed)));
     };
-    ensure!(path.extension().is_some_and(|e| e == "fvecs"), "--file {}: only .fvecs files are read", path.display());
-    let (dim, v) = read_fvecs(path, a.n.saturating_add(a.queries))?;
+    // The first n + queries rows; the queries are held out of their tail.
+    let want = a.n.saturating_add(a.queries);
+    let mut file = readers::VectorFile::open(path, readers::Format::Auto, 0)?;
+    let mut v = Vec::new();
+    let mut rows = 0;
+    while rows < want {
+        let Some(batch) = file.next_batch((want - rows).min(65_536))? else { break };
+        rows += batch.len();
+        v.extend_from_slice(&batch.vectors);
+    }
+    let dim = file.dim().with_context(|| format!("--file {} holds no vectors", path.display()))?;
     let rows = v.len() / dim;
     ensure!(rows > a.queries, "--file {} has {rows} vectors: it needs more than --queries {}", path.display(), a.queries);
     let base_rows = rows - a.queries;
@@ -591,11 +568,16 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
         ds.clone()
     };
 
-    let scratch = ScratchDir::new(a.data_dir.as_deref())?;
+    // Removed on drop, so a failed run leaves nothing behind.
+    let scratch = match &a.data_dir {
+        Some(parent) => tempfile::Builder::new().prefix("tandem-bench-").tempdir_in(parent),
+        None => tempfile::Builder::new().prefix("tandem-bench-").tempdir(),
+    }
+    .context("cannot create the bench cluster's data directory")?;
     let mut cfg = tandem_cluster::ClusterConfig::default();
     cfg.cluster_id = "bench".into();
     cfg.listen = "127.0.0.1:0".into();
-    cfg.data_dir = scratch.0.join("data");
+    cfg.data_dir = scratch.path().join("data");
     // One segment holding every row: the cluster then searches a single faiss index built over
     // the same vectors as the raw one.
     cfg.segment.seal_rows = n.max(1);
@@ -623,9 +605,19 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     }];
     for r in &indexes {
         if r.index == IndexArg::Hnsw {
-            targets.push(Target { name: format!("hnsw_grpc_recall_at_{k}"), value: r.grpc.recall, min: TARGET_HNSW_RECALL, met: r.grpc.recall >= TARGET_HNSW_RECALL });
+            targets.push(Target {
+                name: format!("hnsw_grpc_recall_at_{k}"),
+                value: r.grpc.recall,
+                min: TARGET_HNSW_RECALL,
+                met: r.grpc.recall >= TARGET_HNSW_RECALL,
+            });
         }
-        targets.push(Target { name: format!("{}_qps_ratio", serde_name(r.index)), value: r.qps_ratio, min: TARGET_QPS_RATIO, met: r.qps_ratio >= TARGET_QPS_RATIO });
+        targets.push(Target {
+            name: format!("{}_qps_ratio", serde_name(r.index)),
+            value: r.qps_ratio,
+            min: TARGET_QPS_RATIO,
+            met: r.qps_ratio >= TARGET_QPS_RATIO,
+        });
     }
 
     Ok(Report {
@@ -725,7 +717,10 @@ async fn measure(
         eprintln!("{kind}: building in the cluster...");
         let t = Instant::now();
         if i > 0 {
-            admin.create_index(pb::CreateIndexRequest { collection: COLLECTION.into(), index: Some(kind.to_proto()) }).await.context("create index")?;
+            admin
+                .create_index(pb::CreateIndexRequest { collection: COLLECTION.into(), index: Some(kind.to_proto()) })
+                .await
+                .context("create index")?;
         }
         flush(&mut admin).await?;
         let build_secs = t.elapsed().as_secs_f64();
@@ -819,33 +814,39 @@ mod tests {
     }
 
     #[test]
-    fn fvecs_round_trip() {
-        let dir = ScratchDir::new(None).unwrap();
-        let path = dir.0.join("x.fvecs");
+    fn file_queries_are_held_out_of_the_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("x.fvecs");
         let mut bytes = Vec::new();
-        for row in [[1.0f32, 2.0, 3.0], [4.0, 5.0, 6.0]] {
-            bytes.extend(3i32.to_le_bytes());
-            row.iter().for_each(|x| bytes.extend(x.to_le_bytes()));
+        for i in 0..5 {
+            bytes.extend(2i32.to_le_bytes());
+            [i as f32, 1.0].iter().for_each(|x| bytes.extend(x.to_le_bytes()));
         }
         std::fs::write(&path, &bytes).unwrap();
-        assert_eq!(read_fvecs(&path, usize::MAX).unwrap(), (3, vec![1., 2., 3., 4., 5., 6.]));
-        assert_eq!(read_fvecs(&path, 1).unwrap(), (3, vec![1., 2., 3.]));
-        std::fs::write(&path, &bytes[..bytes.len() - 2]).unwrap();
-        assert!(read_fvecs(&path, usize::MAX).unwrap_err().to_string().contains("row 1 is truncated"));
+        let mut a = Cli::try_parse_from(["bench", "--queries", "2", "--n", "2"]).unwrap().args;
+        a.file = Some(path);
+        // n + queries rows are read, the last `queries` of them are the queries.
+        let (ds, source) = load(&a).unwrap();
+        assert_eq!((ds.dim, ds.base, ds.queries), (2, vec![0., 1., 1., 1.], vec![2., 1., 3., 1.]));
+        assert!(source.starts_with("file:"));
+        a.queries = 5;
+        a.n = 100;
+        assert!(load(&a).unwrap_err().to_string().contains("has 5 vectors"));
     }
 
     /// The whole harness on a tiny set: proves the wiring (ingest, index switches, both search
     /// paths, recall against the ground truth, JSON), not the speed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn whole_bench_on_a_tiny_set() {
-        let dir = ScratchDir::new(None).unwrap();
-        let json = dir.0.join("report.json");
-        let mut a = Cli::try_parse_from(["bench", "--n", "2000", "--dim", "16", "--queries", "50", "--clusters", "10", "--duration-secs", "0.3"])
-            .unwrap()
-            .args;
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("report.json");
+        let mut a =
+            Cli::try_parse_from(["bench", "--n", "2000", "--dim", "16", "--queries", "50", "--clusters", "10", "--duration-secs", "0.3"])
+                .unwrap()
+                .args;
         a.ivf_nlist = 16;
         a.concurrency = Some(2);
-        a.data_dir = Some(dir.0.clone());
+        a.data_dir = Some(dir.path().to_path_buf());
         a.json = Some(json.clone());
         run(a).await.unwrap();
 

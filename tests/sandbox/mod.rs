@@ -108,7 +108,8 @@ impl Sandbox {
 
 pub async fn connect(addr: SocketAddr) -> Client {
     let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
-    TandemClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(64 << 20)
+    // The client may send more than a server accepts, so tests exercise the server's limit.
+    TandemClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(256 << 20)
 }
 
 /// A real `tandem cluster` process (for kill -9). Killed when dropped.

@@ -1,0 +1,37 @@
+# Shared by the scripts: install what is missing, quietly and only when missing.
+# Sourced, not run.
+
+# Where builds are cached: outside the clone, so a fresh clone (CI) reuses earlier builds.
+export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tandem/target}"
+
+_apt_updated=""
+
+# ensure_apt PKG...: installs the Debian packages that are not installed yet.
+ensure_apt() {
+  local missing=()
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  [ ${#missing[@]} -eq 0 ] && return 0
+  local sudo=""
+  [ "$(id -u)" -ne 0 ] && sudo="sudo"
+  echo "installing ${missing[*]} (apt)" >&2
+  if [ -z "$_apt_updated" ]; then
+    $sudo apt-get update -qq >/dev/null
+    _apt_updated=1
+  fi
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+}
+
+ensure_rust() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] && export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+  command -v cargo >/dev/null 2>&1 || { echo "error: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
+}
+
+# What building tandem needs: faiss is compiled from source (cmake, a C++ compiler, BLAS/LAPACK).
+ensure_build_deps() {
+  ensure_rust
+  ensure_apt cmake g++ libopenblas-dev
+}

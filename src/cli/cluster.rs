@@ -1,0 +1,74 @@
+//! `tandem cluster`: runs a cluster node until SIGTERM or SIGINT, then shuts it down gracefully
+//! (stop accepting, drain requests in flight, stop the index builders).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::bail;
+use tandem_cluster::server;
+
+use super::{LogFormat, init_tracing};
+use crate::config::{ConfigOverrides, load_cluster_config_with};
+
+#[derive(Debug, clap::Args)]
+pub struct ClusterArgs {
+    /// TOML configuration file (see docs/tandem.example.toml); built-in defaults without one.
+    /// TANDEM__SECTION__KEY environment variables override it.
+    #[arg(long, short, value_name = "FILE", env = "TANDEM_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// gRPC listen address, overriding the configuration (port 0 picks a free port).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Data directory, overriding the configuration.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Log line format (logs go to stderr; RUST_LOG sets the filter, default info).
+    #[arg(long, value_enum, default_value = "text")]
+    pub log_format: LogFormat,
+    /// On shutdown, how long to wait for requests in flight before exiting anyway.
+    #[arg(long, default_value_t = 30, value_name = "SECS")]
+    pub drain_timeout: u64,
+}
+
+pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
+    init_tracing("info", a.log_format);
+    let overrides = ConfigOverrides { listen: a.listen.clone(), data_dir: a.data_dir.clone() };
+    let cfg = load_cluster_config_with(a.config.as_deref(), std::env::vars(), &overrides)?;
+    let id = cfg.cluster_id.clone();
+    let running = server::start(cfg).await?;
+    // Scripts and tests wait for this exact line to learn the address (port 0 picks one).
+    println!("tandem cluster {id} listening on {}", running.addr);
+
+    let signal = shutdown_signal().await?;
+    tracing::info!(signal, "shutting down: draining requests in flight");
+    tokio::select! {
+        r = running.stop() => r?,
+        () = tokio::time::sleep(Duration::from_secs(a.drain_timeout)) => {
+            bail!("shutdown did not finish within --drain-timeout {}s; exiting anyway", a.drain_timeout)
+        }
+        s = shutdown_signal() => {
+            bail!("{} during shutdown; exiting without waiting for requests in flight", s?)
+        }
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Waits for SIGINT (Ctrl-C) or SIGTERM and returns its name.
+pub async fn shutdown_signal() -> anyhow::Result<&'static str> {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut term = signal(SignalKind::terminate())?;
+        let mut int = signal(SignalKind::interrupt())?;
+        tokio::select! {
+            _ = term.recv() => Ok("SIGTERM"),
+            _ = int.recv() => Ok("SIGINT"),
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok("Ctrl-C")
+    }
+}

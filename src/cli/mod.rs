@@ -1,0 +1,250 @@
+//! The command-line commands: `tandem cluster` (serve a node) and the client commands that talk
+//! to a node or gateway over the public gRPC API (`collection`, `insert`, `search`, `info`).
+//!
+//! Every client goes through [`connect`], so the demo, the benchmarks and later the SDK build
+//! their channel the same way. Server errors reach the user as `error: <status message>`: the
+//! server's messages already name the bad value, so nothing is added to them.
+
+pub mod cluster;
+pub mod collection;
+pub mod info;
+pub mod insert;
+pub mod search;
+
+use std::time::Duration;
+
+use anyhow::Context;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::tandem_client::TandemClient;
+use tonic::transport::{Channel, Endpoint};
+
+/// Where the client commands connect unless told otherwise (the cluster's default `listen`).
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:19530";
+
+/// Largest gRPC message sent or received: the server's default `limits.max_message_bytes`.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
+/// The `--endpoint` flag every client command takes.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ConnectArgs {
+    /// gRPC address of a tandem cluster or gateway.
+    #[arg(long, env = "TANDEM_ENDPOINT", default_value = DEFAULT_ENDPOINT, value_name = "URL")]
+    pub endpoint: String,
+}
+
+/// Connects to a cluster or gateway. `endpoint` is a URL (`http://host:port`); a bare
+/// `host:port` means plain-text `http://`. Fails fast (5 s) when nothing answers, rather than
+/// on the first request.
+pub async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
+    let url = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let ep = Endpoint::from_shared(url.clone())
+        .with_context(|| format!("invalid endpoint {endpoint:?}: expected a URL like {DEFAULT_ENDPOINT}"))?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true);
+    let channel = ep.connect().await.with_context(|| format!("cannot connect to {url}"))?;
+    Ok(TandemClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+}
+
+/// A server error as the user should see it: its message alone, which names the bad value.
+pub fn status_error(s: tonic::Status) -> anyhow::Error {
+    if s.message().is_empty() {
+        anyhow::anyhow!("{} (grpc status {:?})", s.code().description(), s.code())
+    } else {
+        anyhow::anyhow!("{}", s.message())
+    }
+}
+
+/// `client.call(..).await.rpc()?`: unwraps a reply, turning a status into [`status_error`].
+pub trait RpcResult<T> {
+    fn rpc(self) -> anyhow::Result<T>;
+}
+
+impl<T> RpcResult<T> for Result<tonic::Response<T>, tonic::Status> {
+    fn rpc(self) -> anyhow::Result<T> {
+        self.map(tonic::Response::into_inner).map_err(status_error)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Logs go to stderr (stdout carries command output); `RUST_LOG` overrides `default_filter`.
+/// A second call is a no-op, so in-process callers (tests, the demo) may call it freely.
+pub fn init_tracing(default_filter: &str, format: LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
+    // Colour codes only for a person watching, not for log files and collectors.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
+    let _ = match format {
+        LogFormat::Text => builder.try_init(),
+        LogFormat::Json => builder.json().try_init(),
+    };
+}
+
+/// Read consistency flags, shared by the read commands.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReadArgs {
+    /// What the read must see: strong (every acknowledged write), bounded (writes older than
+    /// --staleness-ms), session (writes of --session-token) or eventually (whatever the replica has).
+    #[arg(long, value_enum, default_value = "bounded")]
+    pub consistency: Consistency,
+    /// For bounded: how stale the data may be, in ms (0 = the server's default).
+    #[arg(long, default_value_t = 0, value_name = "MS")]
+    pub staleness_ms: u64,
+    /// A session token a write returned, to read your own writes.
+    #[arg(long, value_name = "TOKEN", default_value = "", hide_default_value = true)]
+    pub session_token: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Consistency {
+    Strong,
+    Bounded,
+    Session,
+    Eventually,
+}
+
+impl Consistency {
+    pub fn to_proto(self) -> pb::ConsistencyLevel {
+        match self {
+            Consistency::Strong => pb::ConsistencyLevel::Strong,
+            Consistency::Bounded => pb::ConsistencyLevel::Bounded,
+            Consistency::Session => pb::ConsistencyLevel::Session,
+            Consistency::Eventually => pb::ConsistencyLevel::Eventually,
+        }
+    }
+}
+
+impl ReadArgs {
+    pub fn to_proto(&self) -> pb::ReadOptions {
+        pb::ReadOptions {
+            consistency: self.consistency.to_proto() as i32,
+            session_token: self.session_token.clone(),
+            staleness_ms: self.staleness_ms,
+        }
+    }
+}
+
+/// A payload value as a user would write it in a filter: strings quoted, numbers bare.
+pub fn fmt_value(v: &pb::Value) -> String {
+    use pb::value::Kind;
+    match &v.kind {
+        None => "null".into(),
+        Some(Kind::Int64Value(x)) => x.to_string(),
+        Some(Kind::DoubleValue(x)) => x.to_string(),
+        Some(Kind::BoolValue(x)) => x.to_string(),
+        Some(Kind::StringValue(x)) => format!("{x:?}"),
+    }
+}
+
+/// `a=1 b="x"`, fields sorted by name so output is stable.
+pub fn fmt_payload(p: Option<&pb::Payload>) -> String {
+    let Some(p) = p else { return String::new() };
+    let mut fields: Vec<_> = p.fields.iter().collect();
+    fields.sort_by(|a, b| a.0.cmp(b.0));
+    fields.iter().map(|(k, v)| format!("{k}={}", fmt_value(v))).collect::<Vec<_>>().join(" ")
+}
+
+pub fn value_json(v: &pb::Value) -> serde_json::Value {
+    use pb::value::Kind;
+    match &v.kind {
+        None => serde_json::Value::Null,
+        Some(Kind::Int64Value(x)) => (*x).into(),
+        Some(Kind::DoubleValue(x)) => (*x).into(),
+        Some(Kind::BoolValue(x)) => (*x).into(),
+        Some(Kind::StringValue(x)) => x.clone().into(),
+    }
+}
+
+pub fn payload_json(p: Option<&pb::Payload>) -> serde_json::Value {
+    let map = p.map(|p| p.fields.iter().map(|(k, v)| (k.clone(), value_json(v))).collect()).unwrap_or_default();
+    serde_json::Value::Object(map)
+}
+
+/// A hybrid timestamp as UTC wall-clock time, e.g. `2025-03-01 12:00:00.250 UTC`.
+pub fn fmt_ts(ts: u64) -> String {
+    if ts == 0 {
+        return "never".into();
+    }
+    let ms = tandem_cluster::ts::physical_ms(ts);
+    let (secs, millis) = (ms / 1000, ms % 1000);
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!("{y:04}-{m:02}-{d:02} {:02}:{:02}:{:02}.{millis:03} UTC", rem / 3600, rem % 3600 / 60, rem % 60)
+}
+
+/// Days since 1970-01-01 to (year, month, day); Howard Hinnant's `civil_from_days`.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (yoe + era * 400 + i64::from(m <= 2), m, d)
+}
+
+pub fn fmt_bytes(b: u64) -> String {
+    const UNITS: [&str; 5] = ["B", "KiB", "MiB", "GiB", "TiB"];
+    let mut v = b as f64;
+    let mut u = 0;
+    while v >= 1024.0 && u < UNITS.len() - 1 {
+        v /= 1024.0;
+        u += 1;
+    }
+    if u == 0 { format!("{b} B") } else { format!("{v:.1} {}", UNITS[u]) }
+}
+
+/// Left-aligned columns, two spaces apart, headers first.
+pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
+    let mut widths: Vec<usize> = headers.iter().map(|h| h.chars().count()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(cell);
+            } else {
+                s.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        s.trim_end().to_string()
+    };
+    let mut out = line(headers.to_vec());
+    for row in rows {
+        out.push('\n');
+        out.push_str(&line(row.iter().map(String::as_str).collect()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_format_as_utc() {
+        let ts = tandem_cluster::ts::compose(1_700_000_000_250, 3);
+        assert_eq!(fmt_ts(ts), "2023-11-14 22:13:20.250 UTC");
+        assert_eq!(fmt_ts(tandem_cluster::ts::compose(951_782_400_000, 0)), "2000-02-29 00:00:00.000 UTC");
+        assert_eq!(fmt_ts(0), "never");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["id", "name"], &[vec!["1".into(), "x".into()], vec!["100".into(), "yy".into()]]);
+        assert_eq!(t, "id   name\n1    x\n100  yy");
+        assert_eq!(fmt_bytes(512), "512 B");
+        assert_eq!(fmt_bytes(3 << 20), "3.0 MiB");
+    }
+}
