@@ -16,5 +16,12 @@ pub mod storage {
     }
 }
 
+pub mod replication {
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("tandem.replication.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every tandem .proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));

@@ -1,0 +1,59 @@
+//! The one trait every replication backend implements.
+//!
+//! A *stream* is an ordered log: the DDL stream of a replication group, or one shard of one
+//! collection incarnation. Events carry their position (`lsn`, the leader's log sequence
+//! number, contiguous per stream; time ticks repeat the last position). Subscribers store the
+//! last position they applied together with the data, and resume from the next one.
+
+use std::pin::Pin;
+
+use futures::Stream;
+use tandem_proto::replication::v1::ChangeEvent;
+
+use crate::error::Result;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum StreamId {
+    /// Collection DDL of the whole group: create, drop, set index.
+    Ddl,
+    /// One shard of one collection incarnation.
+    Shard { collection_id: u64, shard: u32 },
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StreamId::Ddl => write!(f, "ddl"),
+            StreamId::Shard { collection_id, shard } => write!(f, "c{collection_id}/s{shard}"),
+        }
+    }
+}
+
+pub type EventStream = Pin<Box<dyn Stream<Item = Result<ChangeEvent>> + Send>>;
+
+#[async_trait::async_trait]
+pub trait Transport: Send + Sync + 'static {
+    /// Short backend name for logs and metrics ("kafka", "direct", ...).
+    fn name(&self) -> &'static str;
+
+    /// Whether the leader must `publish` its changes (false when the leader's own log is what
+    /// subscribers read, as with the direct backend).
+    fn needs_publisher(&self) -> bool;
+
+    /// Makes sure `stream` exists with `partitions` partitions where the backend needs that
+    /// (e.g. a Kafka topic per collection incarnation, partition = shard). Idempotent.
+    async fn ensure_stream(&self, stream: &StreamId, shards: u32) -> Result<()>;
+
+    /// Publishes `events` of one stream in order. Returns once the transport has durably
+    /// acknowledged every one of them (the `exported` ack policy waits for this). Not
+    /// cancel-safe: a cancelled call may have published a prefix, which is harmless because
+    /// subscribers skip positions they already applied.
+    async fn publish(&self, stream: &StreamId, events: Vec<ChangeEvent>) -> Result<()>;
+
+    /// Events of `stream` whose position is >= `from_lsn`, in order, followed by new events as
+    /// they arrive. `ExportError::Truncated` when the log no longer holds `from_lsn`.
+    async fn subscribe(&self, stream: &StreamId, from_lsn: u64) -> Result<EventStream>;
+
+    /// The position of the last change event in `stream` (0 when it holds none).
+    async fn end_lsn(&self, stream: &StreamId) -> Result<u64>;
+}
