@@ -13,8 +13,9 @@ use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::schema::Schema;
 use crate::segment::{Row, Sealed};
-use crate::shard::{Recovering, Shard, ShardOp, ShardOptions};
+use crate::shard::{LogMeta, Recovering, Shard, ShardOp, ShardOptions};
 use crate::ts::{HybridClock, Ts, physical_ms};
+use crate::wal::Lsn;
 
 /// A validated write, ready to be split over shards.
 #[derive(Debug)]
@@ -155,7 +156,7 @@ impl Collection {
         let mut sealed = Vec::new();
         for ((i, op), (_, pending)) in parts.into_iter().zip(pendings.iter_mut()) {
             let st = &mut guards.iter_mut().find(|(g, _)| *g == i).expect("locked above").1;
-            let (lsn, count) = self.shards[i].append_and_apply(st, pending, &schema, ts, op, &participants, &mut sealed)?;
+            let (lsn, count) = self.shards[i].append_and_apply(st, pending, &schema, LogMeta { ts, participants: &participants, source_lsn: 0 }, op, &mut sealed)?;
             jobs.extend(sealed.drain(..).map(|s| (i, s)));
             lsns.push((i, lsn));
             total += count;
@@ -166,6 +167,28 @@ impl Collection {
             self.shards[i].finish(lsn)?;
         }
         Ok((ts, total))
+    }
+
+    /// Alternative: applies one change from the leader's stream of `shard`, logged with its
+    /// position (so apply and checkpoint are one atomic step) and the leader's ts. Returns
+    /// false for a position already applied (redelivery). Blocking.
+    pub fn apply_replicated(&self, clock: &HybridClock, shard: usize, lsn: Lsn, ts: Ts, op: ShardOp, jobs: &mut IndexJobs) -> Result<bool> {
+        let schema = self.schema();
+        let sh = self.shards.get(shard).ok_or_else(|| ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name)))?;
+        let mut st = sh.lock_state();
+        if lsn <= sh.source_lsn() {
+            return Ok(false);
+        }
+        let mut pending = sh.lock_pending();
+        clock.observe(ts);
+        let mut sealed = Vec::new();
+        let (wal_lsn, _) = sh.append_and_apply(&mut st, &mut pending, &schema, LogMeta { ts, participants: &[], source_lsn: lsn }, op, &mut sealed)?;
+        drop(pending);
+        drop(st);
+        jobs.extend(sealed.into_iter().map(|s| (shard, s)));
+        sh.finish(wal_lsn)?;
+        sh.follow_to(ts);
+        Ok(true)
     }
 
     /// Every change with ts <= this is applied on every shard.
@@ -245,12 +268,12 @@ fn split_rows(schema: &Schema, n: usize, ids: Vec<i64>, vectors: Vec<f32>, rows:
     for (i, (id, row)) in ids.into_iter().zip(rows).enumerate() {
         let part = parts.entry(shard_of(id, n)).or_insert_with(|| {
             if upsert {
-                ShardOp::Upsert { ids: vec![], vectors: vec![], rows: vec![] }
+                ShardOp::Upsert { ids: vec![], vectors: vec![], rows: vec![], row_ts: vec![] }
             } else {
-                ShardOp::Insert { ids: vec![], vectors: vec![], rows: vec![] }
+                ShardOp::Insert { ids: vec![], vectors: vec![], rows: vec![], row_ts: vec![] }
             }
         });
-        if let ShardOp::Insert { ids, vectors: v, rows } | ShardOp::Upsert { ids, vectors: v, rows } = part {
+        if let ShardOp::Insert { ids, vectors: v, rows, .. } | ShardOp::Upsert { ids, vectors: v, rows, .. } = part {
             ids.push(id);
             v.extend_from_slice(&vectors[i * dim..(i + 1) * dim]);
             rows.push(row);

@@ -19,6 +19,9 @@ pub enum ClusterError {
     CollectionNotFound(String),
     #[error("collection {0:?} already exists")]
     CollectionExists(String),
+    /// A write sent to a cluster that does not lead; names the leader when known.
+    #[error("cluster {cluster} is {role} and does not accept writes{}", leader.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
+    NotLeader { cluster: String, role: String, leader: Option<String> },
     /// Insert of ids that already exist (upsert replaces them).
     #[error("{0}")]
     AlreadyExists(String),
@@ -58,7 +61,9 @@ impl ClusterError {
             ClusterError::Unavailable(_)
             | ClusterError::DeadlineExceeded(_)
             | ClusterError::ResourceExhausted(_) => true,
-            ClusterError::InvalidArgument(_)
+            // Retried after the caller refreshed its view of who leads, not as is.
+            ClusterError::NotLeader { .. }
+            | ClusterError::InvalidArgument(_)
             | ClusterError::CollectionNotFound(_)
             | ClusterError::CollectionExists(_)
             | ClusterError::AlreadyExists(_)
@@ -88,6 +93,7 @@ impl ClusterError {
         match self {
             ClusterError::InvalidArgument(_) | ClusterError::Filter(_) => Code::InvalidArgument,
             ClusterError::CollectionNotFound(_) => Code::NotFound,
+            ClusterError::NotLeader { .. } => Code::FailedPrecondition,
             ClusterError::CollectionExists(_) | ClusterError::AlreadyExists(_) => Code::AlreadyExists,
             ClusterError::Unavailable(_) => Code::Unavailable,
             ClusterError::DeadlineExceeded(_) => Code::DeadlineExceeded,
@@ -102,9 +108,18 @@ impl ClusterError {
     }
 }
 
+/// Metadata key naming the leader on a NotLeader status, so gateways can redirect.
+pub const LEADER_METADATA: &str = "tandem-leader";
+
 impl From<ClusterError> for tonic::Status {
     fn from(e: ClusterError) -> Self {
-        tonic::Status::new(e.code(), e.to_string())
+        let mut status = tonic::Status::new(e.code(), e.to_string());
+        if let ClusterError::NotLeader { leader: Some(l), .. } = &e
+            && let Ok(v) = l.parse()
+        {
+            status.metadata_mut().insert(LEADER_METADATA, v);
+        }
+        status
     }
 }
 
@@ -127,6 +142,12 @@ mod tests {
         let back: ClusterError = s.into();
         assert!(back.is_transient());
         assert_eq!(back.to_string(), "replica lags by 3s");
+
+        let s: tonic::Status =
+            ClusterError::NotLeader { cluster: "b".into(), role: "alternative".into(), leader: Some("http://10.0.0.1:19530".into()) }.into();
+        assert_eq!(s.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(s.metadata().get(LEADER_METADATA).unwrap(), "http://10.0.0.1:19530");
+        assert!(s.message().contains("the leader is http://10.0.0.1:19530"), "{}", s.message());
 
         let s: tonic::Status = ClusterError::CollectionNotFound("x".into()).into();
         assert_eq!(s.code(), tonic::Code::NotFound);

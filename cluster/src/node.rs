@@ -27,6 +27,12 @@ use crate::schema::{IndexKind, Schema};
 use crate::segment::Sealed;
 use crate::shard::ShardOptions;
 use crate::ts::{HybridClock, SessionToken, Ts};
+use crate::wal::{Lsn, SyncPolicy, Wal, WalOptions};
+
+/// How an alternative learns the leader's current time, which a STRONG read must reach.
+pub trait LeaderClock: Send + Sync {
+    fn leader_ts(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Ts>> + Send + '_>>;
+}
 
 #[derive(Debug, Clone)]
 pub struct NodeOptions {
@@ -57,6 +63,14 @@ pub struct Node {
     builders: Mutex<Vec<std::thread::JoinHandle<()>>>,
     pub fanout: Arc<dyn Fanout>,
     pub index_failures: AtomicU64,
+    /// The DDL log: creates, drops and index changes in order. The catalog is its checkpoint.
+    ddl: Wal,
+    /// Alternative: the last leader DDL position applied.
+    ddl_source_lsn: AtomicU64,
+    leader: RwLock<Option<String>>,
+    leader_clock: RwLock<Option<Arc<dyn LeaderClock>>>,
+    /// Alternative: replication state per collection id, for GetClusterInfo.
+    replication: RwLock<std::collections::HashMap<u64, String>>,
     _lock: File,
 }
 
@@ -80,6 +94,32 @@ impl Node {
             Some(b) => st::Catalog::decode(b.as_slice()).map_err(|e| ClusterError::Corrupt(format!("catalog: {e}")))?,
             None => st::Catalog { next_collection_id: 1, ..Default::default() },
         };
+        let ddl = Wal::open(&dir.join("ddl"), WalOptions { sync: SyncPolicy::Always, segment_bytes: 16 << 20 })?;
+        let mut catalog = catalog;
+        let mut ddl_source_lsn = 0;
+        let mut behind = false;
+        let mut failure = None;
+        ddl.read_from(1, |lsn, payload| {
+            match st::DdlRecord::decode(payload) {
+                Ok(rec) => {
+                    ddl_source_lsn = ddl_source_lsn.max(rec.source_lsn);
+                    catalog.max_ts = catalog.max_ts.max(rec.ts);
+                    if lsn > catalog.ddl_lsn {
+                        // Logged but not yet in the catalog: a crash came in between.
+                        apply_to_catalog(&mut catalog, rec);
+                        behind = true;
+                    }
+                    true
+                }
+                Err(e) => {
+                    failure = Some(ClusterError::Corrupt(format!("ddl record {lsn}: {e}")));
+                    false
+                }
+            }
+        })?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
         let clock = HybridClock::new();
         clock.observe(catalog.max_ts);
         let mut collections = BTreeMap::new();
@@ -88,6 +128,9 @@ impl Node {
             let schema = Schema::from_proto(meta.schema.as_ref().ok_or_else(|| ClusterError::Corrupt("catalog entry without schema".into()))?)?;
             let (c, j) = Collection::open(meta.id, meta.created_ts, schema, &collection_dir(dir, meta.id), &opts.shard, &clock)?;
             let c = Arc::new(c);
+            for s in c.shards() {
+                s.set_following(opts.role != Role::Leading);
+            }
             jobs.push((c.clone(), j));
             collections.insert(c.schema().name.clone(), c);
         }
@@ -110,9 +153,17 @@ impl Node {
             builders: Mutex::new(Vec::new()),
             fanout: Arc::new(LocalFanout),
             index_failures: AtomicU64::new(0),
+            ddl,
+            ddl_source_lsn: AtomicU64::new(ddl_source_lsn),
+            leader: RwLock::new(None),
+            leader_clock: RwLock::new(None),
+            replication: RwLock::new(Default::default()),
             opts,
             _lock: lock,
         });
+        if behind {
+            node.write_catalog(&node.collections.read(), *node.catalog.lock())?;
+        }
         node.start_builders();
         for (c, j) in jobs {
             node.enqueue(&c, j);
@@ -190,8 +241,58 @@ impl Node {
         if role.accepts_writes() {
             Ok(())
         } else {
-            Err(ClusterError::Unavailable(format!("cluster {} is {role} and does not accept writes", self.opts.cluster_id)))
+            Err(ClusterError::NotLeader { cluster: self.opts.cluster_id.clone(), role: role.to_string(), leader: self.leader() })
         }
+    }
+
+    pub fn set_role(&self, role: Role) {
+        *self.role.write() = role;
+        for c in self.collections.read().values() {
+            for s in c.shards() {
+                s.set_following(role != Role::Leading);
+            }
+        }
+    }
+
+    /// Where the leader is (an endpoint), for NotLeader replies and GetClusterInfo.
+    pub fn set_leader(&self, leader: Option<String>) {
+        *self.leader.write() = leader;
+    }
+
+    pub fn leader(&self) -> Option<String> {
+        self.leader.read().clone()
+    }
+
+    pub fn set_leader_clock(&self, clock: Arc<dyn LeaderClock>) {
+        *self.leader_clock.write() = Some(clock);
+    }
+
+    /// The guarantee ts of a STRONG read: the leader's current time.
+    pub async fn strong_ts(&self) -> Result<Ts> {
+        if self.role() == Role::Leading {
+            return Ok(self.clock.peek());
+        }
+        let clock = self.leader_clock.read().clone();
+        match clock {
+            Some(c) => c.leader_ts().await,
+            None => Err(ClusterError::Unavailable(format!("cluster {} does not know its leader's clock: strong reads go to the leader", self.opts.cluster_id))),
+        }
+    }
+
+    pub fn set_replication_state(&self, collection_id: u64, state: impl Into<String>) {
+        self.replication.write().insert(collection_id, state.into());
+    }
+
+    pub fn replication_state(&self, collection_id: u64) -> String {
+        self.replication.read().get(&collection_id).cloned().unwrap_or_default()
+    }
+
+    pub fn collection_by_id(&self, id: u64) -> Option<Arc<Collection>> {
+        self.collections.read().values().find(|c| c.id == id).cloned()
+    }
+
+    pub fn collections(&self) -> Vec<Arc<Collection>> {
+        self.collections.read().values().cloned().collect()
     }
 
     fn write_catalog(&self, collections: &BTreeMap<String, Arc<Collection>>, next_id: u64) -> Result<()> {
@@ -202,8 +303,60 @@ impl Node {
                 .collect(),
             next_collection_id: next_id,
             max_ts: self.clock.peek(),
+            ddl_lsn: self.ddl.last_lsn(),
         };
         fsio::write_atomic(&self.opts.data_dir.join("catalog"), &catalog.encode_to_vec())
+    }
+
+    /// Logs a DDL record, applies it, and checkpoints the catalog. The caller holds the catalog
+    /// lock (`next_id`). A crash after the log append is repaired at the next start.
+    fn ddl_apply(&self, next_id: &mut u64, rec: st::DdlRecord) -> Result<Option<Arc<Collection>>> {
+        self.ddl.append(&rec.encode_to_vec())?;
+        self.ddl_source_lsn.fetch_max(rec.source_lsn, Ordering::AcqRel);
+        let mut all = self.collections.read().clone();
+        let mut created = None;
+        let mut dropped = None;
+        match rec.op {
+            Some(st::ddl_record::Op::Create(schema)) => {
+                let schema = Schema::from_proto(&schema)?;
+                let id = rec.collection_id;
+                let (c, _) = Collection::open(id, rec.ts, schema, &collection_dir(&self.opts.data_dir, id), &self.opts.shard, &self.clock)?;
+                let c = Arc::new(c);
+                for s in c.shards() {
+                    s.set_following(self.role() != Role::Leading);
+                }
+                *next_id = (*next_id).max(id + 1);
+                all.insert(c.schema().name.clone(), c.clone());
+                created = Some(c);
+            }
+            Some(st::ddl_record::Op::Drop(_)) => {
+                dropped = all.remove(&rec.collection);
+            }
+            Some(st::ddl_record::Op::SetIndex(spec)) => {
+                let c = all.get(&rec.collection).cloned().ok_or_else(|| ClusterError::CollectionNotFound(rec.collection.clone()))?;
+                let mut schema = (*c.schema()).clone();
+                schema.index = IndexKind::from_proto(Some(&spec))?;
+                c.set_schema(schema);
+                let jobs: IndexJobs =
+                    c.shards().iter().enumerate().flat_map(|(i, s)| s.sealed_segments().into_iter().map(move |seg| (i, seg))).collect();
+                self.enqueue(&c, jobs);
+            }
+            None => return Err(ClusterError::Corrupt("ddl record without an operation".into())),
+        }
+        self.write_catalog(&all, *next_id)?;
+        *self.collections.write() = all;
+        if let Some(c) = dropped {
+            c.mark_dropped();
+            // The catalog no longer lists it: a crash here leaves an orphan the next start removes.
+            if let Err(e) = std::fs::remove_dir_all(c.dir()) {
+                tracing::warn!(error = %e, dir = %c.dir().display(), "could not remove a dropped collection's files");
+            }
+            tracing::info!(collection = %rec.collection, "collection dropped");
+        }
+        if let Some(c) = &created {
+            tracing::info!(collection = %rec.collection, id = c.id, "collection created");
+        }
+        Ok(created)
     }
 
     /// Blocking (fsync).
@@ -216,38 +369,81 @@ impl Node {
         }
         let id = *next_id;
         let ts = self.clock.now();
-        let (c, _) = Collection::open(id, ts, schema, &collection_dir(&self.opts.data_dir, id), &self.opts.shard, &self.clock)?;
-        let c = Arc::new(c);
-        let mut all = self.collections.read().clone();
-        all.insert(c.schema().name.clone(), c.clone());
-        *next_id = id + 1;
-        if let Err(e) = self.write_catalog(&all, id + 1) {
-            let _ = std::fs::remove_dir_all(c.dir());
-            return Err(e);
-        }
-        *self.collections.write() = all;
-        tracing::info!(collection = %c.schema().name, id, "collection created");
+        let rec = st::DdlRecord {
+            ts,
+            collection: schema.name.clone(),
+            collection_id: id,
+            op: Some(st::ddl_record::Op::Create(schema.to_proto())),
+            source_lsn: 0,
+        };
+        let c = self.ddl_apply(&mut next_id, rec)?.expect("create returns the collection");
         Ok((c, ts))
     }
 
     /// Blocking (fsync, directory removal).
     pub fn drop_collection(&self, name: &str) -> Result<Ts> {
         self.check_writable()?;
-        let next_id = self.catalog.lock();
+        let mut next_id = self.catalog.lock();
         let c = self.collection(name)?;
         let ts = self.clock.now();
-        let mut all = self.collections.read().clone();
-        all.remove(name);
-        self.write_catalog(&all, *next_id)?;
-        *self.collections.write() = all;
-        c.mark_dropped();
-        // The catalog no longer lists it, so a crash here leaves an orphan that the next start
-        // removes.
-        if let Err(e) = std::fs::remove_dir_all(c.dir()) {
-            tracing::warn!(error = %e, dir = %c.dir().display(), "could not remove a dropped collection's files");
-        }
-        tracing::info!(collection = name, "collection dropped");
+        let rec = st::DdlRecord { ts, collection: name.into(), collection_id: c.id, op: Some(st::ddl_record::Op::Drop(st::DropOp {})), source_lsn: 0 };
+        self.ddl_apply(&mut next_id, rec)?;
         Ok(ts)
+    }
+
+    /// Alternative: applies a DDL change from the leader's DDL stream at position `lsn`.
+    /// Idempotent: positions already applied are skipped. Blocking.
+    pub fn apply_replicated_ddl(&self, lsn: Lsn, mut rec: st::DdlRecord) -> Result<bool> {
+        let mut next_id = self.catalog.lock();
+        if lsn <= self.ddl_source_lsn.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        self.clock.observe(rec.ts);
+        rec.source_lsn = lsn;
+        if let Some(st::ddl_record::Op::Create(_)) = &rec.op
+            && let Some(existing) = self.collections.read().get(&rec.collection)
+            && existing.id != rec.collection_id
+        {
+            // The leader dropped and recreated it while we were away and its drop is not in
+            // the stream any more: drop our copy first.
+            let drop = st::DdlRecord { ts: rec.ts, collection: rec.collection.clone(), collection_id: existing.id, op: Some(st::ddl_record::Op::Drop(st::DropOp {})), source_lsn: 0 };
+            self.ddl_apply(&mut next_id, drop)?;
+        }
+        let known = self.collections.read().get(&rec.collection).map(|c| c.id);
+        let skip = match &rec.op {
+            Some(st::ddl_record::Op::Create(_)) => known == Some(rec.collection_id),
+            Some(st::ddl_record::Op::Drop(_)) | Some(st::ddl_record::Op::SetIndex(_)) => known != Some(rec.collection_id),
+            None => true,
+        };
+        if skip {
+            // Nothing to change, but remember the position.
+            self.ddl_source_lsn.fetch_max(lsn, Ordering::AcqRel);
+            return Ok(false);
+        }
+        self.ddl_apply(&mut next_id, rec)?;
+        Ok(true)
+    }
+
+    /// Alternative: the last leader DDL position applied.
+    pub fn ddl_source_lsn(&self) -> Lsn {
+        self.ddl_source_lsn.load(Ordering::Acquire)
+    }
+
+    pub fn ddl_last_lsn(&self) -> Lsn {
+        self.ddl.last_lsn()
+    }
+
+    /// DDL records with lsn >= `from`, in order (the leader's DDL stream).
+    pub fn read_ddl(&self, from: Lsn, mut f: impl FnMut(Lsn, st::DdlRecord) -> bool) -> Result<()> {
+        let mut failure = None;
+        self.ddl.read_from(from.max(1), |lsn, payload| match st::DdlRecord::decode(payload) {
+            Ok(rec) => f(lsn, rec),
+            Err(e) => {
+                failure = Some(ClusterError::Corrupt(format!("ddl record {lsn}: {e}")));
+                false
+            }
+        })?;
+        failure.map_or(Ok(()), Err)
     }
 
     /// Replaces the index of a collection; sealed segments are rebuilt in the background.
@@ -266,20 +462,11 @@ impl Node {
     }
 
     fn set_index(&self, name: &str, kind: IndexKind) -> Result<Ts> {
-        let next_id = self.catalog.lock();
+        let mut next_id = self.catalog.lock();
         let c = self.collection(name)?;
-        let old = c.schema();
-        let mut schema = (*old).clone();
-        schema.index = kind;
-        c.set_schema(schema);
-        // Issued before the catalog is written, so the catalog's max_ts covers it.
         let ts = self.clock.now();
-        if let Err(e) = self.write_catalog(&self.collections.read(), *next_id) {
-            c.set_schema((*old).clone());
-            return Err(e);
-        }
-        let jobs: IndexJobs = c.shards().iter().enumerate().flat_map(|(i, s)| s.sealed_segments().into_iter().map(move |seg| (i, seg))).collect();
-        self.enqueue(&c, jobs);
+        let rec = st::DdlRecord { ts, collection: name.into(), collection_id: c.id, op: Some(st::ddl_record::Op::SetIndex(kind.to_proto())), source_lsn: 0 };
+        self.ddl_apply(&mut next_id, rec)?;
         Ok(ts)
     }
 
@@ -322,6 +509,27 @@ impl Node {
             let _ = tx.send(f());
         });
         rx.await.map_err(|_| ClusterError::Internal("a search task failed unexpectedly".into()))?
+    }
+}
+
+/// Applies a DDL record to a catalog (recovery of records logged after the last catalog write).
+fn apply_to_catalog(catalog: &mut st::Catalog, rec: st::DdlRecord) {
+    let id = rec.collection_id;
+    match rec.op {
+        Some(st::ddl_record::Op::Create(schema)) => {
+            catalog.collections.retain(|c| c.id != id);
+            catalog.collections.push(st::CollectionMeta { id, schema: Some(schema), created_ts: rec.ts });
+            catalog.next_collection_id = catalog.next_collection_id.max(id + 1);
+        }
+        Some(st::ddl_record::Op::Drop(_)) => catalog.collections.retain(|c| c.id != id),
+        Some(st::ddl_record::Op::SetIndex(spec)) => {
+            for c in catalog.collections.iter_mut().filter(|c| c.id == id) {
+                if let Some(s) = c.schema.as_mut() {
+                    s.index = Some(spec.clone());
+                }
+            }
+        }
+        None => {}
     }
 }
 

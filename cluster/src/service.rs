@@ -130,7 +130,7 @@ impl ClusterService {
             .map_err(|_| ClusterError::invalid(format!("unknown consistency level {}: use STRONG, BOUNDED, SESSION or EVENTUALLY", read.consistency)))?;
         use pb::ConsistencyLevel as L;
         let guarantee = match level {
-            L::Strong => self.node.clock.peek(),
+            L::Strong => self.node.strong_ts().await?,
             L::Bounded => {
                 let staleness = if read.staleness_ms == 0 { self.cfg.read.default_staleness_ms } else { read.staleness_ms };
                 compose(wall_ms().saturating_sub(staleness), 0)
@@ -394,7 +394,10 @@ impl pb::tandem_server::Tandem for ClusterService {
         let mut collections = Vec::new();
         for name in self.node.collection_names() {
             let Ok(c) = self.node.collection(&name) else { continue };
-            let mut status = pb::CollectionStatus { name, serviceable_ts: c.serviceable_ts(&self.node.clock), ..Default::default() };
+            let serviceable_ts = c.serviceable_ts(&self.node.clock);
+            let lag_ms = if self.node.role() == crate::role::Role::Leading { 0 } else { crate::ts::wall_ms().saturating_sub(crate::ts::physical_ms(serviceable_ts)) };
+            let mut status =
+                pb::CollectionStatus { name, serviceable_ts, lag_ms, replication: self.node.replication_state(c.id), ..Default::default() };
             for shard in c.shards() {
                 let s = shard.stats();
                 status.rows += s.live_rows;
@@ -412,6 +415,7 @@ impl pb::tandem_server::Tandem for ClusterService {
             current_ts: self.node.clock.peek(),
             collections,
             version: env!("CARGO_PKG_VERSION").to_string(),
+            leader: self.node.leader().unwrap_or_default(),
         }))
     }
 }

@@ -23,6 +23,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use parking_lot::{Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use prost::Message;
@@ -48,10 +49,28 @@ pub struct ShardOptions {
 /// One shard's part of a write.
 #[derive(Debug, Clone)]
 pub enum ShardOp {
-    Insert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row> },
-    Upsert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row> },
+    /// `row_ts` is empty (rows take the write's ts) or one insert ts per row (snapshot loads).
+    Insert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row>, row_ts: Vec<Ts> },
+    Upsert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row>, row_ts: Vec<Ts> },
     Delete { ids: Vec<i64> },
 }
+
+/// How a record is logged: its ts, the shards of its write, and (on an alternative) the leader
+/// position it applies.
+#[derive(Debug, Clone, Copy)]
+pub struct LogMeta<'a> {
+    pub ts: Ts,
+    pub participants: &'a [u32],
+    pub source_lsn: Lsn,
+}
+
+/// Recently acknowledged (lsn, ts) pairs kept for `lsn_at`: a snapshot at ts S must name the
+/// last record with ts <= S.
+const RECENT_ACKED: usize = 4096;
+
+/// A subscriber that has not renewed its retention lease for this long loses it, so a vanished
+/// alternative cannot make the leader keep its WAL forever.
+pub const LEASE_TTL: std::time::Duration = std::time::Duration::from_secs(600);
 
 #[derive(Debug, Clone, Copy)]
 struct Loc {
@@ -75,6 +94,7 @@ pub struct Pending {
     queue: VecDeque<(Lsn, Ts)>,
     /// The newest (lsn, ts) known durable and popped from the queue.
     durable: (Lsn, Ts),
+    recent: VecDeque<(Lsn, Ts)>,
 }
 
 pub struct Shard {
@@ -88,6 +108,18 @@ pub struct Shard {
     /// Woken whenever the serviceable ts advances.
     pub advanced: tokio::sync::Notify,
     checkpoint_lock: Mutex<HashMap<SegmentId, IndexKind>>,
+    /// The acknowledged-durable LSN, for change streams to wait on.
+    acked: tokio::sync::watch::Sender<Lsn>,
+    /// Writes aborted by recovery: their records stay in the WAL until truncated and must not
+    /// be streamed.
+    aborted: HashSet<Ts>,
+    /// On an alternative: the last leader position applied, and the ts up to which every
+    /// change is applied (advanced by applies and time ticks).
+    source_lsn: std::sync::atomic::AtomicU64,
+    follow_ts: std::sync::atomic::AtomicU64,
+    following: std::sync::atomic::AtomicBool,
+    /// Retention leases of subscribers: the WAL is kept from the lowest leased position.
+    leases: Mutex<HashMap<String, (Lsn, std::time::Instant)>>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -112,6 +144,7 @@ fn seg_index_path(dir: &Path, id: SegmentId) -> PathBuf {
 pub struct Recovering {
     shard: Shard,
     manifest_max_ts: Ts,
+    manifest_source_lsn: Lsn,
     replay_from: Lsn,
     needs_index: NeedsIndex,
 }
@@ -155,7 +188,7 @@ impl Recovering {
 
     /// Durably records that the write at `ts` is aborted.
     pub fn abort(&self, ts: Ts) -> Result<()> {
-        let rec = st::WalRecord { ts, op: Some(st::wal_record::Op::Abort(st::AbortWrite { ts })), participants: vec![] };
+        let rec = st::WalRecord { ts, op: Some(st::wal_record::Op::Abort(st::AbortWrite { ts })), participants: vec![], source_lsn: 0 };
         let lsn = self.shard.wal.append_nosync(&rec.encode_to_vec())?;
         self.shard.wal.sync_to(lsn)?;
         Ok(())
@@ -163,8 +196,9 @@ impl Recovering {
 
     /// Replays the WAL tail, skipping aborted writes.
     pub fn replay(self, schema: &Schema, aborted: &HashSet<Ts>, clock: &HybridClock) -> Result<(Shard, NeedsIndex)> {
-        let Recovering { shard, manifest_max_ts, replay_from, mut needs_index } = self;
+        let Recovering { mut shard, manifest_max_ts, manifest_source_lsn, replay_from, mut needs_index } = self;
         let mut max_ts = manifest_max_ts;
+        let mut source_lsn = manifest_source_lsn;
         let mut failure = None;
         {
             let mut state = shard.state.write();
@@ -177,6 +211,7 @@ impl Recovering {
                     }
                 };
                 max_ts = max_ts.max(rec.0);
+                source_lsn = source_lsn.max(rec.2);
                 if let Some(op) = rec.1
                     && !aborted.contains(&rec.0)
                 {
@@ -190,6 +225,10 @@ impl Recovering {
         }
         clock.observe(max_ts);
         shard.pending.lock().durable = (shard.wal.last_lsn(), max_ts);
+        shard.acked.send_replace(shard.wal.last_lsn());
+        shard.aborted = aborted.clone();
+        shard.source_lsn.store(source_lsn, Ordering::Release);
+        shard.follow_ts.store(max_ts, Ordering::Release);
         Ok((shard, needs_index))
     }
 }
@@ -245,8 +284,14 @@ impl Shard {
             pending: Mutex::new(Pending::default()),
             advanced: tokio::sync::Notify::new(),
             checkpoint_lock: Mutex::new(manifest_index),
+            acked: tokio::sync::watch::Sender::new(0),
+            aborted: HashSet::new(),
+            source_lsn: Default::default(),
+            follow_ts: Default::default(),
+            following: Default::default(),
+            leases: Mutex::new(HashMap::new()),
         };
-        Ok(Recovering { shard, manifest_max_ts: manifest.max_ts, replay_from, needs_index })
+        Ok(Recovering { shard, manifest_max_ts: manifest.max_ts, manifest_source_lsn: manifest.source_lsn, replay_from, needs_index })
     }
 
     pub fn dir(&self) -> &Path {
@@ -264,22 +309,154 @@ impl Shard {
     /// Logs and applies one shard's part of a write. The caller holds this shard's state and
     /// pending locks (in that order) and issued `ts` under them. Returns the record's LSN and
     /// the number of rows changed. Nothing is changed when the WAL append fails.
-    #[allow(clippy::too_many_arguments)] // each is a distinct part of one logged write
     pub fn append_and_apply(
         &self,
         st: &mut ShardState,
         pending: &mut Pending,
         schema: &Schema,
-        ts: Ts,
+        meta: LogMeta<'_>,
         op: ShardOp,
-        participants: &[u32],
         needs_index: &mut NeedsIndex,
     ) -> Result<(Lsn, u64)> {
-        let rec = encode_record(schema, ts, &op, participants);
+        let rec = encode_record(schema, &meta, &op);
         let lsn = self.wal.append_nosync(&rec)?;
-        pending.queue.push_back((lsn, ts));
-        let n = self.apply(st, schema.dim, lsn, ts, op, needs_index);
+        pending.queue.push_back((lsn, meta.ts));
+        let n = self.apply(st, schema.dim, lsn, meta.ts, op, needs_index);
+        if meta.source_lsn > 0 {
+            self.source_lsn.fetch_max(meta.source_lsn, Ordering::AcqRel);
+        }
         Ok((lsn, n))
+    }
+
+    /// Forgets everything this shard holds (an alternative about to load a snapshot into a
+    /// shard whose earlier bootstrap was interrupted, or whose log position the leader no
+    /// longer has). Blocking.
+    pub fn wipe(&self) -> Result<()> {
+        let mut manifest_index = self.checkpoint_lock.lock();
+        let mut st = self.state.write();
+        let next = st.next_segment_id + 1;
+        *st = ShardState { growing: Growing::new(next), sealed: BTreeMap::new(), locs: HashMap::new(), next_segment_id: next + 1, last_applied_ts: 0 };
+        let empty = st::ShardManifest { next_segment_id: next, replay_from_lsn: self.wal.last_lsn() + 1, ..Default::default() };
+        fsio::write_atomic(&self.dir.join("manifest"), &empty.encode_to_vec())?;
+        for e in std::fs::read_dir(&self.dir).map_err(|e| ClusterError::io(&self.dir, e))?.flatten() {
+            if e.file_name().to_string_lossy().starts_with("seg-") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+        manifest_index.clear();
+        self.wal.truncate_before(self.wal.last_lsn() + 1)?;
+        self.source_lsn.store(0, Ordering::Release);
+        self.follow_ts.store(0, Ordering::Release);
+        Ok(())
+    }
+
+    /// Alternative: the last leader position applied.
+    pub fn source_lsn(&self) -> Lsn {
+        self.source_lsn.load(Ordering::Acquire)
+    }
+
+    /// Alternative: every change with ts <= `ts` has been applied (from an apply or a tick).
+    pub fn follow_to(&self, ts: Ts) {
+        self.follow_ts.fetch_max(ts, Ordering::AcqRel);
+        self.advanced.notify_waiters();
+    }
+
+    /// Switches how the serviceable ts is computed: from the local clock (leading) or from the
+    /// leader's stream (following).
+    pub fn set_following(&self, following: bool) {
+        self.following.store(following, Ordering::Release);
+    }
+
+    /// A watch of the acknowledged-durable LSN (change streams wait on it).
+    pub fn acked_watch(&self) -> tokio::sync::watch::Receiver<Lsn> {
+        self.acked.subscribe()
+    }
+
+    pub fn first_lsn(&self) -> Lsn {
+        self.wal.first_lsn()
+    }
+
+    pub fn last_lsn(&self) -> Lsn {
+        self.wal.last_lsn()
+    }
+
+    /// Reads acknowledged records with lsn >= `from` and ts <= `upto_ts`, in order, calling
+    /// `f(lsn, record)`; stops at the first record past either bound or when `f` returns false.
+    /// Records of aborted writes and abort markers are skipped. Returns the last LSN examined
+    /// (passed to `f` or skipped), or `from - 1` if none.
+    pub fn read_changes(&self, from: Lsn, upto_ts: Ts, max: usize, mut f: impl FnMut(Lsn, st::WalRecord) -> bool) -> Result<Lsn> {
+        let acked = *self.acked.borrow();
+        let mut last = from.saturating_sub(1);
+        let mut sent = 0;
+        let mut failure = None;
+        if from > acked {
+            return Ok(last);
+        }
+        self.wal.read_from(from, |lsn, payload| {
+            if lsn > acked || sent >= max {
+                return false;
+            }
+            let rec = match st::WalRecord::decode(payload) {
+                Ok(r) => r,
+                Err(e) => {
+                    failure = Some(ClusterError::Corrupt(format!("wal record {lsn} of {}: {e}", self.dir.display())));
+                    return false;
+                }
+            };
+            if matches!(rec.op, Some(st::wal_record::Op::Abort(_))) || self.aborted.contains(&rec.ts) {
+                last = lsn;
+                return true;
+            }
+            if rec.ts > upto_ts {
+                return false;
+            }
+            last = lsn;
+            sent += 1;
+            f(lsn, rec)
+        })?;
+        failure.map_or(Ok(last), Err)
+    }
+
+    /// The LSN of the last acknowledged record with ts <= `ts` (for snapshots), if known.
+    pub fn lsn_at(&self, ts: Ts) -> Option<Lsn> {
+        let p = self.pending.lock();
+        if ts >= p.durable.1 {
+            return Some(p.durable.0);
+        }
+        // The newest record at or below ts; the one after it must exist (durable is above ts).
+        let pos = p.recent.iter().rposition(|&(_, t)| t <= ts)?;
+        Some(p.recent[pos].0)
+    }
+
+    /// Streams the rows visible at `snapshot` in chunks of up to `chunk` rows:
+    /// `f(ids, vectors, rows, insert_ts)`.
+    pub fn snapshot_rows(&self, snapshot: Ts, chunk: usize, mut f: impl FnMut(Vec<i64>, Vec<f32>, Vec<Row>, Vec<Ts>)) {
+        let (mut ids, mut vectors, mut rows, mut tss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        self.scan(snapshot, None, |r, off| {
+            let dim = r.vectors.len() / r.len();
+            ids.push(r.ids[off]);
+            vectors.extend_from_slice(r.vector(dim, off));
+            rows.push(r.payloads[off].clone());
+            tss.push(r.insert_ts[off]);
+            if ids.len() >= chunk {
+                f(std::mem::take(&mut ids), std::mem::take(&mut vectors), std::mem::take(&mut rows), std::mem::take(&mut tss));
+            }
+        });
+        if !ids.is_empty() {
+            f(ids, vectors, rows, tss);
+        }
+    }
+
+    /// Holds the WAL from `lsn` for `subscriber` (renewed by every call).
+    pub fn hold(&self, subscriber: &str, lsn: Lsn) {
+        self.leases.lock().insert(subscriber.to_string(), (lsn, std::time::Instant::now()));
+    }
+
+    /// Live leases as (subscriber, lsn); expired ones are dropped.
+    pub fn leases(&self) -> Vec<(String, Lsn)> {
+        let mut l = self.leases.lock();
+        l.retain(|_, (_, at)| at.elapsed() < LEASE_TTL);
+        l.iter().map(|(k, (lsn, _))| (k.clone(), *lsn)).collect()
     }
 
     /// Waits until the record at `lsn` is durable (per the sync policy), then advances the
@@ -310,10 +487,20 @@ impl Shard {
             }
             p.durable = (lsn, ts);
             p.queue.pop_front();
+            p.recent.push_back((lsn, ts));
+            if p.recent.len() > RECENT_ACKED {
+                p.recent.pop_front();
+            }
             moved = true;
         }
+        let durable = p.durable.0;
         drop(p);
         if moved {
+            self.acked.send_if_modified(|v| {
+                let changed = *v < durable;
+                *v = (*v).max(durable);
+                changed
+            });
             self.advanced.notify_waiters();
         }
     }
@@ -323,6 +510,8 @@ impl Shard {
         let p = self.pending.lock();
         match p.queue.front() {
             Some(&(_, ts)) => ts - 1,
+            // Following a leader: its stream says how far every change has been applied.
+            None if self.following.load(Ordering::Acquire) => self.follow_ts.load(Ordering::Acquire),
             // Holding the pending lock: no writer of this shard sits between `clock.now()` and
             // its push, so every ts this shard will still apply is above `peek()`.
             None => clock.peek(),
@@ -332,9 +521,10 @@ impl Shard {
     fn apply(&self, st: &mut ShardState, dim: usize, lsn: Lsn, ts: Ts, op: ShardOp, needs_index: &mut NeedsIndex) -> u64 {
         st.last_applied_ts = st.last_applied_ts.max(ts);
         match op {
-            ShardOp::Insert { ids, vectors, rows } | ShardOp::Upsert { ids, vectors, rows } => {
+            ShardOp::Insert { ids, vectors, rows, row_ts } | ShardOp::Upsert { ids, vectors, rows, row_ts } => {
                 let n = ids.len() as u64;
                 for (i, (id, row)) in ids.into_iter().zip(rows).enumerate() {
+                    let ts = row_ts.get(i).copied().unwrap_or(ts);
                     // Insert was validated to hit no live id; on replay an insert may meet the
                     // version a manifest already holds, and replaces it like an upsert.
                     st.tombstone(id, ts);
@@ -422,6 +612,8 @@ impl Shard {
     /// manifest makes unnecessary. Serialised per shard.
     pub fn checkpoint(&self, schema: &Schema) -> Result<()> {
         let mut manifest_index = self.checkpoint_lock.lock();
+        // Read before the sync: every record it covers is then durable.
+        let source_lsn = self.source_lsn();
         // Make everything written so far durable, so the watermark below covers it.
         self.wal.sync_to(self.wal.last_lsn())?;
         self.advance();
@@ -474,14 +666,16 @@ impl Shard {
                     .collect();
                 segments.push(st::SegmentRef { id: seg.id, rows: seg.len() as u64, index: Some(kind.to_proto()), tombstones });
             }
-            st::ShardManifest { segments, replay_from_lsn: replay_from, max_ts: durable_ts, next_segment_id: st.next_segment_id }
+            st::ShardManifest { segments, replay_from_lsn: replay_from, max_ts: durable_ts, next_segment_id: st.next_segment_id, source_lsn }
         };
         fsio::write_atomic(&self.dir.join("manifest"), &manifest.encode_to_vec())?;
         for (seg, kind) in written {
             seg.set_persisted(true);
             manifest_index.insert(seg.id, kind);
         }
-        self.wal.truncate_before(manifest.replay_from_lsn)?;
+        // Subscribers still reading older positions keep the files they need.
+        let keep_from = self.leases().into_iter().map(|(_, lsn)| lsn).fold(manifest.replay_from_lsn, Lsn::min);
+        self.wal.truncate_before(keep_from)?;
         Ok(())
     }
 
@@ -555,49 +749,60 @@ impl ShardState {
     }
 }
 
-fn encode_record(schema: &Schema, ts: Ts, op: &ShardOp, participants: &[u32]) -> Vec<u8> {
-    let batch = |ids: &[i64], vectors: &[f32], rows: &[Row]| st::RowBatch {
+fn encode_record(schema: &Schema, meta: &LogMeta<'_>, op: &ShardOp) -> Vec<u8> {
+    let batch = |ids: &[i64], vectors: &[f32], rows: &[Row], row_ts: &[Ts]| st::RowBatch {
         ids: ids.to_vec(),
         vectors: vectors.to_vec(),
         payloads: if schema.fields.is_empty() { Vec::new() } else { rows.iter().map(|r| row_to_payload(schema, r)).collect() },
+        insert_ts: row_ts.to_vec(),
     };
     let op = match op {
-        ShardOp::Insert { ids, vectors, rows } => st::wal_record::Op::Insert(batch(ids, vectors, rows)),
-        ShardOp::Upsert { ids, vectors, rows } => st::wal_record::Op::Upsert(batch(ids, vectors, rows)),
+        ShardOp::Insert { ids, vectors, rows, row_ts } => st::wal_record::Op::Insert(batch(ids, vectors, rows, row_ts)),
+        ShardOp::Upsert { ids, vectors, rows, row_ts } => st::wal_record::Op::Upsert(batch(ids, vectors, rows, row_ts)),
         ShardOp::Delete { ids } => st::wal_record::Op::Delete(st::DeleteIds { ids: ids.clone() }),
     };
-    st::WalRecord { ts, op: Some(op), participants: participants.to_vec() }.encode_to_vec()
+    st::WalRecord { ts: meta.ts, op: Some(op), participants: meta.participants.to_vec(), source_lsn: meta.source_lsn }.encode_to_vec()
 }
 
-fn decode_batch(schema: &Schema, b: st::RowBatch) -> Result<(Vec<i64>, Vec<f32>, Vec<Row>)> {
+/// A logged or replicated operation as a `ShardOp` (`None` for records that change nothing).
+pub fn op_from_record(schema: &Schema, op: st::wal_record::Op) -> Result<Option<ShardOp>> {
+    Ok(Some(match op {
+        st::wal_record::Op::Insert(b) => {
+            let (ids, vectors, rows, row_ts) = decode_batch(schema, b)?;
+            ShardOp::Insert { ids, vectors, rows, row_ts }
+        }
+        st::wal_record::Op::Upsert(b) => {
+            let (ids, vectors, rows, row_ts) = decode_batch(schema, b)?;
+            ShardOp::Upsert { ids, vectors, rows, row_ts }
+        }
+        st::wal_record::Op::Delete(d) => ShardOp::Delete { ids: d.ids },
+        st::wal_record::Op::Abort(_) => return Ok(None),
+    }))
+}
+
+fn decode_batch(schema: &Schema, b: st::RowBatch) -> Result<(Vec<i64>, Vec<f32>, Vec<Row>, Vec<Ts>)> {
     if b.vectors.len() != b.ids.len() * schema.dim {
         return Err(ClusterError::Corrupt(format!("{} vectors floats for {} ids of dim {}", b.vectors.len(), b.ids.len(), schema.dim)));
+    }
+    if !b.insert_ts.is_empty() && b.insert_ts.len() != b.ids.len() {
+        return Err(ClusterError::Corrupt(format!("{} insert timestamps for {} ids", b.insert_ts.len(), b.ids.len())));
+    }
+    if !b.payloads.is_empty() && b.payloads.len() != b.ids.len() {
+        return Err(ClusterError::Corrupt(format!("{} payloads for {} ids", b.payloads.len(), b.ids.len())));
     }
     let rows = if b.payloads.is_empty() {
         vec![vec![None; schema.fields.len()]; b.ids.len()]
     } else {
         b.payloads.iter().map(|p| schema.row_from_payload(Some(p))).collect::<Result<_>>()?
     };
-    Ok((b.ids, b.vectors, rows))
+    Ok((b.ids, b.vectors, rows, b.insert_ts))
 }
 
-/// (ts, operation); `None` for an abort marker.
-fn decode_record(schema: &Schema, payload: &[u8]) -> Result<(Ts, Option<ShardOp>)> {
+/// (ts, operation, source lsn); `None` for an abort marker.
+fn decode_record(schema: &Schema, payload: &[u8]) -> Result<(Ts, Option<ShardOp>, Lsn)> {
     let rec = st::WalRecord::decode(payload).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
-    let op = match rec.op {
-        Some(st::wal_record::Op::Insert(b)) => {
-            let (ids, vectors, rows) = decode_batch(schema, b)?;
-            ShardOp::Insert { ids, vectors, rows }
-        }
-        Some(st::wal_record::Op::Upsert(b)) => {
-            let (ids, vectors, rows) = decode_batch(schema, b)?;
-            ShardOp::Upsert { ids, vectors, rows }
-        }
-        Some(st::wal_record::Op::Delete(d)) => ShardOp::Delete { ids: d.ids },
-        Some(st::wal_record::Op::Abort(_)) => return Ok((rec.ts, None)),
-        None => return Err(ClusterError::Corrupt("record without an operation".into())),
-    };
-    Ok((rec.ts, Some(op)))
+    let op = rec.op.ok_or_else(|| ClusterError::Corrupt("record without an operation".into()))?;
+    Ok((rec.ts, op_from_record(schema, op)?, rec.source_lsn))
 }
 
 fn write_segment(dir: &Path, schema: &Schema, seg: &Sealed) -> Result<()> {

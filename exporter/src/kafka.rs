@@ -1,1 +1,817 @@
-//! Kafka backend (being written).
+//! Kafka backend of the replication [`Transport`] (rdkafka, bundled librdkafka).
+//!
+//! ```text
+//!  stream                      topic                          partition   key       value
+//!  DDL of group G              {prefix}.G.ddl                 0           "0"       ChangeEvent (protobuf)
+//!  shard S of collection C     {prefix}.G.c{C}                S           "S"       ChangeEvent (protobuf)
+//! ```
+//!
+//! Every message also carries the header `tandem-lsn` (the event's position, decimal) and the
+//! Kafka timestamp of the event's physical clock (`ts >> 18`, ms). docs/kafka.md is the
+//! reference for operators and third-party consumers.
+//!
+//! Guarantees and how they are kept:
+//! - no acknowledged event is lost: the producer is idempotent with `acks=all`, and `publish`
+//!   returns only once the broker acknowledged every event of the call;
+//! - order per shard: one partition per shard, and the idempotent producer keeps order per
+//!   partition with up to 5 requests in flight;
+//! - fencing is not Kafka's job here (tansu has no transactions): every event carries the
+//!   leader's epoch and subscribers reject older epochs;
+//! - positions are tandem's own (`lsn`), not Kafka offsets: `subscribe` finds the first offset
+//!   holding `lsn >= from_lsn` by binary search over the partition (lsns never decrease with
+//!   the offset), and subscribers never commit offsets to Kafka.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use prost::Message as _;
+use rdkafka::ClientConfig;
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::error::{KafkaError, RDKafkaErrorCode};
+use rdkafka::message::{Header, Message, OwnedHeaders};
+use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use serde::Deserialize;
+use tandem_proto::replication::v1::{ChangeEvent, change_event};
+use tracing::{debug, info, warn};
+
+use crate::error::{ExportError, Result};
+use crate::transport::{EventStream, StreamId, Transport};
+
+const BACKEND: &str = "kafka";
+
+/// Name of the message header that holds the event's position (decimal string).
+pub const LSN_HEADER: &str = "tandem-lsn";
+
+/// Settings tandem owns because its guarantees depend on them; `extra` may not override them.
+const RESERVED: &[&str] = &[
+    "bootstrap.servers",
+    "metadata.broker.list",
+    "client.id",
+    "group.id",
+    "acks",
+    "request.required.acks",
+    "enable.idempotence",
+    "max.in.flight.requests.per.connection",
+    "max.in.flight",
+    "message.timeout.ms",
+    "delivery.timeout.ms",
+    "transactional.id",
+    "allow.auto.create.topics",
+    "enable.auto.commit",
+    "enable.auto.offset.store",
+    "auto.offset.reset",
+    "enable.partition.eof",
+];
+
+/// Longest topic name Kafka accepts.
+const MAX_TOPIC_LEN: usize = 249;
+
+/// `[transport.kafka]` of the configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaConfig {
+    /// Bootstrap brokers, `host:port[,host:port...]`.
+    pub brokers: String,
+    /// Replication group id; part of every topic name.
+    pub group: String,
+    /// First part of every topic name.
+    pub topic_prefix: String,
+    /// Kafka client id (shows in broker logs and quotas).
+    pub client_id: String,
+    /// Replication factor of the topics `ensure_stream` creates (1 is only fit for tests).
+    pub replication_factor: u16,
+    /// Topic-level settings for the topics `ensure_stream` creates, e.g. `retention.ms`.
+    pub topic_config: BTreeMap<String, String>,
+    /// Bound on one metadata, admin or search round trip, in milliseconds.
+    pub timeout_ms: u64,
+    /// How long the producer keeps retrying an event before `publish` fails, in milliseconds.
+    pub delivery_timeout_ms: u64,
+    /// Passed verbatim to librdkafka (every client), e.g. `security.protocol`, `sasl.*`.
+    /// Settings tandem relies on (acks, idempotence, offsets...) are refused.
+    pub extra: BTreeMap<String, String>,
+}
+
+impl Default for KafkaConfig {
+    fn default() -> Self {
+        KafkaConfig {
+            brokers: String::new(),
+            group: String::new(),
+            topic_prefix: "tandem".to_string(),
+            client_id: "tandem".to_string(),
+            replication_factor: 1,
+            topic_config: BTreeMap::new(),
+            timeout_ms: 10_000,
+            delivery_timeout_ms: 30_000,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+fn is_topic_char(c: char) -> bool {
+    c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+}
+
+impl KafkaConfig {
+    /// Rejects configurations that could not work, naming the bad value.
+    pub fn validate(&self) -> Result<()> {
+        let bad = |m: String| Err(ExportError::Config(m));
+        if self.brokers.trim().is_empty() {
+            return bad("kafka brokers is empty: set it to host:port[,host:port...]".into());
+        }
+        if self.brokers.split(',').any(|b| b.trim().is_empty()) {
+            return bad(format!("kafka brokers {:?} has an empty entry", self.brokers));
+        }
+        for (what, value) in [("group", &self.group), ("topic_prefix", &self.topic_prefix)] {
+            if value.is_empty() {
+                return bad(format!("kafka {what} is empty: it is part of every topic name"));
+            }
+            if let Some(c) = value.chars().find(|&c| !is_topic_char(c)) {
+                return bad(format!(
+                    "kafka {what} {value:?} contains {c:?}: topic names allow only ASCII letters, digits, '.', '_' and '-'"
+                ));
+            }
+        }
+        // The longest name is that of a shard topic with the largest collection id.
+        let longest = self.topic(&StreamId::Shard { collection_id: u64::MAX, shard: 0 });
+        if longest.len() > MAX_TOPIC_LEN {
+            return bad(format!(
+                "kafka topic_prefix {:?} and group {:?} are too long: topic names would exceed {MAX_TOPIC_LEN} characters",
+                self.topic_prefix, self.group
+            ));
+        }
+        if self.client_id.is_empty() {
+            return bad("kafka client_id is empty".into());
+        }
+        if self.replication_factor == 0 {
+            return bad("kafka replication_factor is 0: it must be at least 1".into());
+        }
+        if self.timeout_ms == 0 {
+            return bad("kafka timeout_ms is 0".into());
+        }
+        if self.delivery_timeout_ms == 0 {
+            return bad("kafka delivery_timeout_ms is 0".into());
+        }
+        if let Some(key) = self.extra.keys().find(|k| RESERVED.contains(&k.as_str())) {
+            return bad(format!("kafka extra setting {key:?} is managed by tandem and cannot be overridden"));
+        }
+        Ok(())
+    }
+
+    /// The topic that holds `stream`.
+    pub fn topic(&self, stream: &StreamId) -> String {
+        match stream {
+            StreamId::Ddl => format!("{}.{}.ddl", self.topic_prefix, self.group),
+            StreamId::Shard { collection_id, .. } => format!("{}.{}.c{collection_id}", self.topic_prefix, self.group),
+        }
+    }
+
+    fn timeout(&self) -> Duration {
+        Duration::from_millis(self.timeout_ms)
+    }
+
+    /// Settings shared by every client: brokers, client id, then `extra`.
+    fn client_config(&self) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", &self.brokers).set("client.id", &self.client_id);
+        for (k, v) in &self.extra {
+            c.set(k, v);
+        }
+        c
+    }
+
+    fn producer_config(&self) -> ClientConfig {
+        let mut c = self.client_config();
+        c.set("enable.idempotence", "true")
+            .set("acks", "all")
+            .set("max.in.flight.requests.per.connection", "5")
+            .set("message.timeout.ms", self.delivery_timeout_ms.to_string())
+            // A topic is created by `ensure_stream` with one partition per shard; broker-side
+            // auto-creation would make one with the broker's default count instead.
+            .set("allow.auto.create.topics", "false");
+        if !self.extra.contains_key("linger.ms") && !self.extra.contains_key("queue.buffering.max.ms") {
+            // The leader acknowledges writes after export: batching comes from the events of
+            // one `publish` call, not from waiting.
+            c.set("linger.ms", "0");
+        }
+        c
+    }
+
+    /// A consumer that reads assigned partitions from explicit offsets: no group membership,
+    /// no commits (subscribers store their position with their data), and an error rather
+    /// than a silent jump when the position falls out of the log.
+    fn consumer_config(&self) -> ClientConfig {
+        let mut c = self.client_config();
+        c.set("group.id", format!("{}.{}.subscriber", self.topic_prefix, self.group))
+            .set("enable.auto.commit", "false")
+            .set("enable.auto.offset.store", "false")
+            .set("auto.offset.reset", "error")
+            .set("enable.partition.eof", "false")
+            .set("allow.auto.create.topics", "false");
+        c
+    }
+}
+
+fn unavailable(message: impl std::fmt::Display) -> ExportError {
+    ExportError::Unavailable { backend: BACKEND, message: message.to_string() }
+}
+
+fn is_tick(ev: &ChangeEvent) -> bool {
+    matches!(ev.body, Some(change_event::Body::Tick(_)))
+}
+
+/// What a stream may carry, checked on both sides: a wrong event must not reach a subscriber.
+fn check_event(stream: &StreamId, ev: &ChangeEvent) -> std::result::Result<(), String> {
+    if ev.format_version == 0 {
+        // Also what an empty or truncated value decodes to.
+        return Err("format_version is 0 (unset)".into());
+    }
+    match stream {
+        StreamId::Ddl => Ok(()),
+        StreamId::Shard { collection_id, shard } => {
+            if ev.collection_id != *collection_id || ev.shard != *shard {
+                Err(format!("event of collection {} shard {} on stream {stream}", ev.collection_id, ev.shard))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+fn decode_event(stream: &StreamId, payload: Option<&[u8]>) -> std::result::Result<ChangeEvent, String> {
+    let bytes = payload.ok_or("message has no value")?;
+    let ev = ChangeEvent::decode(bytes).map_err(|e| format!("value is not a ChangeEvent: {e}"))?;
+    check_event(stream, &ev)?;
+    Ok(ev)
+}
+
+/// Topic and partition of a stream.
+fn place(cfg: &KafkaConfig, stream: &StreamId) -> Result<(String, i32)> {
+    let partition = match stream {
+        StreamId::Ddl => 0,
+        StreamId::Shard { shard, .. } => {
+            i32::try_from(*shard).map_err(|_| ExportError::Config(format!("shard {shard} is beyond kafka's partition range")))?
+        }
+    };
+    Ok((cfg.topic(stream), partition))
+}
+
+struct Inner {
+    cfg: KafkaConfig,
+    /// Replaced when librdkafka reports a fatal error (an idempotent producer that lost track
+    /// of its sequence numbers cannot be used again).
+    producer: parking_lot::Mutex<FutureProducer>,
+    admin: AdminClient<DefaultClientContext>,
+}
+
+/// The Kafka [`Transport`]: one producer and one admin client, a consumer per subscription.
+pub struct KafkaTransport {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for KafkaTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KafkaTransport").field("cfg", &self.inner.cfg).finish_non_exhaustive()
+    }
+}
+
+impl KafkaTransport {
+    /// Validates `cfg` and creates the clients. Connecting is lazy: a broker that is down makes
+    /// the calls fail with `Unavailable`, not this constructor.
+    pub fn new(cfg: KafkaConfig) -> Result<Self> {
+        cfg.validate()?;
+        let producer = cfg.producer_config().create().map_err(|e| ExportError::Config(format!("kafka producer: {e}")))?;
+        let admin = cfg.client_config().create().map_err(|e| ExportError::Config(format!("kafka admin client: {e}")))?;
+        info!(brokers = %cfg.brokers, group = %cfg.group, prefix = %cfg.topic_prefix, "kafka transport ready");
+        Ok(KafkaTransport { inner: Arc::new(Inner { cfg, producer: parking_lot::Mutex::new(producer), admin }) })
+    }
+
+    pub fn config(&self) -> &KafkaConfig {
+        &self.inner.cfg
+    }
+}
+
+impl Inner {
+    /// Runs blocking librdkafka calls (metadata, watermarks, searches) off the async workers.
+    async fn blocking<T: Send + 'static>(self: &Arc<Self>, f: impl FnOnce(&Inner) -> Result<T> + Send + 'static) -> Result<T> {
+        let me = self.clone();
+        tokio::task::spawn_blocking(move || f(&me)).await.map_err(|e| unavailable(format!("blocking task failed: {e}")))?
+    }
+
+    /// Partition count of `topic`, `None` if the broker does not know it.
+    fn partition_count(&self, topic: &str) -> Result<Option<usize>> {
+        let md = self
+            .admin
+            .inner()
+            .fetch_metadata(Some(topic), self.cfg.timeout())
+            .map_err(|e| unavailable(format!("metadata of topic {topic}: {e}")))?;
+        let Some(t) = md.topics().iter().find(|t| t.name() == topic) else { return Ok(None) };
+        match t.error() {
+            None if !t.partitions().is_empty() => Ok(Some(t.partitions().len())),
+            None => Ok(None),
+            Some(e) if RDKafkaErrorCode::from(e) == RDKafkaErrorCode::UnknownTopicOrPartition => Ok(None),
+            Some(e) => Err(unavailable(format!("metadata of topic {topic}: {}", RDKafkaErrorCode::from(e)))),
+        }
+    }
+
+    fn watermarks(&self, topic: &str, partition: i32) -> Result<(i64, i64)> {
+        self.admin
+            .inner()
+            .fetch_watermarks(topic, partition, self.cfg.timeout())
+            .map_err(|e| unavailable(format!("offsets of {topic}/{partition}: {e}")))
+    }
+
+    /// The producer to use, or a fresh one if the current one hit a fatal error.
+    fn producer(&self) -> Result<FutureProducer> {
+        let mut p = self.producer.lock();
+        if let Some((code, reason)) = p.client().fatal_error() {
+            warn!(%code, %reason, "kafka producer hit a fatal error; creating a new one");
+            *p = self.cfg.producer_config().create().map_err(|e| unavailable(format!("recreating producer: {e}")))?;
+        }
+        Ok(p.clone())
+    }
+}
+
+fn produce_error(stream: &StreamId, lsn: u64, e: &KafkaError) -> ExportError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => ExportError::Config(format!(
+            "event at position {lsn} of stream {stream} is larger than the kafka message.max.bytes (raise it on the broker, topic and in extra)"
+        )),
+        _ => unavailable(format!("publishing position {lsn} of stream {stream}: {e}")),
+    }
+}
+
+fn settle(stream: &StreamId, partition: i32, lsn: u64, r: std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>) -> Result<()> {
+    match r {
+        Ok(Ok(d)) if d.partition == partition => Ok(()),
+        Ok(Ok(d)) => Err(unavailable(format!("position {lsn} of stream {stream} landed on partition {} instead of {partition}", d.partition))),
+        Ok(Err((e, _))) => Err(produce_error(stream, lsn, &e)),
+        Err(_) => Err(unavailable(format!("producer dropped position {lsn} of stream {stream}"))),
+    }
+}
+
+#[async_trait::async_trait]
+impl Transport for KafkaTransport {
+    fn name(&self) -> &'static str {
+        BACKEND
+    }
+
+    fn needs_publisher(&self) -> bool {
+        true
+    }
+
+    /// Creates the topic if the broker does not have it, then waits until its metadata shows
+    /// the partitions. Cancel-safe (creating a topic twice is harmless).
+    async fn ensure_stream(&self, stream: &StreamId, shards: u32) -> Result<()> {
+        let (topic, _) = place(&self.inner.cfg, stream)?;
+        let partitions = match stream {
+            StreamId::Ddl => 1,
+            StreamId::Shard { .. } => shards,
+        };
+        if partitions == 0 {
+            return Err(ExportError::Config(format!("stream {stream} needs at least one shard")));
+        }
+        let want = usize::try_from(partitions).unwrap_or(usize::MAX);
+        let t = topic.clone();
+        let existing = self.inner.blocking(move |i| i.partition_count(&t)).await?;
+        if existing.is_none() {
+            let cfg = &self.inner.cfg;
+            let mut new = NewTopic::new(
+                &topic,
+                i32::try_from(partitions).map_err(|_| ExportError::Config(format!("{partitions} shards is too many for kafka")))?,
+                TopicReplication::Fixed(i32::from(cfg.replication_factor)),
+            );
+            for (k, v) in &cfg.topic_config {
+                new = new.set(k, v);
+            }
+            let opts = AdminOptions::new().operation_timeout(Some(cfg.timeout())).request_timeout(Some(cfg.timeout()));
+            let results = self.inner.admin.create_topics([&new], &opts).await.map_err(|e| unavailable(format!("creating topic {topic}: {e}")))?;
+            for r in results {
+                match r {
+                    Ok(_) => info!(%topic, partitions, "created kafka topic"),
+                    Err((_, RDKafkaErrorCode::TopicAlreadyExists)) => debug!(%topic, "kafka topic already exists"),
+                    Err((_, RDKafkaErrorCode::InvalidReplicationFactor)) => {
+                        return Err(ExportError::Config(format!(
+                            "creating topic {topic}: replication_factor {} is more than the brokers available",
+                            cfg.replication_factor
+                        )));
+                    }
+                    Err((_, code)) => return Err(unavailable(format!("creating topic {topic}: {code}"))),
+                }
+            }
+        }
+        // Metadata propagates asynchronously between brokers; wait until it shows the topic so
+        // that the first publish, end_lsn or subscribe finds every partition.
+        let deadline = Instant::now() + self.inner.cfg.timeout();
+        loop {
+            let t = topic.clone();
+            match self.inner.blocking(move |i| i.partition_count(&t)).await? {
+                Some(n) if n >= want => return Ok(()),
+                Some(n) if existing.is_some() => {
+                    return Err(ExportError::Config(format!(
+                        "topic {topic} exists with {n} partitions but stream {stream} has {partitions} shards"
+                    )));
+                }
+                _ if Instant::now() >= deadline => {
+                    return Err(unavailable(format!("topic {topic} did not show {partitions} partitions in time")));
+                }
+                _ => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    }
+
+    /// Produces the events in order to the stream's partition and waits for every
+    /// acknowledgement. Not cancel-safe (see the trait): a cancelled call may have published a
+    /// prefix.
+    async fn publish(&self, stream: &StreamId, events: Vec<ChangeEvent>) -> Result<()> {
+        if events.is_empty() {
+            return Ok(());
+        }
+        let (topic, partition) = place(&self.inner.cfg, stream)?;
+        for ev in &events {
+            check_event(stream, ev).map_err(|message| ExportError::Malformed { stream: stream.to_string(), position: ev.lsn, message })?;
+        }
+        let producer = self.inner.producer()?;
+        let key = partition.to_string();
+        let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::with_capacity(events.len());
+        let result: Result<()> = async {
+            for ev in &events {
+                let payload = ev.encode_to_vec();
+                let lsn = ev.lsn.to_string();
+                // 0 would mean "now" to librdkafka; an event without a clock keeps that.
+                let ms = i64::try_from(ev.ts >> 18).unwrap_or(i64::MAX);
+                loop {
+                    let mut record = FutureRecord::to(&topic)
+                        .partition(partition)
+                        .key(&key)
+                        .payload(&payload)
+                        .headers(OwnedHeaders::new().insert(Header { key: LSN_HEADER, value: Some(lsn.as_str()) }));
+                    if ms > 0 {
+                        record = record.timestamp(ms);
+                    }
+                    match producer.send_result(record) {
+                        Ok(delivery) => {
+                            pending.push_back((ev.lsn, delivery));
+                            break;
+                        }
+                        // The local queue is full: wait for the oldest delivery to free room.
+                        Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), _)) => match pending.pop_front() {
+                            Some((lsn, d)) => settle(stream, partition, lsn, d.await)?,
+                            None => tokio::time::sleep(Duration::from_millis(5)).await,
+                        },
+                        Err((e, _)) => return Err(produce_error(stream, ev.lsn, &e)),
+                    }
+                }
+            }
+            while let Some((lsn, d)) = pending.pop_front() {
+                settle(stream, partition, lsn, d.await)?;
+            }
+            Ok(())
+        }
+        .await;
+        if let Err(e) = &result {
+            warn!(%stream, error = %e, "kafka publish failed");
+            // Makes the next call start with a working producer.
+            let _ = self.inner.producer();
+        }
+        result
+    }
+
+    /// Finds the start offset (a few blocking round trips), then streams from it. Cancel-safe.
+    ///
+    /// The stream yields `Malformed { position: <kafka offset> }` for a message that is not a
+    /// valid event of this stream and goes on with the next one. Any other error ends it:
+    /// `Truncated` when the log lost positions the subscriber still needs (retention caught
+    /// up with it, or the log has a gap), `Unavailable` when the client failed for good.
+    async fn subscribe(&self, stream: &StreamId, from_lsn: u64) -> Result<EventStream> {
+        let (topic, partition) = place(&self.inner.cfg, stream)?;
+        let (s, t) = (*stream, topic.clone());
+        let start = self.inner.blocking(move |i| locate(i, &s, &t, partition, from_lsn)).await?;
+        debug!(%stream, from_lsn, start, "kafka subscription starts");
+
+        let inner = self.inner.clone();
+        let t = topic.clone();
+        let consumer = self
+            .inner
+            .blocking(move |i| {
+                let c: StreamConsumer = i.cfg.consumer_config().create().map_err(|e| unavailable(format!("creating consumer: {e}")))?;
+                let mut tpl = TopicPartitionList::new();
+                tpl.add_partition_offset(&t, partition, Offset::Offset(start)).map_err(|e| unavailable(format!("assigning {t}/{partition}: {e}")))?;
+                c.assign(&tpl).map_err(|e| unavailable(format!("assigning {t}/{partition}: {e}")))?;
+                Ok(c)
+            })
+            .await?;
+        let tail = Tail {
+            consumer: OffRuntime(Some(consumer)),
+            inner,
+            stream: *stream,
+            topic,
+            partition,
+            want: from_lsn.max(1),
+            checking: true,
+            next_lsn: from_lsn.max(1),
+            done: false,
+        };
+        Ok(futures::stream::unfold(tail, Tail::next).boxed())
+    }
+
+    async fn end_lsn(&self, stream: &StreamId) -> Result<u64> {
+        let (topic, partition) = place(&self.inner.cfg, stream)?;
+        let s = *stream;
+        self.inner.blocking(move |i| last_lsn(i, &s, &topic, partition)).await
+    }
+}
+
+/// Reads a partition from chosen offsets, for the searches (blocking).
+struct Probe<'a> {
+    consumer: BaseConsumer,
+    stream: &'a StreamId,
+    topic: &'a str,
+    partition: i32,
+    timeout: Duration,
+    /// Messages before this offset are leftovers of an earlier position.
+    from: i64,
+}
+
+impl<'a> Probe<'a> {
+    fn new(inner: &Inner, stream: &'a StreamId, topic: &'a str, partition: i32) -> Result<Self> {
+        let mut c = inner.cfg.consumer_config();
+        // Each probe wants one message: do not prefetch a megabyte per jump.
+        c.set("queued.min.messages", "1").set("fetch.message.max.bytes", "65536");
+        let consumer = c.create().map_err(|e| unavailable(format!("creating consumer: {e}")))?;
+        Ok(Probe { consumer, stream, topic, partition, timeout: inner.cfg.timeout(), from: 0 })
+    }
+
+    fn seek(&mut self, offset: i64) -> Result<()> {
+        let mut tpl = TopicPartitionList::new();
+        let assign = |e: KafkaError| unavailable(format!("reading {}/{} at offset {offset}: {e}", self.topic, self.partition));
+        tpl.add_partition_offset(self.topic, self.partition, Offset::Offset(offset)).map_err(assign)?;
+        self.consumer.assign(&tpl).map_err(assign)?;
+        self.from = offset;
+        Ok(())
+    }
+
+    /// The next message below `end`, decoded; `None` once at `end`.
+    fn next(&mut self, end: i64) -> Result<Option<(i64, std::result::Result<ChangeEvent, String>)>> {
+        if self.from >= end {
+            return Ok(None);
+        }
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return Err(unavailable(format!("timed out reading {}/{} at offset {}", self.topic, self.partition, self.from)));
+            }
+            match self.consumer.poll(left) {
+                None => continue,
+                Some(Err(e)) => {
+                    return Err(unavailable(format!("reading {}/{} at offset {}: {e}", self.topic, self.partition, self.from)));
+                }
+                Some(Ok(m)) => {
+                    if m.topic() != self.topic || m.partition() != self.partition || m.offset() < self.from {
+                        continue;
+                    }
+                    let offset = m.offset();
+                    self.from = offset + 1;
+                    if offset >= end {
+                        return Ok(None);
+                    }
+                    return Ok(Some((offset, decode_event(self.stream, m.payload()))));
+                }
+            }
+        }
+    }
+
+    /// The first well-formed event at or after `offset` and below `end`.
+    fn first_event(&mut self, offset: i64, end: i64) -> Result<Option<(i64, ChangeEvent)>> {
+        if offset >= end {
+            return Ok(None);
+        }
+        self.seek(offset)?;
+        while let Some((o, decoded)) = self.next(end)? {
+            if let Ok(ev) = decoded {
+                return Ok(Some((o, ev)));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The offset to start reading `stream` at for events with `lsn >= from_lsn`, or `Truncated`
+/// when the log no longer holds `from_lsn` (blocking).
+///
+/// `pred(o)` = "the first well-formed event at or after offset `o` has `lsn >= from_lsn`" (true
+/// when there is none) is monotonic because lsns never decrease with the offset, so the start
+/// is found by binary search over `[low, high)`, one fetch per probe. Malformed messages take
+/// the value of the event after them: one just before the start is delivered (reported again
+/// after a restart) rather than skipped unseen. The first probe is where the position would be
+/// if every message since the first one were a distinct change (there are at least that many
+/// messages before it since positions are contiguous, so it is a valid cut); on a shard without
+/// ticks that is exact, and one more probe confirms it.
+fn locate(inner: &Inner, stream: &StreamId, topic: &str, partition: i32, from_lsn: u64) -> Result<i64> {
+    let (low, high) = inner.watermarks(topic, partition)?;
+    if low >= high {
+        // Empty (possibly emptied by retention): whether a gap hides here shows with the
+        // first event, which the stream checks.
+        return Ok(high);
+    }
+    let mut probe = Probe::new(inner, stream, topic, partition)?;
+    let Some((first_offset, first)) = probe.first_event(low, high)? else {
+        // Nothing but malformed messages: deliver them; the stream checks the first event.
+        return Ok(low);
+    };
+    // A tick repeats the position of the change before it: if the log starts with a tick at
+    // position p, change p is gone.
+    let available = if is_tick(&first) { first.lsn + 1 } else { first.lsn };
+    if from_lsn.max(1) < available {
+        return Err(ExportError::Truncated { stream: stream.to_string(), lsn: from_lsn, first: available });
+    }
+    if first.lsn >= from_lsn {
+        return Ok(low);
+    }
+    let (mut lo, mut hi) = (first_offset + 1, high);
+    let guess = first_offset.saturating_add(i64::try_from(from_lsn - first.lsn).unwrap_or(i64::MAX));
+    let mut hints = vec![guess.saturating_sub(1), guess];
+    let mut probes = 0;
+    while lo < hi {
+        let mid = match hints.pop() {
+            Some(h) if (lo..hi).contains(&h) => h,
+            _ => lo + (hi - lo) / 2,
+        };
+        probes += 1;
+        match probe.first_event(mid, hi)? {
+            Some((o, ev)) if ev.lsn < from_lsn => lo = o + 1,
+            _ => hi = mid,
+        }
+    }
+    debug!(%stream, from_lsn, low, high, start = lo, probes, "located start offset");
+    Ok(lo)
+}
+
+/// Position of the last well-formed event (blocking).
+fn last_lsn(inner: &Inner, stream: &StreamId, topic: &str, partition: i32) -> Result<u64> {
+    let (low, high) = inner.watermarks(topic, partition)?;
+    if low >= high {
+        return Ok(0);
+    }
+    let mut probe = Probe::new(inner, stream, topic, partition)?;
+    // Backwards past malformed messages, one fetch each (they are rare).
+    let mut offset = high - 1;
+    while offset >= low {
+        probe.seek(offset)?;
+        if let Some((o, Ok(ev))) = probe.next(high)?
+            && o == offset
+        {
+            return Ok(ev.lsn);
+        }
+        offset -= 1;
+    }
+    Ok(0)
+}
+
+/// Drops librdkafka handles on the blocking pool: closing a consumer waits for its threads.
+struct OffRuntime<T: Send + 'static>(Option<T>);
+
+impl<T: Send + 'static> Drop for OffRuntime<T> {
+    fn drop(&mut self) {
+        if let Some(v) = self.0.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn_blocking(move || drop(v));
+        }
+    }
+}
+
+/// State of a live subscription.
+struct Tail {
+    consumer: OffRuntime<StreamConsumer>,
+    inner: Arc<Inner>,
+    stream: StreamId,
+    topic: String,
+    partition: i32,
+    /// The first position the subscriber needs.
+    want: u64,
+    /// Until the change at `want` arrives, anything past it means the log has a gap there.
+    checking: bool,
+    /// Position after the last change delivered, for error reports.
+    next_lsn: u64,
+    done: bool,
+}
+
+impl Tail {
+    async fn next(mut self) -> Option<(Result<ChangeEvent>, Tail)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            let Some(consumer) = self.consumer.0.as_ref() else { return None };
+            let received = match consumer.recv().await {
+                Ok(m) => Ok((m.offset(), decode_event(&self.stream, m.payload()))),
+                Err(e) => Err(e),
+            };
+            match received {
+                Ok((offset, Ok(ev))) => {
+                    if self.checking {
+                        let gap = if is_tick(&ev) { ev.lsn >= self.want } else { ev.lsn > self.want };
+                        if gap {
+                            self.done = true;
+                            let first = if is_tick(&ev) { ev.lsn + 1 } else { ev.lsn };
+                            warn!(stream = %self.stream, want = self.want, offset, lsn = ev.lsn, "kafka log has a gap before the wanted position");
+                            return Some((Err(ExportError::Truncated { stream: self.stream.to_string(), lsn: self.want, first }), self));
+                        }
+                        if !is_tick(&ev) && ev.lsn == self.want {
+                            self.checking = false;
+                        }
+                    }
+                    self.next_lsn = self.next_lsn.max(ev.lsn.saturating_add(1));
+                    return Some((Ok(ev), self));
+                }
+                Ok((offset, Err(message))) => {
+                    warn!(stream = %self.stream, offset, %message, "malformed kafka message");
+                    let err = ExportError::Malformed { stream: self.stream.to_string(), position: u64::try_from(offset).unwrap_or(0), message };
+                    return Some((Err(err), self));
+                }
+                Err(e) => match e.rdkafka_error_code() {
+                    Some(RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset) => {
+                        // Retention removed what we were about to read. Searching again gives
+                        // the precise error (with the first position still held).
+                        self.done = true;
+                        let (s, t, p, want) = (self.stream, self.topic.clone(), self.partition, self.next_lsn);
+                        let err = match self.inner.blocking(move |i| locate(i, &s, &t, p, want)).await {
+                            Err(e) => e,
+                            Ok(_) => unavailable(format!("reading {}/{}: {e}; subscribe again", self.topic, self.partition)),
+                        };
+                        return Some((Err(err), self));
+                    }
+                    _ if matches!(e, KafkaError::MessageConsumptionFatal(_)) => {
+                        self.done = true;
+                        return Some((Err(unavailable(format!("reading {}/{}: {e}", self.topic, self.partition))), self));
+                    }
+                    // librdkafka reconnects by itself; report it so lag can be marked unknown.
+                    _ => {
+                        debug!(stream = %self.stream, error = %e, "kafka consumer error");
+                        return Some((Err(unavailable(format!("reading {}/{}: {e}", self.topic, self.partition))), self));
+                    }
+                },
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> KafkaConfig {
+        KafkaConfig { brokers: "127.0.0.1:9092".into(), group: "g1".into(), ..KafkaConfig::default() }
+    }
+
+    #[test]
+    fn topic_names() {
+        let c = cfg();
+        assert_eq!(c.topic(&StreamId::Ddl), "tandem.g1.ddl");
+        assert_eq!(c.topic(&StreamId::Shard { collection_id: 42, shard: 3 }), "tandem.g1.c42");
+        assert_eq!(place(&c, &StreamId::Shard { collection_id: 42, shard: 3 }).unwrap(), ("tandem.g1.c42".into(), 3));
+        assert_eq!(place(&c, &StreamId::Ddl).unwrap().1, 0);
+    }
+
+    #[test]
+    fn validation_names_the_bad_value() {
+        cfg().validate().unwrap();
+        let msg = |c: KafkaConfig| c.validate().unwrap_err().to_string();
+        assert!(msg(KafkaConfig { brokers: " ".into(), ..cfg() }).contains("brokers is empty"));
+        assert!(msg(KafkaConfig { brokers: "a:1,,b:2".into(), ..cfg() }).contains("empty entry"));
+        assert!(msg(KafkaConfig { group: "".into(), ..cfg() }).contains("group is empty"));
+        assert!(msg(KafkaConfig { group: "eu/west".into(), ..cfg() }).contains("\"eu/west\" contains '/'"));
+        assert!(msg(KafkaConfig { topic_prefix: "a b".into(), ..cfg() }).contains("topic_prefix"));
+        assert!(msg(KafkaConfig { group: "g".repeat(240), ..cfg() }).contains("too long"));
+        assert!(msg(KafkaConfig { replication_factor: 0, ..cfg() }).contains("replication_factor"));
+        let extra = BTreeMap::from([("acks".to_string(), "1".to_string())]);
+        assert!(msg(KafkaConfig { extra, ..cfg() }).contains("\"acks\""));
+    }
+
+    #[test]
+    fn config_from_toml_keeps_defaults() {
+        let c: KafkaConfig = toml::from_str("brokers = \"k:9092\"\ngroup = \"g\"\n[extra]\n\"security.protocol\" = \"ssl\"\n").unwrap();
+        assert_eq!(c.topic_prefix, "tandem");
+        assert_eq!(c.extra["security.protocol"], "ssl");
+        assert!(toml::from_str::<KafkaConfig>("brokerz = \"x\"").is_err());
+    }
+
+    #[test]
+    fn events_must_match_their_stream() {
+        let s = StreamId::Shard { collection_id: 7, shard: 1 };
+        let ev = ChangeEvent { format_version: 1, collection_id: 7, shard: 1, lsn: 3, ..Default::default() };
+        check_event(&s, &ev).unwrap();
+        assert!(check_event(&s, &ChangeEvent { shard: 2, ..ev.clone() }).unwrap_err().contains("shard 2"));
+        assert!(check_event(&s, &ChangeEvent { format_version: 0, ..ev.clone() }).is_err());
+        assert!(decode_event(&s, Some(&[0xff, 0xff, 0xff])).is_err());
+        assert!(decode_event(&s, Some(&[])).is_err());
+        assert!(decode_event(&s, None).is_err());
+        assert_eq!(decode_event(&s, Some(&ev.encode_to_vec())).unwrap(), ev);
+    }
+}

@@ -277,6 +277,11 @@ struct RunReport {
     recall: f64,
     /// Distinct queries the recall is computed over.
     recall_queries: usize,
+    /// Process CPU time during the run / (wall time * cores): near 1 means CPU-bound, well
+    /// below 1 means the searches wait on something else (wake-ups, the network). Linux only.
+    cpu_util: Option<f64>,
+    /// Process CPU time per search, in microseconds (client, server and faiss together).
+    cpu_us_per_query: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -290,8 +295,14 @@ struct Target {
 // ---------------------------------------------------------------------------------------------
 // Measurement
 
-/// When a measured run stops: after `requests` searches, or once `duration` has passed — but
-/// never before every query was asked once, so recall covers the whole query set.
+/// Each measurement is split into this many slices, alternating gRPC and raw, so that a change
+/// in background load (a shared machine, a noisy neighbour VM) hits both sides alike instead of
+/// whichever happened to run second.
+const ROUNDS: usize = 5;
+
+/// When a measured slice stops: after `requests` searches, or once `duration` has passed — but
+/// never before `min_requests`, which the first slice sets to the query count so that recall
+/// covers the whole query set.
 #[derive(Debug, Clone, Copy)]
 struct StopRule {
     duration: Duration,
@@ -302,15 +313,50 @@ struct StopRule {
 impl StopRule {
     /// `i` is the number of searches started before this one.
     fn stop(&self, i: usize, started: Instant) -> bool {
-        match self.requests {
-            Some(r) => i >= r,
-            None => i >= self.min_requests && started.elapsed() >= self.duration,
-        }
+        i >= self.min_requests && self.requests.map_or_else(|| started.elapsed() >= self.duration, |r| i >= r)
     }
 
     fn warmup(nq: usize, concurrency: usize) -> StopRule {
         let r = nq.min(200).max(concurrency * 4);
         StopRule { duration: Duration::ZERO, requests: Some(r), min_requests: 0 }
+    }
+
+    /// Slice `round` of `ROUNDS` of a measurement.
+    fn slice(a: &SearchBenchArgs, round: usize, nq: usize) -> StopRule {
+        StopRule {
+            duration: Duration::from_secs_f64(a.duration_secs / ROUNDS as f64),
+            requests: a.queries_per_run.map(|q| q.div_ceil(ROUNDS)),
+            min_requests: if round == 0 { nq } else { 0 },
+        }
+    }
+}
+
+/// CPU time (user + system) this process has used so far, from /proc; None elsewhere.
+fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis start at
+    // field 3, so utime (14) and stime (15) are the 12th and 13th.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // /proc reports in USER_HZ, which the kernel ABI fixes at 100.
+    Some((utime + stime) as f64 / 100.0)
+}
+
+/// Everything the measured slices of one side (gRPC or raw) saw.
+#[derive(Debug, Default)]
+struct Sample {
+    logs: Vec<WorkerLog>,
+    secs: f64,
+    cpu_secs: Option<f64>,
+}
+
+impl Sample {
+    fn add(&mut self, logs: Vec<WorkerLog>, secs: f64, cpu_secs: Option<f64>) {
+        self.logs.extend(logs);
+        self.secs += secs;
+        self.cpu_secs = if self.secs == secs { cpu_secs } else { self.cpu_secs.zip(cpu_secs).map(|(a, b)| a + b) };
     }
 }
 
@@ -322,7 +368,8 @@ struct WorkerLog {
     results: Vec<(usize, Vec<i64>)>,
 }
 
-fn summarize(logs: Vec<WorkerLog>, secs: f64, nq: usize, truth: &[Vec<i64>], k: usize) -> RunReport {
+fn summarize(sample: Sample, cores: usize, nq: usize, truth: &[Vec<i64>], k: usize) -> RunReport {
+    let Sample { logs, secs, cpu_secs } = sample;
     let mut lat: Vec<u64> = Vec::new();
     let mut answers: Vec<Option<Vec<i64>>> = vec![None; nq];
     for log in logs {
@@ -353,6 +400,8 @@ fn summarize(logs: Vec<WorkerLog>, secs: f64, nq: usize, truth: &[Vec<i64>], k: 
         max_ms: lat.last().map_or(0.0, |&x| x as f64 / 1e6),
         recall: dataset::recall_at_k(&results, &truths, k),
         recall_queries: results.len(),
+        cpu_util: cpu_secs.filter(|_| secs > 0.0).map(|c| c / (secs * cores as f64)),
+        cpu_us_per_query: cpu_secs.filter(|_| requests > 0).map(|c| c * 1e6 / requests as f64),
     }
 }
 
@@ -421,8 +470,9 @@ fn raw_run(
     let started = Instant::now();
     let logs = std::thread::scope(|s| {
         let workers: Vec<_> = (0..concurrency)
-            .map(|_| {
-                s.spawn(|| {
+            .map(|w| {
+                // Named, so that a profile tells them from tokio's blocking threads.
+                std::thread::Builder::new().name(format!("raw-search-{w}")).spawn_scoped(s, || {
                     let mut log = WorkerLog::default();
                     loop {
                         let i = next.fetch_add(1, Ordering::Relaxed);
@@ -439,7 +489,8 @@ fn raw_run(
                     }
                 })
             })
-            .collect();
+            .collect::<std::io::Result<Vec<_>>>()
+            .context("cannot start a raw search thread")?;
         workers
             .into_iter()
             .map(|w| w.join().map_err(|_| anyhow::anyhow!("a raw search thread panicked"))?)
@@ -710,7 +761,7 @@ async fn measure(
         requests,
     };
 
-    let stop = StopRule { duration: Duration::from_secs_f64(a.duration_secs), requests: a.queries_per_run, min_requests: nq };
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut reports = Vec::new();
     for (i, &which) in a.indexes.iter().enumerate() {
         let kind = which.kind(a);
@@ -725,24 +776,34 @@ async fn measure(
         flush(&mut admin).await?;
         let build_secs = t.elapsed().as_secs_f64();
 
-        eprintln!("{kind}: searching through gRPC ({concurrency} concurrent)...");
-        grpc_run(&search_clients, ds, k, knobs, StopRule::warmup(nq, concurrency)).await?;
-        let (logs, secs) = grpc_run(&search_clients, ds, k, knobs, stop).await?;
-        let grpc = summarize(logs, secs, nq, truth, k);
-
         eprintln!("{kind}: building raw faiss...");
         let rv = raw_vectors.clone();
         let t = Instant::now();
-        let index = tokio::task::spawn_blocking(move || AnnIndex::build(kind, metric, dim, &rv.base)).await??;
+        let index = Arc::new(tokio::task::spawn_blocking(move || AnnIndex::build(kind, metric, dim, &rv.base)).await??);
         let raw_build_secs = t.elapsed().as_secs_f64();
-        eprintln!("{kind}: searching raw faiss ({concurrency} threads)...");
-        let rv = raw_vectors.clone();
-        let (logs, secs) = tokio::task::spawn_blocking(move || {
-            raw_run(&index, &rv.queries, dim, k, knobs, concurrency, StopRule::warmup(nq, concurrency))?;
-            raw_run(&index, &rv.queries, dim, k, knobs, concurrency, stop)
-        })
-        .await??;
-        let raw = summarize(logs, secs, nq, truth, k);
+
+        eprintln!("{kind}: searching, gRPC ({concurrency} tasks) and raw faiss ({concurrency} threads) in {ROUNDS} alternating rounds...");
+        let raw_slice = |stop: StopRule| {
+            let (index, rv) = (index.clone(), raw_vectors.clone());
+            tokio::task::spawn_blocking(move || {
+                let cpu = process_cpu_secs();
+                let (logs, secs) = raw_run(&index, &rv.queries, dim, k, knobs, concurrency, stop)?;
+                anyhow::Ok((logs, secs, process_cpu_secs().zip(cpu).map(|(b, a)| b - a)))
+            })
+        };
+        grpc_run(&search_clients, ds, k, knobs, StopRule::warmup(nq, concurrency)).await?;
+        raw_slice(StopRule::warmup(nq, concurrency)).await??;
+        let (mut grpc, mut raw) = (Sample::default(), Sample::default());
+        for round in 0..ROUNDS {
+            let stop = StopRule::slice(a, round, nq);
+            let cpu = process_cpu_secs();
+            let (logs, secs) = grpc_run(&search_clients, ds, k, knobs, stop).await?;
+            grpc.add(logs, secs, process_cpu_secs().zip(cpu).map(|(b, a)| b - a));
+            let (logs, secs, cpu) = raw_slice(stop).await??;
+            raw.add(logs, secs, cpu);
+        }
+        let grpc = summarize(grpc, cores, nq, truth, k);
+        let raw = summarize(raw, cores, nq, truth, k);
 
         let qps_ratio = if raw.qps > 0.0 { grpc.qps / raw.qps } else { 0.0 };
         reports.push(IndexReport { index: which, spec: kind.to_string(), build_secs, raw_build_secs, grpc, raw, qps_ratio });
@@ -762,24 +823,29 @@ fn print_table(r: &Report) {
         p.wal_sync, p.ingest_streams, p.batch, i.vectors, i.secs, i.vectors_per_sec, i.mb_per_sec
     );
     println!();
+    println!("{:<9} {:>8} {:>8} | {:^44} | {:^44} |", "", "", "", "through gRPC", "raw faiss, in-process");
     println!(
-        "{:<9} {:>8} {:>8} | {:>8} {:>9} {:>8} {:>8} | {:>8} {:>9} {:>8} {:>8} | {:>6}",
-        "index", "build s", "raw bld", "recall", "grpc qps", "p50 ms", "p99 ms", "recall", "raw qps", "p50 ms", "p99 ms", "ratio"
+        "{:<9} {:>8} {:>8} | {:>7} {:>8} {:>7} {:>7} {:>9} | {:>7} {:>8} {:>7} {:>7} {:>9} | {:>5}",
+        "index", "build s", "raw bld", "recall", "qps", "p50 ms", "p99 ms", "cpu us/q", "recall", "qps", "p50 ms", "p99 ms", "cpu us/q", "ratio"
     );
+    let cpu = |c: Option<f64>| c.map_or_else(|| "-".to_string(), |c| format!("{c:.0}"));
     for x in &r.indexes {
+        let (g, w) = (&x.grpc, &x.raw);
         println!(
-            "{:<9} {:>8.2} {:>8.2} | {:>8.4} {:>9.0} {:>8.3} {:>8.3} | {:>8.4} {:>9.0} {:>8.3} {:>8.3} | {:>6.2}",
+            "{:<9} {:>8.2} {:>8.2} | {:>7.4} {:>8.0} {:>7.3} {:>7.3} {:>9} | {:>7.4} {:>8.0} {:>7.3} {:>7.3} {:>9} | {:>5.2}",
             serde_name(x.index),
             x.build_secs,
             x.raw_build_secs,
-            x.grpc.recall,
-            x.grpc.qps,
-            x.grpc.p50_ms,
-            x.grpc.p99_ms,
-            x.raw.recall,
-            x.raw.qps,
-            x.raw.p50_ms,
-            x.raw.p99_ms,
+            g.recall,
+            g.qps,
+            g.p50_ms,
+            g.p99_ms,
+            cpu(g.cpu_us_per_query),
+            w.recall,
+            w.qps,
+            w.p50_ms,
+            w.p99_ms,
+            cpu(w.cpu_us_per_query),
             x.qps_ratio
         );
     }
