@@ -42,6 +42,10 @@ impl std::error::Error for InvalidConfig {}
 pub struct ConfigOverrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
+    pub cluster_id: Option<String>,
+    pub role: Option<tandem_cluster::Role>,
+    /// `--follow URL`: role alternative, following the leader at URL.
+    pub follow: Option<String>,
 }
 
 /// Defaults -> `path` (if given; it must exist) -> `TANDEM__*` environment variables, validated.
@@ -92,6 +96,16 @@ pub fn load_cluster_config_with(
     }
     if let Some(dir) = &overrides.data_dir {
         cfg.data_dir = dir.clone();
+    }
+    if let Some(id) = &overrides.cluster_id {
+        cfg.cluster_id = id.clone();
+    }
+    if let Some(leader) = &overrides.follow {
+        cfg.role = tandem_cluster::Role::Alternative;
+        cfg.replication.leader = leader.clone();
+    }
+    if let Some(role) = overrides.role {
+        cfg.role = role;
     }
     if let Err(errs) = cfg.validate() {
         problems.extend(errs);

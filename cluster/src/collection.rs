@@ -191,6 +191,23 @@ impl Collection {
         Ok(true)
     }
 
+    /// Alternative bootstrap: loads snapshot rows (with their own insert ts) into `shard`
+    /// without moving its stream position; the bootstrap records the position once the whole
+    /// snapshot is in. Blocking.
+    pub fn load_snapshot_rows(&self, clock: &HybridClock, shard: usize, ts: Ts, op: ShardOp, jobs: &mut IndexJobs) -> Result<()> {
+        let schema = self.schema();
+        let sh = &self.shards[shard];
+        let mut st = sh.lock_state();
+        let mut pending = sh.lock_pending();
+        clock.observe(ts);
+        let mut sealed = Vec::new();
+        let (wal_lsn, _) = sh.append_and_apply(&mut st, &mut pending, &schema, LogMeta { ts, participants: &[], source_lsn: 0 }, op, &mut sealed)?;
+        drop(pending);
+        drop(st);
+        jobs.extend(sealed.into_iter().map(|s| (shard, s)));
+        sh.finish(wal_lsn)
+    }
+
     /// Every change with ts <= this is applied on every shard.
     pub fn serviceable_ts(&self, clock: &HybridClock) -> Ts {
         self.shards.iter().map(|s| s.serviceable_ts(clock)).min().unwrap_or_else(|| clock.peek())

@@ -27,6 +27,52 @@ pub struct ClusterConfig {
     pub index: IndexConfig,
     pub limits: Limits,
     pub read: ReadConfig,
+    pub replication: ReplicationConfig,
+}
+
+/// How this cluster takes part in its replication group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReplicationConfig {
+    /// The replication group's id (in every event; part of broker topic names).
+    pub group: String,
+    /// "direct" (alternatives pull the leader's log over gRPC; no broker) or "kafka".
+    pub transport: String,
+    /// Alternatives: the leader's endpoint (snapshots, STRONG reads, the direct transport,
+    /// and the hint in NotLeader replies).
+    pub leader: String,
+    /// Time ticks per shard when idle, so idle shards still advance alternatives.
+    pub tick_ms: u64,
+    /// What an alternative does with an event it cannot decode or apply: "halt" that shard's
+    /// replication (default) or "skip" it. Either way it is quarantined and reported.
+    pub on_poison: String,
+    /// Leader with ack policy "exported" (default): a write is acknowledged once the transport
+    /// has it; "local": once it is in the local WAL.
+    pub ack: String,
+    pub kafka: KafkaSettings,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub topic_prefix: String,
+    /// Passed to librdkafka as is (security.protocol, sasl.*, ssl.*, ...).
+    pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for ReplicationConfig {
+    fn default() -> Self {
+        ReplicationConfig {
+            group: "default".into(),
+            transport: "direct".into(),
+            leader: String::new(),
+            tick_ms: 50,
+            on_poison: "halt".into(),
+            ack: "exported".into(),
+            kafka: KafkaSettings { brokers: String::new(), topic_prefix: "tandem".into(), properties: Default::default() },
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -99,6 +145,7 @@ impl Default for ClusterConfig {
             index: IndexConfig::default(),
             limits: Limits::default(),
             read: ReadConfig::default(),
+            replication: ReplicationConfig::default(),
         }
     }
 }
@@ -190,6 +237,28 @@ impl ClusterConfig {
             if v == 0 {
                 errs.push(format!("{name} = 0 must be at least 1"));
             }
+        }
+        let r = &self.replication;
+        if crate::schema::validate_name("replication.group", &r.group).is_err() {
+            errs.push(format!("replication.group = {:?}: use letters, digits and _", r.group));
+        }
+        if !["direct", "kafka"].contains(&r.transport.as_str()) {
+            errs.push(format!("replication.transport = {:?} is not one of direct, kafka", r.transport));
+        }
+        if r.transport == "kafka" && r.kafka.brokers.trim().is_empty() {
+            errs.push("replication.kafka.brokers is empty but replication.transport = \"kafka\"".into());
+        }
+        if self.role != Role::Leading && r.leader.trim().is_empty() {
+            errs.push(format!("replication.leader is empty: a cluster with role = {:?} needs its leader's endpoint", self.role.to_string()));
+        }
+        if !(1..=60_000).contains(&r.tick_ms) {
+            errs.push(format!("replication.tick_ms = {} is out of range 1..=60000", r.tick_ms));
+        }
+        if !["halt", "skip"].contains(&r.on_poison.as_str()) {
+            errs.push(format!("replication.on_poison = {:?} is not one of halt, skip", r.on_poison));
+        }
+        if !["exported", "local"].contains(&r.ack.as_str()) {
+            errs.push(format!("replication.ack = {:?} is not one of exported, local", r.ack));
         }
         if self.read.max_wait_ms == 0 {
             errs.push("read.max_wait_ms = 0 must be at least 1".into());

@@ -22,6 +22,9 @@ pub enum ClusterError {
     /// A write sent to a cluster that does not lead; names the leader when known.
     #[error("cluster {cluster} is {role} and does not accept writes{}", leader.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
     NotLeader { cluster: String, role: String, leader: Option<String> },
+    /// A change stream position the log no longer holds (a subscriber must bootstrap).
+    #[error("position {from} is no longer in the log, which starts at {first}")]
+    Truncated { from: u64, first: u64 },
     /// Insert of ids that already exist (upsert replaces them).
     #[error("{0}")]
     AlreadyExists(String),
@@ -63,6 +66,7 @@ impl ClusterError {
             | ClusterError::ResourceExhausted(_) => true,
             // Retried after the caller refreshed its view of who leads, not as is.
             ClusterError::NotLeader { .. }
+            | ClusterError::Truncated { .. }
             | ClusterError::InvalidArgument(_)
             | ClusterError::CollectionNotFound(_)
             | ClusterError::CollectionExists(_)
@@ -94,6 +98,7 @@ impl ClusterError {
             ClusterError::InvalidArgument(_) | ClusterError::Filter(_) => Code::InvalidArgument,
             ClusterError::CollectionNotFound(_) => Code::NotFound,
             ClusterError::NotLeader { .. } => Code::FailedPrecondition,
+            ClusterError::Truncated { .. } => Code::OutOfRange,
             ClusterError::CollectionExists(_) | ClusterError::AlreadyExists(_) => Code::AlreadyExists,
             ClusterError::Unavailable(_) => Code::Unavailable,
             ClusterError::DeadlineExceeded(_) => Code::DeadlineExceeded,

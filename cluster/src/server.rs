@@ -39,6 +39,9 @@ pub async fn start(cfg: ClusterConfig) -> Result<Running> {
     let addr = listener.local_addr().map_err(|e| ClusterError::Internal(e.to_string()))?;
     let opts = cfg.node_options();
     let node = tokio::task::spawn_blocking(move || Node::open(opts)).await.map_err(|e| ClusterError::Internal(e.to_string()))??;
+    if cfg.role != crate::role::Role::Leading {
+        node.set_leader(Some(cfg.replication.leader.clone()));
+    }
     let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(node.clone(), Arc::new(cfg), listener, shutdown.clone()));
     tracing::info!(%addr, cluster = %node.opts.cluster_id, role = %node.role(), "serving");
@@ -47,11 +50,18 @@ pub async fn start(cfg: ClusterConfig) -> Result<Running> {
 
 pub async fn serve(node: Arc<Node>, cfg: Arc<ClusterConfig>, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let max = cfg.limits.max_message_bytes;
-    let api = TandemServer::new(ClusterService::new(node, cfg))
+    let api = TandemServer::new(ClusterService::new(node.clone(), cfg.clone()))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
+    let replication = tandem_proto::replication::v1::replication_server::ReplicationServer::new(crate::replication::ReplicationService::new(
+        node.clone(),
+        cfg.replication.group.clone(),
+        std::time::Duration::from_millis(cfg.replication.tick_ms),
+    ))
+    .max_decoding_message_size(max)
+    .max_encoding_message_size(max);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TandemServer<ClusterService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -64,6 +74,7 @@ pub async fn serve(node: Arc<Node>, cfg: Arc<ClusterConfig>, listener: TcpListen
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
+        .add_service(replication)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
         .map_err(|e| ClusterError::Internal(format!("grpc server: {e}")))

@@ -483,10 +483,13 @@ impl Transport for KafkaTransport {
 
     /// Finds the start offset (a few blocking round trips), then streams from it. Cancel-safe.
     ///
-    /// The stream yields `Malformed { position: <kafka offset> }` for a message that is not a
-    /// valid event of this stream and goes on with the next one. Any other error ends it:
-    /// `Truncated` when the log lost positions the subscriber still needs (retention caught
-    /// up with it, or the log has a gap), `Unavailable` when the client failed for good.
+    /// The stream yields `Malformed` for a message that is not a valid event of this stream and
+    /// goes on with the next one; its `position` is that of the last event before it (so that
+    /// stepping over it consumes no position) and its message names the Kafka offset. Any other
+    /// error ends the stream: `Truncated` when the log lost positions the subscriber still needs
+    /// (retention caught up with it, or the log has a gap), `Unavailable` when the consumer
+    /// failed in a way librdkafka does not recover from by itself (it does from broker restarts
+    /// and disconnections: those are only logged).
     async fn subscribe(&self, stream: &StreamId, from_lsn: u64) -> Result<EventStream> {
         let (topic, partition) = place(&self.inner.cfg, stream)?;
         let (s, t) = (*stream, topic.clone());
@@ -513,7 +516,7 @@ impl Transport for KafkaTransport {
             partition,
             want: from_lsn.max(1),
             checking: true,
-            next_lsn: from_lsn.max(1),
+            last_lsn: from_lsn.max(1) - 1,
             done: false,
         };
         Ok(futures::stream::unfold(tail, Tail::next).boxed())
@@ -697,20 +700,51 @@ struct Tail {
     want: u64,
     /// Until the change at `want` arrives, anything past it means the log has a gap there.
     checking: bool,
-    /// Position after the last change delivered, for error reports.
-    next_lsn: u64,
+    /// Position of the last event delivered (`want - 1` before the first): where a malformed
+    /// message sits, and where to search again after a truncation.
+    last_lsn: u64,
     done: bool,
 }
 
+/// librdkafka recovers from these by itself (reconnects, leader moves): not worth ending the
+/// stream for.
+fn recovers_by_itself(code: RDKafkaErrorCode) -> bool {
+    use RDKafkaErrorCode as C;
+    matches!(
+        code,
+        C::BrokerTransportFailure
+            | C::AllBrokersDown
+            | C::Resolve
+            | C::OperationTimedOut
+            | C::RequestTimedOut
+            | C::NetworkException
+            | C::LeaderNotAvailable
+            | C::NotLeaderForPartition
+            | C::NotCoordinator
+            | C::CoordinatorNotAvailable
+    )
+}
+
 impl Tail {
+    fn header_lsn(m: &rdkafka::message::BorrowedMessage<'_>) -> Option<String> {
+        use rdkafka::message::Headers;
+        let h = m.headers()?.iter().find(|h| h.key == LSN_HEADER)?;
+        Some(String::from_utf8_lossy(h.value?).into_owned())
+    }
+
+    fn end_with(mut self, err: ExportError) -> Option<(Result<ChangeEvent>, Tail)> {
+        self.done = true;
+        Some((Err(err), self))
+    }
+
     async fn next(mut self) -> Option<(Result<ChangeEvent>, Tail)> {
         if self.done {
             return None;
         }
         loop {
-            let Some(consumer) = self.consumer.0.as_ref() else { return None };
+            let consumer = self.consumer.0.as_ref()?;
             let received = match consumer.recv().await {
-                Ok(m) => Ok((m.offset(), decode_event(&self.stream, m.payload()))),
+                Ok(m) => Ok((m.offset(), decode_event(&self.stream, m.payload()).map_err(|e| (e, Self::header_lsn(&m))))),
                 Err(e) => Err(e),
             };
             match received {
@@ -718,45 +752,48 @@ impl Tail {
                     if self.checking {
                         let gap = if is_tick(&ev) { ev.lsn >= self.want } else { ev.lsn > self.want };
                         if gap {
-                            self.done = true;
                             let first = if is_tick(&ev) { ev.lsn + 1 } else { ev.lsn };
                             warn!(stream = %self.stream, want = self.want, offset, lsn = ev.lsn, "kafka log has a gap before the wanted position");
-                            return Some((Err(ExportError::Truncated { stream: self.stream.to_string(), lsn: self.want, first }), self));
+                            let err = ExportError::Truncated { stream: self.stream.to_string(), lsn: self.want, first };
+                            return self.end_with(err);
                         }
                         if !is_tick(&ev) && ev.lsn == self.want {
                             self.checking = false;
                         }
                     }
-                    self.next_lsn = self.next_lsn.max(ev.lsn.saturating_add(1));
+                    self.last_lsn = self.last_lsn.max(ev.lsn);
                     return Some((Ok(ev), self));
                 }
-                Ok((offset, Err(message))) => {
-                    warn!(stream = %self.stream, offset, %message, "malformed kafka message");
-                    let err = ExportError::Malformed { stream: self.stream.to_string(), position: u64::try_from(offset).unwrap_or(0), message };
+                Ok((offset, Err((problem, header)))) => {
+                    // Positions are tandem's, and an undecodable message has none we can trust
+                    // (its header may be missing or belong to another stream): report it at the
+                    // position it follows, so that stepping over it consumes no real position.
+                    // The message names the exact Kafka offset for the operator.
+                    let header = header.map(|h| format!(", {LSN_HEADER} header {h:?}")).unwrap_or_default();
+                    let message = format!("kafka message {}/{}@{offset}{header}: {problem}", self.topic, self.partition);
+                    warn!(stream = %self.stream, offset, after = self.last_lsn, %message, "malformed kafka message");
+                    let err = ExportError::Malformed { stream: self.stream.to_string(), position: self.last_lsn, message };
                     return Some((Err(err), self));
                 }
-                Err(e) => match e.rdkafka_error_code() {
-                    Some(RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset) => {
-                        // Retention removed what we were about to read. Searching again gives
-                        // the precise error (with the first position still held).
-                        self.done = true;
-                        let (s, t, p, want) = (self.stream, self.topic.clone(), self.partition, self.next_lsn);
-                        let err = match self.inner.blocking(move |i| locate(i, &s, &t, p, want)).await {
-                            Err(e) => e,
-                            Ok(_) => unavailable(format!("reading {}/{}: {e}; subscribe again", self.topic, self.partition)),
-                        };
-                        return Some((Err(err), self));
+                Err(e) => {
+                    let what = format!("reading {}/{} after position {}: {e}", self.topic, self.partition, self.last_lsn);
+                    match e.rdkafka_error_code() {
+                        Some(RDKafkaErrorCode::OffsetOutOfRange | RDKafkaErrorCode::AutoOffsetReset) => {
+                            // Retention removed what we were about to read. Searching again
+                            // gives the precise error (with the first position still held).
+                            let (s, t, p, want) = (self.stream, self.topic.clone(), self.partition, self.last_lsn + 1);
+                            let err = match self.inner.blocking(move |i| locate(i, &s, &t, p, want)).await {
+                                Err(e) => e,
+                                Ok(_) => unavailable(format!("{what}; subscribe again")),
+                            };
+                            return self.end_with(err);
+                        }
+                        Some(code) if recovers_by_itself(code) && !matches!(e, KafkaError::MessageConsumptionFatal(_)) => {
+                            debug!(stream = %self.stream, error = %e, "kafka consumer error; librdkafka retries");
+                        }
+                        _ => return self.end_with(unavailable(what)),
                     }
-                    _ if matches!(e, KafkaError::MessageConsumptionFatal(_)) => {
-                        self.done = true;
-                        return Some((Err(unavailable(format!("reading {}/{}: {e}", self.topic, self.partition))), self));
-                    }
-                    // librdkafka reconnects by itself; report it so lag can be marked unknown.
-                    _ => {
-                        debug!(stream = %self.stream, error = %e, "kafka consumer error");
-                        return Some((Err(unavailable(format!("reading {}/{}: {e}", self.topic, self.partition))), self));
-                    }
-                },
+                }
             }
         }
     }

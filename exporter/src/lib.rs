@@ -11,7 +11,9 @@
 //! core does not depend on any broker client.
 #![forbid(unsafe_code)]
 
+pub mod direct;
 pub mod error;
+pub mod follower;
 pub mod transport;
 
 #[cfg(feature = "kafka")]

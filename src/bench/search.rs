@@ -407,8 +407,8 @@ fn summarize(sample: Sample, cores: usize, nq: usize, truth: &[Vec<i64>], k: usi
 
 /// Searches through gRPC: `clients.len()` tasks, one query per request, until `stop`.
 async fn grpc_run(
-    clients: &[TandemClient<Channel>],
-    ds: &Arc<Dataset>,
+    clients: Vec<TandemClient<Channel>>,
+    ds: Arc<Dataset>,
     k: usize,
     knobs: Knobs,
     stop: StopRule,
@@ -416,8 +416,7 @@ async fn grpc_run(
     let next = Arc::new(AtomicUsize::new(0));
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(clients.len());
-    for client in clients {
-        let mut client = client.clone();
+    for mut client in clients {
         let (ds, next) = (ds.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut log = WorkerLog::default();
@@ -637,6 +636,9 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
         WalSyncArg::Never => WalSync::Never,
     };
     cfg.limits.max_message_bytes = MAX_MESSAGE_BYTES;
+    if let Ok(t) = std::env::var("BENCH_SEARCH_THREADS") {
+        cfg.search.threads = t.parse()?;
+    }
     cfg.limits.max_write_rows = cfg.limits.max_write_rows.max(a.batch);
     if let Err(errs) = cfg.validate() {
         bail!("bench cluster config is invalid: {}", errs.join("; "));
@@ -732,9 +734,27 @@ async fn measure(
     for _ in 0..a.ingest_streams {
         ingest_clients.push(connect(running.addr).await?);
     }
-    let mut search_clients = Vec::new();
-    for _ in 0..concurrency {
-        search_clients.push(connect(running.addr).await?);
+    let client_rt = if std::env::var("BENCH_CLIENT_RT").is_ok() {
+        Some(tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("bench-client").enable_all().build()?)
+    } else {
+        None
+    };
+    async fn on<T: Send + 'static>(rt: &Option<tokio::runtime::Runtime>, f: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static) -> anyhow::Result<T> {
+        match rt {
+            Some(rt) => rt.spawn(f).await?,
+            None => f.await,
+        }
+    }
+    let mut search_clients: Vec<TandemClient<Channel>> = Vec::new();
+    let shared = std::env::var("BENCH_SHARED_CONN").is_ok();
+    for i in 0..concurrency {
+        let addr = running.addr;
+        if shared && i > 0 {
+            let c = search_clients[0].clone();
+            search_clients.push(c);
+        } else {
+            search_clients.push(on(&client_rt, async move { connect(addr).await }).await?);
+        }
     }
 
     let first = a.indexes[0];
@@ -791,13 +811,13 @@ async fn measure(
                 anyhow::Ok((logs, secs, process_cpu_secs().zip(cpu).map(|(b, a)| b - a)))
             })
         };
-        grpc_run(&search_clients, ds, k, knobs, StopRule::warmup(nq, concurrency)).await?;
+        on(&client_rt, grpc_run(search_clients.clone(), ds.clone(), k, knobs, StopRule::warmup(nq, concurrency))).await?;
         raw_slice(StopRule::warmup(nq, concurrency)).await??;
         let (mut grpc, mut raw) = (Sample::default(), Sample::default());
         for round in 0..ROUNDS {
             let stop = StopRule::slice(a, round, nq);
             let cpu = process_cpu_secs();
-            let (logs, secs) = grpc_run(&search_clients, ds, k, knobs, stop).await?;
+            let (logs, secs) = on(&client_rt, grpc_run(search_clients.clone(), ds.clone(), k, knobs, stop)).await?;
             grpc.add(logs, secs, process_cpu_secs().zip(cpu).map(|(b, a)| b - a));
             let (logs, secs, cpu) = raw_slice(stop).await??;
             raw.add(logs, secs, cpu);
@@ -807,6 +827,10 @@ async fn measure(
 
         let qps_ratio = if raw.qps > 0.0 { grpc.qps / raw.qps } else { 0.0 };
         reports.push(IndexReport { index: which, spec: kind.to_string(), build_secs, raw_build_secs, grpc, raw, qps_ratio });
+    }
+    drop(search_clients);
+    if let Some(rt) = client_rt {
+        rt.shutdown_background();
     }
     Ok((ingest, reports))
 }

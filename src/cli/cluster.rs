@@ -22,6 +22,16 @@ pub struct ClusterArgs {
     /// Data directory, overriding the configuration.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
+    /// This cluster's id, overriding the configuration.
+    #[arg(long, value_name = "ID")]
+    pub cluster_id: Option<String>,
+    /// Follow the leader at URL as an alternative (sets role = alternative and
+    /// replication.leader).
+    #[arg(long, value_name = "URL")]
+    pub follow: Option<String>,
+    /// The cluster's role, overriding the configuration.
+    #[arg(long, value_enum)]
+    pub role: Option<RoleArg>,
     /// Log line format (logs go to stderr; RUST_LOG sets the filter, default info).
     #[arg(long, value_enum, default_value = "text")]
     pub log_format: LogFormat,
@@ -30,17 +40,31 @@ pub struct ClusterArgs {
     pub drain_timeout: u64,
 }
 
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+pub enum RoleArg {
+    Leading,
+    Alternative,
+    Standby,
+}
+
 pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     init_tracing("info", a.log_format);
-    let overrides = ConfigOverrides { listen: a.listen.clone(), data_dir: a.data_dir.clone() };
+    let role = a.role.map(|r| match r {
+        RoleArg::Leading => tandem_cluster::Role::Leading,
+        RoleArg::Alternative => tandem_cluster::Role::Alternative,
+        RoleArg::Standby => tandem_cluster::Role::Standby,
+    });
+    let overrides = ConfigOverrides { listen: a.listen.clone(), data_dir: a.data_dir.clone(), cluster_id: a.cluster_id.clone(), role, follow: a.follow.clone() };
     let cfg = load_cluster_config_with(a.config.as_deref(), std::env::vars(), &overrides)?;
     let id = cfg.cluster_id.clone();
-    let running = server::start(cfg).await?;
+    let running = server::start(cfg.clone()).await?;
+    let replication = crate::replication::start(&running, &cfg).await?;
     // Scripts and tests wait for this exact line to learn the address (port 0 picks one).
     println!("tandem cluster {id} listening on {}", running.addr);
 
     let signal = shutdown_signal().await?;
     tracing::info!(signal, "shutting down: draining requests in flight");
+    replication.stop();
     tokio::select! {
         r = running.stop() => r?,
         () = tokio::time::sleep(Duration::from_secs(a.drain_timeout)) => {

@@ -25,8 +25,19 @@ use tonic::transport::Channel;
 
 pub type Client = TandemClient<Channel>;
 
+/// The replication transport a sandbox's alternatives use.
+#[derive(Debug, Clone)]
+pub enum Backend {
+    Direct,
+    Kafka { brokers: String },
+}
+
+type Adjust = Box<dyn Fn(&mut ClusterConfig) + Send>;
+
 pub struct SandboxBuilder {
-    clusters: Vec<(String, Box<dyn Fn(&mut ClusterConfig) + Send>)>,
+    /// (name, follows, adjust): clusters start in order, so a leader precedes its alternatives.
+    clusters: Vec<(String, Option<String>, Adjust)>,
+    backend: Backend,
 }
 
 impl SandboxBuilder {
@@ -36,41 +47,114 @@ impl SandboxBuilder {
 
     /// A cluster whose config the closure adjusts (e.g. a small `segment.seal_rows`).
     pub fn cluster_with(mut self, name: &str, f: impl Fn(&mut ClusterConfig) + Send + 'static) -> Self {
-        self.clusters.push((name.to_string(), Box::new(f)));
+        self.clusters.push((name.to_string(), None, Box::new(f)));
+        self
+    }
+
+    /// A leading cluster (same as `cluster`).
+    pub fn leading(self, name: &str) -> Self {
+        self.cluster(name)
+    }
+
+    /// An alternative cluster following `leader` through the sandbox's transport.
+    pub fn alternative(self, name: &str, leader: &str) -> Self {
+        self.alternative_with(name, leader, |_| {})
+    }
+
+    pub fn alternative_with(mut self, name: &str, leader: &str, f: impl Fn(&mut ClusterConfig) + Send + 'static) -> Self {
+        self.clusters.push((name.to_string(), Some(leader.to_string()), Box::new(f)));
+        self
+    }
+
+    pub fn transport(mut self, backend: Backend) -> Self {
+        self.backend = backend;
         self
     }
 
     pub async fn build(self) -> Sandbox {
         let root = tempfile::tempdir().expect("temp dir");
-        let mut members = BTreeMap::new();
-        for (name, adjust) in self.clusters {
+        let mut members: BTreeMap<String, Mutex<Member>> = BTreeMap::new();
+        for (name, follows, adjust) in self.clusters {
             let mut cfg = ClusterConfig::default();
             cfg.cluster_id = name.clone();
             cfg.listen = "127.0.0.1:0".into();
             cfg.data_dir = root.path().join(&name);
-            // Tests exercise the real durability path.
             cfg.search.threads = 2;
+            match &self.backend {
+                Backend::Direct => cfg.replication.transport = "direct".into(),
+                Backend::Kafka { brokers } => {
+                    cfg.replication.transport = "kafka".into();
+                    cfg.replication.kafka.brokers = brokers.clone();
+                    // every sandbox its own topics
+                    cfg.replication.group = format!("g{}", std::process::id() as u64 * 1000 + rand_suffix());
+                }
+            }
+            if let Some(leader) = &follows {
+                let addr = members[leader].lock().await.running.as_ref().expect("leader running").addr;
+                cfg.role = tandem_cluster::Role::Alternative;
+                cfg.replication.leader = format!("http://{addr}");
+            }
             adjust(&mut cfg);
             let running = server::start(cfg.clone()).await.expect("start cluster");
-            members.insert(name, Mutex::new(Member { cfg, running: Some(running) }));
+            let repl = tandem::replication::start(&running, &cfg).await.expect("start replication");
+            members.insert(name, Mutex::new(Member { cfg, running: Some(running), repl: Some(repl) }));
         }
-        Sandbox { _root: root, members }
+        Sandbox { _root: root, members, backend: self.backend }
     }
+}
+
+fn rand_suffix() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }
 
 struct Member {
     cfg: ClusterConfig,
     running: Option<Running>,
+    repl: Option<tandem::replication::ReplicationHandle>,
 }
 
 pub struct Sandbox {
     _root: tempfile::TempDir,
     members: BTreeMap<String, Mutex<Member>>,
+    backend: Backend,
 }
 
 impl Sandbox {
     pub fn builder() -> SandboxBuilder {
-        SandboxBuilder { clusters: Vec::new() }
+        SandboxBuilder { clusters: Vec::new(), backend: Backend::Direct }
+    }
+
+    /// Starts another alternative following `leader` (e.g. a new replica joining late).
+    pub async fn add_alternative(&mut self, name: &str, leader: &str) {
+        let addr = self.addr(leader).await;
+        let mut cfg = ClusterConfig::default();
+        cfg.cluster_id = name.into();
+        cfg.listen = "127.0.0.1:0".into();
+        cfg.data_dir = self._root.path().join(name);
+        cfg.search.threads = 2;
+        cfg.role = tandem_cluster::Role::Alternative;
+        cfg.replication.leader = format!("http://{addr}");
+        let leader_cfg = self.member(leader).lock().await.cfg.replication.clone();
+        cfg.replication.transport = leader_cfg.transport;
+        cfg.replication.kafka = leader_cfg.kafka;
+        cfg.replication.group = leader_cfg.group;
+        let running = server::start(cfg.clone()).await.expect("start cluster");
+        let repl = tandem::replication::start(&running, &cfg).await.expect("start replication");
+        self.members.insert(name.into(), Mutex::new(Member { cfg, running: Some(running), repl: Some(repl) }));
+    }
+
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    pub async fn node(&self, name: &str) -> std::sync::Arc<tandem_cluster::Node> {
+        self.member(name).lock().await.running.as_ref().expect("cluster is running").node.clone()
+    }
+
+    pub async fn follower(&self, name: &str) -> std::sync::Arc<tandem_exporter::follower::Follower> {
+        self.member(name).lock().await.repl.as_ref().and_then(|r| r.follower().cloned()).expect("an alternative")
     }
 
     fn member(&self, name: &str) -> &Mutex<Member> {
@@ -91,15 +175,18 @@ impl Sandbox {
 
     /// Graceful stop, then start again on the same data directory (a new port).
     pub async fn restart(&self, name: &str) {
+        self.stop(name).await;
         let mut m = self.member(name).lock().await;
-        if let Some(r) = m.running.take() {
-            r.stop().await.expect("stop");
-        }
-        m.running = Some(server::start(m.cfg.clone()).await.expect("restart"));
+        let running = server::start(m.cfg.clone()).await.expect("restart");
+        m.repl = Some(tandem::replication::start(&running, &m.cfg).await.expect("start replication"));
+        m.running = Some(running);
     }
 
     pub async fn stop(&self, name: &str) {
         let mut m = self.member(name).lock().await;
+        if let Some(r) = m.repl.take() {
+            r.stop();
+        }
         if let Some(r) = m.running.take() {
             r.stop().await.expect("stop");
         }
@@ -208,6 +295,32 @@ pub fn payload(kv: &[(&str, pb::Value)]) -> pb::Payload {
 
 pub fn read(level: pb::ConsistencyLevel, token: &str) -> Option<pb::ReadOptions> {
     Some(pb::ReadOptions { consistency: level as i32, session_token: token.into(), staleness_ms: 0 })
+}
+
+/// A checksum of a collection's whole content (ids, vectors, payloads) as a read at
+/// `level` sees it: equal checksums mean equal content.
+pub async fn checksum(c: &mut Client, collection: &str, level: pb::ConsistencyLevel) -> (u64, u64) {
+    try_checksum(c, collection, level).await.expect("query")
+}
+
+/// `checksum`, or the error of the read (e.g. the collection is not there yet).
+pub async fn try_checksum(c: &mut Client, collection: &str, level: pb::ConsistencyLevel) -> Result<(u64, u64), tonic::Status> {
+    use std::hash::{Hash, Hasher};
+    let r = c
+        .query(pb::QueryRequest { collection: collection.into(), filter: String::new(), limit: 16_384, output_fields: vec!["*".into()], include_vectors: true, read: read(level, "") })
+        .await?
+        .into_inner();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    for e in &r.entities {
+        e.id.hash(&mut h);
+        for x in &e.vector {
+            x.to_bits().hash(&mut h);
+        }
+        let mut fields: Vec<_> = e.payload.iter().flat_map(|p| p.fields.iter()).map(|(k, v)| format!("{k}={v:?}")).collect();
+        fields.sort();
+        fields.hash(&mut h);
+    }
+    Ok((r.entities.len() as u64, h.finish()))
 }
 
 pub async fn count(c: &mut Client, collection: &str) -> u64 {

@@ -1,0 +1,188 @@
+//! Change feeds: a leader's changes as ordered `ChangeEvent`s, one feed per stream (a shard of
+//! a collection, or the DDL log), with time ticks when idle. The direct transport streams a
+//! feed over gRPC; broker publishers (Kafka, Pulsar) publish it.
+//!
+//! A shard feed only emits records whose ts is at or below the *collection's* serviceable ts
+//! at the moment it reads: then every part of a multi-shard write it emits is durable on every
+//! shard, so recovery can never abort a write a subscriber already applied. A tick says "every
+//! change of this stream with ts <= tick.ts has been sent"; its ts is taken *before* reading,
+//! so records that became durable meanwhile cannot be skipped over by it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tandem_proto::replication::v1 as rp;
+use tandem_proto::storage::v1 as st;
+
+use crate::collection::Collection;
+use crate::error::{ClusterError, Result};
+use crate::node::Node;
+use crate::ts::Ts;
+use crate::wal::Lsn;
+
+pub const FORMAT_VERSION: u32 = 1;
+const BATCH: usize = 512;
+
+fn base_event(node: &Node, group: &str, c_name: &str, c_id: u64, shard: u32, ts: Ts, lsn: Lsn) -> rp::ChangeEvent {
+    rp::ChangeEvent {
+        format_version: FORMAT_VERSION,
+        group_id: group.to_string(),
+        epoch: node.epoch(),
+        ts,
+        collection: c_name.to_string(),
+        collection_id: c_id,
+        shard,
+        lsn,
+        body: None,
+    }
+}
+
+pub struct ShardFeed {
+    node: Arc<Node>,
+    collection: Arc<Collection>,
+    shard: usize,
+    group: String,
+    next: Lsn,
+    tick_every: Duration,
+    last_tick: Option<Instant>,
+    acked: tokio::sync::watch::Receiver<Lsn>,
+}
+
+impl ShardFeed {
+    /// A feed of `shard` from position `from`. `ClusterError::InvalidArgument` naming the
+    /// retained range when the WAL no longer holds `from` (the subscriber must bootstrap).
+    pub fn new(node: Arc<Node>, collection: Arc<Collection>, shard: usize, from: Lsn, group: &str, tick_every: Duration) -> Result<ShardFeed> {
+        let sh = collection
+            .shards()
+            .get(shard)
+            .ok_or_else(|| ClusterError::invalid(format!("collection {:?} has no shard {shard}", collection.schema().name)))?;
+        let first = sh.first_lsn();
+        if from < first && from <= sh.last_lsn() {
+            return Err(ClusterError::Truncated { from, first });
+        }
+        let acked = sh.acked_watch();
+        Ok(ShardFeed { node, collection, shard, group: group.to_string(), next: from.max(1), tick_every, last_tick: None, acked })
+    }
+
+    /// The position the next event will have at least.
+    pub fn next_lsn(&self) -> Lsn {
+        self.next
+    }
+
+    /// Waits until there are changes or a tick is due and returns them (in order). Cancel-safe.
+    pub async fn next_batch(&mut self) -> Result<Vec<rp::ChangeEvent>> {
+        loop {
+            if self.collection.is_dropped() {
+                return Err(ClusterError::CollectionNotFound(self.collection.schema().name.clone()));
+            }
+            let upto = self.collection.serviceable_ts(&self.node.clock);
+            let (events, last, full) = {
+                let node = self.node.clone();
+                let c = self.collection.clone();
+                let (shard, next, group) = (self.shard, self.next, self.group.clone());
+                tokio::task::spawn_blocking(move || -> Result<_> {
+                    let name = c.schema().name.clone();
+                    let mut events = Vec::new();
+                    let last = c.shards()[shard].read_changes(next, upto, BATCH, |lsn, rec| {
+                        let mut ev = base_event(&node, &group, &name, c.id, shard as u32, rec.ts, lsn);
+                        ev.body = match rec.op {
+                            Some(st::wal_record::Op::Insert(b)) => Some(rp::change_event::Body::Insert(b)),
+                            Some(st::wal_record::Op::Upsert(b)) => Some(rp::change_event::Body::Upsert(b)),
+                            Some(st::wal_record::Op::Delete(d)) => Some(rp::change_event::Body::Delete(d)),
+                            Some(st::wal_record::Op::Abort(_)) | None => None,
+                        };
+                        if ev.body.is_some() {
+                            events.push(ev);
+                        }
+                        true
+                    })?;
+                    let full = events.len() >= BATCH;
+                    Ok((events, last, full))
+                })
+                .await
+                .map_err(|e| ClusterError::Internal(e.to_string()))??
+            };
+            self.next = last + 1;
+            if full {
+                return Ok(events);
+            }
+            // Caught up: everything with ts <= upto has been read.
+            let tick_due = self.last_tick.is_none_or(|t| t.elapsed() >= self.tick_every);
+            if !events.is_empty() || tick_due {
+                let mut out = events;
+                if tick_due || !out.is_empty() {
+                    let mut tick = base_event(&self.node, &self.group, &self.collection.schema().name, self.collection.id, self.shard as u32, upto, last);
+                    tick.body = Some(rp::change_event::Body::Tick(rp::TimeTick { leader_ts: self.node.clock.peek() }));
+                    out.push(tick);
+                    self.last_tick = Some(Instant::now());
+                }
+                return Ok(out);
+            }
+            let wait = self.tick_every.saturating_sub(self.last_tick.map_or(Duration::ZERO, |t| t.elapsed()));
+            let _ = tokio::time::timeout(wait.max(Duration::from_millis(1)), self.acked.changed()).await;
+        }
+    }
+}
+
+/// The DDL log as a feed (no ticks: DDL carries no serviceable ts).
+pub struct DdlFeed {
+    node: Arc<Node>,
+    group: String,
+    next: Lsn,
+    poll: Duration,
+}
+
+impl DdlFeed {
+    pub fn new(node: Arc<Node>, from: Lsn, group: &str, poll: Duration) -> DdlFeed {
+        DdlFeed { node, group: group.to_string(), next: from.max(1), poll }
+    }
+
+    /// Waits for DDL changes and returns them in order. Cancel-safe.
+    pub async fn next_batch(&mut self) -> Result<Vec<rp::ChangeEvent>> {
+        loop {
+            let mut out = Vec::new();
+            let node = self.node.clone();
+            let group = self.group.clone();
+            let next = self.next;
+            let (events, last) = tokio::task::spawn_blocking(move || -> Result<_> {
+                let mut last = next.saturating_sub(1);
+                node.read_ddl(next, |lsn, rec| {
+                    last = lsn;
+                    out.push(ddl_event(&node, &group, lsn, rec));
+                    true
+                })?;
+                Ok((out, last))
+            })
+            .await
+            .map_err(|e| ClusterError::Internal(e.to_string()))??;
+            self.next = last + 1;
+            if !events.is_empty() {
+                return Ok(events);
+            }
+            tokio::time::sleep(self.poll).await;
+        }
+    }
+}
+
+pub fn ddl_event(node: &Node, group: &str, lsn: Lsn, rec: st::DdlRecord) -> rp::ChangeEvent {
+    let mut ev = base_event(node, group, &rec.collection, rec.collection_id, 0, rec.ts, lsn);
+    ev.body = match rec.op {
+        Some(st::ddl_record::Op::Create(schema)) => Some(rp::change_event::Body::CreateCollection(rp::CreateCollection { schema: Some(schema) })),
+        Some(st::ddl_record::Op::Drop(_)) => Some(rp::change_event::Body::DropCollection(rp::DropCollection {})),
+        Some(st::ddl_record::Op::SetIndex(spec)) => Some(rp::change_event::Body::SetIndex(rp::SetIndex { index: Some(spec) })),
+        None => None,
+    };
+    ev
+}
+
+/// A DDL event back into the record an alternative logs.
+pub fn ddl_record(ev: &rp::ChangeEvent) -> Result<st::DdlRecord> {
+    use rp::change_event::Body;
+    let op = match &ev.body {
+        Some(Body::CreateCollection(c)) => st::ddl_record::Op::Create(c.schema.clone().ok_or_else(|| ClusterError::invalid("create_collection event without a schema"))?),
+        Some(Body::DropCollection(_)) => st::ddl_record::Op::Drop(st::DropOp {}),
+        Some(Body::SetIndex(s)) => st::ddl_record::Op::SetIndex(s.index.clone().ok_or_else(|| ClusterError::invalid("set_index event without an index"))?),
+        other => return Err(ClusterError::invalid(format!("not a DDL event: {other:?}"))),
+    };
+    Ok(st::DdlRecord { ts: ev.ts, collection: ev.collection.clone(), collection_id: ev.collection_id, op: Some(op), source_lsn: ev.lsn })
+}

@@ -1,0 +1,288 @@
+//! A tansu broker (Kafka-compatible, one process) on a free loopback port, for tests.
+//!
+//! Self-contained on purpose (std and `tempfile` only, no Kafka client): the exporter's tests and
+//! the root package's sandbox tests both include this file with `#[path] mod tansu;`.
+//!
+//! ```ignore
+//! let mut broker = Tansu::start(true);   // durable: sqlite storage in a temp dir
+//! let brokers = broker.brokers();        // "127.0.0.1:PORT" for bootstrap.servers
+//! broker.restart();                      // same port, same storage
+//! ```                                    // killed on drop
+//!
+//! The binary comes from `PATH` or `$HOME/.cache/tandem/tools/bin` (where `scripts/install-tansu`
+//! puts it). When it is missing the harness panics rather than letting the tests skip.
+//! `start` and `restart` block for up to 30 s while the broker comes up: fine in `#[tokio::test]`,
+//! whose runtime has nothing else to do then.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const VERSION: &str = "0.6.0";
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Tansu {
+    bin: PathBuf,
+    port: u16,
+    durable: bool,
+    /// The broker's cwd: its log and, when durable, `tansu.db`.
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    /// How many times the broker was started, to name the log files.
+    runs: u32,
+}
+
+impl Tansu {
+    /// Starts a broker: in memory, or `durable` (sqlite in a temp dir, survives `restart`).
+    pub fn start(durable: bool) -> Tansu {
+        let bin = find_binary();
+        // A free port can be taken by someone else between our probe and tansu's bind: retry
+        // with another one when the broker dies at startup.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new().prefix("tansu-").tempdir().expect("temp dir for tansu");
+            let mut t = Tansu { bin: bin.clone(), port: free_port(), durable, dir, child: None, runs: 0 };
+            match t.launch() {
+                Ok(()) => return t,
+                Err(e) => last = e,
+            }
+        }
+        panic!("tansu did not start: {last}");
+    }
+
+    /// `host:port` for `bootstrap.servers`.
+    pub fn brokers(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    pub fn is_durable(&self) -> bool {
+        self.durable
+    }
+
+    /// Kills the broker (SIGKILL: no clean shutdown) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills the broker and starts it again on the same port with the same storage (an
+    /// in-memory broker comes back empty).
+    pub fn restart(&mut self) {
+        self.kill();
+        if let Err(e) = self.launch() {
+            panic!("tansu did not restart on port {}: {e}", self.port);
+        }
+    }
+
+    /// The broker's output so far (all runs), for failure messages.
+    pub fn log(&self) -> String {
+        let mut out = String::new();
+        for run in 1..=self.runs {
+            if let Ok(s) = std::fs::read_to_string(self.log_path(run)) {
+                out.push_str(&s);
+            }
+        }
+        out
+    }
+
+    fn log_path(&self, run: u32) -> PathBuf {
+        self.dir.path().join(format!("tansu-{run}.log"))
+    }
+
+    fn launch(&mut self) -> Result<(), String> {
+        self.runs += 1;
+        let log = std::fs::File::create(self.log_path(self.runs)).map_err(|e| format!("tansu log: {e}"))?;
+        let err_log = log.try_clone().map_err(|e| format!("tansu log: {e}"))?;
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        // sqlite paths must be relative (an absolute one is mangled): the cwd is the temp dir.
+        let storage = if self.durable { "sqlite://tansu.db" } else { "memory://tansu/" };
+        let mut cmd = Command::new(&self.bin);
+        cmd.arg("broker")
+            .args(["--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
+            // Its metrics endpoint defaults to a fixed port; ask for an ephemeral one so that
+            // brokers of parallel tests do not collide.
+            .args(["--prometheus-listener-url", "tcp://127.0.0.1:0"])
+            .current_dir(self.dir.path())
+            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err_log);
+        let child = cmd.spawn().map_err(|e| format!("running {}: {e}", self.bin.display()))?;
+        self.child = Some(child);
+        let deadline = Instant::now() + READY_TIMEOUT;
+        let mut last = String::from("no attempt");
+        while Instant::now() < deadline {
+            if let Some(c) = self.child.as_mut()
+                && let Ok(Some(status)) = c.try_wait()
+            {
+                self.child = None;
+                return Err(format!("tansu exited with {status}; its output:\n{}", self.log()));
+            }
+            match metadata_probe(self.port) {
+                Ok(()) => return Ok(()),
+                Err(e) => last = e,
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        self.kill();
+        Err(format!("tansu on port {} not ready after {READY_TIMEOUT:?} (last: {last}); its output:\n{}", self.port, self.log()))
+    }
+}
+
+impl Drop for Tansu {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The tansu binary, or a panic that says how to get it.
+fn find_binary() -> PathBuf {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
+        .unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(Path::new(&home).join(".cache/tandem/tools/bin/tansu"));
+    }
+    let found: Vec<PathBuf> = candidates.into_iter().filter(|p| p.is_file()).collect();
+    if let Some(p) = found.iter().find(|p| version_of(p).as_deref() == Some(VERSION)) {
+        return p.clone();
+    }
+    match found.first() {
+        // Another version may well work: use it, but say so.
+        Some(p) => {
+            eprintln!("warning: {} is not tansu {VERSION}; tests were written against {VERSION}", p.display());
+            p.clone()
+        }
+        None => panic!(
+            "the tansu broker is not installed (looked on PATH and in ~/.cache/tandem/tools/bin): \
+             run scripts/install-tansu (about 10 minutes) and try again"
+        ),
+    }
+}
+
+fn version_of(bin: &Path) -> Option<String> {
+    let out = Command::new(bin).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split_whitespace().last().map(str::to_string)
+}
+
+fn free_port() -> u16 {
+    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+/// Whether the broker answers a Kafka Metadata request naming itself (not only accepts
+/// connections): ApiVersions to pick a Metadata version we can encode, then Metadata.
+fn metadata_probe(port: u16) -> Result<(), String> {
+    let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_millis(500)).map_err(|e| format!("connect: {e}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+    s.set_write_timeout(Some(Duration::from_secs(2))).map_err(|e| e.to_string())?;
+
+    // ApiVersions v0: empty body; the answer lists (api key, min version, max version).
+    let body = call(&mut s, 18, 0, 1, &[])?;
+    let mut r = Reader(&body);
+    let error = r.i16()?;
+    if error != 0 {
+        return Err(format!("api versions error {error}"));
+    }
+    let mut metadata = None;
+    for _ in 0..r.i32()? {
+        let (key, min, max) = (r.i16()?, r.i16()?, r.i16()?);
+        if key == 3 {
+            metadata = Some((min, max));
+        }
+    }
+    // v1..=v8 share the classic (non-flexible) encoding.
+    let (min, max) = metadata.ok_or("broker lists no Metadata api")?;
+    let version = max.min(8);
+    if version < min.max(1) {
+        return Err(format!("broker supports Metadata v{min}..v{max}, the probe speaks v1..v8"));
+    }
+    let mut req = (-1i32).to_be_bytes().to_vec(); // all topics
+    if version >= 4 {
+        req.push(0); // allow_auto_topic_creation
+    }
+    if version >= 8 {
+        req.extend([0, 0]); // include cluster / topic authorized operations
+    }
+    let body = call(&mut s, 3, version, 2, &req)?;
+    let mut r = Reader(&body);
+    if version >= 3 {
+        r.i32()?; // throttle_time_ms
+    }
+    for _ in 0..r.i32()? {
+        let (_node, _host, broker_port) = (r.i32()?, r.string()?, r.i32()?);
+        r.string()?; // rack (nullable)
+        if broker_port == i32::from(port) {
+            return Ok(());
+        }
+    }
+    Err("metadata does not list the broker yet".into())
+}
+
+/// Sends one request (header v1) and returns the response body after its correlation id.
+fn call(s: &mut TcpStream, api_key: i16, version: i16, correlation: i32, body: &[u8]) -> Result<Vec<u8>, String> {
+    let client_id = b"tandem-test-probe";
+    let mut msg = Vec::new();
+    msg.extend(api_key.to_be_bytes());
+    msg.extend(version.to_be_bytes());
+    msg.extend(correlation.to_be_bytes());
+    msg.extend((client_id.len() as i16).to_be_bytes());
+    msg.extend(client_id);
+    msg.extend(body);
+    let mut framed = (msg.len() as i32).to_be_bytes().to_vec();
+    framed.extend(msg);
+    s.write_all(&framed).map_err(|e| format!("send: {e}"))?;
+    let mut len = [0u8; 4];
+    s.read_exact(&mut len).map_err(|e| format!("receive: {e}"))?;
+    let len = usize::try_from(i32::from_be_bytes(len)).map_err(|_| "negative response length")?;
+    if !(4..=(64 << 20)).contains(&len) {
+        return Err(format!("implausible response length {len}"));
+    }
+    let mut resp = vec![0u8; len];
+    s.read_exact(&mut resp).map_err(|e| format!("receive: {e}"))?;
+    let got = i32::from_be_bytes([resp[0], resp[1], resp[2], resp[3]]);
+    if got != correlation {
+        return Err(format!("correlation id {got}, expected {correlation}"));
+    }
+    Ok(resp.split_off(4))
+}
+
+struct Reader<'a>(&'a [u8]);
+
+impl Reader<'_> {
+    fn take<const N: usize>(&mut self) -> Result<[u8; N], String> {
+        if self.0.len() < N {
+            return Err("short response".into());
+        }
+        let (head, rest) = self.0.split_at(N);
+        self.0 = rest;
+        Ok(head.try_into().unwrap())
+    }
+    fn i16(&mut self) -> Result<i16, String> {
+        Ok(i16::from_be_bytes(self.take()?))
+    }
+    fn i32(&mut self) -> Result<i32, String> {
+        Ok(i32::from_be_bytes(self.take()?))
+    }
+    /// A (nullable) string; its content is not needed.
+    fn string(&mut self) -> Result<(), String> {
+        let len = self.i16()?;
+        let len = usize::try_from(len).unwrap_or(0);
+        if self.0.len() < len {
+            return Err("short response".into());
+        }
+        self.0 = &self.0[len..];
+        Ok(())
+    }
+}

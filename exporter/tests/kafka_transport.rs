@@ -1,0 +1,346 @@
+//! The Kafka transport against a real broker (tansu, started per test on a free port).
+#![cfg(feature = "kafka")]
+
+#[path = "common/tansu.rs"]
+mod tansu;
+
+use std::time::Duration;
+
+use futures::StreamExt;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, Timestamp};
+use tandem_exporter::kafka::{KafkaConfig, KafkaTransport, LSN_HEADER};
+use tandem_exporter::{EventStream, ExportError, StreamId, Transport};
+use tandem_proto::replication::v1::{ChangeEvent, TimeTick, change_event::Body};
+use tandem_proto::storage::v1::RowBatch;
+use tansu::Tansu;
+
+/// Failure guard only: nothing is asserted about how fast things are.
+const GUARD: Duration = Duration::from_secs(60);
+const GROUP: &str = "g1";
+const COLLECTION: u64 = 7;
+
+fn transport(broker: &Tansu) -> KafkaTransport {
+    KafkaTransport::new(KafkaConfig { brokers: broker.brokers(), group: GROUP.into(), ..KafkaConfig::default() }).unwrap()
+}
+
+fn shard(shard: u32) -> StreamId {
+    StreamId::Shard { collection_id: COLLECTION, shard }
+}
+
+/// Hybrid timestamp for position `lsn` (and its `k`-th tick), increasing with both.
+fn ts(lsn: u64, k: u64) -> u64 {
+    ((1_700_000_000_000 + lsn * 10 + k) << 18) | k
+}
+
+fn change(stream: &StreamId, lsn: u64) -> ChangeEvent {
+    let (collection_id, shard) = match stream {
+        StreamId::Ddl => (0, 0),
+        StreamId::Shard { collection_id, shard } => (*collection_id, *shard),
+    };
+    ChangeEvent {
+        format_version: 1,
+        group_id: GROUP.into(),
+        epoch: 1,
+        ts: ts(lsn, 0),
+        collection: "docs".into(),
+        collection_id,
+        shard,
+        lsn,
+        body: Some(Body::Insert(RowBatch { ids: vec![lsn as i64], vectors: vec![lsn as f32, 0.5], ..Default::default() })),
+    }
+}
+
+/// A time tick after change `lsn` (ticks repeat the position of the last change).
+fn tick(stream: &StreamId, lsn: u64, k: u64) -> ChangeEvent {
+    let mut ev = change(stream, lsn);
+    ev.ts = ts(lsn, k);
+    ev.body = Some(Body::Tick(TimeTick { leader_ts: ev.ts }));
+    ev
+}
+
+fn is_tick(ev: &ChangeEvent) -> bool {
+    matches!(ev.body, Some(Body::Tick(_)))
+}
+
+async fn next(s: &mut EventStream) -> Result<ChangeEvent, ExportError> {
+    tokio::time::timeout(GUARD, s.next()).await.expect("no event within the guard time").expect("stream ended")
+}
+
+async fn take(s: &mut EventStream, n: usize) -> Vec<ChangeEvent> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        out.push(next(s).await.unwrap());
+    }
+    out
+}
+
+fn lsns(events: &[ChangeEvent]) -> Vec<u64> {
+    events.iter().map(|e| e.lsn).collect()
+}
+
+fn raw_producer(broker: &Tansu) -> FutureProducer {
+    ClientConfig::new().set("bootstrap.servers", broker.brokers()).set("linger.ms", "0").create().unwrap()
+}
+
+#[tokio::test]
+async fn publish_then_subscribe_from_the_start_gets_everything_in_order() {
+    let broker = Tansu::start(false);
+    let t = transport(&broker);
+    let s = shard(0);
+    t.ensure_stream(&s, 1).await.unwrap();
+    t.ensure_stream(&s, 1).await.unwrap(); // idempotent
+    let events: Vec<ChangeEvent> = (1..=30).map(|l| change(&s, l)).collect();
+    for chunk in events.chunks(7) {
+        t.publish(&s, chunk.to_vec()).await.unwrap();
+    }
+    let mut sub = t.subscribe(&s, 1).await.unwrap();
+    assert_eq!(take(&mut sub, 30).await, events);
+    assert_eq!(t.end_lsn(&s).await.unwrap(), 30);
+}
+
+#[tokio::test]
+async fn subscribe_from_a_middle_position_starts_exactly_there() {
+    let broker = Tansu::start(false);
+    let t = transport(&broker);
+    let s = shard(0);
+    t.ensure_stream(&s, 1).await.unwrap();
+    // Changes 1..=40 with a varying number of ticks after each, so that offsets and positions
+    // drift apart irregularly.
+    let mut log = Vec::new();
+    for lsn in 1..=40u64 {
+        log.push(change(&s, lsn));
+        for k in 1..=(lsn * 7 % 5) {
+            log.push(tick(&s, lsn, k));
+        }
+    }
+    t.publish(&s, log.clone()).await.unwrap();
+    for from in 1..=40u64 {
+        let mut sub = t.subscribe(&s, from).await.unwrap();
+        let first = log.iter().position(|e| e.lsn == from && !is_tick(e)).unwrap();
+        let want = &log[first..];
+        assert_eq!(take(&mut sub, want.len()).await, want, "subscribed from {from}");
+    }
+    // Past the end: only what comes next (the tick repeating 40 too: a subscriber needs it to
+    // advance on an idle shard).
+    let mut sub = t.subscribe(&s, 41).await.unwrap();
+    let more = vec![tick(&s, 40, 9), change(&s, 41)];
+    t.publish(&s, more.clone()).await.unwrap();
+    assert_eq!(take(&mut sub, 2).await, more);
+}
+
+#[tokio::test]
+async fn shards_are_independent_partitions() {
+    let broker = Tansu::start(false);
+    let t = transport(&broker);
+    t.ensure_stream(&shard(0), 3).await.unwrap();
+    for sh in 0..3u32 {
+        let s = shard(sh);
+        let n = 5 + 3 * u64::from(sh);
+        t.publish(&s, (1..=n).map(|l| change(&s, l)).collect()).await.unwrap();
+    }
+    for sh in 0..3u32 {
+        let s = shard(sh);
+        let n = 5 + 3 * u64::from(sh);
+        assert_eq!(t.end_lsn(&s).await.unwrap(), n);
+        let mut sub = t.subscribe(&s, 2).await.unwrap();
+        let got = take(&mut sub, n as usize - 1).await;
+        assert_eq!(lsns(&got), (2..=n).collect::<Vec<_>>());
+        assert!(got.iter().all(|e| e.shard == sh && e.collection_id == COLLECTION));
+    }
+
+    // What third-party consumers see: partition = shard, key = shard, the lsn header and the
+    // event's clock as the Kafka timestamp.
+    let topic = t.config().topic(&shard(0));
+    assert_eq!(topic, "tandem.g1.c7");
+    let c: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", broker.brokers())
+        .set("group.id", "inspect")
+        .set("enable.auto.commit", "false")
+        .create()
+        .unwrap();
+    let mut tpl = TopicPartitionList::new();
+    tpl.add_partition_offset(&topic, 2, Offset::Beginning).unwrap();
+    c.assign(&tpl).unwrap();
+    let raw = tokio::task::spawn_blocking(move || {
+        let m = c.poll(GUARD).expect("a message").unwrap();
+        let header = m.headers().and_then(|h| h.iter().find(|h| h.key == LSN_HEADER).and_then(|h| h.value.map(<[u8]>::to_vec)));
+        (m.partition(), m.key().map(<[u8]>::to_vec), header, m.timestamp())
+    })
+    .await
+    .unwrap();
+    assert_eq!(raw.0, 2);
+    assert_eq!(raw.1.as_deref(), Some(&b"2"[..]));
+    assert_eq!(raw.2.as_deref(), Some(&b"1"[..]));
+    assert_eq!(raw.3, Timestamp::CreateTime((ts(1, 0) >> 18) as i64));
+}
+
+#[tokio::test]
+async fn live_tail_delivers_events_published_after_subscribing() {
+    let broker = Tansu::start(false);
+    let t = std::sync::Arc::new(transport(&broker));
+    t.ensure_stream(&StreamId::Ddl, 1).await.unwrap();
+    assert_eq!(t.config().topic(&StreamId::Ddl), "tandem.g1.ddl");
+    let mut sub = t.subscribe(&StreamId::Ddl, 1).await.unwrap();
+    let events: Vec<ChangeEvent> = (1..=10).map(|l| change(&StreamId::Ddl, l)).collect();
+    let publisher = {
+        let (t, events) = (t.clone(), events.clone());
+        tokio::spawn(async move {
+            for e in events {
+                t.publish(&StreamId::Ddl, vec![e]).await.unwrap();
+            }
+        })
+    };
+    assert_eq!(take(&mut sub, 10).await, events);
+    publisher.await.unwrap();
+}
+
+#[tokio::test]
+async fn end_lsn_is_the_last_events_position() {
+    let broker = Tansu::start(false);
+    let t = transport(&broker);
+    let s = shard(1);
+    t.ensure_stream(&s, 2).await.unwrap();
+    assert_eq!(t.end_lsn(&s).await.unwrap(), 0);
+    t.publish(&s, (1..=4).map(|l| change(&s, l)).collect()).await.unwrap();
+    assert_eq!(t.end_lsn(&s).await.unwrap(), 4);
+    t.publish(&s, vec![tick(&s, 4, 1), tick(&s, 4, 2)]).await.unwrap();
+    assert_eq!(t.end_lsn(&s).await.unwrap(), 4);
+    // Garbage at the end does not hide the last event.
+    let p = raw_producer(&broker);
+    p.send(FutureRecord::<str, [u8]>::to(&t.config().topic(&s)).partition(1).payload(&[0xff; 5]), GUARD).await.unwrap();
+    assert_eq!(t.end_lsn(&s).await.unwrap(), 4);
+    // The other shard is still empty.
+    assert_eq!(t.end_lsn(&shard(0)).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn malformed_message_is_reported_with_its_offset_and_the_stream_goes_on() {
+    let broker = Tansu::start(false);
+    let t = transport(&broker);
+    let s = shard(0);
+    t.ensure_stream(&s, 1).await.unwrap();
+    t.publish(&s, vec![change(&s, 1), change(&s, 2)]).await.unwrap();
+    let p = raw_producer(&broker);
+    let topic = t.config().topic(&s);
+    let garbage = p.send(FutureRecord::<str, [u8]>::to(&topic).partition(0).key("0").payload(&[0xff, 0xff, 0xff, 0x01]), GUARD).await.unwrap();
+    assert_eq!((garbage.partition, garbage.offset), (0, 2));
+    // An event of another shard is as wrong as garbage.
+    p.send(FutureRecord::<str, [u8]>::to(&topic).partition(0).payload(&prost::Message::encode_to_vec(&change(&shard(5), 3))), GUARD)
+        .await
+        .unwrap();
+    t.publish(&s, vec![change(&s, 3), change(&s, 4)]).await.unwrap();
+
+    // Reported at the position they follow (stepping over them consumes no position), with
+    // their Kafka offset in the message.
+    let mut sub = t.subscribe(&s, 1).await.unwrap();
+    assert_eq!(lsns(&take(&mut sub, 2).await), [1, 2]);
+    match next(&mut sub).await {
+        Err(ExportError::Malformed { stream, position, message }) => {
+            assert_eq!((stream.as_str(), position), ("c7/s0", 2));
+            assert!(message.contains("tandem.g1.c7/0@2") && message.contains("ChangeEvent"), "{message}");
+        }
+        other => panic!("expected a malformed event, got {other:?}"),
+    }
+    match next(&mut sub).await {
+        Err(ExportError::Malformed { position: 2, message, .. }) => {
+            assert!(message.contains("@3") && message.contains("shard 5"), "{message}")
+        }
+        other => panic!("expected a malformed event, got {other:?}"),
+    }
+    assert_eq!(lsns(&take(&mut sub, 2).await), [3, 4]);
+    assert_eq!(t.end_lsn(&s).await.unwrap(), 4);
+
+    // Resuming at 3 reports the malformed messages just before it again rather than skipping
+    // them unseen...
+    let mut sub = t.subscribe(&s, 3).await.unwrap();
+    for offset in [2, 3] {
+        match next(&mut sub).await {
+            Err(ExportError::Malformed { position: 2, message, .. }) => assert!(message.contains(&format!("@{offset}")), "{message}"),
+            other => panic!("expected a malformed event, got {other:?}"),
+        }
+    }
+    assert_eq!(lsns(&take(&mut sub, 2).await), [3, 4]);
+    // ...but not when they are further back.
+    let mut sub = t.subscribe(&s, 4).await.unwrap();
+    assert_eq!(lsns(&take(&mut sub, 1).await), [4]);
+}
+
+#[tokio::test]
+async fn positions_missing_from_the_log_are_reported_as_truncated() {
+    let broker = Tansu::start(false);
+    let t = transport(&broker);
+    // A log that starts at position 5 (as after retention, or an exporter that started late).
+    let s = shard(0);
+    t.ensure_stream(&s, 1).await.unwrap();
+    t.publish(&s, (5..=8).map(|l| change(&s, l)).collect()).await.unwrap();
+    match t.subscribe(&s, 1).await {
+        Err(ExportError::Truncated { lsn: 1, first: 5, .. }) => {}
+        Err(e) => panic!("expected truncated, got {e}"),
+        Ok(_) => panic!("expected truncated, got a stream"),
+    }
+    assert_eq!(lsns(&take(&mut t.subscribe(&s, 5).await.unwrap(), 4).await), [5, 6, 7, 8]);
+
+    // Starting with a tick of position 5 means change 5 is gone.
+    let s = shard(1);
+    t.ensure_stream(&s, 2).await.unwrap();
+    t.publish(&s, vec![tick(&s, 5, 1), change(&s, 6)]).await.unwrap();
+    assert!(matches!(t.subscribe(&s, 5).await, Err(ExportError::Truncated { lsn: 5, first: 6, .. })));
+    assert_eq!(lsns(&take(&mut t.subscribe(&s, 6).await.unwrap(), 1).await), [6]);
+
+    // A gap that shows only later: subscribed to an empty log, the first change is past the
+    // wanted position.
+    t.ensure_stream(&StreamId::Ddl, 1).await.unwrap();
+    let mut sub = t.subscribe(&StreamId::Ddl, 1).await.unwrap();
+    t.publish(&StreamId::Ddl, vec![change(&StreamId::Ddl, 3)]).await.unwrap();
+    assert!(matches!(next(&mut sub).await, Err(ExportError::Truncated { lsn: 1, first: 3, .. })));
+    assert!(tokio::time::timeout(GUARD, sub.next()).await.unwrap().is_none(), "the stream ends after truncated");
+}
+
+#[tokio::test]
+async fn ensure_stream_refuses_a_topic_with_too_few_partitions() {
+    let broker = Tansu::start(false);
+    let t = transport(&broker);
+    t.ensure_stream(&shard(0), 2).await.unwrap();
+    t.ensure_stream(&shard(1), 2).await.unwrap();
+    match t.ensure_stream(&shard(0), 4).await {
+        Err(ExportError::Config(m)) => assert!(m.contains("2 partitions") && m.contains("4 shards"), "{m}"),
+        other => panic!("expected a config error, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn publish_refuses_events_of_another_stream() {
+    let broker = Tansu::start(false);
+    let t = transport(&broker);
+    t.ensure_stream(&shard(0), 2).await.unwrap();
+    let err = t.publish(&shard(0), vec![change(&shard(1), 1)]).await.unwrap_err();
+    assert!(matches!(err, ExportError::Malformed { position: 1, .. }), "{err}");
+    assert_eq!(t.end_lsn(&shard(0)).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn durable_broker_restart_loses_nothing() {
+    let mut broker = Tansu::start(true);
+    let t = transport(&broker);
+    let s = shard(0);
+    t.ensure_stream(&s, 1).await.unwrap();
+    let events: Vec<ChangeEvent> = (1..=20).map(|l| change(&s, l)).collect();
+    t.publish(&s, events[..10].to_vec()).await.unwrap();
+    broker.restart();
+    // The same transport goes on publishing after the broker came back.
+    t.publish(&s, events[10..].to_vec()).await.unwrap();
+    assert_eq!(t.end_lsn(&s).await.unwrap(), 20);
+    let mut sub = t.subscribe(&s, 1).await.unwrap();
+    assert_eq!(take(&mut sub, 20).await, events);
+
+    // And a fresh client after another restart sees the same log.
+    broker.restart();
+    let fresh = transport(&broker);
+    assert_eq!(fresh.end_lsn(&s).await.unwrap(), 20);
+    let mut sub = fresh.subscribe(&s, 11).await.unwrap();
+    assert_eq!(take(&mut sub, 10).await, events[10..]);
+}

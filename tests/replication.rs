@@ -1,0 +1,218 @@
+//! The replication suite: a leading and an alternative cluster, run against every transport
+//! backend with real servers. Each case checks content equality by checksum.
+
+mod sandbox;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use sandbox::*;
+use tandem_proto::v1 as pb;
+use tonic::Code;
+
+const C: &str = "docs";
+const DIM: usize = 16;
+const CONVERGE: Duration = Duration::from_secs(60);
+
+fn docs_schema(dim: u32) -> pb::CollectionSchema {
+    schema(C, dim, pb::Metric::L2, hnsw(8, 40), 2, vec![field("tag", pb::ScalarType::String), field("n", pb::ScalarType::Int64)])
+}
+
+async fn insert(c: &mut Client, ids: std::ops::Range<i64>, dim: usize) -> pb::MutationResponse {
+    let n = (ids.end - ids.start) as usize;
+    let v = vectors(n, dim, ids.start as u64 + 1);
+    let payloads = ids.clone().map(|i| payload(&[("tag", string(if i % 2 == 0 { "even" } else { "odd" })), ("n", int(i))])).collect();
+    c.insert(pb::InsertRequest { collection: C.into(), ids: ids.collect(), vectors: v, payloads }).await.expect("insert").into_inner()
+}
+
+/// Waits until the alternative holds exactly what the leader holds.
+async fn converge(leader: &mut Client, alt: &mut Client) {
+    let want = checksum(leader, C, pb::ConsistencyLevel::Strong).await;
+    let start = Instant::now();
+    loop {
+        let got = try_checksum(alt, C, pb::ConsistencyLevel::Eventually).await;
+        if got.as_ref().ok() == Some(&want) {
+            return;
+        }
+        assert!(start.elapsed() < CONVERGE, "alternative did not converge: leader {want:?}, alternative {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+async fn describe(c: &mut Client) -> Option<pb::CollectionInfo> {
+    c.describe_collection(pb::DescribeCollectionRequest { name: C.into() }).await.ok().and_then(|r| r.into_inner().collection)
+}
+
+async fn live_data_and_ddl(backend: Backend) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    insert(&mut l, 0..500, DIM).await;
+    let up: Vec<i64> = (0..50).collect();
+    l.upsert(pb::UpsertRequest { collection: C.into(), ids: up.clone(), vectors: vectors(50, DIM, 999), payloads: vec![] }).await.unwrap();
+    l.delete(pb::DeleteRequest { collection: C.into(), ids: (100..130).collect(), filter: String::new() }).await.unwrap();
+    l.delete(pb::DeleteRequest { collection: C.into(), ids: vec![], filter: "n >= 490".into() }).await.unwrap();
+    converge(&mut l, &mut a).await;
+    assert_eq!(count(&mut a, C).await, 500 - 30 - 10);
+
+    // DDL is applied in order with the data: an index change...
+    l.create_index(pb::CreateIndexRequest { collection: C.into(), index: ivf(4) }).await.unwrap();
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move { describe(&mut a).await.and_then(|i| i.schema).and_then(|s| s.index) == ivf(4) }
+    })
+    .await;
+    // ...and drop-then-recreate of the same name with another schema.
+    l.drop_collection(pb::DropCollectionRequest { name: C.into() }).await.unwrap();
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(8)) }).await.unwrap();
+    insert(&mut l, 1000..1100, 8).await;
+    converge(&mut l, &mut a).await;
+    let info = describe(&mut a).await.unwrap();
+    assert_eq!(info.schema.unwrap().dim, 8);
+    assert_eq!(info.rows, 100);
+
+    // An alternative refuses writes and names the leader.
+    let e = a.insert(pb::InsertRequest { collection: C.into(), ids: vec![1], vectors: vec![0.5; 8], payloads: vec![] }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let leader = format!("http://{}", sb.addr("lead").await);
+    assert!(e.message().contains(&format!("the leader is {leader}")), "{}", e.message());
+    assert_eq!(e.metadata().get("tandem-leader").unwrap().to_str().unwrap(), leader);
+    let e = a.create_collection(pb::CreateCollectionRequest { schema: Some(schema("other", 4, pb::Metric::L2, None, 1, vec![])) }).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    let info = a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.role, pb::Role::Alternative as i32);
+    assert_eq!(info.leader, leader);
+    assert_eq!(info.collections[0].replication, "following");
+}
+
+async fn bootstrap_then_live_handoff(backend: Backend) {
+    // Small WAL files and segments, so the leader's log no longer starts at 1 when the
+    // alternative arrives: it must bootstrap from a snapshot.
+    let mut sb = Sandbox::builder()
+        .cluster_with("lead", |c| {
+            c.wal.file_mib = 1;
+            c.segment.seal_rows = 1000;
+        })
+        .transport(backend)
+        .build()
+        .await;
+    let mut l = sb.client("lead").await;
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(64)) }).await.unwrap();
+    for b in 0..20 {
+        insert(&mut l, b * 500..(b + 1) * 500, 64).await;
+    }
+    l.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
+    l.delete(pb::DeleteRequest { collection: C.into(), ids: (0..10_000).step_by(7).collect(), filter: String::new() }).await.unwrap();
+    let node = sb.node("lead").await;
+    let coll = node.collection(C).unwrap();
+    assert!(coll.shards().iter().all(|s| s.first_lsn() > 1), "precondition: the leader's WAL was truncated");
+
+    // Writes keep flowing while the alternative bootstraps and hands over to the live stream.
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicI64::new(100_000));
+    let writer = {
+        let (stop, next, mut l) = (stop.clone(), next.clone(), l.clone());
+        tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let first = next.fetch_add(20, Ordering::Relaxed);
+                insert(&mut l, first..first + 20, 64).await;
+                l.delete(pb::DeleteRequest { collection: C.into(), ids: vec![first - 20 + 3], filter: String::new() }).await.unwrap();
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+    };
+    sb.add_alternative("alt", "lead").await;
+    let mut a = sb.client("alt").await;
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move {
+            let r = a.count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") }).await;
+            r.is_ok_and(|r| r.into_inner().count > 3000)
+        }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    converge(&mut l, &mut a).await;
+    let f = sb.follower("alt").await;
+    assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards bootstrapped from a snapshot");
+}
+
+async fn alternative_restart_resumes(backend: Backend) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let mut l = sb.client("lead").await;
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    insert(&mut l, 0..300, DIM).await;
+    let mut a = sb.client("alt").await;
+    converge(&mut l, &mut a).await;
+    sb.stop("alt").await;
+    // changes while it is away
+    insert(&mut l, 300..600, DIM).await;
+    l.delete(pb::DeleteRequest { collection: C.into(), ids: (0..300).step_by(3).collect(), filter: String::new() }).await.unwrap();
+    sb.restart("alt").await;
+    let mut a = sb.client("alt").await;
+    insert(&mut l, 600..700, DIM).await;
+    converge(&mut l, &mut a).await;
+    let f = sb.follower("alt").await;
+    assert_eq!(f.bootstraps.load(Ordering::Relaxed), 0, "resumed from its checkpoint, no snapshot needed");
+}
+
+async fn consistent_reads_on_alternative(backend: Backend) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move { describe(&mut a).await.is_some() }
+    })
+    .await;
+    let get = |id: i64, level: pb::ConsistencyLevel, token: String| pb::GetRequest { collection: C.into(), ids: vec![id], read: read(level, &token), ..Default::default() };
+    for i in 0..30i64 {
+        // SESSION: the write's token makes the alternative wait until it has the write.
+        let w = insert(&mut l, 2 * i..2 * i + 1, DIM).await;
+        let r = a.get(get(2 * i, pb::ConsistencyLevel::Session, w.session_token.clone())).await.unwrap().into_inner();
+        assert_eq!(r.entities.len(), 1, "session read on the alternative missed its own write {}", 2 * i);
+        let returned = tandem_cluster::ts::SessionToken::decode(&r.session_token).unwrap().unwrap();
+        assert!(returned.ts >= w.ts, "the read's token went back in time");
+        // STRONG: no token, yet every acknowledged write is seen.
+        insert(&mut l, 2 * i + 1..2 * i + 2, DIM).await;
+        let r = a.get(get(2 * i + 1, pb::ConsistencyLevel::Strong, String::new())).await.unwrap().into_inner();
+        assert_eq!(r.entities.len(), 1, "strong read on the alternative missed acknowledged write {}", 2 * i + 1);
+    }
+    // BOUNDED: the snapshot read is never older than the bound.
+    for _ in 0..20 {
+        insert(&mut l, 10_000 + rand_id()..10_001 + rand_id(), DIM).await;
+        let before = tandem_cluster::ts::wall_ms();
+        let r = a
+            .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Bounded as i32, session_token: String::new(), staleness_ms: 200 }) })
+            .await
+            .unwrap()
+            .into_inner();
+        let snap = tandem_cluster::ts::SessionToken::decode(&r.session_token).unwrap().unwrap().ts;
+        assert!(tandem_cluster::ts::physical_ms(snap) + 200 >= before, "bounded read {}ms stale, bound 200ms", before - tandem_cluster::ts::physical_ms(snap));
+    }
+}
+
+fn rand_id() -> i64 {
+    use std::sync::atomic::AtomicI64;
+    static N: AtomicI64 = AtomicI64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
+}
+
+macro_rules! suite {
+    ($backend:expr, $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                super::$name($backend).await
+            }
+        )*
+    };
+}
+
+mod direct {
+    use super::*;
+    suite!(Backend::Direct, live_data_and_ddl, bootstrap_then_live_handoff, alternative_restart_resumes, consistent_reads_on_alternative);
+}
