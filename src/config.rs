@@ -227,7 +227,7 @@ mod tests {
         assert_eq!(cfg.cluster_id, "east");
         assert_eq!(cfg.segment.seal_rows, 1000);
 
-        let flags = ConfigOverrides { listen: Some("127.0.0.1:9999".into()), data_dir: Some("/tmp/x".into()) };
+        let flags = ConfigOverrides { listen: Some("127.0.0.1:9999".into()), data_dir: Some("/tmp/x".into()), ..Default::default() };
         let cfg = load_cluster_config_with(Some(&path), vars, &flags).unwrap();
         assert_eq!(cfg.listen, "127.0.0.1:9999");
         assert_eq!(cfg.data_dir, PathBuf::from("/tmp/x"));

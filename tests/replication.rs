@@ -201,6 +201,170 @@ fn rand_id() -> i64 {
     N.fetch_add(1, Ordering::Relaxed)
 }
 
+/// Corrupts the data event at one position of every shard stream it passes on.
+struct Poison {
+    inner: Arc<dyn tandem_exporter::Transport>,
+    at: u64,
+}
+
+#[async_trait::async_trait]
+impl tandem_exporter::Transport for Poison {
+    fn name(&self) -> &'static str {
+        "poison"
+    }
+    fn needs_publisher(&self) -> bool {
+        self.inner.needs_publisher()
+    }
+    async fn ensure_stream(&self, s: &tandem_exporter::StreamId, n: u32) -> tandem_exporter::Result<()> {
+        self.inner.ensure_stream(s, n).await
+    }
+    async fn publish(&self, s: &tandem_exporter::StreamId, e: Vec<tandem_proto::replication::v1::ChangeEvent>) -> tandem_exporter::Result<()> {
+        self.inner.publish(s, e).await
+    }
+    async fn subscribe(&self, s: &tandem_exporter::StreamId, from: u64) -> tandem_exporter::Result<tandem_exporter::EventStream> {
+        use futures::StreamExt;
+        use tandem_proto::replication::v1::change_event::Body;
+        let at = self.at;
+        let shard_stream = matches!(s, tandem_exporter::StreamId::Shard { .. });
+        Ok(self
+            .inner
+            .subscribe(s, from)
+            .await?
+            .map(move |item| {
+                item.map(|mut ev| {
+                    if shard_stream && ev.lsn == at && matches!(ev.body, Some(Body::Insert(_))) {
+                        // two ids, one float: cannot be applied
+                        ev.body = Some(Body::Insert(tandem_proto::storage::v1::RowBatch { ids: vec![1, 2], vectors: vec![1.0], ..Default::default() }));
+                    }
+                    ev
+                })
+            })
+            .boxed())
+    }
+    async fn end_lsn(&self, s: &tandem_exporter::StreamId) -> tandem_exporter::Result<u64> {
+        self.inner.end_lsn(s).await
+    }
+}
+
+async fn poison_case(on_poison: tandem_exporter::follower::OnPoison) {
+    use tandem_exporter::follower::{Follower, FollowerConfig, OnPoison};
+    let sb = Sandbox::builder().leading("lead").build().await;
+    let mut l = sb.client("lead").await;
+    let leader = format!("http://{}", sb.addr("lead").await);
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = tandem_cluster::ClusterConfig::default();
+    cfg.cluster_id = "alt".into();
+    cfg.listen = "127.0.0.1:0".into();
+    cfg.data_dir = dir.path().join("alt");
+    cfg.role = tandem_cluster::Role::Alternative;
+    cfg.replication.leader = leader.clone();
+    let running = tandem_cluster::server::start(cfg.clone()).await.unwrap();
+    let direct = tandem_exporter::direct::DirectTransport::new(&leader, "alt").unwrap();
+    let quarantine = dir.path().join("quarantine");
+    let follower = Follower::start(
+        running.node.clone(),
+        Arc::new(Poison { inner: Arc::new(direct.clone()), at: 3 }),
+        direct.client(),
+        FollowerConfig { subscriber: "alt".into(), on_poison, quarantine_dir: quarantine.clone() },
+    );
+    let mut a = connect(running.addr).await;
+    let mut one_shard = docs_schema(DIM as u32);
+    one_shard.shards = 1;
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(one_shard) }).await.unwrap();
+    for b in 0..5 {
+        insert(&mut l, b * 10..b * 10 + 10, DIM).await;
+    }
+    let state = || {
+        let mut a = a.clone();
+        async move { a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections.first().map(|c| c.replication.clone()).unwrap_or_default() }
+    };
+    let rows = |a: &Client| {
+        let mut a = a.clone();
+        async move {
+            let r = a.count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") }).await;
+            r.map(|r| r.into_inner().count).unwrap_or(u64::MAX)
+        }
+    };
+    match on_poison {
+        OnPoison::Halt => {
+            eventually(CONVERGE, || async { state().await.starts_with("halted") }).await;
+            assert!(state().await.contains("position 3"), "{}", state().await);
+            // the two batches before it, nothing after it
+            assert_eq!(rows(&a).await, 20);
+            // a halted shard never reaches the leader's time: a STRONG read says so, and how far behind
+            let mut req = tonic::Request::new(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Strong, "") });
+            req.set_timeout(Duration::from_secs(1));
+            let e = a.count(req).await.unwrap_err();
+            assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+            assert!(e.message().contains("behind the requested ts"), "{}", e.message());
+        }
+        OnPoison::Skip => {
+            eventually(CONVERGE, || async { rows(&a).await == 40 }).await;
+            assert_eq!(state().await, "following");
+            insert(&mut l, 100..110, DIM).await;
+            eventually(CONVERGE, || async { rows(&a).await == 50 }).await;
+        }
+    }
+    assert_eq!(follower.poisoned.load(Ordering::Relaxed), 1);
+    let files: Vec<_> = std::fs::read_dir(&quarantine).unwrap().flatten().collect();
+    assert_eq!(files.len(), 1);
+    let body = std::fs::read_to_string(files[0].path()).unwrap();
+    assert!(body.contains("position: 3") && body.contains("error: "), "{body}");
+    follower.stop();
+    running.stop().await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_event_is_quarantined_and_halts_the_shard() {
+    poison_case(tandem_exporter::follower::OnPoison::Halt).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poison_event_is_quarantined_and_skipped_when_asked() {
+    poison_case(tandem_exporter::follower::OnPoison::Skip).await;
+}
+
+/// kill -9 of a real alternative process while the leader takes writes: after a restart it
+/// resumes from its own checkpoint and converges.
+async fn alternative_kill9_resumes(env: Vec<(String, String)>) {
+    let dir = tempfile::tempdir().unwrap();
+    let env_ref: Vec<(&str, &str)> = env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let lead = ProcessCluster::start(&dir.path().join("lead"), &env_ref);
+    let mut l = connect(lead.addr).await;
+    let mut alt_env = env.clone();
+    alt_env.push(("TANDEM__ROLE".into(), "alternative".into()));
+    alt_env.push(("TANDEM__CLUSTER_ID".into(), "alt".into()));
+    alt_env.push(("TANDEM__REPLICATION__LEADER".into(), format!("http://{}", lead.addr)));
+    let alt_ref: Vec<(&str, &str)> = alt_env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let mut alt = ProcessCluster::start(&dir.path().join("alt"), &alt_ref);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (stop, mut l) = (stop.clone(), l.clone());
+        tokio::spawn(async move {
+            let mut next = 0;
+            while !stop.load(Ordering::Relaxed) {
+                insert(&mut l, next..next + 25, DIM).await;
+                next += 25;
+            }
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    alt.kill9();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let alt = ProcessCluster::start(&dir.path().join("alt"), &alt_ref);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    writer.await.unwrap();
+    let mut a = connect(alt.addr).await;
+    converge(&mut l, &mut a).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn direct_alternative_kill9_resumes() {
+    alternative_kill9_resumes(vec![]).await;
+}
+
 macro_rules! suite {
     ($backend:expr, $($name:ident),* $(,)?) => {
         $(
