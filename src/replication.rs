@@ -9,18 +9,23 @@ use tandem_cluster::server::Running;
 use tandem_cluster::{ClusterConfig, Role};
 use tandem_exporter::direct::DirectTransport;
 use tandem_exporter::follower::{Follower, FollowerConfig, OnPoison};
+use tandem_exporter::publisher::Publisher;
 use tandem_exporter::transport::Transport;
 
 /// What runs for replication; `stop` ends it.
 #[derive(Default)]
 pub struct ReplicationHandle {
     follower: Option<Arc<Follower>>,
+    publisher: Option<Arc<Publisher>>,
 }
 
 impl ReplicationHandle {
     pub fn stop(&self) {
         if let Some(f) = &self.follower {
             f.stop();
+        }
+        if let Some(p) = &self.publisher {
+            p.stop();
         }
     }
 
@@ -44,7 +49,16 @@ pub fn transport(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Transport>> {
 
 pub async fn start(running: &Running, cfg: &ClusterConfig) -> anyhow::Result<ReplicationHandle> {
     match cfg.role {
-        Role::Leading => Ok(ReplicationHandle::default()),
+        Role::Leading => {
+            if cfg.replication.transport == "direct" {
+                // Alternatives read this leader's WAL directly: nothing to publish.
+                return Ok(ReplicationHandle::default());
+            }
+            let transport = transport(cfg)?;
+            let tick = std::time::Duration::from_millis(cfg.replication.tick_ms);
+            let publisher = Publisher::start(running.node.clone(), transport, &cfg.replication.group, tick);
+            Ok(ReplicationHandle { publisher: Some(publisher), ..Default::default() })
+        }
         Role::Alternative | Role::Standby | Role::Recovering => {
             let transport = transport(cfg)?;
             let leader = DirectTransport::new(&cfg.replication.leader, &cfg.cluster_id).context("leader endpoint")?.client();
@@ -54,7 +68,7 @@ pub async fn start(running: &Running, cfg: &ClusterConfig) -> anyhow::Result<Rep
                 quarantine_dir: cfg.data_dir.join("quarantine"),
             };
             let follower = Follower::start(running.node.clone(), transport, leader, fcfg);
-            Ok(ReplicationHandle { follower: Some(follower) })
+            Ok(ReplicationHandle { follower: Some(follower), ..Default::default() })
         }
     }
 }

@@ -41,6 +41,14 @@ impl std::fmt::Debug for Collection {
     }
 }
 
+/// What a write did: its ts, rows changed, and the WAL position of each shard's part.
+#[derive(Debug, Clone)]
+pub struct WriteOutcome {
+    pub ts: Ts,
+    pub count: u64,
+    pub lsns: Vec<(usize, Lsn)>,
+}
+
 /// Segments that need an index built, by shard.
 pub type IndexJobs = Vec<(usize, Arc<Sealed>)>;
 
@@ -91,7 +99,7 @@ impl Collection {
 
     /// Logs and applies a write; blocking (fsync). Returns (ts, rows changed). Either every
     /// shard's part is validated and logged or, on a validation error, nothing changes.
-    pub fn write(&self, clock: &HybridClock, write: Write, jobs: &mut IndexJobs) -> Result<(Ts, u64)> {
+    pub fn write(&self, clock: &HybridClock, write: Write, jobs: &mut IndexJobs) -> Result<WriteOutcome> {
         let schema = self.schema();
         let n = self.shards.len();
         let mut guards: Vec<_> = match &write {
@@ -146,7 +154,7 @@ impl Collection {
             }
         }
         if parts.is_empty() {
-            return Ok((clock.now(), 0));
+            return Ok(WriteOutcome { ts: clock.now(), count: 0, lsns: Vec::new() });
         }
         let participants: Vec<u32> = if parts.len() > 1 { parts.keys().map(|&i| i as u32).collect() } else { Vec::new() };
         let mut pendings: Vec<_> = parts.keys().map(|&i| (i, self.shards[i].lock_pending())).collect();
@@ -163,10 +171,29 @@ impl Collection {
         }
         drop(pendings);
         drop(guards);
-        for (i, lsn) in lsns {
+        for &(i, lsn) in &lsns {
             self.shards[i].finish(lsn)?;
         }
-        Ok((ts, total))
+        Ok(WriteOutcome { ts, count: total, lsns })
+    }
+
+    /// Waits until the transport has acknowledged every record of a write (ack policy
+    /// `exported`). Cancel-safe.
+    pub async fn wait_exported(&self, lsns: &[(usize, Lsn)], deadline: Instant) -> Result<()> {
+        for &(i, lsn) in lsns {
+            let mut w = self.shards[i].exported_watch();
+            let wait = w.wait_for(|&e| e >= lsn);
+            match tokio::time::timeout_at(deadline.into(), wait).await {
+                Ok(Ok(_)) => {}
+                Ok(Err(_)) => return Err(ClusterError::Unavailable("the exporter stopped".into())),
+                Err(_) => {
+                    return Err(ClusterError::Unavailable(format!(
+                        "the write is durable on the leader but the transport has not acknowledged it yet (shard {i}, position {lsn}); it will be exported, retry reads with its token"
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Alternative: applies one change from the leader's stream of `shard`, logged with its

@@ -18,7 +18,7 @@ use tandem_proto::storage::v1 as st;
 use tandem_proto::v1 as pb;
 
 use crate::ann::AnnIndex;
-use crate::collection::{Collection, IndexJobs, Write};
+use crate::collection::{Collection, IndexJobs, Write, WriteOutcome};
 use crate::error::{ClusterError, Result};
 use crate::fanout::{Fanout, LocalFanout};
 use crate::fsio;
@@ -71,6 +71,7 @@ pub struct Node {
     leader_clock: RwLock<Option<Arc<dyn LeaderClock>>>,
     /// Alternative: replication state per collection id, for GetClusterInfo.
     replication: RwLock<std::collections::HashMap<u64, String>>,
+    exporting: std::sync::atomic::AtomicBool,
     _lock: File,
 }
 
@@ -158,6 +159,7 @@ impl Node {
             leader: RwLock::new(None),
             leader_clock: RwLock::new(None),
             replication: RwLock::new(Default::default()),
+            exporting: Default::default(),
             opts,
             _lock: lock,
         });
@@ -282,6 +284,15 @@ impl Node {
             Some(c) => c.leader_ts().await,
             None => Err(ClusterError::Unavailable(format!("cluster {} does not know its leader's clock: strong reads go to the leader", self.opts.cluster_id))),
         }
+    }
+
+    /// A broker publisher runs: with ack policy `exported`, writes wait for it.
+    pub fn set_exporting(&self, on: bool) {
+        self.exporting.store(on, Ordering::Release);
+    }
+
+    pub fn exporting(&self) -> bool {
+        self.exporting.load(Ordering::Acquire)
     }
 
     pub fn set_replication_state(&self, collection_id: u64, state: impl Into<String>) {
@@ -476,7 +487,7 @@ impl Node {
     }
 
     /// Applies a write. Blocking (fsync): call from a blocking thread.
-    pub fn write(&self, c: &Arc<Collection>, write: Write) -> Result<(Ts, u64)> {
+    pub fn write(&self, c: &Arc<Collection>, write: Write) -> Result<WriteOutcome> {
         self.check_writable()?;
         let mut jobs = Vec::new();
         let r = c.write(&self.clock, write, &mut jobs);

@@ -147,9 +147,16 @@ impl ClusterService {
         pb::MutationResponse { count, ts, session_token: self.node.token(ts).encode() }
     }
 
-    async fn write(&self, c: Arc<Collection>, w: Write) -> Result<(Ts, u64)> {
+    /// Applies a write and, under ack policy `exported` with a broker publisher running, waits
+    /// until the transport holds it, so no acknowledged write is lost if this leader dies.
+    async fn write(&self, c: Arc<Collection>, w: Write, deadline: Instant) -> Result<(Ts, u64)> {
         let node = self.node.clone();
-        blocking(move || node.write(&c, w)).await
+        let c2 = c.clone();
+        let out = blocking(move || node.write(&c2, w)).await?;
+        if self.node.exporting() && self.cfg.replication.ack == "exported" {
+            c.wait_exported(&out.lsns, deadline).await?;
+        }
+        Ok((out.ts, out.count))
     }
 
     fn collection_info(&self, c: &Collection) -> pb::CollectionInfo {
@@ -230,22 +237,25 @@ impl pb::tandem_server::Tandem for ClusterService {
     }
 
     async fn insert(&self, req: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
+        let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
         let (vectors, rows) = self.rows("insert", &c.schema(), &r.ids, r.vectors, &r.payloads)?;
-        let (ts, n) = self.write(c, Write::Insert { ids: r.ids, vectors, rows }).await?;
+        let (ts, n) = self.write(c, Write::Insert { ids: r.ids, vectors, rows }, deadline).await?;
         Ok(Response::new(self.mutation(ts, n)))
     }
 
     async fn upsert(&self, req: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {
+        let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
         let (vectors, rows) = self.rows("upsert", &c.schema(), &r.ids, r.vectors, &r.payloads)?;
-        let (ts, n) = self.write(c, Write::Upsert { ids: r.ids, vectors, rows }).await?;
+        let (ts, n) = self.write(c, Write::Upsert { ids: r.ids, vectors, rows }, deadline).await?;
         Ok(Response::new(self.mutation(ts, n)))
     }
 
     async fn delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::MutationResponse> {
+        let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
         let w = match (r.ids.is_empty(), r.filter.trim().is_empty()) {
@@ -259,7 +269,7 @@ impl pb::tandem_server::Tandem for ClusterService {
             (true, true) => return Err(ClusterError::invalid("delete needs ids or a filter").into()),
             (false, false) => return Err(ClusterError::invalid("delete takes ids or a filter, not both").into()),
         };
-        let (ts, n) = self.write(c, w).await?;
+        let (ts, n) = self.write(c, w, deadline).await?;
         Ok(Response::new(self.mutation(ts, n)))
     }
 

@@ -120,6 +120,9 @@ pub struct Shard {
     following: std::sync::atomic::AtomicBool,
     /// Retention leases of subscribers: the WAL is kept from the lowest leased position.
     leases: Mutex<HashMap<String, (Lsn, std::time::Instant)>>,
+    /// Leader with a broker transport: the highest position the transport has acknowledged
+    /// (the `exported` ack policy waits on it).
+    exported: tokio::sync::watch::Sender<Lsn>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -290,6 +293,7 @@ impl Shard {
             follow_ts: Default::default(),
             following: Default::default(),
             leases: Mutex::new(HashMap::new()),
+            exported: tokio::sync::watch::Sender::new(0),
         };
         Ok(Recovering { shard, manifest_max_ts: manifest.max_ts, manifest_source_lsn: manifest.source_lsn, replay_from, needs_index })
     }
@@ -445,6 +449,19 @@ impl Shard {
         if !ids.is_empty() {
             f(ids, vectors, rows, tss);
         }
+    }
+
+    /// The transport has acknowledged every change up to `lsn`.
+    pub fn set_exported(&self, lsn: Lsn) {
+        self.exported.send_if_modified(|v| {
+            let changed = *v < lsn;
+            *v = (*v).max(lsn);
+            changed
+        });
+    }
+
+    pub fn exported_watch(&self) -> tokio::sync::watch::Receiver<Lsn> {
+        self.exported.subscribe()
     }
 
     /// Holds the WAL from `lsn` for `subscriber` (renewed by every call).

@@ -14,6 +14,7 @@
 pub mod direct;
 pub mod error;
 pub mod follower;
+pub mod publisher;
 pub mod transport;
 
 #[cfg(feature = "kafka")]

@@ -10,10 +10,19 @@
 //!                                                                                  same vectors)
 //! ```
 //!
-//! with the same concurrency, one query per call on both sides, and report QPS, latency and
-//! recall@k for each, and their ratio. The cluster's segment is sized to hold every row, so the
-//! cluster searches exactly one faiss index built like the raw one: the ratio is the cost of the
-//! serving path, not of a different index layout.
+//! one query per call on both sides, and report QPS, latency, CPU per query and recall@k for
+//! each, and the QPS ratio. The cluster's segment is sized to hold every row, so the cluster
+//! searches exactly one faiss index built like the raw one: the ratio is the cost of the serving
+//! path, not of a different index layout.
+//!
+//! Concurrency. Raw faiss peaks with one thread per core (`--concurrency`). A server peaks only
+//! with more requests in flight than it has cores, because each request also spends time in the
+//! network and in thread hand-offs during which its core could serve another: `--grpc-concurrency`
+//! (4x by default) is that load, and the QPS ratio compares the two peaks. The gRPC path is also
+//! measured at `--concurrency`, which compares latencies at equal load.
+//!
+//! The measurements alternate in short rounds, so that background load on a shared machine hits
+//! every path alike instead of whichever ran last.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,7 +45,13 @@ use crate::readers;
 const MAX_MESSAGE_BYTES: usize = 64 << 20;
 const COLLECTION: &str = "bench";
 
-/// The figures the project publishes (`docs/architecture.md`); the report says whether each is met.
+/// Requests in flight through gRPC per raw thread, unless `--grpc-concurrency` says otherwise.
+const GRPC_INFLIGHT_PER_THREAD: usize = 4;
+
+/// Each measurement is split into this many rounds; every round runs each path once.
+const ROUNDS: usize = 5;
+
+/// The figures the project publishes; the report says whether each is met.
 const TARGET_HNSW_RECALL: f64 = 0.95;
 const TARGET_QPS_RATIO: f64 = 0.7;
 const TARGET_INGEST_VPS: f64 = 50_000.0;
@@ -67,9 +82,8 @@ pub enum WalSyncArg {
     Never,
 }
 
-/// Defaults reach the project's targets on 100k x 128 (see the report of a release run in
-/// `docs/architecture.md`): nlist ~ 3 * sqrt(n), nprobe 32 of 1024 lists, HNSW M=16 with
-/// efConstruction 200 and efSearch 64.
+/// The defaults reach the project's targets on 100k x 128: nlist ~ 3 * sqrt(n) with nprobe 32,
+/// HNSW M=16 with efConstruction 200 and efSearch 64.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SearchBenchArgs {
     /// Base vectors (synthetic), or the most to take from --file
@@ -78,7 +92,7 @@ pub struct SearchBenchArgs {
     /// Dimension of synthetic vectors (a --file gives its own)
     #[arg(long, default_value_t = 128)]
     pub dim: usize,
-    /// Query vectors (with --file: held out from the end of the file)
+    /// Query vectors (with --file: the last ones of the rows read, held out of the base)
     #[arg(long, default_value_t = 1000)]
     pub queries: usize,
     /// Neighbours per query (recall@k)
@@ -89,7 +103,7 @@ pub struct SearchBenchArgs {
     pub clusters: usize,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
-    /// Read base vectors from this .fvecs file instead of generating them
+    /// Read vectors from this file (.npy, .fvecs or JSON lines) instead of generating them
     #[arg(long)]
     pub file: Option<PathBuf>,
     /// Index kinds to measure, in order
@@ -97,10 +111,14 @@ pub struct SearchBenchArgs {
     pub indexes: Vec<IndexArg>,
     #[arg(long, value_enum, ignore_case = true, default_value_t = MetricArg::L2)]
     pub metric: MetricArg,
-    /// Concurrent searches, on both the gRPC and the raw side [default: number of cores]
+    /// Raw faiss search threads, and the gRPC load at which latencies are compared [default:
+    /// number of cores]
     #[arg(long)]
     pub concurrency: Option<usize>,
-    /// Length of each measurement (at least one pass over every query is always made)
+    /// gRPC requests in flight for the QPS comparison [default: 4 x --concurrency]
+    #[arg(long)]
+    pub grpc_concurrency: Option<usize>,
+    /// Length of each measurement (the first round always asks every query once)
     #[arg(long, default_value_t = 10.0)]
     pub duration_secs: f64,
     /// Stop each measurement after this many searches instead of after --duration-secs
@@ -124,8 +142,8 @@ pub struct SearchBenchArgs {
     pub ingest_streams: usize,
     #[arg(long, value_enum, default_value_t = WalSyncArg::Always)]
     pub wal_sync: WalSyncArg,
-    /// Where the cluster's temporary data directory goes (its WAL is fsynced there) [default:
-    /// the system temp dir]
+    /// Parent of the cluster's temporary data directory, whose WAL is fsynced [default: the
+    /// system temp dir]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
     /// Write every figure and parameter here as JSON
@@ -139,6 +157,14 @@ impl IndexArg {
             IndexArg::Flat => IndexKind::Flat,
             IndexArg::IvfFlat => IndexKind::IvfFlat { nlist: a.ivf_nlist },
             IndexArg::Hnsw => IndexKind::Hnsw { m: a.hnsw_m, ef_construction: a.ef_construction },
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            IndexArg::Flat => "flat",
+            IndexArg::IvfFlat => "ivf_flat",
+            IndexArg::Hnsw => "hnsw",
         }
     }
 }
@@ -170,6 +196,7 @@ impl SearchBenchArgs {
         ensure!(self.clusters >= 1, "--clusters {} must be at least 1", self.clusters);
         ensure!(!self.indexes.is_empty(), "--indexes is empty: name at least one of flat, ivf_flat, hnsw");
         ensure!(self.concurrency != Some(0), "--concurrency 0 must be at least 1");
+        ensure!(self.grpc_concurrency != Some(0), "--grpc-concurrency 0 must be at least 1");
         ensure!(self.duration_secs.is_finite() && self.duration_secs > 0.0, "--duration-secs {} must be positive", self.duration_secs);
         ensure!(self.queries_per_run != Some(0), "--queries-per-run 0 must be at least 1");
         ensure!((1..=65_536).contains(&self.ivf_nlist), "--ivf-nlist {} is out of range 1..=65536", self.ivf_nlist);
@@ -181,7 +208,7 @@ impl SearchBenchArgs {
         ensure!(self.ingest_streams >= 1, "--ingest-streams 0 must be at least 1");
         let mut seen = Vec::new();
         for i in &self.indexes {
-            ensure!(!seen.contains(i), "--indexes names {i:?} twice");
+            ensure!(!seen.contains(i), "--indexes names {} twice", i.name());
             seen.push(*i);
         }
         Ok(())
@@ -226,7 +253,9 @@ struct Params {
     seed: Option<u64>,
     metric: MetricArg,
     concurrency: usize,
+    grpc_concurrency: usize,
     duration_secs: f64,
+    rounds: usize,
     queries_per_run: Option<usize>,
     ivf_nlist: u32,
     nprobe: u32,
@@ -254,19 +283,25 @@ struct IngestReport {
 struct IndexReport {
     index: IndexArg,
     spec: String,
-    /// Cluster: from the end of ingest (first index) or CreateIndex (others) until Flush
+    /// Cluster: from the end of ingest (first index) or CreateIndex (later ones) until Flush
     /// reports the segment indexed and persisted.
     build_secs: f64,
     /// `AnnIndex::build` of the same kind over the same vectors, in this process.
     raw_build_secs: f64,
+    /// Through gRPC at `grpc_concurrency` requests in flight.
     grpc: RunReport,
+    /// Through gRPC at `concurrency`, the raw side's load; absent when the two are equal.
+    grpc_matched: Option<RunReport>,
     raw: RunReport,
     /// grpc.qps / raw.qps
     qps_ratio: f64,
+    /// grpc_matched.qps / raw.qps
+    matched_qps_ratio: Option<f64>,
 }
 
 #[derive(Debug, Clone, Serialize)]
 struct RunReport {
+    concurrency: usize,
     requests: usize,
     secs: f64,
     qps: f64,
@@ -278,7 +313,8 @@ struct RunReport {
     /// Distinct queries the recall is computed over.
     recall_queries: usize,
     /// Process CPU time during the run / (wall time * cores): near 1 means CPU-bound, well
-    /// below 1 means the searches wait on something else (wake-ups, the network). Linux only.
+    /// below 1 means the searches wait on something else (wake-ups, the network, other
+    /// processes). Linux only.
     cpu_util: Option<f64>,
     /// Process CPU time per search, in microseconds (client, server and faiss together).
     cpu_us_per_query: Option<f64>,
@@ -295,14 +331,9 @@ struct Target {
 // ---------------------------------------------------------------------------------------------
 // Measurement
 
-/// Each measurement is split into this many slices, alternating gRPC and raw, so that a change
-/// in background load (a shared machine, a noisy neighbour VM) hits both sides alike instead of
-/// whichever happened to run second.
-const ROUNDS: usize = 5;
-
-/// When a measured slice stops: after `requests` searches, or once `duration` has passed — but
-/// never before `min_requests`, which the first slice sets to the query count so that recall
-/// covers the whole query set.
+/// When a measured run stops: after `requests` searches, or once `duration` has passed, but
+/// never before `min_requests` (the first round sets it to the query count, so that recall
+/// covers every query).
 #[derive(Debug, Clone, Copy)]
 struct StopRule {
     duration: Duration,
@@ -321,8 +352,8 @@ impl StopRule {
         StopRule { duration: Duration::ZERO, requests: Some(r), min_requests: 0 }
     }
 
-    /// Slice `round` of `ROUNDS` of a measurement.
-    fn slice(a: &SearchBenchArgs, round: usize, nq: usize) -> StopRule {
+    /// Round `round` of `ROUNDS` of a measurement.
+    fn round(a: &SearchBenchArgs, round: usize, nq: usize) -> StopRule {
         StopRule {
             duration: Duration::from_secs_f64(a.duration_secs / ROUNDS as f64),
             requests: a.queries_per_run.map(|q| q.div_ceil(ROUNDS)),
@@ -334,89 +365,96 @@ impl StopRule {
 /// CPU time (user + system) this process has used so far, from /proc; None elsewhere.
 fn process_cpu_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may hold spaces; fields after its closing parenthesis start at
-    // field 3, so utime (14) and stime (15) are the 12th and 13th.
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis
+    // start at field 3, so utime (14) and stime (15) are the 12th and 13th of them.
     let rest = &stat[stat.rfind(')')? + 1..];
     let mut fields = rest.split_whitespace().skip(11);
     let utime: u64 = fields.next()?.parse().ok()?;
     let stime: u64 = fields.next()?.parse().ok()?;
-    // /proc reports in USER_HZ, which the kernel ABI fixes at 100.
+    // /proc counts in USER_HZ, which the kernel ABI fixes at 100.
     Some((utime + stime) as f64 / 100.0)
-}
-
-/// Everything the measured slices of one side (gRPC or raw) saw.
-#[derive(Debug, Default)]
-struct Sample {
-    logs: Vec<WorkerLog>,
-    secs: f64,
-    cpu_secs: Option<f64>,
-}
-
-impl Sample {
-    fn add(&mut self, logs: Vec<WorkerLog>, secs: f64, cpu_secs: Option<f64>) {
-        self.logs.extend(logs);
-        self.secs += secs;
-        self.cpu_secs = if self.secs == secs { cpu_secs } else { self.cpu_secs.zip(cpu_secs).map(|(a, b)| a + b) };
-    }
 }
 
 /// What one worker (task or thread) of a run observed.
 #[derive(Debug, Default)]
 struct WorkerLog {
     latencies_ns: Vec<u64>,
-    /// (query number, ids) for the first time each query was asked.
+    /// (query number, ids) the first time each query was asked.
     results: Vec<(usize, Vec<i64>)>,
 }
 
-fn summarize(sample: Sample, cores: usize, nq: usize, truth: &[Vec<i64>], k: usize) -> RunReport {
-    let Sample { logs, secs, cpu_secs } = sample;
-    let mut lat: Vec<u64> = Vec::new();
-    let mut answers: Vec<Option<Vec<i64>>> = vec![None; nq];
-    for log in logs {
-        lat.extend(log.latencies_ns);
-        for (q, ids) in log.results {
-            answers[q].get_or_insert(ids);
-        }
+/// One run of one path: what its workers saw, its wall time and the process's CPU time.
+#[derive(Debug)]
+struct Run {
+    logs: Vec<WorkerLog>,
+    secs: f64,
+    cpu_secs: Option<f64>,
+}
+
+/// Every run of one path, summed over the rounds.
+#[derive(Debug, Default)]
+struct Sample {
+    logs: Vec<WorkerLog>,
+    secs: f64,
+    cpu_secs: Option<f64>,
+    runs: usize,
+}
+
+impl Sample {
+    fn add(&mut self, run: Run) {
+        self.logs.extend(run.logs);
+        self.secs += run.secs;
+        self.cpu_secs = if self.runs == 0 { run.cpu_secs } else { self.cpu_secs.zip(run.cpu_secs).map(|(a, b)| a + b) };
+        self.runs += 1;
     }
-    lat.sort_unstable();
-    let pct = |p: f64| -> f64 {
-        if lat.is_empty() {
-            return 0.0;
+
+    fn summarize(self, concurrency: usize, cores: usize, truth: &[Vec<i64>], k: usize) -> RunReport {
+        let Sample { logs, secs, cpu_secs, .. } = self;
+        let mut lat: Vec<u64> = Vec::new();
+        let mut answers: Vec<Option<Vec<i64>>> = vec![None; truth.len()];
+        for log in logs {
+            lat.extend(log.latencies_ns);
+            for (q, ids) in log.results {
+                answers[q].get_or_insert(ids);
+            }
         }
-        // Nearest rank.
-        let rank = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len());
-        lat[rank - 1] as f64 / 1e6
-    };
-    let (results, truths): (Vec<Vec<i64>>, Vec<Vec<i64>>) =
-        answers.into_iter().zip(truth).filter_map(|(a, t)| a.map(|a| (a, t.clone()))).unzip();
-    let requests = lat.len();
-    RunReport {
-        requests,
-        secs,
-        qps: if secs > 0.0 { requests as f64 / secs } else { 0.0 },
-        mean_ms: if requests == 0 { 0.0 } else { lat.iter().sum::<u64>() as f64 / requests as f64 / 1e6 },
-        p50_ms: pct(0.50),
-        p99_ms: pct(0.99),
-        max_ms: lat.last().map_or(0.0, |&x| x as f64 / 1e6),
-        recall: dataset::recall_at_k(&results, &truths, k),
-        recall_queries: results.len(),
-        cpu_util: cpu_secs.filter(|_| secs > 0.0).map(|c| c / (secs * cores as f64)),
-        cpu_us_per_query: cpu_secs.filter(|_| requests > 0).map(|c| c * 1e6 / requests as f64),
+        lat.sort_unstable();
+        let pct = |p: f64| -> f64 {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            // Nearest rank.
+            let rank = ((p * lat.len() as f64).ceil() as usize).clamp(1, lat.len());
+            lat[rank - 1] as f64 / 1e6
+        };
+        let (results, truths): (Vec<Vec<i64>>, Vec<Vec<i64>>) =
+            answers.into_iter().zip(truth).filter_map(|(a, t)| a.map(|a| (a, t.clone()))).unzip();
+        let requests = lat.len();
+        RunReport {
+            concurrency,
+            requests,
+            secs,
+            qps: if secs > 0.0 { requests as f64 / secs } else { 0.0 },
+            mean_ms: if requests == 0 { 0.0 } else { lat.iter().sum::<u64>() as f64 / requests as f64 / 1e6 },
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: lat.last().map_or(0.0, |&x| x as f64 / 1e6),
+            recall: dataset::recall_at_k(&results, &truths, k),
+            recall_queries: results.len(),
+            cpu_util: cpu_secs.filter(|_| secs > 0.0).map(|c| c / (secs * cores as f64)),
+            cpu_us_per_query: cpu_secs.filter(|_| requests > 0).map(|c| c * 1e6 / requests as f64),
+        }
     }
 }
 
-/// Searches through gRPC: `clients.len()` tasks, one query per request, until `stop`.
-async fn grpc_run(
-    clients: Vec<TandemClient<Channel>>,
-    ds: Arc<Dataset>,
-    k: usize,
-    knobs: Knobs,
-    stop: StopRule,
-) -> anyhow::Result<(Vec<WorkerLog>, f64)> {
+/// Searches through gRPC, one task per client, one query per request, until `stop`.
+async fn grpc_run(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, k: usize, knobs: Knobs, stop: StopRule) -> anyhow::Result<Run> {
     let next = Arc::new(AtomicUsize::new(0));
+    let cpu = process_cpu_secs();
     let started = Instant::now();
     let mut tasks = Vec::with_capacity(clients.len());
-    for mut client in clients {
+    for client in clients {
+        let mut client = client.clone();
         let (ds, next) = (ds.clone(), next.clone());
         tasks.push(tokio::spawn(async move {
             let mut log = WorkerLog::default();
@@ -450,27 +488,21 @@ async fn grpc_run(
     for t in tasks {
         logs.push(t.await.context("search task")??);
     }
-    Ok((logs, started.elapsed().as_secs_f64()))
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Run { logs, secs, cpu_secs: process_cpu_secs().zip(cpu).map(|(b, a)| b - a) })
 }
 
-/// Searches `index` directly from `concurrency` threads, one query per call, until `stop`.
+/// Searches `index` directly from `threads` threads, one query per call, until `stop`.
 /// Blocking: run it off the async runtime.
-fn raw_run(
-    index: &AnnIndex,
-    queries: &[f32],
-    dim: usize,
-    k: usize,
-    knobs: Knobs,
-    concurrency: usize,
-    stop: StopRule,
-) -> anyhow::Result<(Vec<WorkerLog>, f64)> {
+fn raw_run(index: &AnnIndex, queries: &[f32], dim: usize, k: usize, knobs: Knobs, threads: usize, stop: StopRule) -> anyhow::Result<Run> {
     let nq = queries.len() / dim;
     let next = AtomicUsize::new(0);
+    let cpu = process_cpu_secs();
     let started = Instant::now();
     let logs = std::thread::scope(|s| {
-        let workers: Vec<_> = (0..concurrency)
+        let workers = (0..threads)
             .map(|w| {
-                // Named, so that a profile tells them from tokio's blocking threads.
+                // Named, so that a profile tells them from tokio's threads.
                 std::thread::Builder::new().name(format!("raw-search-{w}")).spawn_scoped(s, || {
                     let mut log = WorkerLog::default();
                     loop {
@@ -495,19 +527,31 @@ fn raw_run(
             .map(|w| w.join().map_err(|_| anyhow::anyhow!("a raw search thread panicked"))?)
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
-    Ok((logs, started.elapsed().as_secs_f64()))
+    let secs = started.elapsed().as_secs_f64();
+    Ok(Run { logs, secs, cpu_secs: process_cpu_secs().zip(cpu).map(|(b, a)| b - a) })
+}
+
+async fn raw_run_blocking(
+    index: &Arc<AnnIndex>,
+    vectors: &Arc<Dataset>,
+    k: usize,
+    knobs: Knobs,
+    threads: usize,
+    stop: StopRule,
+) -> anyhow::Result<Run> {
+    let (index, vectors) = (index.clone(), vectors.clone());
+    tokio::task::spawn_blocking(move || raw_run(&index, &vectors.queries, vectors.dim, k, knobs, threads, stop)).await?
 }
 
 // ---------------------------------------------------------------------------------------------
 // Setup
 
-/// The data set: synthetic, or base rows from `--file` with the queries held out of its tail.
+/// The data set: synthetic, or rows of `--file` with the queries held out of their tail.
 fn load(a: &SearchBenchArgs) -> anyhow::Result<(Dataset, String)> {
     let Some(path) = &a.file else {
         let ds = dataset::gaussian_mixture(a.n, a.queries, a.dim, a.clusters, a.seed);
         return Ok((ds, format!("gaussian_mixture(clusters={}, seed={})", a.clusters, a.seed)));
     };
-    // The first n + queries rows; the queries are held out of their tail.
     let want = a.n.saturating_add(a.queries);
     let mut file = readers::VectorFile::open(path, readers::Format::Auto, 0)?;
     let mut v = Vec::new();
@@ -520,11 +564,10 @@ fn load(a: &SearchBenchArgs) -> anyhow::Result<(Dataset, String)> {
     let dim = file.dim().with_context(|| format!("--file {} holds no vectors", path.display()))?;
     let rows = v.len() / dim;
     ensure!(rows > a.queries, "--file {} has {rows} vectors: it needs more than --queries {}", path.display(), a.queries);
-    let base_rows = rows - a.queries;
-    let (base, queries) = v.split_at(base_rows * dim);
+    let (base, queries) = v.split_at((rows - a.queries) * dim);
     let ds = Dataset { dim, base: base.to_vec(), queries: queries.to_vec() };
     if a.metric == MetricArg::Cosine {
-        let zero = ds.base.chunks_exact(dim).position(|v| v.iter().all(|&x| x == 0.0));
+        let zero = ds.base.chunks_exact(dim).chain(ds.queries.chunks_exact(dim)).position(|v| v.iter().all(|&x| x == 0.0));
         ensure!(zero.is_none(), "--file {}: row {} is all zeros, which COSINE cannot compare", path.display(), zero.unwrap_or(0));
     }
     Ok((ds, format!("file:{}", path.display())))
@@ -539,7 +582,18 @@ async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<TandemClient<Chan
     Ok(client)
 }
 
-/// Inserts every base row through gRPC from `streams` concurrent request streams.
+/// One connection each, as separate clients would have. (Sharing one HTTP/2 connection was
+/// measured too: no cheaper per request, and slower, since every request then goes through
+/// one connection task.)
+async fn connect_many(addr: std::net::SocketAddr, n: usize) -> anyhow::Result<Vec<TandemClient<Channel>>> {
+    let mut clients = Vec::with_capacity(n);
+    for _ in 0..n {
+        clients.push(connect(addr).await?);
+    }
+    Ok(clients)
+}
+
+/// Inserts every base row through gRPC, one stream per client.
 async fn ingest(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, batch: usize) -> anyhow::Result<(f64, usize)> {
     let next = Arc::new(AtomicUsize::new(0));
     let batches = ds.n().div_ceil(batch);
@@ -571,8 +625,25 @@ async fn ingest(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, batch: usi
     Ok((started.elapsed().as_secs_f64(), batches))
 }
 
-async fn flush(client: &mut TandemClient<Channel>) -> anyhow::Result<()> {
+/// Flushes, then checks that the collection is what the comparison assumes: one segment with
+/// every row, indexed with `kind`.
+async fn flush_and_check(client: &mut TandemClient<Channel>, n: usize, kind: IndexKind) -> anyhow::Result<()> {
     client.flush(pb::FlushRequest { collection: COLLECTION.into() }).await.context("flush")?;
+    let info = client
+        .describe_collection(pb::DescribeCollectionRequest { name: COLLECTION.into() })
+        .await
+        .context("describe collection")?
+        .into_inner()
+        .collection
+        .context("describe collection returned no collection")?;
+    let indexed = pb::segment_info::State::Indexed as i32;
+    let segments: Vec<(u64, i32)> = info.segments.iter().map(|s| (s.rows, s.state)).collect();
+    ensure!(
+        segments == [(n as u64, indexed)],
+        "after flush the bench collection should be one indexed segment of {n} rows, found {segments:?}"
+    );
+    let index = info.schema.and_then(|s| s.index);
+    ensure!(index == Some(kind.to_proto()), "the bench collection's index is {index:?}, expected {kind}");
     Ok(())
 }
 
@@ -590,25 +661,36 @@ pub async fn run(args: SearchBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// What `measure` needs besides the arguments.
+struct Setup {
+    ds: Arc<Dataset>,
+    /// What the cluster stores: for COSINE, unit-length copies; else the data set itself.
+    raw_vectors: Arc<Dataset>,
+    truth: Vec<Vec<i64>>,
+    k: usize,
+    cores: usize,
+    concurrency: usize,
+    grpc_concurrency: usize,
+}
+
 async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     a.validate()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let concurrency = a.concurrency.unwrap_or(cores);
+    let grpc_concurrency = a.grpc_concurrency.unwrap_or(concurrency * GRPC_INFLIGHT_PER_THREAD);
     let metric = a.metric.engine();
-    let knobs = a.knobs();
 
     let a2 = a.clone();
     let (ds, source) = tokio::task::spawn_blocking(move || load(&a2)).await??;
     let ds = Arc::new(ds);
     let (n, nq, dim) = (ds.n(), ds.nq(), ds.dim);
     let k = a.k.min(n);
-    eprintln!("data: {n} base + {nq} query vectors of dim {dim} ({source}); computing exact top-{k}...");
+    eprintln!("data: {n} base + {nq} query vectors of dim {dim} ({source}); computing the exact top-{k}...");
     let t = Instant::now();
     let ds2 = ds.clone();
-    let truth = Arc::new(tokio::task::spawn_blocking(move || dataset::ground_truth(&ds2, k, metric)).await?);
+    let truth = tokio::task::spawn_blocking(move || dataset::ground_truth(&ds2, k, metric)).await?;
     let ground_truth_secs = t.elapsed().as_secs_f64();
 
-    // Raw faiss gets what the cluster stores: COSINE vectors unit length.
     let raw_vectors = if metric == Metric::Cosine {
         let mut v = (*ds).clone();
         dataset::normalize_rows(&mut v.base, dim);
@@ -636,18 +718,16 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
         WalSyncArg::Never => WalSync::Never,
     };
     cfg.limits.max_message_bytes = MAX_MESSAGE_BYTES;
-    if let Ok(t) = std::env::var("BENCH_SEARCH_THREADS") {
-        cfg.search.threads = t.parse()?;
-    }
     cfg.limits.max_write_rows = cfg.limits.max_write_rows.max(a.batch);
     if let Err(errs) = cfg.validate() {
         bail!("bench cluster config is invalid: {}", errs.join("; "));
     }
     let running = tandem_cluster::server::start(cfg).await.context("cannot start the bench cluster")?;
-    let result = measure(a, &running, &ds, &raw_vectors, &truth, k, knobs, concurrency).await;
+    let setup = Setup { ds, raw_vectors, truth, k, cores, concurrency, grpc_concurrency };
+    let result = measure(a, &running, &setup).await;
     let stopped = running.stop().await;
     let (ingest, indexes) = result?;
-    stopped.context("bench cluster did not stop cleanly")?;
+    stopped.context("the bench cluster did not stop cleanly")?;
     drop(scratch);
 
     let mut targets = vec![Target {
@@ -658,15 +738,16 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     }];
     for r in &indexes {
         if r.index == IndexArg::Hnsw {
+            let recall = r.grpc.recall;
             targets.push(Target {
                 name: format!("hnsw_grpc_recall_at_{k}"),
-                value: r.grpc.recall,
+                value: recall,
                 min: TARGET_HNSW_RECALL,
-                met: r.grpc.recall >= TARGET_HNSW_RECALL,
+                met: recall >= TARGET_HNSW_RECALL,
             });
         }
         targets.push(Target {
-            name: format!("{}_qps_ratio", serde_name(r.index)),
+            name: format!("{}_qps_ratio", r.index.name()),
             value: r.qps_ratio,
             min: TARGET_QPS_RATIO,
             met: r.qps_ratio >= TARGET_QPS_RATIO,
@@ -687,7 +768,9 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
             seed: a.file.is_none().then_some(a.seed),
             metric: a.metric,
             concurrency,
+            grpc_concurrency,
             duration_secs: a.duration_secs,
+            rounds: ROUNDS,
             queries_per_run: a.queries_per_run,
             ivf_nlist: a.ivf_nlist,
             nprobe: a.nprobe,
@@ -706,69 +789,31 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     })
 }
 
-fn serde_name(i: IndexArg) -> &'static str {
-    match i {
-        IndexArg::Flat => "flat",
-        IndexArg::IvfFlat => "ivf_flat",
-        IndexArg::Hnsw => "hnsw",
-    }
-}
-
-#[allow(clippy::too_many_arguments)]
 async fn measure(
     a: &SearchBenchArgs,
     running: &tandem_cluster::server::Running,
-    ds: &Arc<Dataset>,
-    raw_vectors: &Arc<Dataset>,
-    truth: &Arc<Vec<Vec<i64>>>,
-    k: usize,
-    knobs: Knobs,
-    concurrency: usize,
+    s: &Setup,
 ) -> anyhow::Result<(IngestReport, Vec<IndexReport>)> {
+    let Setup { ds, raw_vectors, truth, k, cores, concurrency, grpc_concurrency } = s;
+    let (k, cores, concurrency, grpc_concurrency) = (*k, *cores, *concurrency, *grpc_concurrency);
     let (n, nq, dim) = (ds.n(), ds.nq(), ds.dim);
     let metric = a.metric.engine();
+    let knobs = a.knobs();
     let mut admin = connect(running.addr).await?;
-    // One connection per stream or search task, as separate clients would have: a shared HTTP/2
-    // connection would serialise every request through one connection task.
-    let mut ingest_clients = Vec::new();
-    for _ in 0..a.ingest_streams {
-        ingest_clients.push(connect(running.addr).await?);
-    }
-    let client_rt = if std::env::var("BENCH_CLIENT_RT").is_ok() {
-        Some(tokio::runtime::Builder::new_multi_thread().worker_threads(1).thread_name("bench-client").enable_all().build()?)
-    } else {
-        None
-    };
-    async fn on<T: Send + 'static>(rt: &Option<tokio::runtime::Runtime>, f: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static) -> anyhow::Result<T> {
-        match rt {
-            Some(rt) => rt.spawn(f).await?,
-            None => f.await,
-        }
-    }
-    let mut search_clients: Vec<TandemClient<Channel>> = Vec::new();
-    let shared = std::env::var("BENCH_SHARED_CONN").is_ok();
-    for i in 0..concurrency {
-        let addr = running.addr;
-        if shared && i > 0 {
-            let c = search_clients[0].clone();
-            search_clients.push(c);
-        } else {
-            search_clients.push(on(&client_rt, async move { connect(addr).await }).await?);
-        }
-    }
+    let search_clients = connect_many(running.addr, grpc_concurrency.max(concurrency)).await?;
 
-    let first = a.indexes[0];
     let schema = pb::CollectionSchema {
         name: COLLECTION.into(),
         dim: dim as u32,
         metric: a.metric.proto() as i32,
-        index: Some(first.kind(a).to_proto()),
+        index: Some(a.indexes[0].kind(a).to_proto()),
         shards: 1,
         fields: Vec::new(),
     };
     admin.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.context("create collection")?;
 
     eprintln!("ingest: {n} vectors in batches of {} from {} streams (wal sync {:?})...", a.batch, a.ingest_streams, a.wal_sync);
+    let ingest_clients = connect_many(running.addr, a.ingest_streams).await?;
     let (ingest_secs, requests) = ingest(&ingest_clients, ds, a.batch).await?;
     drop(ingest_clients);
     let megabytes = (n * dim * 4) as f64 / 1e6;
@@ -781,19 +826,16 @@ async fn measure(
         requests,
     };
 
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let mut reports = Vec::new();
     for (i, &which) in a.indexes.iter().enumerate() {
         let kind = which.kind(a);
         eprintln!("{kind}: building in the cluster...");
         let t = Instant::now();
         if i > 0 {
-            admin
-                .create_index(pb::CreateIndexRequest { collection: COLLECTION.into(), index: Some(kind.to_proto()) })
-                .await
-                .context("create index")?;
+            let req = pb::CreateIndexRequest { collection: COLLECTION.into(), index: Some(kind.to_proto()) };
+            admin.create_index(req).await.context("create index")?;
         }
-        flush(&mut admin).await?;
+        flush_and_check(&mut admin, n, kind).await?;
         let build_secs = t.elapsed().as_secs_f64();
 
         eprintln!("{kind}: building raw faiss...");
@@ -802,35 +844,39 @@ async fn measure(
         let index = Arc::new(tokio::task::spawn_blocking(move || AnnIndex::build(kind, metric, dim, &rv.base)).await??);
         let raw_build_secs = t.elapsed().as_secs_f64();
 
-        eprintln!("{kind}: searching, gRPC ({concurrency} tasks) and raw faiss ({concurrency} threads) in {ROUNDS} alternating rounds...");
-        let raw_slice = |stop: StopRule| {
-            let (index, rv) = (index.clone(), raw_vectors.clone());
-            tokio::task::spawn_blocking(move || {
-                let cpu = process_cpu_secs();
-                let (logs, secs) = raw_run(&index, &rv.queries, dim, k, knobs, concurrency, stop)?;
-                anyhow::Ok((logs, secs, process_cpu_secs().zip(cpu).map(|(b, a)| b - a)))
-            })
-        };
-        on(&client_rt, grpc_run(search_clients.clone(), ds.clone(), k, knobs, StopRule::warmup(nq, concurrency))).await?;
-        raw_slice(StopRule::warmup(nq, concurrency)).await??;
-        let (mut grpc, mut raw) = (Sample::default(), Sample::default());
+        let matched = grpc_concurrency != concurrency;
+        eprintln!(
+            "{kind}: searching in {ROUNDS} rounds: gRPC at {grpc_concurrency} in flight{}, raw faiss on {concurrency} threads...",
+            if matched { format!(" and at {concurrency}") } else { String::new() }
+        );
+        let grpc_clients = &search_clients[..grpc_concurrency];
+        let matched_clients = &search_clients[..concurrency];
+        grpc_run(grpc_clients, ds, k, knobs, StopRule::warmup(nq, grpc_concurrency)).await?;
+        raw_run_blocking(&index, raw_vectors, k, knobs, concurrency, StopRule::warmup(nq, concurrency)).await?;
+        let (mut grpc, mut grpc_matched, mut raw) = (Sample::default(), Sample::default(), Sample::default());
         for round in 0..ROUNDS {
-            let stop = StopRule::slice(a, round, nq);
-            let cpu = process_cpu_secs();
-            let (logs, secs) = on(&client_rt, grpc_run(search_clients.clone(), ds.clone(), k, knobs, stop)).await?;
-            grpc.add(logs, secs, process_cpu_secs().zip(cpu).map(|(b, a)| b - a));
-            let (logs, secs, cpu) = raw_slice(stop).await??;
-            raw.add(logs, secs, cpu);
+            let stop = StopRule::round(a, round, nq);
+            grpc.add(grpc_run(grpc_clients, ds, k, knobs, stop).await?);
+            if matched {
+                grpc_matched.add(grpc_run(matched_clients, ds, k, knobs, stop).await?);
+            }
+            raw.add(raw_run_blocking(&index, raw_vectors, k, knobs, concurrency, stop).await?);
         }
-        let grpc = summarize(grpc, cores, nq, truth, k);
-        let raw = summarize(raw, cores, nq, truth, k);
-
-        let qps_ratio = if raw.qps > 0.0 { grpc.qps / raw.qps } else { 0.0 };
-        reports.push(IndexReport { index: which, spec: kind.to_string(), build_secs, raw_build_secs, grpc, raw, qps_ratio });
-    }
-    drop(search_clients);
-    if let Some(rt) = client_rt {
-        rt.shutdown_background();
+        let grpc = grpc.summarize(grpc_concurrency, cores, truth, k);
+        let grpc_matched = matched.then(|| grpc_matched.summarize(concurrency, cores, truth, k));
+        let raw = raw.summarize(concurrency, cores, truth, k);
+        let ratio = |g: &RunReport| if raw.qps > 0.0 { g.qps / raw.qps } else { 0.0 };
+        reports.push(IndexReport {
+            index: which,
+            spec: kind.to_string(),
+            build_secs,
+            raw_build_secs,
+            qps_ratio: ratio(&grpc),
+            matched_qps_ratio: grpc_matched.as_ref().map(ratio),
+            grpc,
+            grpc_matched,
+            raw,
+        });
     }
     Ok((ingest, reports))
 }
@@ -838,8 +884,16 @@ async fn measure(
 fn print_table(r: &Report) {
     let p = &r.params;
     println!(
-        "tandem bench search {}: {} x {} ({}), {} queries, k={}, metric {:?}, concurrency {}, {} cores",
-        r.version, p.n, p.dim, p.source, p.queries, p.k, p.metric, p.concurrency, r.machine.cores
+        "tandem bench search {}{}: {} x {} ({}), {} queries, k={}, metric {:?}, {} cores",
+        r.version,
+        if r.machine.debug_build { " (DEBUG build)" } else { "" },
+        p.n,
+        p.dim,
+        p.source,
+        p.queries,
+        p.k,
+        p.metric,
+        r.machine.cores
     );
     let i = &r.ingest;
     println!(
@@ -847,31 +901,31 @@ fn print_table(r: &Report) {
         p.wal_sync, p.ingest_streams, p.batch, i.vectors, i.secs, i.vectors_per_sec, i.mb_per_sec
     );
     println!();
-    println!("{:<9} {:>8} {:>8} | {:^44} | {:^44} |", "", "", "", "through gRPC", "raw faiss, in-process");
     println!(
-        "{:<9} {:>8} {:>8} | {:>7} {:>8} {:>7} {:>7} {:>9} | {:>7} {:>8} {:>7} {:>7} {:>9} | {:>5}",
-        "index", "build s", "raw bld", "recall", "qps", "p50 ms", "p99 ms", "cpu us/q", "recall", "qps", "p50 ms", "p99 ms", "cpu us/q", "ratio"
+        "{:<9} {:<10} {:>5} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>6}",
+        "index", "path", "conc", "build s", "recall", "qps", "p50 ms", "p99 ms", "cpu us/q", "ratio"
     );
-    let cpu = |c: Option<f64>| c.map_or_else(|| "-".to_string(), |c| format!("{c:.0}"));
-    for x in &r.indexes {
-        let (g, w) = (&x.grpc, &x.raw);
+    let row = |index: &str, path: &str, build: Option<f64>, x: &RunReport, ratio: Option<f64>| {
         println!(
-            "{:<9} {:>8.2} {:>8.2} | {:>7.4} {:>8.0} {:>7.3} {:>7.3} {:>9} | {:>7.4} {:>8.0} {:>7.3} {:>7.3} {:>9} | {:>5.2}",
-            serde_name(x.index),
-            x.build_secs,
-            x.raw_build_secs,
-            g.recall,
-            g.qps,
-            g.p50_ms,
-            g.p99_ms,
-            cpu(g.cpu_us_per_query),
-            w.recall,
-            w.qps,
-            w.p50_ms,
-            w.p99_ms,
-            cpu(w.cpu_us_per_query),
-            x.qps_ratio
+            "{:<9} {:<10} {:>5} {:>8} {:>7.4} {:>8.0} {:>8.3} {:>8.3} {:>9} {:>6}",
+            index,
+            path,
+            x.concurrency,
+            build.map_or_else(String::new, |b| format!("{b:.2}")),
+            x.recall,
+            x.qps,
+            x.p50_ms,
+            x.p99_ms,
+            x.cpu_us_per_query.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
+            ratio.map_or_else(String::new, |r| format!("{r:.2}")),
         );
+    };
+    for x in &r.indexes {
+        row(x.index.name(), "grpc", Some(x.build_secs), &x.grpc, Some(x.qps_ratio));
+        if let Some(m) = &x.grpc_matched {
+            row("", "grpc", None, m, x.matched_qps_ratio);
+        }
+        row("", "raw faiss", Some(x.raw_build_secs), &x.raw, None);
     }
     println!();
     for t in &r.targets {
@@ -900,7 +954,9 @@ mod tests {
         assert_eq!(a.indexes, vec![IndexArg::Hnsw, IndexArg::IvfFlat]);
         assert_eq!(a.metric, MetricArg::Cosine);
         let a = Cli::try_parse_from(["bench", "--indexes", "hnsw,hnsw"]).unwrap().args;
-        assert!(a.validate().unwrap_err().to_string().contains("twice"));
+        assert!(a.validate().unwrap_err().to_string().contains("names hnsw twice"));
+        let a = Cli::try_parse_from(["bench", "--concurrency", "0"]).unwrap().args;
+        assert!(a.validate().unwrap_err().to_string().contains("--concurrency 0"));
     }
 
     #[test]
@@ -915,7 +971,7 @@ mod tests {
         std::fs::write(&path, &bytes).unwrap();
         let mut a = Cli::try_parse_from(["bench", "--queries", "2", "--n", "2"]).unwrap().args;
         a.file = Some(path);
-        // n + queries rows are read, the last `queries` of them are the queries.
+        // n + queries rows are read; the last `queries` of them are the queries.
         let (ds, source) = load(&a).unwrap();
         assert_eq!((ds.dim, ds.base, ds.queries), (2, vec![0., 1., 1., 1.], vec![2., 1., 3., 1.]));
         assert!(source.starts_with("file:"));
@@ -924,36 +980,49 @@ mod tests {
         assert!(load(&a).unwrap_err().to_string().contains("has 5 vectors"));
     }
 
-    /// The whole harness on a tiny set: proves the wiring (ingest, index switches, both search
-    /// paths, recall against the ground truth, JSON), not the speed.
+    #[test]
+    fn stop_rule_covers_every_query_first() {
+        let started = Instant::now() - Duration::from_secs(5);
+        let first = StopRule { duration: Duration::from_secs(1), requests: None, min_requests: 10 };
+        assert!(!first.stop(9, started), "time is up but not every query was asked");
+        assert!(first.stop(10, started));
+        let counted = StopRule { duration: Duration::ZERO, requests: Some(3), min_requests: 0 };
+        assert!(!counted.stop(2, Instant::now()));
+        assert!(counted.stop(3, Instant::now()));
+    }
+
+    /// The whole harness on a tiny set: proves the wiring (ingest, index switches, every search
+    /// path, recall against the ground truth, JSON), not the speed.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn whole_bench_on_a_tiny_set() {
         let dir = tempfile::tempdir().unwrap();
         let json = dir.path().join("report.json");
-        let mut a =
-            Cli::try_parse_from(["bench", "--n", "2000", "--dim", "16", "--queries", "50", "--clusters", "10", "--duration-secs", "0.3"])
-                .unwrap()
-                .args;
+        let args = ["bench", "--n", "2000", "--dim", "16", "--queries", "50", "--clusters", "10", "--duration-secs", "0.3"];
+        let mut a = Cli::try_parse_from(args).unwrap().args;
         a.ivf_nlist = 16;
         a.concurrency = Some(2);
+        a.grpc_concurrency = Some(3);
         a.data_dir = Some(dir.path().to_path_buf());
         a.json = Some(json.clone());
         run(a).await.unwrap();
 
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         assert_eq!(v["ingest"]["vectors"], 2000);
+        assert_eq!(v["params"]["grpc_concurrency"], 3);
         let indexes = v["indexes"].as_array().unwrap();
         let names: Vec<&str> = indexes.iter().map(|x| x["index"].as_str().unwrap()).collect();
         assert_eq!(names, ["flat", "ivf_flat", "hnsw"]);
         for x in indexes {
-            for side in ["grpc", "raw"] {
-                let recall = x[side]["recall"].as_f64().unwrap();
-                assert!((0.0..=1.0).contains(&recall) && recall > 0.5, "{side} {x}");
-                assert_eq!(x[side]["recall_queries"], 50, "{side} {x}");
-                assert!(x[side]["requests"].as_u64().unwrap() >= 50);
+            for path in ["grpc", "grpc_matched", "raw"] {
+                let recall = x[path]["recall"].as_f64().unwrap();
+                assert!((0.5..=1.0).contains(&recall), "{path} {x}");
+                assert_eq!(x[path]["recall_queries"], 50, "{path} {x}");
+                assert!(x[path]["requests"].as_u64().unwrap() >= 50, "{path} {x}");
             }
+            assert!(x["qps_ratio"].as_f64().unwrap() > 0.0, "{x}");
         }
-        assert_eq!(indexes[0]["grpc"]["recall"].as_f64(), Some(1.0), "{}", indexes[0]);
-        assert_eq!(indexes[0]["raw"]["recall"].as_f64(), Some(1.0), "{}", indexes[0]);
+        for path in ["grpc", "grpc_matched", "raw"] {
+            assert_eq!(indexes[0][path]["recall"].as_f64(), Some(1.0), "flat {path}: {}", indexes[0]);
+        }
     }
 }

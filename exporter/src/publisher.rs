@@ -1,0 +1,180 @@
+//! The leader side of broker transports: publishes the leader's change feeds (the DDL log and
+//! every shard's WAL) in order, and records what the transport acknowledged so the `exported`
+//! ack policy can wait on it. Not used with the direct transport, whose log is the leader's WAL.
+//!
+//! Restart-safe without a stored position: each stream resumes after the transport's end
+//! (`end_lsn`); a crash between publish and that check can only re-publish, and subscribers
+//! skip positions they already applied.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use parking_lot::Mutex;
+use tandem_cluster::collection::Collection;
+use tandem_cluster::feed::{DdlFeed, ShardFeed};
+use tandem_cluster::node::Node;
+use tandem_proto::replication::v1 as rp;
+use tokio_util::sync::CancellationToken;
+
+use crate::transport::{StreamId, Transport};
+
+const BACKOFF: Duration = Duration::from_millis(200);
+
+pub struct Publisher {
+    node: Arc<Node>,
+    transport: Arc<dyn Transport>,
+    group: String,
+    tick: Duration,
+    cancel: CancellationToken,
+    running: Mutex<HashMap<u64, CancellationToken>>,
+}
+
+impl Publisher {
+    pub fn start(node: Arc<Node>, transport: Arc<dyn Transport>, group: &str, tick: Duration) -> Arc<Publisher> {
+        node.set_exporting(true);
+        let p = Arc::new(Publisher { node, transport, group: group.to_string(), tick, cancel: CancellationToken::new(), running: Mutex::new(HashMap::new()) });
+        let me = p.clone();
+        tokio::spawn(async move { me.run_ddl().await });
+        p
+    }
+
+    pub fn stop(&self) {
+        self.cancel.cancel();
+    }
+
+    async fn run_ddl(self: Arc<Self>) {
+        // Existing collections first: their streams may be behind.
+        for c in self.node.collections() {
+            self.start_collection(c).await;
+        }
+        let from = loop {
+            match self.transport.end_lsn(&StreamId::Ddl).await {
+                Ok(l) => break l + 1,
+                Err(e) => {
+                    tracing::warn!(error = %e, "ddl stream end unknown; retrying");
+                    if self.sleep_or_stop(BACKOFF).await {
+                        return;
+                    }
+                }
+            }
+        };
+        let mut feed = DdlFeed::new(self.node.clone(), from, &self.group, Duration::from_millis(50));
+        loop {
+            let batch = tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                b = feed.next_batch() => b,
+            };
+            let events = match batch {
+                Ok(e) => e,
+                Err(e) => {
+                    tracing::error!(error = %e, "reading the ddl log failed");
+                    if self.sleep_or_stop(BACKOFF).await {
+                        return;
+                    }
+                    continue;
+                }
+            };
+            for ev in &events {
+                if let Some(rp::change_event::Body::CreateCollection(_)) = ev.body
+                    && let Some(c) = self.node.collection_by_id(ev.collection_id)
+                {
+                    // The shard stream must exist before subscribers learn of the collection.
+                    self.start_collection(c).await;
+                }
+                if let Some(rp::change_event::Body::DropCollection(_)) = ev.body
+                    && let Some(t) = self.running.lock().remove(&ev.collection_id)
+                {
+                    t.cancel();
+                }
+            }
+            while let Err(e) = self.transport.publish(&StreamId::Ddl, events.clone()).await {
+                tracing::warn!(error = %e, "publishing ddl failed; retrying");
+                if self.sleep_or_stop(BACKOFF).await {
+                    return;
+                }
+            }
+        }
+    }
+
+    async fn start_collection(self: &Arc<Self>, c: Arc<Collection>) {
+        if self.running.lock().contains_key(&c.id) {
+            return;
+        }
+        let shards = c.shards().len() as u32;
+        while let Err(e) = self.transport.ensure_stream(&StreamId::Shard { collection_id: c.id, shard: 0 }, shards).await {
+            tracing::warn!(error = %e, collection = c.id, "creating the collection's stream failed; retrying");
+            if self.sleep_or_stop(BACKOFF).await {
+                return;
+            }
+        }
+        let token = self.cancel.child_token();
+        self.running.lock().insert(c.id, token.clone());
+        for shard in 0..c.shards().len() {
+            let me = self.clone();
+            let (c, token) = (c.clone(), token.clone());
+            tokio::spawn(async move {
+                tokio::select! {
+                    _ = token.cancelled() => {}
+                    _ = me.run_shard(c, shard) => {}
+                }
+            });
+        }
+    }
+
+    async fn run_shard(self: Arc<Self>, c: Arc<Collection>, shard: usize) {
+        let stream = StreamId::Shard { collection_id: c.id, shard: shard as u32 };
+        let sh = c.shards()[shard].clone();
+        loop {
+            let end = match self.transport.end_lsn(&stream).await {
+                Ok(l) => l,
+                Err(e) => {
+                    tracing::warn!(error = %e, %stream, "stream end unknown; retrying");
+                    tokio::time::sleep(BACKOFF).await;
+                    continue;
+                }
+            };
+            sh.set_exported(end);
+            // Keep the WAL for ourselves like any subscriber.
+            sh.hold("publisher", end + 1);
+            let mut feed = match ShardFeed::new(self.node.clone(), c.clone(), shard, end + 1, &self.group, self.tick) {
+                Ok(f) => f,
+                Err(e) => {
+                    tracing::error!(error = %e, %stream, "cannot read the shard's changes");
+                    tokio::time::sleep(BACKOFF).await;
+                    continue;
+                }
+            };
+            loop {
+                let events = match feed.next_batch().await {
+                    Ok(e) => e,
+                    Err(e) => {
+                        tracing::warn!(error = %e, %stream, "reading changes failed");
+                        break;
+                    }
+                };
+                let last = events.iter().filter(|e| !matches!(e.body, Some(rp::change_event::Body::Tick(_)))).map(|e| e.lsn).max();
+                if let Err(e) = self.transport.publish(&stream, events).await {
+                    tracing::warn!(error = %e, %stream, "publish failed; resuming from the stream's end");
+                    tokio::time::sleep(BACKOFF).await;
+                    break;
+                }
+                if let Some(l) = last {
+                    sh.set_exported(l);
+                    sh.hold("publisher", l + 1);
+                }
+            }
+            if c.is_dropped() {
+                return;
+            }
+        }
+    }
+
+    /// Sleeps; true when stopped meanwhile.
+    async fn sleep_or_stop(&self, d: Duration) -> bool {
+        tokio::select! {
+            _ = self.cancel.cancelled() => true,
+            _ = tokio::time::sleep(d) => false,
+        }
+    }
+}
