@@ -21,6 +21,15 @@ use crate::ts::Ts;
 use crate::wal::Lsn;
 
 pub const FORMAT_VERSION: u32 = 1;
+
+/// A source of ordered change events (a shard's or the DDL log's).
+pub trait Feed: Send + 'static {
+    /// Waits for the next events (changes, or a tick when idle) and returns them in order.
+    /// Cancel-safe.
+    fn next_batch(&mut self) -> impl std::future::Future<Output = Result<Vec<rp::ChangeEvent>>> + Send;
+    /// The position the next event will have at least.
+    fn next_lsn(&self) -> Lsn;
+}
 const BATCH: usize = 512;
 
 fn base_event(node: &Node, group: &str, c_name: &str, c_id: u64, shard: u32, ts: Ts, lsn: Lsn) -> rp::ChangeEvent {
@@ -64,13 +73,14 @@ impl ShardFeed {
         Ok(ShardFeed { node, collection, shard, group: group.to_string(), next: from.max(1), tick_every, last_tick: None, acked })
     }
 
-    /// The position the next event will have at least.
-    pub fn next_lsn(&self) -> Lsn {
+}
+
+impl Feed for ShardFeed {
+    fn next_lsn(&self) -> Lsn {
         self.next
     }
 
-    /// Waits until there are changes or a tick is due and returns them (in order). Cancel-safe.
-    pub async fn next_batch(&mut self) -> Result<Vec<rp::ChangeEvent>> {
+    async fn next_batch(&mut self) -> Result<Vec<rp::ChangeEvent>> {
         loop {
             if self.collection.is_dropped() {
                 return Err(ClusterError::CollectionNotFound(self.collection.schema().name.clone()));
@@ -136,9 +146,14 @@ impl DdlFeed {
     pub fn new(node: Arc<Node>, from: Lsn, group: &str, poll: Duration) -> DdlFeed {
         DdlFeed { node, group: group.to_string(), next: from.max(1), poll }
     }
+}
 
-    /// Waits for DDL changes and returns them in order. Cancel-safe.
-    pub async fn next_batch(&mut self) -> Result<Vec<rp::ChangeEvent>> {
+impl Feed for DdlFeed {
+    fn next_lsn(&self) -> Lsn {
+        self.next
+    }
+
+    async fn next_batch(&mut self) -> Result<Vec<rp::ChangeEvent>> {
         loop {
             let mut out = Vec::new();
             let node = self.node.clone();

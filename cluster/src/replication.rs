@@ -12,7 +12,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::error::ClusterError;
-use crate::feed::{DdlFeed, ShardFeed};
+use crate::feed::{DdlFeed, Feed, ShardFeed};
 use crate::node::Node;
 use crate::role::Role;
 use crate::schema::row_to_payload;
@@ -43,6 +43,28 @@ impl ReplicationService {
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
+/// Streams a feed into a channel until the receiver goes away or the feed fails (the error is
+/// the stream's last item). `before` runs before each wait with the next position.
+fn pump(mut feed: impl Feed, mut before: impl FnMut(u64) + Send + 'static) -> tokio::sync::mpsc::Receiver<Result<rp::ChangeEvent, Status>> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        loop {
+            before(feed.next_lsn());
+            let batch = feed.next_batch().await;
+            let stop = batch.is_err();
+            for item in batch.map_or_else(|e| vec![Err(Status::from(e))], |evs| evs.into_iter().map(Ok).collect()) {
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+            if stop {
+                return;
+            }
+        }
+    });
+    rx
+}
+
 #[tonic::async_trait]
 impl rp::replication_server::Replication for ReplicationService {
     type SubscribeStream = Stream<rp::ChangeEvent>;
@@ -50,45 +72,16 @@ impl rp::replication_server::Replication for ReplicationService {
 
     async fn subscribe(&self, req: Request<rp::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = req.into_inner();
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        if r.ddl {
-            let mut feed = DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50));
-            tokio::spawn(async move {
-                loop {
-                    let batch = feed.next_batch().await;
-                    let stop = batch.is_err();
-                    for item in batch.map_or_else(|e| vec![Err(Status::from(e))], |evs| evs.into_iter().map(Ok).collect()) {
-                        if tx.send(item).await.is_err() {
-                            return;
-                        }
-                    }
-                    if stop {
-                        return;
-                    }
-                }
-            });
+        let rx = if r.ddl {
+            pump(DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50)), |_| {})
         } else {
             let c = self.node.collection_by_id(r.collection_id).ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
-            let mut feed = ShardFeed::new(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?;
+            let feed = ShardFeed::new(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?;
             let subscriber = if r.subscriber.is_empty() { "anonymous".to_string() } else { r.subscriber.clone() };
             let shard = c.shards()[r.shard as usize].clone();
-            tokio::spawn(async move {
-                loop {
-                    // The lease keeps the WAL from where this subscriber is.
-                    shard.hold(&subscriber, feed.next_lsn());
-                    let batch = feed.next_batch().await;
-                    let stop = batch.is_err();
-                    for item in batch.map_or_else(|e| vec![Err(Status::from(e))], |evs| evs.into_iter().map(Ok).collect()) {
-                        if tx.send(item).await.is_err() {
-                            return;
-                        }
-                    }
-                    if stop {
-                        return;
-                    }
-                }
-            });
-        }
+            // The lease keeps the WAL from where this subscriber is.
+            pump(feed, move |next| shard.hold(&subscriber, next))
+        };
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 

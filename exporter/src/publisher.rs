@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tandem_cluster::collection::Collection;
-use tandem_cluster::feed::{DdlFeed, ShardFeed};
+use tandem_cluster::feed::{DdlFeed, Feed, ShardFeed};
 use tandem_cluster::node::Node;
 use tandem_proto::replication::v1 as rp;
 use tokio_util::sync::CancellationToken;
