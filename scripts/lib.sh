@@ -30,8 +30,12 @@ ensure_rust() {
   command -v cargo >/dev/null 2>&1 || { echo "error: cargo not found: install Rust (https://rustup.rs) first" >&2; exit 1; }
 }
 
-# What building tandem needs: faiss is compiled from source (cmake, a C++ compiler, BLAS/LAPACK).
+# What building tandem needs: faiss is compiled from source (cmake, a C++ compiler, BLAS/LAPACK);
+# librdkafka too (its cmake build includes curl's headers even with curl off).
 ensure_build_deps() {
   ensure_rust
-  ensure_apt cmake g++ libopenblas-dev
+  ensure_apt cmake g++ libopenblas-dev libcurl4-openssl-dev
 }
+
+# Tools installed by the scripts (tansu) live here.
+export PATH="$HOME/.cache/tandem/tools/bin:$PATH"

@@ -137,7 +137,11 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
     writer.await.unwrap();
     converge(&mut l, &mut a).await;
     let f = sb.follower("alt").await;
-    assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards bootstrapped from a snapshot");
+    if matches!(sb.backend(), Backend::Direct) {
+        // The leader's WAL no longer starts at 1: both shards had to come from a snapshot. (A
+        // Kafka topic still holds the whole log here, and replaying it is what should happen.)
+        assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards bootstrapped from a snapshot");
+    }
 }
 
 async fn alternative_restart_resumes(backend: Backend) {
@@ -379,4 +383,113 @@ macro_rules! suite {
 mod direct {
     use super::*;
     suite!(Backend::Direct, live_data_and_ddl, bootstrap_then_live_handoff, alternative_restart_resumes, consistent_reads_on_alternative);
+}
+
+#[cfg(feature = "kafka")]
+#[path = "../exporter/tests/common/tansu.rs"]
+mod tansu;
+
+/// The same suite over Kafka: each test starts its own durable tansu broker on a free port.
+#[cfg(feature = "kafka")]
+mod kafka {
+    use super::*;
+    use tandem_exporter::Transport;
+
+    macro_rules! kafka_suite {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let broker = tansu::Tansu::start(true);
+                    super::$name(Backend::Kafka { brokers: broker.brokers() }).await;
+                    drop(broker);
+                }
+            )*
+        };
+    }
+
+    kafka_suite!(live_data_and_ddl, bootstrap_then_live_handoff, alternative_restart_resumes, consistent_reads_on_alternative);
+
+    /// A broker restart with durable storage loses nothing: acknowledged writes (ack policy
+    /// `exported`: the broker held them) all reach the alternative.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn broker_restart_with_durable_storage_loses_nothing() {
+        let mut broker = tansu::Tansu::start(true);
+        let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Kafka { brokers: broker.brokers() }).build().await;
+        let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+        l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+        insert(&mut l, 0..200, DIM).await;
+        converge(&mut l, &mut a).await;
+        // Writes acknowledged before the restart were exported; stop the alternative so it must
+        // read them back from the restarted broker's storage.
+        sb.stop("alt").await;
+        insert(&mut l, 200..400, DIM).await;
+        broker.restart();
+        insert(&mut l, 400..500, DIM).await;
+        sb.restart("alt").await;
+        let mut a = sb.client("alt").await;
+        converge(&mut l, &mut a).await;
+        assert_eq!(count(&mut a, C).await, 500);
+    }
+
+    /// A malformed event on the topic is quarantined and halts that shard; the alternative keeps
+    /// serving what it has.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn poison_event_on_the_topic_is_quarantined() {
+        let broker = tansu::Tansu::start(true);
+        let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Kafka { brokers: broker.brokers() }).build().await;
+        let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+        let mut one_shard = docs_schema(DIM as u32);
+        one_shard.shards = 1;
+        l.create_collection(pb::CreateCollectionRequest { schema: Some(one_shard) }).await.unwrap();
+        insert(&mut l, 0..50, DIM).await;
+        converge(&mut l, &mut a).await;
+        let node = sb.node("lead").await;
+        let c = node.collection(C).unwrap();
+        let stream = tandem_exporter::StreamId::Shard { collection_id: c.id, shard: 0 };
+        let group = sb.config("lead").await.replication.group;
+        let kafka = tandem_exporter::kafka::KafkaTransport::new(tandem_exporter::kafka::KafkaConfig {
+            brokers: broker.brokers(),
+            group,
+            ..Default::default()
+        })
+        .unwrap();
+        let end = kafka.end_lsn(&stream).await.unwrap();
+        // A data event that cannot be applied: two ids, one float.
+        let bad = tandem_proto::replication::v1::ChangeEvent {
+            format_version: 1,
+            epoch: 1,
+            ts: node.clock.now(),
+            collection: C.into(),
+            collection_id: c.id,
+            shard: 0,
+            lsn: end + 1,
+            body: Some(tandem_proto::replication::v1::change_event::Body::Insert(tandem_proto::storage::v1::RowBatch { ids: vec![1, 2], vectors: vec![1.0], ..Default::default() })),
+            ..Default::default()
+        };
+        kafka.publish(&stream, vec![bad]).await.unwrap();
+        eventually(CONVERGE, || {
+            let mut a = a.clone();
+            async move { a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections[0].replication.starts_with("halted") }
+        })
+        .await;
+        let f = sb.follower("alt").await;
+        assert_eq!(f.poisoned.load(Ordering::Relaxed), 1);
+        let quarantine = sb.data_dir("alt").await.join("quarantine");
+        assert_eq!(std::fs::read_dir(quarantine).unwrap().count(), 1);
+        let r = a.count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") }).await.unwrap();
+        assert_eq!(r.into_inner().count, 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kafka_alternative_kill9_resumes() {
+        let broker = tansu::Tansu::start(true);
+        let env = vec![
+            ("TANDEM__REPLICATION__TRANSPORT".to_string(), "kafka".to_string()),
+            ("TANDEM__REPLICATION__KAFKA__BROKERS".to_string(), broker.brokers()),
+            ("TANDEM__REPLICATION__GROUP".to_string(), format!("k9{}", std::process::id())),
+        ];
+        super::alternative_kill9_resumes(env).await;
+        drop(broker);
+    }
 }

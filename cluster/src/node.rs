@@ -72,6 +72,8 @@ pub struct Node {
     /// Alternative: replication state per collection id, for GetClusterInfo.
     replication: RwLock<std::collections::HashMap<u64, String>>,
     exporting: std::sync::atomic::AtomicBool,
+    /// The highest DDL position the transport has acknowledged.
+    ddl_exported: tokio::sync::watch::Sender<Lsn>,
     _lock: File,
 }
 
@@ -160,6 +162,7 @@ impl Node {
             leader_clock: RwLock::new(None),
             replication: RwLock::new(Default::default()),
             exporting: Default::default(),
+            ddl_exported: tokio::sync::watch::Sender::new(0),
             opts,
             _lock: lock,
         });
@@ -293,6 +296,31 @@ impl Node {
 
     pub fn exporting(&self) -> bool {
         self.exporting.load(Ordering::Acquire)
+    }
+
+    pub fn set_ddl_exported(&self, lsn: Lsn) {
+        self.ddl_exported.send_if_modified(|v| {
+            let changed = *v < lsn;
+            *v = (*v).max(lsn);
+            changed
+        });
+    }
+
+    /// With a broker publisher running, waits until every DDL change so far is exported
+    /// (ack policy `exported` for DDL: a collection's stream exists before its data). Cancel-safe.
+    pub async fn wait_ddl_exported(&self, deadline: Instant) -> Result<()> {
+        if !self.exporting() {
+            return Ok(());
+        }
+        let lsn = self.ddl.last_lsn();
+        let mut w = self.ddl_exported.subscribe();
+        match tokio::time::timeout_at(deadline.into(), w.wait_for(|&e| e >= lsn)).await {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(_)) => Err(ClusterError::Unavailable("the exporter stopped".into())),
+            Err(_) => Err(ClusterError::Unavailable(format!(
+                "the change is durable on the leader but the transport has not acknowledged it yet (ddl position {lsn})"
+            ))),
+        }
     }
 
     pub fn set_replication_state(&self, collection_id: u64, state: impl Into<String>) {

@@ -146,6 +146,10 @@ impl ClusterService {
         Ok((snap, token.map_or(reply, |t| reply.max(t))))
     }
 
+    async fn ddl_exported(&self, deadline: Instant) -> Result<()> {
+        if self.cfg.replication.ack == "exported" { self.node.wait_ddl_exported(deadline).await } else { Ok(()) }
+    }
+
     fn mutation(&self, ts: Ts, count: u64) -> pb::MutationResponse {
         pb::MutationResponse { count, ts, session_token: self.node.token(ts).encode() }
     }
@@ -203,16 +207,20 @@ impl ClusterService {
 #[tonic::async_trait]
 impl pb::tandem_server::Tandem for ClusterService {
     async fn create_collection(&self, req: Request<pb::CreateCollectionRequest>) -> Reply<pb::CreateCollectionResponse> {
+        let deadline = deadline(&req, self.max_wait());
         let schema = req.into_inner().schema.ok_or_else(|| ClusterError::invalid("create collection needs a schema"))?;
         let node = self.node.clone();
         let (c, ts) = blocking(move || node.create_collection(&schema)).await?;
+        self.ddl_exported(deadline).await?;
         Ok(Response::new(pb::CreateCollectionResponse { collection: Some(self.collection_info(&c)), session_token: self.node.token(ts).encode() }))
     }
 
     async fn drop_collection(&self, req: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
+        let deadline = deadline(&req, self.max_wait());
         let name = req.into_inner().name;
         let node = self.node.clone();
         let ts = blocking(move || node.drop_collection(&name)).await?;
+        self.ddl_exported(deadline).await?;
         Ok(Response::new(pb::DropCollectionResponse { session_token: self.node.token(ts).encode() }))
     }
 
@@ -226,16 +234,20 @@ impl pb::tandem_server::Tandem for ClusterService {
     }
 
     async fn create_index(&self, req: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
+        let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let node = self.node.clone();
         let ts = blocking(move || node.create_index(&r.collection, r.index.as_ref())).await?;
+        self.ddl_exported(deadline).await?;
         Ok(Response::new(pb::CreateIndexResponse { session_token: self.node.token(ts).encode() }))
     }
 
     async fn drop_index(&self, req: Request<pb::DropIndexRequest>) -> Reply<pb::DropIndexResponse> {
+        let deadline = deadline(&req, self.max_wait());
         let name = req.into_inner().collection;
         let node = self.node.clone();
         let ts = blocking(move || node.drop_index(&name)).await?;
+        self.ddl_exported(deadline).await?;
         Ok(Response::new(pb::DropIndexResponse { session_token: self.node.token(ts).encode() }))
     }
 

@@ -117,6 +117,20 @@ fn is_topic_char(c: char) -> bool {
 }
 
 impl KafkaConfig {
+    /// The transport of a cluster from its `[replication]` settings. Empty values keep their
+    /// defaults; the rest (replication factor, timeouts, topic settings) are the defaults.
+    pub fn from_settings(group: &str, cluster_id: &str, s: &tandem_cluster::config::KafkaSettings) -> KafkaConfig {
+        let d = KafkaConfig::default();
+        KafkaConfig {
+            brokers: s.brokers.clone(),
+            group: group.to_string(),
+            topic_prefix: if s.topic_prefix.is_empty() { d.topic_prefix.clone() } else { s.topic_prefix.clone() },
+            client_id: if cluster_id.is_empty() { d.client_id.clone() } else { format!("tandem-{cluster_id}") },
+            extra: s.properties.clone(),
+            ..d
+        }
+    }
+
     /// Rejects configurations that could not work, naming the bad value.
     pub fn validate(&self) -> Result<()> {
         let bad = |m: String| Err(ExportError::Config(m));
@@ -212,6 +226,12 @@ impl KafkaConfig {
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false")
             .set("allow.auto.create.topics", "false");
+        if !self.extra.contains_key("fetch.wait.max.ms") {
+            // How long a fetch at the end of the log waits for data. Kafka answers as soon as
+            // data arrives, but tansu 0.6 waits the whole time, so this bounds replication
+            // latency there (librdkafka's default is 500 ms).
+            c.set("fetch.wait.max.ms", "100");
+        }
         c
     }
 }
@@ -266,6 +286,10 @@ struct Inner {
     /// of its sequence numbers cannot be used again).
     producer: parking_lot::Mutex<FutureProducer>,
     admin: AdminClient<DefaultClientContext>,
+    /// Reads single messages for the searches of `subscribe` and `end_lsn`.
+    probe: parking_lot::Mutex<Option<BaseConsumer>>,
+    /// Topics known to exist with their partition count, so that `publish` checks each once.
+    known: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
 }
 
 /// The Kafka [`Transport`]: one producer and one admin client, a consumer per subscription.
@@ -287,11 +311,53 @@ impl KafkaTransport {
         let producer = cfg.producer_config().create().map_err(|e| ExportError::Config(format!("kafka producer: {e}")))?;
         let admin = cfg.client_config().create().map_err(|e| ExportError::Config(format!("kafka admin client: {e}")))?;
         info!(brokers = %cfg.brokers, group = %cfg.group, prefix = %cfg.topic_prefix, "kafka transport ready");
-        Ok(KafkaTransport { inner: Arc::new(Inner { cfg, producer: parking_lot::Mutex::new(producer), admin }) })
+        Ok(KafkaTransport {
+            inner: Arc::new(Inner {
+                cfg,
+                producer: parking_lot::Mutex::new(producer),
+                admin,
+                probe: parking_lot::Mutex::new(None),
+                known: Default::default(),
+            }),
+        })
     }
 
     pub fn config(&self) -> &KafkaConfig {
         &self.inner.cfg
+    }
+
+    /// Makes sure the topic exists before producing to it (once per topic): the producer would
+    /// otherwise wait `delivery_timeout_ms` for a topic that will never appear. The DDL topic is
+    /// created here if need be, since its shape is fixed; a shard topic must come from
+    /// `ensure_stream`, which knows the shard count.
+    async fn check_topic(&self, stream: &StreamId, topic: &str, partition: i32) -> Result<()> {
+        let known = self.inner.known.lock().get(topic).copied();
+        let count = match known {
+            Some(n) => n,
+            None if *stream == StreamId::Ddl => {
+                self.ensure_stream(stream, 1).await?;
+                return Ok(());
+            }
+            None => {
+                let t = topic.to_string();
+                match self.inner.blocking(move |i| i.partition_count(&t)).await? {
+                    Some(n) => {
+                        self.inner.known.lock().insert(topic.to_string(), n);
+                        n
+                    }
+                    None => {
+                        return Err(unavailable(format!(
+                            "topic {topic} of stream {stream} does not exist: ensure_stream must create it first"
+                        )));
+                    }
+                }
+            }
+        };
+        if usize::try_from(partition).is_ok_and(|p| p < count) {
+            Ok(())
+        } else {
+            Err(ExportError::Config(format!("stream {stream} needs partition {partition} but topic {topic} has {count}")))
+        }
     }
 }
 
@@ -325,6 +391,31 @@ impl Inner {
             .map_err(|e| unavailable(format!("offsets of {topic}/{partition}: {e}")))
     }
 
+    /// Runs a search with the shared probe consumer: created on first use (a client costs a
+    /// connection and a metadata round trip), dropped after a failure so that the next search
+    /// starts afresh. Searches take turns; they are short and happen when subscribing.
+    fn with_probe<T>(&self, stream: &StreamId, topic: &str, partition: i32, f: impl FnOnce(&mut Probe<'_>) -> Result<T>) -> Result<T> {
+        let mut slot = self.probe.lock();
+        if slot.is_none() {
+            let mut c = self.cfg.consumer_config();
+            // Each probe wants one message: do not prefetch a megabyte per jump, and leave no
+            // long-polling or backed-off fetch behind that the next jump would wait for.
+            c.set("queued.min.messages", "1")
+                .set("fetch.queue.backoff.ms", "0")
+                .set("fetch.message.max.bytes", "65536")
+                .set("fetch.wait.max.ms", "10");
+            *slot = Some(c.create().map_err(|e| unavailable(format!("creating consumer: {e}")))?);
+        }
+        let Some(consumer) = slot.as_ref() else { unreachable!("created above") };
+        let mut probe = Probe { consumer, stream, topic, partition, timeout: self.cfg.timeout(), from: 0 };
+        let r = f(&mut probe);
+        let _ = consumer.unassign();
+        if matches!(r, Err(ExportError::Unavailable { .. })) {
+            *slot = None;
+        }
+        r
+    }
+
     /// The producer to use, or a fresh one if the current one hit a fatal error.
     fn producer(&self) -> Result<FutureProducer> {
         let mut p = self.producer.lock();
@@ -345,10 +436,17 @@ fn produce_error(stream: &StreamId, lsn: u64, e: &KafkaError) -> ExportError {
     }
 }
 
-fn settle(stream: &StreamId, partition: i32, lsn: u64, r: std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>) -> Result<()> {
+fn settle(
+    stream: &StreamId,
+    partition: i32,
+    lsn: u64,
+    r: std::result::Result<rdkafka::producer::future_producer::OwnedDeliveryResult, futures::channel::oneshot::Canceled>,
+) -> Result<()> {
     match r {
         Ok(Ok(d)) if d.partition == partition => Ok(()),
-        Ok(Ok(d)) => Err(unavailable(format!("position {lsn} of stream {stream} landed on partition {} instead of {partition}", d.partition))),
+        Ok(Ok(d)) => {
+            Err(unavailable(format!("position {lsn} of stream {stream} landed on partition {} instead of {partition}", d.partition)))
+        }
         Ok(Err((e, _))) => Err(produce_error(stream, lsn, &e)),
         Err(_) => Err(unavailable(format!("producer dropped position {lsn} of stream {stream}"))),
     }
@@ -389,7 +487,8 @@ impl Transport for KafkaTransport {
                 new = new.set(k, v);
             }
             let opts = AdminOptions::new().operation_timeout(Some(cfg.timeout())).request_timeout(Some(cfg.timeout()));
-            let results = self.inner.admin.create_topics([&new], &opts).await.map_err(|e| unavailable(format!("creating topic {topic}: {e}")))?;
+            let results =
+                self.inner.admin.create_topics([&new], &opts).await.map_err(|e| unavailable(format!("creating topic {topic}: {e}")))?;
             for r in results {
                 match r {
                     Ok(_) => info!(%topic, partitions, "created kafka topic"),
@@ -410,7 +509,10 @@ impl Transport for KafkaTransport {
         loop {
             let t = topic.clone();
             match self.inner.blocking(move |i| i.partition_count(&t)).await? {
-                Some(n) if n >= want => return Ok(()),
+                Some(n) if n >= want => {
+                    self.inner.known.lock().insert(topic, n);
+                    return Ok(());
+                }
                 Some(n) if existing.is_some() => {
                     return Err(ExportError::Config(format!(
                         "topic {topic} exists with {n} partitions but stream {stream} has {partitions} shards"
@@ -435,6 +537,7 @@ impl Transport for KafkaTransport {
         for ev in &events {
             check_event(stream, ev).map_err(|message| ExportError::Malformed { stream: stream.to_string(), position: ev.lsn, message })?;
         }
+        self.check_topic(stream, &topic, partition).await?;
         let producer = self.inner.producer()?;
         let key = partition.to_string();
         let mut pending: VecDeque<(u64, DeliveryFuture)> = VecDeque::with_capacity(events.len());
@@ -503,7 +606,8 @@ impl Transport for KafkaTransport {
             .blocking(move |i| {
                 let c: StreamConsumer = i.cfg.consumer_config().create().map_err(|e| unavailable(format!("creating consumer: {e}")))?;
                 let mut tpl = TopicPartitionList::new();
-                tpl.add_partition_offset(&t, partition, Offset::Offset(start)).map_err(|e| unavailable(format!("assigning {t}/{partition}: {e}")))?;
+                tpl.add_partition_offset(&t, partition, Offset::Offset(start))
+                    .map_err(|e| unavailable(format!("assigning {t}/{partition}: {e}")))?;
                 c.assign(&tpl).map_err(|e| unavailable(format!("assigning {t}/{partition}: {e}")))?;
                 Ok(c)
             })
@@ -531,7 +635,7 @@ impl Transport for KafkaTransport {
 
 /// Reads a partition from chosen offsets, for the searches (blocking).
 struct Probe<'a> {
-    consumer: BaseConsumer,
+    consumer: &'a BaseConsumer,
     stream: &'a StreamId,
     topic: &'a str,
     partition: i32,
@@ -541,14 +645,6 @@ struct Probe<'a> {
 }
 
 impl<'a> Probe<'a> {
-    fn new(inner: &Inner, stream: &'a StreamId, topic: &'a str, partition: i32) -> Result<Self> {
-        let mut c = inner.cfg.consumer_config();
-        // Each probe wants one message: do not prefetch a megabyte per jump.
-        c.set("queued.min.messages", "1").set("fetch.message.max.bytes", "65536");
-        let consumer = c.create().map_err(|e| unavailable(format!("creating consumer: {e}")))?;
-        Ok(Probe { consumer, stream, topic, partition, timeout: inner.cfg.timeout(), from: 0 })
-    }
-
     fn seek(&mut self, offset: i64) -> Result<()> {
         let mut tpl = TopicPartitionList::new();
         let assign = |e: KafkaError| unavailable(format!("reading {}/{} at offset {offset}: {e}", self.topic, self.partition));
@@ -622,7 +718,11 @@ fn locate(inner: &Inner, stream: &StreamId, topic: &str, partition: i32, from_ls
         // first event, which the stream checks.
         return Ok(high);
     }
-    let mut probe = Probe::new(inner, stream, topic, partition)?;
+    inner.with_probe(stream, topic, partition, |probe| search(probe, low, high, from_lsn))
+}
+
+fn search(probe: &mut Probe<'_>, low: i64, high: i64, from_lsn: u64) -> Result<i64> {
+    let stream = probe.stream;
     let Some((first_offset, first)) = probe.first_event(low, high)? else {
         // Nothing but malformed messages: deliver them; the stream checks the first event.
         return Ok(low);
@@ -661,19 +761,20 @@ fn last_lsn(inner: &Inner, stream: &StreamId, topic: &str, partition: i32) -> Re
     if low >= high {
         return Ok(0);
     }
-    let mut probe = Probe::new(inner, stream, topic, partition)?;
-    // Backwards past malformed messages, one fetch each (they are rare).
-    let mut offset = high - 1;
-    while offset >= low {
-        probe.seek(offset)?;
-        if let Some((o, Ok(ev))) = probe.next(high)?
-            && o == offset
-        {
-            return Ok(ev.lsn);
+    inner.with_probe(stream, topic, partition, |probe| {
+        // Backwards past malformed messages, one fetch each (they are rare).
+        let mut offset = high - 1;
+        while offset >= low {
+            probe.seek(offset)?;
+            if let Some((o, Ok(ev))) = probe.next(high)?
+                && o == offset
+            {
+                return Ok(ev.lsn);
+            }
+            offset -= 1;
         }
-        offset -= 1;
-    }
-    Ok(0)
+        Ok(0)
+    })
 }
 
 /// Drops librdkafka handles on the blocking pool: closing a consumer waits for its threads.
@@ -829,6 +930,22 @@ mod tests {
         assert!(msg(KafkaConfig { replication_factor: 0, ..cfg() }).contains("replication_factor"));
         let extra = BTreeMap::from([("acks".to_string(), "1".to_string())]);
         assert!(msg(KafkaConfig { extra, ..cfg() }).contains("\"acks\""));
+    }
+
+    #[test]
+    fn config_from_cluster_settings() {
+        let s = tandem_cluster::config::KafkaSettings {
+            brokers: "k:9092".into(),
+            topic_prefix: String::new(),
+            properties: BTreeMap::from([("security.protocol".to_string(), "ssl".to_string())]),
+        };
+        let c = KafkaConfig::from_settings("eu", "c1", &s);
+        assert_eq!(
+            (c.brokers.as_str(), c.group.as_str(), c.topic_prefix.as_str(), c.client_id.as_str()),
+            ("k:9092", "eu", "tandem", "tandem-c1")
+        );
+        assert_eq!(c.extra, s.properties);
+        c.validate().unwrap();
     }
 
     #[test]

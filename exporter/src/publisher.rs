@@ -49,8 +49,15 @@ impl Publisher {
             self.start_collection(c).await;
         }
         let from = loop {
-            match self.transport.end_lsn(&StreamId::Ddl).await {
-                Ok(l) => break l + 1,
+            let end = match self.transport.ensure_stream(&StreamId::Ddl, 1).await {
+                Ok(()) => self.transport.end_lsn(&StreamId::Ddl).await,
+                Err(e) => Err(e),
+            };
+            match end {
+                Ok(l) => {
+                    self.node.set_ddl_exported(l);
+                    break l + 1;
+                }
                 Err(e) => {
                     tracing::warn!(error = %e, "ddl stream end unknown; retrying");
                     if self.sleep_or_stop(BACKOFF).await {
@@ -88,12 +95,14 @@ impl Publisher {
                     t.cancel();
                 }
             }
+            let last = events.iter().map(|e| e.lsn).max().unwrap_or(0);
             while let Err(e) = self.transport.publish(&StreamId::Ddl, events.clone()).await {
                 tracing::warn!(error = %e, "publishing ddl failed; retrying");
                 if self.sleep_or_stop(BACKOFF).await {
                     return;
                 }
             }
+            self.node.set_ddl_exported(last);
         }
     }
 
@@ -108,36 +117,59 @@ impl Publisher {
                 return;
             }
         }
+        // Learn where every shard's stream ends before the collection's DDL event is published
+        // (and so before CreateCollection is acknowledged): its first writes then only wait
+        // for their own publish.
+        let mut ends = Vec::with_capacity(c.shards().len());
+        for shard in 0..c.shards().len() {
+            ends.push(self.stream_end(&StreamId::Shard { collection_id: c.id, shard: shard as u32 }).await);
+        }
         let token = self.cancel.child_token();
         self.running.lock().insert(c.id, token.clone());
-        for shard in 0..c.shards().len() {
+        for (shard, end) in ends.into_iter().enumerate() {
             let me = self.clone();
             let (c, token) = (c.clone(), token.clone());
             tokio::spawn(async move {
                 tokio::select! {
                     _ = token.cancelled() => {}
-                    _ = me.run_shard(c, shard) => {}
+                    _ = me.run_shard(c, shard, end) => {}
                 }
             });
         }
     }
 
-    async fn run_shard(self: Arc<Self>, c: Arc<Collection>, shard: usize) {
-        let stream = StreamId::Shard { collection_id: c.id, shard: shard as u32 };
-        let sh = c.shards()[shard].clone();
+    /// The stream's end position, retried until known (or 0 when stopping).
+    async fn stream_end(&self, stream: &StreamId) -> u64 {
         loop {
-            let end = match self.transport.end_lsn(&stream).await {
-                Ok(l) => l,
+            match self.transport.end_lsn(stream).await {
+                Ok(l) => return l,
                 Err(e) => {
                     tracing::warn!(error = %e, %stream, "stream end unknown; retrying");
-                    tokio::time::sleep(BACKOFF).await;
-                    continue;
+                    if self.sleep_or_stop(BACKOFF).await {
+                        return 0;
+                    }
                 }
+            }
+        }
+    }
+
+    async fn run_shard(self: Arc<Self>, c: Arc<Collection>, shard: usize, first_end: u64) {
+        let stream = StreamId::Shard { collection_id: c.id, shard: shard as u32 };
+        let sh = c.shards()[shard].clone();
+        let mut known_end = Some(first_end);
+        loop {
+            let end = match known_end.take() {
+                Some(e) => e,
+                None => self.stream_end(&stream).await,
             };
             sh.set_exported(end);
             // Keep the WAL for ourselves like any subscriber.
             sh.hold("publisher", end + 1);
-            let mut feed = match ShardFeed::new(self.node.clone(), c.clone(), shard, end + 1, &self.group, self.tick) {
+            // A log that no longer holds what the topic lacks (export turned on late, or a
+            // publisher away past retention): publish from what is there; subscribers that need
+            // older changes bootstrap from a snapshot.
+            let from = (end + 1).max(sh.first_lsn().min(sh.last_lsn() + 1));
+            let mut feed = match ShardFeed::new(self.node.clone(), c.clone(), shard, from, &self.group, self.tick) {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, %stream, "cannot read the shard's changes");

@@ -226,7 +226,8 @@ async fn malformed_message_is_reported_with_its_offset_and_the_stream_goes_on() 
     t.publish(&s, vec![change(&s, 1), change(&s, 2)]).await.unwrap();
     let p = raw_producer(&broker);
     let topic = t.config().topic(&s);
-    let garbage = p.send(FutureRecord::<str, [u8]>::to(&topic).partition(0).key("0").payload(&[0xff, 0xff, 0xff, 0x01]), GUARD).await.unwrap();
+    let garbage =
+        p.send(FutureRecord::<str, [u8]>::to(&topic).partition(0).key("0").payload(&[0xff, 0xff, 0xff, 0x01]), GUARD).await.unwrap();
     assert_eq!((garbage.partition, garbage.offset), (0, 2));
     // An event of another shard is as wrong as garbage.
     p.send(FutureRecord::<str, [u8]>::to(&topic).partition(0).payload(&prost::Message::encode_to_vec(&change(&shard(5), 3))), GUARD)
@@ -285,7 +286,7 @@ async fn positions_missing_from_the_log_are_reported_as_truncated() {
     assert_eq!(lsns(&take(&mut t.subscribe(&s, 5).await.unwrap(), 4).await), [5, 6, 7, 8]);
 
     // Starting with a tick of position 5 means change 5 is gone.
-    let s = shard(1);
+    let s = StreamId::Shard { collection_id: COLLECTION + 1, shard: 1 };
     t.ensure_stream(&s, 2).await.unwrap();
     t.publish(&s, vec![tick(&s, 5, 1), change(&s, 6)]).await.unwrap();
     assert!(matches!(t.subscribe(&s, 5).await, Err(ExportError::Truncated { lsn: 5, first: 6, .. })));
@@ -313,13 +314,24 @@ async fn ensure_stream_refuses_a_topic_with_too_few_partitions() {
 }
 
 #[tokio::test]
-async fn publish_refuses_events_of_another_stream() {
+async fn publish_refuses_what_does_not_fit_the_stream() {
     let broker = Tansu::start(false);
     let t = transport(&broker);
     t.ensure_stream(&shard(0), 2).await.unwrap();
     let err = t.publish(&shard(0), vec![change(&shard(1), 1)]).await.unwrap_err();
     assert!(matches!(err, ExportError::Malformed { position: 1, .. }), "{err}");
     assert_eq!(t.end_lsn(&shard(0)).await.unwrap(), 0);
+    // A shard beyond the topic's partitions, and a topic nobody created: clear errors at once
+    // rather than the producer waiting for them to appear.
+    let s = shard(2);
+    let err = t.publish(&s, vec![change(&s, 1)]).await.unwrap_err();
+    assert!(matches!(&err, ExportError::Config(m) if m.contains("has 2")), "{err}");
+    let s = StreamId::Shard { collection_id: 99, shard: 0 };
+    let err = t.publish(&s, vec![change(&s, 1)]).await.unwrap_err();
+    assert!(err.is_transient() && err.to_string().contains("does not exist"), "{err}");
+    // The DDL topic has a fixed shape: publish creates it if need be.
+    t.publish(&StreamId::Ddl, vec![change(&StreamId::Ddl, 1)]).await.unwrap();
+    assert_eq!(t.end_lsn(&StreamId::Ddl).await.unwrap(), 1);
 }
 
 #[tokio::test]
@@ -343,4 +355,73 @@ async fn durable_broker_restart_loses_nothing() {
     assert_eq!(fresh.end_lsn(&s).await.unwrap(), 20);
     let mut sub = fresh.subscribe(&s, 11).await.unwrap();
     assert_eq!(take(&mut sub, 10).await, events[10..]);
+}
+
+#[tokio::test]
+async fn retention_truncates_the_log_and_subscribers_are_told() {
+    let mut broker = Tansu::start(true);
+    let cfg = KafkaConfig {
+        brokers: broker.brokers(),
+        group: GROUP.into(),
+        topic_config: [("cleanup.policy", "delete"), ("retention.ms", "3600000")].map(|(k, v)| (k.to_string(), v.to_string())).into(),
+        ..KafkaConfig::default()
+    };
+    let t = KafkaTransport::new(cfg.clone()).unwrap();
+    let s = shard(0);
+    t.ensure_stream(&s, 1).await.unwrap();
+    // 1..=5 from 2023 (far past retention), 6..=10 from now.
+    let now_ms = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_millis() as u64;
+    let events: Vec<ChangeEvent> = (1..=10)
+        .map(|l| {
+            let mut e = change(&s, l);
+            if l > 5 {
+                e.ts = (now_ms + l) << 18;
+            }
+            e
+        })
+        .collect();
+    t.publish(&s, events.clone()).await.unwrap();
+    // tansu applies retention when it starts (then every 10 minutes).
+    broker.restart();
+    let topic = t.config().topic(&s);
+    let brokers = broker.brokers();
+    let low = tokio::task::spawn_blocking(move || {
+        let c: BaseConsumer = ClientConfig::new().set("bootstrap.servers", brokers).create().unwrap();
+        let deadline = std::time::Instant::now() + GUARD;
+        loop {
+            let (low, _) = c.fetch_watermarks(&topic, 0, Duration::from_secs(5)).unwrap();
+            if low > 0 || std::time::Instant::now() > deadline {
+                return low;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(low, 5, "retention should have removed the five old events");
+
+    match t.subscribe(&s, 3).await {
+        Err(ExportError::Truncated { lsn: 3, first: 6, .. }) => {}
+        Err(e) => panic!("expected truncated, got {e}"),
+        Ok(_) => panic!("expected truncated, got a stream"),
+    }
+    assert_eq!(take(&mut t.subscribe(&s, 6).await.unwrap(), 5).await, events[5..]);
+    assert_eq!(take(&mut t.subscribe(&s, 8).await.unwrap(), 3).await, events[7..]);
+    assert_eq!(t.end_lsn(&s).await.unwrap(), 10);
+}
+
+#[tokio::test]
+async fn a_live_subscription_survives_a_broker_restart() {
+    let mut broker = Tansu::start(true);
+    let t = transport(&broker);
+    let s = shard(0);
+    t.ensure_stream(&s, 1).await.unwrap();
+    let events: Vec<ChangeEvent> = (1..=10).map(|l| change(&s, l)).collect();
+    t.publish(&s, events[..5].to_vec()).await.unwrap();
+    let mut sub = t.subscribe(&s, 1).await.unwrap();
+    assert_eq!(take(&mut sub, 5).await, events[..5]);
+    broker.restart();
+    t.publish(&s, events[5..].to_vec()).await.unwrap();
+    // librdkafka reconnects by itself: the same stream goes on, nothing lost or repeated.
+    assert_eq!(take(&mut sub, 5).await, events[5..]);
 }

@@ -74,19 +74,23 @@ impl SandboxBuilder {
     pub async fn build(self) -> Sandbox {
         let root = tempfile::tempdir().expect("temp dir");
         let mut members: BTreeMap<String, Mutex<Member>> = BTreeMap::new();
+        // One replication group per sandbox (its own topics), shared by all its clusters.
+        let group = format!("g{}x{}", std::process::id(), rand_suffix());
         for (name, follows, adjust) in self.clusters {
             let mut cfg = ClusterConfig::default();
             cfg.cluster_id = name.clone();
             cfg.listen = "127.0.0.1:0".into();
             cfg.data_dir = root.path().join(&name);
             cfg.search.threads = 2;
+            // Headroom for a broker on a loaded 2-core machine: bounds waits for the serviceable
+            // ts and for exports (a failure guard, not a timing assertion).
+            cfg.read.max_wait_ms = 30_000;
             match &self.backend {
                 Backend::Direct => cfg.replication.transport = "direct".into(),
                 Backend::Kafka { brokers } => {
                     cfg.replication.transport = "kafka".into();
                     cfg.replication.kafka.brokers = brokers.clone();
-                    // every sandbox its own topics
-                    cfg.replication.group = format!("g{}", std::process::id() as u64 * 1000 + rand_suffix());
+                    cfg.replication.group = group.clone();
                 }
             }
             if let Some(leader) = &follows {
@@ -167,6 +171,10 @@ impl Sandbox {
 
     pub async fn client(&self, name: &str) -> Client {
         connect(self.addr(name).await).await
+    }
+
+    pub async fn config(&self, name: &str) -> ClusterConfig {
+        self.member(name).lock().await.cfg.clone()
     }
 
     pub async fn data_dir(&self, name: &str) -> PathBuf {

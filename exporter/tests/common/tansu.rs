@@ -4,10 +4,16 @@
 //! the root package's sandbox tests both include this file with `#[path] mod tansu;`.
 //!
 //! ```ignore
-//! let mut broker = Tansu::start(true);   // durable: sqlite storage in a temp dir
-//! let brokers = broker.brokers();        // "127.0.0.1:PORT" for bootstrap.servers
-//! broker.restart();                      // same port, same storage
-//! ```                                    // killed on drop
+//! let mut broker = Tansu::start(true); // durable: keeps its log across restart()
+//! let brokers = broker.brokers(); // "127.0.0.1:PORT" for bootstrap.servers
+//! broker.restart(); // same port, same storage
+//! drop(broker); // kills it
+//! ```
+//!
+//! Storage is sqlite (`sqlite://tansu.db` in a temp dir) in both modes: tansu 0.6's `memory://`
+//! engine mishandles batches of several records (the high watermark counts one per batch, and a
+//! fetch from an offset inside a batch returns nothing), and a producer batches whatever is
+//! queued. A non-durable broker starts from an empty database on every `restart`.
 //!
 //! The binary comes from `PATH` or `$HOME/.cache/tandem/tools/bin` (where `scripts/install-tansu`
 //! puts it). When it is missing the harness panics rather than letting the tests skip.
@@ -28,7 +34,7 @@ pub struct Tansu {
     bin: PathBuf,
     port: u16,
     durable: bool,
-    /// The broker's cwd: its log and, when durable, `tansu.db`.
+    /// The broker's cwd: its logs and `tansu.db`.
     dir: tempfile::TempDir,
     child: Option<Child>,
     /// How many times the broker was started, to name the log files.
@@ -36,7 +42,7 @@ pub struct Tansu {
 }
 
 impl Tansu {
-    /// Starts a broker: in memory, or `durable` (sqlite in a temp dir, survives `restart`).
+    /// Starts a broker; a `durable` one keeps its log across `restart`.
     pub fn start(durable: bool) -> Tansu {
         let bin = find_binary();
         // A free port can be taken by someone else between our probe and tansu's bind: retry
@@ -74,8 +80,8 @@ impl Tansu {
         }
     }
 
-    /// Kills the broker and starts it again on the same port with the same storage (an
-    /// in-memory broker comes back empty).
+    /// Kills the broker and starts it again on the same port, with the same storage when
+    /// durable and an empty one otherwise.
     pub fn restart(&mut self) {
         self.kill();
         if let Err(e) = self.launch() {
@@ -103,14 +109,20 @@ impl Tansu {
         let log = std::fs::File::create(self.log_path(self.runs)).map_err(|e| format!("tansu log: {e}"))?;
         let err_log = log.try_clone().map_err(|e| format!("tansu log: {e}"))?;
         let url = format!("tcp://127.0.0.1:{}", self.port);
+        if !self.durable {
+            for f in ["tansu.db", "tansu.db-wal", "tansu.db-shm"] {
+                let _ = std::fs::remove_file(self.dir.path().join(f));
+            }
+        }
         // sqlite paths must be relative (an absolute one is mangled): the cwd is the temp dir.
-        let storage = if self.durable { "sqlite://tansu.db" } else { "memory://tansu/" };
+        let storage = "sqlite://tansu.db";
         let mut cmd = Command::new(&self.bin);
         cmd.arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
-            // Its metrics endpoint defaults to a fixed port; ask for an ephemeral one so that
-            // brokers of parallel tests do not collide.
-            .args(["--prometheus-listener-url", "tcp://127.0.0.1:0"])
+            // tansu 0.6 opens no other port; these would turn on schema validation or tracing
+            // export if the environment happened to set them.
+            .env_remove("SCHEMA_REGISTRY")
+            .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
             .current_dir(self.dir.path())
             .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
             .stdin(Stdio::null())
@@ -146,9 +158,8 @@ impl Drop for Tansu {
 
 /// The tansu binary, or a panic that says how to get it.
 fn find_binary() -> PathBuf {
-    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect())
-        .unwrap_or_default();
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect()).unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
         candidates.push(Path::new(&home).join(".cache/tandem/tools/bin/tansu"));
     }
