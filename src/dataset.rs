@@ -34,12 +34,12 @@ pub struct Dataset {
 impl Dataset {
     /// Number of base vectors.
     pub fn n(&self) -> usize {
-        if self.dim == 0 { 0 } else { self.base.len() / self.dim }
+        self.base.len().checked_div(self.dim).unwrap_or(0)
     }
 
     /// Number of query vectors.
     pub fn nq(&self) -> usize {
-        if self.dim == 0 { 0 } else { self.queries.len() / self.dim }
+        self.queries.len().checked_div(self.dim).unwrap_or(0)
     }
 
     pub fn vector(&self, i: usize) -> &[f32] {
