@@ -13,6 +13,8 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use rayon::prelude::*;
 use tandem_cluster::schema::Metric;
+// The engine's own distance kernels: ground truth must score exactly as the engine does.
+use tandem_cluster::segment::distance;
 
 /// Rows generated from one RNG stream. Fixed, so the output does not depend on the thread count;
 /// changing it changes every data set.
@@ -122,33 +124,6 @@ pub fn normalize_rows(vectors: &mut [f32], dim: usize) {
     });
 }
 
-// Eight independent accumulators let the compiler vectorise (a single float sum cannot be
-// reordered). Ground truth for 1000 queries over 100k rows is ~10^10 flops, so this matters.
-fn l2_sq(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            let d = x[i] - y[i];
-            acc[i] += d * d;
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| (x - y) * (x - y)).sum::<f32>()
-}
-
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let (ra, rb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for i in 0..8 {
-            acc[i] += x[i] * y[i];
-        }
-    }
-    acc.iter().sum::<f32>() + ra.iter().zip(rb).map(|(x, y)| x * y).sum::<f32>()
-}
-
 /// (badness, id): smaller is closer for every metric, ties go to the smaller id.
 #[derive(Clone, Copy, PartialEq)]
 struct Ranked(f32, i64);
@@ -191,8 +166,8 @@ pub fn ground_truth(ds: &Dataset, k: usize, metric: Metric) -> Vec<Vec<i64>> {
             let mut heap = std::collections::BinaryHeap::with_capacity(k + 1);
             for (i, v) in base.chunks_exact(dim).enumerate() {
                 let bad = match metric {
-                    Metric::L2 => l2_sq(q, v),
-                    Metric::Ip | Metric::Cosine => -dot(q, v),
+                    Metric::L2 => distance(Metric::L2, q, v),
+                    Metric::Ip | Metric::Cosine => -distance(Metric::Ip, q, v),
                 };
                 let r = Ranked(bad, i as i64);
                 if heap.len() < k {
@@ -273,8 +248,8 @@ mod tests {
         // With 4 clusters of sigma <= 0.3 in 16 dims, the nearest neighbour is far closer than
         // a typical pair: the data is clustered, not uniform.
         let truth = ground_truth(&ds, 1, Metric::L2);
-        let nn = l2_sq(ds.query(0), ds.vector(truth[0][0] as usize));
-        let mean: f32 = (0..ds.n()).map(|i| l2_sq(ds.query(0), ds.vector(i))).sum::<f32>() / ds.n() as f32;
+        let nn = distance(Metric::L2, ds.query(0), ds.vector(truth[0][0] as usize));
+        let mean: f32 = (0..ds.n()).map(|i| distance(Metric::L2, ds.query(0), ds.vector(i))).sum::<f32>() / ds.n() as f32;
         assert!(nn < mean / 2.0, "nn {nn} vs mean {mean}");
     }
 
