@@ -1,13 +1,22 @@
 //! `tandem demo`: a guided tour on built-in defaults, with nothing to configure.
 //!
-//! It starts a cluster node in this process, then does what an application would, through the
-//! public gRPC API (the same [`connect`] every client uses): create a collection, insert sample
-//! rows, flush, search, search with a filter, upsert and read the new value back with a session
-//! token, delete, and show the cluster's state. Then it keeps serving so other `tandem` commands
-//! can be tried against it.
+//! It starts two clusters in this process — a **leading** one that takes the writes and an
+//! **alternative** that follows it over the direct transport (the leader's WAL streamed over
+//! gRPC) — then does what an application would, through the public gRPC API (the same
+//! [`connect`] every client uses): create a collection and fill it on the leader while the rows
+//! appear on the alternative, flush, search and filter-search on the alternative, upsert on the
+//! leader and read the new value back on the alternative with the write's session token, delete,
+//! try a write on the alternative (refused, naming the leader), and show both clusters' state.
+//! Then it keeps serving both so other `tandem` commands can be tried against them.
 //!
-//! Each step is a method of [`Demo`], so the tour can grow (a leading and an alternative
-//! cluster behind a gateway) by adding steps rather than rewriting a script.
+//! ```text
+//!   demo ──writes──► leader ──direct transport (Replication.Subscribe)──► alternative ◄──reads── demo
+//!                       ▲                                                     │
+//!                       └──── STRONG reads ask the leader's clock ────────────┘
+//! ```
+//!
+//! Each step is a method of [`Demo`], so the tour can grow (a gateway in front of both) by adding
+//! steps rather than rewriting a script.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -17,22 +26,29 @@ use anyhow::{Context, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
-use tandem_cluster::ClusterConfig;
 use tandem_cluster::server::{self, Running};
+use tandem_cluster::{ClusterConfig, Role};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
+use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::cli::cluster::shutdown_signal;
 use crate::cli::collection::{describe_text, index_name, metric_name};
+use crate::cli::info::role_name;
 use crate::cli::search::hits_text;
 use crate::cli::{LogFormat, RpcResult, connect, fmt_payload, fmt_ts, init_tracing};
+use crate::replication::ReplicationHandle;
 
 const COLLECTION: &str = "demo";
 const CATEGORIES: [&str; 5] = ["books", "music", "games", "garden", "toys"];
-const STEPS: usize = 9;
+const STEPS: usize = 10;
 /// The filter of the filtered search; the upsert step makes the probe row pass it.
 const FILTER: &str = r#"category == "books" and price < 20"#;
+const LEADER_ID: &str = "leader";
+const ALTERNATIVE_ID: &str = "alternative";
+/// How long the demo waits for the alternative to catch up before calling it a failure.
+const CATCH_UP: Duration = Duration::from_secs(60);
 
 #[derive(Debug, clap::Args)]
 pub struct DemoArgs {
@@ -46,12 +62,16 @@ pub struct DemoArgs {
     /// until Ctrl-C.
     #[arg(long, value_name = "SECS")]
     pub exit_after: Option<u64>,
-    /// Keep the data here instead of in a temporary directory that is deleted on exit.
+    /// Keep the data here (in `leader/` and `alternative/`) instead of in a temporary directory
+    /// that is deleted on exit.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// Where the demo cluster listens (port 0 picks a free port).
+    /// Where the leading cluster listens (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     pub listen: String,
+    /// Where the alternative cluster listens (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub alternative_listen: String,
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -133,24 +153,63 @@ fn payload(category: &str, price: f64) -> pb::Payload {
     pb::Payload { fields }
 }
 
+
+/// One cluster of the demo, started in-process with its part in replication.
+struct Member {
+    running: Running,
+    repl: ReplicationHandle,
+}
+
+impl Member {
+    async fn start(cfg: ClusterConfig) -> anyhow::Result<Member> {
+        if let Err(problems) = cfg.validate() {
+            return Err(crate::config::InvalidConfig { problems }.into());
+        }
+        let running = server::start(cfg.clone()).await?;
+        match crate::replication::start(&running, &cfg).await {
+            Ok(repl) => Ok(Member { running, repl }),
+            Err(e) => {
+                let _ = running.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.running.addr)
+    }
+
+    async fn stop(self) -> anyhow::Result<()> {
+        self.repl.stop();
+        self.running.stop().await?;
+        Ok(())
+    }
+}
+
 /// The demo's state between steps.
 pub struct Demo {
-    running: Option<Running>,
+    lead_cluster: Option<Member>,
+    alt_cluster: Option<Member>,
     /// Deleted when the demo ends, unless --data-dir was given.
     _tmp: Option<tempfile::TempDir>,
-    pub endpoint: String,
-    pub client: TandemClient<Channel>,
+    pub leader_endpoint: String,
+    pub alternative_endpoint: String,
+    /// Writes go to the leader...
+    pub leader: TandemClient<Channel>,
+    /// ...and reads, mostly, to the alternative.
+    pub alternative: TandemClient<Channel>,
     sample: Sample,
-    /// The newest session token a reply returned: reads that pass it see our own writes.
+    /// The newest session token a reply returned: reads that pass it see our own writes, on
+    /// either cluster (tokens of the leader and of its alternatives share one timeline).
     token: String,
     step: usize,
 }
 
 impl Demo {
-    /// Step 1: a cluster node on embedded defaults, in this process.
+    /// Step 1: a leading and an alternative cluster on embedded defaults, in this process.
     pub async fn start(a: &DemoArgs) -> anyhow::Result<Demo> {
-        println!("tandem demo: a guided tour of one cluster node, through the public gRPC API");
-        heading(1, "start a cluster node (built-in defaults, no config file)");
+        println!("tandem demo: a guided tour of a leading and an alternative cluster, through the public gRPC API");
+        heading(1, "start a leading cluster and an alternative that follows it (built-in defaults, no config file)");
         let (data_dir, tmp) = match &a.data_dir {
             Some(d) => (d.clone(), None),
             None => {
@@ -158,36 +217,64 @@ impl Demo {
                 (t.path().to_path_buf(), Some(t))
             }
         };
-        let cfg = ClusterConfig { listen: a.listen.clone(), data_dir: data_dir.clone(), ..ClusterConfig::default() };
-        if let Err(problems) = cfg.validate() {
-            return Err(crate::config::InvalidConfig { problems }.into());
-        }
-        let running = server::start(cfg).await?;
-        let endpoint = format!("http://{}", running.addr);
-        println!("    cluster    local (leading)");
-        println!("    endpoint   {endpoint}");
-        println!("    data dir   {}{}", data_dir.display(), if tmp.is_some() { " (temporary)" } else { "" });
-        let client = connect(&endpoint).await?;
+        // The direct transport is the default: the alternative streams the leader's WAL over
+        // gRPC, no broker needed.
+        let lead_cfg = ClusterConfig { cluster_id: LEADER_ID.into(), listen: a.listen.clone(), data_dir: data_dir.join("leader"), ..ClusterConfig::default() };
+        let lead = Member::start(lead_cfg).await?;
+        let leader_endpoint = lead.endpoint();
+        let mut alt_cfg = ClusterConfig {
+            cluster_id: ALTERNATIVE_ID.into(),
+            listen: a.alternative_listen.clone(),
+            data_dir: data_dir.join("alternative"),
+            role: Role::Alternative,
+            ..ClusterConfig::default()
+        };
+        alt_cfg.replication.leader = leader_endpoint.clone();
+        let transport = alt_cfg.replication.transport.clone();
+        let alt = match Member::start(alt_cfg).await {
+            Ok(m) => m,
+            Err(e) => {
+                let _ = lead.stop().await;
+                return Err(e);
+            }
+        };
+        let alternative_endpoint = alt.endpoint();
+        println!("    leader       cluster {LEADER_ID:<12} (leading)      {leader_endpoint}");
+        println!("    alternative  cluster {ALTERNATIVE_ID:<12} (alternative)  {alternative_endpoint}  follows the leader ({transport} transport)");
+        println!("    data dir     {}{}", data_dir.display(), if tmp.is_some() { " (temporary)" } else { "" });
+        let mut demo = Demo {
+            lead_cluster: Some(lead),
+            alt_cluster: Some(alt),
+            _tmp: tmp,
+            leader: connect(&leader_endpoint).await?,
+            alternative: connect(&alternative_endpoint).await?,
+            leader_endpoint,
+            alternative_endpoint,
+            sample: Sample { dim: 0, ids: Vec::new(), vectors: Vec::new(), categories: Vec::new(), prices: Vec::new() },
+            token: String::new(),
+            step: 1,
+        };
         let started = Instant::now();
-        let sample = tokio::task::spawn_blocking({
+        demo.sample = tokio::task::spawn_blocking({
             let (rows, dim) = (a.rows, a.dim as usize);
             move || Sample::generate(rows, dim, 42)
         })
         .await?;
         tracing::debug!(ms = started.elapsed().as_millis() as u64, "sample generated");
-        Ok(Demo { running: Some(running), _tmp: tmp, endpoint, client, sample, token: String::new(), step: 1 })
+        Ok(demo)
     }
 
     /// Every step after the start, in order.
     pub async fn walkthrough(&mut self) -> anyhow::Result<()> {
         self.create_collection().await?;
-        self.insert().await?;
+        self.insert_and_watch().await?;
         self.flush().await?;
         let probe = 42.min(self.sample.len() - 1);
         self.search(probe).await?;
         self.filtered_search(probe).await?;
         self.upsert_and_read_back(probe).await?;
         self.delete_and_get(probe).await?;
+        self.refused_write(probe).await?;
         self.cluster_info().await
     }
 
@@ -207,7 +294,7 @@ impl Demo {
     }
 
     pub async fn create_collection(&mut self) -> anyhow::Result<()> {
-        self.next_step(&format!("create collection {COLLECTION:?}"));
+        self.next_step(&format!("create collection {COLLECTION:?} on the leader; it appears on the alternative"));
         let schema = pb::CollectionSchema {
             name: COLLECTION.into(),
             dim: self.sample.dim as u32,
@@ -220,49 +307,97 @@ impl Demo {
             ],
         };
         // A reused --data-dir still holds the previous run's collection.
-        let existing = self.client.list_collections(pb::ListCollectionsRequest {}).await.rpc()?;
+        let existing = self.leader.list_collections(pb::ListCollectionsRequest {}).await.rpc()?;
         if existing.names.iter().any(|n| n == COLLECTION) {
             println!("    dropping the {COLLECTION:?} collection a previous run left in the data dir");
             let req = pb::DropCollectionRequest { name: COLLECTION.into() };
-            self.client.drop_collection(req).await.rpc()?;
+            self.leader.drop_collection(req).await.rpc()?;
         }
-        let r = self.client.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.rpc()?;
+        let started = Instant::now();
+        let r = self.leader.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.rpc()?;
         self.keep_token(r.session_token);
-        let s = r.collection.and_then(|c| c.schema).unwrap_or_default();
+        let info = r.collection.unwrap_or_default();
+        let s = info.schema.unwrap_or_default();
         println!("    dim {}, metric {}, index {}, {} shards", s.dim, metric_name(s.metric), index_name(s.index.as_ref()), s.shards);
         println!("    payload fields: category (string), price (double)");
+        // The alternative applies the leader's DDL log in order; a previous run's incarnation
+        // (another id) may still be there for a moment.
+        loop {
+            let req = pb::DescribeCollectionRequest { name: COLLECTION.into() };
+            if let Ok(d) = self.alternative.describe_collection(req).await
+                && d.into_inner().collection.is_some_and(|c| c.collection_id == info.collection_id)
+            {
+                break;
+            }
+            if started.elapsed() > CATCH_UP {
+                bail!("the alternative has not created collection {COLLECTION:?} after {CATCH_UP:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        println!("    on the alternative {} ms later (replicated from the leader's DDL log)", started.elapsed().as_millis());
         Ok(())
     }
 
-    pub async fn insert(&mut self) -> anyhow::Result<()> {
+    pub async fn insert_and_watch(&mut self) -> anyhow::Result<()> {
         let n = self.sample.len();
-        self.next_step(&format!("insert {n} sample rows (Gaussian clusters, seed 42)"));
+        self.next_step(&format!("insert {n} sample rows on the leader and watch them appear on the alternative"));
+        let watching = CancellationToken::new();
+        let watcher = tokio::spawn(watch_alternative(self.alternative.clone(), watching.clone()));
         let started = Instant::now();
         let dim = self.sample.dim;
-        for start in (0..n).step_by(1000) {
-            let end = (start + 1000).min(n);
-            let req = pb::InsertRequest {
-                collection: COLLECTION.into(),
-                ids: self.sample.ids[start..end].to_vec(),
-                vectors: self.sample.vectors[start * dim..end * dim].to_vec(),
-                payloads: (start..end).map(|i| self.sample.payload(i)).collect(),
-            };
-            let r = self.client.insert(req).await.rpc()?;
-            self.keep_token(r.session_token);
+        let result = async {
+            for start in (0..n).step_by(1000) {
+                let end = (start + 1000).min(n);
+                let req = pb::InsertRequest { ack: 0,
+                    collection: COLLECTION.into(),
+                    ids: self.sample.ids[start..end].to_vec(),
+                    vectors: self.sample.vectors[start * dim..end * dim].to_vec(),
+                    payloads: (start..end).map(|i| self.sample.payload(i)).collect(),
+                };
+                let r = self.leader.insert(req).await.rpc()?;
+                self.keep_token(r.session_token);
+            }
+            anyhow::Ok(())
         }
+        .await;
         let secs = started.elapsed().as_secs_f64();
-        println!("    {n} rows in {} requests, {secs:.2} s ({:.0} rows/s)", n.div_ceil(1000), n as f64 / secs.max(1e-6));
+        // A SESSION read passing the last insert's token waits until the alternative has
+        // applied that insert (and so every one before it).
+        let caught_up = Instant::now();
+        let count = match result {
+            Ok(()) => {
+                let req = pb::CountRequest { collection: COLLECTION.into(), filter: String::new(), read: Some(self.session()) };
+                self.alternative.count(req).await.rpc()
+            }
+            Err(e) => Err(e),
+        };
+        watching.cancel();
+        let _ = watcher.await;
+        let count = count?;
+        self.keep_token(count.session_token);
+        println!("    leader: {n} rows in {} requests, {secs:.2} s ({:.0} rows/s)", n.div_ceil(1000), n as f64 / secs.max(1e-6));
+        println!(
+            "    alternative: a SESSION count with the last insert's token answers {} rows, {} ms after that insert's ack",
+            count.count,
+            caught_up.elapsed().as_millis()
+        );
+        if let Some(s) = alternative_status(&mut self.alternative).await? {
+            println!("    alternative: {} rows, lag {} ms, replication {:?}", s.rows, s.lag_ms, s.replication);
+        }
+        println!("    (lag_ms: how far the alternative's serviceable time trails the leader's clock; an idle");
+        println!("     leader sends a time tick per shard every replication.tick_ms = 50 ms to advance it)");
         println!("    e.g. row 0: {}", fmt_payload(Some(&self.sample.payload(0))));
-        println!("    new rows land in growing segments, searched exactly until sealed");
         Ok(())
     }
 
     pub async fn flush(&mut self) -> anyhow::Result<()> {
-        self.next_step("flush: seal the growing segments and build their HNSW indexes");
+        self.next_step("flush the leader: seal its growing segments and build their HNSW indexes");
         let started = Instant::now();
-        let r = self.client.flush(pb::FlushRequest { collection: COLLECTION.into() }).await.rpc()?;
+        let r = self.leader.flush(pb::FlushRequest { collection: COLLECTION.into() }).await.rpc()?;
         self.keep_token(r.session_token);
         println!("    sealed {} segments and indexed them in {:.2} s", r.sealed_segments, started.elapsed().as_secs_f64());
+        println!("    (segments are each cluster's own business: the alternative seals and indexes its");
+        println!("     segments as they fill up; only the data and the DDL are replicated)");
         Ok(())
     }
 
@@ -276,14 +411,15 @@ impl Demo {
             params: None,
             read: Some(self.session()),
         };
-        let r = self.client.search(req).await.rpc()?;
+        let r = self.alternative.search(req).await.rpc()?;
         self.keep_token(r.session_token);
         Ok(r.results.into_iter().next().unwrap_or_default())
     }
 
     pub async fn search(&mut self, probe: usize) -> anyhow::Result<()> {
-        self.next_step("search: the 5 nearest neighbours (L2 distance, smaller is closer)");
+        self.next_step("search the alternative: the 5 nearest neighbours (L2 distance, smaller is closer)");
         println!("    query: the vector of row {probe}, so row {probe} itself comes first at distance 0");
+        println!("    (a SESSION read passing our newest token: it sees every write we made on the leader)");
         let query = self.sample.vector(probe).to_vec();
         let hits = self.search_with(&query, "").await?;
         println!("{}", indent(&hits_text(0, &hits)));
@@ -292,7 +428,7 @@ impl Demo {
 
     pub async fn filtered_search(&mut self, probe: usize) -> anyhow::Result<()> {
         let filter = FILTER;
-        self.next_step("filtered search: the 5 nearest rows that pass a payload filter");
+        self.next_step("filtered search on the alternative: the 5 nearest rows that pass a payload filter");
         println!("    filter: {filter}");
         let query = self.sample.vector(probe).to_vec();
         let hits = self.search_with(&query, filter).await?;
@@ -300,6 +436,7 @@ impl Demo {
         Ok(())
     }
 
+    /// A Get on the alternative, SESSION with the newest token.
     async fn get(&mut self, id: i64) -> anyhow::Result<Option<pb::Entity>> {
         let req = pb::GetRequest {
             collection: COLLECTION.into(),
@@ -308,28 +445,35 @@ impl Demo {
             include_vectors: false,
             read: Some(self.session()),
         };
-        let r = self.client.get(req).await.rpc()?;
+        let r = self.alternative.get(req).await.rpc()?;
         self.keep_token(r.session_token);
         Ok(r.entities.into_iter().next())
     }
 
     pub async fn upsert_and_read_back(&mut self, probe: usize) -> anyhow::Result<()> {
         let id = self.sample.ids[probe];
-        self.next_step(&format!("upsert row {id}, then read it back with a session token"));
+        self.next_step(&format!("upsert row {id} on the leader, then read it on the alternative with the write's session token"));
         let before = self.get(id).await?;
-        println!("    before:  id {id}  {}", before.as_ref().map_or("(not found)".into(), |e| fmt_payload(e.payload.as_ref())));
-        let req = pb::UpsertRequest {
+        println!("    alternative, before:  id {id}  {}", before.as_ref().map_or("(not found)".into(), |e| fmt_payload(e.payload.as_ref())));
+        let req = pb::UpsertRequest { ack: 0,
             collection: COLLECTION.into(),
             ids: vec![id],
             vectors: self.sample.vector(probe).to_vec(),
             payloads: vec![payload("books", 9.99)],
         };
-        let r = self.client.upsert(req).await.rpc()?;
+        let r = self.leader.upsert(req).await.rpc()?;
         self.keep_token(r.session_token.clone());
-        println!("    upsert:  category=\"books\" price=9.99 -> write ts {}, session token {}", r.ts, r.session_token);
+        println!("    leader, upsert:       category=\"books\" price=9.99 -> write ts {}, session token {}", r.ts, r.session_token);
+        let acked = Instant::now();
         let after = self.get(id).await?;
-        println!("    after:   id {id}  {}", after.as_ref().map_or("(not found)".into(), |e| fmt_payload(e.payload.as_ref())));
-        println!("    (a SESSION read passing the token is guaranteed to see the write, on any replica)");
+        let waited = acked.elapsed();
+        println!(
+            "    alternative, after:   id {id}  {}   (SESSION read, answered {:.1} ms after the leader's ack)",
+            after.as_ref().map_or("(not found)".into(), |e| fmt_payload(e.payload.as_ref())),
+            waited.as_secs_f64() * 1e3
+        );
+        println!("    (a SESSION read passing the token waits until this replica has applied the write, so it");
+        println!("     never misses it; the reply's token is at least as new, for the next read on any replica)");
         let query = self.sample.vector(probe).to_vec();
         let hits = self.search_with(&query, FILTER).await?;
         if let Some(top) = hits.hits.first() {
@@ -340,40 +484,74 @@ impl Demo {
 
     pub async fn delete_and_get(&mut self, probe: usize) -> anyhow::Result<()> {
         let id = self.sample.ids[probe];
-        self.next_step(&format!("delete row {id}, then get it"));
-        let r =
-            self.client.delete(pb::DeleteRequest { collection: COLLECTION.into(), ids: vec![id], filter: String::new() }).await.rpc()?;
+        self.next_step(&format!("delete row {id} on the leader, then get it on the alternative"));
+        let req = pb::DeleteRequest { ack: 0, collection: COLLECTION.into(), ids: vec![id], filter: String::new() };
+        let r = self.leader.delete(req).await.rpc()?;
         self.keep_token(r.session_token);
-        println!("    deleted {} row", r.count);
-        let found = self.get(id).await?;
-        match found {
-            None => println!("    get id {id}: not found"),
-            Some(e) => println!("    get id {id}: still there ({}), which is unexpected", fmt_payload(e.payload.as_ref())),
+        println!("    leader: deleted {} row", r.count);
+        match self.get(id).await? {
+            None => println!("    alternative: get id {id}: not found"),
+            Some(e) => println!("    alternative: get id {id}: still there ({}), which is unexpected", fmt_payload(e.payload.as_ref())),
         }
         let req = pb::CountRequest { collection: COLLECTION.into(), filter: String::new(), read: Some(self.session()) };
-        let count = self.client.count(req).await.rpc()?;
+        let count = self.alternative.count(req).await.rpc()?;
         self.keep_token(count.session_token);
-        println!("    rows left: {}", count.count);
+        println!("    alternative: rows left: {}", count.count);
+        Ok(())
+    }
+
+    pub async fn refused_write(&mut self, probe: usize) -> anyhow::Result<()> {
+        self.next_step("send a write to the alternative: refused, naming the leader");
+        let id = self.sample.ids[probe];
+        let req = pb::InsertRequest { ack: 0,
+            collection: COLLECTION.into(),
+            ids: vec![id],
+            vectors: self.sample.vector(probe).to_vec(),
+            payloads: vec![self.sample.payload(probe)],
+        };
+        let status = match self.alternative.insert(req.clone()).await {
+            Ok(_) => bail!("the alternative accepted a write; alternatives must refuse them"),
+            Err(s) => s,
+        };
+        println!("    alternative: insert id {id} -> {:?}: {}", status.code(), status.message());
+        let named = status.metadata().get(tandem_cluster::error::LEADER_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let Some(leader) = named else {
+            bail!("the alternative's refusal does not name the leader in {:?}", tandem_cluster::error::LEADER_METADATA);
+        };
+        println!("    metadata {}: {leader}", tandem_cluster::error::LEADER_METADATA);
+        // What a client (or the gateway) does with the hint: send the write there.
+        let r = connect(&leader).await?.insert(req).await.rpc()?;
+        self.keep_token(r.session_token);
+        println!("    following the hint, the same insert on {leader} succeeds (write ts {})", r.ts);
         Ok(())
     }
 
     pub async fn cluster_info(&mut self) -> anyhow::Result<()> {
-        self.next_step("cluster info: rows, segments and the serviceable timestamp");
-        let info = self.client.get_cluster_info(pb::GetClusterInfoRequest {}).await.rpc()?;
-        println!(
-            "    cluster {} ({}, epoch {}), version {}",
-            info.cluster_id,
-            crate::cli::info::role_name(info.role),
-            info.epoch,
-            info.version
-        );
-        println!("    now     {} (ts {})", fmt_ts(info.current_ts), info.current_ts);
-        let c = self.client.describe_collection(pb::DescribeCollectionRequest { name: COLLECTION.into() }).await.rpc()?;
+        self.next_step("cluster info: role, rows, lag and replication state of both clusters");
+        for (name, client) in [("leader", &mut self.leader), ("alternative", &mut self.alternative)] {
+            let info = client.get_cluster_info(pb::GetClusterInfoRequest {}).await.rpc()?;
+            let follows = if info.leader.is_empty() { String::new() } else { format!(", follows {}", info.leader) };
+            println!("    {name:<12} cluster {} ({}, epoch {}{follows}), version {}", info.cluster_id, role_name(info.role), info.epoch, info.version);
+            for c in &info.collections {
+                let replication = if c.replication.is_empty() { String::new() } else { format!(", replication {:?}", c.replication) };
+                println!(
+                    "    {:<12} {}: {} rows, serviceable {}, lag {} ms{replication}",
+                    "",
+                    c.name,
+                    c.rows,
+                    fmt_ts(c.serviceable_ts),
+                    c.lag_ms
+                );
+            }
+        }
+        let c = self.alternative.describe_collection(pb::DescribeCollectionRequest { name: COLLECTION.into() }).await.rpc()?;
         println!();
+        println!("    the collection on the alternative:");
         println!("{}", indent(&describe_text(&c.collection.unwrap_or_default())));
         println!();
-        println!("    The serviceable ts is the newest point in time a read can see in full on this cluster;");
-        println!("    an alternative (replica) cluster trails its leader's by its replication lag.");
+        println!("    The serviceable ts is the newest point in time a read can see in full on a cluster;");
+        println!("    the alternative's trails the leader's by its replication lag. STRONG reads on the");
+        println!("    alternative ask the leader's clock and wait until the alternative has caught up to it.");
         debug_assert_eq!(self.step, STEPS);
         Ok(())
     }
@@ -384,13 +562,17 @@ impl Demo {
             println!("\ndone (--exit-after 0).");
             return Ok(());
         }
-        let ep = &self.endpoint;
-        println!("\nThe cluster keeps serving at {ep}. In another terminal, try:");
-        println!("    tandem info --endpoint {ep}");
-        println!("    tandem collection describe demo --endpoint {ep}");
+        let (lead, alt) = (&self.leader_endpoint, &self.alternative_endpoint);
+        println!("\nBoth clusters keep serving:");
+        println!("    leader       {lead}");
+        println!("    alternative  {alt}");
+        println!("In another terminal, try:");
+        println!("    tandem info --endpoint {alt}");
+        println!("    tandem collection describe demo --endpoint {alt}");
         let q: Vec<String> = self.sample.vector(0).iter().map(|x| format!("{x:.3}")).collect();
-        println!("    tandem search --endpoint {ep} --collection demo --top-k 3 --filter 'price < 10' \\");
+        println!("    tandem search --endpoint {alt} --collection demo --consistency strong --top-k 3 --filter 'price < 10' \\");
         println!("        --vector {}", q.join(","));
+        println!("    tandem collection create other --dim 4 --endpoint {lead}    # then: tandem collection list --endpoint {alt}");
         match exit_after {
             Some(secs) => {
                 println!("Stopping in {secs} s (or on Ctrl-C).");
@@ -407,12 +589,42 @@ impl Demo {
         Ok(())
     }
 
-    /// Stops the cluster gracefully (the temporary data directory goes with `self`).
+    /// Stops both clusters gracefully, the alternative first (the temporary data directory
+    /// goes with `self`).
     pub async fn stop(&mut self) -> anyhow::Result<()> {
-        if let Some(r) = self.running.take() {
-            r.stop().await?;
+        let alt = match self.alt_cluster.take() {
+            Some(m) => m.stop().await,
+            None => Ok(()),
+        };
+        let lead = match self.lead_cluster.take() {
+            Some(m) => m.stop().await,
+            None => Ok(()),
+        };
+        alt.and(lead)
+    }
+}
+
+/// The alternative's status of the demo collection.
+async fn alternative_status(c: &mut TandemClient<Channel>) -> anyhow::Result<Option<pb::CollectionStatus>> {
+    let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.rpc()?;
+    Ok(info.collections.into_iter().find(|s| s.name == COLLECTION))
+}
+
+/// Prints the alternative's row count, lag and replication state whenever its count changes,
+/// every 100 ms until `stop`.
+async fn watch_alternative(mut c: TandemClient<Channel>, stop: CancellationToken) {
+    let mut last = None;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(Duration::from_millis(100)) => {}
         }
-        Ok(())
+        if let Ok(Some(s)) = alternative_status(&mut c).await
+            && last != Some(s.rows)
+        {
+            println!("    alternative: {:>8} rows, lag {:>4} ms, replication {:?}", s.rows, s.lag_ms, s.replication);
+            last = Some(s.rows);
+        }
     }
 }
 

@@ -51,6 +51,8 @@ enum Command {
 enum BenchCmd {
     /// Search throughput and latency.
     Search(SearchBenchArgs),
+    /// Replication lag, consistent reads on an alternative, and bootstrap throughput.
+    Replication(tandem::bench::replication::ReplicationBenchArgs),
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -63,6 +65,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Demo(a) => tandem::demo::run(a).await,
         // The bench sets up its own logging, if any.
         Command::Bench(BenchCmd::Search(a)) => tandem::bench::search::run(a).await,
+        Command::Bench(BenchCmd::Replication(a)) => tandem::bench::replication::run(a).await,
     }
 }
 

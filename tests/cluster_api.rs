@@ -39,9 +39,9 @@ async fn insert_rows(c: &mut Client, rows: &BTreeMap<i64, Row>, ids: &[i64], ups
     let vectors = ids.iter().flat_map(|id| rows[id].vector.clone()).collect();
     let payloads = ids.iter().map(|id| payload(&[("cat", int(rows[id].cat)), ("price", dbl(rows[id].price))])).collect();
     if upsert {
-        c.upsert(pb::UpsertRequest { collection: COLL.into(), ids: ids.to_vec(), vectors, payloads }).await.expect("upsert");
+        c.upsert(pb::UpsertRequest { ack: 0, collection: COLL.into(), ids: ids.to_vec(), vectors, payloads }).await.expect("upsert");
     } else {
-        c.insert(pb::InsertRequest { collection: COLL.into(), ids: ids.to_vec(), vectors, payloads }).await.expect("insert");
+        c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: ids.to_vec(), vectors, payloads }).await.expect("insert");
     }
 }
 
@@ -67,7 +67,7 @@ async fn flat_search_equals_brute_force() {
         c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
         insert_rows(&mut c, &rows, &ids[8000..], false).await;
         let deleted: Vec<i64> = (0..8500).step_by(41).collect();
-        c.delete(pb::DeleteRequest { collection: COLL.into(), ids: deleted.clone(), filter: String::new() }).await.unwrap();
+        c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: deleted.clone(), filter: String::new() }).await.unwrap();
         for id in &deleted {
             rows.remove(id);
         }
@@ -130,7 +130,7 @@ async fn hnsw_recall_at_10() {
     c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, dim as u32, pb::Metric::L2, hnsw(16, 200), 1, vec![])) }).await.unwrap();
     for (b, chunk) in ds.base.chunks(5000 * dim).enumerate() {
         let ids = (b * 5000..b * 5000 + chunk.len() / dim).map(|i| i as i64).collect();
-        c.insert(pb::InsertRequest { collection: COLL.into(), ids, vectors: chunk.to_vec(), payloads: vec![] }).await.unwrap();
+        c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids, vectors: chunk.to_vec(), payloads: vec![] }).await.unwrap();
     }
     c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
     let info = c.describe_collection(pb::DescribeCollectionRequest { name: COLL.into() }).await.unwrap().into_inner().collection.unwrap();
@@ -174,14 +174,14 @@ async fn upsert_and_delete_visible_immediately() {
         let base = round * 200;
         let ids: Vec<i64> = (base..base + 100).map(|i| i as i64).collect();
         let payloads = ids.iter().map(|_| payload(&[("tag", string("old"))])).collect();
-        c.insert(pb::InsertRequest { collection: COLL.into(), ids: ids.clone(), vectors: v[base * d..(base + 100) * d].to_vec(), payloads }).await.unwrap();
+        c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: ids.clone(), vectors: v[base * d..(base + 100) * d].to_vec(), payloads }).await.unwrap();
         if round == 1 {
             // the rows now live in sealed, indexed segments
             c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
         }
         let target = ids[5];
         let new_vec = v[(base + 150) * d..(base + 151) * d].to_vec();
-        c.upsert(pb::UpsertRequest { collection: COLL.into(), ids: vec![target], vectors: new_vec.clone(), payloads: vec![payload(&[("tag", string("new"))])] })
+        c.upsert(pb::UpsertRequest { ack: 0, collection: COLL.into(), ids: vec![target], vectors: new_vec.clone(), payloads: vec![payload(&[("tag", string("new"))])] })
             .await
             .unwrap();
         let got = c
@@ -205,7 +205,7 @@ async fn upsert_and_delete_visible_immediately() {
         assert_eq!(n, 1);
 
         let victim = ids[7];
-        let r = c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![victim, 999_999], filter: String::new() }).await.unwrap().into_inner();
+        let r = c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: vec![victim, 999_999], filter: String::new() }).await.unwrap().into_inner();
         assert_eq!(r.count, 1, "one of the two ids existed");
         let got = c.get(pb::GetRequest { collection: COLL.into(), ids: vec![victim], ..Default::default() }).await.unwrap().into_inner();
         assert!(got.entities.is_empty(), "round {round}: deleted row still returned by get");
@@ -214,7 +214,7 @@ async fn upsert_and_delete_visible_immediately() {
         assert!(hits.results[0].hits.iter().all(|h| h.id != victim), "round {round}: deleted row still found by search");
     }
     // delete by filter
-    let r = c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: "tag == \"new\"".into() }).await.unwrap().into_inner();
+    let r = c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: vec![], filter: "tag == \"new\"".into() }).await.unwrap().into_inner();
     assert_eq!(r.count, 2);
     assert_eq!(count(&mut c, COLL).await, 200 - 2 - 2);
     let q = c.query(pb::QueryRequest { collection: COLL.into(), filter: "id < 3".into(), limit: 10, output_fields: vec!["tag".into()], ..Default::default() }).await.unwrap().into_inner();
@@ -235,8 +235,8 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     let fields = vec![field("price", pb::ScalarType::Double)];
     c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, 4, pb::Metric::Cosine, None, 4, fields.clone())) }).await.unwrap();
     let ids: Vec<i64> = (0..10).collect();
-    c.insert(pb::InsertRequest { collection: COLL.into(), ids: ids.clone(), vectors: vectors(10, 4, 1), payloads: vec![] }).await.unwrap();
-    let ins = |ids: Vec<i64>, vectors: Vec<f32>, payloads: Vec<pb::Payload>| pb::InsertRequest { collection: COLL.into(), ids, vectors, payloads };
+    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: ids.clone(), vectors: vectors(10, 4, 1), payloads: vec![] }).await.unwrap();
+    let ins = |ids: Vec<i64>, vectors: Vec<f32>, payloads: Vec<pb::Payload>| pb::InsertRequest { collection: COLL.into(), ids, vectors, payloads, ack: 0 };
 
     // DDL
     assert_status(c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, 4, pb::Metric::L2, None, 1, vec![])) }).await, Code::AlreadyExists, "\"items\" already exists");
@@ -262,9 +262,12 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     let mut unknown = ins(vec![1], vec![1.0; 4], vec![]);
     unknown.collection = "nope".into();
     assert_status(c.insert(unknown).await, Code::NotFound, "collection \"nope\" not found");
-    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: String::new() }).await, Code::InvalidArgument, "needs ids or a filter");
-    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![1], filter: "price > 1".into() }).await, Code::InvalidArgument, "not both");
-    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: "price >".into() }).await, Code::InvalidArgument, "filter syntax error at column");
+    let mut bad_ack = ins(vec![100], vec![1.0; 4], vec![]);
+    bad_ack.ack = 7;
+    assert_status(c.insert(bad_ack).await, Code::InvalidArgument, "unknown ack policy 7");
+    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: String::new(), ack: 0 }).await, Code::InvalidArgument, "needs ids or a filter");
+    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![1], filter: "price > 1".into(), ack: 0 }).await, Code::InvalidArgument, "not both");
+    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: "price >".into(), ack: 0 }).await, Code::InvalidArgument, "filter syntax error at column");
     // DQL
     let search = |top_k: u32, vectors: Vec<f32>, filter: &str| pb::SearchRequest { collection: COLL.into(), vectors, top_k, filter: filter.into(), ..Default::default() };
     assert_status(c.search(search(0, vec![1.0; 4], "")).await, Code::InvalidArgument, "top_k 0 is out of range 1..=16384");
@@ -315,10 +318,10 @@ async fn restart_keeps_sealed_segments_growing_rows_and_deletes() {
         .unwrap();
     let v = vectors(1300, dim, 3);
     let payloads = (0..1200).map(|i| payload(&[("n", int(i))])).collect();
-    c.insert(pb::InsertRequest { collection: COLL.into(), ids: (0..1200).collect(), vectors: v[..1200 * dim].to_vec(), payloads }).await.unwrap();
+    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: (0..1200).collect(), vectors: v[..1200 * dim].to_vec(), payloads }).await.unwrap();
     c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
-    c.insert(pb::InsertRequest { collection: COLL.into(), ids: (1200..1300).collect(), vectors: v[1200 * dim..].to_vec(), payloads: vec![] }).await.unwrap();
-    c.delete(pb::DeleteRequest { collection: COLL.into(), ids: (0..1300).step_by(13).collect(), filter: String::new() }).await.unwrap();
+    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: (1200..1300).collect(), vectors: v[1200 * dim..].to_vec(), payloads: vec![] }).await.unwrap();
+    c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: (0..1300).step_by(13).collect(), filter: String::new() }).await.unwrap();
 
     let search = pb::SearchRequest {
         collection: COLL.into(),

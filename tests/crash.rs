@@ -50,7 +50,7 @@ async fn kill9_during_ingest_keeps_acknowledged_writes_and_no_partial_one() {
                 let first = w * 10_000_000 + b * BATCH;
                 let ids: Vec<i64> = (first..first + BATCH).collect();
                 let vectors = ids.iter().flat_map(|&id| vector_of(id)).collect();
-                match c.insert(pb::InsertRequest { collection: COLL.into(), ids, vectors, payloads: vec![] }).await {
+                match c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids, vectors, payloads: vec![] }).await {
                     Ok(_) => ledger.lock().acked.push(first),
                     Err(_) => {
                         ledger.lock().unknown.push(first);
@@ -60,7 +60,7 @@ async fn kill9_during_ingest_keeps_acknowledged_writes_and_no_partial_one() {
                 if b % 7 == 3 {
                     // delete one row of an acknowledged batch
                     let victim = first - 2 * BATCH + 1;
-                    match c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![victim], filter: String::new() }).await {
+                    match c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: vec![victim], filter: String::new() }).await {
                         Ok(_) => ledger.lock().deleted.push(victim),
                         Err(_) => {
                             ledger.lock().delete_unknown.push(victim);

@@ -23,7 +23,7 @@ async fn insert(c: &mut Client, ids: std::ops::Range<i64>, dim: usize) -> pb::Mu
     let n = (ids.end - ids.start) as usize;
     let v = vectors(n, dim, ids.start as u64 + 1);
     let payloads = ids.clone().map(|i| payload(&[("tag", string(if i % 2 == 0 { "even" } else { "odd" })), ("n", int(i))])).collect();
-    c.insert(pb::InsertRequest { collection: C.into(), ids: ids.collect(), vectors: v, payloads }).await.expect("insert").into_inner()
+    c.insert(pb::InsertRequest { ack: 0, collection: C.into(), ids: ids.collect(), vectors: v, payloads }).await.expect("insert").into_inner()
 }
 
 /// Waits until the alternative holds exactly what the leader holds.
@@ -50,9 +50,9 @@ async fn live_data_and_ddl(backend: Backend) {
     l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
     insert(&mut l, 0..500, DIM).await;
     let up: Vec<i64> = (0..50).collect();
-    l.upsert(pb::UpsertRequest { collection: C.into(), ids: up.clone(), vectors: vectors(50, DIM, 999), payloads: vec![] }).await.unwrap();
-    l.delete(pb::DeleteRequest { collection: C.into(), ids: (100..130).collect(), filter: String::new() }).await.unwrap();
-    l.delete(pb::DeleteRequest { collection: C.into(), ids: vec![], filter: "n >= 490".into() }).await.unwrap();
+    l.upsert(pb::UpsertRequest { ack: 0, collection: C.into(), ids: up.clone(), vectors: vectors(50, DIM, 999), payloads: vec![] }).await.unwrap();
+    l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: (100..130).collect(), filter: String::new() }).await.unwrap();
+    l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: vec![], filter: "n >= 490".into() }).await.unwrap();
     converge(&mut l, &mut a).await;
     assert_eq!(count(&mut a, C).await, 500 - 30 - 10);
 
@@ -73,7 +73,7 @@ async fn live_data_and_ddl(backend: Backend) {
     assert_eq!(info.rows, 100);
 
     // An alternative refuses writes and names the leader.
-    let e = a.insert(pb::InsertRequest { collection: C.into(), ids: vec![1], vectors: vec![0.5; 8], payloads: vec![] }).await.unwrap_err();
+    let e = a.insert(pb::InsertRequest { ack: 0, collection: C.into(), ids: vec![1], vectors: vec![0.5; 8], payloads: vec![] }).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     let leader = format!("http://{}", sb.addr("lead").await);
     assert!(e.message().contains(&format!("the leader is {leader}")), "{}", e.message());
@@ -103,7 +103,7 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
         insert(&mut l, b * 500..(b + 1) * 500, 64).await;
     }
     l.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
-    l.delete(pb::DeleteRequest { collection: C.into(), ids: (0..10_000).step_by(7).collect(), filter: String::new() }).await.unwrap();
+    l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: (0..10_000).step_by(7).collect(), filter: String::new() }).await.unwrap();
     let node = sb.node("lead").await;
     let coll = node.collection(C).unwrap();
     assert!(coll.shards().iter().all(|s| s.first_lsn() > 1), "precondition: the leader's WAL was truncated");
@@ -117,7 +117,7 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
             while !stop.load(Ordering::Relaxed) {
                 let first = next.fetch_add(20, Ordering::Relaxed);
                 insert(&mut l, first..first + 20, 64).await;
-                l.delete(pb::DeleteRequest { collection: C.into(), ids: vec![first - 20 + 3], filter: String::new() }).await.unwrap();
+                l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: vec![first - 20 + 3], filter: String::new() }).await.unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -154,7 +154,7 @@ async fn alternative_restart_resumes(backend: Backend) {
     sb.stop("alt").await;
     // changes while it is away
     insert(&mut l, 300..600, DIM).await;
-    l.delete(pb::DeleteRequest { collection: C.into(), ids: (0..300).step_by(3).collect(), filter: String::new() }).await.unwrap();
+    l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: (0..300).step_by(3).collect(), filter: String::new() }).await.unwrap();
     sb.restart("alt").await;
     let mut a = sb.client("alt").await;
     insert(&mut l, 600..700, DIM).await;

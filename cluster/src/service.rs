@@ -156,11 +156,17 @@ impl ClusterService {
 
     /// Applies a write and, under ack policy `exported` with a broker publisher running, waits
     /// until the transport holds it, so no acknowledged write is lost if this leader dies.
-    async fn write(&self, c: Arc<Collection>, w: Write, deadline: Instant) -> Result<(Ts, u64)> {
+    async fn write(&self, c: Arc<Collection>, w: Write, ack: i32, deadline: Instant) -> Result<(Ts, u64)> {
+        let exported = match pb::AckPolicy::try_from(ack) {
+            Ok(pb::AckPolicy::Unspecified) => self.cfg.replication.ack == "exported",
+            Ok(pb::AckPolicy::Exported) => true,
+            Ok(pb::AckPolicy::Local) => false,
+            Err(_) => return Err(ClusterError::invalid(format!("unknown ack policy {ack}: use EXPORTED or LOCAL"))),
+        };
         let node = self.node.clone();
         let c2 = c.clone();
         let out = blocking(move || node.write(&c2, w)).await?;
-        if self.node.exporting() && self.cfg.replication.ack == "exported" {
+        if self.node.exporting() && exported {
             c.wait_exported(&out.lsns, deadline).await?;
         }
         Ok((out.ts, out.count))
@@ -256,7 +262,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
         let (vectors, rows) = self.rows("insert", &c.schema(), &r.ids, r.vectors, &r.payloads)?;
-        let (ts, n) = self.write(c, Write::Insert { ids: r.ids, vectors, rows }, deadline).await?;
+        let (ts, n) = self.write(c, Write::Insert { ids: r.ids, vectors, rows }, r.ack, deadline).await?;
         Ok(Response::new(self.mutation(ts, n)))
     }
 
@@ -265,7 +271,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
         let (vectors, rows) = self.rows("upsert", &c.schema(), &r.ids, r.vectors, &r.payloads)?;
-        let (ts, n) = self.write(c, Write::Upsert { ids: r.ids, vectors, rows }, deadline).await?;
+        let (ts, n) = self.write(c, Write::Upsert { ids: r.ids, vectors, rows }, r.ack, deadline).await?;
         Ok(Response::new(self.mutation(ts, n)))
     }
 
@@ -284,7 +290,7 @@ impl pb::tandem_server::Tandem for ClusterService {
             (true, true) => return Err(ClusterError::invalid("delete needs ids or a filter").into()),
             (false, false) => return Err(ClusterError::invalid("delete takes ids or a filter, not both").into()),
         };
-        let (ts, n) = self.write(c, w, deadline).await?;
+        let (ts, n) = self.write(c, w, r.ack, deadline).await?;
         Ok(Response::new(self.mutation(ts, n)))
     }
 

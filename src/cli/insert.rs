@@ -132,9 +132,9 @@ pub async fn run(a: InsertArgs) -> anyhow::Result<()> {
 async fn write(mut client: TandemClient<Channel>, collection: String, upsert: bool, b: Batch) -> anyhow::Result<u64> {
     let n = b.len() as u64;
     if upsert {
-        client.upsert(pb::UpsertRequest { collection, ids: b.ids, vectors: b.vectors, payloads: b.payloads }).await.rpc()?;
+        client.upsert(pb::UpsertRequest { ack: 0, collection, ids: b.ids, vectors: b.vectors, payloads: b.payloads }).await.rpc()?;
     } else {
-        client.insert(pb::InsertRequest { collection, ids: b.ids, vectors: b.vectors, payloads: b.payloads }).await.rpc()?;
+        client.insert(pb::InsertRequest { ack: 0, collection, ids: b.ids, vectors: b.vectors, payloads: b.payloads }).await.rpc()?;
     }
     Ok(n)
 }
