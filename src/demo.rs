@@ -153,7 +153,6 @@ fn payload(category: &str, price: f64) -> pb::Payload {
     pb::Payload { fields }
 }
 
-
 /// One cluster of the demo, started in-process with its part in replication.
 struct Member {
     running: Running,
@@ -219,7 +218,12 @@ impl Demo {
         };
         // The direct transport is the default: the alternative streams the leader's WAL over
         // gRPC, no broker needed.
-        let lead_cfg = ClusterConfig { cluster_id: LEADER_ID.into(), listen: a.listen.clone(), data_dir: data_dir.join("leader"), ..ClusterConfig::default() };
+        let lead_cfg = ClusterConfig {
+            cluster_id: LEADER_ID.into(),
+            listen: a.listen.clone(),
+            data_dir: data_dir.join("leader"),
+            ..ClusterConfig::default()
+        };
         let lead = Member::start(lead_cfg).await?;
         let leader_endpoint = lead.endpoint();
         let mut alt_cfg = ClusterConfig {
@@ -240,7 +244,9 @@ impl Demo {
         };
         let alternative_endpoint = alt.endpoint();
         println!("    leader       cluster {LEADER_ID:<12} (leading)      {leader_endpoint}");
-        println!("    alternative  cluster {ALTERNATIVE_ID:<12} (alternative)  {alternative_endpoint}  follows the leader ({transport} transport)");
+        println!(
+            "    alternative  cluster {ALTERNATIVE_ID:<12} (alternative)  {alternative_endpoint}  follows the leader ({transport} transport)"
+        );
         println!("    data dir     {}{}", data_dir.display(), if tmp.is_some() { " (temporary)" } else { "" });
         let mut demo = Demo {
             lead_cluster: Some(lead),
@@ -348,7 +354,8 @@ impl Demo {
         let result = async {
             for start in (0..n).step_by(1000) {
                 let end = (start + 1000).min(n);
-                let req = pb::InsertRequest { ack: 0,
+                let req = pb::InsertRequest {
+                    ack: 0,
                     collection: COLLECTION.into(),
                     ids: self.sample.ids[start..end].to_vec(),
                     vectors: self.sample.vectors[start * dim..end * dim].to_vec(),
@@ -454,8 +461,12 @@ impl Demo {
         let id = self.sample.ids[probe];
         self.next_step(&format!("upsert row {id} on the leader, then read it on the alternative with the write's session token"));
         let before = self.get(id).await?;
-        println!("    alternative, before:  id {id}  {}", before.as_ref().map_or("(not found)".into(), |e| fmt_payload(e.payload.as_ref())));
-        let req = pb::UpsertRequest { ack: 0,
+        println!(
+            "    alternative, before:  id {id}  {}",
+            before.as_ref().map_or("(not found)".into(), |e| fmt_payload(e.payload.as_ref()))
+        );
+        let req = pb::UpsertRequest {
+            ack: 0,
             collection: COLLECTION.into(),
             ids: vec![id],
             vectors: self.sample.vector(probe).to_vec(),
@@ -503,7 +514,8 @@ impl Demo {
     pub async fn refused_write(&mut self, probe: usize) -> anyhow::Result<()> {
         self.next_step("send a write to the alternative: refused, naming the leader");
         let id = self.sample.ids[probe];
-        let req = pb::InsertRequest { ack: 0,
+        let req = pb::InsertRequest {
+            ack: 0,
             collection: COLLECTION.into(),
             ids: vec![id],
             vectors: self.sample.vector(probe).to_vec(),
@@ -531,7 +543,13 @@ impl Demo {
         for (name, client) in [("leader", &mut self.leader), ("alternative", &mut self.alternative)] {
             let info = client.get_cluster_info(pb::GetClusterInfoRequest {}).await.rpc()?;
             let follows = if info.leader.is_empty() { String::new() } else { format!(", follows {}", info.leader) };
-            println!("    {name:<12} cluster {} ({}, epoch {}{follows}), version {}", info.cluster_id, role_name(info.role), info.epoch, info.version);
+            println!(
+                "    {name:<12} cluster {} ({}, epoch {}{follows}), version {}",
+                info.cluster_id,
+                role_name(info.role),
+                info.epoch,
+                info.version
+            );
             for c in &info.collections {
                 let replication = if c.replication.is_empty() { String::new() } else { format!(", replication {:?}", c.replication) };
                 println!(

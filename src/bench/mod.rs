@@ -1,3 +1,3 @@
 //! `tandem bench ...`: benchmarks that print a human table and write JSON.
-pub mod search;
 pub mod replication;
+pub mod search;
