@@ -6,6 +6,6 @@ pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod dataset;
-pub mod replication;
 pub mod demo;
 pub mod readers;
+pub mod replication;

@@ -111,7 +111,11 @@ async fn flat_search_equals_brute_force() {
                         // The reported distance is the id's true distance, and the i-th hit is
                         // as close as the i-th closest row: exact top-k, robust to exact ties.
                         assert!((h.distance as f64 - truth).abs() < tol, "{metric:?} id {} distance {} vs {truth}", h.id, h.distance);
-                        assert!((truth - want[i]).abs() < tol, "{metric:?} filter {filter:?} rank {i}: got {truth}, brute force {}", want[i]);
+                        assert!(
+                            (truth - want[i]).abs() < tol,
+                            "{metric:?} filter {filter:?} rank {i}: got {truth}, brute force {}",
+                            want[i]
+                        );
                     }
                 }
             }
@@ -127,7 +131,9 @@ async fn hnsw_recall_at_10() {
     let mut c = sb.client("a").await;
     let (n, nq, dim) = (20_000usize, 200usize, 64usize);
     let ds = tandem::dataset::gaussian_mixture(n, nq, dim, 50, 7);
-    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, dim as u32, pb::Metric::L2, hnsw(16, 200), 1, vec![])) }).await.unwrap();
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, dim as u32, pb::Metric::L2, hnsw(16, 200), 1, vec![])) })
+        .await
+        .unwrap();
     for (b, chunk) in ds.base.chunks(5000 * dim).enumerate() {
         let ids = (b * 5000..b * 5000 + chunk.len() / dim).map(|i| i as i64).collect();
         c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids, vectors: chunk.to_vec(), payloads: vec![] }).await.unwrap();
@@ -165,27 +171,49 @@ async fn upsert_and_delete_visible_immediately() {
     let sb = Sandbox::builder().cluster("a").build().await;
     let mut c = sb.client("a").await;
     let dim = 16;
-    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, dim, pb::Metric::L2, hnsw(8, 40), 3, vec![field("tag", pb::ScalarType::String)])) })
-        .await
-        .unwrap();
+    c.create_collection(pb::CreateCollectionRequest {
+        schema: Some(schema(COLL, dim, pb::Metric::L2, hnsw(8, 40), 3, vec![field("tag", pb::ScalarType::String)])),
+    })
+    .await
+    .unwrap();
     let v = vectors(400, dim as usize, 5);
     let d = dim as usize;
     for round in 0..2 {
         let base = round * 200;
         let ids: Vec<i64> = (base..base + 100).map(|i| i as i64).collect();
         let payloads = ids.iter().map(|_| payload(&[("tag", string("old"))])).collect();
-        c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: ids.clone(), vectors: v[base * d..(base + 100) * d].to_vec(), payloads }).await.unwrap();
+        c.insert(pb::InsertRequest {
+            ack: 0,
+            collection: COLL.into(),
+            ids: ids.clone(),
+            vectors: v[base * d..(base + 100) * d].to_vec(),
+            payloads,
+        })
+        .await
+        .unwrap();
         if round == 1 {
             // the rows now live in sealed, indexed segments
             c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
         }
         let target = ids[5];
         let new_vec = v[(base + 150) * d..(base + 151) * d].to_vec();
-        c.upsert(pb::UpsertRequest { ack: 0, collection: COLL.into(), ids: vec![target], vectors: new_vec.clone(), payloads: vec![payload(&[("tag", string("new"))])] })
-            .await
-            .unwrap();
+        c.upsert(pb::UpsertRequest {
+            ack: 0,
+            collection: COLL.into(),
+            ids: vec![target],
+            vectors: new_vec.clone(),
+            payloads: vec![payload(&[("tag", string("new"))])],
+        })
+        .await
+        .unwrap();
         let got = c
-            .get(pb::GetRequest { collection: COLL.into(), ids: vec![target], output_fields: vec!["*".into()], include_vectors: true, read: read(pb::ConsistencyLevel::Eventually, "") })
+            .get(pb::GetRequest {
+                collection: COLL.into(),
+                ids: vec![target],
+                output_fields: vec!["*".into()],
+                include_vectors: true,
+                read: read(pb::ConsistencyLevel::Eventually, ""),
+            })
             .await
             .unwrap()
             .into_inner();
@@ -193,7 +221,13 @@ async fn upsert_and_delete_visible_immediately() {
         assert_eq!(got.entities[0].vector, new_vec, "round {round}: upserted vector not visible");
         assert_eq!(got.entities[0].payload.as_ref().unwrap().fields["tag"], string("new"));
         let hits = c
-            .search(pb::SearchRequest { collection: COLL.into(), vectors: new_vec.clone(), top_k: 3, output_fields: vec!["tag".into()], ..Default::default() })
+            .search(pb::SearchRequest {
+                collection: COLL.into(),
+                vectors: new_vec.clone(),
+                top_k: 3,
+                output_fields: vec!["tag".into()],
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner();
@@ -201,23 +235,50 @@ async fn upsert_and_delete_visible_immediately() {
         assert!(hits.results[0].hits[0].distance.abs() < 1e-6);
         assert_eq!(hits.results[0].hits[0].payload.as_ref().unwrap().fields["tag"], string("new"));
         // the old version is gone: exactly one row with that id
-        let n = c.count(pb::CountRequest { collection: COLL.into(), filter: format!("id == {target}"), read: None }).await.unwrap().into_inner().count;
+        let n = c
+            .count(pb::CountRequest { collection: COLL.into(), filter: format!("id == {target}"), read: None })
+            .await
+            .unwrap()
+            .into_inner()
+            .count;
         assert_eq!(n, 1);
 
         let victim = ids[7];
-        let r = c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: vec![victim, 999_999], filter: String::new() }).await.unwrap().into_inner();
+        let r = c
+            .delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: vec![victim, 999_999], filter: String::new() })
+            .await
+            .unwrap()
+            .into_inner();
         assert_eq!(r.count, 1, "one of the two ids existed");
         let got = c.get(pb::GetRequest { collection: COLL.into(), ids: vec![victim], ..Default::default() }).await.unwrap().into_inner();
         assert!(got.entities.is_empty(), "round {round}: deleted row still returned by get");
         let victim_vec = v[(base + 7) * d..(base + 8) * d].to_vec();
-        let hits = c.search(pb::SearchRequest { collection: COLL.into(), vectors: victim_vec, top_k: 100, ..Default::default() }).await.unwrap().into_inner();
+        let hits = c
+            .search(pb::SearchRequest { collection: COLL.into(), vectors: victim_vec, top_k: 100, ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
         assert!(hits.results[0].hits.iter().all(|h| h.id != victim), "round {round}: deleted row still found by search");
     }
     // delete by filter
-    let r = c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: vec![], filter: "tag == \"new\"".into() }).await.unwrap().into_inner();
+    let r = c
+        .delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: vec![], filter: "tag == \"new\"".into() })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(r.count, 2);
     assert_eq!(count(&mut c, COLL).await, 200 - 2 - 2);
-    let q = c.query(pb::QueryRequest { collection: COLL.into(), filter: "id < 3".into(), limit: 10, output_fields: vec!["tag".into()], ..Default::default() }).await.unwrap().into_inner();
+    let q = c
+        .query(pb::QueryRequest {
+            collection: COLL.into(),
+            filter: "id < 3".into(),
+            limit: 10,
+            output_fields: vec!["tag".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(q.entities.iter().map(|e| e.id).collect::<Vec<_>>(), vec![0, 1, 2]);
 }
 
@@ -233,30 +294,72 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     let sb = Sandbox::builder().cluster("a").build().await;
     let mut c = sb.client("a").await;
     let fields = vec![field("price", pb::ScalarType::Double)];
-    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, 4, pb::Metric::Cosine, None, 4, fields.clone())) }).await.unwrap();
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, 4, pb::Metric::Cosine, None, 4, fields.clone())) })
+        .await
+        .unwrap();
     let ids: Vec<i64> = (0..10).collect();
-    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: ids.clone(), vectors: vectors(10, 4, 1), payloads: vec![] }).await.unwrap();
-    let ins = |ids: Vec<i64>, vectors: Vec<f32>, payloads: Vec<pb::Payload>| pb::InsertRequest { collection: COLL.into(), ids, vectors, payloads, ack: 0 };
+    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: ids.clone(), vectors: vectors(10, 4, 1), payloads: vec![] })
+        .await
+        .unwrap();
+    let ins = |ids: Vec<i64>, vectors: Vec<f32>, payloads: Vec<pb::Payload>| pb::InsertRequest {
+        collection: COLL.into(),
+        ids,
+        vectors,
+        payloads,
+        ack: 0,
+    };
 
     // DDL
-    assert_status(c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, 4, pb::Metric::L2, None, 1, vec![])) }).await, Code::AlreadyExists, "\"items\" already exists");
-    assert_status(c.create_collection(pb::CreateCollectionRequest { schema: Some(schema("x", 0, pb::Metric::L2, None, 1, vec![])) }).await, Code::InvalidArgument, "dim 0");
-    assert_status(c.create_collection(pb::CreateCollectionRequest { schema: Some(schema("bad name", 4, pb::Metric::L2, None, 1, vec![])) }).await, Code::InvalidArgument, "\"bad name\"");
+    assert_status(
+        c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, 4, pb::Metric::L2, None, 1, vec![])) }).await,
+        Code::AlreadyExists,
+        "\"items\" already exists",
+    );
+    assert_status(
+        c.create_collection(pb::CreateCollectionRequest { schema: Some(schema("x", 0, pb::Metric::L2, None, 1, vec![])) }).await,
+        Code::InvalidArgument,
+        "dim 0",
+    );
+    assert_status(
+        c.create_collection(pb::CreateCollectionRequest { schema: Some(schema("bad name", 4, pb::Metric::L2, None, 1, vec![])) }).await,
+        Code::InvalidArgument,
+        "\"bad name\"",
+    );
     assert_status(c.create_collection(pb::CreateCollectionRequest { schema: None }).await, Code::InvalidArgument, "needs a schema");
     assert_status(c.drop_collection(pb::DropCollectionRequest { name: "nope".into() }).await, Code::NotFound, "\"nope\" not found");
     // DML
-    assert_status(c.insert(ins(vec![100], vec![1.0; 5], vec![])).await, Code::InvalidArgument, "wrong vector dimension: collection \"items\" has dim 4, got 5 floats for 1 ids");
-    assert_status(c.insert(ins(vec![100], vec![1.0, f32::NAN, 0.0, 0.0], vec![])).await, Code::InvalidArgument, "the vector of id 100 has a non-finite value (NaN) at position 1");
-    assert_status(c.insert(ins(vec![100], vec![1.0, 0.0, f32::INFINITY, 0.0], vec![])).await, Code::InvalidArgument, "non-finite value (inf) at position 2");
+    assert_status(
+        c.insert(ins(vec![100], vec![1.0; 5], vec![])).await,
+        Code::InvalidArgument,
+        "wrong vector dimension: collection \"items\" has dim 4, got 5 floats for 1 ids",
+    );
+    assert_status(
+        c.insert(ins(vec![100], vec![1.0, f32::NAN, 0.0, 0.0], vec![])).await,
+        Code::InvalidArgument,
+        "the vector of id 100 has a non-finite value (NaN) at position 1",
+    );
+    assert_status(
+        c.insert(ins(vec![100], vec![1.0, 0.0, f32::INFINITY, 0.0], vec![])).await,
+        Code::InvalidArgument,
+        "non-finite value (inf) at position 2",
+    );
     assert_status(c.insert(ins(vec![], vec![], vec![])).await, Code::InvalidArgument, "empty batch");
-    assert_status(c.insert(ins(vec![100], vec![0.0; 4], vec![])).await, Code::InvalidArgument, "zero length; COSINE needs a non-zero vector");
+    assert_status(
+        c.insert(ins(vec![100], vec![0.0; 4], vec![])).await,
+        Code::InvalidArgument,
+        "zero length; COSINE needs a non-zero vector",
+    );
     assert_status(c.insert(ins(vec![100, 100], vec![1.0; 8], vec![])).await, Code::InvalidArgument, "id 100 appears more than once");
     assert_status(
         c.insert(ins(vec![100], vec![1.0; 4], vec![payload(&[("colour", string("red"))])])).await,
         Code::InvalidArgument,
         "unknown payload field \"colour\": collection \"items\" declares price",
     );
-    assert_status(c.insert(ins(vec![100], vec![1.0; 4], vec![payload(&[("price", string("cheap"))])])).await, Code::InvalidArgument, "\"price\" is declared DOUBLE but got a string");
+    assert_status(
+        c.insert(ins(vec![100], vec![1.0; 4], vec![payload(&[("price", string("cheap"))])])).await,
+        Code::InvalidArgument,
+        "\"price\" is declared DOUBLE but got a string",
+    );
     // a multi-shard batch where one id exists: rejected as a whole
     assert_status(c.insert(ins((5..25).collect(), vectors(20, 4, 2), vec![])).await, Code::AlreadyExists, "5 id(s) already exist");
     let mut unknown = ins(vec![1], vec![1.0; 4], vec![]);
@@ -265,16 +368,38 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     let mut bad_ack = ins(vec![100], vec![1.0; 4], vec![]);
     bad_ack.ack = 7;
     assert_status(c.insert(bad_ack).await, Code::InvalidArgument, "unknown ack policy 7");
-    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: String::new(), ack: 0 }).await, Code::InvalidArgument, "needs ids or a filter");
-    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![1], filter: "price > 1".into(), ack: 0 }).await, Code::InvalidArgument, "not both");
-    assert_status(c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: "price >".into(), ack: 0 }).await, Code::InvalidArgument, "filter syntax error at column");
+    assert_status(
+        c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: String::new(), ack: 0 }).await,
+        Code::InvalidArgument,
+        "needs ids or a filter",
+    );
+    assert_status(
+        c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![1], filter: "price > 1".into(), ack: 0 }).await,
+        Code::InvalidArgument,
+        "not both",
+    );
+    assert_status(
+        c.delete(pb::DeleteRequest { collection: COLL.into(), ids: vec![], filter: "price >".into(), ack: 0 }).await,
+        Code::InvalidArgument,
+        "filter syntax error at column",
+    );
     // DQL
-    let search = |top_k: u32, vectors: Vec<f32>, filter: &str| pb::SearchRequest { collection: COLL.into(), vectors, top_k, filter: filter.into(), ..Default::default() };
+    let search = |top_k: u32, vectors: Vec<f32>, filter: &str| pb::SearchRequest {
+        collection: COLL.into(),
+        vectors,
+        top_k,
+        filter: filter.into(),
+        ..Default::default()
+    };
     assert_status(c.search(search(0, vec![1.0; 4], "")).await, Code::InvalidArgument, "top_k 0 is out of range 1..=16384");
     assert_status(c.search(search(1_000_000, vec![1.0; 4], "")).await, Code::InvalidArgument, "top_k 1000000 is out of range");
     assert_status(c.search(search(5, vec![1.0; 3], "")).await, Code::InvalidArgument, "has dim 4, got 3 floats");
     assert_status(c.search(search(5, vec![], "")).await, Code::InvalidArgument, "empty batch");
-    assert_status(c.search(search(5, vec![1.0, f32::NEG_INFINITY, 0.0, 0.0], "")).await, Code::InvalidArgument, "query 0 has a non-finite value (-inf)");
+    assert_status(
+        c.search(search(5, vec![1.0, f32::NEG_INFINITY, 0.0, 0.0], "")).await,
+        Code::InvalidArgument,
+        "query 0 has a non-finite value (-inf)",
+    );
     assert_status(c.search(search(5, vec![1.0; 4], "price >> 3")).await, Code::InvalidArgument, "filter syntax error at column");
     assert_status(c.search(search(5, vec![1.0; 4], "nope == 3")).await, Code::InvalidArgument, "unknown payload field \"nope\" in filter");
     assert_status(c.search(search(5, vec![1.0; 4], "price == \"x\"")).await, Code::InvalidArgument, "type mismatch");
@@ -288,15 +413,27 @@ async fn bad_input_is_rejected_and_changes_nothing() {
     bad_out.output_fields = vec!["colour".into()];
     assert_status(c.search(bad_out).await, Code::InvalidArgument, "unknown output field \"colour\"");
     assert_status(c.get(pb::GetRequest { collection: COLL.into(), ..Default::default() }).await, Code::InvalidArgument, "at least one id");
-    assert_status(c.query(pb::QueryRequest { collection: COLL.into(), limit: 1_000_000, ..Default::default() }).await, Code::InvalidArgument, "query limit 1000000");
+    assert_status(
+        c.query(pb::QueryRequest { collection: COLL.into(), limit: 1_000_000, ..Default::default() }).await,
+        Code::InvalidArgument,
+        "query limit 1000000",
+    );
     // an oversized message (over the 64 MiB limit) is refused by the transport
     let n = (65 << 20) / 16;
     let big = c.insert(ins((1000..1000 + n as i64).collect(), vec![0.5; n * 4], vec![])).await;
     let e = big.expect_err("oversized message accepted");
     assert!(matches!(e.code(), Code::OutOfRange | Code::ResourceExhausted), "{e:?}");
     assert!(e.message().contains("too large") || e.message().contains("larger than max"), "{}", e.message());
-    assert_status(c.create_index(pb::CreateIndexRequest { collection: COLL.into(), index: None }).await, Code::InvalidArgument, "needs an index");
-    assert_status(c.create_index(pb::CreateIndexRequest { collection: COLL.into(), index: hnsw(500, 40) }).await, Code::InvalidArgument, "hnsw m 500");
+    assert_status(
+        c.create_index(pb::CreateIndexRequest { collection: COLL.into(), index: None }).await,
+        Code::InvalidArgument,
+        "needs an index",
+    );
+    assert_status(
+        c.create_index(pb::CreateIndexRequest { collection: COLL.into(), index: hnsw(500, 40) }).await,
+        Code::InvalidArgument,
+        "hnsw m 500",
+    );
 
     // nothing changed
     assert_eq!(count(&mut c, COLL).await, 10);
@@ -313,15 +450,29 @@ async fn restart_keeps_sealed_segments_growing_rows_and_deletes() {
     let sb = Sandbox::builder().cluster_with("a", |c| c.segment.seal_rows = 500).build().await;
     let mut c = sb.client("a").await;
     let dim = 16usize;
-    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, dim as u32, pb::Metric::L2, ivf(8), 1, vec![field("n", pb::ScalarType::Int64)])) })
-        .await
-        .unwrap();
+    c.create_collection(pb::CreateCollectionRequest {
+        schema: Some(schema(COLL, dim as u32, pb::Metric::L2, ivf(8), 1, vec![field("n", pb::ScalarType::Int64)])),
+    })
+    .await
+    .unwrap();
     let v = vectors(1300, dim, 3);
     let payloads = (0..1200).map(|i| payload(&[("n", int(i))])).collect();
-    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: (0..1200).collect(), vectors: v[..1200 * dim].to_vec(), payloads }).await.unwrap();
+    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: (0..1200).collect(), vectors: v[..1200 * dim].to_vec(), payloads })
+        .await
+        .unwrap();
     c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
-    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: (1200..1300).collect(), vectors: v[1200 * dim..].to_vec(), payloads: vec![] }).await.unwrap();
-    c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: (0..1300).step_by(13).collect(), filter: String::new() }).await.unwrap();
+    c.insert(pb::InsertRequest {
+        ack: 0,
+        collection: COLL.into(),
+        ids: (1200..1300).collect(),
+        vectors: v[1200 * dim..].to_vec(),
+        payloads: vec![],
+    })
+    .await
+    .unwrap();
+    c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: (0..1300).step_by(13).collect(), filter: String::new() })
+        .await
+        .unwrap();
 
     let search = pb::SearchRequest {
         collection: COLL.into(),
@@ -335,7 +486,8 @@ async fn restart_keeps_sealed_segments_growing_rows_and_deletes() {
     let before = c.search(search.clone()).await.unwrap().into_inner().results;
     let before_count = count(&mut c, COLL).await;
     assert_eq!(before_count, 1300 - 100);
-    let segs_before = c.describe_collection(pb::DescribeCollectionRequest { name: COLL.into() }).await.unwrap().into_inner().collection.unwrap().segments;
+    let segs_before =
+        c.describe_collection(pb::DescribeCollectionRequest { name: COLL.into() }).await.unwrap().into_inner().collection.unwrap().segments;
 
     sb.restart("a").await;
     let mut c = sb.client("a").await;
@@ -344,12 +496,14 @@ async fn restart_keeps_sealed_segments_growing_rows_and_deletes() {
     assert_eq!(sealed.len(), 3, "{:?}", info.segments);
     assert!(sealed.iter().all(|s| s.state == pb::segment_info::State::Indexed as i32), "index files were not loaded: {:?}", info.segments);
     assert_eq!(sealed.iter().map(|s| s.rows).sum::<u64>(), 1200);
-    let sealed_before: Vec<_> = segs_before.iter().filter(|s| s.state != pb::segment_info::State::Growing as i32).map(|s| (s.id, s.rows, s.deleted)).collect();
+    let sealed_before: Vec<_> =
+        segs_before.iter().filter(|s| s.state != pb::segment_info::State::Growing as i32).map(|s| (s.id, s.rows, s.deleted)).collect();
     assert_eq!(sealed.iter().map(|s| (s.id, s.rows, s.deleted)).collect::<Vec<_>>(), sealed_before);
     assert_eq!(count(&mut c, COLL).await, before_count);
     let after = c.search(search).await.unwrap().into_inner().results;
     assert_eq!(after, before, "search results changed across restart");
-    let got = c.get(pb::GetRequest { collection: COLL.into(), ids: vec![13, 14, 1209, 1210], ..Default::default() }).await.unwrap().into_inner();
+    let got =
+        c.get(pb::GetRequest { collection: COLL.into(), ids: vec![13, 14, 1209, 1210], ..Default::default() }).await.unwrap().into_inner();
     assert_eq!(got.entities.iter().map(|e| e.id).collect::<Vec<_>>(), vec![14, 1210]);
     let _ = Duration::from_secs(1);
 }

@@ -38,7 +38,9 @@ async fn kill9_during_ingest_keeps_acknowledged_writes_and_no_partial_one() {
     let env = [("TANDEM__SEGMENT__SEAL_ROWS", "1500")];
     let mut proc = ProcessCluster::start(dir.path(), &env);
     let mut c = connect(proc.addr).await;
-    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, hnsw(8, 40), 2, vec![])) }).await.unwrap();
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, hnsw(8, 40), 2, vec![])) })
+        .await
+        .unwrap();
 
     let ledger = Arc::new(Mutex::new(Ledger::default()));
     let mut writers = Vec::new();
@@ -90,7 +92,11 @@ async fn kill9_during_ingest_keeps_acknowledged_writes_and_no_partial_one() {
     let maybe_deleted: std::collections::HashSet<i64> = ledger.delete_unknown.iter().copied().collect();
     for &first in &ledger.acked {
         let ids: Vec<i64> = (first..first + BATCH).collect();
-        let got = c.get(pb::GetRequest { collection: COLL.into(), ids: ids.clone(), include_vectors: true, read: strong(), ..Default::default() }).await.unwrap().into_inner();
+        let got = c
+            .get(pb::GetRequest { collection: COLL.into(), ids: ids.clone(), include_vectors: true, read: strong(), ..Default::default() })
+            .await
+            .unwrap()
+            .into_inner();
         let mut found = std::collections::HashMap::new();
         for e in got.entities {
             found.insert(e.id, e.vector);
@@ -121,8 +127,12 @@ async fn kill9_during_ingest_keeps_acknowledged_writes_and_no_partial_one() {
     eventually(Duration::from_secs(60), || {
         let mut c = c.clone();
         async move {
-            let info = c.describe_collection(pb::DescribeCollectionRequest { name: COLL.into() }).await.unwrap().into_inner().collection.unwrap();
-            info.segments.iter().filter(|s| s.state != pb::segment_info::State::Growing as i32).all(|s| s.state == pb::segment_info::State::Indexed as i32)
+            let info =
+                c.describe_collection(pb::DescribeCollectionRequest { name: COLL.into() }).await.unwrap().into_inner().collection.unwrap();
+            info.segments
+                .iter()
+                .filter(|s| s.state != pb::segment_info::State::Growing as i32)
+                .all(|s| s.state == pb::segment_info::State::Indexed as i32)
                 && info.segments.len() > 1
         }
     })

@@ -23,7 +23,10 @@ async fn insert(c: &mut Client, ids: std::ops::Range<i64>, dim: usize) -> pb::Mu
     let n = (ids.end - ids.start) as usize;
     let v = vectors(n, dim, ids.start as u64 + 1);
     let payloads = ids.clone().map(|i| payload(&[("tag", string(if i % 2 == 0 { "even" } else { "odd" })), ("n", int(i))])).collect();
-    c.insert(pb::InsertRequest { ack: 0, collection: C.into(), ids: ids.collect(), vectors: v, payloads }).await.expect("insert").into_inner()
+    c.insert(pb::InsertRequest { ack: 0, collection: C.into(), ids: ids.collect(), vectors: v, payloads })
+        .await
+        .expect("insert")
+        .into_inner()
 }
 
 /// Waits until the alternative holds exactly what the leader holds.
@@ -50,7 +53,9 @@ async fn live_data_and_ddl(backend: Backend) {
     l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
     insert(&mut l, 0..500, DIM).await;
     let up: Vec<i64> = (0..50).collect();
-    l.upsert(pb::UpsertRequest { ack: 0, collection: C.into(), ids: up.clone(), vectors: vectors(50, DIM, 999), payloads: vec![] }).await.unwrap();
+    l.upsert(pb::UpsertRequest { ack: 0, collection: C.into(), ids: up.clone(), vectors: vectors(50, DIM, 999), payloads: vec![] })
+        .await
+        .unwrap();
     l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: (100..130).collect(), filter: String::new() }).await.unwrap();
     l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: vec![], filter: "n >= 490".into() }).await.unwrap();
     converge(&mut l, &mut a).await;
@@ -73,12 +78,18 @@ async fn live_data_and_ddl(backend: Backend) {
     assert_eq!(info.rows, 100);
 
     // An alternative refuses writes and names the leader.
-    let e = a.insert(pb::InsertRequest { ack: 0, collection: C.into(), ids: vec![1], vectors: vec![0.5; 8], payloads: vec![] }).await.unwrap_err();
+    let e = a
+        .insert(pb::InsertRequest { ack: 0, collection: C.into(), ids: vec![1], vectors: vec![0.5; 8], payloads: vec![] })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     let leader = format!("http://{}", sb.addr("lead").await);
     assert!(e.message().contains(&format!("the leader is {leader}")), "{}", e.message());
     assert_eq!(e.metadata().get("tandem-leader").unwrap().to_str().unwrap(), leader);
-    let e = a.create_collection(pb::CreateCollectionRequest { schema: Some(schema("other", 4, pb::Metric::L2, None, 1, vec![])) }).await.unwrap_err();
+    let e = a
+        .create_collection(pb::CreateCollectionRequest { schema: Some(schema("other", 4, pb::Metric::L2, None, 1, vec![])) })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     let info = a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
     assert_eq!(info.role, pb::Role::Alternative as i32);
@@ -103,7 +114,9 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
         insert(&mut l, b * 500..(b + 1) * 500, 64).await;
     }
     l.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
-    l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: (0..10_000).step_by(7).collect(), filter: String::new() }).await.unwrap();
+    l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: (0..10_000).step_by(7).collect(), filter: String::new() })
+        .await
+        .unwrap();
     let node = sb.node("lead").await;
     let coll = node.collection(C).unwrap();
     assert!(coll.shards().iter().all(|s| s.first_lsn() > 1), "precondition: the leader's WAL was truncated");
@@ -117,7 +130,9 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
             while !stop.load(Ordering::Relaxed) {
                 let first = next.fetch_add(20, Ordering::Relaxed);
                 insert(&mut l, first..first + 20, 64).await;
-                l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: vec![first - 20 + 3], filter: String::new() }).await.unwrap();
+                l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: vec![first - 20 + 3], filter: String::new() })
+                    .await
+                    .unwrap();
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
         })
@@ -127,7 +142,9 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
     eventually(CONVERGE, || {
         let mut a = a.clone();
         async move {
-            let r = a.count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") }).await;
+            let r = a
+                .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") })
+                .await;
             r.is_ok_and(|r| r.into_inner().count > 3000)
         }
     })
@@ -172,7 +189,12 @@ async fn consistent_reads_on_alternative(backend: Backend) {
         async move { describe(&mut a).await.is_some() }
     })
     .await;
-    let get = |id: i64, level: pb::ConsistencyLevel, token: String| pb::GetRequest { collection: C.into(), ids: vec![id], read: read(level, &token), ..Default::default() };
+    let get = |id: i64, level: pb::ConsistencyLevel, token: String| pb::GetRequest {
+        collection: C.into(),
+        ids: vec![id],
+        read: read(level, &token),
+        ..Default::default()
+    };
     for i in 0..30i64 {
         // SESSION: the write's token makes the alternative wait until it has the write.
         let w = insert(&mut l, 2 * i..2 * i + 1, DIM).await;
@@ -190,12 +212,24 @@ async fn consistent_reads_on_alternative(backend: Backend) {
         insert(&mut l, 10_000 + rand_id()..10_001 + rand_id(), DIM).await;
         let before = tandem_cluster::ts::wall_ms();
         let r = a
-            .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Bounded as i32, session_token: String::new(), staleness_ms: 200 }) })
+            .count(pb::CountRequest {
+                collection: C.into(),
+                filter: String::new(),
+                read: Some(pb::ReadOptions {
+                    consistency: pb::ConsistencyLevel::Bounded as i32,
+                    session_token: String::new(),
+                    staleness_ms: 200,
+                }),
+            })
             .await
             .unwrap()
             .into_inner();
         let snap = tandem_cluster::ts::SessionToken::decode(&r.session_token).unwrap().unwrap().ts;
-        assert!(tandem_cluster::ts::physical_ms(snap) + 200 >= before, "bounded read {}ms stale, bound 200ms", before - tandem_cluster::ts::physical_ms(snap));
+        assert!(
+            tandem_cluster::ts::physical_ms(snap) + 200 >= before,
+            "bounded read {}ms stale, bound 200ms",
+            before - tandem_cluster::ts::physical_ms(snap)
+        );
     }
 }
 
@@ -222,7 +256,11 @@ impl tandem_exporter::Transport for Poison {
     async fn ensure_stream(&self, s: &tandem_exporter::StreamId, n: u32) -> tandem_exporter::Result<()> {
         self.inner.ensure_stream(s, n).await
     }
-    async fn publish(&self, s: &tandem_exporter::StreamId, e: Vec<tandem_proto::replication::v1::ChangeEvent>) -> tandem_exporter::Result<()> {
+    async fn publish(
+        &self,
+        s: &tandem_exporter::StreamId,
+        e: Vec<tandem_proto::replication::v1::ChangeEvent>,
+    ) -> tandem_exporter::Result<()> {
         self.inner.publish(s, e).await
     }
     async fn subscribe(&self, s: &tandem_exporter::StreamId, from: u64) -> tandem_exporter::Result<tandem_exporter::EventStream> {
@@ -238,7 +276,11 @@ impl tandem_exporter::Transport for Poison {
                 item.map(|mut ev| {
                     if shard_stream && ev.lsn == at && matches!(ev.body, Some(Body::Insert(_))) {
                         // two ids, one float: cannot be applied
-                        ev.body = Some(Body::Insert(tandem_proto::storage::v1::RowBatch { ids: vec![1, 2], vectors: vec![1.0], ..Default::default() }));
+                        ev.body = Some(Body::Insert(tandem_proto::storage::v1::RowBatch {
+                            ids: vec![1, 2],
+                            vectors: vec![1.0],
+                            ..Default::default()
+                        }));
                     }
                     ev
                 })
@@ -280,12 +322,23 @@ async fn poison_case(on_poison: tandem_exporter::follower::OnPoison) {
     }
     let state = || {
         let mut a = a.clone();
-        async move { a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections.first().map(|c| c.replication.clone()).unwrap_or_default() }
+        async move {
+            a.get_cluster_info(pb::GetClusterInfoRequest {})
+                .await
+                .unwrap()
+                .into_inner()
+                .collections
+                .first()
+                .map(|c| c.replication.clone())
+                .unwrap_or_default()
+        }
     };
     let rows = |a: &Client| {
         let mut a = a.clone();
         async move {
-            let r = a.count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") }).await;
+            let r = a
+                .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") })
+                .await;
             r.map(|r| r.into_inner().count).unwrap_or(u64::MAX)
         }
     };
@@ -296,7 +349,11 @@ async fn poison_case(on_poison: tandem_exporter::follower::OnPoison) {
             // the two batches before it, nothing after it
             assert_eq!(rows(&a).await, 20);
             // a halted shard never reaches the leader's time: a STRONG read says so, and how far behind
-            let mut req = tonic::Request::new(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Strong, "") });
+            let mut req = tonic::Request::new(pb::CountRequest {
+                collection: C.into(),
+                filter: String::new(),
+                read: read(pb::ConsistencyLevel::Strong, ""),
+            });
             req.set_timeout(Duration::from_secs(1));
             let e = a.count(req).await.unwrap_err();
             assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
@@ -415,7 +472,12 @@ mod kafka {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broker_restart_with_durable_storage_loses_nothing() {
         let mut broker = tansu::Tansu::start(true);
-        let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Kafka { brokers: broker.brokers() }).build().await;
+        let sb = Sandbox::builder()
+            .leading("lead")
+            .alternative("alt", "lead")
+            .transport(Backend::Kafka { brokers: broker.brokers() })
+            .build()
+            .await;
         let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
         l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
         insert(&mut l, 0..200, DIM).await;
@@ -437,7 +499,12 @@ mod kafka {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn poison_event_on_the_topic_is_quarantined() {
         let broker = tansu::Tansu::start(true);
-        let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Kafka { brokers: broker.brokers() }).build().await;
+        let sb = Sandbox::builder()
+            .leading("lead")
+            .alternative("alt", "lead")
+            .transport(Backend::Kafka { brokers: broker.brokers() })
+            .build()
+            .await;
         let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
         let mut one_shard = docs_schema(DIM as u32);
         one_shard.shards = 1;
@@ -464,20 +531,31 @@ mod kafka {
             collection_id: c.id,
             shard: 0,
             lsn: end + 1,
-            body: Some(tandem_proto::replication::v1::change_event::Body::Insert(tandem_proto::storage::v1::RowBatch { ids: vec![1, 2], vectors: vec![1.0], ..Default::default() })),
+            body: Some(tandem_proto::replication::v1::change_event::Body::Insert(tandem_proto::storage::v1::RowBatch {
+                ids: vec![1, 2],
+                vectors: vec![1.0],
+                ..Default::default()
+            })),
             ..Default::default()
         };
         kafka.publish(&stream, vec![bad]).await.unwrap();
         eventually(CONVERGE, || {
             let mut a = a.clone();
-            async move { a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections[0].replication.starts_with("halted") }
+            async move {
+                a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections[0]
+                    .replication
+                    .starts_with("halted")
+            }
         })
         .await;
         let f = sb.follower("alt").await;
         assert_eq!(f.poisoned.load(Ordering::Relaxed), 1);
         let quarantine = sb.data_dir("alt").await.join("quarantine");
         assert_eq!(std::fs::read_dir(quarantine).unwrap().count(), 1);
-        let r = a.count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") }).await.unwrap();
+        let r = a
+            .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") })
+            .await
+            .unwrap();
         assert_eq!(r.into_inner().count, 50);
     }
 

@@ -16,8 +16,8 @@ use std::ffi::CStr;
 use std::path::Path;
 use std::ptr;
 
-use faiss::index::autotune::ParameterSpace;
 use faiss::index::IndexImpl;
+use faiss::index::autotune::ParameterSpace;
 use faiss::{Index, MetricType};
 use parking_lot::{RwLock, RwLockWriteGuard};
 
@@ -114,8 +114,7 @@ impl AnnIndex {
             .map_err(|e| faiss_err(&format!("index_factory({description})"), e))?;
         if let IndexKind::Hnsw { ef_construction, .. } = kind {
             let ps = ParameterSpace::new().map_err(|e| faiss_err("parameter space", e))?;
-            ps.set_index_parameter(&index, "efConstruction", ef_construction as f64)
-                .map_err(|e| faiss_err("set efConstruction", e))?;
+            ps.set_index_parameter(&index, "efConstruction", ef_construction as f64).map_err(|e| faiss_err("set efConstruction", e))?;
         }
         if !index.is_trained() {
             index.train(vectors).map_err(|e| faiss_err("train", e))?;
@@ -169,8 +168,7 @@ impl AnnIndex {
                     let mut w = self.ef_search.write();
                     if *w != want {
                         let ps = ParameterSpace::new().map_err(|e| faiss_err("parameter space", e))?;
-                        ps.set_index_parameter(&self.index, "efSearch", want as f64)
-                            .map_err(|e| faiss_err("set efSearch", e))?;
+                        ps.set_index_parameter(&self.index, "efSearch", want as f64).map_err(|e| faiss_err("set efSearch", e))?;
                         *w = want;
                     }
                     let _r = RwLockWriteGuard::downgrade(w);

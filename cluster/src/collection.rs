@@ -59,8 +59,16 @@ pub fn shard_of(id: i64, shards: usize) -> usize {
 }
 
 impl Collection {
-    pub fn open(id: u64, created_ts: Ts, schema: Schema, dir: &Path, opts: &ShardOptions, clock: &HybridClock) -> Result<(Collection, IndexJobs)> {
-        let loaded = (0..schema.shards).map(|i| Shard::load(i, &dir.join(format!("shard-{i}")), &schema, opts)).collect::<Result<Vec<_>>>()?;
+    pub fn open(
+        id: u64,
+        created_ts: Ts,
+        schema: Schema,
+        dir: &Path,
+        opts: &ShardOptions,
+        clock: &HybridClock,
+    ) -> Result<(Collection, IndexJobs)> {
+        let loaded =
+            (0..schema.shards).map(|i| Shard::load(i, &dir.join(format!("shard-{i}")), &schema, opts)).collect::<Result<Vec<_>>>()?;
         let aborted = abort_incomplete_writes(&schema.name, &loaded)?;
         let mut shards = Vec::new();
         let mut jobs = Vec::new();
@@ -69,7 +77,14 @@ impl Collection {
             jobs.extend(needs.into_iter().map(|s| (i, s)));
             shards.push(Arc::new(shard));
         }
-        let c = Collection { id, created_ts, schema: RwLock::new(Arc::new(schema)), shards, dir: dir.to_path_buf(), dropped: AtomicBool::new(false) };
+        let c = Collection {
+            id,
+            created_ts,
+            schema: RwLock::new(Arc::new(schema)),
+            shards,
+            dir: dir.to_path_buf(),
+            dropped: AtomicBool::new(false),
+        };
         Ok((c, jobs))
     }
 
@@ -164,7 +179,14 @@ impl Collection {
         let mut sealed = Vec::new();
         for ((i, op), (_, pending)) in parts.into_iter().zip(pendings.iter_mut()) {
             let st = &mut guards.iter_mut().find(|(g, _)| *g == i).expect("locked above").1;
-            let (lsn, count) = self.shards[i].append_and_apply(st, pending, &schema, LogMeta { ts, participants: &participants, source_lsn: 0 }, op, &mut sealed)?;
+            let (lsn, count) = self.shards[i].append_and_apply(
+                st,
+                pending,
+                &schema,
+                LogMeta { ts, participants: &participants, source_lsn: 0 },
+                op,
+                &mut sealed,
+            )?;
             jobs.extend(sealed.drain(..).map(|s| (i, s)));
             lsns.push((i, lsn));
             total += count;
@@ -201,7 +223,10 @@ impl Collection {
     /// false for a position already applied (redelivery). Blocking.
     pub fn apply_replicated(&self, clock: &HybridClock, shard: usize, lsn: Lsn, ts: Ts, op: ShardOp, jobs: &mut IndexJobs) -> Result<bool> {
         let schema = self.schema();
-        let sh = self.shards.get(shard).ok_or_else(|| ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name)))?;
+        let sh = self
+            .shards
+            .get(shard)
+            .ok_or_else(|| ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name)))?;
         let mut st = sh.lock_state();
         if lsn <= sh.source_lsn() {
             return Ok(false);
@@ -209,7 +234,8 @@ impl Collection {
         let mut pending = sh.lock_pending();
         clock.observe(ts);
         let mut sealed = Vec::new();
-        let (wal_lsn, _) = sh.append_and_apply(&mut st, &mut pending, &schema, LogMeta { ts, participants: &[], source_lsn: lsn }, op, &mut sealed)?;
+        let (wal_lsn, _) =
+            sh.append_and_apply(&mut st, &mut pending, &schema, LogMeta { ts, participants: &[], source_lsn: lsn }, op, &mut sealed)?;
         drop(pending);
         drop(st);
         jobs.extend(sealed.into_iter().map(|s| (shard, s)));
@@ -228,7 +254,8 @@ impl Collection {
         let mut pending = sh.lock_pending();
         clock.observe(ts);
         let mut sealed = Vec::new();
-        let (wal_lsn, _) = sh.append_and_apply(&mut st, &mut pending, &schema, LogMeta { ts, participants: &[], source_lsn: 0 }, op, &mut sealed)?;
+        let (wal_lsn, _) =
+            sh.append_and_apply(&mut st, &mut pending, &schema, LogMeta { ts, participants: &[], source_lsn: 0 }, op, &mut sealed)?;
         drop(pending);
         drop(st);
         jobs.extend(sealed.into_iter().map(|s| (shard, s)));
@@ -268,9 +295,7 @@ impl Collection {
     /// Rows visible at `snapshot` for the given ids, in request order (missing ids skipped).
     pub fn get(&self, ids: &[i64], snapshot: Ts) -> Vec<(i64, Vec<f32>, Row)> {
         let n = self.shards.len();
-        ids.iter()
-            .filter_map(|&id| self.shards[shard_of(id, n)].get(id, snapshot).map(|(v, r)| (id, v, r)))
-            .collect()
+        ids.iter().filter_map(|&id| self.shards[shard_of(id, n)].get(id, snapshot).map(|(v, r)| (id, v, r))).collect()
     }
 
     pub fn payloads(&self, ids: &[i64], snapshot: Ts) -> HashMap<i64, Row> {
@@ -307,7 +332,15 @@ fn abort_incomplete_writes(collection: &str, loaded: &[Recovering]) -> Result<Ve
     Ok(aborted)
 }
 
-fn split_rows(schema: &Schema, n: usize, ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row>, parts: &mut BTreeMap<usize, ShardOp>, upsert: bool) {
+fn split_rows(
+    schema: &Schema,
+    n: usize,
+    ids: Vec<i64>,
+    vectors: Vec<f32>,
+    rows: Vec<Row>,
+    parts: &mut BTreeMap<usize, ShardOp>,
+    upsert: bool,
+) {
     let dim = schema.dim;
     for (i, (id, row)) in ids.into_iter().zip(rows).enumerate() {
         let part = parts.entry(shard_of(id, n)).or_insert_with(|| {
@@ -371,7 +404,11 @@ mod tests {
             let clock = HybridClock::new();
             insert(&c, &clock, vec![a, b]);
             insert(&c, &clock, vec![a2]);
-            assert_eq!(ids(&c), { let mut v = vec![a, b, a2]; v.sort(); v });
+            assert_eq!(ids(&c), {
+                let mut v = vec![a, b, a2];
+                v.sort();
+                v
+            });
         }
         // Simulate the crash: shard 1's part of the first write never reached its disk.
         {

@@ -176,7 +176,14 @@ impl Default for IndexConfig {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_message_bytes: 64 << 20, max_write_rows: 100_000, max_top_k: 16_384, max_nq: 1_024, max_query_limit: 16_384, max_get_ids: 16_384 }
+        Limits {
+            max_message_bytes: 64 << 20,
+            max_write_rows: 100_000,
+            max_top_k: 16_384,
+            max_nq: 1_024,
+            max_query_limit: 16_384,
+            max_get_ids: 16_384,
+        }
     }
 }
 
@@ -249,7 +256,10 @@ impl ClusterConfig {
             errs.push("replication.kafka.brokers is empty but replication.transport = \"kafka\"".into());
         }
         if self.role != Role::Leading && r.leader.trim().is_empty() {
-            errs.push(format!("replication.leader is empty: a cluster with role = {:?} needs its leader's endpoint", self.role.to_string()));
+            errs.push(format!(
+                "replication.leader is empty: a cluster with role = {:?} needs its leader's endpoint",
+                self.role.to_string()
+            ));
         }
         if !(1..=60_000).contains(&r.tick_ms) {
             errs.push(format!("replication.tick_ms = {} is out of range 1..=60000", r.tick_ms));

@@ -61,9 +61,7 @@ impl ClusterError {
     /// Whether the same request may succeed if retried (here later, or on another replica).
     pub fn is_transient(&self) -> bool {
         match self {
-            ClusterError::Unavailable(_)
-            | ClusterError::DeadlineExceeded(_)
-            | ClusterError::ResourceExhausted(_) => true,
+            ClusterError::Unavailable(_) | ClusterError::DeadlineExceeded(_) | ClusterError::ResourceExhausted(_) => true,
             // Retried after the caller refreshed its view of who leads, not as is.
             ClusterError::NotLeader { .. }
             | ClusterError::Truncated { .. }
@@ -77,10 +75,9 @@ impl ClusterError {
             | ClusterError::Corrupt(_)
             | ClusterError::Faiss(_)
             | ClusterError::Internal(_) => false,
-            ClusterError::Remote { code, .. } => matches!(
-                code,
-                tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted
-            ),
+            ClusterError::Remote { code, .. } => {
+                matches!(code, tonic::Code::Unavailable | tonic::Code::DeadlineExceeded | tonic::Code::ResourceExhausted)
+            }
         }
     }
 
@@ -149,7 +146,8 @@ mod tests {
         assert_eq!(back.to_string(), "replica lags by 3s");
 
         let s: tonic::Status =
-            ClusterError::NotLeader { cluster: "b".into(), role: "alternative".into(), leader: Some("http://10.0.0.1:19530".into()) }.into();
+            ClusterError::NotLeader { cluster: "b".into(), role: "alternative".into(), leader: Some("http://10.0.0.1:19530".into()) }
+                .into();
         assert_eq!(s.code(), tonic::Code::FailedPrecondition);
         assert_eq!(s.metadata().get(LEADER_METADATA).unwrap(), "http://10.0.0.1:19530");
         assert!(s.message().contains("the leader is http://10.0.0.1:19530"), "{}", s.message());

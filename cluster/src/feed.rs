@@ -60,7 +60,14 @@ pub struct ShardFeed {
 impl ShardFeed {
     /// A feed of `shard` from position `from`. `ClusterError::InvalidArgument` naming the
     /// retained range when the WAL no longer holds `from` (the subscriber must bootstrap).
-    pub fn new(node: Arc<Node>, collection: Arc<Collection>, shard: usize, from: Lsn, group: &str, tick_every: Duration) -> Result<ShardFeed> {
+    pub fn new(
+        node: Arc<Node>,
+        collection: Arc<Collection>,
+        shard: usize,
+        from: Lsn,
+        group: &str,
+        tick_every: Duration,
+    ) -> Result<ShardFeed> {
         let sh = collection
             .shards()
             .get(shard)
@@ -72,7 +79,6 @@ impl ShardFeed {
         let acked = sh.acked_watch();
         Ok(ShardFeed { node, collection, shard, group: group.to_string(), next: from.max(1), tick_every, last_tick: None, acked })
     }
-
 }
 
 impl Feed for ShardFeed {
@@ -121,7 +127,15 @@ impl Feed for ShardFeed {
             if !events.is_empty() || tick_due {
                 let mut out = events;
                 if tick_due || !out.is_empty() {
-                    let mut tick = base_event(&self.node, &self.group, &self.collection.schema().name, self.collection.id, self.shard as u32, upto, last);
+                    let mut tick = base_event(
+                        &self.node,
+                        &self.group,
+                        &self.collection.schema().name,
+                        self.collection.id,
+                        self.shard as u32,
+                        upto,
+                        last,
+                    );
                     tick.body = Some(rp::change_event::Body::Tick(rp::TimeTick { leader_ts: self.node.clock.peek() }));
                     out.push(tick);
                     self.last_tick = Some(Instant::now());
@@ -182,7 +196,9 @@ impl Feed for DdlFeed {
 pub fn ddl_event(node: &Node, group: &str, lsn: Lsn, rec: st::DdlRecord) -> rp::ChangeEvent {
     let mut ev = base_event(node, group, &rec.collection, rec.collection_id, 0, rec.ts, lsn);
     ev.body = match rec.op {
-        Some(st::ddl_record::Op::Create(schema)) => Some(rp::change_event::Body::CreateCollection(rp::CreateCollection { schema: Some(schema) })),
+        Some(st::ddl_record::Op::Create(schema)) => {
+            Some(rp::change_event::Body::CreateCollection(rp::CreateCollection { schema: Some(schema) }))
+        }
         Some(st::ddl_record::Op::Drop(_)) => Some(rp::change_event::Body::DropCollection(rp::DropCollection {})),
         Some(st::ddl_record::Op::SetIndex(spec)) => Some(rp::change_event::Body::SetIndex(rp::SetIndex { index: Some(spec) })),
         None => None,
@@ -194,9 +210,13 @@ pub fn ddl_event(node: &Node, group: &str, lsn: Lsn, rec: st::DdlRecord) -> rp::
 pub fn ddl_record(ev: &rp::ChangeEvent) -> Result<st::DdlRecord> {
     use rp::change_event::Body;
     let op = match &ev.body {
-        Some(Body::CreateCollection(c)) => st::ddl_record::Op::Create(c.schema.clone().ok_or_else(|| ClusterError::invalid("create_collection event without a schema"))?),
+        Some(Body::CreateCollection(c)) => {
+            st::ddl_record::Op::Create(c.schema.clone().ok_or_else(|| ClusterError::invalid("create_collection event without a schema"))?)
+        }
         Some(Body::DropCollection(_)) => st::ddl_record::Op::Drop(st::DropOp {}),
-        Some(Body::SetIndex(s)) => st::ddl_record::Op::SetIndex(s.index.clone().ok_or_else(|| ClusterError::invalid("set_index event without an index"))?),
+        Some(Body::SetIndex(s)) => {
+            st::ddl_record::Op::SetIndex(s.index.clone().ok_or_else(|| ClusterError::invalid("set_index event without an index"))?)
+        }
         other => return Err(ClusterError::invalid(format!("not a DDL event: {other:?}"))),
     };
     Ok(st::DdlRecord { ts: ev.ts, collection: ev.collection.clone(), collection_id: ev.collection_id, op: Some(op), source_lsn: ev.lsn })

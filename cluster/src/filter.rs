@@ -349,8 +349,16 @@ impl InSet {
 #[derive(Debug, Clone)]
 enum Node {
     Const(bool),
-    Cmp { field: FieldRef, op: CmpOp, lit: Scalar },
-    In { field: FieldRef, set: Box<InSet>, negated: bool },
+    Cmp {
+        field: FieldRef,
+        op: CmpOp,
+        lit: Scalar,
+    },
+    In {
+        field: FieldRef,
+        set: Box<InSet>,
+        negated: bool,
+    },
     /// A Bool field used on its own.
     Truthy(FieldRef),
     Not(Box<Node>),
@@ -799,10 +807,9 @@ impl Parser<'_> {
                 match (left, self.operand(rt)?) {
                     (Operand::Field(f), Operand::Lit(l)) => cmp_node(f, op, l),
                     (Operand::Lit(l), Operand::Field(f)) => cmp_node(f, op.flip(), l),
-                    (Operand::Field(_), Operand::Field(_)) => Err(syntax(
-                        rcol,
-                        format!("cannot compare field {first_desc} with field {rdesc}, one side must be a literal"),
-                    )),
+                    (Operand::Field(_), Operand::Field(_)) => {
+                        Err(syntax(rcol, format!("cannot compare field {first_desc} with field {rdesc}, one side must be a literal")))
+                    }
                     (Operand::Lit(_), Operand::Lit(_)) => Err(syntax(
                         first_col,
                         format!("cannot compare literal {first_desc} with literal {rdesc}, one side must be a field"),
@@ -866,19 +873,12 @@ fn check_lit(field: &FieldRef, lit: &Scalar, context: &str) -> Result<(), Filter
     use ScalarType as T;
     let ok = matches!(
         (field.ty, lit),
-        (T::Int64 | T::Float64, Scalar::Int64(_) | Scalar::Float64(_))
-            | (T::Bool, Scalar::Bool(_))
-            | (T::String, Scalar::String(_))
+        (T::Int64 | T::Float64, Scalar::Int64(_) | Scalar::Float64(_)) | (T::Bool, Scalar::Bool(_)) | (T::String, Scalar::String(_))
     );
     if ok {
         Ok(())
     } else {
-        Err(FilterError::Type(format!(
-            "field {:?} is {:?}, cannot compare with {}{context}",
-            field.name,
-            field.ty,
-            describe_lit(lit)
-        )))
+        Err(FilterError::Type(format!("field {:?} is {:?}, cannot compare with {}{context}", field.name, field.ty, describe_lit(lit))))
     }
 }
 
@@ -1127,10 +1127,7 @@ mod tests {
 
     #[test]
     fn syntax_errors_name_column_and_token() {
-        assert_eq!(
-            err("qty ==").to_string(),
-            "filter syntax error at column 7: expected a value after \"==\", found end of input"
-        );
+        assert_eq!(err("qty ==").to_string(), "filter syntax error at column 7: expected a value after \"==\", found end of input");
         let cases: &[(&str, usize, &str)] = &[
             ("qty = 5", 5, "unexpected \"=\", use \"==\" to compare"),
             ("qty == 5 & active", 10, "unexpected \"&\", use \"&&\""),
@@ -1245,8 +1242,7 @@ mod tests {
     // --- property test: random well-typed trees vs a reference evaluator -------------------
 
     const NAMES: [&str; 5] = ["i", "f", "b", "s", "id"];
-    const TYPES: [ScalarType; 5] =
-        [ScalarType::Int64, ScalarType::Float64, ScalarType::Bool, ScalarType::String, ScalarType::Int64];
+    const TYPES: [ScalarType; 5] = [ScalarType::Int64, ScalarType::Float64, ScalarType::Bool, ScalarType::String, ScalarType::Int64];
     const OPS: [CmpOp; 6] = [CmpOp::Eq, CmpOp::Ne, CmpOp::Lt, CmpOp::Le, CmpOp::Gt, CmpOp::Ge];
     const STRINGS: [&str; 8] = ["", "a", "b", "it's", "say \"hi\"", "back\\slash", "tab\tnew\nline", "é"];
 
@@ -1281,8 +1277,7 @@ mod tests {
     fn lit_strategy(ty: ScalarType) -> BoxedStrategy<Scalar> {
         match ty {
             ScalarType::Int64 | ScalarType::Float64 => {
-                prop_oneof![int_strategy().prop_map(Scalar::Int64), float_strategy(false).prop_map(Scalar::Float64)]
-                    .boxed()
+                prop_oneof![int_strategy().prop_map(Scalar::Int64), float_strategy(false).prop_map(Scalar::Float64)].boxed()
             }
             ScalarType::Bool => any::<bool>().prop_map(Scalar::Bool).boxed(),
             ScalarType::String => prop::sample::select(STRINGS.to_vec()).prop_map(|s| Scalar::String(s.into())).boxed(),
@@ -1378,8 +1373,9 @@ mod tests {
                 (CmpOp::Gt, Some(o)) => o == Ordering::Greater,
                 (CmpOp::Ge, Some(o)) => o != Ordering::Less,
             }),
-            T::In { field, lits, negated } => value(*field)
-                .is_some_and(|v| lits.iter().any(|l| ref_cmp(&v, l) == Some(Ordering::Equal)) != *negated),
+            T::In { field, lits, negated } => {
+                value(*field).is_some_and(|v| lits.iter().any(|l| ref_cmp(&v, l) == Some(Ordering::Equal)) != *negated)
+            }
             T::Not(a, _) => !ref_eval(a, id, row),
             T::And(a, b, _) => ref_eval(a, id, row) && ref_eval(b, id, row),
             T::Or(a, b, _) => ref_eval(a, id, row) || ref_eval(b, id, row),

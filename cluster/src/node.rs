@@ -90,8 +90,10 @@ impl Node {
         let dir = &opts.data_dir;
         fsio::create_dir(&dir.join("collections"))?;
         let lock_path = dir.join("LOCK");
-        let lock = File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| ClusterError::io(&lock_path, e))?;
-        lock.try_lock().map_err(|_| ClusterError::Unavailable(format!("data directory {} is in use by another tandem process", dir.display())))?;
+        let lock =
+            File::options().create(true).truncate(false).write(true).open(&lock_path).map_err(|e| ClusterError::io(&lock_path, e))?;
+        lock.try_lock()
+            .map_err(|_| ClusterError::Unavailable(format!("data directory {} is in use by another tandem process", dir.display())))?;
 
         let catalog = match fsio::read_checked(&dir.join("catalog"))? {
             Some(b) => st::Catalog::decode(b.as_slice()).map_err(|e| ClusterError::Corrupt(format!("catalog: {e}")))?,
@@ -128,7 +130,8 @@ impl Node {
         let mut collections = BTreeMap::new();
         let mut jobs: Vec<(Arc<Collection>, IndexJobs)> = Vec::new();
         for meta in &catalog.collections {
-            let schema = Schema::from_proto(meta.schema.as_ref().ok_or_else(|| ClusterError::Corrupt("catalog entry without schema".into()))?)?;
+            let schema =
+                Schema::from_proto(meta.schema.as_ref().ok_or_else(|| ClusterError::Corrupt("catalog entry without schema".into()))?)?;
             let (c, j) = Collection::open(meta.id, meta.created_ts, schema, &collection_dir(dir, meta.id), &opts.shard, &clock)?;
             let c = Arc::new(c);
             for s in c.shards() {
@@ -285,7 +288,10 @@ impl Node {
         let clock = self.leader_clock.read().clone();
         match clock {
             Some(c) => c.leader_ts().await,
-            None => Err(ClusterError::Unavailable(format!("cluster {} does not know its leader's clock: strong reads go to the leader", self.opts.cluster_id))),
+            None => Err(ClusterError::Unavailable(format!(
+                "cluster {} does not know its leader's clock: strong reads go to the leader",
+                self.opts.cluster_id
+            ))),
         }
     }
 
@@ -430,7 +436,13 @@ impl Node {
         let mut next_id = self.catalog.lock();
         let c = self.collection(name)?;
         let ts = self.clock.now();
-        let rec = st::DdlRecord { ts, collection: name.into(), collection_id: c.id, op: Some(st::ddl_record::Op::Drop(st::DropOp {})), source_lsn: 0 };
+        let rec = st::DdlRecord {
+            ts,
+            collection: name.into(),
+            collection_id: c.id,
+            op: Some(st::ddl_record::Op::Drop(st::DropOp {})),
+            source_lsn: 0,
+        };
         self.ddl_apply(&mut next_id, rec)?;
         Ok(ts)
     }
@@ -450,7 +462,13 @@ impl Node {
         {
             // The leader dropped and recreated it while we were away and its drop is not in
             // the stream any more: drop our copy first.
-            let drop = st::DdlRecord { ts: rec.ts, collection: rec.collection.clone(), collection_id: existing.id, op: Some(st::ddl_record::Op::Drop(st::DropOp {})), source_lsn: 0 };
+            let drop = st::DdlRecord {
+                ts: rec.ts,
+                collection: rec.collection.clone(),
+                collection_id: existing.id,
+                op: Some(st::ddl_record::Op::Drop(st::DropOp {})),
+                source_lsn: 0,
+            };
             self.ddl_apply(&mut next_id, drop)?;
         }
         let known = self.collections.read().get(&rec.collection).map(|c| c.id);
@@ -509,7 +527,13 @@ impl Node {
         let mut next_id = self.catalog.lock();
         let c = self.collection(name)?;
         let ts = self.clock.now();
-        let rec = st::DdlRecord { ts, collection: name.into(), collection_id: c.id, op: Some(st::ddl_record::Op::SetIndex(kind.to_proto())), source_lsn: 0 };
+        let rec = st::DdlRecord {
+            ts,
+            collection: name.into(),
+            collection_id: c.id,
+            op: Some(st::ddl_record::Op::SetIndex(kind.to_proto())),
+            source_lsn: 0,
+        };
         self.ddl_apply(&mut next_id, rec)?;
         Ok(ts)
     }
@@ -533,14 +557,18 @@ impl Node {
         let ts = self.clock.now();
         loop {
             let kind = c.schema().index;
-            let done = c.shards().iter().all(|s| {
-                s.sealed_segments().iter().all(|seg| seg.is_persisted() && seg.index().is_some_and(|i| i.kind() == kind))
-            });
+            let done = c
+                .shards()
+                .iter()
+                .all(|s| s.sealed_segments().iter().all(|seg| seg.is_persisted() && seg.index().is_some_and(|i| i.kind() == kind)));
             if done {
                 return Ok((n, ts));
             }
             if Instant::now() >= deadline {
-                return Err(ClusterError::DeadlineExceeded(format!("flush of collection {:?}: segments are still being indexed", c.schema().name)));
+                return Err(ClusterError::DeadlineExceeded(format!(
+                    "flush of collection {:?}: segments are still being indexed",
+                    c.schema().name
+                )));
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

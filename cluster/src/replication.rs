@@ -36,7 +36,8 @@ impl ReplicationService {
         if role == Role::Leading {
             Ok(())
         } else {
-            Err(ClusterError::NotLeader { cluster: self.node.opts.cluster_id.clone(), role: role.to_string(), leader: self.node.leader() }.into())
+            Err(ClusterError::NotLeader { cluster: self.node.opts.cluster_id.clone(), role: role.to_string(), leader: self.node.leader() }
+                .into())
         }
     }
 }
@@ -75,7 +76,10 @@ impl rp::replication_server::Replication for ReplicationService {
         let rx = if r.ddl {
             pump(DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50)), |_| {})
         } else {
-            let c = self.node.collection_by_id(r.collection_id).ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
+            let c = self
+                .node
+                .collection_by_id(r.collection_id)
+                .ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
             let feed = ShardFeed::new(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?;
             let subscriber = if r.subscriber.is_empty() { "anonymous".to_string() } else { r.subscriber.clone() };
             let shard = c.shards()[r.shard as usize].clone();
@@ -90,7 +94,10 @@ impl rp::replication_server::Replication for ReplicationService {
         let lsn = if r.ddl {
             self.node.ddl_last_lsn()
         } else {
-            let c = self.node.collection_by_id(r.collection_id).ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
+            let c = self
+                .node
+                .collection_by_id(r.collection_id)
+                .ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
             let sh = c.shards().get(r.shard as usize).ok_or_else(|| ClusterError::invalid(format!("no shard {}", r.shard)))?;
             *sh.acked_watch().borrow()
         };
@@ -100,12 +107,21 @@ impl rp::replication_server::Replication for ReplicationService {
     async fn snapshot(&self, req: Request<rp::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
         self.leading()?;
         let r = req.into_inner();
-        let c = self.node.collection_by_id(r.collection_id).ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
-        let shard = c.shards().get(r.shard as usize).cloned().ok_or_else(|| ClusterError::invalid(format!("collection {:?} has no shard {}", c.schema().name, r.shard)))?;
+        let c = self
+            .node
+            .collection_by_id(r.collection_id)
+            .ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
+        let shard = c
+            .shards()
+            .get(r.shard as usize)
+            .cloned()
+            .ok_or_else(|| ClusterError::invalid(format!("collection {:?} has no shard {}", c.schema().name, r.shard)))?;
         // The collection-wide serviceable ts: every part of every write at or below it is durable
         // on every shard (see feed.rs), and the position matching it is known.
         let snap = c.serviceable_ts(&self.node.clock);
-        let lsn = shard.lsn_at(snap).ok_or_else(|| ClusterError::Unavailable("the shard is too busy to pick a snapshot position; retry".into()))?;
+        let lsn = shard
+            .lsn_at(snap)
+            .ok_or_else(|| ClusterError::Unavailable("the shard is too busy to pick a snapshot position; retry".into()))?;
         let subscriber = if r.subscriber.is_empty() { "anonymous".to_string() } else { r.subscriber };
         shard.hold(&subscriber, lsn + 1);
         let schema = c.schema();

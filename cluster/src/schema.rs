@@ -76,9 +76,7 @@ impl IndexKind {
                     return Err(ClusterError::invalid(format!("hnsw m {m} is out of range 2..=128")));
                 }
                 if !(8..=4096).contains(&ef_construction) {
-                    return Err(ClusterError::invalid(format!(
-                        "hnsw ef_construction {ef_construction} is out of range 8..=4096"
-                    )));
+                    return Err(ClusterError::invalid(format!("hnsw ef_construction {ef_construction} is out of range 8..=4096")));
                 }
                 Ok(IndexKind::Hnsw { m, ef_construction })
             }
@@ -164,24 +162,10 @@ impl Schema {
             };
             fields.push(FieldDef { name: f.name.clone(), ty });
         }
-        Schema::new(
-            p.name.clone(),
-            p.dim as usize,
-            Metric::from_proto(p.metric)?,
-            IndexKind::from_proto(p.index.as_ref())?,
-            shards,
-            fields,
-        )
+        Schema::new(p.name.clone(), p.dim as usize, Metric::from_proto(p.metric)?, IndexKind::from_proto(p.index.as_ref())?, shards, fields)
     }
 
-    pub fn new(
-        name: String,
-        dim: usize,
-        metric: Metric,
-        index: IndexKind,
-        shards: u32,
-        fields: Vec<FieldDef>,
-    ) -> Result<Schema> {
+    pub fn new(name: String, dim: usize, metric: Metric, index: IndexKind, shards: u32, fields: Vec<FieldDef>) -> Result<Schema> {
         let mut field_pos = HashMap::new();
         for (i, f) in fields.iter().enumerate() {
             if field_pos.insert(f.name.clone(), i).is_some() {
@@ -271,11 +255,7 @@ impl Schema {
             .iter()
             .map(|n| {
                 self.field_pos.get(n).copied().ok_or_else(|| {
-                    ClusterError::invalid(format!(
-                        "unknown output field {n:?}: collection {:?} declares {}",
-                        self.name,
-                        self.declared()
-                    ))
+                    ClusterError::invalid(format!("unknown output field {n:?}: collection {:?} declares {}", self.name, self.declared()))
                 })
             })
             .collect()

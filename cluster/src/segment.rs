@@ -231,9 +231,8 @@ impl Growing {
     }
 
     pub fn search(&self, plan: &SearchPlan<'_>) -> TopK {
-        let candidates: Vec<usize> = (0..self.rows.len())
-            .filter(|&off| self.visible(off, plan.snapshot) && passes(plan.filter, &self.rows, off))
-            .collect();
+        let candidates: Vec<usize> =
+            (0..self.rows.len()).filter(|&off| self.visible(off, plan.snapshot) && passes(plan.filter, &self.rows, off)).collect();
         brute_force(plan, &self.rows, &candidates)
     }
 

@@ -35,7 +35,8 @@ impl Running {
 
 /// Opens the node's data and starts serving on `cfg.listen` (port 0 picks one).
 pub async fn start(cfg: ClusterConfig) -> Result<Running> {
-    let listener = TcpListener::bind(&cfg.listen).await.map_err(|e| ClusterError::Unavailable(format!("cannot listen on {}: {e}", cfg.listen)))?;
+    let listener =
+        TcpListener::bind(&cfg.listen).await.map_err(|e| ClusterError::Unavailable(format!("cannot listen on {}: {e}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(|e| ClusterError::Internal(e.to_string()))?;
     let opts = cfg.node_options();
     let node = tokio::task::spawn_blocking(move || Node::open(opts)).await.map_err(|e| ClusterError::Internal(e.to_string()))??;
@@ -55,13 +56,14 @@ pub async fn serve(node: Arc<Node>, cfg: Arc<ClusterConfig>, listener: TcpListen
         .max_encoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip)
         .send_compressed(CompressionEncoding::Gzip);
-    let replication = tandem_proto::replication::v1::replication_server::ReplicationServer::new(crate::replication::ReplicationService::new(
-        node.clone(),
-        cfg.replication.group.clone(),
-        std::time::Duration::from_millis(cfg.replication.tick_ms),
-    ))
-    .max_decoding_message_size(max)
-    .max_encoding_message_size(max);
+    let replication =
+        tandem_proto::replication::v1::replication_server::ReplicationServer::new(crate::replication::ReplicationService::new(
+            node.clone(),
+            cfg.replication.group.clone(),
+            std::time::Duration::from_millis(cfg.replication.tick_ms),
+        ))
+        .max_decoding_message_size(max)
+        .max_encoding_message_size(max);
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TandemServer<ClusterService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()

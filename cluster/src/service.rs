@@ -96,12 +96,23 @@ impl ClusterService {
         Duration::from_millis(self.cfg.read.max_wait_ms)
     }
 
-    fn rows(&self, what: &str, schema: &Schema, ids: &[i64], mut vectors: Vec<f32>, payloads: &[pb::Payload]) -> Result<(Vec<f32>, Vec<Row>)> {
+    fn rows(
+        &self,
+        what: &str,
+        schema: &Schema,
+        ids: &[i64],
+        mut vectors: Vec<f32>,
+        payloads: &[pb::Payload],
+    ) -> Result<(Vec<f32>, Vec<Row>)> {
         if ids.is_empty() {
             return Err(ClusterError::invalid(format!("{what}: empty batch, no ids")));
         }
         if ids.len() > self.cfg.limits.max_write_rows {
-            return Err(ClusterError::invalid(format!("{what}: {} rows exceed the limit of {} per request", ids.len(), self.cfg.limits.max_write_rows)));
+            return Err(ClusterError::invalid(format!(
+                "{what}: {} rows exceed the limit of {} per request",
+                ids.len(),
+                self.cfg.limits.max_write_rows
+            )));
         }
         check_vectors(what, schema, Some(ids), &mut vectors)?;
         let mut seen = std::collections::HashSet::with_capacity(ids.len());
@@ -109,7 +120,11 @@ impl ClusterService {
             return Err(ClusterError::invalid(format!("{what}: id {dup} appears more than once in the batch")));
         }
         if !payloads.is_empty() && payloads.len() != ids.len() {
-            return Err(ClusterError::invalid(format!("{what}: {} payloads for {} ids: send none or one per id", payloads.len(), ids.len())));
+            return Err(ClusterError::invalid(format!(
+                "{what}: {} payloads for {} ids: send none or one per id",
+                payloads.len(),
+                ids.len()
+            )));
         }
         let rows = if payloads.is_empty() {
             vec![vec![None; schema.fields.len()]; ids.len()]
@@ -129,8 +144,9 @@ impl ClusterService {
         let default = pb::ReadOptions::default();
         let read = read.unwrap_or(&default);
         let token = SessionToken::decode(&read.session_token)?;
-        let level = pb::ConsistencyLevel::try_from(read.consistency)
-            .map_err(|_| ClusterError::invalid(format!("unknown consistency level {}: use STRONG, BOUNDED, SESSION or EVENTUALLY", read.consistency)))?;
+        let level = pb::ConsistencyLevel::try_from(read.consistency).map_err(|_| {
+            ClusterError::invalid(format!("unknown consistency level {}: use STRONG, BOUNDED, SESSION or EVENTUALLY", read.consistency))
+        })?;
         use pb::ConsistencyLevel as L;
         let guarantee = match level {
             L::Strong => self.node.strong_ts().await?,
@@ -180,7 +196,13 @@ impl ClusterService {
             rows += s.live_rows;
             for seg in &s.sealed {
                 let state = if seg.index().is_some() { pb::segment_info::State::Indexed } else { pb::segment_info::State::Sealed };
-                segments.push(pb::SegmentInfo { id: seg.id, shard: shard.index, state: state as i32, rows: seg.len() as u64, deleted: seg.deleted() as u64 });
+                segments.push(pb::SegmentInfo {
+                    id: seg.id,
+                    shard: shard.index,
+                    state: state as i32,
+                    rows: seg.len() as u64,
+                    deleted: seg.deleted() as u64,
+                });
             }
             if s.growing.1 > 0 {
                 segments.push(pb::SegmentInfo {
@@ -205,7 +227,11 @@ impl ClusterService {
     fn entities(schema: &Schema, found: Vec<(i64, Vec<f32>, Row)>, outputs: &[usize], include_vectors: bool) -> Vec<pb::Entity> {
         found
             .into_iter()
-            .map(|(id, v, row)| pb::Entity { id, vector: if include_vectors { v } else { Vec::new() }, payload: schema.payload_of(&row, outputs) })
+            .map(|(id, v, row)| pb::Entity {
+                id,
+                vector: if include_vectors { v } else { Vec::new() },
+                payload: schema.payload_of(&row, outputs),
+            })
             .collect()
     }
 }
@@ -218,7 +244,10 @@ impl pb::tandem_server::Tandem for ClusterService {
         let node = self.node.clone();
         let (c, ts) = blocking(move || node.create_collection(&schema)).await?;
         self.ddl_exported(deadline).await?;
-        Ok(Response::new(pb::CreateCollectionResponse { collection: Some(self.collection_info(&c)), session_token: self.node.token(ts).encode() }))
+        Ok(Response::new(pb::CreateCollectionResponse {
+            collection: Some(self.collection_info(&c)),
+            session_token: self.node.token(ts).encode(),
+        }))
     }
 
     async fn drop_collection(&self, req: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
@@ -282,7 +311,12 @@ impl pb::tandem_server::Tandem for ClusterService {
         let w = match (r.ids.is_empty(), r.filter.trim().is_empty()) {
             (false, true) => {
                 if r.ids.len() > self.cfg.limits.max_write_rows {
-                    return Err(ClusterError::invalid(format!("delete: {} ids exceed the limit of {}", r.ids.len(), self.cfg.limits.max_write_rows)).into());
+                    return Err(ClusterError::invalid(format!(
+                        "delete: {} ids exceed the limit of {}",
+                        r.ids.len(),
+                        self.cfg.limits.max_write_rows
+                    ))
+                    .into());
                 }
                 Write::DeleteIds(r.ids)
             }
@@ -296,7 +330,13 @@ impl pb::tandem_server::Tandem for ClusterService {
 
     async fn flush(&self, req: Request<pb::FlushRequest>) -> Reply<pb::FlushResponse> {
         // Index builds can take minutes: a flush waits as long as the client allows.
-        let deadline = Instant::now() + req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout).unwrap_or(Duration::from_secs(3600));
+        let deadline = Instant::now()
+            + req
+                .metadata()
+                .get("grpc-timeout")
+                .and_then(|v| v.to_str().ok())
+                .and_then(parse_grpc_timeout)
+                .unwrap_or(Duration::from_secs(3600));
         let c = self.node.collection(&req.into_inner().collection)?;
         let (n, ts) = self.node.flush(&c, deadline).await?;
         Ok(Response::new(pb::FlushResponse { sealed_segments: n, session_token: self.node.token(ts).encode() }))
@@ -331,7 +371,15 @@ impl pb::tandem_server::Tandem for ClusterService {
         let (topk, payloads) = self
             .node
             .on_search_pool(move || {
-                let plan = SearchPlan { queries: &r.vectors, dim: schema2.dim, k, metric: schema2.metric, filter: filter.as_ref(), knobs, snapshot: snap };
+                let plan = SearchPlan {
+                    queries: &r.vectors,
+                    dim: schema2.dim,
+                    k,
+                    metric: schema2.metric,
+                    filter: filter.as_ref(),
+                    knobs,
+                    snapshot: snap,
+                };
                 let topk = node.fanout.search(&c2, &plan)?;
                 let payloads = if !want_payloads {
                     Default::default()
@@ -347,7 +395,11 @@ impl pb::tandem_server::Tandem for ClusterService {
             .map(|hits| pb::Hits {
                 hits: hits
                     .into_iter()
-                    .map(|(distance, id)| pb::Hit { id, distance, payload: payloads.get(&id).and_then(|row| schema.payload_of(row, &outputs)) })
+                    .map(|(distance, id)| pb::Hit {
+                        id,
+                        distance,
+                        payload: payloads.get(&id).and_then(|row| schema.payload_of(row, &outputs)),
+                    })
                     .collect(),
             })
             .collect();
@@ -363,13 +415,18 @@ impl pb::tandem_server::Tandem for ClusterService {
             return Err(ClusterError::invalid("get needs at least one id").into());
         }
         if r.ids.len() > self.cfg.limits.max_get_ids {
-            return Err(ClusterError::invalid(format!("get: {} ids exceed the limit of {}", r.ids.len(), self.cfg.limits.max_get_ids)).into());
+            return Err(
+                ClusterError::invalid(format!("get: {} ids exceed the limit of {}", r.ids.len(), self.cfg.limits.max_get_ids)).into()
+            );
         }
         let outputs = schema.output_fields(&r.output_fields)?;
         let (snap, token) = self.snapshot(&c, r.read.as_ref(), deadline).await?;
         let c2 = c.clone();
         let found = self.node.on_search_pool(move || Ok(c2.get(&r.ids, snap))).await?;
-        Ok(Response::new(pb::GetResponse { entities: Self::entities(&schema, found, &outputs, r.include_vectors), session_token: token.encode() }))
+        Ok(Response::new(pb::GetResponse {
+            entities: Self::entities(&schema, found, &outputs, r.include_vectors),
+            session_token: token.encode(),
+        }))
     }
 
     async fn query(&self, req: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
@@ -398,7 +455,10 @@ impl pb::tandem_server::Tandem for ClusterService {
                 Ok(c2.get(&ids, snap))
             })
             .await?;
-        Ok(Response::new(pb::QueryResponse { entities: Self::entities(&schema, found, &outputs, r.include_vectors), session_token: token.encode() }))
+        Ok(Response::new(pb::QueryResponse {
+            entities: Self::entities(&schema, found, &outputs, r.include_vectors),
+            session_token: token.encode(),
+        }))
     }
 
     async fn count(&self, req: Request<pb::CountRequest>) -> Reply<pb::CountResponse> {
@@ -426,7 +486,11 @@ impl pb::tandem_server::Tandem for ClusterService {
         for name in self.node.collection_names() {
             let Ok(c) = self.node.collection(&name) else { continue };
             let serviceable_ts = c.serviceable_ts(&self.node.clock);
-            let lag_ms = if self.node.role() == crate::role::Role::Leading { 0 } else { crate::ts::wall_ms().saturating_sub(crate::ts::physical_ms(serviceable_ts)) };
+            let lag_ms = if self.node.role() == crate::role::Role::Leading {
+                0
+            } else {
+                crate::ts::wall_ms().saturating_sub(crate::ts::physical_ms(serviceable_ts))
+            };
             let mut status =
                 pb::CollectionStatus { name, serviceable_ts, lag_ms, replication: self.node.replication_state(c.id), ..Default::default() };
             for shard in c.shards() {
@@ -452,7 +516,9 @@ impl pb::tandem_server::Tandem for ClusterService {
 }
 
 fn dir_bytes(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir).map(|it| it.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum()).unwrap_or(0)
+    std::fs::read_dir(dir)
+        .map(|it| it.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
+        .unwrap_or(0)
 }
 
 #[cfg(test)]

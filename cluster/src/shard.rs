@@ -35,7 +35,7 @@ use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::fsio;
 use crate::schema::{IndexKind, Schema, row_to_payload};
-use crate::segment::{Growing, LIVE, Row, Rows, SearchPlan, Sealed, SegmentId, TopK, merge_topk};
+use crate::segment::{Growing, LIVE, Row, Rows, Sealed, SearchPlan, SegmentId, TopK, merge_topk};
 use crate::ts::{HybridClock, Ts};
 use crate::wal::{Lsn, SyncPolicy, Wal, WalOptions};
 
@@ -50,9 +50,21 @@ pub struct ShardOptions {
 #[derive(Debug, Clone)]
 pub enum ShardOp {
     /// `row_ts` is empty (rows take the write's ts) or one insert ts per row (snapshot loads).
-    Insert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row>, row_ts: Vec<Ts> },
-    Upsert { ids: Vec<i64>, vectors: Vec<f32>, rows: Vec<Row>, row_ts: Vec<Ts> },
-    Delete { ids: Vec<i64> },
+    Insert {
+        ids: Vec<i64>,
+        vectors: Vec<f32>,
+        rows: Vec<Row>,
+        row_ts: Vec<Ts>,
+    },
+    Upsert {
+        ids: Vec<i64>,
+        vectors: Vec<f32>,
+        rows: Vec<Row>,
+        row_ts: Vec<Ts>,
+    },
+    Delete {
+        ids: Vec<i64>,
+    },
 }
 
 /// How a record is logged: its ts, the shards of its write, and (on an alternative) the leader
@@ -339,7 +351,13 @@ impl Shard {
         let mut manifest_index = self.checkpoint_lock.lock();
         let mut st = self.state.write();
         let next = st.next_segment_id + 1;
-        *st = ShardState { growing: Growing::new(next), sealed: BTreeMap::new(), locs: HashMap::new(), next_segment_id: next + 1, last_applied_ts: 0 };
+        *st = ShardState {
+            growing: Growing::new(next),
+            sealed: BTreeMap::new(),
+            locs: HashMap::new(),
+            next_segment_id: next + 1,
+            last_applied_ts: 0,
+        };
         let empty = st::ShardManifest { next_segment_id: next, replay_from_lsn: self.wal.last_lsn() + 1, ..Default::default() };
         fsio::write_atomic(&self.dir.join("manifest"), &empty.encode_to_vec())?;
         for e in std::fs::read_dir(&self.dir).map_err(|e| ClusterError::io(&self.dir, e))?.flatten() {
@@ -664,11 +682,7 @@ impl Shard {
             }
             let mut segments = Vec::new();
             for seg in st.sealed.values() {
-                let kind = written
-                    .iter()
-                    .find(|(s, _)| s.id == seg.id)
-                    .map(|(_, k)| *k)
-                    .or_else(|| manifest_index.get(&seg.id).copied());
+                let kind = written.iter().find(|(s, _)| s.id == seg.id).map(|(_, k)| *k).or_else(|| manifest_index.get(&seg.id).copied());
                 let Some(kind) = kind else {
                     replay_from = replay_from.min(seg.first_lsn);
                     continue;
@@ -683,7 +697,13 @@ impl Shard {
                     .collect();
                 segments.push(st::SegmentRef { id: seg.id, rows: seg.len() as u64, index: Some(kind.to_proto()), tombstones });
             }
-            st::ShardManifest { segments, replay_from_lsn: replay_from, max_ts: durable_ts, next_segment_id: st.next_segment_id, source_lsn }
+            st::ShardManifest {
+                segments,
+                replay_from_lsn: replay_from,
+                max_ts: durable_ts,
+                next_segment_id: st.next_segment_id,
+                source_lsn,
+            }
         };
         fsio::write_atomic(&self.dir.join("manifest"), &manifest.encode_to_vec())?;
         for (seg, kind) in written {
@@ -829,18 +849,15 @@ fn write_segment(dir: &Path, schema: &Schema, seg: &Sealed) -> Result<()> {
         ids: seg.rows.ids.clone(),
         insert_ts: seg.rows.insert_ts.clone(),
         vectors: seg.rows.vectors.clone(),
-        payloads: if schema.fields.is_empty() {
-            Vec::new()
-        } else {
-            seg.rows.payloads.iter().map(|r| row_to_payload(schema, r)).collect()
-        },
+        payloads: if schema.fields.is_empty() { Vec::new() } else { seg.rows.payloads.iter().map(|r| row_to_payload(schema, r)).collect() },
     };
     fsio::write_atomic(&seg_data_path(dir, seg.id), &data.encode_to_vec())
 }
 
 fn load_segment(dir: &Path, schema: &Schema, r: &st::SegmentRef) -> Result<Arc<Sealed>> {
     let path = seg_data_path(dir, r.id);
-    let bytes = fsio::read_checked(&path)?.ok_or_else(|| ClusterError::Corrupt(format!("{} is listed in the manifest but missing", path.display())))?;
+    let bytes = fsio::read_checked(&path)?
+        .ok_or_else(|| ClusterError::Corrupt(format!("{} is listed in the manifest but missing", path.display())))?;
     let d = st::SegmentData::decode(bytes.as_slice()).map_err(|e| ClusterError::Corrupt(format!("{}: {e}", path.display())))?;
     let n = d.ids.len();
     if d.insert_ts.len() != n || d.vectors.len() != n * schema.dim || (!d.payloads.is_empty() && d.payloads.len() != n) {

@@ -148,13 +148,7 @@ struct Scan {
 /// are skipped unread and unchecked: they were verified at open or written by us. Reads are
 /// bounded by the file length seen at the start, so a garbage length in a torn tail is
 /// reported rather than turned into a huge allocation.
-fn scan(
-    path: &Path,
-    first: Lsn,
-    from: Lsn,
-    to: Lsn,
-    mut f: impl FnMut(Lsn, &[u8]) -> bool,
-) -> Result<Scan, WalError> {
+fn scan(path: &Path, first: Lsn, from: Lsn, to: Lsn, mut f: impl FnMut(Lsn, &[u8]) -> bool) -> Result<Scan, WalError> {
     let file = File::open(path).map_err(io_err(path))?;
     let file_len = file.metadata().map_err(io_err(path))?.len();
     let mut reader = BufReader::with_capacity(BUFFER_BYTES, file);

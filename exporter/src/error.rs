@@ -26,7 +26,9 @@ impl ExportError {
     pub fn is_transient(&self) -> bool {
         match self {
             ExportError::Unavailable { .. } => true,
-            ExportError::Truncated { .. } | ExportError::Malformed { .. } | ExportError::StaleEpoch { .. } | ExportError::Config(_) => false,
+            ExportError::Truncated { .. } | ExportError::Malformed { .. } | ExportError::StaleEpoch { .. } | ExportError::Config(_) => {
+                false
+            }
             ExportError::Cluster(e) => e.is_transient(),
         }
     }

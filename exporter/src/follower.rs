@@ -65,7 +65,12 @@ struct DirectClock(ReplicationClient<Channel>);
 impl LeaderClock for DirectClock {
     fn leader_ts(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = tandem_cluster::Result<u64>> + Send + '_>> {
         Box::pin(async move {
-            let r = self.0.clone().leader_ts(rp::LeaderTsRequest {}).await.map_err(|s| ClusterError::Unavailable(format!("cannot ask the leader for its clock: {}", s.message())))?;
+            let r = self
+                .0
+                .clone()
+                .leader_ts(rp::LeaderTsRequest {})
+                .await
+                .map_err(|s| ClusterError::Unavailable(format!("cannot ask the leader for its clock: {}", s.message())))?;
             Ok(r.into_inner().ts)
         })
     }
@@ -284,7 +289,11 @@ impl Follower {
             Some(Body::Upsert(b)) => st::wal_record::Op::Upsert(b.clone()),
             Some(Body::Delete(d)) => st::wal_record::Op::Delete(d.clone()),
             other => {
-                return Err(ExportError::Malformed { stream: format!("c{}/s{shard}", c.id), position: ev.lsn, message: format!("not a data event: {other:?}") });
+                return Err(ExportError::Malformed {
+                    stream: format!("c{}/s{shard}", c.id),
+                    position: ev.lsn,
+                    message: format!("not a data event: {other:?}"),
+                });
             }
         };
         let schema = c.schema();
@@ -308,7 +317,13 @@ impl Follower {
         let sh = c.shards()[shard].clone();
         tokio::task::spawn_blocking(move || sh.wipe()).await.map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
         let req = rp::SnapshotRequest { collection_id: c.id, shard: shard as u32, subscriber: self.cfg.subscriber.clone() };
-        let mut stream = self.leader.clone().snapshot(req).await.map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?.into_inner();
+        let mut stream = self
+            .leader
+            .clone()
+            .snapshot(req)
+            .await
+            .map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?
+            .into_inner();
         let mut bytes = 0usize;
         let started = std::time::Instant::now();
         while let Some(chunk) = stream.next().await {
@@ -339,13 +354,21 @@ impl Follower {
                 r
             })
             .await
-                .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
+            .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
         }
         Err(ExportError::Unavailable { backend: "snapshot", message: "the snapshot stream ended early".into() })
     }
 
     /// Quarantines a poison event; returns whether the shard goes on (skip) or halts.
-    async fn poison(&self, c: &Arc<Collection>, shard: usize, stream: &StreamId, position: u64, e: &ExportError, ev: Option<&rp::ChangeEvent>) -> bool {
+    async fn poison(
+        &self,
+        c: &Arc<Collection>,
+        shard: usize,
+        stream: &StreamId,
+        position: u64,
+        e: &ExportError,
+        ev: Option<&rp::ChangeEvent>,
+    ) -> bool {
         self.quarantine(stream, position, e, ev);
         match self.cfg.on_poison {
             OnPoison::Halt => {
@@ -357,7 +380,8 @@ impl Follower {
                 // Step over it durably, so a restart does not meet it again.
                 let (node, c2) = (self.node.clone(), c.clone());
                 let ts = c.shards()[shard].serviceable_ts(&self.node.clock);
-                let _ = tokio::task::spawn_blocking(move || node_apply(&node, &c2, shard, position, ts, ShardOp::Delete { ids: vec![] })).await;
+                let _ =
+                    tokio::task::spawn_blocking(move || node_apply(&node, &c2, shard, position, ts, ShardOp::Delete { ids: vec![] })).await;
                 tracing::error!(%stream, position, error = %e, "skipped a poison event (quarantined)");
                 true
             }

@@ -33,7 +33,14 @@ pub struct Publisher {
 impl Publisher {
     pub fn start(node: Arc<Node>, transport: Arc<dyn Transport>, group: &str, tick: Duration) -> Arc<Publisher> {
         node.set_exporting(true);
-        let p = Arc::new(Publisher { node, transport, group: group.to_string(), tick, cancel: CancellationToken::new(), running: Mutex::new(HashMap::new()) });
+        let p = Arc::new(Publisher {
+            node,
+            transport,
+            group: group.to_string(),
+            tick,
+            cancel: CancellationToken::new(),
+            running: Mutex::new(HashMap::new()),
+        });
         let me = p.clone();
         tokio::spawn(async move { me.run_ddl().await });
         p

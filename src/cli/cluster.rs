@@ -54,7 +54,13 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
         RoleArg::Alternative => tandem_cluster::Role::Alternative,
         RoleArg::Standby => tandem_cluster::Role::Standby,
     });
-    let overrides = ConfigOverrides { listen: a.listen.clone(), data_dir: a.data_dir.clone(), cluster_id: a.cluster_id.clone(), role, follow: a.follow.clone() };
+    let overrides = ConfigOverrides {
+        listen: a.listen.clone(),
+        data_dir: a.data_dir.clone(),
+        cluster_id: a.cluster_id.clone(),
+        role,
+        follow: a.follow.clone(),
+    };
     let cfg = load_cluster_config_with(a.config.as_deref(), std::env::vars(), &overrides)?;
     let id = cfg.cluster_id.clone();
     let running = server::start(cfg.clone()).await?;

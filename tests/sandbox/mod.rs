@@ -273,7 +273,14 @@ pub fn field(name: &str, ty: pb::ScalarType) -> pb::FieldSchema {
     pb::FieldSchema { name: name.into(), r#type: ty as i32 }
 }
 
-pub fn schema(name: &str, dim: u32, metric: pb::Metric, index: Option<pb::IndexSpec>, shards: u32, fields: Vec<pb::FieldSchema>) -> pb::CollectionSchema {
+pub fn schema(
+    name: &str,
+    dim: u32,
+    metric: pb::Metric,
+    index: Option<pb::IndexSpec>,
+    shards: u32,
+    fields: Vec<pb::FieldSchema>,
+) -> pb::CollectionSchema {
     pb::CollectionSchema { name: name.into(), dim, metric: metric as i32, index, shards, fields }
 }
 
@@ -315,7 +322,14 @@ pub async fn checksum(c: &mut Client, collection: &str, level: pb::ConsistencyLe
 pub async fn try_checksum(c: &mut Client, collection: &str, level: pb::ConsistencyLevel) -> Result<(u64, u64), tonic::Status> {
     use std::hash::{Hash, Hasher};
     let r = c
-        .query(pb::QueryRequest { collection: collection.into(), filter: String::new(), limit: 16_384, output_fields: vec!["*".into()], include_vectors: true, read: read(level, "") })
+        .query(pb::QueryRequest {
+            collection: collection.into(),
+            filter: String::new(),
+            limit: 16_384,
+            output_fields: vec!["*".into()],
+            include_vectors: true,
+            read: read(level, ""),
+        })
         .await?
         .into_inner();
     let mut h = std::collections::hash_map::DefaultHasher::new();
