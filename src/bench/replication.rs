@@ -22,6 +22,7 @@
 //! ones were acknowledged (an open loop, so a slow ack cannot hide lag by slowing the writer),
 //! and a tick is only skipped when `MAX_IN_FLIGHT` writes are already outstanding (reported).
 
+use super::WalSyncArg;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -93,15 +94,6 @@ impl BackendArg {
 pub enum IndexArg {
     Flat,
     Hnsw,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WalSyncArg {
-    /// fsync before every acknowledgement, on the leader and when the alternative applies
-    Always,
-    /// no explicit fsync: replication without the disk's flush latency
-    Never,
 }
 
 #[derive(Debug, Clone, clap::Args)]
@@ -496,10 +488,7 @@ fn cluster_config(id: &str, dir: &Path, transport: &Transport, group: &str, a: &
     cfg.replication.tick_ms = a.tick_ms;
     cfg.replication.group = group.into();
     cfg.limits.max_write_rows = cfg.limits.max_write_rows.max(a.batch).max(a.bootstrap_batch);
-    cfg.wal.sync = match a.wal_sync {
-        WalSyncArg::Always => WalSync::Always,
-        WalSyncArg::Never => WalSync::Never,
-    };
+    cfg.wal.sync = a.wal_sync.into();
     match transport {
         Transport::Direct => cfg.replication.transport = "direct".into(),
         Transport::Kafka { brokers } => {
@@ -1019,10 +1008,7 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
     // The alternative applies the snapshot like any replicated change: fsynced under the
     // bench's --wal-sync, as a production alternative would be.
     alt_cfg.wal.file_mib = tandem_cluster::config::WalConfig::default().file_mib;
-    alt_cfg.wal.sync = match a.wal_sync {
-        WalSyncArg::Always => WalSync::Always,
-        WalSyncArg::Never => WalSync::Never,
-    };
+    alt_cfg.wal.sync = a.wal_sync.into();
     let t = Instant::now();
     let alt = Member::start(alt_cfg).await?;
     let caught_up = async {

@@ -24,6 +24,7 @@
 //! The measurements alternate in short rounds, so that background load on a shared machine hits
 //! every path alike instead of whichever ran last.
 
+use super::WalSyncArg;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use serde::Serialize;
 use tandem_cluster::ann::{AnnIndex, Knobs};
-use tandem_cluster::config::WalSync;
+
 use tandem_cluster::schema::{IndexKind, Metric};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
@@ -71,15 +72,6 @@ pub enum MetricArg {
     L2,
     Ip,
     Cosine,
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum WalSyncArg {
-    /// fsync before every acknowledgement (concurrent writes share one fsync)
-    Always,
-    /// no explicit fsync: measures the engine without the disk
-    Never,
 }
 
 /// The index defaults give recall@10 >= 0.95 on the default 100k x 128 set (measured: IVF 1.00,
@@ -725,10 +717,7 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     // One segment holding every row: the cluster then searches a single faiss index built over
     // the same vectors as the raw one.
     cfg.segment.seal_rows = n.max(1);
-    cfg.wal.sync = match a.wal_sync {
-        WalSyncArg::Always => WalSync::Always,
-        WalSyncArg::Never => WalSync::Never,
-    };
+    cfg.wal.sync = a.wal_sync.into();
     cfg.limits.max_message_bytes = MAX_MESSAGE_BYTES;
     cfg.limits.max_write_rows = cfg.limits.max_write_rows.max(a.batch);
     if let Err(errs) = cfg.validate() {
