@@ -142,8 +142,16 @@ impl Feed for ShardFeed {
                 }
                 return Ok(out);
             }
-            let wait = self.tick_every.saturating_sub(self.last_tick.map_or(Duration::ZERO, |t| t.elapsed()));
-            let _ = tokio::time::timeout(wait.max(Duration::from_millis(1)), self.acked.changed()).await;
+            let wait = self.tick_every.saturating_sub(self.last_tick.map_or(Duration::ZERO, |t| t.elapsed())).max(Duration::from_millis(1));
+            if self.next <= *self.acked.borrow_and_update() {
+                // This shard has durable records the collection-wide bound held back: another
+                // shard's part of a multi-shard write is still being fsynced, and this shard's
+                // own watch will not fire for it. Wait for the collection instead.
+                let now = self.node.clock.peek();
+                let _ = self.collection.wait_serviceable(&self.node.clock, now, Instant::now() + wait).await;
+            } else {
+                let _ = tokio::time::timeout(wait, self.acked.changed()).await;
+            }
         }
     }
 }

@@ -67,6 +67,10 @@ pub struct Node {
     ddl: Wal,
     /// Alternative: the last leader DDL position applied.
     ddl_source_lsn: AtomicU64,
+    /// The last DDL record whose effect is in `collections`. Feeds read only up to it: a record
+    /// is logged before it is applied, and a feed that saw it earlier would export a collection
+    /// the node does not list yet.
+    ddl_applied: AtomicU64,
     leader: RwLock<Option<String>>,
     leader_clock: RwLock<Option<Arc<dyn LeaderClock>>>,
     /// Alternative: replication state per collection id, for GetClusterInfo.
@@ -125,6 +129,8 @@ impl Node {
         if let Some(e) = failure {
             return Err(e);
         }
+        // Recovery has just put every logged DDL record into the catalog.
+        let ddl_last = ddl.last_lsn();
         let clock = HybridClock::new();
         clock.observe(catalog.max_ts);
         let mut collections = BTreeMap::new();
@@ -160,6 +166,7 @@ impl Node {
             fanout: Arc::new(LocalFanout),
             index_failures: AtomicU64::new(0),
             ddl,
+            ddl_applied: AtomicU64::new(ddl_last),
             ddl_source_lsn: AtomicU64::new(ddl_source_lsn),
             leader: RwLock::new(None),
             leader_clock: RwLock::new(None),
@@ -361,7 +368,7 @@ impl Node {
     /// Logs a DDL record, applies it, and checkpoints the catalog. The caller holds the catalog
     /// lock (`next_id`). A crash after the log append is repaired at the next start.
     fn ddl_apply(&self, next_id: &mut u64, rec: st::DdlRecord) -> Result<Option<Arc<Collection>>> {
-        self.ddl.append(&rec.encode_to_vec())?;
+        let lsn = self.ddl.append(&rec.encode_to_vec())?;
         self.ddl_source_lsn.fetch_max(rec.source_lsn, Ordering::AcqRel);
         let mut all = self.collections.read().clone();
         let mut created = None;
@@ -395,6 +402,7 @@ impl Node {
         }
         self.write_catalog(&all, *next_id)?;
         *self.collections.write() = all;
+        self.ddl_applied.fetch_max(lsn, Ordering::AcqRel);
         if let Some(c) = dropped {
             c.mark_dropped();
             // The catalog no longer lists it: a crash here leaves an orphan the next start removes.
@@ -492,13 +500,15 @@ impl Node {
     }
 
     pub fn ddl_last_lsn(&self) -> Lsn {
-        self.ddl.last_lsn()
+        self.ddl_applied.load(Ordering::Acquire)
     }
 
-    /// DDL records with lsn >= `from`, in order (the leader's DDL stream).
+    /// DDL records with lsn >= `from` whose effect is applied, in order (the leader's DDL stream).
     pub fn read_ddl(&self, from: Lsn, mut f: impl FnMut(Lsn, st::DdlRecord) -> bool) -> Result<()> {
         let mut failure = None;
+        let applied = self.ddl_applied.load(Ordering::Acquire);
         self.ddl.read_from(from.max(1), |lsn, payload| match st::DdlRecord::decode(payload) {
+            _ if lsn > applied => false,
             Ok(rec) => f(lsn, rec),
             Err(e) => {
                 failure = Some(ClusterError::Corrupt(format!("ddl record {lsn}: {e}")));
