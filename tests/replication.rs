@@ -465,6 +465,11 @@ mod kafka {
         };
     }
 
+    /// A leader and an alternative replicating through `broker`.
+    async fn pair(broker: &tansu::Tansu) -> Sandbox {
+        Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Kafka { brokers: broker.brokers() }).build().await
+    }
+
     kafka_suite!(live_data_and_ddl, bootstrap_then_live_handoff, alternative_restart_resumes, consistent_reads_on_alternative);
 
     /// A broker restart with durable storage loses nothing: acknowledged writes (ack policy
@@ -472,12 +477,7 @@ mod kafka {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broker_restart_with_durable_storage_loses_nothing() {
         let mut broker = tansu::Tansu::start(true);
-        let sb = Sandbox::builder()
-            .leading("lead")
-            .alternative("alt", "lead")
-            .transport(Backend::Kafka { brokers: broker.brokers() })
-            .build()
-            .await;
+        let sb = pair(&broker).await;
         let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
         l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
         insert(&mut l, 0..200, DIM).await;
@@ -499,12 +499,7 @@ mod kafka {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn poison_event_on_the_topic_is_quarantined() {
         let broker = tansu::Tansu::start(true);
-        let sb = Sandbox::builder()
-            .leading("lead")
-            .alternative("alt", "lead")
-            .transport(Backend::Kafka { brokers: broker.brokers() })
-            .build()
-            .await;
+        let sb = pair(&broker).await;
         let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
         let mut one_shard = docs_schema(DIM as u32);
         one_shard.shards = 1;

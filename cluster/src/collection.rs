@@ -222,44 +222,51 @@ impl Collection {
     /// position (so apply and checkpoint are one atomic step) and the leader's ts. Returns
     /// false for a position already applied (redelivery). Blocking.
     pub fn apply_replicated(&self, clock: &HybridClock, shard: usize, lsn: Lsn, ts: Ts, op: ShardOp, jobs: &mut IndexJobs) -> Result<bool> {
-        let schema = self.schema();
-        let sh = self
-            .shards
-            .get(shard)
-            .ok_or_else(|| ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name)))?;
-        let mut st = sh.lock_state();
-        if lsn <= sh.source_lsn() {
-            return Ok(false);
+        let applied = self.append_replicated(clock, shard, Some(lsn), ts, op, jobs)?;
+        if applied {
+            self.shards[shard].follow_to(ts);
         }
-        let mut pending = sh.lock_pending();
-        clock.observe(ts);
-        let mut sealed = Vec::new();
-        let (wal_lsn, _) =
-            sh.append_and_apply(&mut st, &mut pending, &schema, LogMeta { ts, participants: &[], source_lsn: lsn }, op, &mut sealed)?;
-        drop(pending);
-        drop(st);
-        jobs.extend(sealed.into_iter().map(|s| (shard, s)));
-        sh.finish(wal_lsn)?;
-        sh.follow_to(ts);
-        Ok(true)
+        Ok(applied)
     }
 
     /// Alternative bootstrap: loads snapshot rows (with their own insert ts) into `shard`
     /// without moving its stream position; the bootstrap records the position once the whole
     /// snapshot is in. Blocking.
     pub fn load_snapshot_rows(&self, clock: &HybridClock, shard: usize, ts: Ts, op: ShardOp, jobs: &mut IndexJobs) -> Result<()> {
+        self.append_replicated(clock, shard, None, ts, op, jobs).map(|_| ())
+    }
+
+    /// Logs and applies a change from the leader with the leader's ts. With `source` (a stream
+    /// position) it is skipped when already applied and the position is recorded with it;
+    /// without, the shard's position is left alone. Returns whether it was applied.
+    fn append_replicated(
+        &self,
+        clock: &HybridClock,
+        shard: usize,
+        source: Option<Lsn>,
+        ts: Ts,
+        op: ShardOp,
+        jobs: &mut IndexJobs,
+    ) -> Result<bool> {
         let schema = self.schema();
-        let sh = &self.shards[shard];
+        let sh = self
+            .shards
+            .get(shard)
+            .ok_or_else(|| ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name)))?;
         let mut st = sh.lock_state();
+        if source.is_some_and(|lsn| lsn <= sh.source_lsn()) {
+            return Ok(false);
+        }
         let mut pending = sh.lock_pending();
         clock.observe(ts);
         let mut sealed = Vec::new();
-        let (wal_lsn, _) =
-            sh.append_and_apply(&mut st, &mut pending, &schema, LogMeta { ts, participants: &[], source_lsn: 0 }, op, &mut sealed)?;
+        let meta = LogMeta { ts, participants: &[], source_lsn: source.unwrap_or(0) };
+        let (wal_lsn, _) = sh.append_and_apply(&mut st, &mut pending, &schema, meta, op, &mut sealed)?;
         drop(pending);
         drop(st);
         jobs.extend(sealed.into_iter().map(|s| (shard, s)));
-        sh.finish(wal_lsn)
+        sh.finish(wal_lsn)?;
+        Ok(true)
     }
 
     /// Every change with ts <= this is applied on every shard.

@@ -213,12 +213,9 @@ impl Node {
         *self.jobs.lock() = Some(tx);
     }
 
-    /// Queues index builds for segments sealed by a write applied outside `Node::write`.
-    pub fn enqueue_jobs(&self, c: &Arc<Collection>, jobs: IndexJobs) {
-        self.enqueue(c, jobs)
-    }
-
-    fn enqueue(&self, c: &Arc<Collection>, jobs: IndexJobs) {
+    /// Queues index builds for sealed segments (also those sealed by a write applied outside
+    /// `Node::write`, e.g. by replication).
+    pub fn enqueue(&self, c: &Arc<Collection>, jobs: IndexJobs) {
         let tx = self.jobs.lock();
         let Some(tx) = tx.as_ref() else { return };
         for (shard, segment) in jobs {

@@ -350,7 +350,7 @@ impl Follower {
             tokio::task::spawn_blocking(move || {
                 let mut jobs = Vec::new();
                 let r = c2.load_snapshot_rows(&node.clock, shard, ts, op, &mut jobs);
-                node.enqueue_jobs(&c2, jobs);
+                node.enqueue(&c2, jobs);
                 r
             })
             .await
@@ -402,6 +402,6 @@ impl Follower {
 fn node_apply(node: &Node, c: &Arc<Collection>, shard: usize, lsn: u64, ts: u64, op: ShardOp) -> Result<bool> {
     let mut jobs = Vec::new();
     let r = c.apply_replicated(&node.clock, shard, lsn, ts, op, &mut jobs)?;
-    node.enqueue_jobs(c, jobs);
+    node.enqueue(c, jobs);
     Ok(r)
 }
