@@ -157,3 +157,9 @@ mod tests {
         assert!(!ClusterError::from(s).is_transient());
     }
 }
+
+impl From<tandem_proto::session::BadToken> for ClusterError {
+    fn from(e: tandem_proto::session::BadToken) -> Self {
+        ClusterError::invalid(e.to_string())
+    }
+}

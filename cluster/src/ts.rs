@@ -8,19 +8,8 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{SystemTime, UNIX_EPOCH};
 
-use crate::error::{ClusterError, Result};
-
-pub type Ts = u64;
-
-pub const LOGICAL_BITS: u32 = 18;
-
-pub fn compose(physical_ms: u64, logical: u64) -> Ts {
-    (physical_ms << LOGICAL_BITS) | (logical & ((1 << LOGICAL_BITS) - 1))
-}
-
-pub fn physical_ms(ts: Ts) -> u64 {
-    ts >> LOGICAL_BITS
-}
+// The layout and the session token are part of the wire contract: defined once in tandem-proto.
+pub use tandem_proto::session::{LOGICAL_BITS, SessionToken, Ts, compose, physical_ms};
 
 pub fn wall_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
@@ -64,40 +53,6 @@ impl HybridClock {
     }
 }
 
-/// Carried by every reply; passing it back makes reads at least as fresh as what the client saw.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub struct SessionToken {
-    pub epoch: u64,
-    pub ts: Ts,
-}
-
-impl SessionToken {
-    const PREFIX: &'static str = "t1-";
-
-    /// Opaque to clients; printable so it can travel in HTTP headers and logs.
-    pub fn encode(&self) -> String {
-        format!("{}{:x}-{:x}", Self::PREFIX, self.epoch, self.ts)
-    }
-
-    /// An empty string is "no token".
-    pub fn decode(s: &str) -> Result<Option<SessionToken>> {
-        if s.is_empty() {
-            return Ok(None);
-        }
-        let bad = || ClusterError::invalid(format!("invalid session token {s:?}: pass back a token a reply returned"));
-        let rest = s.strip_prefix(Self::PREFIX).ok_or_else(bad)?;
-        let (epoch, ts) = rest.split_once('-').ok_or_else(bad)?;
-        let epoch = u64::from_str_radix(epoch, 16).map_err(|_| bad())?;
-        let ts = u64::from_str_radix(ts, 16).map_err(|_| bad())?;
-        Ok(Some(SessionToken { epoch, ts }))
-    }
-
-    /// The later of two tokens (what a session must keep to stay monotonic).
-    pub fn max(self, other: SessionToken) -> SessionToken {
-        if (other.epoch, other.ts) > (self.epoch, self.ts) { other } else { self }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -136,19 +91,5 @@ mod tests {
             assert!(p >= issued);
             assert!(clock.now() > p);
         }
-    }
-
-    #[test]
-    fn session_token_round_trip_and_errors() {
-        let t = SessionToken { epoch: 3, ts: compose(1_700_000_000_000, 7) };
-        assert_eq!(SessionToken::decode(&t.encode()).unwrap(), Some(t));
-        assert_eq!(SessionToken::decode("").unwrap(), None);
-        for bad in ["x", "t1-", "t1-zz-1", "t1-1", "t2-1-1"] {
-            let e = SessionToken::decode(bad).unwrap_err();
-            assert!(e.to_string().contains(bad), "{e}");
-        }
-        let newer = SessionToken { epoch: 3, ts: t.ts + 1 };
-        assert_eq!(t.max(newer), newer);
-        assert_eq!(newer.max(t), newer);
     }
 }

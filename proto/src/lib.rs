@@ -4,6 +4,8 @@
 //! Generated code only, plus the few conversions every user of the API needs.
 #![forbid(unsafe_code)]
 
+pub mod session;
+
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]
     tonic::include_proto!("tandem.v1");
