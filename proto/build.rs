@@ -3,7 +3,12 @@
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["proto/tandem/v1/tandem.proto", "proto/tandem/storage/v1/storage.proto", "proto/tandem/replication/v1/events.proto"];
+    let files = [
+        "proto/tandem/v1/tandem.proto",
+        "proto/tandem/v1/gateway.proto",
+        "proto/tandem/storage/v1/storage.proto",
+        "proto/tandem/replication/v1/events.proto",
+    ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");
     }
