@@ -17,8 +17,13 @@ use crate::wal::{SyncPolicy, WalOptions};
 pub struct ClusterConfig {
     /// Names this cluster in its replication group.
     pub cluster_id: String,
+    /// Where this cluster runs; the gateway can prefer reads in its own datacenter.
+    pub datacenter: String,
     /// gRPC listen address; port 0 picks a free port.
     pub listen: String,
+    /// The endpoint others use to reach this cluster (published to discovery); empty means
+    /// `http://` + the bound listen address.
+    pub advertise: String,
     pub data_dir: PathBuf,
     pub role: Role,
     pub wal: WalConfig,
@@ -28,6 +33,36 @@ pub struct ClusterConfig {
     pub limits: Limits,
     pub read: ReadConfig,
     pub replication: ReplicationConfig,
+    pub discovery: DiscoveryConfig,
+    pub telemetry: TelemetryConfig,
+}
+
+/// Registration in etcd, so gateways find this cluster by themselves.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryConfig {
+    /// etcd endpoints, e.g. ["http://127.0.0.1:2379"]; empty: do not register.
+    pub etcd: Vec<String>,
+    /// Key prefix clusters register under (one key per cluster id).
+    pub prefix: String,
+    /// Lease TTL: a cluster that stops renewing disappears after this long.
+    pub ttl_s: u64,
+}
+
+impl Default for DiscoveryConfig {
+    fn default() -> Self {
+        DiscoveryConfig { etcd: Vec::new(), prefix: "/tandem/clusters/".into(), ttl_s: 5 }
+    }
+}
+
+/// Metrics and traces.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// Address of the Prometheus `/metrics` HTTP endpoint, e.g. "127.0.0.1:9184"; empty: off.
+    pub metrics_listen: String,
+    /// OTLP (gRPC) collector for traces, e.g. "http://127.0.0.1:4317"; empty: no traces exported.
+    pub otlp_endpoint: String,
 }
 
 /// How this cluster takes part in its replication group.
@@ -136,7 +171,9 @@ impl Default for ClusterConfig {
     fn default() -> Self {
         ClusterConfig {
             cluster_id: "local".into(),
+            datacenter: "local".into(),
             listen: "127.0.0.1:19530".into(),
+            advertise: String::new(),
             data_dir: PathBuf::from("./tandem-data"),
             role: Role::Leading,
             wal: WalConfig::default(),
@@ -146,6 +183,8 @@ impl Default for ClusterConfig {
             limits: Limits::default(),
             read: ReadConfig::default(),
             replication: ReplicationConfig::default(),
+            discovery: DiscoveryConfig::default(),
+            telemetry: TelemetryConfig::default(),
         }
     }
 }
@@ -269,6 +308,12 @@ impl ClusterConfig {
         }
         if !["exported", "local"].contains(&r.ack.as_str()) {
             errs.push(format!("replication.ack = {:?} is not one of exported, local", r.ack));
+        }
+        if !self.discovery.etcd.is_empty() && !(1..=3600).contains(&self.discovery.ttl_s) {
+            errs.push(format!("discovery.ttl_s = {} is out of range 1..=3600", self.discovery.ttl_s));
+        }
+        if !self.telemetry.metrics_listen.is_empty() && self.telemetry.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            errs.push(format!("telemetry.metrics_listen = {:?} is not an address like 127.0.0.1:9184", self.telemetry.metrics_listen));
         }
         if self.read.max_wait_ms == 0 {
             errs.push("read.max_wait_ms = 0 must be at least 1".into());
