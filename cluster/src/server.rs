@@ -1,5 +1,10 @@
 //! Serving a node over gRPC: the tandem API, the standard health service and server reflection,
 //! with graceful shutdown (stop accepting, drain requests in flight, stop index builders).
+//!
+//! Every request runs in a span joined to the caller's trace (`traceparent` metadata, see
+//! `tandem_telemetry::tracing`), and a task refreshes the node's gauges every second while it
+//! serves. The Prometheus endpoint itself is the process's (one per process, not per node):
+//! `tandem cluster` starts it from `telemetry.metrics_listen`.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -33,8 +38,15 @@ impl Running {
     }
 }
 
+/// How often the node's gauges (rows, lag, memory, role, epoch) are refreshed.
+const GAUGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Opens the node's data and starts serving on `cfg.listen` (port 0 picks one).
 pub async fn start(cfg: ClusterConfig) -> Result<Running> {
+    // Metrics recorded before a recorder exists are lost, so install it before serving anything.
+    if let Err(e) = tandem_telemetry::metrics::install() {
+        tracing::warn!(error = %e, "request metrics are not recorded");
+    }
     let listener =
         TcpListener::bind(&cfg.listen).await.map_err(|e| ClusterError::Unavailable(format!("cannot listen on {}: {e}", cfg.listen)))?;
     let addr = listener.local_addr().map_err(|e| ClusterError::Internal(e.to_string()))?;
@@ -73,12 +85,38 @@ pub async fn serve(node: Arc<Node>, cfg: Arc<ClusterConfig>, listener: TcpListen
         .map_err(|e| ClusterError::Internal(format!("reflection: {e}")))?;
     // Small request/response messages: Nagle's algorithm would only add latency.
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    tonic::transport::Server::builder()
+    let stop_gauges = shutdown.child_token();
+    let gauges = tokio::spawn(refresh_gauges(node.clone(), stop_gauges.clone()));
+    // Returns once the token fired and every request in flight has been answered (drain).
+    let served = tonic::transport::Server::builder()
+        .layer(tandem_telemetry::tracing::GrpcTraceLayer::for_cluster(&node.opts.cluster_id))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
         .add_service(replication)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
-        .map_err(|e| ClusterError::Internal(format!("grpc server: {e}")))
+        .map_err(|e| ClusterError::Internal(format!("grpc server: {e}")));
+    // The server can also end on an error, without the token: stop the gauges either way.
+    stop_gauges.cancel();
+    let _ = gauges.await;
+    served
+}
+
+/// Sets the node's gauges every [`GAUGE_EVERY`] until `stop` fires. The sampling reads shard
+/// state and directory sizes, so it runs on a blocking thread.
+async fn refresh_gauges(node: Arc<Node>, stop: CancellationToken) {
+    let mut tick = tokio::time::interval(GAUGE_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = tick.tick() => {
+                let n = node.clone();
+                if let Err(e) = tokio::task::spawn_blocking(move || crate::service::record_gauges(&n)).await {
+                    tracing::warn!(error = %e, "refreshing gauges");
+                }
+            }
+        }
+    }
 }

@@ -14,6 +14,7 @@ use crate::config::ClusterConfig;
 use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::node::Node;
+use crate::role::Role;
 use crate::schema::{Metric, Schema};
 use crate::segment::{Row, SearchPlan};
 use crate::ts::{SessionToken, Ts, compose, wall_ms};
@@ -22,6 +23,8 @@ use crate::ts::{SessionToken, Ts, compose, wall_ms};
 pub struct ClusterService {
     node: Arc<Node>,
     cfg: Arc<ClusterConfig>,
+    /// The `cluster` label of this node's metrics (several clusters may share a process).
+    cluster: Arc<str>,
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -89,7 +92,9 @@ fn compile_filter(schema: &Schema, filter: &str) -> Result<Option<Filter>> {
 
 impl ClusterService {
     pub fn new(node: Arc<Node>, cfg: Arc<ClusterConfig>) -> Self {
-        ClusterService { node, cfg }
+        describe_metrics();
+        let cluster = node.opts.cluster_id.as_str().into();
+        ClusterService { node, cfg, cluster }
     }
 
     fn max_wait(&self) -> Duration {
@@ -236,9 +241,9 @@ impl ClusterService {
     }
 }
 
-#[tonic::async_trait]
-impl pb::tandem_server::Tandem for ClusterService {
-    async fn create_collection(&self, req: Request<pb::CreateCollectionRequest>) -> Reply<pb::CreateCollectionResponse> {
+/// The RPC handlers; the `Tandem` impl below runs each inside [`ClusterService::observed`].
+impl ClusterService {
+    async fn handle_create_collection(&self, req: Request<pb::CreateCollectionRequest>) -> Reply<pb::CreateCollectionResponse> {
         let deadline = deadline(&req, self.max_wait());
         let schema = req.into_inner().schema.ok_or_else(|| ClusterError::invalid("create collection needs a schema"))?;
         let node = self.node.clone();
@@ -250,7 +255,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         }))
     }
 
-    async fn drop_collection(&self, req: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
+    async fn handle_drop_collection(&self, req: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
         let deadline = deadline(&req, self.max_wait());
         let name = req.into_inner().name;
         let node = self.node.clone();
@@ -259,16 +264,16 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(pb::DropCollectionResponse { session_token: self.node.token(ts).encode() }))
     }
 
-    async fn list_collections(&self, _req: Request<pb::ListCollectionsRequest>) -> Reply<pb::ListCollectionsResponse> {
+    async fn handle_list_collections(&self, _req: Request<pb::ListCollectionsRequest>) -> Reply<pb::ListCollectionsResponse> {
         Ok(Response::new(pb::ListCollectionsResponse { names: self.node.collection_names() }))
     }
 
-    async fn describe_collection(&self, req: Request<pb::DescribeCollectionRequest>) -> Reply<pb::DescribeCollectionResponse> {
+    async fn handle_describe_collection(&self, req: Request<pb::DescribeCollectionRequest>) -> Reply<pb::DescribeCollectionResponse> {
         let c = self.node.collection(&req.into_inner().name)?;
         Ok(Response::new(pb::DescribeCollectionResponse { collection: Some(self.collection_info(&c)) }))
     }
 
-    async fn create_index(&self, req: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
+    async fn handle_create_index(&self, req: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let node = self.node.clone();
@@ -277,7 +282,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(pb::CreateIndexResponse { session_token: self.node.token(ts).encode() }))
     }
 
-    async fn drop_index(&self, req: Request<pb::DropIndexRequest>) -> Reply<pb::DropIndexResponse> {
+    async fn handle_drop_index(&self, req: Request<pb::DropIndexRequest>) -> Reply<pb::DropIndexResponse> {
         let deadline = deadline(&req, self.max_wait());
         let name = req.into_inner().collection;
         let node = self.node.clone();
@@ -286,7 +291,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(pb::DropIndexResponse { session_token: self.node.token(ts).encode() }))
     }
 
-    async fn insert(&self, req: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
+    async fn handle_insert(&self, req: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -295,7 +300,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(self.mutation(ts, n)))
     }
 
-    async fn upsert(&self, req: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {
+    async fn handle_upsert(&self, req: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -304,7 +309,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(self.mutation(ts, n)))
     }
 
-    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::MutationResponse> {
+    async fn handle_delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::MutationResponse> {
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -328,7 +333,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(self.mutation(ts, n)))
     }
 
-    async fn flush(&self, req: Request<pb::FlushRequest>) -> Reply<pb::FlushResponse> {
+    async fn handle_flush(&self, req: Request<pb::FlushRequest>) -> Reply<pb::FlushResponse> {
         // Index builds can take minutes: a flush waits as long as the client allows.
         let deadline = Instant::now()
             + req
@@ -342,7 +347,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(pb::FlushResponse { sealed_segments: n, session_token: self.node.token(ts).encode() }))
     }
 
-    async fn search(&self, req: Request<pb::SearchRequest>) -> Reply<pb::SearchResponse> {
+    async fn handle_search(&self, req: Request<pb::SearchRequest>) -> Reply<pb::SearchResponse> {
         let deadline = deadline(&req, self.max_wait());
         let mut r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -406,7 +411,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(pb::SearchResponse { results, session_token: token.encode() }))
     }
 
-    async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
+    async fn handle_get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -429,7 +434,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         }))
     }
 
-    async fn query(&self, req: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
+    async fn handle_query(&self, req: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -461,7 +466,7 @@ impl pb::tandem_server::Tandem for ClusterService {
         }))
     }
 
-    async fn count(&self, req: Request<pb::CountRequest>) -> Reply<pb::CountResponse> {
+    async fn handle_count(&self, req: Request<pb::CountRequest>) -> Reply<pb::CountResponse> {
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -481,28 +486,9 @@ impl pb::tandem_server::Tandem for ClusterService {
         Ok(Response::new(pb::CountResponse { count, session_token: token.encode() }))
     }
 
-    async fn get_cluster_info(&self, _req: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
-        let mut collections = Vec::new();
-        for name in self.node.collection_names() {
-            let Ok(c) = self.node.collection(&name) else { continue };
-            let serviceable_ts = c.serviceable_ts(&self.node.clock);
-            let lag_ms = if self.node.role() == crate::role::Role::Leading {
-                0
-            } else {
-                crate::ts::wall_ms().saturating_sub(crate::ts::physical_ms(serviceable_ts))
-            };
-            let mut status =
-                pb::CollectionStatus { name, serviceable_ts, lag_ms, replication: self.node.replication_state(c.id), ..Default::default() };
-            for shard in c.shards() {
-                let s = shard.stats();
-                status.rows += s.live_rows;
-                status.growing_segments += u64::from(s.growing.1 > 0);
-                status.sealed_segments += s.sealed.len() as u64;
-                status.memory_bytes += s.memory_bytes;
-                status.disk_bytes += shard.wal_disk_bytes() + dir_bytes(shard.dir());
-            }
-            collections.push(status);
-        }
+    async fn handle_get_cluster_info(&self, _req: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
+        let node = self.node.clone();
+        let collections = blocking(move || Ok(collection_statuses(&node))).await?;
         Ok(Response::new(pb::GetClusterInfoResponse {
             cluster_id: self.node.opts.cluster_id.clone(),
             role: self.node.role().to_proto() as i32,
@@ -515,10 +501,215 @@ impl pb::tandem_server::Tandem for ClusterService {
     }
 }
 
+#[tonic::async_trait]
+impl pb::tandem_server::Tandem for ClusterService {
+    async fn create_collection(&self, req: Request<pb::CreateCollectionRequest>) -> Reply<pb::CreateCollectionResponse> {
+        self.observed("create_collection", NO_CONSISTENCY, self.handle_create_collection(req)).await
+    }
+
+    async fn drop_collection(&self, req: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
+        self.observed("drop_collection", NO_CONSISTENCY, self.handle_drop_collection(req)).await
+    }
+
+    async fn list_collections(&self, req: Request<pb::ListCollectionsRequest>) -> Reply<pb::ListCollectionsResponse> {
+        self.observed("list_collections", NO_CONSISTENCY, self.handle_list_collections(req)).await
+    }
+
+    async fn describe_collection(&self, req: Request<pb::DescribeCollectionRequest>) -> Reply<pb::DescribeCollectionResponse> {
+        self.observed("describe_collection", NO_CONSISTENCY, self.handle_describe_collection(req)).await
+    }
+
+    async fn create_index(&self, req: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
+        self.observed("create_index", NO_CONSISTENCY, self.handle_create_index(req)).await
+    }
+
+    async fn drop_index(&self, req: Request<pb::DropIndexRequest>) -> Reply<pb::DropIndexResponse> {
+        self.observed("drop_index", NO_CONSISTENCY, self.handle_drop_index(req)).await
+    }
+
+    async fn insert(&self, req: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
+        self.observed("insert", NO_CONSISTENCY, self.handle_insert(req)).await
+    }
+
+    async fn upsert(&self, req: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {
+        self.observed("upsert", NO_CONSISTENCY, self.handle_upsert(req)).await
+    }
+
+    async fn delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::MutationResponse> {
+        self.observed("delete", NO_CONSISTENCY, self.handle_delete(req)).await
+    }
+
+    async fn flush(&self, req: Request<pb::FlushRequest>) -> Reply<pb::FlushResponse> {
+        self.observed("flush", NO_CONSISTENCY, self.handle_flush(req)).await
+    }
+
+    async fn search(&self, req: Request<pb::SearchRequest>) -> Reply<pb::SearchResponse> {
+        self.observed("search", consistency_label(req.get_ref().read.as_ref()), self.handle_search(req)).await
+    }
+
+    async fn get(&self, req: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
+        self.observed("get", consistency_label(req.get_ref().read.as_ref()), self.handle_get(req)).await
+    }
+
+    async fn query(&self, req: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
+        self.observed("query", consistency_label(req.get_ref().read.as_ref()), self.handle_query(req)).await
+    }
+
+    async fn count(&self, req: Request<pb::CountRequest>) -> Reply<pb::CountResponse> {
+        self.observed("count", consistency_label(req.get_ref().read.as_ref()), self.handle_count(req)).await
+    }
+
+    async fn get_cluster_info(&self, req: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
+        self.observed("get_cluster_info", NO_CONSISTENCY, self.handle_get_cluster_info(req)).await
+    }
+}
+
+/// What GetClusterInfo reports per collection, also the source of the collection gauges.
+/// Reads directory sizes: call it off the async runtime.
+pub fn collection_statuses(node: &Node) -> Vec<pb::CollectionStatus> {
+    let mut collections = Vec::new();
+    for name in node.collection_names() {
+        let Ok(c) = node.collection(&name) else { continue };
+        let serviceable_ts = c.serviceable_ts(&node.clock);
+        let lag_ms = if node.role() == Role::Leading { 0 } else { wall_ms().saturating_sub(crate::ts::physical_ms(serviceable_ts)) };
+        let mut status =
+            pb::CollectionStatus { name, serviceable_ts, lag_ms, replication: node.replication_state(c.id), ..Default::default() };
+        for shard in c.shards() {
+            let s = shard.stats();
+            status.rows += s.live_rows;
+            status.growing_segments += u64::from(s.growing.1 > 0);
+            status.sealed_segments += s.sealed.len() as u64;
+            status.memory_bytes += s.memory_bytes;
+            status.disk_bytes += shard.wal_disk_bytes() + dir_bytes(shard.dir());
+        }
+        collections.push(status);
+    }
+    collections
+}
+
 fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)
         .map(|it| it.flatten().filter_map(|e| e.metadata().ok()).filter(|m| m.is_file()).map(|m| m.len()).sum())
         .unwrap_or(0)
+}
+
+// ---- metrics ------------------------------------------------------------------------------
+// Names, labels and meaning are listed in docs/observability.md; keep both in step.
+
+/// The `consistency` label of requests that are not reads.
+const NO_CONSISTENCY: &str = "none";
+
+/// The `consistency` label of a read: the level it is served at (UNSPECIFIED and no read
+/// options are served as SESSION, see `snapshot`).
+fn consistency_label(read: Option<&pb::ReadOptions>) -> &'static str {
+    use pb::ConsistencyLevel as L;
+    match read.map_or(Ok(L::Unspecified), |r| L::try_from(r.consistency)) {
+        Ok(L::Strong) => "strong",
+        Ok(L::Bounded) => "bounded",
+        Ok(L::Session | L::Unspecified) => "session",
+        Ok(L::Eventually) => "eventually",
+        Err(_) => "invalid",
+    }
+}
+
+fn role_label(role: Role) -> &'static str {
+    match role {
+        Role::Leading => "leading",
+        Role::Alternative => "alternative",
+        Role::Standby => "standby",
+        Role::Recovering => "recovering",
+    }
+}
+
+/// Every role, for the one-series-per-role `tandem_cluster_role` gauge.
+const ROLES: [Role; 4] = [Role::Leading, Role::Alternative, Role::Standby, Role::Recovering];
+
+fn describe_metrics() {
+    use metrics::{Unit, describe_counter, describe_gauge, describe_histogram};
+    describe_counter!("tandem_requests_total", "requests a cluster served, by op, read consistency and outcome (grpc code)");
+    describe_gauge!("tandem_requests_in_flight", "requests a cluster is working on, by op");
+    describe_histogram!("tandem_request_duration_seconds", Unit::Seconds, "time a cluster spent on a request, by op");
+    describe_gauge!("tandem_collection_rows", "live rows of a collection on this cluster");
+    describe_gauge!(
+        "tandem_collection_serviceable_lag_ms",
+        Unit::Milliseconds,
+        "wall-clock time minus the collection's serviceable ts (0 on the leader)"
+    );
+    describe_gauge!("tandem_collection_memory_bytes", Unit::Bytes, "memory held by a collection's segments");
+    describe_gauge!("tandem_collection_disk_bytes", Unit::Bytes, "disk used by a collection (WAL, segments, indexes)");
+    describe_gauge!("tandem_cluster_role", "1 for the cluster's current role, 0 for the others");
+    describe_gauge!("tandem_cluster_epoch", "the cluster's leadership epoch");
+}
+
+impl ClusterService {
+    /// Runs one RPC handler and records it: `tandem_requests_total` and
+    /// `tandem_request_duration_seconds`, and the outcome on the request's span. Every RPC goes
+    /// through here (the `Tandem` impl), so no handler repeats it.
+    async fn observed<T>(
+        &self,
+        op: &'static str,
+        consistency: &'static str,
+        handler: impl std::future::Future<Output = Reply<T>>,
+    ) -> Reply<T> {
+        metrics::gauge!("tandem_requests_in_flight", "cluster" => self.cluster.clone(), "op" => op).increment(1);
+        let mut rec = RequestRecord { cluster: &self.cluster, op, consistency, start: Instant::now(), outcome: tonic::Code::Cancelled };
+        let reply = handler.await;
+        rec.outcome = match &reply {
+            Ok(_) => tonic::Code::Ok,
+            Err(s) => {
+                if matches!(s.code(), tonic::Code::Internal | tonic::Code::DataLoss | tonic::Code::Unknown) {
+                    tracing::warn!(cluster = %self.cluster, op, code = ?s.code(), message = s.message(), "request failed");
+                } else {
+                    tracing::debug!(cluster = %self.cluster, op, code = ?s.code(), message = s.message(), "request refused");
+                }
+                s.code()
+            }
+        };
+        reply
+    }
+}
+
+/// Records a request when dropped: a handler dropped before it finished (client gone, its
+/// deadline passed) is counted as CANCELLED rather than not at all.
+struct RequestRecord<'a> {
+    cluster: &'a Arc<str>,
+    op: &'static str,
+    consistency: &'static str,
+    start: Instant,
+    outcome: tonic::Code,
+}
+
+impl Drop for RequestRecord<'_> {
+    fn drop(&mut self) {
+        tandem_telemetry::tracing::record_status(self.outcome);
+        let outcome = tandem_telemetry::metrics::code_name(self.outcome);
+        metrics::counter!("tandem_requests_total", "cluster" => self.cluster.clone(), "op" => self.op, "consistency" => self.consistency, "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("tandem_request_duration_seconds", "cluster" => self.cluster.clone(), "op" => self.op)
+            .record(self.start.elapsed().as_secs_f64());
+        metrics::gauge!("tandem_requests_in_flight", "cluster" => self.cluster.clone(), "op" => self.op).decrement(1);
+    }
+}
+
+/// Sets the node's gauges from what GetClusterInfo reports. Reads directory sizes: call it off
+/// the async runtime (server.rs runs it every second on a blocking thread).
+///
+/// A dropped collection's series keep their last value (the `metrics` facade cannot remove a
+/// series); they disappear when the process restarts.
+pub fn record_gauges(node: &Node) {
+    let cluster: Arc<str> = node.opts.cluster_id.as_str().into();
+    for st in collection_statuses(node) {
+        let labels = [("cluster", cluster.to_string()), ("collection", st.name)];
+        metrics::gauge!("tandem_collection_rows", &labels).set(st.rows as f64);
+        metrics::gauge!("tandem_collection_serviceable_lag_ms", &labels).set(st.lag_ms as f64);
+        metrics::gauge!("tandem_collection_memory_bytes", &labels).set(st.memory_bytes as f64);
+        metrics::gauge!("tandem_collection_disk_bytes", &labels).set(st.disk_bytes as f64);
+    }
+    let role = node.role();
+    for r in ROLES {
+        metrics::gauge!("tandem_cluster_role", "cluster" => cluster.clone(), "role" => role_label(r)).set(f64::from(u8::from(r == role)));
+    }
+    metrics::gauge!("tandem_cluster_epoch", "cluster" => cluster).set(node.epoch() as f64);
 }
 
 #[cfg(test)]
@@ -532,5 +723,16 @@ mod tests {
         assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
         assert_eq!(parse_grpc_timeout("x"), None);
         assert_eq!(parse_grpc_timeout(""), None);
+    }
+
+    #[test]
+    fn reads_are_labelled_with_the_level_they_are_served_at() {
+        let at = |c: i32| consistency_label(Some(&pb::ReadOptions { consistency: c, ..Default::default() }));
+        assert_eq!(at(pb::ConsistencyLevel::Strong as i32), "strong");
+        assert_eq!(at(pb::ConsistencyLevel::Bounded as i32), "bounded");
+        assert_eq!(at(pb::ConsistencyLevel::Eventually as i32), "eventually");
+        assert_eq!(at(pb::ConsistencyLevel::Unspecified as i32), "session");
+        assert_eq!(consistency_label(None), "session");
+        assert_eq!(at(99), "invalid");
     }
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::bail;
 use tandem_cluster::server;
 
-use super::{LogFormat, init_tracing};
+use super::LogFormat;
 use crate::config::{ConfigOverrides, load_cluster_config_with};
 
 #[derive(Debug, clap::Args)]
@@ -48,7 +48,6 @@ pub enum RoleArg {
 }
 
 pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
-    init_tracing("info", a.log_format);
     let role = a.role.map(|r| match r {
         RoleArg::Leading => tandem_cluster::Role::Leading,
         RoleArg::Alternative => tandem_cluster::Role::Alternative,
@@ -62,8 +61,19 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
         follow: a.follow.clone(),
     };
     let cfg = load_cluster_config_with(a.config.as_deref(), std::env::vars(), &overrides)?;
+    // Held until the end of `run`: dropping it flushes the spans still buffered.
+    let _traces = tandem_telemetry::tracing::init("info", a.log_format.into(), &cfg.telemetry.otlp_endpoint, "tandem-cluster")?;
     let id = cfg.cluster_id.clone();
     let running = server::start(cfg.clone()).await?;
+    let stop_metrics = tokio_util::sync::CancellationToken::new();
+    let metrics = if cfg.telemetry.metrics_listen.is_empty() {
+        None
+    } else {
+        let m = tandem_telemetry::metrics::serve(&cfg.telemetry.metrics_listen, stop_metrics.clone()).await?;
+        // Scripts and tests wait for this line to learn the address (port 0 picks one).
+        println!("tandem cluster {id} metrics on http://{}/metrics", m.addr);
+        Some(m)
+    };
     let replication = crate::replication::start(&running, &cfg).await?;
     // Scripts and tests wait for this exact line to learn the address (port 0 picks one).
     println!("tandem cluster {id} listening on {}", running.addr);
@@ -79,6 +89,11 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
         s = shutdown_signal() => {
             bail!("{} during shutdown; exiting without waiting for requests in flight", s?)
         }
+    }
+    // Metrics stay scrapeable while the node drains; they stop last.
+    stop_metrics.cancel();
+    if let Some(m) = metrics {
+        m.task.await??;
     }
     tracing::info!("stopped");
     Ok(())

@@ -71,18 +71,21 @@ pub enum LogFormat {
     Json,
 }
 
+impl From<LogFormat> for tandem_telemetry::tracing::LogFormat {
+    fn from(f: LogFormat) -> Self {
+        match f {
+            LogFormat::Text => tandem_telemetry::tracing::LogFormat::Text,
+            LogFormat::Json => tandem_telemetry::tracing::LogFormat::Json,
+        }
+    }
+}
+
 /// Logs go to stderr (stdout carries command output); `RUST_LOG` overrides `default_filter`.
 /// A second call is a no-op, so in-process callers (tests, the demo) may call it freely.
+/// Commands that export traces use [`tandem_telemetry::tracing::init`] directly.
 pub fn init_tracing(default_filter: &str, format: LogFormat) {
-    use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
-    // Colour codes only for a person watching, not for log files and collectors.
-    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
-    let _ = match format {
-        LogFormat::Text => builder.try_init(),
-        LogFormat::Json => builder.json().try_init(),
-    };
+    // Without an OTLP endpoint nothing can fail, and the guard holds nothing.
+    let _ = tandem_telemetry::tracing::init(default_filter, format.into(), "", "tandem");
 }
 
 /// Read consistency flags, shared by the read commands.
