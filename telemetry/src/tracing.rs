@@ -333,10 +333,10 @@ mod tests {
 
     #[test]
     fn an_endpoint_without_a_runtime_or_scheme_is_a_clear_error() {
-        let e = otlp_provider("http://127.0.0.1:4317", "t").err().expect("no runtime");
+        let e = otlp_provider("http://127.0.0.1:4317", "t").expect_err("no runtime");
         assert!(e.to_string().contains("tokio runtime"), "{e}");
         let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
-        let e = rt.block_on(async { otlp_provider("127.0.0.1:4317", "t").err().expect("no scheme") });
+        let e = rt.block_on(async { otlp_provider("127.0.0.1:4317", "t").expect_err("no scheme") });
         assert!(e.to_string().contains("127.0.0.1:4317"), "{e}");
     }
 }
