@@ -95,7 +95,7 @@ fn search(collection: &str, top_k: u32, level: pb::ConsistencyLevel) -> pb::Sear
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requests_are_counted_by_op_consistency_and_outcome() {
-    let (lead, alt) = ("obs-lead", "obs-alt");
+    let (lead, alt) = ("obs_lead", "obs_alt");
     let sb = Sandbox::builder().leading(lead).alternative(alt, lead).build().await;
     let stop = CancellationToken::new();
     let srv = tandem_telemetry::metrics::serve("127.0.0.1:0", stop.clone()).await.expect("serve /metrics");
@@ -184,7 +184,7 @@ async fn requests_are_counted_by_op_consistency_and_outcome() {
 /// DEADLINE_EXCEEDED explanation, although the node is stopped while it waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_requests_in_flight() {
-    let id = "obs-drain";
+    let id = "obs_drain";
     let sb = Sandbox::builder().cluster_with(id, |cfg| cfg.read.max_wait_ms = 2_000).build().await;
     let mut c = sb.client(id).await;
     create(&mut c, "docs").await;
@@ -246,7 +246,7 @@ async fn a_cluster_request_span_is_a_child_of_the_callers_span() {
     use opentelemetry::trace::TraceContextExt;
     use tracing_opentelemetry::OpenTelemetrySpanExt;
     let captured = captured_spans();
-    let id = "obs-trace";
+    let id = "obs_trace";
     let sb = Sandbox::builder().cluster(id).build().await;
     let mut c = sb.client(id).await;
     create(&mut c, "docs").await;
@@ -274,4 +274,68 @@ async fn a_cluster_request_span_is_a_child_of_the_callers_span() {
     assert_eq!(server.span_kind, opentelemetry::trace::SpanKind::Server);
     let status = server.attributes.iter().find(|kv| kv.key.as_str() == "rpc.grpc.status_code").map(|kv| kv.value.to_string());
     assert_eq!(status.as_deref(), Some("0"), "{:?}", server.attributes);
+}
+
+// ---- the binary -----------------------------------------------------------------------------
+
+/// Kills the child when the test ends, whatever happens.
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `tandem cluster` with `telemetry.metrics_listen` set serves `/metrics` (port 0: it prints the
+/// address), counts requests under its cluster id, and exits cleanly on SIGTERM.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tandem_cluster_serves_metrics_when_configured() {
+    use std::io::BufRead;
+    let dir = tempfile::tempdir().unwrap();
+    let id = "obs_proc";
+    let mut child = Child(
+        std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+            .args(["cluster", "--listen", "127.0.0.1:0", "--cluster-id", id, "--data-dir"])
+            .arg(dir.path())
+            .env("TANDEM__TELEMETRY__METRICS_LISTEN", "127.0.0.1:0")
+            .env("RUST_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("spawn tandem cluster"),
+    );
+    let stdout = child.0.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let (mut grpc, mut metrics) = (None, None);
+    while grpc.is_none() || metrics.is_none() {
+        let line = rx.recv_timeout(Duration::from_secs(60)).expect("tandem cluster printed its addresses");
+        if let Some(a) = line.split(" listening on ").nth(1) {
+            grpc = Some(a.trim().parse::<SocketAddr>().unwrap());
+        }
+        if let Some(a) = line.split(" metrics on http://").nth(1) {
+            metrics = Some(a.trim().trim_end_matches("/metrics").parse::<SocketAddr>().unwrap());
+        }
+    }
+    let (grpc, metrics) = (grpc.unwrap(), metrics.unwrap());
+    let mut c = sandbox::connect(grpc).await;
+    c.get_cluster_info(pb::GetClusterInfoRequest {}).await.expect("cluster info");
+    let m = parse(&scrape(metrics).await);
+    assert_eq!(requests(&m, id, "get_cluster_info", "none", "OK"), 1.0);
+    eventually(Duration::from_secs(30), || async {
+        value(&parse(&scrape(metrics).await), "tandem_cluster_role", &[("cluster", id), ("role", "leading")]) == Some(1.0)
+    })
+    .await;
+
+    #[allow(unsafe_code)] // SIGTERM to our own child: the graceful path a supervisor takes
+    let sent = unsafe { libc::kill(child.0.id() as i32, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let status = tokio::task::spawn_blocking(move || child.0.wait()).await.unwrap().unwrap();
+    assert!(status.success(), "tandem cluster exited with {status}");
+    assert!(tokio::net::TcpStream::connect(metrics).await.is_err(), "/metrics still served after exit");
 }
