@@ -57,9 +57,13 @@ impl TracingGuard {
 
 impl Drop for TracingGuard {
     fn drop(&mut self) {
-        if let Some(p) = self.provider.take()
-            && let Err(e) = p.shutdown()
-        {
+        let Some(p) = self.provider.take() else { return };
+        // Shutdown blocks until the last batch is exported, and the exporter's channel runs on
+        // the tokio runtime: on a runtime worker, hand the worker's other tasks over first.
+        let multi_thread =
+            tokio::runtime::Handle::try_current().is_ok_and(|h| h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread);
+        let r = if multi_thread { tokio::task::block_in_place(|| p.shutdown()) } else { p.shutdown() };
+        if let Err(e) = r {
             eprintln!("warning: flushing traces at exit: {e}");
         }
     }

@@ -44,8 +44,9 @@ impl TraceService for Collector {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn spans_are_exported_with_the_callers_span_as_parent() {
+/// A fake OTLP collector on a free port: (collector, its address, stop, server task).
+async fn start_collector()
+-> (Collector, std::net::SocketAddr, tokio_util::sync::CancellationToken, tokio::task::JoinHandle<Result<(), tonic::transport::Error>>) {
     let collector = Collector::default();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -55,6 +56,32 @@ async fn spans_are_exported_with_the_callers_span_as_parent() {
             .add_service(TraceServiceServer::new(collector.clone()))
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), stop.clone().cancelled_owned()),
     );
+    (collector, addr, stop, server)
+}
+
+/// `init` with an endpoint installs the process's subscriber with an exporting layer; dropping
+/// the guard flushes what is buffered (here: on a runtime worker, the CLI's case).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn init_exports_spans_and_dropping_the_guard_flushes_them() {
+    let (collector, addr, stop, server) = start_collector().await;
+    let guard = tandem_telemetry::tracing::init("info", tandem_telemetry::tracing::LogFormat::Json, &format!("http://{addr}"), "init-test")
+        .expect("init");
+    assert!(guard.exporting());
+    tracing::info_span!("exported by init").in_scope(|| tracing::info!("inside"));
+    drop(guard);
+    let spans = collector.spans.lock().unwrap().clone();
+    let span = spans.iter().find(|(_, s)| s.name == "exported by init").unwrap_or_else(|| panic!("not flushed: {spans:?}"));
+    assert!(span.0.contains("init-test"), "service.name: {}", span.0);
+    // A second init (another component in the same process) changes nothing.
+    let again = tandem_telemetry::tracing::init("info", tandem_telemetry::tracing::LogFormat::Text, "", "x").unwrap();
+    assert!(!again.exporting());
+    stop.cancel();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_are_exported_with_the_callers_span_as_parent() {
+    let (collector, addr, stop, server) = start_collector().await;
 
     let provider = otlp_provider(&format!("http://{addr}"), "telemetry-test").unwrap();
     let subscriber = tracing_subscriber::registry().with(otel_layer(&provider));
