@@ -114,7 +114,7 @@ async fn malformed_values_are_skipped_and_later_good_ones_arrive() {
     // ... and arriving through the watch: bad JSON, an id that differs from the key.
     c.put(format!("{PREFIX}junk2"), "{\"id\":", None).await.unwrap();
     c.put(format!("{PREFIX}x"), serde_json::to_string(&reg("y", 9)).unwrap(), None).await.unwrap();
-    let r = start(&etcd, reg("a", 1), 30).await;
+    let r = start(&etcd, reg("a", 1), 600).await;
     assert_eq!(next(&mut w).await, Change::Up(reg("a", 1)));
     // A good registration overwritten with garbage: that cluster is no longer known.
     c.put(format!("{PREFIX}b"), serde_json::to_string(&reg("b", 2)).unwrap(), None).await.unwrap();
@@ -132,8 +132,8 @@ async fn malformed_values_are_skipped_and_later_good_ones_arrive() {
 #[tokio::test]
 async fn a_later_watcher_sees_the_current_set() {
     let etcd = Etcd::start().await;
-    let a = start(&etcd, reg("a", 1), 30).await;
-    let b = start(&etcd, reg("b", 2), 30).await;
+    let a = start(&etcd, reg("a", 1), 600).await;
+    let b = start(&etcd, reg("b", 2), 600).await;
     let mut w1 = watch(etcd.endpoints(), PREFIX.into()).await.unwrap();
     let mut first = vec![next(&mut w1).await, next(&mut w1).await];
     first.sort_by_key(|c| format!("{c:?}"));
@@ -144,13 +144,13 @@ async fn a_later_watcher_sees_the_current_set() {
     // Only b is registered now; nothing about a reaches the new watcher.
     let mut w2 = watch(etcd.endpoints(), PREFIX.into()).await.unwrap();
     assert_eq!(next(&mut w2).await, Change::Up(reg("b", 2)));
-    let c = start(&etcd, reg("c", 3), 30).await;
+    let c = start(&etcd, reg("c", 3), 600).await;
     assert_eq!(next(&mut w2).await, Change::Up(reg("c", 3)));
     assert_eq!(next(&mut w1).await, Change::Up(reg("c", 3)));
     // A changed registration (same id, new endpoint) is an Up with the new content.
     b.stop().await;
     assert_eq!(next(&mut w2).await, Change::Down { id: "b".into() });
-    let b2 = start(&etcd, reg("b", 20), 30).await;
+    let b2 = start(&etcd, reg("b", 20), 600).await;
     assert_eq!(next(&mut w2).await, Change::Up(reg("b", 20)));
     c.stop().await;
     b2.stop().await;
@@ -199,7 +199,7 @@ async fn a_registrant_registers_again_when_etcd_lost_everything() {
     // only the store with the key back (nothing changed) depends on who reconnected first.
     // Everything up to a marker registration that follows the revoke tells.
     a.stop().await;
-    let m = start(&etcd, reg("marker", 9), 30).await;
+    let m = start(&etcd, reg("marker", 9), 600).await;
     let mut seen = Vec::new();
     loop {
         match next(&mut w).await {
