@@ -2,15 +2,14 @@
 //! with a lease, watchers see them come and go, through revokes, expiries, bad values and etcd
 //! restarts.
 
-#[allow(dead_code)]
 mod sandbox;
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, StreamExt};
 use sandbox::etcd::Etcd;
-use tandem_discovery::etcd::{register, watch};
-use tandem_discovery::{Change, Registration};
+use tandem_discovery::etcd::{Lease, connect, register, watch};
+use tandem_discovery::{Change, DiscoveryError, Registration};
 use tokio_util::sync::CancellationToken;
 
 const PREFIX: &str = "/tandem/clusters/";
@@ -242,4 +241,36 @@ async fn tandem_cluster_registers_and_leaves_on_shutdown() {
     assert!(status.success());
     assert_eq!(next(&mut w).await, Change::Down { id: "east".into() });
     drop(p);
+}
+
+/// The lease plumbing the arbiter builds on: renewals report how long the lease is certainly
+/// valid, and a revoked lease ends the keep-alive with LeaseLost.
+#[tokio::test]
+async fn lease_renewals_report_validity_and_a_revoke_is_lease_lost() {
+    let etcd = Etcd::start().await;
+    let client = connect(&etcd.endpoints()).await.unwrap();
+    let lease = Lease::grant(&client, &etcd.endpoints(), 2).await.unwrap();
+    assert_eq!(lease.ttl(), Duration::from_secs(2));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+    let cancel = CancellationToken::new();
+    let keeper = {
+        let (lease, cancel) = (lease.clone(), cancel.clone());
+        tokio::spawn(async move { lease.keep_alive_with(&cancel, |until| tx.send(until).unwrap()).await })
+    };
+    let mut last = None;
+    for _ in 0..3 {
+        let until: Instant = tokio::time::timeout(PATIENCE, rx.recv()).await.unwrap().unwrap();
+        assert!(until > Instant::now(), "a renewal just confirmed is valid for a while");
+        assert!(last.is_none_or(|l| until > l), "each renewal extends the validity");
+        last = Some(until);
+    }
+    lease.revoke().await.unwrap();
+    let r = tokio::time::timeout(PATIENCE, keeper).await.unwrap().unwrap();
+    assert!(matches!(r, Err(DiscoveryError::LeaseLost { .. })), "{r:?}");
+    assert!(r.unwrap_err().is_transient());
+    // Granting again works; cancelling the keep-alive is a clean stop.
+    let lease = Lease::grant(&client, &etcd.endpoints(), 2).await.unwrap();
+    let cancel = CancellationToken::new();
+    cancel.cancel();
+    lease.keep_alive(&cancel).await.unwrap();
 }

@@ -21,7 +21,7 @@
 
 use std::collections::BTreeMap;
 use std::future::Future;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use etcd_client::{Client, ConnectOptions, EventType, GetOptions, PutOptions, WatchOptions};
 use futures::stream::{BoxStream, StreamExt};
@@ -161,13 +161,22 @@ impl Lease {
     /// or was revoked), another error when etcd could not be reached (the lease may still be
     /// alive: try again with the same lease before its ttl runs out). Cancel-safe.
     pub async fn keep_alive(&self, cancel: &CancellationToken) -> Result<()> {
+        self.keep_alive_with(cancel, |_| {}).await
+    }
+
+    /// [`Lease::keep_alive`], calling `renewed(valid_until)` after each confirmed renewal:
+    /// `valid_until` is the send time of that renewal + the ttl etcd granted, a bound the lease
+    /// cannot outlive without a newer renewal (what a leader fences itself on).
+    pub async fn keep_alive_with(&self, cancel: &CancellationToken, mut renewed: impl FnMut(Instant)) -> Result<()> {
         let every = (self.ttl / 3).max(Duration::from_millis(100));
         let mut lc = self.client.lease_client();
         // Opening the stream sends (and awaits) a first renewal.
+        let sent = Instant::now();
         let (mut keeper, mut replies) = tokio::select! {
             r = call(&self.endpoints, "lease keep-alive", lc.keep_alive(self.id)) => r?,
             () = cancel.cancelled() => return Ok(()),
         };
+        renewed(sent + self.ttl);
         let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -175,8 +184,9 @@ impl Lease {
                 () = cancel.cancelled() => return Ok(()),
                 _ = tick.tick() => {}
             }
+            let sent = Instant::now();
             keeper.keep_alive().await.map_err(|e| etcd_error(&self.endpoints, e))?;
-            // A reply must come before the next renewal is due, or the lease is at risk.
+            // No reply within CALL_TIMEOUT: etcd counts as unreachable (the caller retries).
             let reply = tokio::select! {
                 r = call(&self.endpoints, "lease keep-alive reply", replies.message()) => r?,
                 () = cancel.cancelled() => return Ok(()),
@@ -191,7 +201,7 @@ impl Lease {
                 Some(r) if r.ttl() <= 0 => {
                     return Err(DiscoveryError::LeaseLost { message: format!("lease {:x} expired", self.id) });
                 }
-                Some(_) => {}
+                Some(r) => renewed(sent + Duration::from_secs(r.ttl() as u64)),
             }
         }
     }
