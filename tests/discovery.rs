@@ -179,6 +179,19 @@ async fn registrations_and_watches_survive_an_etcd_restart() {
 }
 
 #[tokio::test]
+async fn registrant_and_watcher_wait_for_an_etcd_that_is_down_at_start() {
+    let mut etcd = Etcd::start().await;
+    etcd.kill();
+    // Neither fails: both retry in the background until etcd answers.
+    let mut w = watch(etcd.endpoints(), PREFIX.into()).await.unwrap();
+    let a = start(&etcd, reg("a", 1), 600).await;
+    etcd.restart().await;
+    assert_eq!(next(&mut w).await, Change::Up(reg("a", 1)));
+    a.stop().await;
+    assert_eq!(next(&mut w).await, Change::Down { id: "a".into() });
+}
+
+#[tokio::test]
 async fn a_registrant_registers_again_when_etcd_lost_everything() {
     let mut etcd = Etcd::start().await;
     let a = start(&etcd, reg("a", 1), 3).await;

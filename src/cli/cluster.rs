@@ -114,7 +114,12 @@ async fn register_in_etcd(cfg: &tandem_cluster::ClusterConfig, bound: std::net::
     }
     let reg = tandem_discovery::Registration { id: cfg.cluster_id.clone(), datacenter: cfg.datacenter.clone(), endpoint };
     let cancel = tokio_util::sync::CancellationToken::new();
-    let task = tandem_discovery::etcd::register(d.etcd.clone(), d.prefix.clone(), d.ttl_s, reg, cancel.clone()).await?;
+    let task = match tandem_discovery::etcd::register(d.etcd.clone(), d.prefix.clone(), d.ttl_s, reg, cancel.clone()).await {
+        Ok(t) => t,
+        // A bad endpoint is a configuration mistake (exit 64), not an outage.
+        Err(e) if !e.is_transient() => return Err(crate::config::InvalidConfig { problems: vec![e.to_string()] }.into()),
+        Err(e) => return Err(e.into()),
+    };
     Ok(Discovery(Some((cancel, task))))
 }
 
