@@ -31,10 +31,17 @@ ensure_rust() {
 }
 
 # What building tandem needs: faiss is compiled from source (cmake, a C++ compiler, BLAS/LAPACK);
-# librdkafka too (its cmake build includes curl's headers even with curl off).
+# librdkafka too (its cmake build includes curl's headers even with curl off); the etcd client
+# (etcd-client crate) compiles etcd's .proto files with protoc.
 ensure_build_deps() {
   ensure_rust
-  ensure_apt cmake g++ libopenblas-dev libcurl4-openssl-dev
+  ensure_apt cmake g++ libopenblas-dev libcurl4-openssl-dev protobuf-compiler
+}
+
+# A real etcd for the discovery (and arbiter) tests: Debian's etcd-server provides /usr/bin/etcd.
+# The tests start their own on free ports; the package's own service, if it starts, is not used.
+ensure_etcd() {
+  [ -x /usr/bin/etcd ] || ensure_apt etcd-server
 }
 
 # Tools installed by the scripts (tansu) live here.

@@ -3,6 +3,8 @@
 //! (config), and etcd (clusters register under a prefix with a lease; the gateway watches the
 //! prefix).
 
+pub mod etcd;
+
 use futures::stream::{self, BoxStream, StreamExt};
 use serde::{Deserialize, Serialize};
 
@@ -32,6 +34,11 @@ pub enum DiscoveryError {
     Etcd { endpoints: String, message: String },
     #[error("bad registration under {key}: {message}")]
     BadRegistration { key: String, message: String },
+    /// The lease is gone (expired or revoked): register again with a new one.
+    #[error("etcd lease lost: {message}")]
+    LeaseLost { message: String },
+    #[error("invalid discovery configuration: {0}")]
+    InvalidConfig(String),
 }
 
 impl DiscoveryError {
@@ -39,7 +46,8 @@ impl DiscoveryError {
     pub fn is_transient(&self) -> bool {
         match self {
             DiscoveryError::Etcd { .. } => true,
-            DiscoveryError::BadRegistration { .. } => false,
+            DiscoveryError::LeaseLost { .. } => true,
+            DiscoveryError::BadRegistration { .. } | DiscoveryError::InvalidConfig(_) => false,
         }
     }
 }

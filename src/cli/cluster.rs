@@ -77,9 +77,12 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     let replication = crate::replication::start(&running, &cfg).await?;
     // Scripts and tests wait for this exact line to learn the address (port 0 picks one).
     println!("tandem cluster {id} listening on {}", running.addr);
+    let discovery = register_in_etcd(&cfg, running.addr).await?;
 
     let signal = shutdown_signal().await?;
     tracing::info!(signal, "shutting down: draining requests in flight");
+    // Leave discovery first, so gateways stop routing here while requests drain.
+    discovery.stop().await;
     replication.stop();
     tokio::select! {
         r = running.stop() => r?,
@@ -97,6 +100,42 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     }
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The cluster's registration in etcd (`[discovery] etcd`), kept alive until [`Self::stop`].
+struct Discovery(Option<(tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>)>);
+
+impl Discovery {
+    /// Revokes the registration: gateways watching etcd see this cluster leave at once.
+    async fn stop(self) {
+        if let Some((cancel, task)) = self.0 {
+            cancel.cancel();
+            let _ = tokio::time::timeout(tandem_discovery::etcd::CALL_TIMEOUT * 2, task).await;
+        }
+    }
+}
+
+/// Registers under `<prefix><cluster_id>` with the advertised endpoint (or http:// + the bound
+/// address) when etcd endpoints are configured. etcd being down is not fatal: the registration
+/// retries in the background.
+async fn register_in_etcd(cfg: &tandem_cluster::ClusterConfig, bound: std::net::SocketAddr) -> anyhow::Result<Discovery> {
+    let d = &cfg.discovery;
+    if d.etcd.is_empty() {
+        return Ok(Discovery(None));
+    }
+    let endpoint = if cfg.advertise.is_empty() { format!("http://{bound}") } else { cfg.advertise.clone() };
+    if bound.ip().is_unspecified() && cfg.advertise.is_empty() {
+        tracing::warn!(endpoint, "registering an unspecified address: set `advertise` so gateways can reach this cluster");
+    }
+    let reg = tandem_discovery::Registration { id: cfg.cluster_id.clone(), datacenter: cfg.datacenter.clone(), endpoint };
+    let cancel = tokio_util::sync::CancellationToken::new();
+    let task = match tandem_discovery::etcd::register(d.etcd.clone(), d.prefix.clone(), d.ttl_s, reg, cancel.clone()).await {
+        Ok(t) => t,
+        // A bad endpoint is a configuration mistake (exit 64), not an outage.
+        Err(e) if !e.is_transient() => return Err(crate::config::InvalidConfig { problems: vec![e.to_string()] }.into()),
+        Err(e) => return Err(e.into()),
+    };
+    Ok(Discovery(Some((cancel, task))))
 }
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM and returns its name.

@@ -1,0 +1,148 @@
+//! A real etcd (Debian's `etcd-server`, /usr/bin/etcd 3.4) on free loopback ports in a temp data
+//! dir, for discovery and arbiter tests.
+//!
+//! ```ignore
+//! let mut etcd = Etcd::start().await;
+//! let endpoints = vec![etcd.endpoint()]; // "http://127.0.0.1:PORT"
+//! etcd.restart().await;                  // SIGKILL + start on the same ports and data dir
+//! drop(etcd);                            // kills it
+//! ```
+//!
+//! When the binary is missing the harness panics rather than letting tests skip (`scripts/test`
+//! installs it). `ETCD_BIN` overrides the path.
+#![allow(dead_code)]
+
+use std::net::{Ipv4Addr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+pub struct Etcd {
+    bin: PathBuf,
+    client_port: u16,
+    peer_port: u16,
+    /// Data dir (`data/`) and logs (`etcd-N.log`).
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    runs: u32,
+}
+
+impl Etcd {
+    /// Starts a one-member etcd and waits until it serves requests.
+    pub async fn start() -> Etcd {
+        let bin = PathBuf::from(std::env::var("ETCD_BIN").unwrap_or_else(|_| "/usr/bin/etcd".into()));
+        assert!(bin.exists(), "{} not found: install Debian's etcd-server (./scripts/test does)", bin.display());
+        // A free port can be taken between our probe and etcd's bind: retry with other ones.
+        let mut last = String::new();
+        for _ in 0..3 {
+            let dir = tempfile::Builder::new().prefix("etcd-").tempdir().expect("temp dir for etcd");
+            let mut e = Etcd { bin: bin.clone(), client_port: free_port(), peer_port: free_port(), dir, child: None, runs: 0 };
+            match e.launch().await {
+                Ok(()) => return e,
+                Err(err) => last = err,
+            }
+        }
+        panic!("etcd did not start: {last}");
+    }
+
+    /// The client URL, for `discovery.etcd`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.client_port)
+    }
+
+    pub fn endpoints(&self) -> Vec<String> {
+        vec![self.endpoint()]
+    }
+
+    /// SIGKILL (no clean shutdown), then waits for the process to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Kills etcd and starts it again on the same ports and data dir (its keys and leases
+    /// survive, as after a crash).
+    pub async fn restart(&mut self) {
+        self.kill();
+        if let Err(e) = self.launch().await {
+            panic!("etcd did not restart: {e}");
+        }
+    }
+
+    /// Kills etcd and starts an empty one on the same ports: as if etcd lost its data (every
+    /// key and lease gone, revisions start over).
+    pub async fn restart_empty(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+        if let Err(e) = self.launch().await {
+            panic!("etcd did not restart: {e}");
+        }
+    }
+
+    async fn launch(&mut self) -> Result<(), String> {
+        self.runs += 1;
+        let log_path = self.dir.path().join(format!("etcd-{}.log", self.runs));
+        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
+        let client = self.endpoint();
+        let peer = format!("http://127.0.0.1:{}", self.peer_port);
+        let child = Command::new(&self.bin)
+            .arg("--name")
+            .arg("sandbox")
+            .arg("--data-dir")
+            .arg(self.dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
+            .args(["--initial-cluster", &format!("sandbox={peer}")])
+            .args(["--initial-cluster-state", "new", "--initial-cluster-token", "tandem-sandbox"])
+            // A quick election after a restart; no metrics or debug listeners.
+            .args(["--heartbeat-interval", "50", "--election-timeout", "500", "--log-level", "warn"])
+            .env_clear()
+            .stdout(Stdio::from(log.try_clone().map_err(|e| e.to_string())?))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
+        self.child = Some(child);
+        let started = Instant::now();
+        loop {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                return Err(format!("etcd exited with {status}: {}", tail(&log_path)));
+            }
+            if self.answers().await {
+                return Ok(());
+            }
+            if started.elapsed() > READY_TIMEOUT {
+                self.kill();
+                return Err(format!("etcd not ready within {READY_TIMEOUT:?}: {}", tail(&log_path)));
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// True once a linearizable read succeeds (a leader is elected and the member serves).
+    async fn answers(&self) -> bool {
+        let opts = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(500)).with_timeout(Duration::from_secs(1));
+        let Ok(mut c) = etcd_client::Client::connect([self.endpoint()], Some(opts)).await else { return false };
+        c.get("/sandbox-probe", None).await.is_ok()
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port").local_addr().expect("local addr").port()
+}
+
+fn tail(path: &std::path::Path) -> String {
+    let s = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = s.lines().collect();
+    lines[lines.len().saturating_sub(20)..].join("\n")
+}
