@@ -185,7 +185,7 @@ async fn requests_are_counted_by_op_consistency_and_outcome() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shutdown_answers_requests_in_flight() {
     let id = "obs_drain";
-    let sb = Sandbox::builder().cluster_with(id, |cfg| cfg.read.max_wait_ms = 2_000).build().await;
+    let sb = Sandbox::builder().cluster_with(id, |cfg| cfg.read.max_wait_ms = 5_000).build().await;
     let mut c = sb.client(id).await;
     create(&mut c, "docs").await;
     c.insert(insert("docs", 0..4, 4)).await.expect("insert");
