@@ -12,8 +12,9 @@ pub enum ClientError {
     /// The endpoint string is not a usable URL.
     #[error("invalid endpoint {endpoint:?}: {reason}")]
     InvalidEndpoint { endpoint: String, reason: String },
-    /// Nothing answered at connect time (`Client::connect` connects eagerly).
-    #[error("cannot connect to {endpoint}: {source}")]
+    /// Nothing answered at connect time (`Client::connect` connects eagerly). The cause is the
+    /// error's `source()` (anyhow's `{:#}` prints both).
+    #[error("cannot connect to {endpoint}")]
     Connect {
         endpoint: String,
         #[source]

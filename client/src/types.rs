@@ -544,6 +544,8 @@ impl TryFrom<pb::CollectionInfo> for CollectionInfo {
     }
 }
 
+// Servers may add fields; `..Default::default()` keeps this compiling when they do.
+#[allow(clippy::needless_update)]
 impl From<&CollectionInfo> for pb::CollectionInfo {
     fn from(c: &CollectionInfo) -> Self {
         use pb::segment_info::State;
@@ -568,6 +570,7 @@ impl From<&CollectionInfo> for pb::CollectionInfo {
                 })
                 .collect(),
             serviceable_ts: c.serviceable_ts,
+            ..Default::default()
         }
     }
 }
@@ -639,6 +642,8 @@ impl From<pb::CollectionStatus> for CollectionStatus {
     }
 }
 
+// Servers may add fields; `..Default::default()` keeps this compiling when they do.
+#[allow(clippy::needless_update)]
 impl From<&CollectionStatus> for pb::CollectionStatus {
     fn from(c: &CollectionStatus) -> Self {
         pb::CollectionStatus {
@@ -651,6 +656,7 @@ impl From<&CollectionStatus> for pb::CollectionStatus {
             disk_bytes: c.disk_bytes,
             lag_ms: c.lag_ms,
             replication: c.replication.clone(),
+            ..Default::default()
         }
     }
 }
@@ -683,6 +689,8 @@ impl From<pb::GetClusterInfoResponse> for ClusterInfo {
     }
 }
 
+// Servers may add fields; `..Default::default()` keeps this compiling when they do.
+#[allow(clippy::needless_update)]
 impl From<&ClusterInfo> for pb::GetClusterInfoResponse {
     fn from(c: &ClusterInfo) -> Self {
         pb::GetClusterInfoResponse {
@@ -693,6 +701,8 @@ impl From<&ClusterInfo> for pb::GetClusterInfoResponse {
             collections: c.collections.iter().map(Into::into).collect(),
             version: c.version.clone(),
             leader: c.leader.clone(),
+            // Fields this SDK does not model yet keep their defaults.
+            ..Default::default()
         }
     }
 }
