@@ -178,6 +178,17 @@ async fn read_your_writes_on_the_alternative_with_the_leaders_session() {
     assert_eq!(e.code(), Code::FailedPrecondition, "{e}");
     assert_eq!(e.leader_hint(), Some(format!("http://{}", sb.addr("lead").await).as_str()), "{e}");
     assert!(!e.is_transient());
+
+    // The token is what holds a stale replica back: with replication stopped, the alternative
+    // has the 300 rows and not the next write. An EVENTUALLY read returns its stale count; a
+    // SESSION read carrying the write's token refuses to (it waits, then says how far behind).
+    sb.follower("alt").await.stop();
+    let w = leader.insert(C, rows(300..310)).await.unwrap();
+    let alt = alt_plain.with_session_token(&w.session_token).unwrap();
+    assert_eq!(alt.count(C).consistency(Consistency::Eventually).await.unwrap(), 300);
+    let e = alt.count(C).timeout(Duration::from_millis(500)).await.unwrap_err();
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e}");
+    assert_eq!(leader.count(C).await.unwrap(), 310);
 }
 
 #[tokio::test]
