@@ -622,7 +622,7 @@ pub struct CollectionStatus {
     pub disk_bytes: u64,
     /// How far behind the leader's clock the serviceable ts is (0 on the leader).
     pub lag_ms: u64,
-    /// On an alternative: "following", "bootstrapping", "halted: <reason>"; empty on a leader.
+    /// On an alternative: "following", "bootstrapping", `"halted: <reason>"`; empty on a leader.
     pub replication: String,
 }
 
