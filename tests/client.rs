@@ -321,3 +321,69 @@ async fn topology_against_a_cluster_says_it_is_not_a_gateway() {
     // The connection is still good for the cluster's own API.
     assert_eq!(c.cluster_info().await.unwrap().cluster_id, "lead");
 }
+
+/// `tandem collection|insert|search|info` run on the SDK: same output, server errors as before.
+#[tokio::test]
+async fn cli_commands_run_on_the_sdk() {
+    let sb = Sandbox::builder().leading("lead").build().await;
+    let endpoint = format!("http://{}", sb.addr("lead").await);
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("rows.jsonl");
+    std::fs::write(&file, "{\"id\": 1, \"vector\": [1, 0, 0], \"payload\": {\"tag\": \"a\"}}\n{\"id\": 2, \"vector\": [0, 1, 0]}\n")
+        .unwrap();
+    let tandem = |args: Vec<String>| {
+        let endpoint = endpoint.clone();
+        async move {
+            let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+                .args(&args)
+                .args(["--endpoint", &endpoint])
+                .output()
+                .await
+                .expect("run tandem");
+            (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    };
+    let args = |s: &str| s.split_whitespace().map(str::to_string).collect::<Vec<_>>();
+
+    let (code, out, err) = tandem(args("collection create docs --dim 3 --field tag:string")).await;
+    assert_eq!((code, out.trim()), (Some(0), "created collection \"docs\": dim 3, L2, FLAT, 1 shard"), "{err}");
+    let mut insert = args("insert --collection docs --file");
+    insert.push(file.display().to_string());
+    let (code, out, err) = tandem(insert.clone()).await;
+    assert_eq!(code, Some(0), "{err}");
+    assert!(out.starts_with("inserted 2 rows from"), "{out}");
+    let (code, _, err) = tandem(insert).await;
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: 2 id(s) already exist in collection \"docs\""), "{err}");
+
+    let (code, out, err) = tandem(args("search --collection docs --vector 1,0,0 --top-k 1 --consistency session --json")).await;
+    assert_eq!(code, Some(0), "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["results"][0][0]["id"], 1);
+    assert_eq!(v["results"][0][0]["payload"]["tag"], "a");
+    assert!(v["session_token"].as_str().unwrap().starts_with("t1-"), "{out}");
+    let (code, out, _) = tandem(args("search --collection docs --vector 0,1,0 --top-k 2")).await;
+    assert_eq!(code, Some(0));
+    assert_eq!(out.lines().next(), Some("query 0: 2 hits"), "{out}");
+    assert!(out.lines().nth(2).unwrap().split_whitespace().take(3).eq(["1", "2", "0.000000"]), "{out}");
+
+    let (code, _, err) = tandem(args("search --collection docs --vector 1,0")).await;
+    assert_eq!(code, Some(1));
+    assert!(err.starts_with("error: search: wrong vector dimension"), "{err}");
+    let (code, _, err) = tandem(args("search --collection docs --vector 1,0,0 --session-token junk")).await;
+    assert_eq!(code, Some(1));
+    assert!(err.contains("invalid session token \"junk\""), "{err}");
+
+    let (code, out, _) = tandem(args("info --json")).await;
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["cluster_id"].as_str(), v["collections"][0]["rows"].as_u64()), (Some("lead"), Some(2)));
+    let (code, out, _) = tandem(args("collection describe docs --json")).await;
+    assert_eq!(code, Some(0));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!((v["dim"].as_u64(), v["fields"][0]["type"].as_str()), (Some(3), Some("string")));
+    let (code, out, _) = tandem(args("collection drop docs")).await;
+    assert_eq!((code, out.trim()), (Some(0), "dropped collection \"docs\""));
+    let (code, out, _) = tandem(args("collection list --json")).await;
+    assert_eq!((code, out.trim()), (Some(0), "[]"));
+}
