@@ -1,9 +1,10 @@
 //! `tandem collection create|list|describe|drop`: collection DDL.
 
 use anyhow::bail;
+use tandem_client::{CollectionSpec, FieldType, Index, Metric};
 use tandem_proto::v1 as pb;
 
-use super::{ConnectArgs, RpcResult, connect, fmt_ts, table};
+use super::{ConnectArgs, client, fmt_ts, table};
 
 #[derive(Debug, clap::Subcommand)]
 pub enum CollectionCmd {
@@ -42,7 +43,7 @@ pub enum IndexArg {
 #[derive(Debug, Clone, PartialEq)]
 pub struct FieldArg {
     pub name: String,
-    pub ty: pb::ScalarType,
+    pub ty: FieldType,
 }
 
 impl std::str::FromStr for FieldArg {
@@ -53,10 +54,10 @@ impl std::str::FromStr for FieldArg {
             return Err(format!("field {s:?} has no type: write NAME:TYPE with TYPE int64, double, bool or string"));
         };
         let ty = match ty.trim().to_ascii_lowercase().as_str() {
-            "int64" | "int" => pb::ScalarType::Int64,
-            "double" | "float" | "float64" => pb::ScalarType::Double,
-            "bool" => pb::ScalarType::Bool,
-            "string" | "str" => pb::ScalarType::String,
+            "int64" | "int" => FieldType::Int64,
+            "double" | "float" | "float64" => FieldType::Double,
+            "bool" => FieldType::Bool,
+            "string" | "str" => FieldType::String,
             other => return Err(format!("field {name:?} has unknown type {other:?}: use int64, double, bool or string")),
         };
         Ok(FieldArg { name: name.trim().to_string(), ty })
@@ -124,8 +125,7 @@ pub async fn run(cmd: CollectionCmd) -> anyhow::Result<()> {
     match cmd {
         CollectionCmd::Create(a) => create(a).await,
         CollectionCmd::List(a) => {
-            let mut client = connect(&a.conn.endpoint).await?;
-            let names = client.list_collections(pb::ListCollectionsRequest {}).await.rpc()?.names;
+            let names = client(&a.conn.endpoint).await?.list_collections().await?;
             if a.json {
                 println!("{}", serde_json::to_string(&names)?);
             } else {
@@ -136,9 +136,8 @@ pub async fn run(cmd: CollectionCmd) -> anyhow::Result<()> {
             Ok(())
         }
         CollectionCmd::Describe(a) => {
-            let mut client = connect(&a.conn.endpoint).await?;
-            let req = pb::DescribeCollectionRequest { name: a.name.clone() };
-            let info = client.describe_collection(req).await.rpc()?.collection.unwrap_or_default();
+            let info = client(&a.conn.endpoint).await?.describe_collection(&a.name).await?;
+            let info = pb::CollectionInfo::from(&info);
             if a.json {
                 println!("{}", serde_json::to_string_pretty(&collection_json(&info))?);
             } else {
@@ -147,8 +146,7 @@ pub async fn run(cmd: CollectionCmd) -> anyhow::Result<()> {
             Ok(())
         }
         CollectionCmd::Drop(a) => {
-            let mut client = connect(&a.conn.endpoint).await?;
-            client.drop_collection(pb::DropCollectionRequest { name: a.name.clone() }).await.rpc()?;
+            client(&a.conn.endpoint).await?.drop_collection(&a.name).await?;
             println!("dropped collection {:?}", a.name);
             Ok(())
         }
@@ -157,8 +155,7 @@ pub async fn run(cmd: CollectionCmd) -> anyhow::Result<()> {
 
 /// The schema `create` sends; flags that do not apply to the chosen index are refused rather
 /// than silently ignored.
-pub fn schema_of(a: &CreateArgs) -> anyhow::Result<pb::CollectionSchema> {
-    use pb::index_spec::Kind;
+pub fn spec_of(a: &CreateArgs) -> anyhow::Result<CollectionSpec> {
     let index = match a.index {
         IndexArg::Flat | IndexArg::IvfFlat if a.m.is_some() || a.ef_construction.is_some() => {
             bail!("--m and --ef-construction apply to --index hnsw, not {}", flag_value(a.index))
@@ -166,23 +163,17 @@ pub fn schema_of(a: &CreateArgs) -> anyhow::Result<pb::CollectionSchema> {
         IndexArg::Flat | IndexArg::Hnsw if a.nlist.is_some() => {
             bail!("--nlist applies to --index ivf_flat, not {}", flag_value(a.index))
         }
-        IndexArg::Flat => Kind::Flat(pb::FlatIndex {}),
-        IndexArg::IvfFlat => Kind::IvfFlat(pb::IvfFlatIndex { nlist: a.nlist.unwrap_or(0) }),
-        IndexArg::Hnsw => Kind::Hnsw(pb::HnswIndex { m: a.m.unwrap_or(0), ef_construction: a.ef_construction.unwrap_or(0) }),
+        IndexArg::Flat => Index::Flat,
+        IndexArg::IvfFlat => Index::IvfFlat { nlist: a.nlist.unwrap_or(0) },
+        IndexArg::Hnsw => Index::Hnsw { m: a.m.unwrap_or(0), ef_construction: a.ef_construction.unwrap_or(0) },
     };
     let metric = match a.metric {
-        MetricArg::L2 => pb::Metric::L2,
-        MetricArg::Ip => pb::Metric::Ip,
-        MetricArg::Cosine => pb::Metric::Cosine,
+        MetricArg::L2 => Metric::L2,
+        MetricArg::Ip => Metric::Ip,
+        MetricArg::Cosine => Metric::Cosine,
     };
-    Ok(pb::CollectionSchema {
-        name: a.name.clone(),
-        dim: a.dim,
-        metric: metric as i32,
-        index: Some(pb::IndexSpec { kind: Some(index) }),
-        shards: a.shards,
-        fields: a.fields.iter().map(|f| pb::FieldSchema { name: f.name.clone(), r#type: f.ty as i32 }).collect(),
-    })
+    let spec = CollectionSpec::new(a.name.clone(), a.dim).metric(metric).index(index).shards(a.shards);
+    Ok(a.fields.iter().fold(spec, |s, f| s.field(f.name.clone(), f.ty)))
 }
 
 /// How a value-enum flag value is spelled on the command line.
@@ -191,10 +182,9 @@ fn flag_value(v: impl clap::ValueEnum) -> String {
 }
 
 async fn create(a: CreateArgs) -> anyhow::Result<()> {
-    let schema = schema_of(&a)?;
-    let mut client = connect(&a.conn.endpoint).await?;
-    let info = client.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.rpc()?.collection.unwrap_or_default();
-    let s = info.schema.unwrap_or_default();
+    let spec = spec_of(&a)?;
+    let info = client(&a.conn.endpoint).await?.create_collection(spec).await?;
+    let s = pb::CollectionInfo::from(&info).schema.unwrap_or_default();
     println!(
         "created collection {:?}: dim {}, {}, {}, {} shard{}",
         s.name,
@@ -326,10 +316,10 @@ mod tests {
         cmd: CollectionCmd,
     }
 
-    fn create(args: &[&str]) -> anyhow::Result<pb::CollectionSchema> {
+    fn create(args: &[&str]) -> anyhow::Result<CollectionSpec> {
         let t = T::try_parse_from(["t", "create"].iter().chain(args)).map_err(|e| anyhow::anyhow!("{e}"))?;
         let CollectionCmd::Create(c) = t.cmd else { unreachable!() };
-        schema_of(&c)
+        spec_of(&c)
     }
 
     #[test]
@@ -338,8 +328,9 @@ mod tests {
             create(&["docs", "--dim", "8", "--index", "hnsw", "--m", "8", "--field", "a:int64,b:string", "--field", "c:double"]).unwrap();
         assert_eq!(s.dim, 8);
         assert_eq!(s.fields.len(), 3);
-        assert_eq!(s.fields[1], pb::FieldSchema { name: "b".into(), r#type: pb::ScalarType::String as i32 });
-        assert!(matches!(s.index.unwrap().kind, Some(pb::index_spec::Kind::Hnsw(pb::HnswIndex { m: 8, ef_construction: 0 }))));
+        assert_eq!(s.fields[1], tandem_client::Field { name: "b".into(), ty: FieldType::String });
+        assert_eq!(s.index, Index::Hnsw { m: 8, ef_construction: 0 });
+        assert_eq!(s.shards, 1);
 
         let e = create(&["docs", "--dim", "8", "--nlist", "4"]).unwrap_err().to_string();
         assert!(e.contains("--nlist applies to --index ivf_flat"), "{e}");

@@ -2,7 +2,7 @@
 
 use tandem_proto::v1 as pb;
 
-use super::{ConnectArgs, RpcResult, connect, fmt_bytes, fmt_ts, table};
+use super::{ConnectArgs, client, fmt_bytes, fmt_ts, table};
 
 #[derive(Debug, clap::Args)]
 pub struct InfoArgs {
@@ -14,8 +14,8 @@ pub struct InfoArgs {
 }
 
 pub async fn run(a: InfoArgs) -> anyhow::Result<()> {
-    let mut client = connect(&a.conn.endpoint).await?;
-    let info = client.get_cluster_info(pb::GetClusterInfoRequest {}).await.rpc()?;
+    let info = client(&a.conn.endpoint).await?.cluster_info().await?;
+    let info = pb::GetClusterInfoResponse::from(&info);
     if a.json {
         println!("{}", serde_json::to_string_pretty(&info_json(&info))?);
     } else {

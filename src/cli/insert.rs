@@ -11,11 +11,9 @@ use anyhow::{Context, bail};
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use indicatif::{ProgressBar, ProgressStyle};
-use tandem_proto::v1 as pb;
-use tandem_proto::v1::tandem_client::TandemClient;
-use tonic::transport::Channel;
+use tandem_client::{Client, Rows};
 
-use super::{ConnectArgs, RpcResult, connect};
+use super::{ConnectArgs, client};
 use crate::readers::{Batch, Format, VectorFile};
 
 #[derive(Debug, clap::Args)]
@@ -58,10 +56,8 @@ pub async fn run(a: InsertArgs) -> anyhow::Result<()> {
     if a.upsert && a.concurrency > 1 {
         bail!("--concurrency {} with --upsert could apply two upserts of one id out of order: use 1", a.concurrency);
     }
-    let mut client = connect(&a.conn.endpoint).await?;
-    let req = pb::DescribeCollectionRequest { name: a.collection.clone() };
-    let info = client.describe_collection(req).await.rpc()?.collection.unwrap_or_default();
-    let dim = info.schema.map_or(0, |s| s.dim as usize);
+    let client = client(&a.conn.endpoint).await?;
+    let dim = client.describe_collection(&a.collection).await?.spec.dim as usize;
 
     let (path, format, start_id) = (a.file.clone(), a.format, a.start_id);
     let file = tokio::task::spawn_blocking(move || VectorFile::open(&path, format, start_id)).await??;
@@ -123,18 +119,20 @@ pub async fn run(a: InsertArgs) -> anyhow::Result<()> {
     );
     if a.flush {
         let started = Instant::now();
-        let r = client.flush(pb::FlushRequest { collection: a.collection.clone() }).await.rpc()?;
-        println!("flushed {} segments (sealed and indexed) in {:.2} s", r.sealed_segments, started.elapsed().as_secs_f64());
+        let sealed = client.flush(&a.collection).await?;
+        println!("flushed {sealed} segments (sealed and indexed) in {:.2} s", started.elapsed().as_secs_f64());
     }
     Ok(())
 }
 
-async fn write(mut client: TandemClient<Channel>, collection: String, upsert: bool, b: Batch) -> anyhow::Result<u64> {
+/// Clones of the client share its connection, so concurrent batches are multiplexed on it.
+async fn write(client: Client, collection: String, upsert: bool, b: Batch) -> anyhow::Result<u64> {
     let n = b.len() as u64;
+    let rows = Rows::columns_pb(b.ids, b.vectors, b.payloads);
     if upsert {
-        client.upsert(pb::UpsertRequest { ack: 0, collection, ids: b.ids, vectors: b.vectors, payloads: b.payloads }).await.rpc()?;
+        client.upsert(&collection, rows).await?;
     } else {
-        client.insert(pb::InsertRequest { ack: 0, collection, ids: b.ids, vectors: b.vectors, payloads: b.payloads }).await.rpc()?;
+        client.insert(&collection, rows).await?;
     }
     Ok(n)
 }

@@ -1,9 +1,10 @@
 //! The command-line commands: `tandem cluster` (serve a node) and the client commands that talk
 //! to a node or gateway over the public gRPC API (`collection`, `insert`, `search`, `info`).
 //!
-//! Every client goes through [`connect`], so the demo, the benchmarks and later the SDK build
-//! their channel the same way. Server errors reach the user as `error: <status message>`: the
-//! server's messages already name the bad value, so nothing is added to them.
+//! The client commands use the SDK (`tandem-client`) through [`client`]; the demo and the
+//! benchmarks get the generated gRPC client on the same kind of connection from [`connect`].
+//! Server errors reach the user as `error: <status message>`: the server's messages already
+//! name the bad value, so nothing is added to them.
 
 pub mod cluster;
 pub mod collection;
@@ -13,10 +14,10 @@ pub mod search;
 
 use std::time::Duration;
 
-use anyhow::Context;
+use tandem_client::{Client, ClientError};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 /// Where the client commands connect unless told otherwise (the cluster's default `listen`).
 pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:19530";
@@ -32,26 +33,34 @@ pub struct ConnectArgs {
     pub endpoint: String,
 }
 
-/// Connects to a cluster or gateway. `endpoint` is a URL (`http://host:port`); a bare
+/// Connects the SDK to a cluster or gateway. `endpoint` is a URL (`http://host:port`); a bare
 /// `host:port` means plain-text `http://`. Fails fast (5 s) when nothing answers, rather than
-/// on the first request.
-pub async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
-    let url = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
-    let ep = Endpoint::from_shared(url.clone())
-        .with_context(|| format!("invalid endpoint {endpoint:?}: expected a URL like {DEFAULT_ENDPOINT}"))?
+/// on the first request. `session_token` (may be empty) starts the client's session, so reads
+/// see the writes that token covers.
+pub async fn client_with_session(endpoint: &str, session_token: &str) -> anyhow::Result<Client> {
+    Ok(Client::builder(endpoint)
         .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true);
-    let channel = ep.connect().await.with_context(|| format!("cannot connect to {url}"))?;
-    Ok(TandemClient::new(channel).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES))
+        .max_message_bytes(MAX_MESSAGE_BYTES)
+        .session_token(session_token)
+        .connect()
+        .await?)
+}
+
+/// [`client_with_session`] with a fresh session.
+pub async fn client(endpoint: &str) -> anyhow::Result<Client> {
+    client_with_session(endpoint, "").await
+}
+
+/// The generated gRPC client on a connection made as [`client`] makes it, for code that speaks
+/// protobuf directly (the demo, the benchmarks).
+pub async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
+    Ok(client(endpoint).await?.raw())
 }
 
 /// A server error as the user should see it: its message alone, which names the bad value.
+/// (`tandem_client::ClientError` displays the same way.)
 pub fn status_error(s: tonic::Status) -> anyhow::Error {
-    if s.message().is_empty() {
-        anyhow::anyhow!("{} (grpc status {:?})", s.code().description(), s.code())
-    } else {
-        anyhow::anyhow!("{}", s.message())
-    }
+    ClientError::from(s).into()
 }
 
 /// `client.call(..).await.rpc()?`: unwraps a reply, turning a status into [`status_error`].
@@ -123,6 +132,17 @@ impl Consistency {
 }
 
 impl ReadArgs {
+    /// The SDK's consistency for these flags (the session token starts the client's session).
+    pub fn consistency(&self) -> tandem_client::Consistency {
+        use tandem_client::Consistency as C;
+        match self.consistency {
+            Consistency::Strong => C::Strong,
+            Consistency::Bounded => C::Bounded { staleness: Duration::from_millis(self.staleness_ms) },
+            Consistency::Session => C::Session,
+            Consistency::Eventually => C::Eventually,
+        }
+    }
+
     pub fn to_proto(&self) -> pb::ReadOptions {
         pb::ReadOptions {
             consistency: self.consistency.to_proto() as i32,

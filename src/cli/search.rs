@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use anyhow::{Context, bail};
 use tandem_proto::v1 as pb;
 
-use super::{ConnectArgs, ReadArgs, RpcResult, connect, fmt_payload, payload_json, table};
+use super::{ConnectArgs, ReadArgs, client_with_session, fmt_payload, payload_json, table};
 use crate::readers::{Format, VectorFile};
 
 /// Query vectors per request when reading them from a file (the server's default `limits.max_nq`
@@ -90,25 +90,24 @@ pub async fn run(a: SearchArgs) -> anyhow::Result<()> {
         (vs.concat(), dim)
     };
     let output_fields: Vec<String> = a.output_fields.iter().filter(|f| !f.is_empty()).cloned().collect();
-    let mut client = connect(&a.conn.endpoint).await?;
+    // The session starts at --session-token and follows every reply, so the chunks of a long
+    // query file are read at ever newer (never older) snapshots.
+    let client = client_with_session(&a.conn.endpoint, &a.read.session_token).await?;
     let mut results = Vec::new();
-    let mut token = a.read.session_token.clone();
     for chunk in vectors.chunks(QUERIES_PER_REQUEST * dim) {
-        let mut read = a.read.to_proto();
-        read.session_token = token.clone();
-        let req = pb::SearchRequest {
-            collection: a.collection.clone(),
-            vectors: chunk.to_vec(),
-            top_k: a.top_k,
-            filter: a.filter.clone(),
-            output_fields: output_fields.clone(),
-            params: Some(pb::SearchParams { nprobe: a.nprobe, ef_search: a.ef }),
-            read: Some(read),
-        };
-        let r = client.search(req).await.rpc()?;
-        results.extend(r.results);
-        token = r.session_token;
+        let hits = client
+            .search(&a.collection)
+            .vectors(chunk.chunks(dim))
+            .top_k(a.top_k)
+            .filter(a.filter.clone())
+            .output_fields(output_fields.clone())
+            .nprobe(a.nprobe)
+            .ef(a.ef)
+            .consistency(a.read.consistency())
+            .await?;
+        results.extend(hits.iter().map(|h| pb::Hits { hits: h.iter().map(pb::Hit::from).collect() }));
     }
+    let token = client.session_token().unwrap_or_default();
     if a.json {
         let out = serde_json::json!({ "results": results.iter().map(hits_json).collect::<Vec<_>>(), "session_token": token });
         println!("{}", serde_json::to_string_pretty(&out)?);

@@ -192,6 +192,17 @@ impl Sandbox {
         m.running = Some(running);
     }
 
+    /// Starts a stopped cluster again on its data directory and on `addr` (the address it had),
+    /// so clients holding that address reconnect to it.
+    pub async fn start_again_at(&self, name: &str, addr: SocketAddr) {
+        let mut m = self.member(name).lock().await;
+        let mut cfg = m.cfg.clone();
+        cfg.listen = addr.to_string();
+        let running = server::start(cfg.clone()).await.expect("start again on the same address");
+        m.repl = Some(tandem::replication::start(&running, &cfg).await.expect("start replication"));
+        m.running = Some(running);
+    }
+
     pub async fn stop(&self, name: &str) {
         let mut m = self.member(name).lock().await;
         if let Some(r) = m.repl.take() {

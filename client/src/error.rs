@@ -1,0 +1,123 @@
+//! The SDK's one error type, and the one place a `tonic::Status` becomes a [`ClientError`].
+
+use tandem_proto::session::BadToken;
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// Metadata key a cluster sets on a NotLeader status (FAILED_PRECONDITION): the leader's endpoint.
+pub const LEADER_METADATA: &str = "tandem-leader";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The endpoint string is not a usable URL.
+    #[error("invalid endpoint {endpoint:?}: {reason}")]
+    InvalidEndpoint { endpoint: String, reason: String },
+    /// Nothing answered at connect time (`Client::connect` connects eagerly). The cause is the
+    /// error's `source()` (anyhow's `{:#}` prints both).
+    #[error("cannot connect to {endpoint}")]
+    Connect {
+        endpoint: String,
+        #[source]
+        source: tonic::transport::Error,
+    },
+    /// Refused by the SDK before anything was sent; the message names the bad value.
+    #[error("{0}")]
+    InvalidInput(String),
+    /// A token that no reply returned, given to `with_session_token`.
+    #[error(transparent)]
+    BadToken(#[from] BadToken),
+    /// The server (or the transport under the call) answered with an error status. `message`
+    /// is the server's own, which names the bad value; `leader` is the leader hint a cluster
+    /// attaches when it refuses a write because it does not lead.
+    #[error("{}", status_text(*code, message))]
+    Status { code: tonic::Code, message: String, leader: Option<String> },
+    /// `topology()` against an endpoint that does not serve `tandem.v1.Gateway`.
+    #[error(
+        "{endpoint} is not a tandem gateway (it does not serve tandem.v1.Gateway/Topology): topology is a gateway call; a cluster describes itself with cluster_info()"
+    )]
+    NotAGateway { endpoint: String },
+}
+
+fn status_text(code: tonic::Code, message: &str) -> String {
+    if message.is_empty() { format!("{} (grpc status {code:?})", code.description()) } else { message.to_string() }
+}
+
+impl ClientError {
+    /// Whether the very same call may succeed if sent again soon: the endpoint was unreachable or
+    /// said it cannot serve right now (UNAVAILABLE). Reads are retried on exactly these.
+    ///
+    /// DEADLINE_EXCEEDED is not transient here: the call already used the caller's whole time
+    /// budget (a read waits up to its deadline for a lagging replica to catch up), so resending
+    /// it would double the wait the caller asked for. Everything else (bad input, not found,
+    /// not leader, internal errors) would fail the same way again.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ClientError::Connect { .. } => true,
+            ClientError::Status { code, .. } => *code == tonic::Code::Unavailable,
+            ClientError::InvalidEndpoint { .. }
+            | ClientError::InvalidInput(_)
+            | ClientError::BadToken(_)
+            | ClientError::NotAGateway { .. } => false,
+        }
+    }
+
+    /// The gRPC code of the failure; errors raised by the SDK itself get the code a server would
+    /// have used for them.
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            ClientError::InvalidEndpoint { .. } | ClientError::InvalidInput(_) | ClientError::BadToken(_) => tonic::Code::InvalidArgument,
+            ClientError::Connect { .. } => tonic::Code::Unavailable,
+            ClientError::Status { code, .. } => *code,
+            ClientError::NotAGateway { .. } => tonic::Code::Unimplemented,
+        }
+    }
+
+    /// The server's message for a status; the error's text otherwise.
+    pub fn message(&self) -> String {
+        match self {
+            ClientError::Status { message, .. } => message.clone(),
+            other => other.to_string(),
+        }
+    }
+
+    /// On a write refused by a cluster that does not lead: where the leader is, when known.
+    pub fn leader_hint(&self) -> Option<&str> {
+        match self {
+            ClientError::Status { leader, .. } => leader.as_deref(),
+            _ => None,
+        }
+    }
+
+    pub(crate) fn invalid(msg: impl Into<String>) -> Self {
+        ClientError::InvalidInput(msg.into())
+    }
+}
+
+impl From<tonic::Status> for ClientError {
+    fn from(s: tonic::Status) -> Self {
+        let leader = s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+        ClientError::Status { code: s.code(), message: s.message().to_string(), leader }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_keep_code_message_and_leader() {
+        let mut s = tonic::Status::failed_precondition("cluster b is alternative and does not accept writes; the leader is http://x:1");
+        s.metadata_mut().insert(LEADER_METADATA, "http://x:1".parse().unwrap());
+        let e = ClientError::from(s);
+        assert_eq!(e.code(), tonic::Code::FailedPrecondition);
+        assert_eq!(e.leader_hint(), Some("http://x:1"));
+        assert!(e.to_string().starts_with("cluster b is alternative"), "{e}");
+        assert!(!e.is_transient());
+
+        assert!(ClientError::from(tonic::Status::unavailable("replica lags")).is_transient());
+        assert!(!ClientError::from(tonic::Status::deadline_exceeded("lag 3s")).is_transient());
+        assert!(!ClientError::from(tonic::Status::invalid_argument("bad dim")).is_transient());
+        let bare = ClientError::from(tonic::Status::new(tonic::Code::Internal, ""));
+        assert!(bare.to_string().contains("grpc status Internal"), "{bare}");
+    }
+}
