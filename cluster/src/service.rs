@@ -511,6 +511,7 @@ impl pb::tandem_server::Tandem for ClusterService {
             collections,
             version: env!("CARGO_PKG_VERSION").to_string(),
             leader: self.node.leader().unwrap_or_default(),
+            datacenter: self.cfg.datacenter.clone(),
         }))
     }
 }
