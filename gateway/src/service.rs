@@ -341,9 +341,9 @@ impl Gateway {
         loop {
             leader.writes_routed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("tandem_gateway_routed_total", "cluster" => leader.id.clone(), "reason" => reason.as_str()).increment(1);
-            let handle = leader.track();
+            // Not metered: the latency meter ranks clusters for reads, and a write's fsync and
+            // export wait would make the leader look slow for reads.
             let result = call(leader.client.clone(), self.outbound(body.clone(), deadline, &md)).await;
-            drop(handle);
             match result {
                 Ok(resp) => {
                     if let Some(sid) = &session {
@@ -356,7 +356,7 @@ impl Gateway {
                     if is_connection_error(&s) {
                         leader.passive_error(s.message(), self.0.topo.health_config());
                     }
-                    let not_leader = s.code() == Code::FailedPrecondition && s.metadata().get(LEADER_METADATA).is_some();
+                    let not_leader = is_not_leader(&s);
                     if not_leader && !redirected && Instant::now() < deadline {
                         let hint = s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                         tracing::info!(cluster = %leader.id, leader = %hint, "NotLeader: refreshing the topology");
@@ -404,6 +404,12 @@ impl Gateway {
             .increment(1);
         metrics::histogram!("tandem_gateway_request_duration_seconds", "op" => op).record(started.elapsed().as_secs_f64());
     }
+}
+
+/// A cluster that does not lead refused the write. It names the leader in metadata when it
+/// knows it; one that does not (e.g. just demoted) is recognised by its message.
+fn is_not_leader(s: &Status) -> bool {
+    s.code() == Code::FailedPrecondition && (s.metadata().get(LEADER_METADATA).is_some() || s.message().contains("does not accept writes"))
 }
 
 fn session_id(md: &MetadataMap) -> Option<String> {
