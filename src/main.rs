@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run a cluster node until SIGTERM or Ctrl-C.
     Cluster(ClusterArgs),
+    /// Run the client-aware gateway in front of the clusters until SIGTERM or Ctrl-C.
+    Gateway(tandem::cli::gateway::GatewayArgs),
     /// Create, list, describe or drop collections.
     #[command(subcommand)]
     Collection(CollectionCmd),
@@ -58,6 +60,7 @@ enum BenchCmd {
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Cluster(a) => tandem::cli::cluster::run(a).await,
+        Command::Gateway(a) => tandem::cli::gateway::run(a).await,
         Command::Collection(c) => tandem::cli::collection::run(c).await,
         Command::Insert(a) => tandem::cli::insert::run(a).await,
         Command::Search(a) => tandem::cli::search::run(a).await,

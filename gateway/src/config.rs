@@ -75,6 +75,8 @@ pub struct RoutingConfig {
     /// Send a second copy of a read to another cluster when the first has not answered after
     /// this long; 0 = off.
     pub hedge_after_ms: u64,
+    /// Decay of the peak-EWMA latency estimate (p2c): how fast a latency spike is forgotten.
+    pub ewma_decay_ms: u64,
     /// Deadline of a request that carries none (grpc-timeout), and the cap of one that does.
     pub default_timeout_ms: u64,
     /// BOUNDED staleness assumed when a request gives none (a cluster's `read.default_staleness_ms`).
@@ -154,6 +156,7 @@ impl Default for RoutingConfig {
         RoutingConfig {
             policy: Policy::P2c,
             hedge_after_ms: 0,
+            ewma_decay_ms: 5_000,
             default_timeout_ms: 10_000,
             default_staleness_ms: 1_000,
             retry: RetryConfig::default(),
@@ -214,6 +217,9 @@ impl GatewayConfig {
                 "routing.hedge_after_ms = {} is not below routing.default_timeout_ms = {}: the hedge could never be sent",
                 r.hedge_after_ms, r.default_timeout_ms
             ));
+        }
+        if r.ewma_decay_ms == 0 {
+            p.push("routing.ewma_decay_ms = 0: must be at least 1".into());
         }
         if r.retry.ttl_s == 0 || r.retry.ttl_s > 60 {
             p.push(format!("routing.retry.ttl_s = {}: must be between 1 and 60", r.retry.ttl_s));

@@ -54,7 +54,12 @@ pub async fn start(cfg: GatewayConfig, membership: BoxStream<'static, Change>) -
     let addr = listener.local_addr().map_err(|e| GatewayError::Internal(e.to_string()))?;
     let shutdown = CancellationToken::new();
     let cfg = Arc::new(cfg);
-    let topo = Topology::new(cfg.health.clone(), cfg.max_message_bytes, shutdown.child_token());
+    let topo = Topology::new(
+        cfg.health.clone(),
+        cfg.max_message_bytes,
+        std::time::Duration::from_millis(cfg.routing.ewma_decay_ms),
+        shutdown.child_token(),
+    );
     let membership = topo.follow(membership);
     let gateway = Gateway::new(cfg.clone(), topo);
     let task = tokio::spawn(serve(gateway.clone(), cfg, listener, shutdown.clone()));

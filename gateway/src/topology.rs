@@ -155,7 +155,7 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    fn new(reg: &Registration, max_message_bytes: usize, connect_timeout: Duration) -> Result<Cluster, String> {
+    fn new(reg: &Registration, max_message_bytes: usize, connect_timeout: Duration, ewma_decay: Duration) -> Result<Cluster, String> {
         let ep = Endpoint::from_shared(reg.endpoint.clone())
             .map_err(|e| format!("invalid endpoint {:?}: {e}", reg.endpoint))?
             .connect_timeout(connect_timeout)
@@ -164,8 +164,8 @@ impl Cluster {
             .keep_alive_while_idle(true);
         let client =
             TandemClient::new(ep.connect_lazy()).max_decoding_message_size(max_message_bytes).max_encoding_message_size(max_message_bytes);
-        // 1 ms default RTT before any sample; 5 s decay (finagle's and linkerd's default).
-        let ewma = PeakEwma::new(Meter, Duration::from_millis(1), Duration::from_secs(5).as_nanos() as f64, KeepHandle);
+        // 1 ms RTT before any sample: a new cluster is tried soon, and its real latency takes over.
+        let ewma = PeakEwma::new(Meter, Duration::from_millis(1), ewma_decay.as_nanos() as f64, KeepHandle);
         Ok(Cluster {
             id: reg.id.clone(),
             endpoint: reg.endpoint.clone(),
@@ -279,12 +279,13 @@ pub struct Topology {
     clusters: RwLock<Arc<BTreeMap<String, Arc<Cluster>>>>,
     health: HealthConfig,
     max_message_bytes: usize,
+    ewma_decay: Duration,
     shutdown: CancellationToken,
 }
 
 impl Topology {
-    pub fn new(health: HealthConfig, max_message_bytes: usize, shutdown: CancellationToken) -> Arc<Topology> {
-        Arc::new(Topology { clusters: RwLock::new(Arc::new(BTreeMap::new())), health, max_message_bytes, shutdown })
+    pub fn new(health: HealthConfig, max_message_bytes: usize, ewma_decay: Duration, shutdown: CancellationToken) -> Arc<Topology> {
+        Arc::new(Topology { clusters: RwLock::new(Arc::new(BTreeMap::new())), health, max_message_bytes, ewma_decay, shutdown })
     }
 
     pub fn health_config(&self) -> &HealthConfig {
@@ -328,7 +329,7 @@ impl Topology {
         {
             return;
         }
-        let cluster = match Cluster::new(&reg, self.max_message_bytes, Duration::from_millis(self.health.timeout_ms)) {
+        let cluster = match Cluster::new(&reg, self.max_message_bytes, Duration::from_millis(self.health.timeout_ms), self.ewma_decay) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(cluster = %reg.id, "ignoring registration: {e}");
