@@ -55,6 +55,8 @@ enum BenchCmd {
     Search(SearchBenchArgs),
     /// Replication lag, consistent reads on an alternative, and bootstrap throughput.
     Replication(tandem::bench::replication::ReplicationBenchArgs),
+    /// Search latency and QPS through the gateway vs directly, and reads/s over 1-3 clusters.
+    Gateway(tandem::bench::gateway::GatewayBenchArgs),
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -69,6 +71,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         // The bench sets up its own logging, if any.
         Command::Bench(BenchCmd::Search(a)) => tandem::bench::search::run(a).await,
         Command::Bench(BenchCmd::Replication(a)) => tandem::bench::replication::run(a).await,
+        Command::Bench(BenchCmd::Gateway(a)) => tandem::bench::gateway::run(a).await,
     }
 }
 
