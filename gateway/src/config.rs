@@ -77,6 +77,8 @@ pub struct RoutingConfig {
     pub hedge_after_ms: u64,
     /// Decay of the peak-EWMA latency estimate (p2c): how fast a latency spike is forgotten.
     pub ewma_decay_ms: u64,
+    /// HTTP/2 connections to each cluster, used in turn.
+    pub connections_per_cluster: usize,
     /// Deadline of a request that carries none (grpc-timeout), and the cap of one that does.
     pub default_timeout_ms: u64,
     /// BOUNDED staleness assumed when a request gives none (a cluster's `read.default_staleness_ms`).
@@ -157,6 +159,7 @@ impl Default for RoutingConfig {
             policy: Policy::P2c,
             hedge_after_ms: 0,
             ewma_decay_ms: 5_000,
+            connections_per_cluster: 4,
             default_timeout_ms: 10_000,
             default_staleness_ms: 1_000,
             retry: RetryConfig::default(),
@@ -217,6 +220,9 @@ impl GatewayConfig {
                 "routing.hedge_after_ms = {} is not below routing.default_timeout_ms = {}: the hedge could never be sent",
                 r.hedge_after_ms, r.default_timeout_ms
             ));
+        }
+        if !(1..=64).contains(&r.connections_per_cluster) {
+            p.push(format!("routing.connections_per_cluster = {}: must be between 1 and 64", r.connections_per_cluster));
         }
         if r.ewma_decay_ms == 0 {
             p.push("routing.ewma_decay_ms = 0: must be at least 1".into());

@@ -3,6 +3,7 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::stream::BoxStream;
 use tandem_discovery::Change;
@@ -15,7 +16,7 @@ use tonic::codec::CompressionEncoding;
 use crate::config::GatewayConfig;
 use crate::error::{GatewayError, Result};
 use crate::service::Gateway;
-use crate::topology::Topology;
+use crate::topology::{ClusterOptions, Topology};
 
 /// A gateway being served.
 pub struct Running {
@@ -54,12 +55,13 @@ pub async fn start(cfg: GatewayConfig, membership: BoxStream<'static, Change>) -
     let addr = listener.local_addr().map_err(|e| GatewayError::Internal(e.to_string()))?;
     let shutdown = CancellationToken::new();
     let cfg = Arc::new(cfg);
-    let topo = Topology::new(
-        cfg.health.clone(),
-        cfg.max_message_bytes,
-        std::time::Duration::from_millis(cfg.routing.ewma_decay_ms),
-        shutdown.child_token(),
-    );
+    let options = ClusterOptions {
+        max_message_bytes: cfg.max_message_bytes,
+        connect_timeout: Duration::from_millis(cfg.health.timeout_ms),
+        ewma_decay: Duration::from_millis(cfg.routing.ewma_decay_ms),
+        connections: cfg.routing.connections_per_cluster,
+    };
+    let topo = Topology::new(cfg.health.clone(), options, shutdown.child_token());
     let membership = topo.follow(membership);
     let gateway = Gateway::new(cfg.clone(), topo);
     let task = tokio::spawn(serve(gateway.clone(), cfg, listener, shutdown.clone()));

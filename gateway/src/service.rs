@@ -253,7 +253,7 @@ impl Gateway {
             metrics::counter!("tandem_gateway_routed_total", "cluster" => cluster.id.clone(), "reason" => reason.as_str()).increment(1);
             let req = self.outbound(body.clone(), deadline, &md);
             let handle = cluster.track();
-            let fut = call(cluster.client.clone(), req);
+            let fut = call(cluster.client(), req);
             Ok(async move {
                 let r = fut.await;
                 drop(handle);
@@ -343,7 +343,7 @@ impl Gateway {
             metrics::counter!("tandem_gateway_routed_total", "cluster" => leader.id.clone(), "reason" => reason.as_str()).increment(1);
             // Not metered: the latency meter ranks clusters for reads, and a write's fsync and
             // export wait would make the leader look slow for reads.
-            let result = call(leader.client.clone(), self.outbound(body.clone(), deadline, &md)).await;
+            let result = call(leader.client(), self.outbound(body.clone(), deadline, &md)).await;
             match result {
                 Ok(resp) => {
                     if let Some(sid) = &session {

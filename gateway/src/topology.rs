@@ -146,7 +146,10 @@ pub struct Cluster {
     pub endpoint: String,
     /// From the registration; empty means "as the cluster reports".
     registered_dc: String,
-    pub client: TandemClient<Channel>,
+    /// Several HTTP/2 connections: one connection is served by one task, which would
+    /// serialise every request the gateway sends this cluster.
+    clients: Vec<TandemClient<Channel>>,
+    next_client: std::sync::atomic::AtomicUsize,
     ewma: Mutex<PeakEwma<Meter, KeepHandle>>,
     pub status: RwLock<Status>,
     pub reads_routed: AtomicU64,
@@ -155,22 +158,29 @@ pub struct Cluster {
 }
 
 impl Cluster {
-    fn new(reg: &Registration, max_message_bytes: usize, connect_timeout: Duration, ewma_decay: Duration) -> Result<Cluster, String> {
+    fn new(reg: &Registration, o: &ClusterOptions) -> Result<Cluster, String> {
+        let (max_message_bytes, connections) = (o.max_message_bytes, o.connections);
         let ep = Endpoint::from_shared(reg.endpoint.clone())
             .map_err(|e| format!("invalid endpoint {:?}: {e}", reg.endpoint))?
-            .connect_timeout(connect_timeout)
+            .connect_timeout(o.connect_timeout)
             .tcp_nodelay(true)
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_while_idle(true);
-        let client =
-            TandemClient::new(ep.connect_lazy()).max_decoding_message_size(max_message_bytes).max_encoding_message_size(max_message_bytes);
+        let clients = (0..connections.max(1))
+            .map(|_| {
+                TandemClient::new(ep.connect_lazy())
+                    .max_decoding_message_size(max_message_bytes)
+                    .max_encoding_message_size(max_message_bytes)
+            })
+            .collect();
         // 1 ms RTT before any sample: a new cluster is tried soon, and its real latency takes over.
-        let ewma = PeakEwma::new(Meter, Duration::from_millis(1), ewma_decay.as_nanos() as f64, KeepHandle);
+        let ewma = PeakEwma::new(Meter, Duration::from_millis(1), o.ewma_decay.as_nanos() as f64, KeepHandle);
         Ok(Cluster {
             id: reg.id.clone(),
             endpoint: reg.endpoint.clone(),
             registered_dc: reg.datacenter.clone(),
-            client,
+            clients,
+            next_client: std::sync::atomic::AtomicUsize::new(0),
             ewma: Mutex::new(ewma),
             status: RwLock::new(Status {
                 health: Health::Unknown,
@@ -184,6 +194,12 @@ impl Cluster {
             writes_routed: AtomicU64::new(0),
             stop: CancellationToken::new(),
         })
+    }
+
+    /// A client for one call (connections taken in turn).
+    pub fn client(&self) -> TandemClient<Channel> {
+        let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
+        self.clients[i].clone()
     }
 
     pub fn datacenter(&self) -> String {
@@ -246,7 +262,7 @@ impl Cluster {
     pub async fn check(&self, h: &HealthConfig) {
         let mut req = tonic::Request::new(pb::GetClusterInfoRequest {});
         req.set_timeout(Duration::from_millis(h.timeout_ms));
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let result = tokio::time::timeout(Duration::from_millis(h.timeout_ms), client.get_cluster_info(req)).await;
         let outcome = match result {
             Ok(Ok(r)) => {
@@ -274,18 +290,26 @@ impl Cluster {
     }
 }
 
+/// How the gateway talks to each cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub max_message_bytes: usize,
+    pub connect_timeout: Duration,
+    pub ewma_decay: Duration,
+    pub connections: usize,
+}
+
 /// Every cluster the gateway knows, by id.
 pub struct Topology {
     clusters: RwLock<Arc<BTreeMap<String, Arc<Cluster>>>>,
     health: HealthConfig,
-    max_message_bytes: usize,
-    ewma_decay: Duration,
+    options: ClusterOptions,
     shutdown: CancellationToken,
 }
 
 impl Topology {
-    pub fn new(health: HealthConfig, max_message_bytes: usize, ewma_decay: Duration, shutdown: CancellationToken) -> Arc<Topology> {
-        Arc::new(Topology { clusters: RwLock::new(Arc::new(BTreeMap::new())), health, max_message_bytes, ewma_decay, shutdown })
+    pub fn new(health: HealthConfig, options: ClusterOptions, shutdown: CancellationToken) -> Arc<Topology> {
+        Arc::new(Topology { clusters: RwLock::new(Arc::new(BTreeMap::new())), health, options, shutdown })
     }
 
     pub fn health_config(&self) -> &HealthConfig {
@@ -329,7 +353,7 @@ impl Topology {
         {
             return;
         }
-        let cluster = match Cluster::new(&reg, self.max_message_bytes, Duration::from_millis(self.health.timeout_ms), self.ewma_decay) {
+        let cluster = match Cluster::new(&reg, &self.options) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(cluster = %reg.id, "ignoring registration: {e}");
