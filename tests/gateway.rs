@@ -464,3 +464,34 @@ fn sigterm(child: &mut std::process::Child) {
     let ok = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill").success();
     assert!(ok);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hedged_reads_answer_from_the_second_cluster() {
+    let sb = Sandbox::builder().leading("a").alternative("b", "a").build().await;
+    let gw = sb
+        .gateway(&["a", "b"], |cfg| {
+            cfg.routing.policy = Policy::RoundRobin;
+            cfg.routing.hedge_after_ms = 100;
+        })
+        .await;
+    let mut g = connect(gw.addr).await;
+    gateway_ready(&gw, 2, None).await;
+    create(&mut g, "h").await;
+    insert(&mut g, "h", 0..10).await;
+    gateway_ready(&gw, 2, Some("h")).await;
+    // b stops applying: a SESSION read of a newer write waits there until its deadline and
+    // then fails (DEADLINE_EXCEEDED is not retried). Until b's lag exceeds the deadline the
+    // gateway still considers it, so only the hedge to `a` can answer those reads.
+    sb.follower("b").await.stop();
+    let w = insert(&mut g, "h", 10..11).await;
+    let before = routed(&gw).await;
+    let n = 6;
+    for i in 0..n {
+        let req = with_timeout(get_req("h", vec![10], read(pb::ConsistencyLevel::Session, &w.session_token)), Duration::from_secs(20));
+        let r = g.get(req).await;
+        assert_eq!(r.expect("hedged read").into_inner().entities.len(), 1, "read {i}");
+    }
+    let d = delta(&routed(&gw).await, &before);
+    assert!(d["b"] > 0, "round robin sent some reads to b first: {d:?}");
+    assert_eq!(d["a"], n, "every read was answered by a, directly or as a hedge: {d:?}");
+}
