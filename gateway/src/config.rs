@@ -285,12 +285,14 @@ mod tests {
 
     #[test]
     fn bad_settings_are_all_named() {
-        let mut cfg = GatewayConfig::default();
-        cfg.listen = "nowhere".into();
-        cfg.clusters = vec![
-            StaticCluster { id: "a".into(), endpoint: "10.0.0.1:1".into(), datacenter: String::new() },
-            StaticCluster { id: "a".into(), endpoint: "http://10.0.0.2:1".into(), datacenter: String::new() },
-        ];
+        let mut cfg = GatewayConfig {
+            listen: "nowhere".into(),
+            clusters: vec![
+                StaticCluster { id: "a".into(), endpoint: "10.0.0.1:1".into(), datacenter: String::new() },
+                StaticCluster { id: "a".into(), endpoint: "http://10.0.0.2:1".into(), datacenter: String::new() },
+            ],
+            ..GatewayConfig::default()
+        };
         cfg.health.unhealthy_after = 0;
         let p = cfg.validate();
         assert_eq!(p.len(), 4, "{p:?}");

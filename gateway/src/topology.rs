@@ -213,7 +213,7 @@ impl Cluster {
     pub fn track(&self) -> Handle {
         let mut m = self.ewma.lock();
         // `Meter` is always ready and its future completes at once.
-        let _ = (&mut *m).ready().now_or_never();
+        let _ = (*m).ready().now_or_never();
         m.call(()).now_or_never().expect("meter call is immediate").expect("infallible")
     }
 
