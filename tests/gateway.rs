@@ -280,7 +280,7 @@ async fn stopping_an_alternative_mid_load_fails_no_read() {
         readers.push(tokio::spawn(async move {
             let mut i = 0u64;
             while !stop.load(Ordering::Relaxed) {
-                let level = if i % 2 == 0 { pb::ConsistencyLevel::Bounded } else { pb::ConsistencyLevel::Eventually };
+                let level = if i.is_multiple_of(2) { pb::ConsistencyLevel::Bounded } else { pb::ConsistencyLevel::Eventually };
                 let res = g.search(search_req("c1", read(level, ""))).await;
                 if let Err(e) = res {
                     panic!("reader {r}: read {i} failed: {e:?}");

@@ -226,8 +226,7 @@ async fn bench(a: &GatewayBenchArgs) -> anyhow::Result<Report> {
         PolicyArg::RoundRobin => tandem_gateway::config::Policy::RoundRobin,
     };
     let start_gateway = |n: usize| {
-        let mut cfg = tandem_gateway::GatewayConfig::default();
-        cfg.listen = "127.0.0.1:0".into();
+        let mut cfg = tandem_gateway::GatewayConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
         cfg.routing.policy = policy;
         cfg.health.interval_ms = 200;
         let regs = members[..n]

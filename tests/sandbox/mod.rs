@@ -381,8 +381,7 @@ impl Sandbox {
                 endpoint: format!("http://{addr}"),
             });
         }
-        let mut cfg = tandem_gateway::GatewayConfig::default();
-        cfg.listen = "127.0.0.1:0".into();
+        let mut cfg = tandem_gateway::GatewayConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
         cfg.health.interval_ms = 100;
         cfg.health.healthy_after = 1;
         cfg.health.unhealthy_after = 2;
