@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run a cluster node until SIGTERM or Ctrl-C.
     Cluster(ClusterArgs),
+    /// Run the client-aware gateway in front of the clusters until SIGTERM or Ctrl-C.
+    Gateway(tandem::cli::gateway::GatewayArgs),
     /// Create, list, describe or drop collections.
     #[command(subcommand)]
     Collection(CollectionCmd),
@@ -53,11 +55,14 @@ enum BenchCmd {
     Search(SearchBenchArgs),
     /// Replication lag, consistent reads on an alternative, and bootstrap throughput.
     Replication(tandem::bench::replication::ReplicationBenchArgs),
+    /// Search latency and QPS through the gateway vs directly, and reads/s over 1-3 clusters.
+    Gateway(tandem::bench::gateway::GatewayBenchArgs),
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Cluster(a) => tandem::cli::cluster::run(a).await,
+        Command::Gateway(a) => tandem::cli::gateway::run(a).await,
         Command::Collection(c) => tandem::cli::collection::run(c).await,
         Command::Insert(a) => tandem::cli::insert::run(a).await,
         Command::Search(a) => tandem::cli::search::run(a).await,
@@ -66,6 +71,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         // The bench sets up its own logging, if any.
         Command::Bench(BenchCmd::Search(a)) => tandem::bench::search::run(a).await,
         Command::Bench(BenchCmd::Replication(a)) => tandem::bench::replication::run(a).await,
+        Command::Bench(BenchCmd::Gateway(a)) => tandem::bench::gateway::run(a).await,
     }
 }
 

@@ -497,6 +497,7 @@ impl ClusterService {
             collections,
             version: env!("CARGO_PKG_VERSION").to_string(),
             leader: self.node.leader().unwrap_or_default(),
+            datacenter: self.cfg.datacenter.clone(),
         }))
     }
 }

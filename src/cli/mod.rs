@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod collection;
+pub mod gateway;
 pub mod info;
 pub mod insert;
 pub mod search;

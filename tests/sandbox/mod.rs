@@ -378,3 +378,45 @@ where
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+// ---- gateway ------------------------------------------------------------------------------
+
+impl Sandbox {
+    /// A gateway over the named clusters (static membership; datacenters learned from the
+    /// clusters), on a free port, with fast health checks. `adjust` changes its config.
+    pub async fn gateway(&self, names: &[&str], adjust: impl FnOnce(&mut tandem_gateway::GatewayConfig)) -> tandem_gateway::Running {
+        let mut regs = Vec::new();
+        for name in names {
+            let addr = self.addr(name).await;
+            regs.push(tandem_discovery::Registration {
+                id: name.to_string(),
+                datacenter: String::new(),
+                endpoint: format!("http://{addr}"),
+            });
+        }
+        let mut cfg = tandem_gateway::GatewayConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+        cfg.health.interval_ms = 100;
+        cfg.health.healthy_after = 1;
+        cfg.health.unhealthy_after = 2;
+        adjust(&mut cfg);
+        tandem_gateway::start(cfg, tandem_discovery::static_list(regs)).await.expect("start gateway")
+    }
+}
+
+/// The gateway's view of the clusters.
+pub async fn topology(gw: &tandem_gateway::Running) -> pb::TopologyResponse {
+    let ch = Channel::from_shared(format!("http://{}", gw.addr)).unwrap().connect().await.expect("connect gateway");
+    pb::gateway_client::GatewayClient::new(ch).topology(pb::TopologyRequest {}).await.expect("topology").into_inner()
+}
+
+/// Waits until the gateway sees every one of its clusters healthy and readable and, if given,
+/// reporting `collection` (so reads of it can go to every cluster).
+pub async fn gateway_ready(gw: &tandem_gateway::Running, clusters: usize, collection: Option<&str>) {
+    eventually(Duration::from_secs(30), || async {
+        let t = topology(gw).await;
+        t.clusters.len() == clusters
+            && !t.leader.is_empty()
+            && t.clusters.iter().all(|c| c.readable && collection.is_none_or(|n| c.collections.iter().any(|s| s.name == n)))
+    })
+    .await;
+}

@@ -1,0 +1,505 @@
+//! The gRPC services: `tandem.v1.Tandem` (every RPC forwarded to a cluster) and
+//! `tandem.v1.Gateway` (Topology).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use futures::stream::{FuturesUnordered, StreamExt};
+use tandem_proto::session::SessionToken;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::tandem_client::TandemClient;
+use tonic::metadata::MetadataMap;
+use tonic::transport::Channel;
+use tonic::{Code, Request, Response, Status};
+use tower::retry::budget::{Budget, TpsBudget};
+
+use crate::config::GatewayConfig;
+use crate::error::{is_connection_error, is_transient, passthrough};
+use crate::router::{Guarantee, Reason, Router, expected_wait, explain, wall_ms};
+use crate::session::{SESSION_ID, Sessions};
+use crate::topology::{Cluster, Health, Topology};
+
+/// Metadata key a cluster puts the leader's endpoint in on a NotLeader reply.
+pub const LEADER_METADATA: &str = "tandem-leader";
+
+type Reply<T> = Result<Response<T>, Status>;
+type Client = TandemClient<Channel>;
+
+/// A request the gateway routes as a read.
+pub trait ReadRequest: Clone + Send + Sync + 'static {
+    fn collection(&self) -> Option<&str>;
+    /// None: the RPC has no read options (List, Describe, GetClusterInfo): served like EVENTUALLY.
+    fn read_options(&mut self) -> Option<&mut Option<pb::ReadOptions>>;
+}
+
+/// A reply that may carry a session token.
+pub trait Tokened {
+    fn token(&self) -> &str;
+}
+
+macro_rules! read_request {
+    ($t:ty, $coll:ident) => {
+        impl ReadRequest for $t {
+            fn collection(&self) -> Option<&str> {
+                Some(&self.$coll)
+            }
+            fn read_options(&mut self) -> Option<&mut Option<pb::ReadOptions>> {
+                Some(&mut self.read)
+            }
+        }
+    };
+}
+read_request!(pb::SearchRequest, collection);
+read_request!(pb::GetRequest, collection);
+read_request!(pb::QueryRequest, collection);
+read_request!(pb::CountRequest, collection);
+
+impl ReadRequest for pb::DescribeCollectionRequest {
+    fn collection(&self) -> Option<&str> {
+        Some(&self.name)
+    }
+    fn read_options(&mut self) -> Option<&mut Option<pb::ReadOptions>> {
+        None
+    }
+}
+
+macro_rules! no_read_options {
+    ($t:ty) => {
+        impl ReadRequest for $t {
+            fn collection(&self) -> Option<&str> {
+                None
+            }
+            fn read_options(&mut self) -> Option<&mut Option<pb::ReadOptions>> {
+                None
+            }
+        }
+    };
+}
+no_read_options!(pb::ListCollectionsRequest);
+no_read_options!(pb::GetClusterInfoRequest);
+
+macro_rules! tokened {
+    ($($t:ty),*) => {$(
+        impl Tokened for $t {
+            fn token(&self) -> &str {
+                &self.session_token
+            }
+        }
+    )*};
+}
+tokened!(
+    pb::SearchResponse,
+    pb::GetResponse,
+    pb::QueryResponse,
+    pb::CountResponse,
+    pb::MutationResponse,
+    pb::FlushResponse,
+    pb::CreateCollectionResponse,
+    pb::DropCollectionResponse,
+    pb::CreateIndexResponse,
+    pb::DropIndexResponse
+);
+macro_rules! untokened {
+    ($($t:ty),*) => {$(
+        impl Tokened for $t {
+            fn token(&self) -> &str {
+                ""
+            }
+        }
+    )*};
+}
+untokened!(pb::ListCollectionsResponse, pb::DescribeCollectionResponse, pb::GetClusterInfoResponse);
+
+struct Inner {
+    cfg: Arc<GatewayConfig>,
+    topo: Arc<Topology>,
+    router: Router,
+    sessions: Sessions,
+    budget: TpsBudget,
+}
+
+/// The gateway's request handling, shared by both gRPC services.
+#[derive(Clone)]
+pub struct Gateway(Arc<Inner>);
+
+/// What happened to one attempt at one cluster.
+type Attempt<R> = (Arc<Cluster>, Result<Response<R>, Status>);
+
+impl Gateway {
+    pub fn new(cfg: Arc<GatewayConfig>, topo: Arc<Topology>) -> Gateway {
+        let r = &cfg.routing;
+        Gateway(Arc::new(Inner {
+            router: Router::new(r.policy, cfg.datacenter.clone()),
+            sessions: Sessions::new(cfg.session.capacity, Duration::from_secs(cfg.session.ttl_s)),
+            budget: TpsBudget::new(Duration::from_secs(r.retry.ttl_s), r.retry.min_per_s, r.retry.percent),
+            cfg: cfg.clone(),
+            topo,
+        }))
+    }
+
+    pub fn topology(&self) -> &Arc<Topology> {
+        &self.0.topo
+    }
+
+    /// Every call to a cluster is built here: the one place that sets outbound metadata (the
+    /// deadline now; W3C trace context from `incoming` / the current span is injected here too).
+    pub fn outbound<T>(&self, body: T, deadline: Instant, _incoming: &MetadataMap) -> Request<T> {
+        let mut r = Request::new(body);
+        r.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        r
+    }
+
+    /// The request's deadline: its own grpc-timeout, capped by `routing.default_timeout_ms`.
+    fn deadline(&self, md: &MetadataMap) -> (Instant, Duration) {
+        let cap = Duration::from_millis(self.0.cfg.routing.default_timeout_ms);
+        let given = md.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let d = given.map_or(cap, |g| g.min(cap));
+        (Instant::now() + d, d)
+    }
+
+    fn guarantee(&self, read: Option<&pb::ReadOptions>, token: Option<SessionToken>) -> Guarantee {
+        match Guarantee::level(read) {
+            pb::ConsistencyLevel::Strong => Guarantee::Strong,
+            pb::ConsistencyLevel::Bounded => {
+                let s = read.map(|r| r.staleness_ms).unwrap_or(0);
+                Guarantee::Bounded(if s == 0 { self.0.cfg.routing.default_staleness_ms } else { s })
+            }
+            pb::ConsistencyLevel::Eventually => Guarantee::Eventually,
+            pb::ConsistencyLevel::Session | pb::ConsistencyLevel::Unspecified => Guarantee::Session(token.map_or(0, |t| t.ts)),
+        }
+    }
+
+    /// A read: any cluster that can reach the guarantee within the deadline; transient failures
+    /// retry elsewhere (within the retry budget); optionally hedged.
+    async fn read<Q, R, F, Fut>(&self, op: &'static str, req: Request<Q>, call: F) -> Reply<R>
+    where
+        Q: ReadRequest,
+        R: Tokened + Send + 'static,
+        F: Fn(Client, Request<Q>) -> Fut,
+        Fut: Future<Output = Reply<R>> + Send,
+    {
+        let started = Instant::now();
+        let (deadline, budget_time) = self.deadline(req.metadata());
+        let session = session_id(req.metadata());
+        let (md, _, mut body) = req.into_parts();
+        let mut guarantee = Guarantee::Eventually;
+        if body.read_options().is_some() {
+            let read = body.read_options().and_then(|r| r.as_ref()).cloned();
+            let level = Guarantee::level(read.as_ref());
+            let mut token = None;
+            if level == pb::ConsistencyLevel::Session {
+                let given = read.as_ref().map(|r| r.session_token.as_str()).unwrap_or("");
+                match SessionToken::decode(given) {
+                    Ok(t) => {
+                        token = t;
+                        if let Some(sid) = &session
+                            && let Some(cached) = self.0.sessions.get(sid).await
+                        {
+                            let merged = token.map_or(cached, |t| t.max(cached));
+                            if Some(merged) != token {
+                                token = Some(merged);
+                                let ro = body.read_options().expect("has read options");
+                                let r = ro.get_or_insert_with(Default::default);
+                                r.session_token = merged.encode();
+                            }
+                        }
+                    }
+                    // A malformed token goes to the cluster unchanged: its error names it.
+                    Err(_) => token = None,
+                }
+            }
+            guarantee = self.guarantee(read.as_ref(), token);
+        }
+        let collection = body.collection().map(str::to_string);
+        let hedge = self.0.cfg.routing.hedge_after_ms;
+        let max_attempts = self.0.cfg.routing.retry.max_attempts as usize;
+        self.0.budget.deposit();
+
+        let mut tried: Vec<Arc<Cluster>> = Vec::new();
+        let mut inflight = FuturesUnordered::new();
+        let mut last_err: Option<(Arc<Cluster>, Status)> = None;
+        let mut hedged = hedge == 0;
+        let hedge_timer = tokio::time::sleep(Duration::from_millis(hedge));
+        tokio::pin!(hedge_timer);
+
+        // Launches one attempt at the best untried cluster; Err: why none could be picked.
+        let launch = |tried: &mut Vec<Arc<Cluster>>, retry: bool| -> Result<_, Status> {
+            let now_ms = wall_ms();
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            let mut eligible = Vec::new();
+            let mut why = Vec::new();
+            for c in self.0.topo.clusters().values() {
+                if tried.iter().any(|t| Arc::ptr_eq(t, c)) {
+                    why.push((c.id.clone(), "already tried".to_string()));
+                    continue;
+                }
+                match expected_wait(c, collection.as_deref(), guarantee, now_ms) {
+                    Ok(w) if w < remaining => eligible.push(c.clone()),
+                    Ok(w) => why.push((c.id.clone(), format!("needs ~{} ms to catch up", w.as_millis()))),
+                    Err(e) => why.push((c.id.clone(), e)),
+                }
+            }
+            if eligible.is_empty() {
+                return Err(Status::unavailable(explain(&format!("a {op}"), guarantee, collection.as_deref(), budget_time, &why)));
+            }
+            if retry && !self.0.budget.withdraw() {
+                return Err(Status::unavailable("retry budget exhausted"));
+            }
+            let (cluster, reason) = self.0.router.choose(&eligible);
+            tried.push(cluster.clone());
+            cluster.reads_routed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("tandem_gateway_routed_total", "cluster" => cluster.id.clone(), "reason" => reason.as_str()).increment(1);
+            let req = self.outbound(body.clone(), deadline, &md);
+            let handle = cluster.track();
+            let fut = call(cluster.client(), req);
+            Ok(async move {
+                let r = fut.await;
+                drop(handle);
+                (cluster, r)
+            })
+        };
+
+        match launch(&mut tried, false) {
+            Ok(f) => inflight.push(f),
+            Err(s) => {
+                self.finish(op, guarantee.label(), "none", &s, started);
+                return Err(s);
+            }
+        }
+        loop {
+            let next: Option<Attempt<R>> = tokio::select! {
+                r = inflight.next() => r,
+                () = &mut hedge_timer, if !hedged => {
+                    hedged = true;
+                    if tried.len() < max_attempts && let Ok(f) = launch(&mut tried, true) {
+                        metrics::counter!("tandem_gateway_retries_total", "kind" => "hedge").increment(1);
+                        inflight.push(f);
+                    }
+                    continue;
+                }
+            };
+            let Some((cluster, result)) = next else { break };
+            match result {
+                Ok(resp) => {
+                    if let Some(sid) = &session {
+                        self.0.sessions.observe(sid, resp.get_ref().token()).await;
+                    }
+                    self.finish(op, guarantee.label(), &cluster.id, &Status::ok(""), started);
+                    return Ok(Response::new(resp.into_inner()));
+                }
+                Err(s) => {
+                    if is_connection_error(&s) {
+                        cluster.passive_error(s.message(), self.0.topo.health_config());
+                    }
+                    let retryable = is_transient(&s) && Instant::now() < deadline;
+                    last_err = Some((cluster, s));
+                    if !retryable {
+                        break;
+                    }
+                    if !inflight.is_empty() {
+                        // A hedge is still running: let it answer.
+                        continue;
+                    }
+                    if tried.len() < max_attempts
+                        && let Ok(f) = launch(&mut tried, true)
+                    {
+                        metrics::counter!("tandem_gateway_retries_total", "kind" => "retry").increment(1);
+                        inflight.push(f);
+                        continue;
+                    }
+                    break;
+                }
+            }
+        }
+        let (cluster, s) = last_err.expect("an attempt failed");
+        self.finish(op, guarantee.label(), &cluster.id, &s, started);
+        Err(passthrough(s))
+    }
+
+    /// A write or DDL: the leader; a NotLeader reply refreshes the topology and retries once at
+    /// the new leader. Never retried otherwise (a write may have been applied).
+    async fn write<Q, R, F, Fut>(&self, op: &'static str, req: Request<Q>, call: F) -> Reply<R>
+    where
+        Q: Clone + Send + Sync + 'static,
+        R: Tokened + Send + 'static,
+        F: Fn(Client, Request<Q>) -> Fut,
+        Fut: Future<Output = Reply<R>> + Send,
+    {
+        let started = Instant::now();
+        let (deadline, _) = self.deadline(req.metadata());
+        let session = session_id(req.metadata());
+        let (md, _, body) = req.into_parts();
+        let Some(mut leader) = self.0.topo.leader() else {
+            let s = Status::unavailable(self.no_leader());
+            self.finish(op, "none", "none", &s, started);
+            return Err(s);
+        };
+        let mut reason = Reason::Leader;
+        let mut redirected = false;
+        loop {
+            leader.writes_routed.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("tandem_gateway_routed_total", "cluster" => leader.id.clone(), "reason" => reason.as_str()).increment(1);
+            // Not metered: the latency meter ranks clusters for reads, and a write's fsync and
+            // export wait would make the leader look slow for reads.
+            let result = call(leader.client(), self.outbound(body.clone(), deadline, &md)).await;
+            match result {
+                Ok(resp) => {
+                    if let Some(sid) = &session {
+                        self.0.sessions.observe(sid, resp.get_ref().token()).await;
+                    }
+                    self.finish(op, "none", &leader.id, &Status::ok(""), started);
+                    return Ok(Response::new(resp.into_inner()));
+                }
+                Err(s) => {
+                    if is_connection_error(&s) {
+                        leader.passive_error(s.message(), self.0.topo.health_config());
+                    }
+                    let not_leader = is_not_leader(&s);
+                    if not_leader && !redirected && Instant::now() < deadline {
+                        let hint = s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                        tracing::info!(cluster = %leader.id, leader = %hint, "NotLeader: refreshing the topology");
+                        self.0.topo.refresh().await;
+                        let next = self.0.topo.leader().or_else(|| self.0.topo.clusters().values().find(|c| c.endpoint == hint).cloned());
+                        if let Some(next) = next
+                            && !Arc::ptr_eq(&next, &leader)
+                        {
+                            leader = next;
+                            reason = Reason::Redirect;
+                            redirected = true;
+                            metrics::counter!("tandem_gateway_retries_total", "kind" => "redirect").increment(1);
+                            continue;
+                        }
+                    }
+                    self.finish(op, "none", &leader.id, &s, started);
+                    return Err(passthrough(s));
+                }
+            }
+        }
+    }
+
+    fn no_leader(&self) -> String {
+        let clusters = self.0.topo.clusters();
+        if clusters.is_empty() {
+            return "no leading cluster is known: the gateway knows no cluster".into();
+        }
+        let why: Vec<String> = clusters
+            .values()
+            .map(|c| {
+                let s = c.status.read();
+                match (&s.health, &s.info) {
+                    (Health::Unhealthy, _) => format!("{} unhealthy: {}", c.id, s.last_error),
+                    (Health::Healthy, Some(i)) => format!("{} is {:?}", c.id, i.role.to_proto()),
+                    (Health::Unknown | Health::Healthy, _) => format!("{} not checked yet", c.id),
+                }
+            })
+            .collect();
+        format!("no leading cluster is known: {}", why.join(", "))
+    }
+
+    fn finish(&self, op: &'static str, consistency: &'static str, cluster: &str, s: &Status, started: Instant) {
+        let outcome = if s.code() == Code::Ok { "ok".to_string() } else { format!("{:?}", s.code()) };
+        metrics::counter!("tandem_gateway_requests_total", "op" => op, "consistency" => consistency, "cluster" => cluster.to_string(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("tandem_gateway_request_duration_seconds", "op" => op).record(started.elapsed().as_secs_f64());
+    }
+}
+
+/// A cluster that does not lead refused the write. It names the leader in metadata when it
+/// knows it; one that does not (e.g. just demoted) is recognised by its message.
+fn is_not_leader(s: &Status) -> bool {
+    s.code() == Code::FailedPrecondition && (s.metadata().get(LEADER_METADATA).is_some() || s.message().contains("does not accept writes"))
+}
+
+fn session_id(md: &MetadataMap) -> Option<String> {
+    md.get(SESSION_ID).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_string)
+}
+
+/// `grpc-timeout`: up to 8 digits and a unit (H M S m u n).
+pub fn parse_grpc_timeout(s: &str) -> Option<Duration> {
+    if s.len() < 2 || s.len() > 9 {
+        return None;
+    }
+    let (n, unit) = s.split_at(s.len() - 1);
+    let n: u64 = n.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[tonic::async_trait]
+impl pb::tandem_server::Tandem for Gateway {
+    async fn create_collection(&self, r: Request<pb::CreateCollectionRequest>) -> Reply<pb::CreateCollectionResponse> {
+        self.write("CreateCollection", r, |mut c, r| async move { c.create_collection(r).await }).await
+    }
+    async fn drop_collection(&self, r: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
+        self.write("DropCollection", r, |mut c, r| async move { c.drop_collection(r).await }).await
+    }
+    async fn list_collections(&self, r: Request<pb::ListCollectionsRequest>) -> Reply<pb::ListCollectionsResponse> {
+        self.read("ListCollections", r, |mut c, r| async move { c.list_collections(r).await }).await
+    }
+    async fn describe_collection(&self, r: Request<pb::DescribeCollectionRequest>) -> Reply<pb::DescribeCollectionResponse> {
+        self.read("DescribeCollection", r, |mut c, r| async move { c.describe_collection(r).await }).await
+    }
+    async fn create_index(&self, r: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
+        self.write("CreateIndex", r, |mut c, r| async move { c.create_index(r).await }).await
+    }
+    async fn drop_index(&self, r: Request<pb::DropIndexRequest>) -> Reply<pb::DropIndexResponse> {
+        self.write("DropIndex", r, |mut c, r| async move { c.drop_index(r).await }).await
+    }
+    async fn insert(&self, r: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
+        self.write("Insert", r, |mut c, r| async move { c.insert(r).await }).await
+    }
+    async fn upsert(&self, r: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {
+        self.write("Upsert", r, |mut c, r| async move { c.upsert(r).await }).await
+    }
+    async fn delete(&self, r: Request<pb::DeleteRequest>) -> Reply<pb::MutationResponse> {
+        self.write("Delete", r, |mut c, r| async move { c.delete(r).await }).await
+    }
+    async fn flush(&self, r: Request<pb::FlushRequest>) -> Reply<pb::FlushResponse> {
+        self.write("Flush", r, |mut c, r| async move { c.flush(r).await }).await
+    }
+    async fn search(&self, r: Request<pb::SearchRequest>) -> Reply<pb::SearchResponse> {
+        self.read("Search", r, |mut c, r| async move { c.search(r).await }).await
+    }
+    async fn get(&self, r: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
+        self.read("Get", r, |mut c, r| async move { c.get(r).await }).await
+    }
+    async fn query(&self, r: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
+        self.read("Query", r, |mut c, r| async move { c.query(r).await }).await
+    }
+    async fn count(&self, r: Request<pb::CountRequest>) -> Reply<pb::CountResponse> {
+        self.read("Count", r, |mut c, r| async move { c.count(r).await }).await
+    }
+    async fn get_cluster_info(&self, r: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
+        self.read("GetClusterInfo", r, |mut c, r| async move { c.get_cluster_info(r).await }).await
+    }
+}
+
+#[tonic::async_trait]
+impl pb::gateway_server::Gateway for Gateway {
+    async fn topology(&self, _r: Request<pb::TopologyRequest>) -> Reply<pb::TopologyResponse> {
+        Ok(Response::new(self.0.topo.view()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
+        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
+        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
+        assert_eq!(parse_grpc_timeout("m"), None);
+        assert_eq!(parse_grpc_timeout("12x"), None);
+    }
+}

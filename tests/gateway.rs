@@ -1,0 +1,497 @@
+//! The gateway over in-process clusters (a leading cluster and alternatives over the direct
+//! transport): reads spread over every readable cluster, sessions, consistency levels, lag
+//! avoidance, failures mid-load, NotLeader redirects and errors passed through unchanged.
+
+mod sandbox;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use sandbox::*;
+use tandem_gateway::config::Policy;
+use tandem_proto::v1 as pb;
+use tonic::{Code, Request};
+
+const DIM: usize = 8;
+
+async fn create(c: &mut Client, name: &str) {
+    c.create_collection(pb::CreateCollectionRequest {
+        schema: Some(schema(name, DIM as u32, pb::Metric::L2, None, 2, vec![field("tag", pb::ScalarType::Int64)])),
+    })
+    .await
+    .expect("create collection");
+}
+
+fn insert_req(name: &str, ids: std::ops::Range<i64>) -> pb::InsertRequest {
+    let n = ids.end - ids.start;
+    pb::InsertRequest {
+        collection: name.into(),
+        vectors: vectors(n as usize, DIM, ids.start as u64),
+        payloads: ids.clone().map(|i| payload(&[("tag", int(i % 7))])).collect(),
+        ids: ids.collect(),
+        ack: 0,
+    }
+}
+
+async fn insert(c: &mut Client, name: &str, ids: std::ops::Range<i64>) -> pb::MutationResponse {
+    c.insert(insert_req(name, ids)).await.expect("insert").into_inner()
+}
+
+fn search_req(name: &str, read: Option<pb::ReadOptions>) -> pb::SearchRequest {
+    pb::SearchRequest { collection: name.into(), vectors: vectors(1, DIM, 999), top_k: 5, read, ..Default::default() }
+}
+
+fn get_req(name: &str, ids: Vec<i64>, read: Option<pb::ReadOptions>) -> pb::GetRequest {
+    pb::GetRequest { collection: name.into(), ids, read, ..Default::default() }
+}
+
+fn with_session<T>(body: T, session: &str) -> Request<T> {
+    let mut r = Request::new(body);
+    r.metadata_mut().insert("session-id", session.parse().unwrap());
+    r
+}
+
+fn with_timeout<T>(body: T, t: Duration) -> Request<T> {
+    let mut r = Request::new(body);
+    r.set_timeout(t);
+    r
+}
+
+/// reads_routed per cluster, from the gateway's Topology.
+async fn routed(gw: &tandem_gateway::Running) -> BTreeMap<String, u64> {
+    topology(gw).await.clusters.into_iter().map(|c| (c.id, c.reads_routed)).collect()
+}
+
+fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTreeMap<String, u64> {
+    after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).collect()
+}
+
+/// A leader `a` and alternatives `b` and `c`, with collection `c1` holding 100 rows that every
+/// cluster serves, and a gateway (policy as given) that sees all three.
+async fn three_clusters(
+    policy: Policy,
+    adjust: impl FnOnce(&mut tandem_gateway::GatewayConfig),
+) -> (Sandbox, tandem_gateway::Running, Client) {
+    let sb = Sandbox::builder().leading("a").alternative("b", "a").alternative("c", "a").build().await;
+    let gw = sb
+        .gateway(&["a", "b", "c"], |cfg| {
+            cfg.routing.policy = policy;
+            adjust(cfg);
+        })
+        .await;
+    let mut g = connect(gw.addr).await;
+    gateway_ready(&gw, 3, None).await;
+    create(&mut g, "c1").await;
+    let w = insert(&mut g, "c1", 0..100).await;
+    gateway_ready(&gw, 3, Some("c1")).await;
+    // Every alternative has applied the rows before the test measures anything.
+    for name in ["b", "c"] {
+        let mut d = sb.client(name).await;
+        let n = d.count(pb::CountRequest {
+            collection: "c1".into(),
+            filter: String::new(),
+            read: read(pb::ConsistencyLevel::Session, &w.session_token),
+        });
+        assert_eq!(n.await.expect("count on alternative").into_inner().count, 100);
+    }
+    (sb, gw, g)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reads_reach_every_readable_cluster() {
+    for policy in [Policy::P2c, Policy::RoundRobin] {
+        let (_sb, gw, g) = three_clusters(policy, |cfg| {
+            // p2c follows latency: on a shared test machine one slow reply would keep a cluster
+            // out for seconds with the default decay.
+            cfg.routing.ewma_decay_ms = 200;
+        })
+        .await;
+        let before = routed(&gw).await;
+        let (readers, per_reader) = (4, 75);
+        let mut tasks = Vec::new();
+        for r in 0..readers {
+            let mut g = g.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..per_reader {
+                    let level =
+                        [pb::ConsistencyLevel::Bounded, pb::ConsistencyLevel::Eventually, pb::ConsistencyLevel::Session][(r + i) % 3];
+                    let res = g.search(search_req("c1", read(level, ""))).await.expect("search via gateway").into_inner();
+                    assert_eq!(res.results[0].hits.len(), 5);
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("reader");
+        }
+        let n = (readers * per_reader) as u64;
+        let d = delta(&routed(&gw).await, &before);
+        assert_eq!(d.values().sum::<u64>(), n, "{policy:?}: one attempt per read: {d:?}");
+        for (cluster, count) in &d {
+            // An even spread is 100 each; p2c prefers the faster, so allow a wide tolerance.
+            assert!(*count >= n / 20, "{policy:?}: cluster {cluster} got {count} of {n} reads: {d:?}");
+        }
+        if policy == Policy::RoundRobin {
+            assert!(d.values().all(|c| (90..=110).contains(c)), "round robin is even: {d:?}");
+        }
+        gw.stop().await.expect("stop gateway");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn session_reads_see_own_writes_on_the_alternative() {
+    let sb = Sandbox::builder().leading("a").alternative_with("b", "a", |cfg| cfg.datacenter = "dc-b".into()).build().await;
+    // The gateway is in b's datacenter, so every read it can route to b goes there.
+    let gw = sb
+        .gateway(&["a", "b"], |cfg| {
+            cfg.routing.policy = Policy::PreferLocal;
+            cfg.datacenter = "dc-b".into();
+        })
+        .await;
+    let mut g = connect(gw.addr).await;
+    gateway_ready(&gw, 2, None).await;
+    create(&mut g, "s").await;
+    insert(&mut g, "s", 0..1).await;
+    gateway_ready(&gw, 2, Some("s")).await;
+    let t = topology(&gw).await;
+    assert_eq!(t.clusters.iter().find(|c| c.id == "b").unwrap().datacenter, "dc-b", "datacenter learned from the cluster");
+
+    let before = routed(&gw).await;
+    for i in 1..=20i64 {
+        // Session kept by the gateway (`session-id`): the read carries no token itself.
+        g.insert(with_session(insert_req("s", i * 10..i * 10 + 1), "client-1")).await.expect("insert");
+        let r = g.get(with_session(get_req("s", vec![i * 10], read(pb::ConsistencyLevel::Session, "")), "client-1")).await;
+        let found: Vec<i64> = r.expect("get").into_inner().entities.iter().map(|e| e.id).collect();
+        assert_eq!(found, vec![i * 10], "session-id read {i} misses its own write");
+        // Token passed by the client.
+        let w = insert(&mut g, "s", i * 10 + 1..i * 10 + 2).await;
+        let r = g.get(get_req("s", vec![i * 10 + 1], read(pb::ConsistencyLevel::Session, &w.session_token))).await;
+        assert_eq!(r.expect("get").into_inner().entities.len(), 1, "token read {i} misses its own write");
+    }
+    let d = delta(&routed(&gw).await, &before);
+    assert_eq!(d["b"], 40, "every read went to the local alternative: {d:?}");
+    assert_eq!(d["a"], 0, "{d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn strong_reads_are_never_stale_and_bounded_reads_stay_within_their_bound() {
+    let (_sb, gw, mut g) = three_clusters(Policy::RoundRobin, |_| {}).await;
+    let before = routed(&gw).await;
+    let staleness = 300u64;
+    let mut acked: Vec<(Instant, u64)> = Vec::new();
+    let mut total = 100u64;
+    for i in 0..40i64 {
+        insert(&mut g, "c1", 1000 + i * 5..1000 + i * 5 + 5).await;
+        total += 5;
+        acked.push((Instant::now(), total));
+        let strong = g
+            .count(pb::CountRequest { collection: "c1".into(), filter: String::new(), read: read(pb::ConsistencyLevel::Strong, "") })
+            .await;
+        assert_eq!(strong.expect("strong count").into_inner().count, total, "strong read {i} is stale");
+        let started = Instant::now();
+        let bounded = g
+            .count(pb::CountRequest {
+                collection: "c1".into(),
+                filter: String::new(),
+                read: Some(pb::ReadOptions {
+                    consistency: pb::ConsistencyLevel::Bounded as i32,
+                    session_token: String::new(),
+                    staleness_ms: staleness,
+                }),
+            })
+            .await
+            .expect("bounded count")
+            .into_inner()
+            .count;
+        // Every write acknowledged more than `staleness` before the read started is in it.
+        let must_see =
+            acked.iter().filter(|(t, _)| *t + Duration::from_millis(staleness + 5) < started).map(|(_, n)| *n).max().unwrap_or(100);
+        assert!(bounded >= must_see, "bounded read {i} saw {bounded} rows, older than its bound ({must_see} acknowledged)");
+        assert!(bounded <= total);
+    }
+    let d = delta(&routed(&gw).await, &before);
+    assert!(d["b"] > 0 && d["c"] > 0, "consistent reads were served by alternatives too: {d:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_lagging_cluster_is_avoided() {
+    let (sb, gw, mut g) = three_clusters(Policy::RoundRobin, |_| {}).await;
+    // b stops applying the leader's stream: its serviceable ts stays, its lag grows.
+    sb.follower("b").await.stop();
+    eventually(Duration::from_secs(30), || async {
+        topology(&gw).await.clusters.iter().any(|c| c.id == "b" && c.collections.iter().any(|s| s.name == "c1" && s.lag_ms > 3_000))
+    })
+    .await;
+    let w = insert(&mut g, "c1", 100..101).await;
+    let before = routed(&gw).await;
+    for i in 0..30 {
+        let strong = with_timeout(
+            pb::CountRequest { collection: "c1".into(), filter: String::new(), read: read(pb::ConsistencyLevel::Strong, "") },
+            Duration::from_secs(2),
+        );
+        assert_eq!(g.count(strong).await.expect("strong read").into_inner().count, 101, "read {i}");
+        let bounded =
+            pb::ReadOptions { consistency: pb::ConsistencyLevel::Bounded as i32, session_token: String::new(), staleness_ms: 1000 };
+        let r = g.search(with_timeout(search_req("c1", Some(bounded)), Duration::from_secs(2))).await;
+        assert_eq!(r.expect("bounded read").into_inner().results[0].hits.len(), 5);
+        let session = with_timeout(get_req("c1", vec![100], read(pb::ConsistencyLevel::Session, &w.session_token)), Duration::from_secs(2));
+        assert_eq!(g.get(session).await.expect("session read").into_inner().entities.len(), 1);
+    }
+    let d = delta(&routed(&gw).await, &before);
+    assert_eq!(d["b"], 0, "the lagging cluster got reads: {d:?}");
+    assert!(d["a"] > 0 && d["c"] > 0, "{d:?}");
+    // EVENTUALLY reads may still use it: it is healthy, only behind.
+    let before = routed(&gw).await;
+    for _ in 0..30 {
+        g.search(search_req("c1", read(pb::ConsistencyLevel::Eventually, ""))).await.expect("eventually read");
+    }
+    assert!(delta(&routed(&gw).await, &before)["b"] > 0);
+    // A read nobody can serve in time fails at the gateway, naming why per cluster.
+    sb.follower("c").await.stop();
+    sb.node("a").await.set_role(tandem_cluster::Role::Standby);
+    eventually(Duration::from_secs(30), || async {
+        let t = topology(&gw).await;
+        t.leader.is_empty() && t.clusters.iter().filter(|c| c.id != "a").all(|c| c.lag_ms > 3_000)
+    })
+    .await;
+    let e = g
+        .count(with_timeout(
+            pb::CountRequest { collection: "c1".into(), filter: String::new(), read: read(pb::ConsistencyLevel::Strong, "") },
+            Duration::from_secs(2),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    for part in ["no cluster can serve a Count of `c1` (STRONG)", "a is Standby, serves no reads", "b needs ~", "c needs ~"] {
+        assert!(e.message().contains(part), "{:?} lacks {part:?}", e.message());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stopping_an_alternative_mid_load_fails_no_read() {
+    let (sb, gw, g) = three_clusters(Policy::P2c, |_| {}).await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let (ok, after_stop) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let stopped = Arc::new(AtomicBool::new(false));
+    let mut readers = Vec::new();
+    for r in 0..4 {
+        let (mut g, stop, ok, after_stop, stopped) = (g.clone(), stop.clone(), ok.clone(), after_stop.clone(), stopped.clone());
+        readers.push(tokio::spawn(async move {
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                let level = if i.is_multiple_of(2) { pb::ConsistencyLevel::Bounded } else { pb::ConsistencyLevel::Eventually };
+                let res = g.search(search_req("c1", read(level, ""))).await;
+                if let Err(e) = res {
+                    panic!("reader {r}: read {i} failed: {e:?}");
+                }
+                ok.fetch_add(1, Ordering::Relaxed);
+                if stopped.load(Ordering::Relaxed) {
+                    after_stop.fetch_add(1, Ordering::Relaxed);
+                }
+                i += 1;
+            }
+        }));
+    }
+    eventually(Duration::from_secs(30), || async { ok.load(Ordering::Relaxed) >= 200 }).await;
+    sb.stop("b").await;
+    stopped.store(true, Ordering::Relaxed);
+    eventually(Duration::from_secs(30), || async { after_stop.load(Ordering::Relaxed) >= 300 }).await;
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.expect("no reader failed");
+    }
+    eventually(Duration::from_secs(30), || async {
+        topology(&gw).await.clusters.iter().any(|c| c.id == "b" && c.health == pb::Health::Unhealthy as i32 && !c.readable)
+    })
+    .await;
+    let before = routed(&gw).await;
+    let mut g = g;
+    for _ in 0..20 {
+        g.search(search_req("c1", read(pb::ConsistencyLevel::Eventually, ""))).await.expect("read");
+    }
+    assert_eq!(delta(&routed(&gw).await, &before)["b"], 0, "a stopped cluster gets no reads once unhealthy");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn not_leader_redirects_the_write_once() {
+    // Two separate clusters; the gateway first sees `a` leading, then they swap roles behind its
+    // back (health checks are too slow to notice): the write goes to `a`, which answers
+    // NotLeader naming `b`; the gateway refreshes and writes to `b`.
+    let sb = Sandbox::builder().leading("a").leading("b").build().await;
+    let mut direct_b = sb.client("b").await;
+    create(&mut direct_b, "w").await;
+    // `a` has it too: a cluster checks the collection before its role.
+    create(&mut sb.client("a").await, "w").await;
+    let (node_a, node_b) = (sb.node("a").await, sb.node("b").await);
+    node_b.set_role(tandem_cluster::Role::Alternative);
+    let gw = sb.gateway(&["a", "b"], |cfg| cfg.health.interval_ms = 3_600_000).await;
+    eventually(Duration::from_secs(30), || async { topology(&gw).await.leader == "a" }).await;
+    node_a.set_role(tandem_cluster::Role::Alternative);
+    node_a.set_leader(Some(format!("http://{}", sb.addr("b").await)));
+    node_b.set_role(tandem_cluster::Role::Leading);
+
+    let mut g = connect(gw.addr).await;
+    let w = insert(&mut g, "w", 0..3).await;
+    assert_eq!(w.count, 3);
+    assert_eq!(count(&mut direct_b, "w").await, 3, "the write landed on the new leader");
+    let t = topology(&gw).await;
+    assert_eq!(t.leader, "b", "topology refreshed");
+    let writes: BTreeMap<_, _> = t.clusters.iter().map(|c| (c.id.as_str(), c.writes_routed)).collect();
+    assert_eq!(writes, BTreeMap::from([("a", 1), ("b", 1)]));
+
+    // With no leader at all, writes fail at the gateway naming each cluster's state.
+    node_b.set_role(tandem_cluster::Role::Alternative);
+    let e = g.insert(insert_req("w", 10..11)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "b's own NotLeader comes back unchanged after one refresh: {e:?}");
+    assert!(e.message().contains("does not accept writes"), "{e:?}");
+    let e = g.insert(insert_req("w", 10..11)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("no leading cluster is known: a is Alternative, b is Alternative"), "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_the_same_errors_through_the_gateway() {
+    let (sb, _gw, mut g) = three_clusters(Policy::RoundRobin, |_| {}).await;
+    let mut direct = sb.client("a").await;
+    let bad_read = |token: &str| read(pb::ConsistencyLevel::Session, token);
+    let searches = vec![
+        ("wrong dim", pb::SearchRequest { vectors: vec![0.0; DIM + 1], ..search_req("c1", None) }),
+        ("unknown collection", search_req("nope", None)),
+        ("bad filter", pb::SearchRequest { filter: "tag <".into(), ..search_req("c1", None) }),
+        ("unknown field", pb::SearchRequest { filter: "colour == 3".into(), ..search_req("c1", None) }),
+        ("top_k 0", pb::SearchRequest { top_k: 0, ..search_req("c1", None) }),
+        ("bad token", search_req("c1", bad_read("t9-zz"))),
+    ];
+    for (what, req) in searches {
+        // Several times: round robin puts some on alternatives, which must answer the same.
+        for _ in 0..3 {
+            let via = g.search(req.clone()).await.unwrap_err();
+            let direct = direct.search(req.clone()).await.unwrap_err();
+            assert_eq!((via.code(), via.message()), (direct.code(), direct.message()), "{what}");
+            assert_ne!(via.code(), Code::Unavailable, "{what}: {via:?}");
+        }
+    }
+    let writes = vec![
+        ("duplicate ids", insert_req("c1", 5..6)),
+        ("bad dim", pb::InsertRequest { vectors: vec![1.0; DIM - 1], ..insert_req("c1", 500..501) }),
+        ("unknown collection", insert_req("nope", 0..1)),
+    ];
+    for (what, req) in writes {
+        let via = g.insert(req.clone()).await.unwrap_err();
+        let d = direct.insert(req).await.unwrap_err();
+        assert_eq!((via.code(), via.message()), (d.code(), d.message()), "{what}");
+    }
+    let bad_schema = pb::CreateCollectionRequest { schema: Some(schema("bad name!", 0, pb::Metric::L2, None, 1, vec![])) };
+    let via = g.create_collection(bad_schema.clone()).await.unwrap_err();
+    let d = direct.create_collection(bad_schema).await.unwrap_err();
+    assert_eq!((via.code(), via.message()), (d.code(), d.message()));
+    let via = g.describe_collection(pb::DescribeCollectionRequest { name: "nope".into() }).await.unwrap_err();
+    let d = direct.describe_collection(pb::DescribeCollectionRequest { name: "nope".into() }).await.unwrap_err();
+    assert_eq!((via.code(), via.message()), (d.code(), d.message()));
+    // Nothing changed.
+    assert_eq!(count(&mut g, "c1").await, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn topology_lists_every_cluster_and_the_leader() {
+    let (_sb, gw, mut g) = three_clusters(Policy::P2c, |_| {}).await;
+    let t = topology(&gw).await;
+    assert_eq!(t.leader, "a");
+    let ids: Vec<_> = t.clusters.iter().map(|c| c.id.as_str()).collect();
+    assert_eq!(ids, ["a", "b", "c"]);
+    for c in &t.clusters {
+        let role = if c.id == "a" { pb::Role::Leading } else { pb::Role::Alternative };
+        assert_eq!(c.role, role as i32, "{c:?}");
+        assert_eq!(c.health, pb::Health::Healthy as i32);
+        assert!(c.readable && c.endpoints[0].starts_with("http://127.0.0.1:"));
+        assert_eq!(c.datacenter, "local");
+        let s = c.collections.iter().find(|s| s.name == "c1").expect("c1 reported");
+        assert!(s.serviceable_ts > 0);
+    }
+    // The rest of the API passes through too.
+    let names = g.list_collections(pb::ListCollectionsRequest {}).await.expect("list").into_inner().names;
+    assert_eq!(names, ["c1"]);
+    let info = g.get_cluster_info(pb::GetClusterInfoRequest {}).await.expect("info").into_inner();
+    assert!(["a", "b", "c"].contains(&info.cluster_id.as_str()));
+    let d = g.describe_collection(pb::DescribeCollectionRequest { name: "c1".into() }).await.expect("describe").into_inner();
+    assert_eq!(d.collection.unwrap().schema.unwrap().dim, DIM as u32);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn tandem_gateway_command_serves_and_rejects_bad_config() {
+    use std::io::{BufRead, BufReader};
+    use std::process::{Command, Stdio};
+
+    let out = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["gateway", "--listen", "127.0.0.1:0", "--cluster", "nope", "--cluster", "b=10.0.0.1:5"])
+        .output()
+        .expect("run tandem gateway");
+    assert_eq!(out.status.code(), Some(64), "bad config exits 64");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--cluster \"nope\"") && err.contains("clusters[0].endpoint = \"10.0.0.1:5\""), "{err}");
+
+    let sb = Sandbox::builder().leading("a").alternative("b", "a").build().await;
+    let (a, b) = (sb.addr("a").await, sb.addr("b").await);
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["gateway", "--listen", "127.0.0.1:0", "--cluster", &format!("a=http://{a}"), "--cluster", &format!("b=http://{b}@dc2")])
+        .env("RUST_LOG", "warn")
+        .env("TANDEM_GATEWAY__HEALTH__INTERVAL_MS", "100")
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("spawn tandem gateway");
+    let line = BufReader::new(child.stdout.take().unwrap()).lines().next().expect("a line").expect("stdout");
+    let addr: std::net::SocketAddr = line.split(" listening on ").nth(1).expect("address line").trim().parse().unwrap();
+    let mut g = connect(addr).await;
+    // The gateway learns the leader with its first health check.
+    eventually(Duration::from_secs(30), || {
+        let mut g = g.clone();
+        async move {
+            let schema = schema("p", DIM as u32, pb::Metric::L2, None, 1, vec![field("tag", pb::ScalarType::Int64)]);
+            g.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.is_ok()
+        }
+    })
+    .await;
+    insert(&mut g, "p", 0..10).await;
+    assert_eq!(count(&mut g, "p").await, 10);
+    sigterm(&mut child);
+    let status = child.wait().expect("wait");
+    assert!(status.success(), "graceful stop on SIGTERM: {status:?}");
+}
+
+/// SIGTERM via the `kill` command (no libc call needed).
+fn sigterm(child: &mut std::process::Child) {
+    let ok = std::process::Command::new("kill").args(["-TERM", &child.id().to_string()]).status().expect("kill").success();
+    assert!(ok);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn hedged_reads_answer_from_the_second_cluster() {
+    let sb = Sandbox::builder().leading("a").alternative("b", "a").build().await;
+    let gw = sb
+        .gateway(&["a", "b"], |cfg| {
+            cfg.routing.policy = Policy::RoundRobin;
+            cfg.routing.hedge_after_ms = 100;
+        })
+        .await;
+    let mut g = connect(gw.addr).await;
+    gateway_ready(&gw, 2, None).await;
+    create(&mut g, "h").await;
+    insert(&mut g, "h", 0..10).await;
+    gateway_ready(&gw, 2, Some("h")).await;
+    // b stops applying: a SESSION read of a newer write waits there until its deadline and
+    // then fails (DEADLINE_EXCEEDED is not retried). Until b's lag exceeds the deadline the
+    // gateway still considers it, so only the hedge to `a` can answer those reads.
+    sb.follower("b").await.stop();
+    let w = insert(&mut g, "h", 10..11).await;
+    let before = routed(&gw).await;
+    let n = 6;
+    for i in 0..n {
+        let req = with_timeout(get_req("h", vec![10], read(pb::ConsistencyLevel::Session, &w.session_token)), Duration::from_secs(20));
+        let r = g.get(req).await;
+        assert_eq!(r.expect("hedged read").into_inner().entities.len(), 1, "read {i}");
+    }
+    let d = delta(&routed(&gw).await, &before);
+    assert!(d["b"] > 0, "round robin sent some reads to b first: {d:?}");
+    assert_eq!(d["a"], n, "every read was answered by a, directly or as a hedge: {d:?}");
+}
