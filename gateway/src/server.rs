@@ -44,6 +44,10 @@ impl Running {
 /// Validates `cfg`, binds `cfg.listen` (port 0 picks one) and serves until stopped. Clusters come
 /// and go as `membership` says (`tandem_discovery::static_list` or an etcd watch).
 pub async fn start(cfg: GatewayConfig, membership: BoxStream<'static, Change>) -> Result<Running> {
+    // Metrics recorded before a recorder exists are lost, so install it before serving anything.
+    if let Err(e) = tandem_telemetry::metrics::install() {
+        tracing::warn!(error = %e, "metrics recorder not installed; /metrics will be empty");
+    }
     let problems = cfg.validate();
     // An empty static list is fine here: membership may come from elsewhere (etcd, tests).
     let problems: Vec<_> = problems.into_iter().filter(|p| !p.starts_with("clusters = []")).collect();
@@ -87,6 +91,7 @@ async fn serve(gateway: Gateway, cfg: Arc<GatewayConfig>, listener: TcpListener,
         .map_err(|e| GatewayError::Internal(format!("reflection: {e}")))?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
     let result = tonic::transport::Server::builder()
+        .layer(tandem_telemetry::tracing::GrpcTraceLayer::default())
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)

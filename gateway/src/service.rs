@@ -143,11 +143,14 @@ impl Gateway {
         &self.0.topo
     }
 
-    /// Every call to a cluster is built here: the one place that sets outbound metadata (the
-    /// deadline now; W3C trace context from `incoming` / the current span is injected here too).
+    /// Every call to a cluster is built here: the one place that sets outbound metadata: the
+    /// remaining deadline, and the W3C trace context of the current span (a child of the
+    /// caller's, which the server's trace layer extracted from `incoming`), so the cluster's
+    /// request span joins the client's trace.
     pub fn outbound<T>(&self, body: T, deadline: Instant, _incoming: &MetadataMap) -> Request<T> {
         let mut r = Request::new(body);
         r.set_timeout(deadline.saturating_duration_since(Instant::now()));
+        tandem_telemetry::tracing::inject(r.metadata_mut());
         r
     }
 

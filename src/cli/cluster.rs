@@ -65,15 +65,7 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     let _traces = tandem_telemetry::tracing::init("info", a.log_format.into(), &cfg.telemetry.otlp_endpoint, "tandem-cluster")?;
     let id = cfg.cluster_id.clone();
     let running = server::start(cfg.clone()).await?;
-    let stop_metrics = tokio_util::sync::CancellationToken::new();
-    let metrics = if cfg.telemetry.metrics_listen.is_empty() {
-        None
-    } else {
-        let m = tandem_telemetry::metrics::serve(&cfg.telemetry.metrics_listen, stop_metrics.clone()).await?;
-        // Scripts and tests wait for this line to learn the address (port 0 picks one).
-        println!("tandem cluster {id} metrics on http://{}/metrics", m.addr);
-        Some(m)
-    };
+    let metrics = super::MetricsEndpoint::start(&cfg.telemetry.metrics_listen, &format!("cluster {id}")).await?;
     let replication = crate::replication::start(&running, &cfg).await?;
     // Scripts and tests wait for this exact line to learn the address (port 0 picks one).
     println!("tandem cluster {id} listening on {}", running.addr);
@@ -94,10 +86,7 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
         }
     }
     // Metrics stay scrapeable while the node drains; they stop last.
-    stop_metrics.cancel();
-    if let Some(m) = metrics {
-        m.task.await??;
-    }
+    metrics.stop().await?;
     tracing::info!("stopped");
     Ok(())
 }

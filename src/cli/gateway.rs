@@ -12,8 +12,10 @@ use figment::providers::{Format, Serialized, Toml};
 use tandem_gateway::GatewayConfig;
 use tandem_gateway::config::StaticCluster;
 
+use futures::StreamExt;
+
 use super::cluster::shutdown_signal;
-use super::{LogFormat, init_tracing};
+use super::{LogFormat, MetricsEndpoint};
 use crate::config::InvalidConfig;
 
 /// Environment variables overriding gateway settings (`TANDEM_GATEWAY__ROUTING__POLICY=round_robin`).
@@ -99,23 +101,26 @@ pub fn load_gateway_config(
             }
         }
     }
-    if !cfg.discovery.etcd.is_empty() {
-        // tandem-discovery's etcd watch lands separately; until it is wired here, say so rather
-        // than silently serving no cluster.
-        problems.push(format!(
-            "discovery.etcd = {:?}: etcd discovery is not available in this build; list the clusters instead",
-            cfg.discovery.etcd
-        ));
-    }
-    problems.extend(cfg.validate());
+    problems.extend(cfg.validate().into_iter().filter(|p| !(p.starts_with("clusters = []") && !cfg.discovery.etcd.is_empty())));
     if problems.is_empty() { Ok(cfg) } else { Err(InvalidConfig { problems }.into()) }
 }
 
 pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
-    init_tracing("info", a.log_format);
     let cfg = load_gateway_config(a.config.as_deref(), std::env::vars(), &a)?;
-    let membership = tandem_discovery::static_list(cfg.registrations());
+    // Held until the end of `run`: dropping it flushes the spans still buffered.
+    let _traces = tandem_telemetry::tracing::init("info", a.log_format.into(), &cfg.telemetry.otlp_endpoint, "tandem-gateway")?;
+    let membership = if cfg.discovery.etcd.is_empty() {
+        tandem_discovery::static_list(cfg.registrations())
+    } else {
+        // The static list (if any) and etcd registrations together.
+        let watch = tandem_discovery::etcd::watch(cfg.discovery.etcd.clone(), cfg.discovery.prefix.clone())
+            .await
+            .map_err(|e| if e.is_transient() { anyhow::Error::from(e) } else { InvalidConfig { problems: vec![e.to_string()] }.into() })?;
+        futures::stream::select(tandem_discovery::static_list(cfg.registrations()), watch).boxed()
+    };
+    let metrics_listen = cfg.telemetry.metrics_listen.clone();
     let running = tandem_gateway::start(cfg, membership).await?;
+    let metrics = MetricsEndpoint::start(&metrics_listen, "gateway").await?;
     // Scripts and tests wait for this exact line to learn the address (port 0 picks one).
     println!("tandem gateway listening on {}", running.addr);
 
@@ -130,6 +135,7 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
             bail!("{} during shutdown; exiting without waiting for requests in flight", s?)
         }
     }
+    metrics.stop().await?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -272,3 +272,29 @@ mod tests {
         assert_eq!(fmt_bytes(3 << 20), "3.0 MiB");
     }
 }
+
+/// The optional Prometheus endpoint of a long-running command (`telemetry.metrics_listen`).
+pub struct MetricsEndpoint(Option<(tokio_util::sync::CancellationToken, tandem_telemetry::metrics::MetricsServer)>);
+
+impl MetricsEndpoint {
+    /// Serves /metrics on `listen` (empty: none) and prints where, as `tandem <what> metrics on
+    /// http://ADDR/metrics` (scripts and tests read that line; port 0 picks a free port).
+    pub async fn start(listen: &str, what: &str) -> anyhow::Result<MetricsEndpoint> {
+        if listen.is_empty() {
+            return Ok(MetricsEndpoint(None));
+        }
+        let stop = tokio_util::sync::CancellationToken::new();
+        let m = tandem_telemetry::metrics::serve(listen, stop.clone()).await?;
+        println!("tandem {what} metrics on http://{}/metrics", m.addr);
+        Ok(MetricsEndpoint(Some((stop, m))))
+    }
+
+    /// Stops serving; called last at shutdown so metrics stay scrapeable while requests drain.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        if let Some((stop, m)) = self.0 {
+            stop.cancel();
+            m.task.await??;
+        }
+        Ok(())
+    }
+}
