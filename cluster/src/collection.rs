@@ -229,6 +229,61 @@ impl Collection {
         Ok(applied)
     }
 
+    /// Alternative: applies consecutive changes of `shard`'s stream, `(position, ts, op)` in
+    /// order, with one WAL fsync for all of them (the cost of applying one at a time). Positions
+    /// already applied are skipped. Returns how many leading changes were handled (applied or
+    /// skipped) and the error that stopped the rest, if any: the changes before it are durable
+    /// and applied either way. Blocking.
+    pub fn apply_replicated_batch(
+        &self,
+        clock: &HybridClock,
+        shard: usize,
+        changes: Vec<(Lsn, Ts, ShardOp)>,
+        jobs: &mut IndexJobs,
+    ) -> (usize, Result<()>) {
+        let schema = self.schema();
+        let Some(sh) = self.shards.get(shard) else {
+            return (0, Err(ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name))));
+        };
+        let mut handled = 0;
+        let mut last_wal = None;
+        let mut max_ts = 0;
+        let mut failure = None;
+        {
+            let mut st = sh.lock_state();
+            let mut pending = sh.lock_pending();
+            let mut sealed = Vec::new();
+            for (lsn, ts, op) in changes {
+                if lsn <= sh.source_lsn() {
+                    handled += 1;
+                    continue;
+                }
+                clock.observe(ts);
+                let meta = LogMeta { ts, participants: &[], source_lsn: lsn };
+                match sh.append_and_apply(&mut st, &mut pending, &schema, meta, op, &mut sealed) {
+                    Ok((wal_lsn, _)) => {
+                        last_wal = Some(wal_lsn);
+                        max_ts = max_ts.max(ts);
+                        handled += 1;
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            jobs.extend(sealed.into_iter().map(|s| (shard, s)));
+        }
+        if let Some(wal_lsn) = last_wal {
+            if let Err(e) = sh.finish(wal_lsn) {
+                // Nothing of the batch is acknowledged-durable: report it at its first change.
+                return (0, Err(e));
+            }
+            sh.follow_to(max_ts);
+        }
+        (handled, failure.map_or(Ok(()), Err))
+    }
+
     /// Alternative bootstrap: loads snapshot rows (with their own insert ts) into `shard`
     /// without moving its stream position; the bootstrap records the position once the whole
     /// snapshot is in. Blocking.
