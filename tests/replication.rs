@@ -233,6 +233,48 @@ async fn consistent_reads_on_alternative(backend: Backend) {
     }
 }
 
+/// A write bigger than Kafka's default message limit (1 MB) replicates: the transport is sized
+/// for the largest write the leader accepts.
+async fn large_write_replicates(backend: Backend) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(256)) }).await.unwrap();
+    // 8000 rows x 256 floats: ~8 MB, ~4 MB per shard event.
+    insert(&mut l, 0..8000, 256).await;
+    insert(&mut l, 8000..8010, 256).await;
+    converge(&mut l, &mut a).await;
+    assert_eq!(count(&mut a, C).await, 8010);
+}
+
+/// A STRONG read on an idle alternative is served from a tick the leader sends when asked for
+/// its clock, not at its next interval (here a minute: longer than the read's deadline).
+async fn strong_read_on_idle_alternative(backend: Backend) {
+    let sb = Sandbox::builder()
+        .cluster_with("lead", |c| c.replication.tick_ms = 60_000)
+        .alternative_with("alt", "lead", |c| c.replication.tick_ms = 60_000)
+        .transport(backend)
+        .build()
+        .await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move { describe(&mut a).await.is_some() }
+    })
+    .await;
+    for i in 0..5i64 {
+        insert(&mut l, i..i + 1, DIM).await;
+        let mut req = tonic::Request::new(pb::CountRequest {
+            collection: C.into(),
+            filter: String::new(),
+            read: read(pb::ConsistencyLevel::Strong, ""),
+        });
+        req.set_timeout(Duration::from_secs(20));
+        let n = a.count(req).await.expect("strong read on an idle alternative").into_inner().count;
+        assert_eq!(n, i as u64 + 1, "a strong read on the alternative missed an acknowledged write");
+    }
+}
+
 fn rand_id() -> i64 {
     use std::sync::atomic::AtomicI64;
     static N: AtomicI64 = AtomicI64::new(0);
@@ -439,7 +481,15 @@ macro_rules! suite {
 
 mod direct {
     use super::*;
-    suite!(Backend::Direct, live_data_and_ddl, bootstrap_then_live_handoff, alternative_restart_resumes, consistent_reads_on_alternative);
+    suite!(
+        Backend::Direct,
+        live_data_and_ddl,
+        bootstrap_then_live_handoff,
+        alternative_restart_resumes,
+        consistent_reads_on_alternative,
+        large_write_replicates,
+        strong_read_on_idle_alternative
+    );
 }
 
 #[cfg(feature = "kafka")]
@@ -470,7 +520,14 @@ mod kafka {
         Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Kafka { brokers: broker.brokers() }).build().await
     }
 
-    kafka_suite!(live_data_and_ddl, bootstrap_then_live_handoff, alternative_restart_resumes, consistent_reads_on_alternative);
+    kafka_suite!(
+        live_data_and_ddl,
+        bootstrap_then_live_handoff,
+        alternative_restart_resumes,
+        consistent_reads_on_alternative,
+        large_write_replicates,
+        strong_read_on_idle_alternative
+    );
 
     /// A broker restart with durable storage loses nothing: acknowledged writes (ack policy
     /// `exported`: the broker held them) all reach the alternative.
