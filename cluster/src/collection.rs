@@ -484,6 +484,36 @@ mod tests {
         }
     }
 
+    /// An alternative's batch: applied in order with the leader's ts and positions (one fsync),
+    /// positions already applied are skipped, and a reopen resumes after the last one.
+    #[test]
+    fn replicated_batch_applies_in_order_and_skips_applied_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids0: Vec<i64> = (0..).filter(|&i| shard_of(i, 2) == 0).take(3).collect();
+        let ins = |id: i64| ShardOp::Insert { ids: vec![id], vectors: vec![0.5; 2], rows: vec![vec![]], row_ts: vec![] };
+        {
+            let c = open(dir.path());
+            c.shards()[0].set_following(true);
+            let clock = HybridClock::new();
+            let base = clock.now() + 1000;
+            let (n, r) = c.apply_replicated_batch(&clock, 0, vec![(5, base, ins(ids0[0])), (6, base + 1, ins(ids0[1]))], &mut Vec::new());
+            r.unwrap();
+            assert_eq!(n, 2);
+            assert_eq!(c.shards()[0].source_lsn(), 6);
+            assert_eq!(c.shards()[0].serviceable_ts(&clock), base + 1, "serviceable up to the batch's last ts");
+            // A redelivery of 6 is skipped; 7 deletes the first row.
+            let batch = vec![(6, base + 1, ins(ids0[2])), (7, base + 2, ShardOp::Delete { ids: vec![ids0[0]] })];
+            let (n, r) = c.apply_replicated_batch(&clock, 0, batch, &mut Vec::new());
+            r.unwrap();
+            assert_eq!(n, 2);
+            assert_eq!(ids(&c), vec![ids0[1]]);
+            assert!(c.apply_replicated_batch(&clock, 5, vec![], &mut Vec::new()).1.is_err(), "no shard 5");
+        }
+        let c = open(dir.path());
+        assert_eq!(c.shards()[0].source_lsn(), 7);
+        assert_eq!(ids(&c), vec![ids0[1]]);
+    }
+
     #[test]
     fn shard_of_spreads_sequential_ids() {
         let mut counts = [0usize; 4];
