@@ -502,7 +502,9 @@ impl Shard {
         l.retain(|_, (_, at)| at.elapsed() < LEASE_TTL);
         let expired = before - l.len();
         if expired > 0 {
-            tracing::warn!(shard = %self.dir.display(), expired, "retention leases expired: their subscribers will bootstrap from a snapshot");
+            // A direct subscriber that comes back later bootstraps from a snapshot; a broker
+            // subscriber's lease (taken by its snapshot) was only a grace period.
+            tracing::info!(shard = %self.dir.display(), expired, "retention leases expired");
             self.lease_expiries.fetch_add(expired as u64, Ordering::Relaxed);
         }
         l.iter().map(|(k, (lsn, _))| (k.clone(), *lsn)).collect()

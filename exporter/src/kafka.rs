@@ -281,9 +281,6 @@ impl KafkaConfig {
 /// Default `fetch.wait.max.ms` of subscriptions (see `consumer_config`).
 pub const FETCH_WAIT_MS: u32 = 5;
 
-/// Default `fetch.wait.max.ms` of the DDL stream's subscription.
-pub const DDL_FETCH_WAIT_MS: u32 = 50;
-
 fn unavailable(message: impl std::fmt::Display) -> ExportError {
     ExportError::Unavailable { backend: BACKEND, message: message.to_string() }
 }
@@ -655,13 +652,7 @@ impl Transport for KafkaTransport {
         let consumer = self
             .inner
             .blocking(move |i| {
-                let mut cfg = i.cfg.consumer_config();
-                if s == StreamId::Ddl && !i.cfg.extra.contains_key("fetch.wait.max.ms") {
-                    // DDL is rare and a few tens of ms do not matter there; with tansu every
-                    // fetch costs the broker the same, so the DDL stream polls less often.
-                    cfg.set("fetch.wait.max.ms", DDL_FETCH_WAIT_MS.to_string());
-                }
-                let c: StreamConsumer = cfg.create().map_err(|e| unavailable(format!("creating consumer: {e}")))?;
+                let c: StreamConsumer = i.cfg.consumer_config().create().map_err(|e| unavailable(format!("creating consumer: {e}")))?;
                 let mut tpl = TopicPartitionList::new();
                 tpl.add_partition_offset(&t, partition, Offset::Offset(start))
                     .map_err(|e| unavailable(format!("assigning {t}/{partition}: {e}")))?;
