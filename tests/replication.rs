@@ -154,10 +154,12 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
     writer.await.unwrap();
     converge(&mut l, &mut a).await;
     let f = sb.follower("alt").await;
-    // Direct: the leader's WAL no longer starts at 1, so both shards had to come from a
-    // snapshot. Kafka: the topic still holds the whole log, but a new alternative loads the
-    // leader's snapshot rather than replaying it, and continues from the matching offset.
-    assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards bootstrapped from a snapshot");
+    if matches!(sb.backend(), Backend::Direct) {
+        // The leader's WAL no longer starts at 1: both shards had to come from a snapshot. (A
+        // Kafka topic still holds the whole log here, and these shards are small enough for a
+        // new alternative to replay it; `replication_metrics` covers a Kafka snapshot.)
+        assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards bootstrapped from a snapshot");
+    }
 }
 
 async fn alternative_restart_resumes(backend: Backend) {
@@ -369,23 +371,26 @@ async fn replication_metrics(backend: Backend) {
         .await;
     let mut l = sb.client(lead).await;
     l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(64)) }).await.unwrap();
-    for b in 0..20 {
-        insert(&mut l, b * 500..(b + 1) * 500, 64).await;
+    // Enough rows per shard (> 20 000) for a new Kafka alternative to start from a snapshot.
+    const ROWS: i64 = 44_000;
+    for b in 0..ROWS / 2000 {
+        insert(&mut l, b * 2000..(b + 1) * 2000, 64).await;
     }
     l.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
     sb.add_alternative(alt, lead).await;
     let mut a = sb.client(alt).await;
     converge(&mut l, &mut a).await;
-    insert(&mut l, 10_000..10_100, 64).await;
+    insert(&mut l, ROWS..ROWS + 100, 64).await;
     converge(&mut l, &mut a).await;
+    assert!(sb.follower(alt).await.bootstraps.load(Ordering::Relaxed) >= 2, "both shards started from a snapshot");
 
     let on_alt = [("cluster", alt), ("collection", C)];
     {
         // Every row came from a snapshot (direct: the leader's WAL was truncated; kafka: a new
-        // alternative starts from a snapshot), counted as
+        // alternative starts from one when the shards are big), counted as
         // id + insert ts (16 bytes) + 64 floats (more if a bootstrap had to start over).
         let bytes = recorder::counter("tandem_replication_bootstrap_bytes_total", &on_alt);
-        assert!(bytes >= 10_000 * (16 + 64 * 4), "bootstrap bytes {bytes}");
+        assert!(bytes >= ROWS as u64 * (16 + 64 * 4), "bootstrap bytes {bytes}");
         assert!(!recorder::gauges("tandem_replication_bootstrap_bytes_per_second", &on_alt).is_empty());
     }
     assert!(recorder::counter("tandem_replication_events_applied_total", &on_alt) >= 1, "the last insert was applied");

@@ -96,6 +96,10 @@ impl LeaderClock for DirectClock {
 
 const BACKOFF: Duration = Duration::from_millis(200);
 
+/// A broker subscriber that has applied nothing starts from the leader's snapshot when the
+/// leader's shard holds at least this many rows; below, replaying the broker's log is as quick.
+const SNAPSHOT_FIRST_MIN_ROWS: u64 = 20_000;
+
 /// At most this many received events are applied together (one fsync).
 const MAX_BATCH_EVENTS: usize = 1024;
 
@@ -245,22 +249,23 @@ impl Follower {
         let sh = c.shards()[shard].clone();
         // A broker keeps a collection's whole history, and replaying it event by event is slow
         // (~15 MB/s with tansu): a shard that has applied nothing loads the leader's snapshot
-        // (~150 MB/s) and continues from the broker at the matching position. Tried once per
-        // task: if the leader cannot be reached, the broker's log is replayed instead.
+        // (~150 MB/s) when it is big enough for that to pay off, and continues from the broker
+        // at the matching position. Tried once per task: if the leader cannot be reached, or
+        // the shard is small, the broker's log is replayed instead.
         let mut snapshot_first = self.transport.needs_publisher();
         loop {
             if c.is_dropped() {
                 return;
             }
-            if std::mem::take(&mut snapshot_first) && sh.source_lsn() == 0 {
-                if let Err(e) = self.bootstrap(&c, shard).await {
+            if std::mem::take(&mut snapshot_first) && sh.source_lsn() == 0 && sh.stats().live_rows == 0 {
+                if let Err(e) = self.bootstrap(&c, shard, SNAPSHOT_FIRST_MIN_ROWS).await {
                     tracing::warn!(error = %e, %stream_id, "could not load the leader's snapshot; replaying the broker's log instead");
                 }
                 continue;
             }
             // An interrupted bootstrap leaves rows but no position: start it over.
             if sh.source_lsn() == 0 && sh.stats().live_rows > 0 {
-                if let Err(e) = self.bootstrap(&c, shard).await {
+                if let Err(e) = self.bootstrap(&c, shard, 0).await {
                     tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
                     tokio::time::sleep(BACKOFF).await;
                 }
@@ -271,7 +276,7 @@ impl Follower {
                 Ok(s) => s,
                 Err(ExportError::Truncated { .. }) => {
                     tracing::info!(%stream_id, from, "the log no longer holds our position: bootstrapping from a snapshot");
-                    if let Err(e) = self.bootstrap(&c, shard).await {
+                    if let Err(e) = self.bootstrap(&c, shard, 0).await {
                         tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
                         tokio::time::sleep(BACKOFF).await;
                     }
@@ -321,7 +326,7 @@ impl Follower {
                     }
                     match e {
                         ExportError::Truncated { .. } => {
-                            if let Err(e) = self.bootstrap(c, shard).await {
+                            if let Err(e) = self.bootstrap(c, shard, 0).await {
                                 tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
                             }
                             return Flow::Resubscribe;
@@ -443,13 +448,15 @@ impl Follower {
 
     /// Loads a snapshot of one shard from the leader into a wiped local shard, then records the
     /// matching position, so the stream continues with no gap and no duplicate.
-    async fn bootstrap(&self, c: &Arc<Collection>, shard: usize) -> Result<()> {
+    /// Loads a snapshot of one shard from the leader (see `load_snapshot`); with `min_rows`,
+    /// declines (changing nothing) when the leader's shard holds fewer rows.
+    async fn bootstrap(&self, c: &Arc<Collection>, shard: usize, min_rows: u64) -> Result<()> {
         let name = c.schema().name.clone();
         self.progress
             .lock()
             .insert((c.id, shard), Progress { collection: name, bytes: 0, total: 0, reported: (0, std::time::Instant::now()) });
         self.node.set_replication_state(c.id, bootstrap_state(0, 0, 0.0));
-        let r = self.load_snapshot(c, shard).await;
+        let r = self.load_snapshot(c, shard, min_rows).await;
         let mut progress = self.progress.lock();
         progress.remove(&(c.id, shard));
         if !progress.keys().any(|&(cid, _)| cid == c.id) {
@@ -459,9 +466,7 @@ impl Follower {
         r
     }
 
-    async fn load_snapshot(&self, c: &Arc<Collection>, shard: usize) -> Result<()> {
-        let sh = c.shards()[shard].clone();
-        tokio::task::spawn_blocking(move || sh.wipe()).await.map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
+    async fn load_snapshot(&self, c: &Arc<Collection>, shard: usize, min_rows: u64) -> Result<()> {
         let req = rp::SnapshotRequest { collection_id: c.id, shard: shard as u32, subscriber: self.cfg.subscriber.clone() };
         let mut stream = self
             .leader
@@ -475,8 +480,20 @@ impl Follower {
         let row_bytes = c.schema().dim as u64 * 4 + 16;
         let labels = [("cluster", self.cluster()), ("collection", c.schema().name.clone()), ("shard", shard.to_string())];
         let bytes_total = metrics::counter!("tandem_replication_bootstrap_bytes_total", &labels);
+        let mut wiped = false;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?;
+            if !wiped {
+                if chunk.total_rows < min_rows {
+                    return Ok(());
+                }
+                // The snapshot is taken on the leader already; what this shard holds goes now.
+                let sh = c.shards()[shard].clone();
+                tokio::task::spawn_blocking(move || sh.wipe())
+                    .await
+                    .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
+                wiped = true;
+            }
             if chunk.done {
                 if chunk.lsn == 0 {
                     // The leader's shard has never logged a change: nothing to load, and no
