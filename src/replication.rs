@@ -40,7 +40,7 @@ pub fn transport(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Transport>> {
         "direct" => Ok(Arc::new(DirectTransport::new(&r.leader, &cfg.cluster_id)?)),
         #[cfg(feature = "kafka")]
         "kafka" => {
-            let k = tandem_exporter::kafka::KafkaConfig::from_settings(&r.group, &cfg.cluster_id, &r.kafka);
+            let k = tandem_exporter::kafka::KafkaConfig::from_settings(&r.group, &cfg.cluster_id, &r.kafka, cfg.limits.max_message_bytes);
             Ok(Arc::new(tandem_exporter::kafka::KafkaTransport::new(k)?))
         }
         other => anyhow::bail!("replication.transport = {other:?} is not available in this build"),

@@ -156,7 +156,8 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
     let f = sb.follower("alt").await;
     if matches!(sb.backend(), Backend::Direct) {
         // The leader's WAL no longer starts at 1: both shards had to come from a snapshot. (A
-        // Kafka topic still holds the whole log here, and replaying it is what should happen.)
+        // Kafka topic still holds the whole log here, and these shards are small enough for a
+        // new alternative to replay it; `replication_metrics` covers a Kafka snapshot.)
         assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards bootstrapped from a snapshot");
     }
 }
@@ -230,6 +231,186 @@ async fn consistent_reads_on_alternative(backend: Backend) {
             "bounded read {}ms stale, bound 200ms",
             before - tandem_cluster::ts::physical_ms(snap)
         );
+    }
+}
+
+/// A write bigger than Kafka's default message limit (1 MB) replicates: the transport is sized
+/// for the largest write the leader accepts.
+async fn large_write_replicates(backend: Backend) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(256)) }).await.unwrap();
+    // 8000 rows x 256 floats: ~8 MB, ~4 MB per shard event.
+    insert(&mut l, 0..8000, 256).await;
+    insert(&mut l, 8000..8010, 256).await;
+    converge(&mut l, &mut a).await;
+    assert_eq!(count(&mut a, C).await, 8010);
+}
+
+/// A STRONG read on an idle alternative is served from a tick the leader sends when asked for
+/// its clock, not at its next interval (here a minute: longer than the read's deadline).
+async fn strong_read_on_idle_alternative(backend: Backend) {
+    let sb = Sandbox::builder()
+        .cluster_with("lead", |c| c.replication.tick_ms = 60_000)
+        .alternative_with("alt", "lead", |c| c.replication.tick_ms = 60_000)
+        .transport(backend)
+        .build()
+        .await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move { describe(&mut a).await.is_some() }
+    })
+    .await;
+    for i in 0..5i64 {
+        insert(&mut l, i..i + 1, DIM).await;
+        let mut req = tonic::Request::new(pb::CountRequest {
+            collection: C.into(),
+            filter: String::new(),
+            read: read(pb::ConsistencyLevel::Strong, ""),
+        });
+        req.set_timeout(Duration::from_secs(20));
+        let n = a.count(req).await.expect("strong read on an idle alternative").into_inner().count;
+        assert_eq!(n, i as u64 + 1, "a strong read on the alternative missed an acknowledged write");
+    }
+}
+
+/// A recorder for this test process: the current value of every counter and gauge by name and
+/// labels. Clusters of parallel tests share it; their `cluster` label tells them apart.
+mod recorder {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use std::sync::{Arc, Mutex, OnceLock};
+
+    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
+
+    #[derive(Default)]
+    pub struct Values(Mutex<BTreeMap<String, Arc<AtomicU64>>>);
+
+    fn id(key: &Key) -> String {
+        let mut labels: Vec<_> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
+        labels.sort();
+        format!("{}{{{}}}", key.name(), labels.join(","))
+    }
+
+    impl Values {
+        fn cell(&self, key: &Key) -> Arc<AtomicU64> {
+            self.0.lock().unwrap().entry(id(key)).or_default().clone()
+        }
+
+        /// Counter values (gauges are f64 bits: see `gauge`) of series `name` whose labels
+        /// include every one of `labels`.
+        fn matching(&self, name: &str, labels: &[(&str, &str)]) -> Vec<u64> {
+            self.0
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(k, _)| k.starts_with(&format!("{name}{{")) && labels.iter().all(|(lk, lv)| k.contains(&format!("{lk}={lv}"))))
+                .map(|(_, v)| v.load(Ordering::Relaxed))
+                .collect()
+        }
+    }
+
+    impl Recorder for &'static Values {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.cell(key))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.cell(key))
+        }
+        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::noop()
+        }
+    }
+
+    fn values() -> &'static Values {
+        static V: OnceLock<&'static Values> = OnceLock::new();
+        V.get_or_init(|| {
+            let v: &'static Values = Box::leak(Box::default());
+            metrics::set_global_recorder(v).expect("no other recorder in this test process");
+            v
+        })
+    }
+
+    pub fn install() {
+        values();
+    }
+
+    /// Sum of the counters `name` with these labels.
+    pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
+        values().matching(name, labels).into_iter().sum()
+    }
+
+    /// Values of the gauges `name` with these labels.
+    pub fn gauges(name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+        values().matching(name, labels).into_iter().map(f64::from_bits).collect()
+    }
+}
+
+/// The replication metrics are recorded with the cluster's id: bootstrap bytes (exactly the
+/// snapshot's rows), applied events, lag gauges on the alternative; leases and the exported ts
+/// on the leader.
+async fn replication_metrics(backend: Backend) {
+    recorder::install();
+    // Unique cluster ids: the recorder is shared by the tests of this process.
+    let (lead, alt) = match backend {
+        Backend::Direct => ("metrics-lead-direct", "metrics-alt-direct"),
+        Backend::Kafka { .. } => ("metrics-lead-kafka", "metrics-alt-kafka"),
+    };
+    let mut sb = Sandbox::builder()
+        .cluster_with(lead, |c| {
+            c.wal.file_mib = 1;
+            c.segment.seal_rows = 1000;
+        })
+        .transport(backend.clone())
+        .build()
+        .await;
+    let mut l = sb.client(lead).await;
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(64)) }).await.unwrap();
+    // Enough rows per shard (> 20 000) for a new Kafka alternative to start from a snapshot.
+    const ROWS: i64 = 44_000;
+    for b in 0..ROWS / 2000 {
+        insert(&mut l, b * 2000..(b + 1) * 2000, 64).await;
+    }
+    l.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
+    sb.add_alternative(alt, lead).await;
+    let mut a = sb.client(alt).await;
+    converge(&mut l, &mut a).await;
+    insert(&mut l, ROWS..ROWS + 100, 64).await;
+    converge(&mut l, &mut a).await;
+    assert!(sb.follower(alt).await.bootstraps.load(Ordering::Relaxed) >= 2, "both shards started from a snapshot");
+
+    let on_alt = [("cluster", alt), ("collection", C)];
+    {
+        // Every row came from a snapshot (direct: the leader's WAL was truncated; kafka: a new
+        // alternative starts from one when the shards are big), counted as
+        // id + insert ts (16 bytes) + 64 floats (more if a bootstrap had to start over).
+        let bytes = recorder::counter("tandem_replication_bootstrap_bytes_total", &on_alt);
+        assert!(bytes >= ROWS as u64 * (16 + 64 * 4), "bootstrap bytes {bytes}");
+        assert!(!recorder::gauges("tandem_replication_bootstrap_bytes_per_second", &on_alt).is_empty());
+    }
+    assert!(recorder::counter("tandem_replication_events_applied_total", &on_alt) >= 1, "the last insert was applied");
+    assert_eq!(recorder::counter("tandem_replication_poisoned_total", &[("cluster", alt)]), 0);
+    eventually(CONVERGE, || async {
+        let lag = recorder::gauges("tandem_replication_lag_ms", &on_alt);
+        let ts_lag = recorder::gauges("tandem_replication_lag_ts", &on_alt);
+        lag.len() == 2 && ts_lag.len() == 2
+    })
+    .await;
+    let exported = recorder::gauges("tandem_replication_exported_ts", &[("cluster", lead), ("collection", C)]);
+    assert_eq!(exported.len(), 2, "one exported ts per shard");
+    assert!(exported.iter().all(|&ts| ts > 0.0));
+    if matches!(backend, Backend::Direct) {
+        // The alternative's subscriptions hold the leader's WAL.
+        eventually(CONVERGE, || async {
+            let leases = recorder::gauges("tandem_replication_leases", &[("cluster", lead), ("collection", C)]);
+            leases.len() == 2 && leases.iter().all(|&n| n >= 1.0)
+        })
+        .await;
     }
 }
 
@@ -439,7 +620,16 @@ macro_rules! suite {
 
 mod direct {
     use super::*;
-    suite!(Backend::Direct, live_data_and_ddl, bootstrap_then_live_handoff, alternative_restart_resumes, consistent_reads_on_alternative);
+    suite!(
+        Backend::Direct,
+        live_data_and_ddl,
+        bootstrap_then_live_handoff,
+        alternative_restart_resumes,
+        consistent_reads_on_alternative,
+        large_write_replicates,
+        strong_read_on_idle_alternative,
+        replication_metrics
+    );
 }
 
 #[cfg(feature = "kafka")]
@@ -470,7 +660,15 @@ mod kafka {
         Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Kafka { brokers: broker.brokers() }).build().await
     }
 
-    kafka_suite!(live_data_and_ddl, bootstrap_then_live_handoff, alternative_restart_resumes, consistent_reads_on_alternative);
+    kafka_suite!(
+        live_data_and_ddl,
+        bootstrap_then_live_handoff,
+        alternative_restart_resumes,
+        consistent_reads_on_alternative,
+        large_write_replicates,
+        strong_read_on_idle_alternative,
+        replication_metrics
+    );
 
     /// A broker restart with durable storage loses nothing: acknowledged writes (ack policy
     /// `exported`: the broker held them) all reach the alternative.

@@ -229,6 +229,61 @@ impl Collection {
         Ok(applied)
     }
 
+    /// Alternative: applies consecutive changes of `shard`'s stream, `(position, ts, op)` in
+    /// order, with one WAL fsync for all of them (the cost of applying one at a time). Positions
+    /// already applied are skipped. Returns how many leading changes were handled (applied or
+    /// skipped) and the error that stopped the rest, if any: the changes before it are durable
+    /// and applied either way. Blocking.
+    pub fn apply_replicated_batch(
+        &self,
+        clock: &HybridClock,
+        shard: usize,
+        changes: Vec<(Lsn, Ts, ShardOp)>,
+        jobs: &mut IndexJobs,
+    ) -> (usize, Result<()>) {
+        let schema = self.schema();
+        let Some(sh) = self.shards.get(shard) else {
+            return (0, Err(ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name))));
+        };
+        let mut handled = 0;
+        let mut last_wal = None;
+        let mut max_ts = 0;
+        let mut failure = None;
+        {
+            let mut st = sh.lock_state();
+            let mut pending = sh.lock_pending();
+            let mut sealed = Vec::new();
+            for (lsn, ts, op) in changes {
+                if lsn <= sh.source_lsn() {
+                    handled += 1;
+                    continue;
+                }
+                clock.observe(ts);
+                let meta = LogMeta { ts, participants: &[], source_lsn: lsn };
+                match sh.append_and_apply(&mut st, &mut pending, &schema, meta, op, &mut sealed) {
+                    Ok((wal_lsn, _)) => {
+                        last_wal = Some(wal_lsn);
+                        max_ts = max_ts.max(ts);
+                        handled += 1;
+                    }
+                    Err(e) => {
+                        failure = Some(e);
+                        break;
+                    }
+                }
+            }
+            jobs.extend(sealed.into_iter().map(|s| (shard, s)));
+        }
+        if let Some(wal_lsn) = last_wal {
+            if let Err(e) = sh.finish(wal_lsn) {
+                // Nothing of the batch is acknowledged-durable: report it at its first change.
+                return (0, Err(e));
+            }
+            sh.follow_to(max_ts);
+        }
+        (handled, failure.map_or(Ok(()), Err))
+    }
+
     /// Alternative bootstrap: loads snapshot rows (with their own insert ts) into `shard`
     /// without moving its stream position; the bootstrap records the position once the whole
     /// snapshot is in. Blocking.
@@ -427,6 +482,36 @@ mod tests {
             let c = open(dir.path());
             assert_eq!(ids(&c), vec![a2], "the partial write must vanish, the later one stay");
         }
+    }
+
+    /// An alternative's batch: applied in order with the leader's ts and positions (one fsync),
+    /// positions already applied are skipped, and a reopen resumes after the last one.
+    #[test]
+    fn replicated_batch_applies_in_order_and_skips_applied_positions() {
+        let dir = tempfile::tempdir().unwrap();
+        let ids0: Vec<i64> = (0..).filter(|&i| shard_of(i, 2) == 0).take(3).collect();
+        let ins = |id: i64| ShardOp::Insert { ids: vec![id], vectors: vec![0.5; 2], rows: vec![vec![]], row_ts: vec![] };
+        {
+            let c = open(dir.path());
+            c.shards()[0].set_following(true);
+            let clock = HybridClock::new();
+            let base = clock.now() + 1000;
+            let (n, r) = c.apply_replicated_batch(&clock, 0, vec![(5, base, ins(ids0[0])), (6, base + 1, ins(ids0[1]))], &mut Vec::new());
+            r.unwrap();
+            assert_eq!(n, 2);
+            assert_eq!(c.shards()[0].source_lsn(), 6);
+            assert_eq!(c.shards()[0].serviceable_ts(&clock), base + 1, "serviceable up to the batch's last ts");
+            // A redelivery of 6 is skipped; 7 deletes the first row.
+            let batch = vec![(6, base + 1, ins(ids0[2])), (7, base + 2, ShardOp::Delete { ids: vec![ids0[0]] })];
+            let (n, r) = c.apply_replicated_batch(&clock, 0, batch, &mut Vec::new());
+            r.unwrap();
+            assert_eq!(n, 2);
+            assert_eq!(ids(&c), vec![ids0[1]]);
+            assert!(c.apply_replicated_batch(&clock, 5, vec![], &mut Vec::new()).1.is_err(), "no shard 5");
+        }
+        let c = open(dir.path());
+        assert_eq!(c.shards()[0].source_lsn(), 7);
+        assert_eq!(ids(&c), vec![ids0[1]]);
     }
 
     #[test]

@@ -87,13 +87,29 @@ pub struct ReplicationConfig {
     pub kafka: KafkaSettings,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct KafkaSettings {
     pub brokers: String,
     pub topic_prefix: String,
+    /// Replication factor of the topics the leader creates (1 only fits a single broker).
+    pub replication_factor: u16,
+    /// Topic-level settings of the topics the leader creates (retention.ms, ...).
+    pub topic_config: std::collections::BTreeMap<String, String>,
     /// Passed to librdkafka as is (security.protocol, sasl.*, ssl.*, ...).
     pub properties: std::collections::BTreeMap<String, String>,
+}
+
+impl Default for KafkaSettings {
+    fn default() -> Self {
+        KafkaSettings {
+            brokers: String::new(),
+            topic_prefix: "tandem".into(),
+            replication_factor: 1,
+            topic_config: Default::default(),
+            properties: Default::default(),
+        }
+    }
 }
 
 impl Default for ReplicationConfig {
@@ -105,7 +121,7 @@ impl Default for ReplicationConfig {
             tick_ms: 50,
             on_poison: "halt".into(),
             ack: "exported".into(),
-            kafka: KafkaSettings { brokers: String::new(), topic_prefix: "tandem".into(), properties: Default::default() },
+            kafka: KafkaSettings::default(),
         }
     }
 }
@@ -290,6 +306,9 @@ impl ClusterConfig {
         }
         if !["direct", "kafka"].contains(&r.transport.as_str()) {
             errs.push(format!("replication.transport = {:?} is not one of direct, kafka", r.transport));
+        }
+        if r.kafka.replication_factor == 0 {
+            errs.push("replication.kafka.replication_factor = 0: it must be at least 1".into());
         }
         if r.transport == "kafka" && r.kafka.brokers.trim().is_empty() {
             errs.push("replication.kafka.brokers is empty but replication.transport = \"kafka\"".into());

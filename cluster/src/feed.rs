@@ -55,6 +55,10 @@ pub struct ShardFeed {
     tick_every: Duration,
     last_tick: Option<Instant>,
     acked: tokio::sync::watch::Receiver<Lsn>,
+    /// `Node::request_ticks`: tick now (a STRONG read on an alternative waits for it).
+    tick_requests: tokio::sync::watch::Receiver<u64>,
+    /// A tick request seen while waiting.
+    tick_wanted: bool,
 }
 
 impl ShardFeed {
@@ -77,7 +81,19 @@ impl ShardFeed {
             return Err(ClusterError::Truncated { from, first });
         }
         let acked = sh.acked_watch();
-        Ok(ShardFeed { node, collection, shard, group: group.to_string(), next: from.max(1), tick_every, last_tick: None, acked })
+        let tick_requests = node.tick_requests();
+        Ok(ShardFeed {
+            node,
+            collection,
+            shard,
+            group: group.to_string(),
+            next: from.max(1),
+            tick_every,
+            last_tick: None,
+            acked,
+            tick_requests,
+            tick_wanted: false,
+        })
     }
 }
 
@@ -91,6 +107,9 @@ impl Feed for ShardFeed {
             if self.collection.is_dropped() {
                 return Err(ClusterError::CollectionNotFound(self.collection.schema().name.clone()));
             }
+            // Taken before `upto`: a request made after this is seen on the next round.
+            let requested = std::mem::take(&mut self.tick_wanted) || self.tick_requests.has_changed().unwrap_or(false);
+            self.tick_requests.borrow_and_update();
             let upto = self.collection.serviceable_ts(&self.node.clock);
             let (events, last, full) = {
                 let node = self.node.clone();
@@ -123,7 +142,7 @@ impl Feed for ShardFeed {
                 return Ok(events);
             }
             // Caught up: everything with ts <= upto has been read.
-            let tick_due = self.last_tick.is_none_or(|t| t.elapsed() >= self.tick_every);
+            let tick_due = requested || self.last_tick.is_none_or(|t| t.elapsed() >= self.tick_every);
             if !events.is_empty() || tick_due {
                 let mut out = events;
                 if tick_due || !out.is_empty() {
@@ -148,9 +167,16 @@ impl Feed for ShardFeed {
                 // shard's part of a multi-shard write is still being fsynced, and this shard's
                 // own watch will not fire for it. Wait for the collection instead.
                 let now = self.node.clock.peek();
-                let _ = self.collection.wait_serviceable(&self.node.clock, now, Instant::now() + wait).await;
+                tokio::select! {
+                    _ = self.collection.wait_serviceable(&self.node.clock, now, Instant::now() + wait) => {}
+                    r = self.tick_requests.changed() => self.tick_wanted = r.is_ok(),
+                }
             } else {
-                let _ = tokio::time::timeout(wait, self.acked.changed()).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(wait) => {}
+                    _ = self.acked.changed() => {}
+                    r = self.tick_requests.changed() => self.tick_wanted = r.is_ok(),
+                }
             }
         }
     }

@@ -78,6 +78,9 @@ pub struct Node {
     exporting: std::sync::atomic::AtomicBool,
     /// The highest DDL position the transport has acknowledged.
     ddl_exported: tokio::sync::watch::Sender<Lsn>,
+    /// Bumped when someone needs every shard feed to send a time tick now (an alternative asked
+    /// for the leader's clock for a STRONG read and waits for its stream to reach it).
+    tick_requests: tokio::sync::watch::Sender<u64>,
     _lock: File,
 }
 
@@ -169,6 +172,7 @@ impl Node {
             ddl_applied: AtomicU64::new(ddl_last),
             ddl_source_lsn: AtomicU64::new(ddl_source_lsn),
             leader: RwLock::new(None),
+            tick_requests: tokio::sync::watch::Sender::new(0),
             leader_clock: RwLock::new(None),
             replication: RwLock::new(Default::default()),
             exporting: Default::default(),
@@ -331,6 +335,16 @@ impl Node {
                 "the change is durable on the leader but the transport has not acknowledged it yet (ddl position {lsn})"
             ))),
         }
+    }
+
+    /// Asks every shard feed for a time tick now rather than at its next interval.
+    pub fn request_ticks(&self) {
+        self.tick_requests.send_modify(|n| *n = n.wrapping_add(1));
+    }
+
+    /// What feeds watch for tick requests.
+    pub fn tick_requests(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.tick_requests.subscribe()
     }
 
     pub fn set_replication_state(&self, collection_id: u64, state: impl Into<String>) {

@@ -19,16 +19,37 @@ use crate::schema::row_to_payload;
 
 pub const SNAPSHOT_CHUNK_ROWS: usize = 1024;
 
+/// How often the leader records its replication metrics (leases).
+const REPORT_EVERY: Duration = Duration::from_secs(1);
+
 #[derive(Clone)]
 pub struct ReplicationService {
     node: Arc<Node>,
     group: String,
     tick: Duration,
+    reporting: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl ReplicationService {
     pub fn new(node: Arc<Node>, group: String, tick: Duration) -> Self {
-        ReplicationService { node, group, tick }
+        ReplicationService { node, group, tick, reporting: Default::default() }
+    }
+
+    /// Records the leader's replication metrics every second from the first subscription on
+    /// (leases only exist once someone subscribes); ends with the node.
+    fn start_reporter(&self) {
+        if self.reporting.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        let node = Arc::downgrade(&self.node);
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(REPORT_EVERY);
+            loop {
+                every.tick().await;
+                let Some(node) = node.upgrade() else { return };
+                record_leader_metrics(&node);
+            }
+        });
     }
 
     fn leading(&self) -> Result<(), Status> {
@@ -45,14 +66,20 @@ impl ReplicationService {
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
 /// Streams a feed into a channel until the receiver goes away or the feed fails (the error is
-/// the stream's last item). `before` runs before each wait with the next position.
-fn pump(mut feed: impl Feed, mut before: impl FnMut(u64) + Send + 'static) -> tokio::sync::mpsc::Receiver<Result<rp::ChangeEvent, Status>> {
+/// the stream's last item). `before` runs before each wait with the next position; `sent`
+/// after each batch with the highest ts in it.
+fn pump(
+    mut feed: impl Feed,
+    mut before: impl FnMut(u64) + Send + 'static,
+    mut sent: impl FnMut(u64) + Send + 'static,
+) -> tokio::sync::mpsc::Receiver<Result<rp::ChangeEvent, Status>> {
     let (tx, rx) = tokio::sync::mpsc::channel(4);
     tokio::spawn(async move {
         loop {
             before(feed.next_lsn());
             let batch = feed.next_batch().await;
             let stop = batch.is_err();
+            let top_ts = batch.as_ref().map_or(0, |evs| evs.iter().map(|e| e.ts).max().unwrap_or(0));
             for item in batch.map_or_else(|e| vec![Err(Status::from(e))], |evs| evs.into_iter().map(Ok).collect()) {
                 if tx.send(item).await.is_err() {
                     return;
@@ -61,9 +88,32 @@ fn pump(mut feed: impl Feed, mut before: impl FnMut(u64) + Send + 'static) -> to
             if stop {
                 return;
             }
+            sent(top_ts);
         }
     });
     rx
+}
+
+/// Leader-side replication metrics of every shard: live retention leases, lease expiries.
+/// (`tandem_replication_exported_ts` is recorded where events leave: the direct stream, the
+/// broker publisher.)
+pub fn record_leader_metrics(node: &Node) {
+    let cluster = node.opts.cluster_id.clone();
+    for c in node.collections() {
+        let name = c.schema().name.clone();
+        for (i, sh) in c.shards().iter().enumerate() {
+            let labels = [("cluster", cluster.clone()), ("collection", name.clone()), ("shard", i.to_string())];
+            metrics::gauge!("tandem_replication_leases", &labels).set(sh.leases().len() as f64);
+            metrics::counter!("tandem_replication_lease_expiries_total", &labels).absolute(sh.lease_expiries());
+        }
+    }
+}
+
+/// Sets `tandem_replication_exported_ts` of one shard stream: every change with ts <= it has
+/// left the leader (sent to a direct subscriber, or acknowledged by the broker).
+pub fn record_exported_ts(cluster: &str, collection: &str, shard: usize, ts: u64) {
+    let labels = [("cluster", cluster.to_string()), ("collection", collection.to_string()), ("shard", shard.to_string())];
+    metrics::gauge!("tandem_replication_exported_ts", &labels).set(ts as f64);
 }
 
 #[tonic::async_trait]
@@ -74,7 +124,7 @@ impl rp::replication_server::Replication for ReplicationService {
     async fn subscribe(&self, req: Request<rp::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = req.into_inner();
         let rx = if r.ddl {
-            pump(DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50)), |_| {})
+            pump(DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50)), |_| {}, |_| {})
         } else {
             let c = self
                 .node
@@ -83,8 +133,10 @@ impl rp::replication_server::Replication for ReplicationService {
             let feed = ShardFeed::new(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?;
             let subscriber = if r.subscriber.is_empty() { "anonymous".to_string() } else { r.subscriber.clone() };
             let shard = c.shards()[r.shard as usize].clone();
+            self.start_reporter();
+            let (cluster, name, index) = (self.node.opts.cluster_id.clone(), c.schema().name.clone(), r.shard as usize);
             // The lease keeps the WAL from where this subscriber is.
-            pump(feed, move |next| shard.hold(&subscriber, next))
+            pump(feed, move |next| shard.hold(&subscriber, next), move |ts| record_exported_ts(&cluster, &name, index, ts))
         };
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -124,7 +176,9 @@ impl rp::replication_server::Replication for ReplicationService {
             .ok_or_else(|| ClusterError::Unavailable("the shard is too busy to pick a snapshot position; retry".into()))?;
         let subscriber = if r.subscriber.is_empty() { "anonymous".to_string() } else { r.subscriber };
         shard.hold(&subscriber, lsn + 1);
+        self.start_reporter();
         let schema = c.schema();
+        let total_rows = shard.stats().live_rows;
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let with_payloads = !schema.fields.is_empty();
@@ -136,16 +190,30 @@ impl rp::replication_server::Replication for ReplicationService {
                     insert_ts,
                     done: false,
                     lsn: 0,
+                    total_rows,
                 };
                 let _ = tx.blocking_send(Ok(chunk));
             });
-            let _ = tx.blocking_send(Ok(rp::SnapshotChunk { snapshot_ts: snap, rows: None, insert_ts: Vec::new(), done: true, lsn }));
+            let _ = tx.blocking_send(Ok(rp::SnapshotChunk {
+                snapshot_ts: snap,
+                rows: None,
+                insert_ts: Vec::new(),
+                done: true,
+                lsn,
+                total_rows,
+            }));
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
     async fn leader_ts(&self, _req: Request<rp::LeaderTsRequest>) -> Result<Response<rp::LeaderTsResponse>, Status> {
         self.leading()?;
-        Ok(Response::new(rp::LeaderTsResponse { ts: self.node.clock.peek(), epoch: self.node.epoch() }))
+        let ts = self.node.clock.peek();
+        // The caller waits for its stream to reach `ts`: on an idle shard that takes a tick, so
+        // make the feeds tick now instead of at their next interval. After `peek`, so every
+        // tick sent for this request covers `ts`.
+        self.node.request_ticks();
+        self.start_reporter();
+        Ok(Response::new(rp::LeaderTsResponse { ts, epoch: self.node.epoch() }))
     }
 }

@@ -132,6 +132,8 @@ pub struct Shard {
     following: std::sync::atomic::AtomicBool,
     /// Retention leases of subscribers: the WAL is kept from the lowest leased position.
     leases: Mutex<HashMap<String, (Lsn, std::time::Instant)>>,
+    /// Leases dropped because their subscriber stopped renewing them.
+    lease_expiries: std::sync::atomic::AtomicU64,
     /// Leader with a broker transport: the highest position the transport has acknowledged
     /// (the `exported` ack policy waits on it).
     exported: tokio::sync::watch::Sender<Lsn>,
@@ -305,6 +307,7 @@ impl Shard {
             follow_ts: Default::default(),
             following: Default::default(),
             leases: Mutex::new(HashMap::new()),
+            lease_expiries: Default::default(),
             exported: tokio::sync::watch::Sender::new(0),
         };
         Ok(Recovering { shard, manifest_max_ts: manifest.max_ts, manifest_source_lsn: manifest.source_lsn, replay_from, needs_index })
@@ -482,6 +485,11 @@ impl Shard {
         self.exported.subscribe()
     }
 
+    /// How many leases expired so far.
+    pub fn lease_expiries(&self) -> u64 {
+        self.lease_expiries.load(Ordering::Relaxed)
+    }
+
     /// Holds the WAL from `lsn` for `subscriber` (renewed by every call).
     pub fn hold(&self, subscriber: &str, lsn: Lsn) {
         self.leases.lock().insert(subscriber.to_string(), (lsn, std::time::Instant::now()));
@@ -490,7 +498,15 @@ impl Shard {
     /// Live leases as (subscriber, lsn); expired ones are dropped.
     pub fn leases(&self) -> Vec<(String, Lsn)> {
         let mut l = self.leases.lock();
+        let before = l.len();
         l.retain(|_, (_, at)| at.elapsed() < LEASE_TTL);
+        let expired = before - l.len();
+        if expired > 0 {
+            // A direct subscriber that comes back later bootstraps from a snapshot; a broker
+            // subscriber's lease (taken by its snapshot) was only a grace period.
+            tracing::info!(shard = %self.dir.display(), expired, "retention leases expired");
+            self.lease_expiries.fetch_add(expired as u64, Ordering::Relaxed);
+        }
         l.iter().map(|(k, (lsn, _))| (k.clone(), *lsn)).collect()
     }
 

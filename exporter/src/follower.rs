@@ -17,7 +17,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use tandem_cluster::collection::Collection;
 use tandem_cluster::node::{LeaderClock, Node};
@@ -58,7 +58,25 @@ pub struct Follower {
     pub poisoned: AtomicU64,
     pub applied: AtomicU64,
     pub bootstraps: AtomicU64,
+    /// Per (collection id, shard): the newest leader ts the stream has shown (event ts, ticks'
+    /// leader clock), for the ts lag.
+    leader_seen: Mutex<HashMap<(u64, usize), u64>>,
+    /// Bootstraps in progress, per (collection id, shard).
+    progress: Mutex<HashMap<(u64, usize), Progress>>,
 }
+
+/// A bootstrap in progress: bytes loaded so far against the leader's estimate.
+#[derive(Debug, Clone)]
+struct Progress {
+    collection: String,
+    bytes: u64,
+    total: u64,
+    /// Bytes and time at the previous report (the rate is per report interval).
+    reported: (u64, std::time::Instant),
+}
+
+/// How often lag gauges are refreshed and bootstrap progress is logged.
+const REPORT_EVERY: Duration = Duration::from_secs(1);
 
 struct DirectClock(ReplicationClient<Channel>);
 
@@ -78,6 +96,22 @@ impl LeaderClock for DirectClock {
 
 const BACKOFF: Duration = Duration::from_millis(200);
 
+/// A broker subscriber that has applied nothing starts from the leader's snapshot when the
+/// leader's shard holds at least this many rows; below, replaying the broker's log is as quick.
+const SNAPSHOT_FIRST_MIN_ROWS: u64 = 20_000;
+
+/// At most this many received events are applied together (one fsync).
+const MAX_BATCH_EVENTS: usize = 1024;
+
+/// What a shard task does after applying what it received.
+enum Flow {
+    Continue,
+    /// Subscribe again from the applied position (transient failure, or after a bootstrap).
+    Resubscribe,
+    /// A poison event halted this shard.
+    Halt,
+}
+
 impl Follower {
     /// Starts following: the DDL stream, then every collection's shards.
     pub fn start(node: Arc<Node>, transport: Arc<dyn Transport>, leader: ReplicationClient<Channel>, cfg: FollowerConfig) -> Arc<Follower> {
@@ -93,12 +127,16 @@ impl Follower {
             poisoned: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             bootstraps: AtomicU64::new(0),
+            leader_seen: Mutex::new(HashMap::new()),
+            progress: Mutex::new(HashMap::new()),
         });
         for c in f.node.collections() {
             f.start_collection(&c);
         }
         let me = f.clone();
         tokio::spawn(async move { me.run_ddl().await });
+        let me = f.clone();
+        tokio::spawn(async move { me.run_reporter().await });
         f
     }
 
@@ -209,13 +247,25 @@ impl Follower {
     async fn run_shard(self: Arc<Self>, c: Arc<Collection>, shard: usize) {
         let stream_id = StreamId::Shard { collection_id: c.id, shard: shard as u32 };
         let sh = c.shards()[shard].clone();
+        // A broker keeps a collection's whole history, and replaying it event by event is slow
+        // (~15 MB/s with tansu): a shard that has applied nothing loads the leader's snapshot
+        // (~150 MB/s) when it is big enough for that to pay off, and continues from the broker
+        // at the matching position. Tried once per task: if the leader cannot be reached, or
+        // the shard is small, the broker's log is replayed instead.
+        let mut snapshot_first = self.transport.needs_publisher();
         loop {
             if c.is_dropped() {
                 return;
             }
+            if std::mem::take(&mut snapshot_first) && sh.source_lsn() == 0 && sh.stats().live_rows == 0 {
+                if let Err(e) = self.bootstrap(&c, shard, SNAPSHOT_FIRST_MIN_ROWS).await {
+                    tracing::warn!(error = %e, %stream_id, "could not load the leader's snapshot; replaying the broker's log instead");
+                }
+                continue;
+            }
             // An interrupted bootstrap leaves rows but no position: start it over.
             if sh.source_lsn() == 0 && sh.stats().live_rows > 0 {
-                if let Err(e) = self.bootstrap(&c, shard).await {
+                if let Err(e) = self.bootstrap(&c, shard, 0).await {
                     tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
                     tokio::time::sleep(BACKOFF).await;
                 }
@@ -226,7 +276,7 @@ impl Follower {
                 Ok(s) => s,
                 Err(ExportError::Truncated { .. }) => {
                     tracing::info!(%stream_id, from, "the log no longer holds our position: bootstrapping from a snapshot");
-                    if let Err(e) = self.bootstrap(&c, shard).await {
+                    if let Err(e) = self.bootstrap(&c, shard, 0).await {
                         tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
                         tokio::time::sleep(BACKOFF).await;
                     }
@@ -238,84 +288,185 @@ impl Follower {
                     continue;
                 }
             };
-            while let Some(item) = stream.next().await {
-                let ev = match item.and_then(|ev| self.check_epoch(&stream_id, &ev).map(|_| ev)) {
-                    Ok(ev) => ev,
-                    Err(ExportError::Truncated { .. }) => {
-                        if let Err(e) = self.bootstrap(&c, shard).await {
-                            tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
-                        }
-                        break;
+            loop {
+                let Some(first) = stream.next().await else { break };
+                // Whatever else has already arrived is applied with it: one blocking hop and one
+                // WAL fsync for the lot, which is what bounds the lag under a steady write rate.
+                let mut items = vec![first];
+                while items.len() < MAX_BATCH_EVENTS {
+                    match stream.next().now_or_never() {
+                        Some(Some(item)) => items.push(item),
+                        _ => break,
                     }
-                    Err(e) if e.is_transient() => break,
-                    Err(e) => {
-                        let position = match &e {
-                            ExportError::Malformed { position, .. } => *position,
-                            _ => sh.source_lsn() + 1,
-                        };
-                        if !self.poison(&c, shard, &stream_id, position, &e, None).await {
-                            return;
-                        }
-                        continue;
-                    }
-                };
-                match self.apply(&c, shard, &ev).await {
-                    Ok(()) => {}
-                    Err(e) if e.is_transient() => {
-                        tracing::warn!(error = %e, %stream_id, "apply failed; retrying");
-                        break;
-                    }
-                    Err(e) => {
-                        if !self.poison(&c, shard, &stream_id, ev.lsn, &e, Some(&ev)).await {
-                            return;
-                        }
-                    }
+                }
+                match self.apply_items(&c, shard, &stream_id, items).await {
+                    Flow::Continue => {}
+                    Flow::Resubscribe => break,
+                    Flow::Halt => return,
                 }
             }
             tokio::time::sleep(BACKOFF).await;
         }
     }
 
-    async fn apply(&self, c: &Arc<Collection>, shard: usize, ev: &rp::ChangeEvent) -> Result<()> {
+    /// Applies received items of one shard stream in order: consecutive data events in one
+    /// batch (one fsync), ticks once the data before them is in, errors where they occur.
+    async fn apply_items(&self, c: &Arc<Collection>, shard: usize, stream_id: &StreamId, items: Vec<Result<rp::ChangeEvent>>) -> Flow {
         use rp::change_event::Body;
-        let sh = &c.shards()[shard];
-        let op = match &ev.body {
-            Some(Body::Tick(_)) => {
-                // The stream is ordered: every change up to the tick's position has been applied.
-                sh.follow_to(ev.ts);
-                return Ok(());
+        let sh = c.shards()[shard].clone();
+        let mut batch: Vec<rp::ChangeEvent> = Vec::new();
+        let mut tick_ts = 0;
+        let mut leader_seen = 0;
+        for item in items {
+            let ev = match item.and_then(|ev| self.check_epoch(stream_id, &ev).map(|_| ev)) {
+                Ok(ev) => ev,
+                Err(e) => {
+                    if let Some(flow) = self.flush(c, shard, stream_id, &mut batch).await {
+                        return flow;
+                    }
+                    match e {
+                        ExportError::Truncated { .. } => {
+                            if let Err(e) = self.bootstrap(c, shard, 0).await {
+                                tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
+                            }
+                            return Flow::Resubscribe;
+                        }
+                        e if e.is_transient() => return Flow::Resubscribe,
+                        e => {
+                            let position = match &e {
+                                ExportError::Malformed { position, .. } => *position,
+                                _ => sh.source_lsn() + 1,
+                            };
+                            if !self.poison(c, shard, stream_id, position, &e, None).await {
+                                return Flow::Halt;
+                            }
+                            // Skipped: the rest of what arrived is still in order.
+                            continue;
+                        }
+                    }
+                }
+            };
+            let seen = match &ev.body {
+                Some(Body::Tick(t)) => t.leader_ts.max(ev.ts),
+                _ => ev.ts,
+            };
+            leader_seen = leader_seen.max(seen);
+            match &ev.body {
+                // The stream is ordered: every change up to the tick's position has been applied
+                // once the batch before it is.
+                Some(Body::Tick(_)) => tick_ts = tick_ts.max(ev.ts),
+                Some(Body::Insert(_) | Body::Upsert(_) | Body::Delete(_)) => batch.push(ev),
+                other => {
+                    let e = ExportError::Malformed {
+                        stream: stream_id.to_string(),
+                        position: ev.lsn,
+                        message: format!("not a data event: {other:?}"),
+                    };
+                    if let Some(flow) = self.flush(c, shard, stream_id, &mut batch).await {
+                        return flow;
+                    }
+                    if !self.poison(c, shard, stream_id, ev.lsn, &e, Some(&ev)).await {
+                        return Flow::Halt;
+                    }
+                }
             }
-            Some(Body::Insert(b)) => st::wal_record::Op::Insert(b.clone()),
-            Some(Body::Upsert(b)) => st::wal_record::Op::Upsert(b.clone()),
-            Some(Body::Delete(d)) => st::wal_record::Op::Delete(d.clone()),
-            other => {
-                return Err(ExportError::Malformed {
-                    stream: format!("c{}/s{shard}", c.id),
-                    position: ev.lsn,
-                    message: format!("not a data event: {other:?}"),
-                });
-            }
-        };
-        let schema = c.schema();
-        let op = op_from_record(&schema, op)
-            .map_err(|e| ExportError::Malformed { stream: format!("c{}/s{shard}", c.id), position: ev.lsn, message: e.to_string() })?
-            .expect("data op");
-        let (node, c2, lsn, ts) = (self.node.clone(), c.clone(), ev.lsn, ev.ts);
-        let applied = tokio::task::spawn_blocking(move || node_apply(&node, &c2, shard, lsn, ts, op))
-            .await
-            .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
-        if applied {
-            self.applied.fetch_add(1, Ordering::Relaxed);
         }
-        Ok(())
+        if let Some(flow) = self.flush(c, shard, stream_id, &mut batch).await {
+            return flow;
+        }
+        if tick_ts > 0 {
+            sh.follow_to(tick_ts);
+        }
+        if leader_seen > 0 {
+            let mut m = self.leader_seen.lock();
+            let v = m.entry((c.id, shard)).or_default();
+            *v = (*v).max(leader_seen);
+        }
+        Flow::Continue
+    }
+
+    /// Applies the data events gathered in `batch` (emptied). `None` when all were applied or
+    /// stepped over as poison (skip policy); otherwise what the shard task does next.
+    async fn flush(&self, c: &Arc<Collection>, shard: usize, stream_id: &StreamId, batch: &mut Vec<rp::ChangeEvent>) -> Option<Flow> {
+        use rp::change_event::Body;
+        let mut events = std::mem::take(batch);
+        while !events.is_empty() {
+            // Decode up to the first event that does not decode: it is poison, the rest waits.
+            let schema = c.schema();
+            let mut changes = Vec::with_capacity(events.len());
+            let mut bad = None;
+            for (i, ev) in events.iter().enumerate() {
+                let op = match &ev.body {
+                    Some(Body::Insert(b)) => st::wal_record::Op::Insert(b.clone()),
+                    Some(Body::Upsert(b)) => st::wal_record::Op::Upsert(b.clone()),
+                    Some(Body::Delete(d)) => st::wal_record::Op::Delete(d.clone()),
+                    _ => unreachable!("only data events are batched"),
+                };
+                match op_from_record(&schema, op) {
+                    Ok(Some(op)) => changes.push((ev.lsn, ev.ts, op)),
+                    Ok(None) => unreachable!("data events decode to an operation"),
+                    Err(e) => {
+                        bad = Some((i, ExportError::Malformed { stream: stream_id.to_string(), position: ev.lsn, message: e.to_string() }));
+                        break;
+                    }
+                }
+            }
+            let n = changes.len();
+            let (node, c2) = (self.node.clone(), c.clone());
+            let (handled, result) = match tokio::task::spawn_blocking(move || {
+                let mut jobs = Vec::new();
+                let r = c2.apply_replicated_batch(&node.clock, shard, changes, &mut jobs);
+                node.enqueue(&c2, jobs);
+                r
+            })
+            .await
+            {
+                Ok(r) => r,
+                Err(e) => (0, Err(ClusterError::Internal(e.to_string()))),
+            };
+            self.applied.fetch_add(handled as u64, Ordering::Relaxed);
+            metrics::counter!("tandem_replication_events_applied_total", "cluster" => self.cluster(), "collection" => c.schema().name.clone(), "shard" => shard.to_string())
+                .increment(handled as u64);
+            let failed = match (result, bad) {
+                (Ok(()), None) => return None,
+                (Ok(()), Some((i, e))) => (i, e),
+                (Err(e), _) if e.is_transient() => {
+                    tracing::warn!(error = %e, %stream_id, "apply failed; retrying");
+                    return Some(Flow::Resubscribe);
+                }
+                (Err(e), _) => (handled, ExportError::Cluster(e)),
+            };
+            debug_assert!(failed.0 < events.len() && (failed.0 >= n || failed.0 == handled));
+            let ev = &events[failed.0];
+            if !self.poison(c, shard, stream_id, ev.lsn, &failed.1, Some(ev)).await {
+                return Some(Flow::Halt);
+            }
+            events.drain(..=failed.0);
+        }
+        None
     }
 
     /// Loads a snapshot of one shard from the leader into a wiped local shard, then records the
     /// matching position, so the stream continues with no gap and no duplicate.
-    async fn bootstrap(&self, c: &Arc<Collection>, shard: usize) -> Result<()> {
-        self.node.set_replication_state(c.id, "bootstrapping");
-        let sh = c.shards()[shard].clone();
-        tokio::task::spawn_blocking(move || sh.wipe()).await.map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
+    /// Loads a snapshot of one shard from the leader (see `load_snapshot`); with `min_rows`,
+    /// declines (changing nothing) when the leader's shard holds fewer rows.
+    async fn bootstrap(&self, c: &Arc<Collection>, shard: usize, min_rows: u64) -> Result<()> {
+        let name = c.schema().name.clone();
+        self.progress
+            .lock()
+            .insert((c.id, shard), Progress { collection: name, bytes: 0, total: 0, reported: (0, std::time::Instant::now()) });
+        self.node.set_replication_state(c.id, bootstrap_state(0, 0, 0.0));
+        let r = self.load_snapshot(c, shard, min_rows).await;
+        let mut progress = self.progress.lock();
+        progress.remove(&(c.id, shard));
+        if !progress.keys().any(|&(cid, _)| cid == c.id) {
+            self.node
+                .set_replication_state(c.id, if r.is_ok() { "following".to_string() } else { "bootstrap failed; retrying".to_string() });
+        }
+        r
+    }
+
+    async fn load_snapshot(&self, c: &Arc<Collection>, shard: usize, min_rows: u64) -> Result<()> {
         let req = rp::SnapshotRequest { collection_id: c.id, shard: shard as u32, subscriber: self.cfg.subscriber.clone() };
         let mut stream = self
             .leader
@@ -324,25 +475,58 @@ impl Follower {
             .await
             .map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?
             .into_inner();
-        let mut bytes = 0usize;
+        let mut bytes = 0u64;
         let started = std::time::Instant::now();
+        let row_bytes = c.schema().dim as u64 * 4 + 16;
+        let labels = [("cluster", self.cluster()), ("collection", c.schema().name.clone()), ("shard", shard.to_string())];
+        let bytes_total = metrics::counter!("tandem_replication_bootstrap_bytes_total", &labels);
+        let mut wiped = false;
         while let Some(chunk) = stream.next().await {
             let chunk = chunk.map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?;
+            if !wiped {
+                if chunk.total_rows < min_rows {
+                    return Ok(());
+                }
+                // The snapshot is taken on the leader already; what this shard holds goes now.
+                let sh = c.shards()[shard].clone();
+                tokio::task::spawn_blocking(move || sh.wipe())
+                    .await
+                    .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
+                wiped = true;
+            }
             if chunk.done {
+                if chunk.lsn == 0 {
+                    // The leader's shard has never logged a change: nothing to load, and no
+                    // position to record (the stream starts at 1).
+                    if bytes > 0 {
+                        return Err(ExportError::Unavailable {
+                            backend: "snapshot",
+                            message: "a snapshot with rows but no position".into(),
+                        });
+                    }
+                    return Ok(());
+                }
                 // The marker: an empty delete at the snapshot's position and ts.
                 let (node, c2) = (self.node.clone(), c.clone());
-                let (lsn, ts) = (chunk.lsn.max(1), chunk.snapshot_ts);
+                let (lsn, ts) = (chunk.lsn, chunk.snapshot_ts);
                 tokio::task::spawn_blocking(move || node_apply(&node, &c2, shard, lsn, ts, ShardOp::Delete { ids: vec![] }))
                     .await
                     .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
-                tracing::info!(collection = %c.schema().name, shard, rows_mb = bytes as f64 / 1e6, mb_per_s = bytes as f64 / 1e6 / secs, "bootstrapped from a snapshot");
-                self.node.set_replication_state(c.id, "following");
+                let rate = bytes as f64 / secs;
+                metrics::gauge!("tandem_replication_bootstrap_bytes_per_second", &labels).set(rate);
+                tracing::info!(collection = %c.schema().name, shard, rows_mb = bytes as f64 / 1e6, mb_per_s = rate / 1e6, "bootstrapped from a snapshot");
                 self.bootstraps.fetch_add(1, Ordering::Relaxed);
                 return Ok(());
             }
             let Some(mut rows) = chunk.rows else { continue };
-            bytes += rows.vectors.len() * 4 + rows.ids.len() * 16;
+            let chunk_bytes = rows.vectors.len() as u64 * 4 + rows.ids.len() as u64 * 16;
+            bytes += chunk_bytes;
+            bytes_total.increment(chunk_bytes);
+            if let Some(p) = self.progress.lock().get_mut(&(c.id, shard)) {
+                p.bytes = bytes;
+                p.total = p.total.max(chunk.total_rows * row_bytes);
+            }
             rows.insert_ts = chunk.insert_ts;
             let schema = c.schema();
             let op = op_from_record(&schema, st::wal_record::Op::Upsert(rows))?.expect("data op");
@@ -388,8 +572,74 @@ impl Follower {
         }
     }
 
+    fn cluster(&self) -> String {
+        self.node.opts.cluster_id.clone()
+    }
+
+    /// Every `REPORT_EVERY`: lag gauges of every shard, and bootstrap progress (log line,
+    /// bytes/s gauge, the collection's replication state shown by GetClusterInfo).
+    async fn run_reporter(self: Arc<Self>) {
+        let mut every = tokio::time::interval(REPORT_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = self.cancel.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            self.report_lag();
+            self.report_progress();
+        }
+    }
+
+    fn report_lag(&self) {
+        let now = tandem_cluster::ts::wall_ms();
+        for c in self.node.collections() {
+            let name = c.schema().name.clone();
+            for (i, sh) in c.shards().iter().enumerate() {
+                let s = sh.serviceable_ts(&self.node.clock);
+                let lag_ms = now.saturating_sub(tandem_cluster::ts::physical_ms(s));
+                let seen = self.leader_seen.lock().get(&(c.id, i)).copied().unwrap_or(0);
+                let labels = [("cluster", self.cluster()), ("collection", name.clone()), ("shard", i.to_string())];
+                metrics::gauge!("tandem_replication_lag_ms", &labels).set(lag_ms as f64);
+                metrics::gauge!("tandem_replication_lag_ts", &labels).set(seen.saturating_sub(s) as f64);
+            }
+        }
+    }
+
+    fn report_progress(&self) {
+        let now = std::time::Instant::now();
+        let mut by_collection: HashMap<u64, (String, u64, u64, f64)> = HashMap::new();
+        for (&(cid, shard), p) in self.progress.lock().iter_mut() {
+            let secs = now.duration_since(p.reported.1).as_secs_f64().max(1e-3);
+            let rate = (p.bytes - p.reported.0) as f64 / secs;
+            p.reported = (p.bytes, now);
+            let labels = [("cluster", self.cluster()), ("collection", p.collection.clone()), ("shard", shard.to_string())];
+            metrics::gauge!("tandem_replication_bootstrap_bytes_per_second", &labels).set(rate);
+            tracing::info!(collection = %p.collection, shard, percent = percent(p.bytes, p.total), mb = p.bytes as f64 / 1e6, mb_per_s = rate / 1e6, "bootstrapping");
+            let e = by_collection.entry(cid).or_insert_with(|| (p.collection.clone(), 0, 0, 0.0));
+            e.1 += p.bytes;
+            e.2 += p.total;
+            e.3 += rate;
+        }
+        for (cid, (_, bytes, total, rate)) in by_collection {
+            self.node.set_replication_state(cid, bootstrap_state(bytes, total, rate));
+        }
+    }
+
     fn quarantine(&self, stream: &StreamId, position: u64, e: &ExportError, ev: Option<&rp::ChangeEvent>) {
         self.poisoned.fetch_add(1, Ordering::Relaxed);
+        let (collection, shard) = match stream {
+            StreamId::Ddl => (String::new(), "ddl".to_string()),
+            StreamId::Shard { collection_id, shard } => (
+                self.node
+                    .collection_by_id(*collection_id)
+                    .map(|c| c.schema().name.clone())
+                    .unwrap_or_else(|| format!("id {collection_id}")),
+                shard.to_string(),
+            ),
+        };
+        metrics::counter!("tandem_replication_poisoned_total", "cluster" => self.cluster(), "collection" => collection, "shard" => shard)
+            .increment(1);
         let _ = std::fs::create_dir_all(&self.cfg.quarantine_dir);
         let name = format!("{}-{position}.txt", stream.to_string().replace('/', "-"));
         let body = format!("stream: {stream}\nposition: {position}\nerror: {e}\nevent: {ev:?}\n");
@@ -399,9 +649,33 @@ impl Follower {
     }
 }
 
+fn percent(bytes: u64, total: u64) -> u64 {
+    // The total is the leader's live row count when the snapshot began: an estimate.
+    if total == 0 { 0 } else { (bytes * 100 / total).min(99) }
+}
+
+/// The replication state GetClusterInfo shows while bootstrapping, e.g.
+/// "bootstrapping 45% 120 MB/s".
+fn bootstrap_state(bytes: u64, total: u64, rate: f64) -> String {
+    format!("bootstrapping {}% {:.0} MB/s", percent(bytes, total), rate / 1e6)
+}
+
 fn node_apply(node: &Node, c: &Arc<Collection>, shard: usize, lsn: u64, ts: u64, op: ShardOp) -> Result<bool> {
     let mut jobs = Vec::new();
     let r = c.apply_replicated(&node.clock, shard, lsn, ts, op, &mut jobs)?;
     node.enqueue(c, jobs);
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bootstrap_state_shows_percent_and_rate() {
+        assert_eq!(bootstrap_state(45, 100, 120e6), "bootstrapping 45% 120 MB/s");
+        assert_eq!(bootstrap_state(0, 0, 0.0), "bootstrapping 0% 0 MB/s");
+        // The total is an estimate: never claim 100% before the end.
+        assert_eq!(bootstrap_state(150, 100, 1e6), "bootstrapping 99% 1 MB/s");
+    }
 }

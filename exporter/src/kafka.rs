@@ -94,7 +94,17 @@ pub struct KafkaConfig {
     /// Passed verbatim to librdkafka (every client), e.g. `security.protocol`, `sasl.*`.
     /// Settings tandem relies on (acks, idempotence, offsets...) are refused.
     pub extra: BTreeMap<String, String>,
+    /// The largest event, in bytes: one shard's part of the largest write the leader accepts
+    /// plus the event's framing. Producer, consumers and the topics `ensure_stream` creates
+    /// are sized for it (Kafka's own defaults are 1 MB: a bigger event would block its shard).
+    pub max_event_bytes: u32,
 }
+
+/// Room for an event's fields around its rows.
+const EVENT_OVERHEAD: usize = 1 << 20;
+
+/// librdkafka's ceiling for `message.max.bytes`.
+const LIBRDKAFKA_MAX_MESSAGE: usize = 1_000_000_000;
 
 impl Default for KafkaConfig {
     fn default() -> Self {
@@ -108,6 +118,7 @@ impl Default for KafkaConfig {
             timeout_ms: 10_000,
             delivery_timeout_ms: 30_000,
             extra: BTreeMap::new(),
+            max_event_bytes: (64 << 20) + EVENT_OVERHEAD as u32,
         }
     }
 }
@@ -117,16 +128,25 @@ fn is_topic_char(c: char) -> bool {
 }
 
 impl KafkaConfig {
-    /// The transport of a cluster from its `[replication]` settings. Empty values keep their
-    /// defaults; the rest (replication factor, timeouts, topic settings) are the defaults.
-    pub fn from_settings(group: &str, cluster_id: &str, s: &tandem_cluster::config::KafkaSettings) -> KafkaConfig {
+    /// The transport of a cluster from its `[replication]` settings and its largest accepted
+    /// message (`limits.max_message_bytes`). Empty values keep their defaults; timeouts are the
+    /// defaults.
+    pub fn from_settings(
+        group: &str,
+        cluster_id: &str,
+        s: &tandem_cluster::config::KafkaSettings,
+        max_message_bytes: usize,
+    ) -> KafkaConfig {
         let d = KafkaConfig::default();
         KafkaConfig {
             brokers: s.brokers.clone(),
             group: group.to_string(),
             topic_prefix: if s.topic_prefix.is_empty() { d.topic_prefix.clone() } else { s.topic_prefix.clone() },
             client_id: if cluster_id.is_empty() { d.client_id.clone() } else { format!("tandem-{cluster_id}") },
+            replication_factor: s.replication_factor,
+            topic_config: s.topic_config.clone(),
             extra: s.properties.clone(),
+            max_event_bytes: max_message_bytes.saturating_add(EVENT_OVERHEAD).min(LIBRDKAFKA_MAX_MESSAGE) as u32,
             ..d
         }
     }
@@ -167,6 +187,9 @@ impl KafkaConfig {
         if self.timeout_ms == 0 {
             return bad("kafka timeout_ms is 0".into());
         }
+        if self.max_event_bytes < 1 << 16 {
+            return bad(format!("kafka max_event_bytes {} is below 65536", self.max_event_bytes));
+        }
         if self.delivery_timeout_ms == 0 {
             return bad("kafka delivery_timeout_ms is 0".into());
         }
@@ -191,7 +214,11 @@ impl KafkaConfig {
     /// Settings shared by every client: brokers, client id, then `extra`.
     fn client_config(&self) -> ClientConfig {
         let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers).set("client.id", &self.client_id);
+        c.set("bootstrap.servers", &self.brokers)
+            .set("client.id", &self.client_id)
+            // Requests are small and latency-bound (one publish, one fetch at a time): Nagle's
+            // algorithm would hold them back behind delayed ACKs.
+            .set("socket.nagle.disable", "true");
         for (k, v) in &self.extra {
             c.set(k, v);
         }
@@ -207,6 +234,7 @@ impl KafkaConfig {
             // A topic is created by `ensure_stream` with one partition per shard; broker-side
             // auto-creation would make one with the broker's default count instead.
             .set("allow.auto.create.topics", "false");
+        self.set_default(&mut c, "message.max.bytes", self.max_event_bytes.to_string());
         if !self.extra.contains_key("linger.ms") && !self.extra.contains_key("queue.buffering.max.ms") {
             // The leader acknowledges writes after export: batching comes from the events of
             // one `publish` call, not from waiting.
@@ -226,15 +254,32 @@ impl KafkaConfig {
             .set("auto.offset.reset", "error")
             .set("enable.partition.eof", "false")
             .set("allow.auto.create.topics", "false");
-        if !self.extra.contains_key("fetch.wait.max.ms") {
-            // How long a fetch at the end of the log waits for data. Kafka answers as soon as
-            // data arrives, but tansu 0.6 waits the whole time, so this bounds replication
-            // latency there (librdkafka's default is 500 ms).
-            c.set("fetch.wait.max.ms", "100");
-        }
+        // A fetch returns whole messages only (tansu returns none at all when the next one is
+        // larger than the fetch's limit): every limit must admit the largest event.
+        let max = self.max_event_bytes;
+        self.set_default(&mut c, "message.max.bytes", max.to_string());
+        self.set_default(&mut c, "fetch.message.max.bytes", max.to_string());
+        self.set_default(&mut c, "fetch.max.bytes", max.to_string());
+        self.set_default(&mut c, "receive.message.max.bytes", (u64::from(max) + (1 << 20)).to_string());
+        // How long a fetch at the end of the log waits for data: Kafka answers as soon as data
+        // arrives, but tansu 0.6 always waits the whole time (and then sleeps out the rest
+        // even when it found data), so with tansu this is the replication latency: an event
+        // waits up to twice this long. librdkafka's default is 500 ms. 5 ms keeps the lag
+        // well under 20 ms at the cost of ~200 fetch round trips a second per idle shard.
+        self.set_default(&mut c, "fetch.wait.max.ms", FETCH_WAIT_MS.to_string());
         c
     }
+
+    /// Sets `key` unless `extra` does.
+    fn set_default(&self, c: &mut ClientConfig, key: &str, value: String) {
+        if !self.extra.contains_key(key) {
+            c.set(key, value);
+        }
+    }
 }
+
+/// Default `fetch.wait.max.ms` of subscriptions (see `consumer_config`).
+pub const FETCH_WAIT_MS: u32 = 5;
 
 fn unavailable(message: impl std::fmt::Display) -> ExportError {
     ExportError::Unavailable { backend: BACKEND, message: message.to_string() }
@@ -400,10 +445,9 @@ impl Inner {
             let mut c = self.cfg.consumer_config();
             // Each probe wants one message: do not prefetch a megabyte per jump, and leave no
             // long-polling or backed-off fetch behind that the next jump would wait for.
-            c.set("queued.min.messages", "1")
-                .set("fetch.queue.backoff.ms", "0")
-                .set("fetch.message.max.bytes", "65536")
-                .set("fetch.wait.max.ms", "10");
+            // Fetch limits stay those of `consumer_config`: a smaller one would never return a
+            // large event (tansu returns nothing then).
+            c.set("queued.min.messages", "1").set("fetch.queue.backoff.ms", "0").set("fetch.wait.max.ms", "10");
             *slot = Some(c.create().map_err(|e| unavailable(format!("creating consumer: {e}")))?);
         }
         let Some(consumer) = slot.as_ref() else { unreachable!("created above") };
@@ -483,6 +527,10 @@ impl Transport for KafkaTransport {
                 i32::try_from(partitions).map_err(|_| ExportError::Config(format!("{partitions} shards is too many for kafka")))?,
                 TopicReplication::Fixed(i32::from(cfg.replication_factor)),
             );
+            let max = cfg.max_event_bytes.to_string();
+            if !cfg.topic_config.contains_key("max.message.bytes") {
+                new = new.set("max.message.bytes", &max);
+            }
             for (k, v) in &cfg.topic_config {
                 new = new.set(k, v);
             }
@@ -937,9 +985,13 @@ mod tests {
         let s = tandem_cluster::config::KafkaSettings {
             brokers: "k:9092".into(),
             topic_prefix: String::new(),
+            replication_factor: 3,
+            topic_config: BTreeMap::from([("retention.ms".to_string(), "1000".to_string())]),
             properties: BTreeMap::from([("security.protocol".to_string(), "ssl".to_string())]),
         };
-        let c = KafkaConfig::from_settings("eu", "c1", &s);
+        let c = KafkaConfig::from_settings("eu", "c1", &s, 8 << 20);
+        assert_eq!((c.replication_factor, c.topic_config["retention.ms"].as_str()), (3, "1000"));
+        assert_eq!(c.max_event_bytes, (8 << 20) + (1 << 20));
         assert_eq!(
             (c.brokers.as_str(), c.group.as_str(), c.topic_prefix.as_str(), c.client_id.as_str()),
             ("k:9092", "eu", "tandem", "tandem-c1")

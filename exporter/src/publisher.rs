@@ -193,6 +193,7 @@ impl Publisher {
                     }
                 };
                 let last = events.iter().filter(|e| !matches!(e.body, Some(rp::change_event::Body::Tick(_)))).map(|e| e.lsn).max();
+                let top_ts = events.iter().map(|e| e.ts).max().unwrap_or(0);
                 if let Err(e) = self.transport.publish(&stream, events).await {
                     tracing::warn!(error = %e, %stream, "publish failed; resuming from the stream's end");
                     tokio::time::sleep(BACKOFF).await;
@@ -202,6 +203,7 @@ impl Publisher {
                     sh.set_exported(l);
                     sh.hold("publisher", l + 1);
                 }
+                tandem_cluster::replication::record_exported_ts(&self.node.opts.cluster_id, &c.schema().name, shard, top_ts);
             }
             if c.is_dropped() {
                 return;

@@ -932,15 +932,21 @@ async fn bootstrap_run(a: &ReplicationBenchArgs, transport: &Transport, scratch:
     Ok(report)
 }
 
-/// Rows per preload Insert. A write becomes one event per shard, and a Kafka producer refuses
-/// an event larger than `message.max.bytes` (librdkafka's default: 1 000 000 bytes) — forever,
-/// since the publisher retries it — so with Kafka a batch is capped to fill at most half of it
-/// per shard.
+/// Rows per preload Insert. A write becomes one event per shard; the Kafka transport is sized
+/// for the largest write (`limits.max_message_bytes`), but a `message.max.bytes` passed with
+/// --kafka-property overrides that, and an event above it would never be exported: then a
+/// batch is capped to fill at most half of it per shard.
 fn preload_batch(a: &ReplicationBenchArgs, cfg: &ClusterConfig) -> usize {
     if cfg.replication.transport != "kafka" {
         return a.bootstrap_batch;
     }
-    let max = cfg.replication.kafka.properties.get("message.max.bytes").and_then(|v| v.parse::<usize>().ok()).unwrap_or(1_000_000);
+    let max = cfg
+        .replication
+        .kafka
+        .properties
+        .get("message.max.bytes")
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(cfg.limits.max_message_bytes);
     let row = a.dim * 4 + 16;
     a.bootstrap_batch.min((max / 2 / row * a.shards as usize).max(1))
 }
