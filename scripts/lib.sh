@@ -3,6 +3,9 @@
 
 # Where builds are cached: outside the clone, so a fresh clone (CI) reuses earlier builds.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/tandem/target}"
+# Incremental artifacts of the linked faiss test binaries grow by gigabytes per rebuild; a
+# clean-clone CI run gains nothing from them.
+export CARGO_INCREMENTAL="${CARGO_INCREMENTAL:-0}"
 
 _apt_updated=""
 

@@ -1,18 +1,20 @@
 //! `tandem demo`: a guided tour on built-in defaults, with nothing to configure.
 //!
-//! It starts two clusters in this process — a **leading** one that takes the writes and an
-//! **alternative** that follows it over the direct transport (the leader's WAL streamed over
-//! gRPC) — then does what an application would, through the public gRPC API (the same
-//! [`connect`] every client uses): create a collection and fill it on the leader while the rows
-//! appear on the alternative, flush, search and filter-search on the alternative, upsert on the
-//! leader and read the new value back on the alternative with the write's session token, delete,
-//! try a write on the alternative (refused, naming the leader), and show both clusters' state.
-//! Then it keeps serving both so other `tandem` commands can be tried against them.
+//! It starts the all-in-one deployment in this process — a **leading** cluster that takes the
+//! writes, an **alternative** that follows it over the direct transport (the leader's WAL
+//! streamed over gRPC), and the **gateway** in front of both — then does what an application
+//! would, through the public gRPC API (the same [`connect`] every client uses): create a
+//! collection and fill it on the leader while the rows appear on the alternative, flush, search
+//! and filter-search on the alternative, upsert on the leader and read the new value back on the
+//! alternative with the write's session token, delete, try a write on the alternative (refused,
+//! naming the leader), send reads through the gateway and watch them spread over both clusters,
+//! write-then-read through the gateway with a `session-id` header (read-your-writes even when the
+//! read lands on the alternative), and show the clusters' state. Then it keeps serving, with the
+//! endpoints printed, so other `tandem` commands can be tried against them.
 //!
 //! ```text
-//!   demo ──writes──► leader ──direct transport (Replication.Subscribe)──► alternative ◄──reads── demo
-//!                       ▲                                                     │
-//!                       └──── STRONG reads ask the leader's clock ────────────┘
+//!   app ──► gateway ──writes──► leader ──direct transport (Replication.Subscribe)──► alternative
+//!              └───────reads (p2c over peak-EWMA latency, lag-aware)──► leader + alternative
 //! ```
 //!
 //! Each step is a method of [`Demo`], so the tour can grow (a gateway in front of both) by adding
@@ -28,7 +30,9 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use tandem_cluster::server::{self, Running};
 use tandem_cluster::{ClusterConfig, Role};
+use tandem_gateway::config::StaticCluster;
 use tandem_proto::v1 as pb;
+use tandem_proto::v1::gateway_client::GatewayClient;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
@@ -42,7 +46,7 @@ use crate::replication::ReplicationHandle;
 
 const COLLECTION: &str = "demo";
 const CATEGORIES: [&str; 5] = ["books", "music", "games", "garden", "toys"];
-const STEPS: usize = 10;
+const STEPS: usize = 12;
 /// The filter of the filtered search; the upsert step makes the probe row pass it.
 const FILTER: &str = r#"category == "books" and price < 20"#;
 const LEADER_ID: &str = "leader";
@@ -72,6 +76,9 @@ pub struct DemoArgs {
     /// Where the alternative cluster listens (port 0 picks a free port).
     #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
     pub alternative_listen: String,
+    /// Where the gateway listens (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:0", value_name = "ADDR")]
+    pub gateway_listen: String,
 }
 
 pub async fn run(a: DemoArgs) -> anyhow::Result<()> {
@@ -189,6 +196,10 @@ impl Member {
 pub struct Demo {
     lead_cluster: Option<Member>,
     alt_cluster: Option<Member>,
+    gateway_running: Option<tandem_gateway::Running>,
+    pub gateway_endpoint: String,
+    /// The application's endpoint: the same API as a cluster, plus Topology.
+    pub gateway: TandemClient<Channel>,
     /// Deleted when the demo ends, unless --data-dir was given.
     _tmp: Option<tempfile::TempDir>,
     pub leader_endpoint: String,
@@ -208,7 +219,7 @@ impl Demo {
     /// Step 1: a leading and an alternative cluster on embedded defaults, in this process.
     pub async fn start(a: &DemoArgs) -> anyhow::Result<Demo> {
         println!("tandem demo: a guided tour of a leading and an alternative cluster, through the public gRPC API");
-        heading(1, "start a leading cluster and an alternative that follows it (built-in defaults, no config file)");
+        heading(1, "start a leading cluster, an alternative that follows it, and the gateway (built-in defaults)");
         let (data_dir, tmp) = match &a.data_dir {
             Some(d) => (d.clone(), None),
             None => {
@@ -247,10 +258,37 @@ impl Demo {
         println!(
             "    alternative  cluster {ALTERNATIVE_ID:<12} (alternative)  {alternative_endpoint}  follows the leader ({transport} transport)"
         );
+        // The gateway knows both clusters from a static list here; in a deployment clusters can
+        // register in etcd instead (`[discovery] etcd`) and gateways watch it.
+        let mut gw_cfg = tandem_gateway::GatewayConfig {
+            listen: a.gateway_listen.clone(),
+            clusters: vec![
+                StaticCluster { id: LEADER_ID.into(), endpoint: leader_endpoint.clone(), datacenter: String::new() },
+                StaticCluster { id: ALTERNATIVE_ID.into(), endpoint: alternative_endpoint.clone(), datacenter: String::new() },
+            ],
+            ..tandem_gateway::GatewayConfig::default()
+        };
+        // Round robin so the tour shows both clusters serving one reader; the default, p2c over
+        // peak-EWMA latency, sends a lone sequential reader to whichever cluster answers faster.
+        gw_cfg.routing.policy = tandem_gateway::config::Policy::RoundRobin;
+        let membership = tandem_discovery::static_list(gw_cfg.registrations());
+        let gw = match tandem_gateway::start(gw_cfg, membership).await {
+            Ok(g) => g,
+            Err(e) => {
+                let _ = alt.stop().await;
+                let _ = lead.stop().await;
+                return Err(e.into());
+            }
+        };
+        let gateway_endpoint = format!("http://{}", gw.addr);
+        println!("    gateway      {:<33} {gateway_endpoint}  writes to the leader, reads over both", "");
         println!("    data dir     {}{}", data_dir.display(), if tmp.is_some() { " (temporary)" } else { "" });
         let mut demo = Demo {
             lead_cluster: Some(lead),
             alt_cluster: Some(alt),
+            gateway_running: Some(gw),
+            gateway: connect(&gateway_endpoint).await?,
+            gateway_endpoint,
             _tmp: tmp,
             leader: connect(&leader_endpoint).await?,
             alternative: connect(&alternative_endpoint).await?,
@@ -281,6 +319,8 @@ impl Demo {
         self.upsert_and_read_back(probe).await?;
         self.delete_and_get(probe).await?;
         self.refused_write(probe).await?;
+        self.reads_through_the_gateway(probe).await?;
+        self.session_through_the_gateway().await?;
         self.cluster_info().await
     }
 
@@ -538,6 +578,107 @@ impl Demo {
         Ok(())
     }
 
+    /// Reads routed per cluster id, as the gateway counts them.
+    async fn routed(&self) -> anyhow::Result<HashMap<String, (u64, pb::ClusterView)>> {
+        let mut topo = GatewayClient::new(self.gateway_channel()?);
+        let t = topo.topology(pb::TopologyRequest {}).await.rpc()?;
+        Ok(t.clusters.into_iter().map(|c| (c.id.clone(), (c.reads_routed, c))).collect())
+    }
+
+    fn gateway_channel(&self) -> anyhow::Result<Channel> {
+        Ok(Channel::from_shared(self.gateway_endpoint.clone())?.connect_lazy())
+    }
+
+    /// Waits until the gateway's health checks have seen both clusters readable.
+    async fn gateway_ready(&self) -> anyhow::Result<()> {
+        let started = Instant::now();
+        loop {
+            let r = self.routed().await?;
+            if r.len() == 2 && r.values().all(|(_, c)| c.readable) {
+                return Ok(());
+            }
+            if started.elapsed() > CATCH_UP {
+                bail!("the gateway does not see both clusters readable after {CATCH_UP:?}: {r:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    pub async fn reads_through_the_gateway(&mut self, probe: usize) -> anyhow::Result<()> {
+        const READS: usize = 200;
+        self.next_step(&format!("{READS} searches through the gateway: spread over both clusters"));
+        self.gateway_ready().await?;
+        let before = self.routed().await?;
+        let started = Instant::now();
+        let query = self.sample.vector(probe).to_vec();
+        for _ in 0..READS {
+            let req = pb::SearchRequest {
+                collection: COLLECTION.into(),
+                vectors: query.clone(),
+                top_k: 5,
+                filter: String::new(),
+                output_fields: Vec::new(),
+                params: None,
+                read: Some(self.session()),
+            };
+            let r = self.gateway.search(req).await.rpc()?;
+            self.keep_token(r.session_token);
+        }
+        let secs = started.elapsed().as_secs_f64();
+        let after = self.routed().await?;
+        println!("    {READS} SESSION searches in {secs:.2} s ({:.0}/s, one at a time), served by:", READS as f64 / secs.max(1e-6));
+        for id in [LEADER_ID, ALTERNATIVE_ID] {
+            let (n, c) = &after[id];
+            let d = n - before.get(id).map_or(0, |(b, _)| *b);
+            println!("    {id:<12} {d:>4} reads   ({}, lag {} ms, {})", role_name(c.role), c.lag_ms, health_name(c.health));
+        }
+        println!("    (routing.policy = \"round_robin\" in this demo: in turn over the clusters that can serve the");
+        println!("     read's consistency in time; a lagging or failing cluster is skipped. The default, \"p2c\",");
+        println!("     takes the one of two random clusters with the lower peak-EWMA latency)");
+        Ok(())
+    }
+
+    pub async fn session_through_the_gateway(&mut self) -> anyhow::Result<()> {
+        const PAIRS: i64 = 20;
+        self.next_step(&format!("{PAIRS} write-then-read pairs through the gateway with a `session-id` header"));
+        println!("    (for clients that cannot carry session tokens: the gateway keeps the newest one per session)");
+        let before = self.routed().await?;
+        let session = format!("demo-{}", std::process::id());
+        let mut seen = 0;
+        let base = self.sample.len() as i64 + 1_000_000;
+        for i in 0..PAIRS {
+            let id = base + i;
+            let mut w = tonic::Request::new(pb::InsertRequest {
+                ack: 0,
+                collection: COLLECTION.into(),
+                ids: vec![id],
+                vectors: self.sample.vector(0).to_vec(),
+                payloads: vec![payload("toys", 1.0 + i as f64)],
+            });
+            w.metadata_mut().insert("session-id", session.parse()?);
+            self.gateway.insert(w).await.rpc()?;
+            // No token in the request: the gateway adds the session's newest one.
+            let read = pb::ReadOptions { consistency: pb::ConsistencyLevel::Session as i32, ..Default::default() };
+            let mut r = tonic::Request::new(pb::GetRequest {
+                collection: COLLECTION.into(),
+                ids: vec![id],
+                output_fields: vec!["*".into()],
+                include_vectors: false,
+                read: Some(read),
+            });
+            r.metadata_mut().insert("session-id", session.parse()?);
+            let got = self.gateway.get(r).await.rpc()?;
+            seen += usize::from(got.entities.iter().any(|e| e.id == id));
+        }
+        let after = self.routed().await?;
+        let on_alt = after[ALTERNATIVE_ID].0 - before.get(ALTERNATIVE_ID).map_or(0, |(b, _)| *b);
+        println!("    {seen}/{PAIRS} reads saw the write just made; {on_alt} of them were served by the alternative");
+        if seen != PAIRS as usize {
+            bail!("a SESSION read through the gateway missed its own write");
+        }
+        Ok(())
+    }
+
     pub async fn cluster_info(&mut self) -> anyhow::Result<()> {
         self.next_step("cluster info: role, rows, lag and replication state of both clusters");
         for (name, client) in [("leader", &mut self.leader), ("alternative", &mut self.alternative)] {
@@ -580,11 +721,13 @@ impl Demo {
             println!("\ndone (--exit-after 0).");
             return Ok(());
         }
-        let (lead, alt) = (&self.leader_endpoint, &self.alternative_endpoint);
-        println!("\nBoth clusters keep serving:");
+        let (lead, alt, gw) = (&self.leader_endpoint, &self.alternative_endpoint, &self.gateway_endpoint);
+        println!("\nThe gateway and both clusters keep serving:");
+        println!("    gateway      {gw}    (point applications here)");
         println!("    leader       {lead}");
         println!("    alternative  {alt}");
         println!("In another terminal, try:");
+        println!("    tandem search --endpoint {gw} --collection demo --top-k 3 --vector <{} floats>", self.sample.dim);
         println!("    tandem info --endpoint {alt}");
         println!("    tandem collection describe demo --endpoint {alt}");
         let q: Vec<String> = self.sample.vector(0).iter().map(|x| format!("{x:.3}")).collect();
@@ -607,9 +750,13 @@ impl Demo {
         Ok(())
     }
 
-    /// Stops both clusters gracefully, the alternative first (the temporary data directory
+    /// Stops the gateway, then both clusters gracefully, the alternative first (the temporary data directory
     /// goes with `self`).
     pub async fn stop(&mut self) -> anyhow::Result<()> {
+        let gw = match self.gateway_running.take() {
+            Some(g) => g.stop().await.map_err(anyhow::Error::from),
+            None => Ok(()),
+        };
         let alt = match self.alt_cluster.take() {
             Some(m) => m.stop().await,
             None => Ok(()),
@@ -618,7 +765,7 @@ impl Demo {
             Some(m) => m.stop().await,
             None => Ok(()),
         };
-        alt.and(lead)
+        gw.and(alt).and(lead)
     }
 }
 
@@ -643,6 +790,14 @@ async fn watch_alternative(mut c: TandemClient<Channel>, stop: CancellationToken
             println!("    alternative: {:>8} rows, lag {:>4} ms, replication {:?}", s.rows, s.lag_ms, s.replication);
             last = Some(s.rows);
         }
+    }
+}
+
+fn health_name(h: i32) -> &'static str {
+    match pb::Health::try_from(h) {
+        Ok(pb::Health::Healthy) => "healthy",
+        Ok(pb::Health::Unhealthy) => "unhealthy",
+        Ok(pb::Health::Unknown) | Ok(pb::Health::Unspecified) | Err(_) => "unknown",
     }
 }
 

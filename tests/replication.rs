@@ -208,9 +208,13 @@ async fn consistent_reads_on_alternative(backend: Backend) {
         let r = a.get(get(2 * i + 1, pb::ConsistencyLevel::Strong, String::new())).await.unwrap().into_inner();
         assert_eq!(r.entities.len(), 1, "strong read on the alternative missed acknowledged write {}", 2 * i + 1);
     }
-    // BOUNDED: the snapshot read is never older than the bound.
-    for _ in 0..20 {
-        insert(&mut l, 10_000 + rand_id()..10_001 + rand_id(), DIM).await;
+    // BOUNDED: a read sees every write acknowledged at least `staleness` before it started
+    // (60 rows are in from the loop above).
+    const STALENESS_MS: u64 = 50;
+    let mut acked_at = Vec::new();
+    for i in 0..40 {
+        insert(&mut l, 10_000 + i..10_001 + i, DIM).await;
+        acked_at.push(tandem_cluster::ts::wall_ms());
         let before = tandem_cluster::ts::wall_ms();
         let r = a
             .count(pb::CountRequest {
@@ -219,17 +223,18 @@ async fn consistent_reads_on_alternative(backend: Backend) {
                 read: Some(pb::ReadOptions {
                     consistency: pb::ConsistencyLevel::Bounded as i32,
                     session_token: String::new(),
-                    staleness_ms: 200,
+                    staleness_ms: STALENESS_MS,
                 }),
             })
             .await
             .unwrap()
             .into_inner();
-        let snap = tandem_cluster::ts::SessionToken::decode(&r.session_token).unwrap().unwrap().ts;
+        let must_see = acked_at.iter().filter(|&&t| t + STALENESS_MS <= before).count() as u64;
         assert!(
-            tandem_cluster::ts::physical_ms(snap) + 200 >= before,
-            "bounded read {}ms stale, bound 200ms",
-            before - tandem_cluster::ts::physical_ms(snap)
+            r.count >= 60 + must_see,
+            "bounded read saw {} rows, but {} were acknowledged over {STALENESS_MS} ms before it",
+            r.count,
+            60 + must_see
         );
     }
 }
@@ -412,12 +417,6 @@ async fn replication_metrics(backend: Backend) {
         })
         .await;
     }
-}
-
-fn rand_id() -> i64 {
-    use std::sync::atomic::AtomicI64;
-    static N: AtomicI64 = AtomicI64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Corrupts the data event at one position of every shard stream it passes on.

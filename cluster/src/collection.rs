@@ -325,6 +325,17 @@ impl Collection {
     }
 
     /// Every change with ts <= this is applied on every shard.
+    /// The ts of the newest change a read at `snapshot` sees (the collection's creation at
+    /// least), or `snapshot` itself when newer changes are already applied. A read reply's
+    /// session token carries this rather than the snapshot: a later read at any ts >= it sees
+    /// exactly the same data, so the token keeps read-your-writes and monotonic reads, yet an
+    /// alternative can serve it as soon as it has applied that change instead of waiting for its
+    /// clock to reach the leader's newest snapshot (a whole tick on an idle leader).
+    pub fn newest_change_visible_at(&self, snapshot: Ts) -> Ts {
+        let newest = self.shards.iter().map(|s| s.last_applied_ts()).max().unwrap_or(0).max(self.created_ts);
+        if newest <= snapshot { newest } else { snapshot }
+    }
+
     pub fn serviceable_ts(&self, clock: &HybridClock) -> Ts {
         self.shards.iter().map(|s| s.serviceable_ts(clock)).min().unwrap_or_else(|| clock.peek())
     }

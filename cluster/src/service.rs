@@ -163,7 +163,7 @@ impl ClusterService {
             L::Eventually => 0,
         };
         let snap = c.wait_serviceable(&self.node.clock, guarantee, deadline).await?;
-        let reply = self.node.token(snap);
+        let reply = self.node.token(c.newest_change_visible_at(snap));
         Ok((snap, token.map_or(reply, |t| reply.max(t))))
     }
 

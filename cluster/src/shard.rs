@@ -557,6 +557,11 @@ impl Shard {
     }
 
     /// Every change with ts <= the returned value is applied and acknowledged-durable.
+    /// The highest ts of a change applied to this shard (0: none yet).
+    pub fn last_applied_ts(&self) -> Ts {
+        self.state.read().last_applied_ts
+    }
+
     pub fn serviceable_ts(&self, clock: &HybridClock) -> Ts {
         let p = self.pending.lock();
         match p.queue.front() {
