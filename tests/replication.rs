@@ -281,78 +281,36 @@ async fn strong_read_on_idle_alternative(backend: Backend) {
     }
 }
 
-/// A recorder for this test process: the current value of every counter and gauge by name and
-/// labels. Clusters of parallel tests share it; their `cluster` label tells them apart.
+/// The process's metrics, as the Prometheus endpoint renders them (clusters started in-process
+/// install tandem-telemetry's recorder). Clusters of parallel tests share it; their `cluster`
+/// label tells them apart.
 mod recorder {
-    use std::collections::BTreeMap;
-    use std::sync::atomic::{AtomicU64, Ordering};
-    use std::sync::{Arc, Mutex, OnceLock};
-
-    use metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder, SharedString, Unit};
-
-    #[derive(Default)]
-    pub struct Values(Mutex<BTreeMap<String, Arc<AtomicU64>>>);
-
-    fn id(key: &Key) -> String {
-        let mut labels: Vec<_> = key.labels().map(|l| format!("{}={}", l.key(), l.value())).collect();
-        labels.sort();
-        format!("{}{{{}}}", key.name(), labels.join(","))
-    }
-
-    impl Values {
-        fn cell(&self, key: &Key) -> Arc<AtomicU64> {
-            self.0.lock().unwrap().entry(id(key)).or_default().clone()
-        }
-
-        /// Counter values (gauges are f64 bits: see `gauge`) of series `name` whose labels
-        /// include every one of `labels`.
-        fn matching(&self, name: &str, labels: &[(&str, &str)]) -> Vec<u64> {
-            self.0
-                .lock()
-                .unwrap()
-                .iter()
-                .filter(|(k, _)| k.starts_with(&format!("{name}{{")) && labels.iter().all(|(lk, lv)| k.contains(&format!("{lk}={lv}"))))
-                .map(|(_, v)| v.load(Ordering::Relaxed))
-                .collect()
-        }
-    }
-
-    impl Recorder for &'static Values {
-        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
-        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
-            Counter::from_arc(self.cell(key))
-        }
-        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
-            Gauge::from_arc(self.cell(key))
-        }
-        fn register_histogram(&self, _: &Key, _: &Metadata<'_>) -> Histogram {
-            Histogram::noop()
-        }
-    }
-
-    fn values() -> &'static Values {
-        static V: OnceLock<&'static Values> = OnceLock::new();
-        V.get_or_init(|| {
-            let v: &'static Values = Box::leak(Box::default());
-            metrics::set_global_recorder(v).expect("no other recorder in this test process");
-            v
-        })
-    }
-
     pub fn install() {
-        values();
+        tandem_telemetry::metrics::install().expect("the prometheus recorder");
+    }
+
+    /// Values of the series `name` whose labels include every one of `labels`.
+    fn matching(name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
+        tandem_telemetry::metrics::render()
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+            .filter_map(|l| {
+                let (series, value) = l.rsplit_once(' ')?;
+                let (n, rest) = series.split_once('{').unwrap_or((series, ""));
+                let wanted = n == name && labels.iter().all(|(k, v)| rest.contains(&format!("{k}=\"{v}\"")));
+                if wanted { value.parse().ok() } else { None }
+            })
+            .collect()
     }
 
     /// Sum of the counters `name` with these labels.
     pub fn counter(name: &str, labels: &[(&str, &str)]) -> u64 {
-        values().matching(name, labels).into_iter().sum()
+        matching(name, labels).into_iter().sum::<f64>() as u64
     }
 
     /// Values of the gauges `name` with these labels.
     pub fn gauges(name: &str, labels: &[(&str, &str)]) -> Vec<f64> {
-        values().matching(name, labels).into_iter().map(f64::from_bits).collect()
+        matching(name, labels)
     }
 }
 
