@@ -495,3 +495,74 @@ async fn hedged_reads_answer_from_the_second_cluster() {
     assert!(d["b"] > 0, "round robin sent some reads to b first: {d:?}");
     assert_eq!(d["a"], n, "every read was answered by a, directly or as a hedge: {d:?}");
 }
+
+/// Clusters registered in etcd appear in the gateway and take reads; a cluster whose
+/// registration goes (clean shutdown revokes its lease) disappears, live, with no restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn etcd_discovery_adds_and_removes_clusters_live() {
+    let etcd = sandbox::etcd::Etcd::start().await;
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").build().await;
+    let prefix = "/gw-test/clusters/".to_string();
+    let register = |name: &'static str| {
+        let (etcd, prefix) = (etcd.endpoints(), prefix.clone());
+        let sb = &sb;
+        async move {
+            let reg = tandem_discovery::Registration {
+                id: name.into(),
+                datacenter: String::new(),
+                endpoint: format!("http://{}", sb.addr(name).await),
+            };
+            let cancel = tokio_util::sync::CancellationToken::new();
+            let task = tandem_discovery::etcd::register(etcd, prefix, 600, reg, cancel.clone()).await.expect("register");
+            (cancel, task)
+        }
+    };
+    let lead_reg = register("lead").await;
+    let watch = tandem_discovery::etcd::watch(etcd.endpoints(), prefix.clone()).await.expect("watch");
+    let mut cfg = tandem_gateway::GatewayConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    cfg.health.interval_ms = 100;
+    cfg.health.healthy_after = 1;
+    cfg.discovery.etcd = etcd.endpoints();
+    cfg.discovery.prefix = prefix.clone();
+    let gw = tandem_gateway::start(cfg, watch).await.expect("gateway");
+    let ids = |t: pb::TopologyResponse| t.clusters.into_iter().map(|c| c.id).collect::<Vec<_>>();
+    eventually(Duration::from_secs(30), || async { ids(topology(&gw).await) == ["lead"] }).await;
+
+    // A cluster that registers later is added, and serves reads through the gateway.
+    let (alt_cancel, alt_task) = register("alt").await;
+    gateway_ready(&gw, 2, None).await;
+    let mut g = connect(gw.addr).await;
+    create(&mut g, "e").await;
+    insert(&mut g, "e", 0..10).await;
+    gateway_ready(&gw, 2, Some("e")).await;
+    let before = topology_reads(&gw, "alt").await;
+    let gwr = &gw;
+    eventually(Duration::from_secs(30), || {
+        let mut g = g.clone();
+        async move {
+            let r = g.count(pb::CountRequest {
+                collection: "e".into(),
+                read: read(pb::ConsistencyLevel::Eventually, ""),
+                ..Default::default()
+            });
+            r.await.is_ok() && topology_reads(gwr, "alt").await > before
+        }
+    })
+    .await;
+
+    // Its registration is revoked: it leaves the topology and gets no more reads.
+    alt_cancel.cancel();
+    alt_task.await.unwrap();
+    eventually(Duration::from_secs(30), || async { ids(topology(&gw).await) == ["lead"] }).await;
+    for _ in 0..20 {
+        let r =
+            g.count(pb::CountRequest { collection: "e".into(), read: read(pb::ConsistencyLevel::Eventually, ""), ..Default::default() });
+        assert_eq!(r.await.expect("reads keep working on the remaining cluster").into_inner().count, 10);
+    }
+    lead_reg.0.cancel();
+    gw.stop().await.unwrap();
+}
+
+async fn topology_reads(gw: &tandem_gateway::Running, id: &str) -> u64 {
+    topology(gw).await.clusters.iter().find(|c| c.id == id).map_or(0, |c| c.reads_routed)
+}
