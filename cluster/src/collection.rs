@@ -275,11 +275,13 @@ impl Collection {
             jobs.extend(sealed.into_iter().map(|s| (shard, s)));
         }
         if let Some(wal_lsn) = last_wal {
+            // Visible first, durable second: the log this came from already holds it (see
+            // `Shard::serviceable_ts`), so readers need not wait for the local fsync.
+            sh.follow_to(max_ts);
             if let Err(e) = sh.finish(wal_lsn) {
-                // Nothing of the batch is acknowledged-durable: report it at its first change.
+                // Nothing of the batch is locally durable: report it at its first change.
                 return (0, Err(e));
             }
-            sh.follow_to(max_ts);
         }
         (handled, failure.map_or(Ok(()), Err))
     }
@@ -324,7 +326,6 @@ impl Collection {
         Ok(true)
     }
 
-    /// Every change with ts <= this is applied on every shard.
     /// The ts of the newest change a read at `snapshot` sees (the collection's creation at
     /// least), or `snapshot` itself when newer changes are already applied. A read reply's
     /// session token carries this rather than the snapshot: a later read at any ts >= it sees
@@ -336,6 +337,7 @@ impl Collection {
         if newest <= snapshot { newest } else { snapshot }
     }
 
+    /// Every change with ts <= this is applied on every shard.
     pub fn serviceable_ts(&self, clock: &HybridClock) -> Ts {
         self.shards.iter().map(|s| s.serviceable_ts(clock)).min().unwrap_or_else(|| clock.peek())
     }

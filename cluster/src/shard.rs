@@ -556,18 +556,26 @@ impl Shard {
         }
     }
 
-    /// Every change with ts <= the returned value is applied and acknowledged-durable.
     /// The highest ts of a change applied to this shard (0: none yet).
     pub fn last_applied_ts(&self) -> Ts {
         self.state.read().last_applied_ts
     }
 
+    /// Every change with ts <= the returned value is applied and durable: on a leader, in this
+    /// shard's WAL; on a following shard, in the replication log it follows.
     pub fn serviceable_ts(&self, clock: &HybridClock) -> Ts {
         let p = self.pending.lock();
+        if self.following.load(Ordering::Acquire) {
+            // Following a leader: its stream says how far every change has been applied, and
+            // the local fsync is not waited for. What makes a replicated change durable is the
+            // log it came from (the leader exports only durable records; Kafka holds them with
+            // acks=all): after a crash the follower resumes from its last durable position and
+            // applies them again, and a SESSION reader that saw one carries a token that makes
+            // it wait for that. So visibility need not pay for a local fsync (the lag would).
+            return self.follow_ts.load(Ordering::Acquire);
+        }
         match p.queue.front() {
             Some(&(_, ts)) => ts - 1,
-            // Following a leader: its stream says how far every change has been applied.
-            None if self.following.load(Ordering::Acquire) => self.follow_ts.load(Ordering::Acquire),
             // Holding the pending lock: no writer of this shard sits between `clock.now()` and
             // its push, so every ts this shard will still apply is above `peek()`.
             None => clock.peek(),
