@@ -241,28 +241,6 @@ impl Collection {
         changes: Vec<(Lsn, Ts, ShardOp)>,
         jobs: &mut IndexJobs,
     ) -> (usize, Result<()>) {
-        match self.apply_replicated_unsynced(clock, shard, changes, jobs) {
-            (handled, Ok(Some((sh, wal_lsn)))) => match sh.finish(wal_lsn) {
-                Ok(()) => (handled, Ok(())),
-                Err(e) => (0, Err(e)),
-            },
-            (handled, Ok(None)) => (handled, Ok(())),
-            (handled, Err(e)) => (handled, Err(e)),
-        }
-    }
-
-    /// [`Self::apply_replicated_batch`] without its fsync: the changes are applied and visible
-    /// (see `Shard::serviceable_ts` on following shards) and the caller makes them durable with
-    /// `shard.finish(wal_lsn)` on the returned pair, off its apply path, so the next batch does
-    /// not wait for this one's fsync. Blocking.
-    #[allow(clippy::type_complexity)]
-    pub fn apply_replicated_unsynced(
-        &self,
-        clock: &HybridClock,
-        shard: usize,
-        changes: Vec<(Lsn, Ts, ShardOp)>,
-        jobs: &mut IndexJobs,
-    ) -> (usize, Result<Option<(Arc<Shard>, Lsn)>>) {
         let schema = self.schema();
         let Some(sh) = self.shards.get(shard) else {
             return (0, Err(ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name))));
@@ -296,24 +274,16 @@ impl Collection {
             }
             jobs.extend(sealed.into_iter().map(|s| (shard, s)));
         }
-        // Visible first, durable second: the log this came from already holds it (see
-        // `Shard::serviceable_ts`), so readers need not wait for the local fsync.
-        let sync = last_wal.map(|wal_lsn| {
+        if let Some(wal_lsn) = last_wal {
+            // Visible first, durable second: the log this came from already holds it (see
+            // `Shard::serviceable_ts`), so readers need not wait for the local fsync.
             sh.follow_to(max_ts);
-            (sh.clone(), wal_lsn)
-        });
-        match failure {
-            None => (handled, Ok(sync)),
-            Some(e) => {
-                // What was applied before the failure still has to be made durable.
-                if let Some((sh, wal_lsn)) = sync
-                    && let Err(se) = sh.finish(wal_lsn)
-                {
-                    return (0, Err(se));
-                }
-                (handled, Err(e))
+            if let Err(e) = sh.finish(wal_lsn) {
+                // Nothing of the batch is locally durable: report it at its first change.
+                return (0, Err(e));
             }
         }
+        (handled, failure.map_or(Ok(()), Err))
     }
 
     /// Alternative bootstrap: loads snapshot rows (with their own insert ts) into `shard`

@@ -63,9 +63,6 @@ pub struct Follower {
     leader_seen: Mutex<HashMap<(u64, usize), u64>>,
     /// Bootstraps in progress, per (collection id, shard).
     progress: Mutex<HashMap<(u64, usize), Progress>>,
-    /// WAL fsyncs of applied batches still running, per (collection id, shard): they run
-    /// beside the next batch's apply instead of in front of it.
-    syncs: Mutex<HashMap<(u64, usize), Vec<tokio::task::JoinHandle<std::result::Result<(), ClusterError>>>>>,
 }
 
 /// A bootstrap in progress: bytes loaded so far against the leader's estimate.
@@ -77,9 +74,6 @@ struct Progress {
     /// Bytes and time at the previous report (the rate is per report interval).
     reported: (u64, std::time::Instant),
 }
-
-/// Background WAL fsyncs per shard before the next apply waits for the oldest.
-const MAX_SYNCS_IN_FLIGHT: usize = 4;
 
 /// How often lag gauges are refreshed and bootstrap progress is logged.
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -135,7 +129,6 @@ impl Follower {
             bootstraps: AtomicU64::new(0),
             leader_seen: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
-            syncs: Mutex::new(HashMap::new()),
         });
         for c in f.node.collections() {
             f.start_collection(&c);
@@ -392,27 +385,6 @@ impl Follower {
         Flow::Continue
     }
 
-    /// The result of the finished background fsyncs of (collection, shard); the running ones are
-    /// left running (but the oldest is waited for when too many are).
-    async fn synced(&self, collection: u64, shard: usize) -> std::result::Result<(), ClusterError> {
-        let done: Vec<_> = {
-            let mut syncs = self.syncs.lock();
-            let Some(list) = syncs.get_mut(&(collection, shard)) else { return Ok(()) };
-            let (mut done, mut running): (Vec<_>, Vec<_>) = list.drain(..).partition(|h| h.is_finished());
-            // Backpressure: a disk slower than the stream must slow the stream down, not pile up
-            // blocking threads.
-            while running.len() >= MAX_SYNCS_IN_FLIGHT {
-                done.push(running.remove(0));
-            }
-            *list = running;
-            done
-        };
-        for h in done {
-            h.await.map_err(|e| ClusterError::Internal(e.to_string()))??;
-        }
-        Ok(())
-    }
-
     /// Applies the data events gathered in `batch` (emptied). `None` when all were applied or
     /// stepped over as poison (skip policy); otherwise what the shard task does next.
     async fn flush(&self, c: &Arc<Collection>, shard: usize, stream_id: &StreamId, batch: &mut Vec<rp::ChangeEvent>) -> Option<Flow> {
@@ -440,28 +412,16 @@ impl Follower {
                 }
             }
             let n = changes.len();
-            // A failed fsync of an earlier batch stops the stream here (its changes are visible
-            // but not durable): the same path as a failed apply.
-            if let Err(e) = self.synced(c.id, shard).await {
-                tracing::error!(error = %e, %stream_id, "WAL fsync of applied changes failed");
-                return Some(Flow::Resubscribe);
-            }
             let (node, c2) = (self.node.clone(), c.clone());
             let (handled, result) = match tokio::task::spawn_blocking(move || {
                 let mut jobs = Vec::new();
-                let r = c2.apply_replicated_unsynced(&node.clock, shard, changes, &mut jobs);
+                let r = c2.apply_replicated_batch(&node.clock, shard, changes, &mut jobs);
                 node.enqueue(&c2, jobs);
                 r
             })
             .await
             {
-                Ok((handled, Ok(Some((sh, wal_lsn))))) => {
-                    let sync = tokio::task::spawn_blocking(move || sh.finish(wal_lsn));
-                    self.syncs.lock().entry((c.id, shard)).or_default().push(sync);
-                    (handled, Ok(()))
-                }
-                Ok((handled, Ok(None))) => (handled, Ok(())),
-                Ok((handled, Err(e))) => (handled, Err(e)),
+                Ok(r) => r,
                 Err(e) => (0, Err(ClusterError::Internal(e.to_string()))),
             };
             self.applied.fetch_add(handled as u64, Ordering::Relaxed);
