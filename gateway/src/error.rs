@@ -44,7 +44,9 @@ pub fn is_transient(s: &Status) -> bool {
     match s.code() {
         Code::Unavailable | Code::Aborted => true,
         Code::ResourceExhausted => !s.message().contains("message length") && !s.message().contains("too large"),
-        Code::Unknown => is_connection_error(s),
+        // A stream reset by a cluster going away surfaces as INTERNAL "h2 protocol error" (seen
+        // when an alternative stops mid-load): the way to the cluster failed, not the request.
+        Code::Unknown | Code::Internal => is_connection_error(s),
         _ => false,
     }
 }
@@ -73,4 +75,19 @@ pub fn passthrough(s: Status) -> Status {
         md.remove(*h);
     }
     Status::with_details_and_metadata(s.code(), s.message().to_string(), s.details().to_vec().into(), md)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn transport_failures_are_transient_and_request_errors_are_not() {
+        assert!(is_transient(&Status::unavailable("connection refused")));
+        assert!(is_transient(&Status::internal("h2 protocol error: http2 error")));
+        assert!(is_transient(&Status::unknown("transport error")));
+        assert!(!is_transient(&Status::internal("index build failed")));
+        assert!(!is_transient(&Status::invalid_argument("dimension 3, expected 8")));
+        assert!(!is_transient(&Status::resource_exhausted("decoded message length too large")));
+    }
 }
