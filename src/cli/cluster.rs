@@ -2,9 +2,7 @@
 //! (stop accepting, drain requests in flight, stop the index builders).
 
 use std::path::PathBuf;
-use std::time::Duration;
 
-use anyhow::bail;
 use tandem_cluster::server;
 
 use super::LogFormat;
@@ -76,15 +74,7 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     // Leave discovery first, so gateways stop routing here while requests drain.
     discovery.stop().await;
     replication.stop();
-    tokio::select! {
-        r = running.stop() => r?,
-        () = tokio::time::sleep(Duration::from_secs(a.drain_timeout)) => {
-            bail!("shutdown did not finish within --drain-timeout {}s; exiting anyway", a.drain_timeout)
-        }
-        s = shutdown_signal() => {
-            bail!("{} during shutdown; exiting without waiting for requests in flight", s?)
-        }
-    }
+    super::drain(running.stop(), a.drain_timeout).await?;
     // Metrics stay scrapeable while the node drains; they stop last.
     metrics.stop().await?;
     tracing::info!("stopped");

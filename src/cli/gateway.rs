@@ -4,9 +4,7 @@
 //! reported at once and the process exits with 64.
 
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 
-use anyhow::bail;
 use figment::Figment;
 use figment::providers::{Format, Serialized, Toml};
 use tandem_gateway::GatewayConfig;
@@ -126,15 +124,7 @@ pub async fn run(a: GatewayArgs) -> anyhow::Result<()> {
 
     let signal = shutdown_signal().await?;
     tracing::info!(signal, "shutting down: draining requests in flight");
-    tokio::select! {
-        r = running.stop() => r?,
-        () = tokio::time::sleep(Duration::from_secs(a.drain_timeout)) => {
-            bail!("shutdown did not finish within --drain-timeout {}s; exiting anyway", a.drain_timeout)
-        }
-        s = shutdown_signal() => {
-            bail!("{} during shutdown; exiting without waiting for requests in flight", s?)
-        }
-    }
+    super::drain(running.stop(), a.drain_timeout).await?;
     metrics.stop().await?;
     tracing::info!("stopped");
     Ok(())

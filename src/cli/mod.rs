@@ -298,3 +298,20 @@ impl MetricsEndpoint {
         Ok(())
     }
 }
+
+/// Waits for `stop` (a server draining its requests in flight), giving up after
+/// `--drain-timeout` seconds or at a second signal. Shared by `tandem cluster` and `tandem gateway`.
+pub async fn drain<E>(stop: impl std::future::Future<Output = Result<(), E>>, drain_timeout: u64) -> anyhow::Result<()>
+where
+    anyhow::Error: From<E>,
+{
+    tokio::select! {
+        r = stop => Ok(r?),
+        () = tokio::time::sleep(std::time::Duration::from_secs(drain_timeout)) => {
+            anyhow::bail!("shutdown did not finish within --drain-timeout {drain_timeout}s; exiting anyway")
+        }
+        s = cluster::shutdown_signal() => {
+            anyhow::bail!("{} during shutdown; exiting without waiting for requests in flight", s?)
+        }
+    }
+}
