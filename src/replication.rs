@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::Context;
 use tandem_cluster::server::Running;
-use tandem_cluster::{ClusterConfig, Role};
+use tandem_cluster::{ClusterConfig, Node, Role};
 use tandem_exporter::direct::DirectTransport;
 use tandem_exporter::follower::{Follower, FollowerConfig, OnPoison};
 use tandem_exporter::publisher::Publisher;
@@ -29,6 +29,10 @@ impl ReplicationHandle {
         }
     }
 
+    pub fn is_idle(&self) -> bool {
+        self.follower.is_none() && self.publisher.is_none()
+    }
+
     pub fn follower(&self) -> Option<&Arc<Follower>> {
         self.follower.as_ref()
     }
@@ -49,26 +53,36 @@ pub fn transport(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Transport>> {
 
 pub async fn start(running: &Running, cfg: &ClusterConfig) -> anyhow::Result<ReplicationHandle> {
     match cfg.role {
-        Role::Leading => {
-            if cfg.replication.transport == "direct" {
-                // Alternatives read this leader's WAL directly: nothing to publish.
-                return Ok(ReplicationHandle::default());
-            }
-            let transport = transport(cfg)?;
-            let tick = std::time::Duration::from_millis(cfg.replication.tick_ms);
-            let publisher = Publisher::start(running.node.clone(), transport, &cfg.replication.group, tick);
-            Ok(ReplicationHandle { publisher: Some(publisher), ..Default::default() })
-        }
-        Role::Alternative | Role::Standby | Role::Recovering => {
-            let transport = transport(cfg)?;
-            let leader = DirectTransport::new(&cfg.replication.leader, &cfg.cluster_id).context("leader endpoint")?.client();
-            let fcfg = FollowerConfig {
-                subscriber: cfg.cluster_id.clone(),
-                on_poison: if cfg.replication.on_poison == "skip" { OnPoison::Skip } else { OnPoison::Halt },
-                quarantine_dir: cfg.data_dir.join("quarantine"),
-            };
-            let follower = Follower::start(running.node.clone(), transport, leader, fcfg);
-            Ok(ReplicationHandle { follower: Some(follower), ..Default::default() })
-        }
+        Role::Leading => start_publisher(&running.node, cfg),
+        Role::Alternative | Role::Standby | Role::Recovering => start_follower(&running.node, cfg, &cfg.replication.leader),
     }
+}
+
+/// A leader's part: publish its changes when the transport is a broker (with the direct
+/// transport alternatives read the leader's WAL: nothing runs).
+pub fn start_publisher(node: &Arc<Node>, cfg: &ClusterConfig) -> anyhow::Result<ReplicationHandle> {
+    if cfg.replication.transport == "direct" {
+        return Ok(ReplicationHandle::default());
+    }
+    let transport = transport(cfg)?;
+    let tick = std::time::Duration::from_millis(cfg.replication.tick_ms);
+    let publisher = Publisher::start(node.clone(), transport, &cfg.replication.group, tick);
+    Ok(ReplicationHandle { publisher: Some(publisher), ..Default::default() })
+}
+
+/// An alternative's part: follow the leader at `leader` (snapshots, the leader's clock, and the
+/// log itself with the direct transport) through the configured transport.
+pub fn start_follower(node: &Arc<Node>, cfg: &ClusterConfig, leader: &str) -> anyhow::Result<ReplicationHandle> {
+    let mut cfg = cfg.clone();
+    cfg.replication.leader = leader.to_string();
+    let transport = transport(&cfg)?;
+    let client = DirectTransport::new(leader, &cfg.cluster_id).context("leader endpoint")?.client();
+    let fcfg = FollowerConfig {
+        subscriber: cfg.cluster_id.clone(),
+        on_poison: if cfg.replication.on_poison == "skip" { OnPoison::Skip } else { OnPoison::Halt },
+        quarantine_dir: cfg.data_dir.join("quarantine"),
+    };
+    node.set_leader(Some(leader.to_string()));
+    let follower = Follower::start(node.clone(), transport, client, fcfg);
+    Ok(ReplicationHandle { follower: Some(follower), ..Default::default() })
 }

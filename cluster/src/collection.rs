@@ -251,6 +251,9 @@ impl Collection {
         let mut failure = None;
         {
             let mut st = sh.lock_state();
+            if !sh.is_following() {
+                return (0, Err(not_following(&schema.name, shard)));
+            }
             let mut pending = sh.lock_pending();
             let mut sealed = Vec::new();
             for (lsn, ts, op) in changes {
@@ -311,6 +314,9 @@ impl Collection {
             .get(shard)
             .ok_or_else(|| ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name)))?;
         let mut st = sh.lock_state();
+        if !sh.is_following() {
+            return Err(not_following(&schema.name, shard));
+        }
         if source.is_some_and(|lsn| lsn <= sh.source_lsn()) {
             return Ok(false);
         }
@@ -431,6 +437,11 @@ fn split_rows(
             rows.push(row);
         }
     }
+}
+
+/// A replicated change reached a shard that leads now (promoted while the change was on its way).
+fn not_following(collection: &str, shard: usize) -> ClusterError {
+    ClusterError::Unavailable(format!("shard {shard} of collection {collection:?} leads now: it applies no replicated change"))
 }
 
 #[cfg(test)]

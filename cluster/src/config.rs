@@ -35,6 +35,55 @@ pub struct ClusterConfig {
     pub replication: ReplicationConfig,
     pub discovery: DiscoveryConfig,
     pub telemetry: TelemetryConfig,
+    pub ha: HaConfig,
+}
+
+/// Automatic failover (docs/operations.md): an arbiter decides who leads; `role` is then only
+/// where a cluster starts (`leading` leads a group that has never had a leader).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct HaConfig {
+    /// "none" (roles are fixed), "etcd" (the arbiter for real deployments) or "embedded" (every
+    /// cluster in one process: the demo, tests).
+    pub arbiter: String,
+    /// etcd endpoints; empty: those of `discovery.etcd`.
+    pub etcd: Vec<String>,
+    /// Key prefix of the group's arbiter state; empty: "/tandem/<replication.group>/ha/".
+    pub prefix: String,
+    /// Lease of each cluster in the arbiter: a leader that stops renewing it (dead, paused,
+    /// partitioned) loses leadership after this long. etcd counts whole seconds.
+    pub lease_ttl_s: u64,
+    /// A leader stops accepting writes this long before its lease could expire, so it never
+    /// writes while another cluster may already lead.
+    pub fence_margin_ms: u64,
+    /// Whether this cluster may be promoted (an alternative or a standby).
+    pub promotable: bool,
+    /// Datacenters in order of preference for promotion; unlisted ones come last.
+    pub prefer_datacenters: Vec<String>,
+    /// The longest a candidate spends consuming the log to its end before it gives up this
+    /// election round (it is not a clear winner without every acknowledged write).
+    pub catch_up_timeout_ms: u64,
+}
+
+impl Default for HaConfig {
+    fn default() -> Self {
+        HaConfig {
+            arbiter: "none".into(),
+            etcd: Vec::new(),
+            prefix: String::new(),
+            lease_ttl_s: 2,
+            fence_margin_ms: 500,
+            promotable: true,
+            prefer_datacenters: Vec::new(),
+            catch_up_timeout_ms: 10_000,
+        }
+    }
+}
+
+impl HaConfig {
+    pub fn enabled(&self) -> bool {
+        self.arbiter != "none"
+    }
 }
 
 /// Registration in etcd, so gateways find this cluster by themselves.
@@ -201,6 +250,7 @@ impl Default for ClusterConfig {
             replication: ReplicationConfig::default(),
             discovery: DiscoveryConfig::default(),
             telemetry: TelemetryConfig::default(),
+            ha: HaConfig::default(),
         }
     }
 }
@@ -313,7 +363,7 @@ impl ClusterConfig {
         if r.transport == "kafka" && r.kafka.brokers.trim().is_empty() {
             errs.push("replication.kafka.brokers is empty but replication.transport = \"kafka\"".into());
         }
-        if self.role != Role::Leading && r.leader.trim().is_empty() {
+        if self.role != Role::Leading && r.leader.trim().is_empty() && !self.ha.enabled() {
             errs.push(format!(
                 "replication.leader is empty: a cluster with role = {:?} needs its leader's endpoint",
                 self.role.to_string()
@@ -333,6 +383,31 @@ impl ClusterConfig {
         }
         if !self.telemetry.metrics_listen.is_empty() && self.telemetry.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
             errs.push(format!("telemetry.metrics_listen = {:?} is not an address like 127.0.0.1:9184", self.telemetry.metrics_listen));
+        }
+        let ha = &self.ha;
+        if !["none", "etcd", "embedded"].contains(&ha.arbiter.as_str()) {
+            errs.push(format!("ha.arbiter = {:?} is not one of none, etcd, embedded", ha.arbiter));
+        }
+        if ha.arbiter == "etcd" && ha.etcd.is_empty() && self.discovery.etcd.is_empty() {
+            errs.push("ha.arbiter = \"etcd\" but neither ha.etcd nor discovery.etcd lists an endpoint".into());
+        }
+        if ha.enabled() && r.transport == "direct" {
+            errs.push(format!(
+                "ha.arbiter = {:?} needs a broker transport (replication.transport = \"kafka\"): with \"direct\" the log dies with the leader",
+                ha.arbiter
+            ));
+        }
+        if ha.enabled() && !(1..=300).contains(&ha.lease_ttl_s) {
+            errs.push(format!("ha.lease_ttl_s = {} is out of range 1..=300", ha.lease_ttl_s));
+        }
+        if ha.enabled() && ha.fence_margin_ms >= ha.lease_ttl_s * 1000 {
+            errs.push(format!(
+                "ha.fence_margin_ms = {} must be below the lease (ha.lease_ttl_s = {} s)",
+                ha.fence_margin_ms, ha.lease_ttl_s
+            ));
+        }
+        if ha.enabled() && ha.catch_up_timeout_ms == 0 {
+            errs.push("ha.catch_up_timeout_ms = 0 must be at least 1".into());
         }
         if self.read.max_wait_ms == 0 {
             errs.push("read.max_wait_ms = 0 must be at least 1".into());

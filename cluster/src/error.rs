@@ -22,6 +22,10 @@ pub enum ClusterError {
     /// A write sent to a cluster that does not lead; names the leader when known.
     #[error("cluster {cluster} is {role} and does not accept writes{}", leader.as_ref().map(|l| format!("; the leader is {l}")).unwrap_or_default())]
     NotLeader { cluster: String, role: String, leader: Option<String> },
+    /// The cluster is not in a state that allows the operation (e.g. promoting a leader, or
+    /// an epoch that is not newer); the message says which state.
+    #[error("{0}")]
+    FailedPrecondition(String),
     /// A change stream position the log no longer holds (a subscriber must bootstrap).
     #[error("position {from} is no longer in the log, which starts at {first}")]
     Truncated { from: u64, first: u64 },
@@ -64,6 +68,7 @@ impl ClusterError {
             ClusterError::Unavailable(_) | ClusterError::DeadlineExceeded(_) | ClusterError::ResourceExhausted(_) => true,
             // Retried after the caller refreshed its view of who leads, not as is.
             ClusterError::NotLeader { .. }
+            | ClusterError::FailedPrecondition(_)
             | ClusterError::Truncated { .. }
             | ClusterError::InvalidArgument(_)
             | ClusterError::CollectionNotFound(_)
@@ -94,7 +99,7 @@ impl ClusterError {
         match self {
             ClusterError::InvalidArgument(_) | ClusterError::Filter(_) => Code::InvalidArgument,
             ClusterError::CollectionNotFound(_) => Code::NotFound,
-            ClusterError::NotLeader { .. } => Code::FailedPrecondition,
+            ClusterError::NotLeader { .. } | ClusterError::FailedPrecondition(_) => Code::FailedPrecondition,
             ClusterError::Truncated { .. } => Code::OutOfRange,
             ClusterError::CollectionExists(_) | ClusterError::AlreadyExists(_) => Code::AlreadyExists,
             ClusterError::Unavailable(_) => Code::Unavailable,

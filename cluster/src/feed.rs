@@ -27,7 +27,7 @@ pub trait Feed: Send + 'static {
     /// Waits for the next events (changes, or a tick when idle) and returns them in order.
     /// Cancel-safe.
     fn next_batch(&mut self) -> impl std::future::Future<Output = Result<Vec<rp::ChangeEvent>>> + Send;
-    /// The position the next event will have at least.
+    /// The local log position read next (what a subscriber's retention lease holds).
     fn next_lsn(&self) -> Lsn;
 }
 const BATCH: usize = 512;
@@ -51,7 +51,11 @@ pub struct ShardFeed {
     collection: Arc<Collection>,
     shard: usize,
     group: String,
+    /// The local WAL position to read next.
     next: Lsn,
+    /// Maps local positions to the stream's (fixed for the feed's life: a term only starts
+    /// on a node that is not leading, whose feeds are stopped).
+    term: crate::term::StreamTerm,
     tick_every: Duration,
     last_tick: Option<Instant>,
     acked: tokio::sync::watch::Receiver<Lsn>,
@@ -76,9 +80,12 @@ impl ShardFeed {
             .shards()
             .get(shard)
             .ok_or_else(|| ClusterError::invalid(format!("collection {:?} has no shard {shard}", collection.schema().name)))?;
-        let first = sh.first_lsn();
+        // `from` is a stream position; this node's log serves only its own term of the stream.
+        let term = sh.term();
+        term.check_servable(from).map_err(|first| ClusterError::Truncated { from, first })?;
+        let (from, first) = (term.to_local(from.max(1)), sh.first_lsn());
         if from < first && from <= sh.last_lsn() {
-            return Err(ClusterError::Truncated { from, first });
+            return Err(ClusterError::Truncated { from: term.to_stream(from), first: term.to_stream(first) });
         }
         let acked = sh.acked_watch();
         let tick_requests = node.tick_requests();
@@ -88,6 +95,7 @@ impl ShardFeed {
             shard,
             group: group.to_string(),
             next: from.max(1),
+            term,
             tick_every,
             last_tick: None,
             acked,
@@ -114,12 +122,12 @@ impl Feed for ShardFeed {
             let (events, last, full) = {
                 let node = self.node.clone();
                 let c = self.collection.clone();
-                let (shard, next, group) = (self.shard, self.next, self.group.clone());
+                let (shard, next, group, term) = (self.shard, self.next, self.group.clone(), self.term);
                 tokio::task::spawn_blocking(move || -> Result<_> {
                     let name = c.schema().name.clone();
                     let mut events = Vec::new();
                     let last = c.shards()[shard].read_changes(next, upto, BATCH, |lsn, rec| {
-                        let mut ev = base_event(&node, &group, &name, c.id, shard as u32, rec.ts, lsn);
+                        let mut ev = base_event(&node, &group, &name, c.id, shard as u32, rec.ts, term.to_stream(lsn));
                         ev.body = match rec.op {
                             Some(st::wal_record::Op::Insert(b)) => Some(rp::change_event::Body::Insert(b)),
                             Some(st::wal_record::Op::Upsert(b)) => Some(rp::change_event::Body::Upsert(b)),
@@ -153,7 +161,7 @@ impl Feed for ShardFeed {
                         self.collection.id,
                         self.shard as u32,
                         upto,
-                        last,
+                        self.term.to_stream(last),
                     );
                     tick.body = Some(rp::change_event::Body::Tick(rp::TimeTick { leader_ts: self.node.clock.peek() }));
                     out.push(tick);
@@ -187,12 +195,17 @@ pub struct DdlFeed {
     node: Arc<Node>,
     group: String,
     next: Lsn,
+    term: crate::term::StreamTerm,
     poll: Duration,
 }
 
 impl DdlFeed {
-    pub fn new(node: Arc<Node>, from: Lsn, group: &str, poll: Duration) -> DdlFeed {
-        DdlFeed { node, group: group.to_string(), next: from.max(1), poll }
+    /// A feed from stream position `from`: `ClusterError::Truncated` when it belongs to an
+    /// earlier leader's term (this node's DDL log cannot serve it).
+    pub fn new(node: Arc<Node>, from: Lsn, group: &str, poll: Duration) -> Result<DdlFeed> {
+        let term = node.ddl_term();
+        term.check_servable(from).map_err(|first| ClusterError::Truncated { from, first })?;
+        Ok(DdlFeed { group: group.to_string(), next: term.to_local(from.max(1)).max(1), term, node, poll })
     }
 }
 
@@ -206,12 +219,12 @@ impl Feed for DdlFeed {
             let mut out = Vec::new();
             let node = self.node.clone();
             let group = self.group.clone();
-            let next = self.next;
+            let (next, term) = (self.next, self.term);
             let (events, last) = tokio::task::spawn_blocking(move || -> Result<_> {
                 let mut last = next.saturating_sub(1);
                 node.read_ddl(next, |lsn, rec| {
                     last = lsn;
-                    out.push(ddl_event(&node, &group, lsn, rec));
+                    out.push(ddl_event(&node, &group, term.to_stream(lsn), rec));
                     true
                 })?;
                 Ok((out, last))

@@ -27,6 +27,7 @@ pub mod segment;
 pub mod server;
 pub mod service;
 pub mod shard;
+pub mod term;
 pub mod ts;
 pub mod wal;
 

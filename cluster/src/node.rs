@@ -26,6 +26,7 @@ use crate::role::Role;
 use crate::schema::{IndexKind, Schema};
 use crate::segment::Sealed;
 use crate::shard::ShardOptions;
+use crate::term::{self, StreamTerm};
 use crate::ts::{HybridClock, SessionToken, Ts};
 use crate::wal::{Lsn, SyncPolicy, Wal, WalOptions};
 
@@ -55,6 +56,8 @@ pub struct Node {
     pub clock: HybridClock,
     role: RwLock<Role>,
     epoch: AtomicU64,
+    /// The last epoch this node led (0: none since it last rejoined); see `term::Epochs`.
+    led_epoch: AtomicU64,
     collections: RwLock<BTreeMap<String, Arc<Collection>>>,
     /// Serialises DDL and catalog rewrites; holds the next collection id.
     catalog: Mutex<u64>,
@@ -81,6 +84,12 @@ pub struct Node {
     /// Bumped when someone needs every shard feed to send a time tick now (an alternative asked
     /// for the leader's clock for a STRONG read and waits for its stream to reach it).
     tick_requests: tokio::sync::watch::Sender<u64>,
+    /// Where this node's leadership term starts in the DDL stream (see `term.rs`).
+    ddl_term: RwLock<StreamTerm>,
+    /// With an arbiter: the instant a leader must stop acknowledging writes (its lease could
+    /// expire soon after). Checked on every write itself, so a paused process that resumes
+    /// refuses writes before any task had a chance to fence it.
+    write_deadline: Mutex<Option<Instant>>,
     _lock: File,
 }
 
@@ -151,6 +160,7 @@ impl Node {
         }
         remove_orphans(dir, &catalog)?;
 
+        let epochs = term::Epochs::load(&dir.join("epoch"))?;
         let search_pool = rayon::ThreadPoolBuilder::new()
             .num_threads(opts.search_threads.max(1))
             .thread_name(|i| format!("tandem-search-{i}"))
@@ -160,7 +170,10 @@ impl Node {
         let node = Arc::new(Node {
             clock,
             role: RwLock::new(opts.role),
-            epoch: AtomicU64::new(1),
+            epoch: AtomicU64::new(epochs.seen),
+            led_epoch: AtomicU64::new(epochs.led),
+            ddl_term: RwLock::new(StreamTerm::load(&dir.join("ddl-term"))?),
+            write_deadline: Mutex::new(None),
             collections: RwLock::new(collections),
             catalog: Mutex::new(catalog.next_collection_id.max(1)),
             search_pool,
@@ -260,9 +273,26 @@ impl Node {
     fn check_writable(&self) -> Result<()> {
         let role = self.role();
         if role.accepts_writes() {
-            Ok(())
+            self.check_lease()
         } else {
             Err(ClusterError::NotLeader { cluster: self.opts.cluster_id.clone(), role: role.to_string(), leader: self.leader() })
+        }
+    }
+
+    /// Sets (or clears) the instant this leader stops acknowledging writes.
+    pub fn set_write_deadline(&self, deadline: Option<Instant>) {
+        *self.write_deadline.lock() = deadline;
+    }
+
+    /// Whether this leader's lease still covers acknowledging a write now: checked before a
+    /// write and again before it is acknowledged.
+    pub fn check_lease(&self) -> Result<()> {
+        match *self.write_deadline.lock() {
+            Some(d) if Instant::now() >= d => Err(ClusterError::Unavailable(format!(
+                "cluster {} may have lost its leadership lease: the write is not acknowledged (its outcome is unknown)",
+                self.opts.cluster_id
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -273,6 +303,118 @@ impl Node {
                 s.set_following(role != Role::Leading);
             }
         }
+    }
+
+    /// Becomes the leader of `epoch` (the arbiter granted it). Every stream continues right
+    /// after the position this node has applied, so the caller must have consumed each stream
+    /// to its end first (then this node holds every acknowledged change). The terms and the
+    /// epoch are durable before the role changes, and the clock is moved past `floor_ts` (the
+    /// newest ts seen anywhere), so the new leader's writes sort after the old leader's.
+    /// Blocking (fsync).
+    pub fn promote(&self, epoch: u64, floor_ts: Ts) -> Result<()> {
+        let _catalog = self.catalog.lock();
+        let role = self.role();
+        if !role.can_be_promoted() {
+            return Err(ClusterError::FailedPrecondition(format!("cluster {} is {role}: it cannot be promoted", self.opts.cluster_id)));
+        }
+        if epoch < self.epoch() {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "cannot lead epoch {epoch}: cluster {} has already seen epoch {}",
+                self.opts.cluster_id,
+                self.epoch()
+            )));
+        }
+        // The catalog lock (held) keeps replicated DDL out; each shard's state lock keeps
+        // replicated changes out while its term begins.
+        let ddl = StreamTerm::new(self.ddl.last_lsn(), self.ddl_source_lsn());
+        ddl.save(&self.opts.data_dir.join("ddl-term"))?;
+        *self.ddl_term.write() = ddl;
+        for c in self.collections.read().values() {
+            for sh in c.shards() {
+                sh.begin_term()?;
+            }
+        }
+        self.lead(epoch, floor_ts)?;
+        tracing::info!(cluster = %self.opts.cluster_id, epoch, "promoted: leading");
+        Ok(())
+    }
+
+    /// Leads again as the source of the streams it led before (it led the newest epoch, and
+    /// nobody led since): its log continues them as is. Blocking (fsync).
+    pub fn resume_leading(&self, epoch: u64) -> Result<()> {
+        let _catalog = self.catalog.lock();
+        let led = self.led_epoch();
+        if led == 0 && self.epoch() > 1 {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "cluster {} has not led since it rejoined: it must be promoted, not resume",
+                self.opts.cluster_id
+            )));
+        }
+        self.lead(epoch, self.clock.peek())?;
+        tracing::info!(cluster = %self.opts.cluster_id, epoch, "leading");
+        Ok(())
+    }
+
+    fn lead(&self, epoch: u64, floor_ts: Ts) -> Result<()> {
+        if epoch < self.epoch() {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "cannot lead epoch {epoch}: cluster {} has already seen epoch {}",
+                self.opts.cluster_id,
+                self.epoch()
+            )));
+        }
+        self.save_epochs(term::Epochs { seen: epoch.max(self.epoch()), led: epoch })?;
+        self.clock.observe(floor_ts);
+        self.set_leader(None);
+        self.set_role(Role::Leading);
+        Ok(())
+    }
+
+    /// Stops accepting writes at once (the lease ran out, or a newer epoch exists): the node
+    /// serves nothing until it has rejoined as an alternative.
+    pub fn fence(&self) {
+        if self.role() == Role::Leading {
+            tracing::warn!(cluster = %self.opts.cluster_id, epoch = self.epoch(), "fenced: no longer accepting writes");
+        }
+        self.set_role(Role::Recovering);
+    }
+
+    /// An old leader coming back as an alternative of a newer epoch: its log may hold changes
+    /// that never reached the stream (ack policy `local`, or in flight when it stopped), so
+    /// every shard forgets what it holds and is loaded again from the new leader (snapshot,
+    /// or the broker's log). The node stays `Recovering` until the caller sees it caught up.
+    /// Blocking.
+    pub fn rejoin(&self) -> Result<()> {
+        let _catalog = self.catalog.lock();
+        self.set_role(Role::Recovering);
+        for c in self.collections.read().values() {
+            for sh in c.shards() {
+                sh.wipe()?;
+            }
+        }
+        self.save_epochs(term::Epochs { seen: self.epoch(), led: 0 })?;
+        tracing::info!(cluster = %self.opts.cluster_id, epoch = self.epoch(), "rejoining as an alternative: local data dropped");
+        Ok(())
+    }
+
+    /// Records that `epoch` exists (durably, when it is newer than the node's). Blocking.
+    pub fn observe_epoch(&self, epoch: u64) -> Result<()> {
+        if epoch > self.epoch() {
+            self.save_epochs(term::Epochs { seen: epoch, led: self.led_epoch() })?;
+        }
+        Ok(())
+    }
+
+    /// The last epoch this node led; 0 when it has not led since it last rejoined.
+    pub fn led_epoch(&self) -> u64 {
+        self.led_epoch.load(Ordering::Acquire)
+    }
+
+    fn save_epochs(&self, e: term::Epochs) -> Result<()> {
+        e.save(&self.opts.data_dir.join("epoch"))?;
+        self.epoch.fetch_max(e.seen, Ordering::AcqRel);
+        self.led_epoch.store(e.led, Ordering::Release);
+        Ok(())
     }
 
     /// Where the leader is (an endpoint), for NotLeader replies and GetClusterInfo.
@@ -312,7 +454,9 @@ impl Node {
         self.exporting.load(Ordering::Acquire)
     }
 
+    /// The transport has acknowledged the DDL stream up to stream position `lsn`.
     pub fn set_ddl_exported(&self, lsn: Lsn) {
+        let lsn = self.ddl_term().to_local(lsn);
         self.ddl_exported.send_if_modified(|v| {
             let changed = *v < lsn;
             *v = (*v).max(lsn);
@@ -470,6 +614,9 @@ impl Node {
     /// Idempotent: positions already applied are skipped. Blocking.
     pub fn apply_replicated_ddl(&self, lsn: Lsn, mut rec: st::DdlRecord) -> Result<bool> {
         let mut next_id = self.catalog.lock();
+        if self.role() == Role::Leading {
+            return Err(ClusterError::Unavailable(format!("cluster {} leads now: it applies no replicated DDL", self.opts.cluster_id)));
+        }
         if lsn <= self.ddl_source_lsn.load(Ordering::Acquire) {
             return Ok(false);
         }
@@ -512,6 +659,15 @@ impl Node {
 
     pub fn ddl_last_lsn(&self) -> Lsn {
         self.ddl_applied.load(Ordering::Acquire)
+    }
+
+    /// The DDL stream's end as this node serves it (a stream position).
+    pub fn ddl_stream_end(&self) -> Lsn {
+        self.ddl_term().to_stream(self.ddl_last_lsn())
+    }
+
+    pub fn ddl_term(&self) -> StreamTerm {
+        *self.ddl_term.read()
     }
 
     /// DDL records with lsn >= `from` whose effect is applied, in order (the leader's DDL stream).

@@ -124,7 +124,7 @@ impl rp::replication_server::Replication for ReplicationService {
     async fn subscribe(&self, req: Request<rp::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = req.into_inner();
         let rx = if r.ddl {
-            pump(DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50)), |_| {}, |_| {})
+            pump(DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50))?, |_| {}, |_| {})
         } else {
             let c = self
                 .node
@@ -144,14 +144,14 @@ impl rp::replication_server::Replication for ReplicationService {
     async fn end_lsn(&self, req: Request<rp::SubscribeRequest>) -> Result<Response<rp::EndLsnResponse>, Status> {
         let r = req.into_inner();
         let lsn = if r.ddl {
-            self.node.ddl_last_lsn()
+            self.node.ddl_stream_end()
         } else {
             let c = self
                 .node
                 .collection_by_id(r.collection_id)
                 .ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
             let sh = c.shards().get(r.shard as usize).ok_or_else(|| ClusterError::invalid(format!("no shard {}", r.shard)))?;
-            *sh.acked_watch().borrow()
+            sh.acked_stream_lsn()
         };
         Ok(Response::new(rp::EndLsnResponse { lsn }))
     }
@@ -179,6 +179,7 @@ impl rp::replication_server::Replication for ReplicationService {
         self.start_reporter();
         let schema = c.schema();
         let total_rows = shard.stats().live_rows;
+        let term = shard.term();
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let with_payloads = !schema.fields.is_empty();
@@ -199,7 +200,7 @@ impl rp::replication_server::Replication for ReplicationService {
                 rows: None,
                 insert_ts: Vec::new(),
                 done: true,
-                lsn,
+                lsn: term.to_stream(lsn),
                 total_rows,
             }));
         });

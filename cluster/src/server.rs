@@ -52,7 +52,10 @@ pub async fn start(cfg: ClusterConfig) -> Result<Running> {
     let addr = listener.local_addr().map_err(|e| ClusterError::Internal(e.to_string()))?;
     let opts = cfg.node_options();
     let node = tokio::task::spawn_blocking(move || Node::open(opts)).await.map_err(|e| ClusterError::Internal(e.to_string()))??;
-    if cfg.role != crate::role::Role::Leading {
+    // With a broker transport, writes under ack policy `exported` wait for the publisher from
+    // the first one on, even before it has started (or while a new leader starts it).
+    node.set_exporting(cfg.replication.transport != "direct");
+    if cfg.role != crate::role::Role::Leading && !cfg.replication.leader.is_empty() {
         node.set_leader(Some(cfg.replication.leader.clone()));
     }
     let shutdown = CancellationToken::new();

@@ -168,7 +168,10 @@ impl ClusterService {
     }
 
     async fn ddl_exported(&self, deadline: Instant) -> Result<()> {
-        if self.cfg.replication.ack == "exported" { self.node.wait_ddl_exported(deadline).await } else { Ok(()) }
+        if self.cfg.replication.ack == "exported" {
+            self.node.wait_ddl_exported(deadline).await?;
+        }
+        self.node.check_lease()
     }
 
     fn mutation(&self, ts: Ts, count: u64) -> pb::MutationResponse {
@@ -190,6 +193,8 @@ impl ClusterService {
         if self.node.exporting() && exported {
             c.wait_exported(&out.lsns, deadline).await?;
         }
+        // Still the leader's lease: a write exported after it may be missing at the next leader.
+        self.node.check_lease()?;
         Ok((out.ts, out.count))
     }
 

@@ -36,6 +36,7 @@ use crate::filter::Filter;
 use crate::fsio;
 use crate::schema::{IndexKind, Schema, row_to_payload};
 use crate::segment::{Growing, LIVE, Row, Rows, Sealed, SearchPlan, SegmentId, TopK, merge_topk};
+use crate::term::StreamTerm;
 use crate::ts::{HybridClock, Ts};
 use crate::wal::{Lsn, SyncPolicy, Wal, WalOptions};
 
@@ -137,6 +138,8 @@ pub struct Shard {
     /// Leader with a broker transport: the highest position the transport has acknowledged
     /// (the `exported` ack policy waits on it).
     exported: tokio::sync::watch::Sender<Lsn>,
+    /// Where this node's leadership term starts in the shard's stream (see `term.rs`).
+    term: parking_lot::RwLock<StreamTerm>,
 }
 
 impl std::fmt::Debug for Shard {
@@ -309,6 +312,7 @@ impl Shard {
             leases: Mutex::new(HashMap::new()),
             lease_expiries: Default::default(),
             exported: tokio::sync::watch::Sender::new(0),
+            term: parking_lot::RwLock::new(StreamTerm::load(&dir.join("term"))?),
         };
         Ok(Recovering { shard, manifest_max_ts: manifest.max_ts, manifest_source_lsn: manifest.source_lsn, replay_from, needs_index })
     }
@@ -375,6 +379,12 @@ impl Shard {
         Ok(())
     }
 
+    /// Whether this shard applies a leader's stream (an alternative's); replicated applies
+    /// check it under the state lock, so none lands once a term began.
+    pub fn is_following(&self) -> bool {
+        self.following.load(Ordering::Acquire)
+    }
+
     /// Alternative: the last leader position applied.
     pub fn source_lsn(&self) -> Lsn {
         self.source_lsn.load(Ordering::Acquire)
@@ -390,6 +400,30 @@ impl Shard {
     /// leader's stream (following).
     pub fn set_following(&self, following: bool) {
         self.following.store(following, Ordering::Release);
+    }
+
+    /// This node's term in the shard's stream: maps local WAL positions to stream positions.
+    pub fn term(&self) -> StreamTerm {
+        *self.term.read()
+    }
+
+    /// Starts a leadership term: the next local record follows the last stream position this
+    /// shard applied. Durable before it returns. Blocking.
+    pub fn begin_term(&self) -> Result<StreamTerm> {
+        // Under the state lock, which replicated applies hold: none lands after the base, and
+        // the base is the position of the last one that did.
+        let _st = self.state.write();
+        self.set_following(false);
+        let term = StreamTerm::new(self.wal.last_lsn(), self.source_lsn());
+        term.save(&self.dir.join("term"))?;
+        *self.term.write() = term;
+        Ok(term)
+    }
+
+    /// The stream position of the newest acknowledged record (the stream's end as this node
+    /// serves it).
+    pub fn acked_stream_lsn(&self) -> Lsn {
+        self.term().to_stream(*self.acked.borrow())
     }
 
     /// A watch of the acknowledged-durable LSN (change streams wait on it).
@@ -472,8 +506,9 @@ impl Shard {
         }
     }
 
-    /// The transport has acknowledged every change up to `lsn`.
+    /// The transport has acknowledged every change up to stream position `lsn`.
     pub fn set_exported(&self, lsn: Lsn) {
+        let lsn = self.term().to_local(lsn);
         self.exported.send_if_modified(|v| {
             let changed = *v < lsn;
             *v = (*v).max(lsn);
@@ -490,7 +525,7 @@ impl Shard {
         self.lease_expiries.load(Ordering::Relaxed)
     }
 
-    /// Holds the WAL from `lsn` for `subscriber` (renewed by every call).
+    /// Holds the WAL from local position `lsn` for `subscriber` (renewed by every call).
     pub fn hold(&self, subscriber: &str, lsn: Lsn) {
         self.leases.lock().insert(subscriber.to_string(), (lsn, std::time::Instant::now()));
     }

@@ -53,8 +53,13 @@ pub struct Follower {
     cfg: FollowerConfig,
     cancel: CancellationToken,
     shards: Mutex<HashMap<u64, CancellationToken>>,
-    /// Highest leader epoch seen; events from older epochs are rejected (fencing).
-    epoch: AtomicU64,
+    /// Per stream, the highest leader epoch seen: a later event of an older epoch comes from a
+    /// fenced leader (published late) and is dropped. Per stream, not global: after a
+    /// failover a lagging stream still holds the old leader's valid events before the new
+    /// leader's first one.
+    epochs: Mutex<HashMap<StreamId, u64>>,
+    /// Events dropped for an older epoch.
+    pub stale: AtomicU64,
     pub poisoned: AtomicU64,
     pub applied: AtomicU64,
     pub bootstraps: AtomicU64,
@@ -123,7 +128,8 @@ impl Follower {
             cfg,
             cancel: CancellationToken::new(),
             shards: Mutex::new(HashMap::new()),
-            epoch: AtomicU64::new(0),
+            epochs: Mutex::new(HashMap::new()),
+            stale: AtomicU64::new(0),
             poisoned: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             bootstraps: AtomicU64::new(0),
@@ -164,11 +170,20 @@ impl Follower {
     }
 
     fn check_epoch(&self, stream: &StreamId, ev: &rp::ChangeEvent) -> Result<()> {
-        let seen = self.epoch.fetch_max(ev.epoch, Ordering::AcqRel);
-        if ev.epoch < seen {
-            return Err(ExportError::StaleEpoch { stream: stream.to_string(), got: ev.epoch, seen });
+        let mut epochs = self.epochs.lock();
+        let seen = epochs.entry(*stream).or_default();
+        if ev.epoch < *seen {
+            return Err(ExportError::StaleEpoch { stream: stream.to_string(), got: ev.epoch, seen: *seen });
         }
+        *seen = ev.epoch;
         Ok(())
+    }
+
+    /// Counts and logs an event dropped by [`Self::check_epoch`].
+    fn dropped_stale(&self, e: &ExportError) {
+        self.stale.fetch_add(1, Ordering::Relaxed);
+        metrics::counter!("tandem_replication_stale_events_total", "cluster" => self.cluster()).increment(1);
+        tracing::warn!(error = %e, "dropped an event of a fenced leader");
     }
 
     async fn run_ddl(self: Arc<Self>) {
@@ -194,6 +209,10 @@ impl Follower {
                 let Some(item) = item else { break };
                 let ev = match item.and_then(|ev| self.check_epoch(&stream_id, &ev).map(|_| ev)) {
                     Ok(ev) => ev,
+                    Err(e @ ExportError::StaleEpoch { .. }) => {
+                        self.dropped_stale(&e);
+                        continue;
+                    }
                     Err(e) if e.is_transient() => break,
                     Err(e) => {
                         self.quarantine(&stream_id, 0, &e, None);
@@ -320,6 +339,10 @@ impl Follower {
         for item in items {
             let ev = match item.and_then(|ev| self.check_epoch(stream_id, &ev).map(|_| ev)) {
                 Ok(ev) => ev,
+                Err(e @ ExportError::StaleEpoch { .. }) => {
+                    self.dropped_stale(&e);
+                    continue;
+                }
                 Err(e) => {
                     if let Some(flow) = self.flush(c, shard, stream_id, &mut batch).await {
                         return flow;

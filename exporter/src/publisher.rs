@@ -46,6 +46,8 @@ impl Publisher {
         p
     }
 
+    /// Stops publishing. Writes still wait for the transport (they time out unacknowledged
+    /// rather than being acknowledged without being exported).
     pub fn stop(&self) {
         self.cancel.cancel();
     }
@@ -73,7 +75,19 @@ impl Publisher {
                 }
             }
         };
-        let mut feed = DdlFeed::new(self.node.clone(), from, &self.group, Duration::from_millis(50));
+        let mut feed = loop {
+            match DdlFeed::new(self.node.clone(), from, &self.group, Duration::from_millis(50)) {
+                Ok(f) => break f,
+                Err(e) => {
+                    // The stream ends inside an earlier leader's term this node cannot serve:
+                    // it was promoted without having applied the whole DDL stream.
+                    tracing::error!(error = %e, "cannot publish the ddl log from the stream's end");
+                    if self.sleep_or_stop(BACKOFF * 10).await {
+                        return;
+                    }
+                }
+            }
+        };
         loop {
             let batch = tokio::select! {
                 _ = self.cancel.cancelled() => return,
@@ -169,13 +183,16 @@ impl Publisher {
                 Some(e) => e,
                 None => self.stream_end(&stream).await,
             };
+            // `end` and the events' positions are the stream's; the WAL's are local (they
+            // differ on a promoted leader, see tandem_cluster::term).
+            let term = sh.term();
             sh.set_exported(end);
             // Keep the WAL for ourselves like any subscriber.
-            sh.hold("publisher", end + 1);
+            sh.hold("publisher", term.to_local(end) + 1);
             // A log that no longer holds what the topic lacks (export turned on late, or a
             // publisher away past retention): publish from what is there; subscribers that need
             // older changes bootstrap from a snapshot.
-            let from = (end + 1).max(sh.first_lsn().min(sh.last_lsn() + 1));
+            let from = (end + 1).max(term.to_stream(sh.first_lsn()).min(term.to_stream(sh.last_lsn()) + 1));
             let mut feed = match ShardFeed::new(self.node.clone(), c.clone(), shard, from, &self.group, self.tick) {
                 Ok(f) => f,
                 Err(e) => {
@@ -201,7 +218,7 @@ impl Publisher {
                 }
                 if let Some(l) = last {
                     sh.set_exported(l);
-                    sh.hold("publisher", l + 1);
+                    sh.hold("publisher", term.to_local(l) + 1);
                 }
                 tandem_cluster::replication::record_exported_ts(&self.node.opts.cluster_id, &c.schema().name, shard, top_ts);
             }

@@ -62,15 +62,30 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     // Held until the end of `run`: dropping it flushes the spans still buffered.
     let _traces = tandem_telemetry::tracing::init("info", a.log_format.into(), &cfg.telemetry.otlp_endpoint, "tandem-cluster")?;
     let id = cfg.cluster_id.clone();
-    let running = server::start(cfg.clone()).await?;
+    // With an arbiter the node serves nothing until the controller has decided its role.
+    let mut serving = cfg.clone();
+    if cfg.ha.enabled() {
+        serving.role = crate::ha::STARTING_ROLE;
+    }
+    let running = server::start(serving).await?;
     let metrics = super::MetricsEndpoint::start(&cfg.telemetry.metrics_listen, &format!("cluster {id}")).await?;
-    let replication = crate::replication::start(&running, &cfg).await?;
+    let (replication, ha) = if cfg.ha.enabled() {
+        let arbiter = crate::ha::arbiter(&cfg)?;
+        let ha = crate::ha::start(running.node.clone(), &cfg, endpoint(&cfg, running.addr), arbiter).await?;
+        (crate::replication::ReplicationHandle::default(), Some(ha))
+    } else {
+        (crate::replication::start(&running, &cfg).await?, None)
+    };
     // Scripts and tests wait for this exact line to learn the address (port 0 picks one).
     println!("tandem cluster {id} listening on {}", running.addr);
     let discovery = register_in_etcd(&cfg, running.addr).await?;
 
     let signal = shutdown_signal().await?;
     tracing::info!(signal, "shutting down: draining requests in flight");
+    // A leader hands over first (fenced, resigned): another cluster is promoted at once.
+    if let Some(ha) = ha {
+        ha.stop().await;
+    }
     // Leave discovery first, so gateways stop routing here while requests drain.
     discovery.stop().await;
     replication.stop();
@@ -102,7 +117,7 @@ async fn register_in_etcd(cfg: &tandem_cluster::ClusterConfig, bound: std::net::
     if d.etcd.is_empty() {
         return Ok(Discovery(None));
     }
-    let endpoint = if cfg.advertise.is_empty() { format!("http://{bound}") } else { cfg.advertise.clone() };
+    let endpoint = endpoint(cfg, bound);
     if bound.ip().is_unspecified() && cfg.advertise.is_empty() {
         tracing::warn!(endpoint, "registering an unspecified address: set `advertise` so gateways can reach this cluster");
     }
@@ -115,6 +130,11 @@ async fn register_in_etcd(cfg: &tandem_cluster::ClusterConfig, bound: std::net::
         Err(e) => return Err(e.into()),
     };
     Ok(Discovery(Some((cancel, task))))
+}
+
+/// How others reach this cluster: `advertise`, or http:// + the bound address.
+fn endpoint(cfg: &tandem_cluster::ClusterConfig, bound: std::net::SocketAddr) -> String {
+    if cfg.advertise.is_empty() { format!("http://{bound}") } else { cfg.advertise.clone() }
 }
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM and returns its name.

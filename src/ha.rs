@@ -1,0 +1,437 @@
+//! Automatic failover: drives one cluster node from its arbiter's view (docs/operations.md).
+//!
+//! ```text
+//!            start (serves nothing: Recovering)
+//!                 │
+//!     ┌───────────┼──────────────────────────────────────────────────────────┐
+//!     │ a leader exists                          │ nobody leads                  │
+//!     ▼                                          ▼                               │
+//!  follow it (re-point when it changes);      candidate: consume every stream  │
+//!  a node that led an older epoch first       to its end, wait its rank (DC    │
+//!  drops its data (rejoin); caught up ──►     preference, position), then one  │
+//!  Alternative / Standby                      transaction: epoch E -> E+1      │
+//!                                                │ won                           │
+//!                                                ▼                               │
+//!                                   promote: each stream continues after the     │
+//!                                   position applied; publisher starts           │
+//!                                                │                               │
+//!                                   Leading ── lease renewals stop getting through,
+//!                                              or another leader/epoch shows ──► fence ┘
+//! ```
+//!
+//! Safety rests on three things. The arbiter's transaction makes one winner per epoch. A
+//! candidate only campaigns once it has applied every stream to the end the broker holds, and
+//! with ack policy `exported` every acknowledged write is in the broker, so the winner holds
+//! every acknowledged write. A leader stops accepting writes `fence_margin_ms` before its lease
+//! can have expired, measured from the send time of its last confirmed renewal, so it never
+//! acknowledges a write once another cluster may lead; and every event carries the epoch, so
+//! subscribers drop what a fenced leader still publishes after the new leader's first event.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tandem_arbiter::{Arbiter, Candidate, LeaseState, MemberStatus, Session, View};
+use tandem_cluster::{ClusterConfig, Node, Role};
+use tandem_exporter::transport::{StreamId, Transport};
+use tokio_util::sync::CancellationToken;
+
+use crate::replication::{self, ReplicationHandle};
+
+/// How often a member reports its role and position to the arbiter.
+const REPORT_EVERY: Duration = Duration::from_millis(500);
+/// How often a candidate checks whether it has consumed every stream to its end.
+const CATCH_UP_POLL: Duration = Duration::from_millis(20);
+/// How long each rank waits behind the one before it in an election.
+const RANK_DELAY: Duration = Duration::from_millis(300);
+/// After a failed step (arbiter or broker unreachable), the next try.
+const RETRY: Duration = Duration::from_millis(200);
+
+/// The arbiter a configuration names: etcd, or the process's embedded one.
+pub fn arbiter(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Arbiter>> {
+    let ha = &cfg.ha;
+    let prefix = if ha.prefix.is_empty() { tandem_arbiter::default_prefix(&cfg.replication.group) } else { ha.prefix.clone() };
+    match ha.arbiter.as_str() {
+        "etcd" => {
+            let endpoints = if ha.etcd.is_empty() { cfg.discovery.etcd.clone() } else { ha.etcd.clone() };
+            Ok(Arc::new(tandem_arbiter::EtcdArbiter::new(endpoints, prefix)?))
+        }
+        "embedded" => Ok(Arc::new(embedded())),
+        other => anyhow::bail!("ha.arbiter = {other:?} has no arbiter"),
+    }
+}
+
+/// The one embedded arbiter of this process: every cluster of an all-in-one process (the demo,
+/// tests) joins the same one.
+pub fn embedded() -> tandem_arbiter::EmbeddedArbiter {
+    static ONE: std::sync::OnceLock<tandem_arbiter::EmbeddedArbiter> = std::sync::OnceLock::new();
+    ONE.get_or_init(tandem_arbiter::EmbeddedArbiter::new).clone()
+}
+
+/// The role a node serves with until the controller has decided: nothing (the configured role
+/// is only where it goes from there).
+pub const STARTING_ROLE: Role = Role::Recovering;
+
+/// A running controller; [`HaHandle::stop`] ends it.
+pub struct HaHandle {
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+    session: Arc<dyn Session>,
+}
+
+impl HaHandle {
+    /// Stops the controller. A leader fences itself and resigns first, so another cluster is
+    /// promoted at once instead of after the lease; then the session's lease is revoked.
+    pub async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+        self.session.close().await;
+    }
+
+    pub fn session(&self) -> &Arc<dyn Session> {
+        &self.session
+    }
+}
+
+/// Joins the arbiter as `endpoint` and starts driving `node` (which serves with
+/// [`STARTING_ROLE`] until then). `cfg.role` is where the node goes: `leading` leads a group
+/// that never had a leader; otherwise it follows, as an alternative or a standby.
+pub async fn start(node: Arc<Node>, cfg: &ClusterConfig, endpoint: String, arbiter: Arc<dyn Arbiter>) -> anyhow::Result<HaHandle> {
+    let me = Candidate { cluster: cfg.cluster_id.clone(), datacenter: cfg.datacenter.clone(), endpoint: endpoint.clone() };
+    let session = arbiter.join(me, Duration::from_secs(cfg.ha.lease_ttl_s)).await.context("joining the arbiter")?;
+    let transport = replication::transport(cfg)?;
+    let cancel = CancellationToken::new();
+    let c = Controller {
+        node,
+        cfg: cfg.clone(),
+        endpoint,
+        session: session.clone(),
+        transport,
+        repl: ReplicationHandle::default(),
+        following: None,
+        target: None,
+        cancel: cancel.clone(),
+    };
+    let task = tokio::spawn(c.run());
+    Ok(HaHandle { cancel, task, session })
+}
+
+struct Controller {
+    node: Arc<Node>,
+    cfg: ClusterConfig,
+    endpoint: String,
+    session: Arc<dyn Session>,
+    /// For the streams' ends (catching up); the follower and publisher have their own.
+    transport: Arc<dyn Transport>,
+    repl: ReplicationHandle,
+    /// The leader endpoint the running follower follows.
+    following: Option<String>,
+    /// Recovering: the streams' ends to reach before serving.
+    target: Option<Vec<(StreamId, u64)>>,
+    cancel: CancellationToken,
+}
+
+impl Controller {
+    async fn run(mut self) {
+        let mut view = self.session.view();
+        let mut lease = self.session.lease();
+        let mut report = tokio::time::interval(REPORT_EVERY);
+        report.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let v = view.borrow_and_update().clone();
+            if let Err(e) = self.step(&v).await {
+                tracing::warn!(error = %format!("{e:#}"), "failover controller step failed; retrying");
+                tokio::select! {
+                    () = self.cancel.cancelled() => break,
+                    () = tokio::time::sleep(RETRY) => {}
+                }
+                continue;
+            }
+            let fence_at = self.fence_deadline(*lease.borrow_and_update());
+            self.node.set_write_deadline(fence_at);
+            tokio::select! {
+                () = self.cancel.cancelled() => break,
+                r = view.changed() => if r.is_err() { break },
+                r = lease.changed() => if r.is_err() { break },
+                () = sleep_until(fence_at) => self.fence("its lease may have run out"),
+                _ = report.tick() => self.report().await,
+            }
+        }
+        // Shutting down: a leader hands the group over at once rather than after its lease.
+        if self.node.role() == Role::Leading {
+            self.fence("shutting down");
+            if let Err(e) = self.session.resign(self.node.epoch()).await {
+                tracing::warn!(error = %e, "could not resign: another cluster leads once the lease expires");
+            }
+        }
+        self.repl.stop();
+    }
+
+    /// When a leader must stop accepting writes: `fence_margin_ms` before its lease could
+    /// expire (now, once the arbiter said it is lost). `None` when not leading.
+    fn fence_deadline(&self, lease: LeaseState) -> Option<Instant> {
+        if self.node.role() != Role::Leading {
+            return None;
+        }
+        let margin = Duration::from_millis(self.cfg.ha.fence_margin_ms);
+        Some(match lease {
+            LeaseState::Valid { until } => until.checked_sub(margin).unwrap_or_else(Instant::now),
+            LeaseState::Lost => Instant::now(),
+        })
+    }
+
+    fn fence(&mut self, why: &str) {
+        if self.node.role() == Role::Leading {
+            tracing::warn!(cluster = %self.cfg.cluster_id, epoch = self.node.epoch(), why, "fencing this leader");
+            metrics::counter!("tandem_ha_fenced_total", "cluster" => self.cfg.cluster_id.clone()).increment(1);
+        }
+        self.node.fence();
+        self.repl.stop();
+        self.repl = ReplicationHandle::default();
+        self.following = None;
+    }
+
+    /// One decision from the arbiter's current view.
+    async fn step(&mut self, v: &View) -> anyhow::Result<()> {
+        let node = self.node.clone();
+        let epoch = v.epoch;
+        blocking(move || node.observe_epoch(epoch)).await?;
+        let me = self.cfg.cluster_id.clone();
+        let role = self.node.role();
+        match &v.leader {
+            Some(l) if l.cluster == me && role == Role::Leading && l.epoch == self.node.epoch() => {
+                // Steady state: leading, publishing.
+                if self.repl.is_idle() {
+                    self.repl = replication::start_publisher(&self.node, &self.cfg)?;
+                }
+                Ok(())
+            }
+            _ if role == Role::Leading => {
+                // Another cluster or epoch leads, or nobody: this leadership is over.
+                self.fence("the arbiter no longer names it leader");
+                Ok(())
+            }
+            // Our own key from before a restart, under the old process's lease: it goes when
+            // that lease expires, and then there is an election.
+            Some(l) if l.cluster == me => Ok(()),
+            Some(l) => self.follow(&l.endpoint, l.epoch).await,
+            None => self.elect(v).await,
+        }
+    }
+
+    /// Follows the leader at `endpoint` (of `epoch`); a node that led an older epoch drops its
+    /// data first. Leaves `Recovering` once it has consumed every stream to its end.
+    async fn follow(&mut self, endpoint: &str, epoch: u64) -> anyhow::Result<()> {
+        let led = self.node.led_epoch();
+        if led > 0 && led < epoch {
+            self.repl.stop();
+            self.repl = ReplicationHandle::default();
+            self.following = None;
+            let node = self.node.clone();
+            blocking(move || node.rejoin()).await?;
+        }
+        if self.following.as_deref() != Some(endpoint) {
+            self.repl.stop();
+            tracing::info!(cluster = %self.cfg.cluster_id, leader = endpoint, epoch, "following");
+            self.repl = replication::start_follower(&self.node, &self.cfg, endpoint)?;
+            self.following = Some(endpoint.to_string());
+        }
+        if self.node.role() == Role::Recovering {
+            // Caught up = applied what the log held when we looked (under load the end moves on).
+            let target = match self.target.take() {
+                Some(t) => t,
+                None => self.ends().await?,
+            };
+            if self.reached(&target) {
+                let serve = if self.cfg.role == Role::Standby { Role::Standby } else { Role::Alternative };
+                tracing::info!(cluster = %self.cfg.cluster_id, role = %serve, "caught up with the leader");
+                self.node.set_role(serve);
+            } else {
+                self.target = Some(target);
+            }
+        }
+        Ok(())
+    }
+
+    /// The broker's end of every stream this node knows.
+    async fn ends(&self) -> anyhow::Result<Vec<(StreamId, u64)>> {
+        let mut out = vec![(StreamId::Ddl, self.transport.end_lsn(&StreamId::Ddl).await?)];
+        for c in self.node.collections() {
+            for i in 0..c.shards().len() {
+                let s = StreamId::Shard { collection_id: c.id, shard: i as u32 };
+                out.push((s, self.transport.end_lsn(&s).await?));
+            }
+        }
+        Ok(out)
+    }
+
+    /// Whether this node has applied every stream up to `ends`.
+    fn reached(&self, ends: &[(StreamId, u64)]) -> bool {
+        ends.iter().all(|&(s, end)| match s {
+            StreamId::Ddl => self.node.ddl_source_lsn() >= end,
+            StreamId::Shard { collection_id, shard } => self
+                .node
+                .collection_by_id(collection_id)
+                .is_some_and(|c| c.shards().get(shard as usize).is_some_and(|sh| sh.source_lsn() >= end)),
+        })
+    }
+
+    /// Nobody leads: campaign if this node may, once it holds every acknowledged write.
+    async fn elect(&mut self, v: &View) -> anyhow::Result<()> {
+        if !self.cfg.ha.promotable {
+            return Ok(());
+        }
+        if v.handover.as_ref().is_some_and(|h| *h != self.cfg.cluster_id) {
+            return Ok(());
+        }
+        let led = self.node.led_epoch();
+        // This node led the newest epoch and nobody led since: its log is the streams' source
+        // (it holds everything it acknowledged), so it may lead on without catching up.
+        let resume = led > 0 && led == v.epoch;
+        // A group that has never had a leader: the configured leader starts it.
+        let first = v.epoch == 0 && self.cfg.role == Role::Leading;
+        let role = self.node.role();
+        if !resume && !first {
+            if !role.can_be_promoted() || self.repl.follower().is_none() {
+                // Recovering (not caught up since it rejoined), or never followed anyone: it
+                // cannot know it holds every acknowledged write.
+                return Ok(());
+            }
+            if !self.catch_up().await? {
+                return Ok(());
+            }
+            let rank = self.rank().await?;
+            if !rank.is_zero() && !self.still_leaderless(rank).await {
+                return Ok(());
+            }
+        }
+        let Some(won) = self.session.campaign(v.epoch).await? else { return Ok(()) };
+        tracing::info!(cluster = %self.cfg.cluster_id, epoch = won.epoch, "won the election");
+        let node = self.node.clone();
+        let epoch = won.epoch;
+        let led = if resume || first {
+            blocking(move || node.resume_leading(epoch)).await
+        } else {
+            // Whatever the broker still delivers from the old leader until now is applied;
+            // `promote` starts each stream's term after the last position applied.
+            let floor = self.node.clock.peek();
+            blocking(move || node.promote(epoch, floor)).await
+        };
+        if let Err(e) = led {
+            // Give the epoch back so another candidate can take it.
+            let _ = self.session.resign(epoch).await;
+            return Err(e);
+        }
+        self.repl.stop();
+        self.following = None;
+        self.repl = replication::start_publisher(&self.node, &self.cfg)?;
+        metrics::counter!("tandem_ha_promotions_total", "cluster" => self.cfg.cluster_id.clone()).increment(1);
+        self.report().await;
+        Ok(())
+    }
+
+    /// Consumes every stream to the end the broker holds now (the follower does the work);
+    /// false when a leader appeared meanwhile or `catch_up_timeout_ms` passed.
+    async fn catch_up(&self) -> anyhow::Result<bool> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.ha.catch_up_timeout_ms);
+        let view = self.session.view();
+        loop {
+            if self.caught_up().await? {
+                return Ok(true);
+            }
+            if view.borrow().leader.is_some() || Instant::now() >= deadline || self.cancel.is_cancelled() {
+                tracing::info!(cluster = %self.cfg.cluster_id, "not caught up with the log: not a candidate this round");
+                return Ok(false);
+            }
+            tokio::time::sleep(CATCH_UP_POLL).await;
+        }
+    }
+
+    /// Whether every stream (the DDL stream and each shard's) is applied to the broker's end.
+    /// The DDL stream first: a collection it creates adds streams to check.
+    async fn caught_up(&self) -> anyhow::Result<bool> {
+        let ends = self.ends().await?;
+        Ok(self.reached(&ends) && ends.len() == self.ends_count())
+    }
+
+    fn ends_count(&self) -> usize {
+        1 + self.node.collections().iter().map(|c| c.shards().len()).sum::<usize>()
+    }
+
+    /// How long this candidate waits for better ones: by datacenter preference, then by how
+    /// far each has applied the log (all will catch up; the most advanced one is quickest).
+    async fn rank(&self) -> anyhow::Result<Duration> {
+        let prefs = &self.cfg.ha.prefer_datacenters;
+        let pref = |dc: &str| prefs.iter().position(|p| p == dc).unwrap_or(prefs.len());
+        let mut members: Vec<MemberStatus> = self
+            .session
+            .members()
+            .await?
+            .into_iter()
+            .filter(|m| m.promotable && (m.role == "alternative" || m.role == "standby") && m.cluster != self.cfg.cluster_id)
+            .collect();
+        members.push(self.status());
+        members.sort_by(|a, b| {
+            (pref(&a.datacenter), std::cmp::Reverse(a.position), &a.cluster).cmp(&(
+                pref(&b.datacenter),
+                std::cmp::Reverse(b.position),
+                &b.cluster,
+            ))
+        });
+        let rank = members.iter().position(|m| m.cluster == self.cfg.cluster_id).unwrap_or(0);
+        Ok(RANK_DELAY * rank as u32)
+    }
+
+    /// Waits `d`; false when a leader (or a handover to another cluster) appeared meanwhile.
+    async fn still_leaderless(&self, d: Duration) -> bool {
+        let mut view = self.session.view();
+        let until = tokio::time::Instant::now() + d;
+        loop {
+            {
+                let v = view.borrow_and_update();
+                if v.leader.is_some() || v.handover.as_ref().is_some_and(|h| *h != self.cfg.cluster_id) {
+                    return false;
+                }
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(until) => return true,
+                r = view.changed() => if r.is_err() { return false },
+                () = self.cancel.cancelled() => return false,
+            }
+        }
+    }
+
+    /// This member as the arbiter shows it to the others.
+    fn status(&self) -> MemberStatus {
+        let position = self.node.ddl_source_lsn()
+            + self.node.collections().iter().flat_map(|c| c.shards().iter().map(|s| s.source_lsn()).collect::<Vec<_>>()).sum::<u64>();
+        MemberStatus {
+            cluster: self.cfg.cluster_id.clone(),
+            datacenter: self.cfg.datacenter.clone(),
+            endpoint: self.endpoint.clone(),
+            role: self.node.role().to_string(),
+            epoch: self.node.epoch(),
+            position,
+            promotable: self.cfg.ha.promotable,
+        }
+    }
+
+    async fn report(&self) {
+        let labels = [("cluster", self.cfg.cluster_id.clone())];
+        metrics::gauge!("tandem_ha_epoch", &labels).set(self.node.epoch() as f64);
+        if let Err(e) = self.session.report(self.status()).await {
+            tracing::debug!(error = %e, "could not report to the arbiter");
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> tandem_cluster::Result<T> + Send + 'static) -> anyhow::Result<T> {
+    Ok(tokio::task::spawn_blocking(f).await.context("a blocking task failed")??)
+}
