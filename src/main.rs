@@ -57,6 +57,8 @@ enum BenchCmd {
     Replication(tandem::bench::replication::ReplicationBenchArgs),
     /// Search latency and QPS through the gateway vs directly, and reads/s over 1-3 clusters.
     Gateway(tandem::bench::gateway::GatewayBenchArgs),
+    /// kill -9 of the leader under load: failover time, failed reads, lost writes.
+    Failover(tandem::bench::failover::FailoverBenchArgs),
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -72,6 +74,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCmd::Search(a)) => tandem::bench::search::run(a).await,
         Command::Bench(BenchCmd::Replication(a)) => tandem::bench::replication::run(a).await,
         Command::Bench(BenchCmd::Gateway(a)) => tandem::bench::gateway::run(a).await,
+        Command::Bench(BenchCmd::Failover(a)) => tandem::bench::failover::run(a).await,
     }
 }
 

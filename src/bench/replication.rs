@@ -1057,9 +1057,9 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
 // Kafka broker
 
 /// A tansu broker this bench started; killed on drop.
-struct Broker {
+pub(crate) struct Broker {
     child: Child,
-    brokers: String,
+    pub(crate) brokers: String,
     _dir: tempfile::TempDir,
 }
 
@@ -1071,7 +1071,7 @@ impl Drop for Broker {
 }
 
 /// `tansu` on PATH or where `scripts/install-tansu` puts it.
-fn find_tansu() -> Option<PathBuf> {
+pub(crate) fn find_tansu() -> Option<PathBuf> {
     let mut candidates: Vec<PathBuf> =
         std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect()).unwrap_or_default();
     if let Some(home) = std::env::var_os("HOME") {
@@ -1080,14 +1080,14 @@ fn find_tansu() -> Option<PathBuf> {
     candidates.into_iter().find(|p| p.is_file())
 }
 
-fn free_port() -> anyhow::Result<u16> {
+pub(crate) fn free_port() -> anyhow::Result<u16> {
     let l = std::net::TcpListener::bind(("127.0.0.1", 0)).context("cannot bind 127.0.0.1:0 to find a free port")?;
     Ok(l.local_addr()?.port())
 }
 
 /// Starts `tansu broker` on a free loopback port, storage in a temp dir, and waits until it
 /// accepts connections. Blocking (at most ~30 s).
-fn start_tansu(bin: &Path) -> anyhow::Result<Broker> {
+pub(crate) fn start_tansu(bin: &Path) -> anyhow::Result<Broker> {
     let dir = tempfile::Builder::new().prefix("tandem-bench-tansu-").tempdir().context("temp dir for tansu")?;
     let port = free_port()?;
     let url = format!("tcp://127.0.0.1:{port}");

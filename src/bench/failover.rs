@@ -1,0 +1,685 @@
+//! `tandem bench failover`: kill -9 of the leader under write and read load through the
+//! gateway, several rounds in a row, with real processes: an etcd arbiter, a Kafka-protocol
+//! broker (tansu), `tandem cluster` processes and a gateway.
+//!
+//! ```text
+//!  round:  load ──► kill -9 the leader ──► first write acknowledged through the gateway
+//!          (failover time) ──► more load ──► restart the killed cluster: it rejoins as an
+//!          alternative ──► writes paused: every cluster has the same rows (checksum) ──►
+//!          every acknowledged write is there (writes lost) ──► next round kills the new leader
+//! ```
+//!
+//! Writers upsert rows with unique ids (one id per write; a write whose outcome is unknown is
+//! sent again until acknowledged: upsert makes that safe). Readers search with BOUNDED
+//! consistency; every failed read counts. Targets (issue 6): failover <= 3 s, 0 failed reads, 0
+//! lost writes. The integration test `tests/failover.rs` runs this with two rounds and asserts
+//! them, so the bench and the test measure the same thing.
+
+use std::collections::BTreeSet;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tandem_proto::v1 as pb;
+use tandem_proto::v1::tandem_client::TandemClient;
+use tonic::transport::Channel;
+
+use super::replication::{find_tansu, free_port, start_tansu};
+
+const COLLECTION: &str = "failover";
+const DIM: usize = 8;
+/// Rows the convergence checksum reads at once (a query's limit).
+const MAX_ROWS: u64 = 16_384;
+
+#[derive(Debug, Clone, clap::Args)]
+pub struct FailoverBenchArgs {
+    /// Failovers to measure; each kills the current leader, whose restart then rejoins.
+    #[arg(long, default_value_t = 3)]
+    pub rounds: u32,
+    /// Clusters in the group (at least 2).
+    #[arg(long, default_value_t = 3)]
+    pub clusters: usize,
+    /// The arbiter lease (ha.lease_ttl_s): failover takes about this long plus the election.
+    #[arg(long, default_value_t = 2)]
+    pub lease_ttl_s: u64,
+    /// Concurrent writers through the gateway (one row per write).
+    #[arg(long, default_value_t = 2)]
+    pub writers: usize,
+    /// Concurrent readers through the gateway (BOUNDED searches).
+    #[arg(long, default_value_t = 2)]
+    pub readers: usize,
+    /// Pause of each writer between writes, in ms (keeps the rows under the checksum's reach).
+    #[arg(long, default_value_t = 20)]
+    pub write_pause_ms: u64,
+    /// Seconds of load before each kill, and again after the new leader took writes.
+    #[arg(long, default_value_t = 2.0)]
+    pub load_s: f64,
+    /// Write the report as JSON here.
+    #[arg(long, value_name = "FILE")]
+    pub json: Option<PathBuf>,
+    /// The `tandem` binary the clusters run [default: this one].
+    #[arg(long, value_name = "FILE")]
+    pub tandem_bin: Option<PathBuf>,
+    /// Keep the clusters' data and logs (`<name>.log`) here instead of a temp dir removed at
+    /// the end.
+    #[arg(long, value_name = "DIR")]
+    pub work_dir: Option<PathBuf>,
+    /// etcd binary [default: /usr/bin/etcd].
+    #[arg(long, value_name = "FILE", default_value = "/usr/bin/etcd")]
+    pub etcd_bin: PathBuf,
+}
+
+impl Default for FailoverBenchArgs {
+    fn default() -> Self {
+        FailoverBenchArgs {
+            rounds: 3,
+            clusters: 3,
+            lease_ttl_s: 2,
+            writers: 2,
+            readers: 2,
+            write_pause_ms: 20,
+            load_s: 2.0,
+            json: None,
+            tandem_bin: None,
+            work_dir: None,
+            etcd_bin: "/usr/bin/etcd".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Round {
+    pub killed: String,
+    pub new_leader: String,
+    pub epoch: u64,
+    /// From kill -9 to the first write sent after it and acknowledged through the gateway.
+    pub failover_ms: f64,
+    /// From the killed cluster's restart until it served as an alternative.
+    pub rejoin_ms: f64,
+    /// Every cluster held the same rows once writes paused.
+    pub converged: bool,
+    pub writes_acked: u64,
+    pub writes_lost: u64,
+    pub reads_ok: u64,
+    pub reads_failed: u64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    pub clusters: usize,
+    pub lease_ttl_s: u64,
+    pub rounds: Vec<Round>,
+    pub failover_ms_max: f64,
+    pub failover_ms_mean: f64,
+    pub writes_acked: u64,
+    pub writes_lost: u64,
+    pub reads_failed: u64,
+    /// The first few read errors, for diagnosis.
+    pub read_errors: Vec<String>,
+}
+
+pub async fn run(a: FailoverBenchArgs) -> anyhow::Result<()> {
+    let report = measure(&a).await?;
+    println!("round  killed  new leader  epoch  failover ms  rejoin ms  converged  acked  lost  reads ok  reads failed");
+    for (i, r) in report.rounds.iter().enumerate() {
+        println!(
+            "{:>5}  {:>6}  {:>10}  {:>5}  {:>11.0}  {:>9.0}  {:>9}  {:>5}  {:>4}  {:>8}  {:>12}",
+            i + 1,
+            r.killed,
+            r.new_leader,
+            r.epoch,
+            r.failover_ms,
+            r.rejoin_ms,
+            r.converged,
+            r.writes_acked,
+            r.writes_lost,
+            r.reads_ok,
+            r.reads_failed
+        );
+    }
+    println!(
+        "failover max {:.0} ms, mean {:.0} ms (target <= 3000); writes lost {} of {}; reads failed {}",
+        report.failover_ms_max, report.failover_ms_mean, report.writes_lost, report.writes_acked, report.reads_failed
+    );
+    for e in &report.read_errors {
+        println!("read error: {e}");
+    }
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?).with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Runs the rounds and measures them (see the module docs).
+pub async fn measure(a: &FailoverBenchArgs) -> anyhow::Result<Report> {
+    ensure!(a.clusters >= 2, "--clusters {} must be at least 2: a failover needs a cluster to promote", a.clusters);
+    ensure!(a.rounds >= 1, "--rounds must be at least 1");
+    ensure!(a.writers >= 1, "--writers must be at least 1");
+    ensure!((1..=300).contains(&a.lease_ttl_s), "--lease-ttl-s {} is out of range 1..=300", a.lease_ttl_s);
+    let tandem = match &a.tandem_bin {
+        Some(p) => p.clone(),
+        None => std::env::current_exe().context("the tandem binary")?,
+    };
+    let tansu = find_tansu().context("tansu not found: run ./scripts/install-tansu")?;
+    let etcd = Etcd::start(&a.etcd_bin)?;
+    let broker = tokio::task::spawn_blocking(move || start_tansu(&tansu)).await??;
+    let tmp = tempfile::Builder::new().prefix("tandem-bench-failover-").tempdir()?;
+    let dir = match &a.work_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+            d.clone()
+        }
+        None => tmp.path().to_path_buf(),
+    };
+    let group = format!("fo{}", std::process::id());
+    let mut group = Group { dir, tandem, etcd: etcd.endpoint(), broker: broker.brokers.clone(), group, clusters: Vec::new() };
+
+    let names: Vec<String> = (0..a.clusters).map(|i| format!("c{i}")).collect();
+    // The first one founds the group as its leader; the others follow it.
+    group.start(&names[0], true, a.lease_ttl_s)?;
+    wait_role(&group.clusters[0].endpoint(), pb::Role::Leading, Duration::from_secs(60)).await.context("the first leader")?;
+    for name in &names[1..] {
+        group.start(name, false, a.lease_ttl_s)?;
+    }
+    let gateway = start_gateway(&group).await?;
+    let gw = format!("http://{}", gateway.addr);
+    let mut client = connect(&gw).await?;
+    create_collection(&mut client).await?;
+    for c in &group.clusters[1..] {
+        wait_role(&c.endpoint(), pb::Role::Alternative, Duration::from_secs(60)).await?;
+    }
+
+    let load = Load::start(&gw, a).await?;
+    let mut rounds = Vec::new();
+    for _ in 0..a.rounds {
+        rounds.push(round(&mut group, &load, a).await?);
+    }
+    load.stop().await;
+    let _ = gateway.stop().await;
+    drop(group);
+    drop(broker);
+    drop(etcd);
+
+    let failovers: Vec<f64> = rounds.iter().map(|r| r.failover_ms).collect();
+    Ok(Report {
+        clusters: a.clusters,
+        lease_ttl_s: a.lease_ttl_s,
+        failover_ms_max: failovers.iter().copied().fold(0.0, f64::max),
+        failover_ms_mean: failovers.iter().sum::<f64>() / failovers.len() as f64,
+        writes_acked: load.acked.lock().len() as u64,
+        writes_lost: rounds.last().map_or(0, |r| r.writes_lost),
+        reads_failed: load.reads_failed.load(Ordering::Relaxed),
+        read_errors: load.read_errors.lock().clone(),
+        rounds,
+    })
+}
+
+async fn round(group: &mut Group, load: &Load, a: &FailoverBenchArgs) -> anyhow::Result<Round> {
+    let reads_failed_before = load.reads_failed.load(Ordering::Relaxed);
+    let reads_ok_before = load.reads_ok.load(Ordering::Relaxed);
+    tokio::time::sleep(Duration::from_secs_f64(a.load_s)).await;
+    let (leader, _) = group.leader().await?;
+    let killed = group.clusters[leader].name.clone();
+    let killed_at = Instant::now();
+    group.clusters[leader].kill9();
+    // The first write sent after the kill and acknowledged.
+    let failover = load.first_ack_after(killed_at, Duration::from_secs(60)).await.context("no write was acknowledged after the kill")?;
+    tokio::time::sleep(Duration::from_secs_f64(a.load_s)).await;
+    let (new_leader, epoch) = group.leader().await?;
+    let new_leader = group.clusters[new_leader].name.clone();
+
+    // The killed cluster comes back on its data and rejoins as an alternative.
+    let restarted = Instant::now();
+    group.restart(&killed)?;
+    let idx = group.index(&killed);
+    wait_role(&group.clusters[idx].endpoint(), pb::Role::Alternative, Duration::from_secs(120)).await.context("rejoining")?;
+    let rejoin = restarted.elapsed();
+
+    // Writes paused: every cluster converges on the same rows, and every acknowledged one is there.
+    load.pause(true);
+    let converged = converged(group, Duration::from_secs(60)).await;
+    let acked: Vec<i64> = load.acked.lock().clone();
+    let lost = missing(&group.clusters[group.index(&new_leader)].endpoint(), &acked).await?;
+    load.pause(false);
+    Ok(Round {
+        killed,
+        new_leader,
+        epoch,
+        failover_ms: failover.as_secs_f64() * 1e3,
+        rejoin_ms: rejoin.as_secs_f64() * 1e3,
+        converged,
+        writes_acked: acked.len() as u64,
+        writes_lost: lost,
+        reads_ok: load.reads_ok.load(Ordering::Relaxed) - reads_ok_before,
+        reads_failed: load.reads_failed.load(Ordering::Relaxed) - reads_failed_before,
+    })
+}
+
+// ---- the load --------------------------------------------------------------------------------
+
+struct Load {
+    stop: Arc<AtomicBool>,
+    paused: Arc<AtomicBool>,
+    /// Ids acknowledged, in order; and (sent, acknowledged) times of every acknowledged write.
+    acked: Arc<Mutex<Vec<i64>>>,
+    acks: Arc<Mutex<Vec<(Instant, Instant)>>>,
+    reads_ok: Arc<AtomicU64>,
+    reads_failed: Arc<AtomicU64>,
+    read_errors: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    async fn start(gw: &str, a: &FailoverBenchArgs) -> anyhow::Result<Load> {
+        let mut load = Load {
+            stop: Default::default(),
+            paused: Default::default(),
+            acked: Default::default(),
+            acks: Default::default(),
+            reads_ok: Default::default(),
+            reads_failed: Default::default(),
+            read_errors: Default::default(),
+            tasks: Vec::new(),
+        };
+        let next_id = Arc::new(AtomicU64::new(1));
+        for _ in 0..a.writers {
+            let mut c = connect(gw).await?;
+            let (stop, paused, acked, acks, next_id) =
+                (load.stop.clone(), load.paused.clone(), load.acked.clone(), load.acks.clone(), next_id.clone());
+            let pause = Duration::from_millis(a.write_pause_ms);
+            load.tasks.push(tokio::spawn(async move {
+                while !stop.load(Ordering::Relaxed) {
+                    if paused.load(Ordering::Relaxed) {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                        continue;
+                    }
+                    let id = next_id.fetch_add(1, Ordering::Relaxed) as i64;
+                    // Until acknowledged: an unknown outcome is sent again (upsert is idempotent).
+                    loop {
+                        let sent = Instant::now();
+                        let req = pb::UpsertRequest { collection: COLLECTION.into(), ids: vec![id], vectors: vector(id), ..Default::default() };
+                        match c.upsert(timed(req, Duration::from_secs(10))).await {
+                            Ok(_) => {
+                                acked.lock().push(id);
+                                acks.lock().push((sent, Instant::now()));
+                                break;
+                            }
+                            Err(_) if stop.load(Ordering::Relaxed) => return,
+                            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                        }
+                    }
+                    tokio::time::sleep(pause).await;
+                }
+            }));
+        }
+        for r in 0..a.readers {
+            let mut c = connect(gw).await?;
+            let (stop, ok, failed, errors) = (load.stop.clone(), load.reads_ok.clone(), load.reads_failed.clone(), load.read_errors.clone());
+            load.tasks.push(tokio::spawn(async move {
+                let mut i = r as i64;
+                while !stop.load(Ordering::Relaxed) {
+                    i += 1;
+                    let req = pb::SearchRequest {
+                        collection: COLLECTION.into(),
+                        vectors: vector(i),
+                        top_k: 5,
+                        read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Bounded as i32, session_token: String::new(), staleness_ms: 1000 }),
+                        ..Default::default()
+                    };
+                    match c.search(timed(req, Duration::from_secs(10))).await {
+                        Ok(_) => ok.fetch_add(1, Ordering::Relaxed),
+                        Err(s) => {
+                            let mut e = errors.lock();
+                            if e.len() < 10 {
+                                e.push(format!("{:?}: {}", s.code(), s.message()));
+                            }
+                            failed.fetch_add(1, Ordering::Relaxed)
+                        }
+                    };
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }));
+        }
+        Ok(load)
+    }
+
+    fn pause(&self, on: bool) {
+        self.paused.store(on, Ordering::Relaxed);
+    }
+
+    /// Time from `t` to the acknowledgement of the first write sent after it.
+    async fn first_ack_after(&self, t: Instant, limit: Duration) -> anyhow::Result<Duration> {
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(&(_, acked)) = self.acks.lock().iter().filter(|(sent, _)| *sent > t).min_by_key(|(_, acked)| *acked) {
+                return Ok(acked - t);
+            }
+            ensure!(Instant::now() < deadline, "no write sent after the kill was acknowledged within {limit:?}");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    async fn stop(&self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in &self.tasks {
+            while !t.is_finished() {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+fn vector(id: i64) -> Vec<f32> {
+    (0..DIM).map(|j| ((id * 31 + j as i64 * 17).rem_euclid(1000)) as f32 / 1000.0).collect()
+}
+
+fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    r.set_timeout(timeout);
+    r
+}
+
+async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
+    crate::cli::connect(endpoint).await
+}
+
+async fn create_collection(c: &mut TandemClient<Channel>) -> anyhow::Result<()> {
+    let schema = pb::CollectionSchema {
+        name: COLLECTION.into(),
+        dim: DIM as u32,
+        metric: pb::Metric::L2 as i32,
+        index: None,
+        shards: 2,
+        fields: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match c.create_collection(timed(pb::CreateCollectionRequest { schema: Some(schema.clone()) }, Duration::from_secs(10))).await {
+            Ok(_) => return Ok(()),
+            Err(s) if s.code() == tonic::Code::AlreadyExists => return Ok(()),
+            Err(s) if Instant::now() < deadline => {
+                tracing::debug!(error = %s.message(), "create collection: retrying");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(s) => bail!("creating the collection: {}", s.message()),
+        }
+    }
+}
+
+// ---- checks ----------------------------------------------------------------------------------
+
+/// How many of `ids` the cluster at `endpoint` does not have (STRONG reads).
+async fn missing(endpoint: &str, ids: &[i64]) -> anyhow::Result<u64> {
+    let mut c = connect(endpoint).await?;
+    let mut lost = 0;
+    for chunk in ids.chunks(1000) {
+        let req = pb::GetRequest {
+            collection: COLLECTION.into(),
+            ids: chunk.to_vec(),
+            read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Strong as i32, ..Default::default() }),
+            ..Default::default()
+        };
+        let got = c.get(timed(req, Duration::from_secs(30))).await.map_err(crate::cli::status_error)?.into_inner();
+        let found: BTreeSet<i64> = got.entities.iter().map(|e| e.id).collect();
+        lost += chunk.iter().filter(|id| !found.contains(id)).count() as u64;
+    }
+    Ok(lost)
+}
+
+/// Whether every cluster shows the same rows (STRONG reads, so alternatives wait until they
+/// hold everything the leader had), within `limit`.
+async fn converged(group: &Group, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let mut sums = BTreeSet::new();
+        let mut all = true;
+        for c in &group.clusters {
+            match checksum(&c.endpoint()).await {
+                Ok(s) => {
+                    sums.insert(s);
+                }
+                Err(e) => {
+                    tracing::debug!(cluster = %c.name, error = %e, "checksum not available yet");
+                    all = false;
+                }
+            }
+        }
+        if all && sums.len() == 1 {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    false
+}
+
+async fn checksum(endpoint: &str) -> anyhow::Result<(u64, u64)> {
+    use std::hash::{Hash, Hasher};
+    let mut c = connect(endpoint).await?;
+    let req = pb::QueryRequest {
+        collection: COLLECTION.into(),
+        limit: MAX_ROWS as u32,
+        include_vectors: true,
+        read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Strong as i32, ..Default::default() }),
+        ..Default::default()
+    };
+    let r = c.query(timed(req, Duration::from_secs(10))).await.map_err(crate::cli::status_error)?.into_inner();
+    ensure!((r.entities.len() as u64) < MAX_ROWS, "more rows than the checksum reads: lower --load-s or raise --write-pause-ms");
+    let mut rows: Vec<_> = r.entities.iter().map(|e| (e.id, e.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>())).collect();
+    rows.sort();
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    rows.hash(&mut h);
+    Ok((rows.len() as u64, h.finish()))
+}
+
+async fn cluster_info(endpoint: &str) -> anyhow::Result<pb::GetClusterInfoResponse> {
+    let mut c = connect(endpoint).await?;
+    Ok(c.get_cluster_info(timed(pb::GetClusterInfoRequest {}, Duration::from_secs(2))).await.map_err(crate::cli::status_error)?.into_inner())
+}
+
+async fn wait_role(endpoint: &str, role: pb::Role, limit: Duration) -> anyhow::Result<()> {
+    let deadline = Instant::now() + limit;
+    loop {
+        let info = cluster_info(endpoint).await;
+        if info.as_ref().is_ok_and(|i| i.role == role as i32) {
+            return Ok(());
+        }
+        ensure!(Instant::now() < deadline, "{endpoint} did not become {role:?} within {limit:?} (last: {info:?})");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+// ---- processes -------------------------------------------------------------------------------
+
+/// The group's clusters, each a `tandem cluster` process with its own config and data.
+struct Group {
+    dir: PathBuf,
+    tandem: PathBuf,
+    etcd: String,
+    broker: String,
+    group: String,
+    clusters: Vec<ClusterProcess>,
+}
+
+impl Group {
+    fn config(&self, name: &str, leading: bool, lease_ttl_s: u64) -> String {
+        let (etcd, group, broker) = (&self.etcd, &self.group, &self.broker);
+        let role = if leading { "leading" } else { "alternative" };
+        format!(
+            "cluster_id = \"{name}\"\ndatacenter = \"dc1\"\nrole = \"{role}\"\n\
+             [replication]\ngroup = \"{group}\"\ntransport = \"kafka\"\ntick_ms = 20\n\
+             [replication.kafka]\nbrokers = \"{broker}\"\n\
+             [discovery]\netcd = [\"{etcd}\"]\nprefix = \"/{group}/clusters/\"\nttl_s = {lease_ttl_s}\n\
+             [ha]\narbiter = \"etcd\"\nlease_ttl_s = {lease_ttl_s}\n"
+        )
+    }
+
+    fn start(&mut self, name: &str, leading: bool, lease_ttl_s: u64) -> anyhow::Result<()> {
+        let config = self.dir.join(format!("{name}.toml"));
+        std::fs::write(&config, self.config(name, leading, lease_ttl_s))?;
+        let p = ClusterProcess::start(&self.tandem, name, &config, &self.dir.join(name))?;
+        self.clusters.push(p);
+        Ok(())
+    }
+
+    /// Starts `name` again on its data and configuration (as it was first configured: an
+    /// arbiter decides what it becomes).
+    fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+        let i = self.index(name);
+        let config = self.dir.join(format!("{name}.toml"));
+        self.clusters[i] = ClusterProcess::start(&self.tandem, name, &config, &self.dir.join(name))?;
+        Ok(())
+    }
+
+    fn index(&self, name: &str) -> usize {
+        self.clusters.iter().position(|c| c.name == name).expect("a cluster of the group")
+    }
+
+    /// The cluster that leads now (the highest epoch among those that say so), and its epoch.
+    async fn leader(&self) -> anyhow::Result<(usize, u64)> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let mut best = None;
+            for (i, c) in self.clusters.iter().enumerate() {
+                if c.child.is_none() {
+                    continue;
+                }
+                if let Ok(info) = cluster_info(&c.endpoint()).await
+                    && info.role == pb::Role::Leading as i32
+                    && best.is_none_or(|(_, e)| info.epoch > e)
+                {
+                    best = Some((i, info.epoch));
+                }
+            }
+            if let Some(b) = best {
+                return Ok(b);
+            }
+            ensure!(Instant::now() < deadline, "no cluster leads");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+struct ClusterProcess {
+    name: String,
+    child: Option<Child>,
+    addr: SocketAddr,
+}
+
+impl ClusterProcess {
+    fn start(tandem: &Path, name: &str, config: &Path, data: &Path) -> anyhow::Result<ClusterProcess> {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log"))?;
+        let mut child = Command::new(tandem)
+            .args(["cluster", "--listen", "127.0.0.1:0", "--config"])
+            .arg(config)
+            .arg("--data-dir")
+            .arg(data)
+            .env("RUST_LOG", std::env::var("TANDEM_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+            .stdout(Stdio::piped())
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot run {}", tandem.display()))?;
+        let stdout = child.stdout.take().expect("stdout");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(addr) = line.split(" listening on ").nth(1) {
+                    let _ = tx.send(addr.trim().parse::<SocketAddr>());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
+            Ok(a) => a.context("the address tandem cluster printed")?,
+            Err(_) => {
+                let _ = child.kill();
+                bail!("tandem cluster {name} printed no address within 60 s (log: {})", data.with_extension("log").display());
+            }
+        };
+        Ok(ClusterProcess { name: name.to_string(), child: Some(child), addr })
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// SIGKILL: no shutdown code runs.
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for ClusterProcess {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+async fn start_gateway(group: &Group) -> anyhow::Result<tandem_gateway::Running> {
+    let prefix = format!("/{}/clusters/", group.group);
+    let membership = tandem_discovery::etcd::watch(vec![group.etcd.clone()], prefix).await?;
+    let mut cfg = tandem_gateway::GatewayConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    cfg.health.interval_ms = 100;
+    cfg.health.healthy_after = 1;
+    cfg.health.unhealthy_after = 2;
+    Ok(tandem_gateway::start(cfg, membership).await?)
+}
+
+/// A one-member etcd on free loopback ports, data in a temp dir; killed on drop.
+struct Etcd {
+    child: Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Etcd {
+    fn start(bin: &Path) -> anyhow::Result<Etcd> {
+        ensure!(bin.is_file(), "{} not found: install Debian's etcd-server (./scripts/test does)", bin.display());
+        let dir = tempfile::Builder::new().prefix("tandem-bench-etcd-").tempdir()?;
+        let (port, peer) = (free_port()?, free_port()?);
+        let client = format!("http://127.0.0.1:{port}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
+        let child = Command::new(bin)
+            .args(["--name", "bench", "--data-dir"])
+            .arg(dir.path().join("data"))
+            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
+            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
+            .args(["--initial-cluster", &format!("bench={peer_url}")])
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("cannot run {}", bin.display()))?;
+        let mut etcd = Etcd { child, port, _dir: dir };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(Some(status)) = etcd.child.try_wait() {
+                bail!("etcd exited with {status} at startup");
+            }
+            if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
+                return Ok(etcd);
+            }
+            ensure!(Instant::now() < deadline, "etcd on port {port} did not accept connections within 30 s");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
