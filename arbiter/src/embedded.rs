@@ -152,10 +152,10 @@ impl Shared {
         st.next_id += 1;
         let id = st.next_id;
         let s = st.sessions.get_mut(&session)?;
-        let now = std::time::Instant::now();
         let deadline = Instant::now() + s.ttl;
         s.lease = Some(id);
-        s.lease_tx.send_replace(LeaseState::Valid { until: now + s.ttl });
+        // `until` is the expiry deadline itself, on tokio's clock (virtual in paused-time tests).
+        s.lease_tx.send_replace(LeaseState::Valid { until: deadline.into_std() });
         let status = s.status.clone();
         if let Some(status) = status {
             st.members.insert(status.cluster.clone(), (status, id));
@@ -233,10 +233,9 @@ async fn renew(shared: Arc<Shared>, session: SessionId, cancel: CancellationToke
         match s.lease {
             Some(id) => {
                 let (ttl, tx) = (s.ttl, s.lease_tx.clone());
-                let now = std::time::Instant::now();
                 if let Some(l) = st.leases.get_mut(&id) {
                     l.deadline = Instant::now() + ttl;
-                    tx.send_replace(LeaseState::Valid { until: now + ttl });
+                    tx.send_replace(LeaseState::Valid { until: l.deadline.into_std() });
                 }
             }
             None => {
@@ -403,5 +402,30 @@ impl Session for EmbeddedSession {
         if let Some(t) = task {
             let _ = t.await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me(cluster: &str) -> Candidate {
+        Candidate { cluster: cluster.into(), datacenter: String::new(), endpoint: format!("http://{cluster}:1") }
+    }
+
+    #[tokio::test]
+    async fn clones_share_one_state_and_dropped_sessions_leave() {
+        let arb = EmbeddedArbiter::new();
+        let other = arb.clone();
+        let a = arb.join(me("a"), Duration::from_secs(2)).await.unwrap();
+        let b = other.join(me("b"), Duration::from_secs(2)).await.unwrap();
+        assert!(a.campaign(0).await.unwrap().is_some());
+        assert_eq!(b.campaign(0).await.unwrap(), None);
+        assert_eq!(b.view().borrow().leader.as_ref().map(|l| l.cluster.as_str()), Some("a"));
+        drop(a);
+        // Dropping a session revokes its lease at once (not after the ttl).
+        let mut rx = b.view();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|v| v.leader.is_none())).await.unwrap().unwrap();
+        assert_eq!(b.campaign(1).await.unwrap().map(|l| l.epoch), Some(2));
     }
 }

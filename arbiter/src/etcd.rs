@@ -666,4 +666,12 @@ mod tests {
         let e = a.join(me, Duration::from_secs(1)).await.err().expect("nothing listens on port 1");
         assert!(e.is_transient(), "{e}");
     }
+
+    #[tokio::test]
+    async fn a_malformed_endpoint_is_a_configuration_error() {
+        let a = EtcdArbiter::new(vec!["http://[::1".into()], "/tandem/g/ha/".into()).unwrap();
+        let me = Candidate { cluster: "a".into(), datacenter: String::new(), endpoint: "http://h:1".into() };
+        let e = a.join(me, Duration::from_secs(1)).await.err().expect("not a uri");
+        assert!(matches!(e, ArbiterError::InvalidConfig(_)) && e.to_string().contains("[::1"), "{e}");
+    }
 }

@@ -32,6 +32,32 @@
 //! campaign (the most caught-up promotable one, by [`MemberStatus::position`]) is the
 //! controller's choice; the transaction only guarantees that at most one wins each epoch.
 //!
+//! A controller's use, in short (the embedded backend here; `EtcdArbiter::new(endpoints,
+//! default_prefix(group))?` in a deployment):
+//!
+//! ```
+//! # use std::time::{Duration, Instant};
+//! # use tandem_arbiter::*;
+//! # tokio::runtime::Runtime::new().unwrap().block_on(async {
+//! let arbiter = EmbeddedArbiter::new();
+//! let me = Candidate { cluster: "c1".into(), datacenter: "dc1".into(), endpoint: "http://10.0.0.7:19530".into() };
+//! let session = arbiter.join(me, Duration::from_secs(2)).await?;
+//! session.report(MemberStatus { cluster: "c1".into(), datacenter: "dc1".into(), endpoint: "http://10.0.0.7:19530".into(),
+//!     role: role::ALTERNATIVE.into(), epoch: 0, position: 42, promotable: true }).await?;
+//! let view = session.view().borrow().clone();
+//! // Nobody leads, no switchover names someone else, and (the controller's call) I am the most
+//! // caught-up promotable member of members(): campaign at the epoch the view shows.
+//! if view.leader.is_none() && view.handover.as_ref().is_none_or(|h| h == "c1") {
+//!     let won = session.campaign(view.epoch).await?.expect("alone, so I win");
+//!     assert_eq!(won.epoch, 1);
+//! }
+//! // Take writes only while the lease certainly holds (fencing); watch `lease()` for changes.
+//! assert!(session.lease().borrow().holds_at(Instant::now()));
+//! session.resign(1).await?;
+//! session.close().await;
+//! # Ok::<(), ArbiterError>(()) }).unwrap();
+//! ```
+//!
 //! Lease TTLs are whole seconds (etcd's unit): a [`Duration`] is rounded up, minimum 1 s.
 //! etcd also raises any TTL below its own minimum, 1.5 × its election timeout (the default
 //! 1000 ms election timeout gives 2 s); the test etcd runs with `--election-timeout 500` so that
@@ -172,7 +198,9 @@ pub trait Session: Send + Sync {
     async fn hand_over(&self, epoch: u64, to: &str) -> Result<()>;
 
     /// Revokes the lease: the member key and, if held, the leader key disappear at once. The
-    /// session stops (later calls fail with [`ArbiterError::Closed`]).
+    /// session stops (later calls fail with [`ArbiterError::Closed`]). With etcd unreachable the
+    /// revoke gives up after a few seconds and the keys expire with the lease. Dropping the
+    /// session does the same in the background.
     async fn close(&self);
 }
 

@@ -363,3 +363,24 @@ async fn a_member_joining_while_etcd_is_down_gets_a_transient_error() {
     let e = arbiter.join(candidate("a"), TTL).await.err().expect("etcd is down");
     assert!(e.is_transient(), "{e}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn members_rejoin_after_etcd_lost_its_data() {
+    let Backend::Etcd { mut etcd, arbiter } = Backend::etcd(tandem_arbiter::HANDOVER_TTL).await else { unreachable!() };
+    let a = arbiter.join(candidate("a"), TTL).await.unwrap();
+    let c = arbiter.join(candidate("b"), TTL).await.unwrap();
+    a.report(status("a", role::LEADING, 1, 8)).await.unwrap();
+    assert!(a.campaign(0).await.unwrap().is_some());
+    view_until(&c, "a leading", |v| leader_is(v, "a", 1)).await;
+
+    etcd.restart_empty().await;
+    // Every key and lease is gone: the views list again and show it, and each session grants a
+    // new lease and puts its last report back (not its leadership).
+    view_until(&c, "the empty keyspace", |v| *v == View::default()).await;
+    members_until(&c, "a's report back under a new lease", |m| m == [status("a", role::LEADING, 1, 8)]).await;
+    lease_until(&a, "valid", |l| matches!(l, LeaseState::Valid { until } if *until > Instant::now())).await;
+    // A session joining now lists the keys as they are: no leader key came back with a's lease.
+    let d = arbiter.join(candidate("d"), TTL).await.unwrap();
+    assert_eq!(*d.view().borrow(), View::default(), "a did not put its leader key back");
+    view_until(&a, "the empty keyspace", |v| *v == View::default()).await;
+}
