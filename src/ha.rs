@@ -285,6 +285,12 @@ impl Controller {
             return Ok(());
         }
         let led = self.node.led_epoch();
+        if v.epoch < led || v.epoch + 1 < self.node.epoch() {
+            // The arbiter's epoch went back (etcd lost its data?): granting it again could make
+            // two leaders of one epoch. Never campaign on it; an operator must look.
+            tracing::error!(cluster = %self.cfg.cluster_id, arbiter_epoch = v.epoch, seen = self.node.epoch(), "the arbiter's epoch is behind one this cluster has seen: not campaigning");
+            return Ok(());
+        }
         // This node led the newest epoch and nobody led since: its log is the streams' source
         // (it holds everything it acknowledged), so it may lead on without catching up.
         let resume = led > 0 && led == v.epoch;

@@ -21,7 +21,8 @@ async fn leader_kill9_twice_under_load_loses_nothing_and_old_leaders_rejoin() {
         tandem_bin: Some(env!("CARGO_BIN_EXE_tandem").into()),
         ..Default::default()
     };
-    let report = tokio::time::timeout(Duration::from_secs(600), measure(&args)).await.expect("the failover run hung").expect("failover run");
+    let report =
+        tokio::time::timeout(Duration::from_secs(600), measure(&args)).await.expect("the failover run hung").expect("failover run");
     eprintln!("{}", serde_json::to_string_pretty(&report).unwrap());
     assert_eq!(report.rounds.len(), 2);
     let mut killed = Vec::new();
@@ -36,4 +37,106 @@ async fn leader_kill9_twice_under_load_loses_nothing_and_old_leaders_rejoin() {
     // Two failures in a row: the second round killed the leader the first one promoted.
     assert_eq!(report.rounds[1].killed, report.rounds[0].new_leader);
     assert!(report.rounds[1].epoch > report.rounds[0].epoch, "each promotion raises the epoch");
+}
+
+use tandem::bench::failover::{COLLECTION, Harness, Spec, checksum, cluster_info, create_collection, missing, vector, wait_role};
+use tandem_proto::v1 as pb;
+
+fn args() -> FailoverBenchArgs {
+    FailoverBenchArgs { lease_ttl_s: 2, tandem_bin: Some(env!("CARGO_BIN_EXE_tandem").into()), ..Default::default() }
+}
+
+async fn client(endpoint: &str) -> pb::tandem_client::TandemClient<tonic::transport::Channel> {
+    tandem::cli::connect(endpoint).await.expect("connect")
+}
+
+async fn upsert(c: &mut pb::tandem_client::TandemClient<tonic::transport::Channel>, id: i64) -> Result<(), tonic::Status> {
+    c.upsert(pb::UpsertRequest { collection: COLLECTION.into(), ids: vec![id], vectors: vector(id), ..Default::default() })
+        .await
+        .map(|_| ())
+}
+
+async fn count(endpoint: &str) -> u64 {
+    let mut c = client(endpoint).await;
+    let read = Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Strong as i32, ..Default::default() });
+    c.count(pb::CountRequest { collection: COLLECTION.into(), filter: String::new(), read }).await.expect("count").into_inner().count
+}
+
+/// SIGSTOP of the leader past its lease: an alternative is promoted; the paused leader, once
+/// resumed, refuses every write (it never acknowledges one while another cluster leads),
+/// rejoins as an alternative of the new epoch and converges. Nothing it acknowledged before
+/// the pause is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_fenced_and_rejoins() {
+    let h = Harness::start(&args(), &[Spec::new("a", "leading"), Spec::new("b", "alternative")]).await.expect("harness");
+    let (a, b) = (h.endpoint("a"), h.endpoint("b"));
+    create_collection(&mut client(&a).await).await.unwrap();
+    wait_role(&b, pb::Role::Alternative, Duration::from_secs(60)).await.unwrap();
+    let mut ca = client(&a).await;
+    let acked: Vec<i64> = (1..=40).collect();
+    for &id in &acked {
+        upsert(&mut ca, id).await.expect("the leader takes writes");
+    }
+
+    let ia = h.group.index("a");
+    h.group.clusters[ia].signal("STOP").unwrap();
+    wait_role(&b, pb::Role::Leading, Duration::from_secs(30)).await.expect("b promoted while a is paused");
+    let epoch = cluster_info(&b).await.unwrap().epoch;
+    assert!(epoch >= 2, "the promotion raised the epoch: {epoch}");
+    h.group.clusters[ia].signal("CONT").unwrap();
+
+    // Right after resuming, before anything else could run on it, a refuses writes.
+    let mut ca = client(&a).await;
+    let refused: Vec<i64> = (1000..1010).collect();
+    for &id in &refused {
+        let r = upsert(&mut ca, id).await;
+        let s = r.expect_err("a fenced leader acknowledged a write while another cluster leads");
+        assert!(matches!(s.code(), tonic::Code::Unavailable | tonic::Code::FailedPrecondition), "unexpected refusal: {s:?}");
+    }
+    wait_role(&a, pb::Role::Alternative, Duration::from_secs(60)).await.expect("a rejoins as an alternative");
+    assert_eq!(cluster_info(&a).await.unwrap().epoch, epoch);
+
+    let mut cb = client(&b).await;
+    for id in 2000..2010 {
+        upsert(&mut cb, id).await.expect("the new leader takes writes");
+    }
+    assert_eq!(missing(&b, &acked).await.unwrap(), 0, "writes a acknowledged before the pause were lost");
+    assert_eq!(missing(&b, &refused).await.unwrap(), refused.len() as u64, "a refused write appeared");
+    assert_eq!(count(&b).await, 50);
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let (Ok(x), Ok(y)) = (checksum(&a).await, checksum(&b).await)
+            && x == y
+        {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a did not converge with b");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Active/standby: a standby follows but serves nothing, reads included, until it is promoted
+/// when the active cluster dies; then it has every acknowledged write and takes writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_serves_nothing_until_promoted() {
+    let mut h = Harness::start(&args(), &[Spec::new("a", "leading"), Spec::new("s", "standby")]).await.expect("harness");
+    let (a, s) = (h.endpoint("a"), h.endpoint("s"));
+    create_collection(&mut client(&a).await).await.unwrap();
+    wait_role(&s, pb::Role::Standby, Duration::from_secs(60)).await.unwrap();
+    let mut ca = client(&a).await;
+    for id in 1..=30 {
+        upsert(&mut ca, id).await.unwrap();
+    }
+    let mut cs = client(&s).await;
+    let read = Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Eventually as i32, ..Default::default() });
+    let r = cs.count(pb::CountRequest { collection: COLLECTION.into(), filter: String::new(), read }).await;
+    assert!(r.is_err(), "a standby served a read: {r:?}");
+    assert!(upsert(&mut cs, 99).await.is_err(), "a standby took a write");
+
+    let ia = h.group.index("a");
+    h.group.clusters[ia].kill9();
+    wait_role(&s, pb::Role::Leading, Duration::from_secs(30)).await.expect("the standby is promoted");
+    assert_eq!(count(&s).await, 30);
+    upsert(&mut cs, 31).await.expect("the promoted standby takes writes");
+    assert_eq!(count(&s).await, 31);
 }

@@ -31,9 +31,9 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tonic::transport::Channel;
 
-use super::replication::{find_tansu, free_port, start_tansu};
+use super::replication::{Broker, find_tansu, free_port, start_tansu};
 
-const COLLECTION: &str = "failover";
+pub const COLLECTION: &str = "failover";
 const DIM: usize = 8;
 /// Rows the convergence checksum reads at once (a query's limit).
 const MAX_ROWS: u64 = 16_384;
@@ -157,55 +157,113 @@ pub async fn run(a: FailoverBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One cluster of a [`Harness`]: its name, role at start ("leading", "alternative" or
+/// "standby") and datacenter.
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub name: String,
+    pub role: &'static str,
+    pub datacenter: String,
+}
+
+impl Spec {
+    pub fn new(name: &str, role: &'static str) -> Spec {
+        Spec { name: name.into(), role, datacenter: "dc1".into() }
+    }
+}
+
+/// Real processes for failover: an etcd arbiter, a tansu broker and `tandem cluster`
+/// processes (the first spec leads), each torn down on drop. Shared by the bench and the
+/// integration tests.
+pub struct Harness {
+    pub group: Group,
+    _broker: Broker,
+    _etcd: Etcd,
+    _tmp: tempfile::TempDir,
+}
+
+impl Harness {
+    /// Starts etcd, tansu and the clusters; returns once the first leads and the others run.
+    pub async fn start(a: &FailoverBenchArgs, specs: &[Spec]) -> anyhow::Result<Harness> {
+        ensure!(specs.first().is_some_and(|s| s.role == "leading"), "the first cluster must be the leading one");
+        let tandem = match &a.tandem_bin {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().context("the tandem binary")?,
+        };
+        let tansu = find_tansu().context("tansu not found: run ./scripts/install-tansu")?;
+        let etcd = Etcd::start(&a.etcd_bin)?;
+        let broker = tokio::task::spawn_blocking(move || start_tansu(&tansu)).await??;
+        let tmp = tempfile::Builder::new().prefix("tandem-bench-failover-").tempdir()?;
+        let dir = match &a.work_dir {
+            Some(d) => {
+                std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
+                d.clone()
+            }
+            None => tmp.path().to_path_buf(),
+        };
+        static GROUPS: AtomicU64 = AtomicU64::new(0);
+        let group = format!("fo{}n{}", std::process::id(), GROUPS.fetch_add(1, Ordering::Relaxed));
+        let mut group = Group {
+            dir,
+            tandem,
+            etcd: etcd.endpoint(),
+            broker: broker.brokers.clone(),
+            group,
+            lease_ttl_s: a.lease_ttl_s,
+            clusters: Vec::new(),
+        };
+        group.start(&specs[0])?;
+        wait_role(&group.clusters[0].endpoint(), pb::Role::Leading, Duration::from_secs(60)).await.context("the first leader")?;
+        for spec in &specs[1..] {
+            group.start(spec)?;
+        }
+        Ok(Harness { group, _broker: broker, _etcd: etcd, _tmp: tmp })
+    }
+
+    pub fn endpoint(&self, name: &str) -> String {
+        self.group.clusters[self.group.index(name)].endpoint()
+    }
+
+    /// A gateway over the group (etcd discovery), on a free port.
+    pub async fn gateway(&self) -> anyhow::Result<tandem_gateway::Running> {
+        start_gateway(&self.group).await
+    }
+
+    /// The etcd client URL.
+    pub fn etcd(&self) -> String {
+        self.group.etcd.clone()
+    }
+
+    /// The replication group id (the arbiter's keys are under /tandem/<group>/ha/).
+    pub fn group_id(&self) -> String {
+        self.group.group.clone()
+    }
+}
+
 /// Runs the rounds and measures them (see the module docs).
 pub async fn measure(a: &FailoverBenchArgs) -> anyhow::Result<Report> {
     ensure!(a.clusters >= 2, "--clusters {} must be at least 2: a failover needs a cluster to promote", a.clusters);
     ensure!(a.rounds >= 1, "--rounds must be at least 1");
     ensure!(a.writers >= 1, "--writers must be at least 1");
     ensure!((1..=300).contains(&a.lease_ttl_s), "--lease-ttl-s {} is out of range 1..=300", a.lease_ttl_s);
-    let tandem = match &a.tandem_bin {
-        Some(p) => p.clone(),
-        None => std::env::current_exe().context("the tandem binary")?,
-    };
-    let tansu = find_tansu().context("tansu not found: run ./scripts/install-tansu")?;
-    let etcd = Etcd::start(&a.etcd_bin)?;
-    let broker = tokio::task::spawn_blocking(move || start_tansu(&tansu)).await??;
-    let tmp = tempfile::Builder::new().prefix("tandem-bench-failover-").tempdir()?;
-    let dir = match &a.work_dir {
-        Some(d) => {
-            std::fs::create_dir_all(d).with_context(|| format!("creating {}", d.display()))?;
-            d.clone()
-        }
-        None => tmp.path().to_path_buf(),
-    };
-    let group = format!("fo{}", std::process::id());
-    let mut group = Group { dir, tandem, etcd: etcd.endpoint(), broker: broker.brokers.clone(), group, clusters: Vec::new() };
-
-    let names: Vec<String> = (0..a.clusters).map(|i| format!("c{i}")).collect();
-    // The first one founds the group as its leader; the others follow it.
-    group.start(&names[0], true, a.lease_ttl_s)?;
-    wait_role(&group.clusters[0].endpoint(), pb::Role::Leading, Duration::from_secs(60)).await.context("the first leader")?;
-    for name in &names[1..] {
-        group.start(name, false, a.lease_ttl_s)?;
-    }
-    let gateway = start_gateway(&group).await?;
+    let specs: Vec<Spec> = (0..a.clusters).map(|i| Spec::new(&format!("c{i}"), if i == 0 { "leading" } else { "alternative" })).collect();
+    let mut h = Harness::start(a, &specs).await?;
+    let gateway = h.gateway().await?;
     let gw = format!("http://{}", gateway.addr);
     let mut client = connect(&gw).await?;
     create_collection(&mut client).await?;
-    for c in &group.clusters[1..] {
+    for c in &h.group.clusters[1..] {
         wait_role(&c.endpoint(), pb::Role::Alternative, Duration::from_secs(60)).await?;
     }
 
     let load = Load::start(&gw, a).await?;
     let mut rounds = Vec::new();
     for _ in 0..a.rounds {
-        rounds.push(round(&mut group, &load, a).await?);
+        rounds.push(round(&mut h.group, &load, a).await?);
     }
     load.stop().await;
     let _ = gateway.stop().await;
-    drop(group);
-    drop(broker);
-    drop(etcd);
+    drop(h);
 
     let failovers: Vec<f64> = rounds.iter().map(|r| r.failover_ms).collect();
     Ok(Report {
@@ -304,7 +362,8 @@ impl Load {
                     // Until acknowledged: an unknown outcome is sent again (upsert is idempotent).
                     loop {
                         let sent = Instant::now();
-                        let req = pb::UpsertRequest { collection: COLLECTION.into(), ids: vec![id], vectors: vector(id), ..Default::default() };
+                        let req =
+                            pb::UpsertRequest { collection: COLLECTION.into(), ids: vec![id], vectors: vector(id), ..Default::default() };
                         match c.upsert(timed(req, Duration::from_secs(10))).await {
                             Ok(_) => {
                                 acked.lock().push(id);
@@ -321,7 +380,8 @@ impl Load {
         }
         for r in 0..a.readers {
             let mut c = connect(gw).await?;
-            let (stop, ok, failed, errors) = (load.stop.clone(), load.reads_ok.clone(), load.reads_failed.clone(), load.read_errors.clone());
+            let (stop, ok, failed, errors) =
+                (load.stop.clone(), load.reads_ok.clone(), load.reads_failed.clone(), load.read_errors.clone());
             load.tasks.push(tokio::spawn(async move {
                 let mut i = r as i64;
                 while !stop.load(Ordering::Relaxed) {
@@ -330,7 +390,11 @@ impl Load {
                         collection: COLLECTION.into(),
                         vectors: vector(i),
                         top_k: 5,
-                        read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Bounded as i32, session_token: String::new(), staleness_ms: 1000 }),
+                        read: Some(pb::ReadOptions {
+                            consistency: pb::ConsistencyLevel::Bounded as i32,
+                            session_token: String::new(),
+                            staleness_ms: 1000,
+                        }),
                         ..Default::default()
                     };
                     match c.search(timed(req, Duration::from_secs(10))).await {
@@ -376,7 +440,7 @@ impl Load {
     }
 }
 
-fn vector(id: i64) -> Vec<f32> {
+pub fn vector(id: i64) -> Vec<f32> {
     (0..DIM).map(|j| ((id * 31 + j as i64 * 17).rem_euclid(1000)) as f32 / 1000.0).collect()
 }
 
@@ -390,7 +454,7 @@ async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
     crate::cli::connect(endpoint).await
 }
 
-async fn create_collection(c: &mut TandemClient<Channel>) -> anyhow::Result<()> {
+pub async fn create_collection(c: &mut TandemClient<Channel>) -> anyhow::Result<()> {
     let schema = pb::CollectionSchema {
         name: COLLECTION.into(),
         dim: DIM as u32,
@@ -416,7 +480,7 @@ async fn create_collection(c: &mut TandemClient<Channel>) -> anyhow::Result<()> 
 // ---- checks ----------------------------------------------------------------------------------
 
 /// How many of `ids` the cluster at `endpoint` does not have (STRONG reads).
-async fn missing(endpoint: &str, ids: &[i64]) -> anyhow::Result<u64> {
+pub async fn missing(endpoint: &str, ids: &[i64]) -> anyhow::Result<u64> {
     let mut c = connect(endpoint).await?;
     let mut lost = 0;
     for chunk in ids.chunks(1000) {
@@ -459,7 +523,7 @@ async fn converged(group: &Group, limit: Duration) -> bool {
     false
 }
 
-async fn checksum(endpoint: &str) -> anyhow::Result<(u64, u64)> {
+pub async fn checksum(endpoint: &str) -> anyhow::Result<(u64, u64)> {
     use std::hash::{Hash, Hasher};
     let mut c = connect(endpoint).await?;
     let req = pb::QueryRequest {
@@ -478,12 +542,15 @@ async fn checksum(endpoint: &str) -> anyhow::Result<(u64, u64)> {
     Ok((rows.len() as u64, h.finish()))
 }
 
-async fn cluster_info(endpoint: &str) -> anyhow::Result<pb::GetClusterInfoResponse> {
+pub async fn cluster_info(endpoint: &str) -> anyhow::Result<pb::GetClusterInfoResponse> {
     let mut c = connect(endpoint).await?;
-    Ok(c.get_cluster_info(timed(pb::GetClusterInfoRequest {}, Duration::from_secs(2))).await.map_err(crate::cli::status_error)?.into_inner())
+    Ok(c.get_cluster_info(timed(pb::GetClusterInfoRequest {}, Duration::from_secs(2)))
+        .await
+        .map_err(crate::cli::status_error)?
+        .into_inner())
 }
 
-async fn wait_role(endpoint: &str, role: pb::Role, limit: Duration) -> anyhow::Result<()> {
+pub async fn wait_role(endpoint: &str, role: pb::Role, limit: Duration) -> anyhow::Result<()> {
     let deadline = Instant::now() + limit;
     loop {
         let info = cluster_info(endpoint).await;
@@ -498,51 +565,52 @@ async fn wait_role(endpoint: &str, role: pb::Role, limit: Duration) -> anyhow::R
 // ---- processes -------------------------------------------------------------------------------
 
 /// The group's clusters, each a `tandem cluster` process with its own config and data.
-struct Group {
+pub struct Group {
     dir: PathBuf,
     tandem: PathBuf,
     etcd: String,
     broker: String,
     group: String,
-    clusters: Vec<ClusterProcess>,
+    lease_ttl_s: u64,
+    pub clusters: Vec<ClusterProcess>,
 }
 
 impl Group {
-    fn config(&self, name: &str, leading: bool, lease_ttl_s: u64) -> String {
-        let (etcd, group, broker) = (&self.etcd, &self.group, &self.broker);
-        let role = if leading { "leading" } else { "alternative" };
+    fn config(&self, spec: &Spec) -> String {
+        let (etcd, group, broker, ttl) = (&self.etcd, &self.group, &self.broker, self.lease_ttl_s);
+        let (name, role, dc) = (&spec.name, spec.role, &spec.datacenter);
         format!(
-            "cluster_id = \"{name}\"\ndatacenter = \"dc1\"\nrole = \"{role}\"\n\
+            "cluster_id = \"{name}\"\ndatacenter = \"{dc}\"\nrole = \"{role}\"\n\
              [replication]\ngroup = \"{group}\"\ntransport = \"kafka\"\ntick_ms = 20\n\
              [replication.kafka]\nbrokers = \"{broker}\"\n\
-             [discovery]\netcd = [\"{etcd}\"]\nprefix = \"/{group}/clusters/\"\nttl_s = {lease_ttl_s}\n\
-             [ha]\narbiter = \"etcd\"\nlease_ttl_s = {lease_ttl_s}\n"
+             [discovery]\netcd = [\"{etcd}\"]\nprefix = \"/{group}/clusters/\"\nttl_s = {ttl}\n\
+             [ha]\narbiter = \"etcd\"\nlease_ttl_s = {ttl}\n"
         )
     }
 
-    fn start(&mut self, name: &str, leading: bool, lease_ttl_s: u64) -> anyhow::Result<()> {
-        let config = self.dir.join(format!("{name}.toml"));
-        std::fs::write(&config, self.config(name, leading, lease_ttl_s))?;
-        let p = ClusterProcess::start(&self.tandem, name, &config, &self.dir.join(name))?;
+    fn start(&mut self, spec: &Spec) -> anyhow::Result<()> {
+        let config = self.dir.join(format!("{}.toml", spec.name));
+        std::fs::write(&config, self.config(spec))?;
+        let p = ClusterProcess::start(&self.tandem, &spec.name, &config, &self.dir.join(&spec.name))?;
         self.clusters.push(p);
         Ok(())
     }
 
     /// Starts `name` again on its data and configuration (as it was first configured: an
     /// arbiter decides what it becomes).
-    fn restart(&mut self, name: &str) -> anyhow::Result<()> {
+    pub fn restart(&mut self, name: &str) -> anyhow::Result<()> {
         let i = self.index(name);
         let config = self.dir.join(format!("{name}.toml"));
         self.clusters[i] = ClusterProcess::start(&self.tandem, name, &config, &self.dir.join(name))?;
         Ok(())
     }
 
-    fn index(&self, name: &str) -> usize {
+    pub fn index(&self, name: &str) -> usize {
         self.clusters.iter().position(|c| c.name == name).expect("a cluster of the group")
     }
 
     /// The cluster that leads now (the highest epoch among those that say so), and its epoch.
-    async fn leader(&self) -> anyhow::Result<(usize, u64)> {
+    pub async fn leader(&self) -> anyhow::Result<(usize, u64)> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let mut best = None;
@@ -566,10 +634,10 @@ impl Group {
     }
 }
 
-struct ClusterProcess {
-    name: String,
+pub struct ClusterProcess {
+    pub name: String,
     child: Option<Child>,
-    addr: SocketAddr,
+    pub addr: SocketAddr,
 }
 
 impl ClusterProcess {
@@ -604,12 +672,20 @@ impl ClusterProcess {
         Ok(ClusterProcess { name: name.to_string(), child: Some(child), addr })
     }
 
-    fn endpoint(&self) -> String {
+    pub fn endpoint(&self) -> String {
         format!("http://{}", self.addr)
     }
 
+    /// Sends `signal` (e.g. "STOP", "CONT", "TERM") to the process.
+    pub fn signal(&self, signal: &str) -> anyhow::Result<()> {
+        let pid = self.child.as_ref().context("the process is not running")?.id();
+        let ok = Command::new("kill").arg(format!("-{signal}")).arg(pid.to_string()).status()?.success();
+        ensure!(ok, "kill -{signal} {pid} failed");
+        Ok(())
+    }
+
     /// SIGKILL: no shutdown code runs.
-    fn kill9(&mut self) {
+    pub fn kill9(&mut self) {
         if let Some(mut c) = self.child.take() {
             let _ = c.kill();
             let _ = c.wait();
@@ -634,7 +710,7 @@ async fn start_gateway(group: &Group) -> anyhow::Result<tandem_gateway::Running>
 }
 
 /// A one-member etcd on free loopback ports, data in a temp dir; killed on drop.
-struct Etcd {
+pub struct Etcd {
     child: Child,
     port: u16,
     _dir: tempfile::TempDir,
