@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tandem_arbiter::{Arbiter, Candidate, LeaseState, MemberStatus, Session, View};
+use tandem_cluster::node::Switchover;
 use tandem_cluster::{ClusterConfig, Node, Role};
 use tandem_exporter::transport::{StreamId, Transport};
 use tokio_util::sync::CancellationToken;
@@ -101,6 +102,8 @@ pub async fn start(node: Arc<Node>, cfg: &ClusterConfig, endpoint: String, arbit
     let session = arbiter.join(me, Duration::from_secs(cfg.ha.lease_ttl_s)).await.context("joining the arbiter")?;
     let transport = replication::transport(cfg)?;
     let cancel = CancellationToken::new();
+    let (switch_tx, switch_rx) = tokio::sync::mpsc::channel(4);
+    node.set_switchover_handler(Some(switch_tx));
     let c = Controller {
         node,
         cfg: cfg.clone(),
@@ -112,7 +115,7 @@ pub async fn start(node: Arc<Node>, cfg: &ClusterConfig, endpoint: String, arbit
         target: None,
         cancel: cancel.clone(),
     };
-    let task = tokio::spawn(c.run());
+    let task = tokio::spawn(c.run(switch_rx));
     Ok(HaHandle { cancel, task, session })
 }
 
@@ -132,7 +135,7 @@ struct Controller {
 }
 
 impl Controller {
-    async fn run(mut self) {
+    async fn run(mut self, mut switchovers: tokio::sync::mpsc::Receiver<Switchover>) {
         let mut view = self.session.view();
         let mut lease = self.session.lease();
         let mut report = tokio::time::interval(REPORT_EVERY);
@@ -155,8 +158,13 @@ impl Controller {
                 r = lease.changed() => if r.is_err() { break },
                 () = sleep_until(fence_at) => self.fence("its lease may have run out"),
                 _ = report.tick() => self.report().await,
+                Some(cmd) = switchovers.recv() => {
+                    let r = self.switchover(&cmd.to, cmd.deadline).await;
+                    let _ = cmd.reply.send(r);
+                }
             }
         }
+        self.node.set_switchover_handler(None);
         // Shutting down: a leader hands the group over at once rather than after its lease.
         if self.node.role() == Role::Leading {
             self.fence("shutting down");
@@ -165,6 +173,79 @@ impl Controller {
             }
         }
         self.repl.stop();
+    }
+
+    /// Manual switchover to `to`: stop taking writes, wait until the transport holds every
+    /// change, step down (following from where the log ends, nothing reloaded), hand over, and
+    /// wait until `to` leads. Nothing changes when `to` cannot be promoted; a drain that does
+    /// not finish by `deadline` leaves this cluster leading.
+    async fn switchover(&mut self, to: &str, deadline: Instant) -> tandem_cluster::Result<(String, String, u64)> {
+        use tandem_cluster::ClusterError;
+        let me = self.cfg.cluster_id.clone();
+        if self.node.role() != Role::Leading {
+            return Err(ClusterError::FailedPrecondition(format!("cluster {me} does not lead: send the switchover to the leader")));
+        }
+        if to == me {
+            return Err(ClusterError::invalid(format!("cluster {me} already leads")));
+        }
+        let remote = |e: tandem_arbiter::ArbiterError| ClusterError::Unavailable(format!("arbiter: {e}"));
+        let members = self.session.members().await.map_err(remote)?;
+        let Some(target) = members.iter().find(|m| m.cluster == to) else {
+            let known: Vec<_> = members.iter().map(|m| m.cluster.as_str()).filter(|c| *c != me).collect();
+            return Err(ClusterError::invalid(format!("no cluster {to:?} in this group (members: {})", known.join(", "))));
+        };
+        if !target.promotable || !(target.role == "alternative" || target.role == "standby") {
+            return Err(ClusterError::FailedPrecondition(format!(
+                "cluster {to:?} is {} and {}promotable: only a caught-up alternative or standby can take over",
+                target.role,
+                if target.promotable { "" } else { "not " }
+            )));
+        }
+        let epoch = self.node.epoch();
+        tracing::info!(cluster = %me, to, epoch, "switchover: draining");
+        // No new writes (NotLeader: a gateway holds them); writes in flight finish exporting.
+        self.node.set_role(Role::Recovering);
+        while !self.node.fully_exported() {
+            if Instant::now() >= deadline {
+                self.node.set_role(Role::Leading);
+                return Err(ClusterError::Unavailable(format!(
+                    "switchover to {to:?} abandoned: the transport has not acknowledged every change yet; {me} still leads"
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        self.repl.stop();
+        self.repl = ReplicationHandle::default();
+        let node = self.node.clone();
+        blocking(move || node.step_down()).await.map_err(|e| ClusterError::Internal(format!("{e:#}")))?;
+        self.session.hand_over(epoch, to).await.map_err(remote)?;
+        let mut view = self.session.view();
+        let wait = tokio::time::timeout_at(deadline.into(), view.wait_for(|v| v.leader.as_ref().is_some_and(|l| l.cluster == to)))
+            .await
+            .map(|r| r.map(|v| v.leader.clone()));
+        let late = || {
+            ClusterError::DeadlineExceeded(format!(
+                "handed over to {to:?}, which has not taken leadership yet (the handover expires after a few seconds, then any caught-up cluster may)"
+            ))
+        };
+        let l = match wait {
+            Ok(Ok(Some(l))) => l,
+            _ => return Err(late()),
+        };
+        // Won is not yet serving: answer once the new leader reports it leads (promoted,
+        // publishing), so the caller's next write finds it.
+        loop {
+            let members = self.session.members().await.map_err(remote)?;
+            if members.iter().any(|m| m.cluster == to && m.role == "leading" && m.epoch >= l.epoch) {
+                break;
+            }
+            if Instant::now() >= deadline {
+                return Err(late());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        tracing::info!(cluster = %me, to, epoch = l.epoch, "switchover done");
+        Ok((l.cluster, l.endpoint, l.epoch))
     }
 
     /// When a leader must stop accepting writes: `fence_margin_ms` before its lease could
@@ -306,7 +387,9 @@ impl Controller {
             if !self.catch_up().await? {
                 return Ok(());
             }
-            let rank = self.rank().await?;
+            // A switchover's target does not wait behind better-ranked candidates.
+            let designated = v.handover.as_deref() == Some(self.cfg.cluster_id.as_str());
+            let rank = if designated { Duration::ZERO } else { self.rank().await? };
             if !rank.is_zero() && !self.still_leaderless(rank).await {
                 return Ok(());
             }

@@ -42,6 +42,8 @@ enum Command {
     Search(SearchArgs),
     /// Show the cluster's identity, role and collections.
     Info(InfoArgs),
+    /// Hands leadership to another cluster with no data loss (needs an arbiter).
+    Failover(tandem::cli::failover::FailoverArgs),
     /// Start a cluster in this process and walk through the API with sample data.
     Demo(DemoArgs),
     /// Benchmarks.
@@ -69,6 +71,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Insert(a) => tandem::cli::insert::run(a).await,
         Command::Search(a) => tandem::cli::search::run(a).await,
         Command::Info(a) => tandem::cli::info::run(a).await,
+        Command::Failover(a) => tandem::cli::failover::run(a).await,
         Command::Demo(a) => tandem::demo::run(a).await,
         // The bench sets up its own logging, if any.
         Command::Bench(BenchCmd::Search(a)) => tandem::bench::search::run(a).await,

@@ -140,3 +140,62 @@ async fn a_standby_serves_nothing_until_promoted() {
     upsert(&mut cs, 31).await.expect("the promoted standby takes writes");
     assert_eq!(count(&s).await, 31);
 }
+
+fn tandem_failover(to: &str, endpoint: &str) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_tandem"))
+        .args(["failover", "--to", to, "--endpoint", endpoint, "--timeout", "30"])
+        .output()
+        .expect("run tandem failover")
+}
+
+/// `tandem failover --to`: leadership moves with no acknowledged write lost; the old leader
+/// goes on as an alternative of the new epoch without reloading its data, and converges. A
+/// target that is not in the group is refused with a message naming it, and nothing changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_hands_over_without_losing_a_write() {
+    let h = Harness::start(&args(), &[Spec::new("a", "leading"), Spec::new("b", "alternative")]).await.expect("harness");
+    let (a, b) = (h.endpoint("a"), h.endpoint("b"));
+    create_collection(&mut client(&a).await).await.unwrap();
+    wait_role(&b, pb::Role::Alternative, Duration::from_secs(60)).await.unwrap();
+    let mut ca = client(&a).await;
+    let acked: Vec<i64> = (1..=40).collect();
+    for &id in &acked {
+        upsert(&mut ca, id).await.unwrap();
+    }
+
+    let out = tandem_failover("nosuch", &a);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"nosuch\"") && err.contains("members: b"), "unclear refusal: {err}");
+    assert_eq!(cluster_info(&a).await.unwrap().role, pb::Role::Leading as i32, "a refused switchover changed the leader");
+    upsert(&mut ca, 41).await.expect("a still takes writes");
+
+    // Sent to b (not the leader): the command follows the reply's leader hint to a.
+    let out = tandem_failover("b", &b);
+    assert!(out.status.success(), "switchover failed: {}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("cluster b leads now (epoch 2)"), "{said}");
+    assert_eq!(cluster_info(&b).await.unwrap().role, pb::Role::Leading as i32);
+    assert!(upsert(&mut ca, 42).await.is_err(), "the old leader took a write after the switchover");
+    wait_role(&a, pb::Role::Alternative, Duration::from_secs(60)).await.expect("a follows b");
+
+    let mut cb = client(&b).await;
+    for id in 43..=50 {
+        upsert(&mut cb, id).await.unwrap();
+    }
+    let mut all = acked.clone();
+    all.push(41);
+    assert_eq!(missing(&b, &all).await.unwrap(), 0, "acknowledged writes were lost in the switchover");
+    assert_eq!(missing(&b, &[42]).await.unwrap(), 1, "a refused write appeared");
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        if let (Ok(x), Ok(y)) = (checksum(&a).await, checksum(&b).await)
+            && x == y
+        {
+            assert_eq!(x.0, 49);
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "a did not converge with b");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}

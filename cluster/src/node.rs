@@ -30,6 +30,15 @@ use crate::term::{self, StreamTerm};
 use crate::ts::{HybridClock, SessionToken, Ts};
 use crate::wal::{Lsn, SyncPolicy, Wal, WalOptions};
 
+/// A manual switchover asked of a leader (see `Node::switchover`): handled by whatever drives
+/// the node's role (the failover controller), which answers on `reply`.
+pub struct Switchover {
+    pub to: String,
+    pub deadline: Instant,
+    /// The new leader's (id, endpoint, epoch).
+    pub reply: tokio::sync::oneshot::Sender<Result<(String, String, u64)>>,
+}
+
 /// How an alternative learns the leader's current time, which a STRONG read must reach.
 pub trait LeaderClock: Send + Sync {
     fn leader_ts(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Ts>> + Send + '_>>;
@@ -90,6 +99,8 @@ pub struct Node {
     /// expire soon after). Checked on every write itself, so a paused process that resumes
     /// refuses writes before any task had a chance to fence it.
     write_deadline: Mutex<Option<Instant>>,
+    /// Where switchover requests go (the failover controller), when one runs.
+    switchover: Mutex<Option<tokio::sync::mpsc::Sender<Switchover>>>,
     _lock: File,
 }
 
@@ -174,6 +185,7 @@ impl Node {
             led_epoch: AtomicU64::new(epochs.led),
             ddl_term: RwLock::new(StreamTerm::load(&dir.join("ddl-term"))?),
             write_deadline: Mutex::new(None),
+            switchover: Mutex::new(None),
             collections: RwLock::new(collections),
             catalog: Mutex::new(catalog.next_collection_id.max(1)),
             search_pool,
@@ -395,6 +407,60 @@ impl Node {
         self.save_epochs(term::Epochs { seen: self.epoch(), led: 0 })?;
         tracing::info!(cluster = %self.opts.cluster_id, epoch = self.epoch(), "rejoining as an alternative: local data dropped");
         Ok(())
+    }
+
+    /// A leader that handed over cleanly (the transport holds every change it made) goes on
+    /// as a follower of the same streams from where its log ends: each shard records its
+    /// stream position (an empty marker change, like a bootstrap's), nothing is reloaded.
+    /// Blocking.
+    pub fn step_down(&self) -> Result<()> {
+        let _catalog = self.catalog.lock();
+        // Recovering: no writes, and shards follow again (replicated applies are accepted).
+        self.set_role(Role::Recovering);
+        for c in self.collections.read().values() {
+            for (i, sh) in c.shards().iter().enumerate() {
+                let position = sh.term().to_stream(sh.last_lsn());
+                if position > sh.source_lsn() {
+                    let mut jobs = Vec::new();
+                    let op = crate::shard::ShardOp::Delete { ids: Vec::new() };
+                    c.apply_replicated(&self.clock, i, position, sh.last_applied_ts(), op, &mut jobs)?;
+                    self.enqueue(c, jobs);
+                }
+            }
+        }
+        self.ddl_source_lsn.fetch_max(self.ddl_stream_end(), Ordering::AcqRel);
+        self.save_epochs(term::Epochs { seen: self.epoch(), led: 0 })?;
+        tracing::info!(cluster = %self.opts.cluster_id, epoch = self.epoch(), "stepped down: following from where its log ends");
+        Ok(())
+    }
+
+    /// Whether the transport has acknowledged every change this leader logged (shards and
+    /// DDL): then a handover loses nothing.
+    pub fn fully_exported(&self) -> bool {
+        let ddl = *self.ddl_exported.borrow() >= self.ddl_last_lsn();
+        ddl && self.collections.read().values().all(|c| c.shards().iter().all(|sh| *sh.exported_watch().borrow() >= sh.last_lsn()))
+    }
+
+    /// Routes switchover requests to `handler` (the failover controller), or nowhere.
+    pub fn set_switchover_handler(&self, handler: Option<tokio::sync::mpsc::Sender<Switchover>>) {
+        *self.switchover.lock() = handler;
+    }
+
+    /// Hands leadership to cluster `to` (see `Switchover`); the new leader's (id, endpoint,
+    /// epoch).
+    pub async fn switchover(&self, to: &str, deadline: Instant) -> Result<(String, String, u64)> {
+        let handler = self.switchover.lock().clone().ok_or_else(|| {
+            ClusterError::FailedPrecondition(format!(
+                "cluster {} runs without an arbiter (ha.arbiter = \"none\"): a switchover needs one",
+                self.opts.cluster_id
+            ))
+        })?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        handler
+            .send(Switchover { to: to.to_string(), deadline, reply })
+            .await
+            .map_err(|_| ClusterError::Unavailable("the failover controller stopped".into()))?;
+        answer.await.map_err(|_| ClusterError::Unavailable("the failover controller stopped".into()))?
     }
 
     /// Records that `epoch` exists (durably, when it is newer than the node's). Blocking.

@@ -207,6 +207,17 @@ impl rp::replication_server::Replication for ReplicationService {
         Ok(Response::new(ReceiverStream::new(rx)))
     }
 
+    async fn switchover(&self, req: Request<rp::SwitchoverRequest>) -> Result<Response<rp::SwitchoverResponse>, Status> {
+        self.leading()?;
+        let deadline = crate::service::deadline(&req, Duration::from_secs(60));
+        let to = req.into_inner().to;
+        if to.trim().is_empty() {
+            return Err(ClusterError::invalid("switchover needs `to`: the id of the cluster to hand leadership to").into());
+        }
+        let (leader, endpoint, epoch) = self.node.switchover(&to, deadline).await?;
+        Ok(Response::new(rp::SwitchoverResponse { leader, endpoint, epoch }))
+    }
+
     async fn leader_ts(&self, _req: Request<rp::LeaderTsRequest>) -> Result<Response<rp::LeaderTsResponse>, Status> {
         self.leading()?;
         let ts = self.node.clock.peek();

@@ -32,7 +32,7 @@ type Reply<T> = std::result::Result<Response<T>, Status>;
 /// How long a request may wait here: its `grpc-timeout` less a margin, capped by the node's
 /// longest wait. The margin makes the server give up first, so the client receives the
 /// server's explanation (e.g. how far behind the replica is) instead of its own bare timeout.
-fn deadline<T>(req: &Request<T>, max_wait: Duration) -> Instant {
+pub(crate) fn deadline<T>(req: &Request<T>, max_wait: Duration) -> Instant {
     let parsed = req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
     let wait = parsed.map_or(max_wait, |d| d.saturating_sub((d / 10).min(Duration::from_millis(50))).min(max_wait));
     Instant::now() + wait

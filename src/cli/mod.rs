@@ -8,6 +8,7 @@
 
 pub mod cluster;
 pub mod collection;
+pub mod failover;
 pub mod gateway;
 pub mod info;
 pub mod insert;
@@ -56,6 +57,15 @@ pub async fn client(endpoint: &str) -> anyhow::Result<Client> {
 /// protobuf directly (the demo, the benchmarks).
 pub async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
     Ok(client(endpoint).await?.raw())
+}
+
+/// A plain gRPC channel to a cluster (for its internal services, e.g. the switchover), made
+/// as [`client`] connects: a bare `host:port` means `http://`, and nothing answering within
+/// 5 s is an error naming the endpoint.
+pub async fn channel(endpoint: &str) -> anyhow::Result<Channel> {
+    let url = if endpoint.contains("://") { endpoint.to_string() } else { format!("http://{endpoint}") };
+    let ep = Channel::from_shared(url.clone()).map_err(|e| anyhow::anyhow!("{endpoint:?} is not a valid endpoint URL: {e}"))?;
+    ep.connect_timeout(Duration::from_secs(5)).connect().await.map_err(|e| anyhow::anyhow!("cannot connect to {url}: {e}"))
 }
 
 /// A server error as the user should see it: its message alone, which names the bad value.
