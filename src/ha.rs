@@ -283,7 +283,7 @@ impl Controller {
             Some(l) if l.cluster == me && role == Role::Leading && l.epoch == self.node.epoch() => {
                 // Steady state: leading, publishing.
                 if self.repl.is_idle() {
-                    self.repl = replication::start_publisher(&self.node, &self.cfg)?;
+                    self.repl = replication::start_publisher_with(&self.node, &self.cfg, self.transport.clone());
                 }
                 Ok(())
             }
@@ -308,8 +308,9 @@ impl Controller {
             self.repl.stop();
             self.repl = ReplicationHandle::default();
             self.following = None;
+            let keep = self.kept_shards(led).await;
             let node = self.node.clone();
-            blocking(move || node.rejoin()).await?;
+            blocking(move || node.rejoin(&keep)).await?;
         }
         if self.following.as_deref() != Some(endpoint) {
             self.repl.stop();
@@ -334,6 +335,56 @@ impl Controller {
         Ok(())
     }
 
+    /// Shards an old leader (of epoch `led`) may keep on rejoining: those whose last record,
+    /// written as leader, is in the stream exactly as written (its position, epoch and ts), at
+    /// that position alone. Everything before it is then the stream's too. The others (a
+    /// suffix that never reached the stream, whose positions the new leader has reused) are
+    /// reloaded.
+    async fn kept_shards(&self, led: u64) -> std::collections::HashSet<(u64, usize)> {
+        use tandem_cluster::node::LedTail;
+        let mut keep = std::collections::HashSet::new();
+        for c in self.node.collections() {
+            for i in 0..c.shards().len() {
+                let stream = StreamId::Shard { collection_id: c.id, shard: i as u32 };
+                let held = match self.node.led_tail(&c, i) {
+                    Ok(LedTail::Nothing) => true,
+                    Ok(LedTail::Record { position, ts }) => self.stream_holds(&stream, position, led, ts).await,
+                    Ok(LedTail::Unknown) | Err(_) => false,
+                };
+                if held {
+                    keep.insert((c.id, i));
+                }
+            }
+        }
+        keep
+    }
+
+    /// Whether `stream` holds, at `position`, the change of epoch `epoch` and ts `ts`, and no
+    /// other change at that position (a newer leader that reused it).
+    async fn stream_holds(&self, stream: &StreamId, position: u64, epoch: u64, ts: u64) -> bool {
+        use futures::StreamExt;
+        let Ok(mut events) = self.transport.subscribe(stream, position).await else { return false };
+        let is_data = |ev: &tandem_proto::replication::v1::ChangeEvent| {
+            !matches!(ev.body, Some(tandem_proto::replication::v1::change_event::Body::Tick(_)) | None)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), events.next()).await {
+            Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch && ev.ts == ts && is_data(&ev) => {}
+            _ => return false,
+        }
+        // What follows at the same position: its ticks, or a newer leader's change.
+        loop {
+            match tokio::time::timeout(Duration::from_millis(300), events.next()).await {
+                Ok(Some(Ok(ev))) if ev.lsn == position => {
+                    if is_data(&ev) {
+                        return false;
+                    }
+                }
+                Ok(Some(Ok(_))) | Err(_) | Ok(None) => return true,
+                Ok(Some(Err(_))) => return false,
+            }
+        }
+    }
+
     /// The broker's end of every stream this node knows.
     async fn ends(&self) -> anyhow::Result<Vec<(StreamId, u64)>> {
         let mut out = vec![(StreamId::Ddl, self.transport.end_lsn(&StreamId::Ddl).await?)];
@@ -348,13 +399,25 @@ impl Controller {
 
     /// Whether this node has applied every stream up to `ends`.
     fn reached(&self, ends: &[(StreamId, u64)]) -> bool {
-        ends.iter().all(|&(s, end)| match s {
-            StreamId::Ddl => self.node.ddl_source_lsn() >= end,
-            StreamId::Shard { collection_id, shard } => self
-                .node
-                .collection_by_id(collection_id)
-                .is_some_and(|c| c.shards().get(shard as usize).is_some_and(|sh| sh.source_lsn() >= end)),
-        })
+        self.behind(ends) == 0
+    }
+
+    /// How many positions this node still has to apply to reach `ends` (a stream it does not
+    /// know yet counts as its whole end).
+    fn behind(&self, ends: &[(StreamId, u64)]) -> u64 {
+        ends.iter()
+            .map(|&(s, end)| {
+                let applied = match s {
+                    StreamId::Ddl => self.node.ddl_source_lsn(),
+                    StreamId::Shard { collection_id, shard } => self
+                        .node
+                        .collection_by_id(collection_id)
+                        .and_then(|c| c.shards().get(shard as usize).map(|sh| sh.source_lsn()))
+                        .unwrap_or(0),
+                };
+                end.saturating_sub(applied)
+            })
+            .sum()
     }
 
     /// Nobody leads: campaign if this node may, once it holds every acknowledged write.
@@ -384,9 +447,11 @@ impl Controller {
                 // cannot know it holds every acknowledged write.
                 return Ok(());
             }
+            let started = Instant::now();
             if !self.catch_up().await? {
                 return Ok(());
             }
+            tracing::info!(cluster = %self.cfg.cluster_id, ms = started.elapsed().as_millis() as u64, "no leader: applied the log to its end, a candidate");
             // A switchover's target does not wait behind better-ranked candidates.
             let designated = v.handover.as_deref() == Some(self.cfg.cluster_id.as_str());
             let rank = if designated { Duration::ZERO } else { self.rank().await? };
@@ -413,7 +478,7 @@ impl Controller {
         }
         self.repl.stop();
         self.following = None;
-        self.repl = replication::start_publisher(&self.node, &self.cfg)?;
+        self.repl = replication::start_publisher_with(&self.node, &self.cfg, self.transport.clone());
         metrics::counter!("tandem_ha_promotions_total", "cluster" => self.cfg.cluster_id.clone()).increment(1);
         self.report().await;
         Ok(())
@@ -424,8 +489,14 @@ impl Controller {
     async fn catch_up(&self) -> anyhow::Result<bool> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.ha.catch_up_timeout_ms);
         let view = self.session.view();
+        let mut rounds = 0u32;
         loop {
-            if self.caught_up().await? {
+            let asked = Instant::now();
+            let ends = self.ends().await?;
+            let behind = self.behind(&ends);
+            tracing::debug!(cluster = %self.cfg.cluster_id, rounds, behind, ends_ms = asked.elapsed().as_millis() as u64, "catching up with the log");
+            rounds += 1;
+            if behind == 0 && ends.len() == self.ends_count() {
                 return Ok(true);
             }
             if view.borrow().leader.is_some() || Instant::now() >= deadline || self.cancel.is_cancelled() {
@@ -434,13 +505,6 @@ impl Controller {
             }
             tokio::time::sleep(CATCH_UP_POLL).await;
         }
-    }
-
-    /// Whether every stream (the DDL stream and each shard's) is applied to the broker's end.
-    /// The DDL stream first: a collection it creates adds streams to check.
-    async fn caught_up(&self) -> anyhow::Result<bool> {
-        let ends = self.ends().await?;
-        Ok(self.reached(&ends) && ends.len() == self.ends_count())
     }
 
     fn ends_count(&self) -> usize {
@@ -508,6 +572,15 @@ impl Controller {
     async fn report(&self) {
         let labels = [("cluster", self.cfg.cluster_id.clone())];
         metrics::gauge!("tandem_ha_epoch", &labels).set(self.node.epoch() as f64);
+        if self.node.role() != Role::Leading {
+            // How far behind the broker's end this follower is, in positions. Asking every
+            // report also keeps the broker connections this controller needs in an election
+            // warm: asked only then, after seconds idle, the first answer took ~1 s (measured).
+            match self.ends().await {
+                Ok(ends) => metrics::gauge!("tandem_ha_behind_positions", &labels).set(self.behind(&ends) as f64),
+                Err(e) => tracing::debug!(error = %e, "the streams' ends are unknown"),
+            }
+        }
         if let Err(e) = self.session.report(self.status()).await {
             tracing::debug!(error = %e, "could not report to the arbiter");
         }

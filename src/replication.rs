@@ -64,10 +64,16 @@ pub fn start_publisher(node: &Arc<Node>, cfg: &ClusterConfig) -> anyhow::Result<
     if cfg.replication.transport == "direct" {
         return Ok(ReplicationHandle::default());
     }
-    let transport = transport(cfg)?;
+    Ok(start_publisher_with(node, cfg, transport(cfg)?))
+}
+
+/// [`start_publisher`] on a transport that already exists (a promoted cluster's, already
+/// connected to the broker: a new client would first spend a round of connections and
+/// metadata while the first writes wait for it).
+pub fn start_publisher_with(node: &Arc<Node>, cfg: &ClusterConfig, transport: Arc<dyn Transport>) -> ReplicationHandle {
     let tick = std::time::Duration::from_millis(cfg.replication.tick_ms);
     let publisher = Publisher::start(node.clone(), transport, &cfg.replication.group, tick);
-    Ok(ReplicationHandle { publisher: Some(publisher), ..Default::default() })
+    ReplicationHandle { publisher: Some(publisher), ..Default::default() }
 }
 
 /// An alternative's part: follow the leader at `leader` (snapshots, the leader's clock, and the

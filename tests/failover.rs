@@ -80,7 +80,9 @@ async fn a_paused_leader_is_fenced_and_rejoins() {
 
     let ia = h.group.index("a");
     h.group.clusters[ia].signal("STOP").unwrap();
-    wait_role(&b, pb::Role::Leading, Duration::from_secs(30)).await.expect("b promoted while a is paused");
+    if let Err(e) = wait_role(&b, pb::Role::Leading, Duration::from_secs(30)).await {
+        panic!("b was not promoted while a is paused: {e:#}\n{}", h.logs(40));
+    }
     let epoch = cluster_info(&b).await.unwrap().epoch;
     assert!(epoch >= 2, "the promotion raised the epoch: {epoch}");
     h.group.clusters[ia].signal("CONT").unwrap();
@@ -93,7 +95,9 @@ async fn a_paused_leader_is_fenced_and_rejoins() {
         let s = r.expect_err("a fenced leader acknowledged a write while another cluster leads");
         assert!(matches!(s.code(), tonic::Code::Unavailable | tonic::Code::FailedPrecondition), "unexpected refusal: {s:?}");
     }
-    wait_role(&a, pb::Role::Alternative, Duration::from_secs(60)).await.expect("a rejoins as an alternative");
+    if let Err(e) = wait_role(&a, pb::Role::Alternative, Duration::from_secs(60)).await {
+        panic!("a did not rejoin as an alternative: {e:#}\n{}", h.logs(40));
+    }
     assert_eq!(cluster_info(&a).await.unwrap().epoch, epoch);
 
     let mut cb = client(&b).await;

@@ -39,6 +39,17 @@ pub struct Switchover {
     pub reply: tokio::sync::oneshot::Sender<Result<(String, String, u64)>>,
 }
 
+/// The end of a shard's log as its last leadership left it (`Node::led_tail`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LedTail {
+    /// Nothing logged as leader: the shard holds only what it applied from the stream.
+    Nothing,
+    /// Its last record, a change at this stream position with this ts.
+    Record { position: Lsn, ts: Ts },
+    /// Its last record is not a change (an abort marker): cannot be checked.
+    Unknown,
+}
+
 /// How an alternative learns the leader's current time, which a STRONG read must reach.
 pub trait LeaderClock: Send + Sync {
     fn leader_ts(&self) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Ts>> + Send + '_>>;
@@ -391,47 +402,82 @@ impl Node {
         self.set_role(Role::Recovering);
     }
 
-    /// An old leader coming back as an alternative of a newer epoch: its log may hold changes
-    /// that never reached the stream (ack policy `local`, or in flight when it stopped), so
-    /// every shard forgets what it holds and is loaded again from the new leader (snapshot,
-    /// or the broker's log). The node stays `Recovering` until the caller sees it caught up.
-    /// Blocking.
-    pub fn rejoin(&self) -> Result<()> {
+    /// An old leader coming back as an alternative of a newer epoch. Its log may end with
+    /// changes the stream never got (ack policy `local`, or in flight when it stopped), at
+    /// positions the new leader has since reused. Shards in `keep` (the caller checked that the
+    /// stream holds their last record as this node wrote it) go on from where their log ends,
+    /// like a clean step-down; every other shard forgets what it holds and is loaded again from
+    /// the new leader (snapshot, or the broker's log). The node stays `Recovering` until the
+    /// caller sees it caught up. Blocking.
+    pub fn rejoin(&self, keep: &std::collections::HashSet<(u64, usize)>) -> Result<()> {
         let _catalog = self.catalog.lock();
         self.set_role(Role::Recovering);
+        let (mut kept, mut wiped) = (0, 0);
         for c in self.collections.read().values() {
-            for sh in c.shards() {
-                sh.wipe()?;
+            for (i, sh) in c.shards().iter().enumerate() {
+                if keep.contains(&(c.id, i)) {
+                    self.mark_stream_position(c, i)?;
+                    kept += 1;
+                } else {
+                    sh.wipe()?;
+                    wiped += 1;
+                }
             }
         }
+        self.ddl_source_lsn.fetch_max(self.ddl_stream_end(), Ordering::AcqRel);
         self.save_epochs(term::Epochs { seen: self.epoch(), led: 0 })?;
-        tracing::info!(cluster = %self.opts.cluster_id, epoch = self.epoch(), "rejoining as an alternative: local data dropped");
+        tracing::info!(cluster = %self.opts.cluster_id, epoch = self.epoch(), kept, reloaded = wiped, "rejoining as an alternative");
         Ok(())
     }
 
     /// A leader that handed over cleanly (the transport holds every change it made) goes on
-    /// as a follower of the same streams from where its log ends: each shard records its
-    /// stream position (an empty marker change, like a bootstrap's), nothing is reloaded.
-    /// Blocking.
+    /// as a follower of the same streams from where its log ends, nothing reloaded. Blocking.
     pub fn step_down(&self) -> Result<()> {
         let _catalog = self.catalog.lock();
         // Recovering: no writes, and shards follow again (replicated applies are accepted).
         self.set_role(Role::Recovering);
         for c in self.collections.read().values() {
-            for (i, sh) in c.shards().iter().enumerate() {
-                let position = sh.term().to_stream(sh.last_lsn());
-                if position > sh.source_lsn() {
-                    let mut jobs = Vec::new();
-                    let op = crate::shard::ShardOp::Delete { ids: Vec::new() };
-                    c.apply_replicated(&self.clock, i, position, sh.last_applied_ts(), op, &mut jobs)?;
-                    self.enqueue(c, jobs);
-                }
+            for i in 0..c.shards().len() {
+                self.mark_stream_position(c, i)?;
             }
         }
         self.ddl_source_lsn.fetch_max(self.ddl_stream_end(), Ordering::AcqRel);
         self.save_epochs(term::Epochs { seen: self.epoch(), led: 0 })?;
         tracing::info!(cluster = %self.opts.cluster_id, epoch = self.epoch(), "stepped down: following from where its log ends");
         Ok(())
+    }
+
+    /// Records, in shard `i`'s log, the stream position its log ends at (an empty marker
+    /// change, like a bootstrap's), so following resumes right after it. The shard follows.
+    fn mark_stream_position(&self, c: &Arc<Collection>, i: usize) -> Result<()> {
+        let sh = &c.shards()[i];
+        let position = sh.term().to_stream(sh.last_lsn());
+        if position > sh.source_lsn() {
+            let mut jobs = Vec::new();
+            let op = crate::shard::ShardOp::Delete { ids: Vec::new() };
+            c.apply_replicated(&self.clock, i, position, sh.last_applied_ts(), op, &mut jobs)?;
+            self.enqueue(c, jobs);
+        }
+        Ok(())
+    }
+
+    /// What shard `i` logged as leader after the last position it applied from a stream: what
+    /// a rejoin looks for in the stream.
+    pub fn led_tail(&self, c: &Collection, i: usize) -> Result<LedTail> {
+        let sh = &c.shards()[i];
+        let last = sh.last_lsn();
+        let position = sh.term().to_stream(last);
+        if last == 0 || position <= sh.source_lsn() {
+            return Ok(LedTail::Nothing);
+        }
+        let mut out = LedTail::Unknown;
+        sh.read_changes(last, Ts::MAX, 1, |lsn, rec| {
+            if lsn == last {
+                out = LedTail::Record { position, ts: rec.ts };
+            }
+            false
+        })?;
+        Ok(out)
     }
 
     /// Whether the transport has acknowledged every change this leader logged (shards and

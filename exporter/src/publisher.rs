@@ -147,6 +147,7 @@ impl Publisher {
         }
         let token = self.cancel.child_token();
         self.running.lock().insert(c.id, token.clone());
+        tracing::debug!(collection = %c.schema().name, "publishing the collection's shards");
         for (shard, end) in ends.into_iter().enumerate() {
             let me = self.clone();
             let (c, token) = (c.clone(), token.clone());

@@ -126,6 +126,10 @@ pub struct Report {
 }
 
 pub async fn run(a: FailoverBenchArgs) -> anyhow::Result<()> {
+    // TANDEM_BENCH_LOG (a RUST_LOG filter) logs the bench's own steps too, beside the clusters'.
+    if let Ok(filter) = std::env::var("TANDEM_BENCH_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).try_init();
+    }
     let report = measure(&a).await?;
     println!("round  killed  new leader  epoch  failover ms  rejoin ms  converged  acked  lost  reads ok  reads failed");
     for (i, r) in report.rounds.iter().enumerate() {
@@ -229,6 +233,17 @@ impl Harness {
         start_gateway(&self.group).await
     }
 
+    /// The last `lines` log lines of every cluster (for a test that failed).
+    pub fn logs(&self, lines: usize) -> String {
+        let mut out = String::new();
+        for c in &self.group.clusters {
+            let text = std::fs::read_to_string(self.group.dir.join(&c.name).with_extension("log")).unwrap_or_default();
+            let all: Vec<&str> = text.lines().collect();
+            out.push_str(&format!("---- {} ----\n{}\n", c.name, all[all.len().saturating_sub(lines)..].join("\n")));
+        }
+        out
+    }
+
     /// The etcd client URL.
     pub fn etcd(&self) -> String {
         self.group.etcd.clone()
@@ -287,8 +302,10 @@ async fn round(group: &mut Group, load: &Load, a: &FailoverBenchArgs) -> anyhow:
     let killed = group.clusters[leader].name.clone();
     let killed_at = Instant::now();
     group.clusters[leader].kill9();
+    tracing::info!(cluster = %killed, "killed the leader");
     // The first write sent after the kill and acknowledged.
     let failover = load.first_ack_after(killed_at, Duration::from_secs(60)).await.context("no write was acknowledged after the kill")?;
+    tracing::info!(ms = failover.as_millis() as u64, "first write acknowledged after the kill");
     tokio::time::sleep(Duration::from_secs_f64(a.load_s)).await;
     let (new_leader, epoch) = group.leader().await?;
     let new_leader = group.clusters[new_leader].name.clone();
@@ -648,7 +665,7 @@ impl ClusterProcess {
             .arg(config)
             .arg("--data-dir")
             .arg(data)
-            .env("RUST_LOG", std::env::var("TANDEM_BENCH_LOG").unwrap_or_else(|_| "warn".into()))
+            .env("RUST_LOG", std::env::var("TANDEM_BENCH_LOG").unwrap_or_else(|_| "warn,tandem::ha=info,tandem_cluster::node=info".into()))
             .stdout(Stdio::piped())
             .stderr(log)
             .spawn()
