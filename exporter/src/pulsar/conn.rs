@@ -84,6 +84,8 @@ struct Routes {
     requests: HashMap<u64, oneshot::Sender<pb::BaseCommand>>,
     receipts: HashMap<(u64, u64), oneshot::Sender<Receipt>>,
     consumers: HashMap<u64, mpsc::UnboundedSender<Delivery>>,
+    /// Producers the broker closed (e.g. a topic moving to another broker).
+    closed_producers: std::collections::HashSet<u64>,
     /// Why the connection is closed, once it is.
     closed: Option<String>,
 }
@@ -389,6 +391,11 @@ impl Conn {
         self.shared.routes.lock().consumers.remove(&consumer_id);
     }
 
+    /// Whether the broker closed `producer_id` (it must be created again, after a new lookup).
+    pub fn producer_closed(&self, producer_id: u64) -> bool {
+        self.shared.routes.lock().closed_producers.contains(&producer_id)
+    }
+
     /// Fails the receipts `producer_id` still waits for (its producer is being dropped).
     pub fn forget_producer(&self, producer_id: u64, why: &str) {
         let mut r = self.shared.routes.lock();
@@ -451,6 +458,7 @@ fn dispatch(s: &Shared, tx: &mpsc::UnboundedSender<Bytes>, token: Option<&str>, 
         Type::CloseProducer => {
             let m = cmd.close_producer.ok_or("CLOSE_PRODUCER without its command")?;
             let mut r = s.routes.lock();
+            r.closed_producers.insert(m.producer_id);
             let keys: Vec<_> = r.receipts.keys().filter(|(p, _)| *p == m.producer_id).copied().collect();
             for k in keys {
                 if let Some(w) = r.receipts.remove(&k) {

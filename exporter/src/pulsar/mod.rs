@@ -451,6 +451,13 @@ struct Producer {
     next_seq: u64,
 }
 
+impl Producer {
+    /// Its connection died or the broker closed it: a new one is needed.
+    fn is_gone(&self) -> bool {
+        self.conn.is_closed() || self.conn.producer_closed(self.id)
+    }
+}
+
 struct Inner {
     cfg: PulsarConfig,
     tls: Option<tokio_rustls::TlsConnector>,
@@ -895,7 +902,7 @@ impl Inner {
         }
         let slot = self.producer_slot(topic);
         let mut guard = slot.lock().await;
-        if guard.as_ref().is_none_or(|p| p.conn.is_closed()) {
+        if guard.as_ref().is_none_or(Producer::is_gone) {
             *guard = Some(self.create_producer(topic).await?);
         }
         let Some(p) = guard.as_mut() else { unreachable!("set above") };
@@ -1066,7 +1073,7 @@ impl Transport for PulsarTransport {
             let topic = self.inner.cfg.topic(&s);
             let slot = self.inner.producer_slot(&topic);
             let mut p = slot.lock().await;
-            if p.as_ref().is_none_or(|p| p.conn.is_closed()) {
+            if p.as_ref().is_none_or(Producer::is_gone) {
                 *p = Some(self.inner.create_producer(&topic).await?);
                 info!(%topic, "pulsar topic ready");
             }
@@ -1360,5 +1367,41 @@ mod tests {
         let frame = conn::payload_frame(&base(Type::Send), &pb::MessageMetadata::default(), &other.encode_to_vec());
         let e = decode_entry(&s, Id { ledger: 0, entry: 7 }, frame.slice(8 + base(Type::Send).encoded_len()..));
         assert!(e.events[0].as_ref().unwrap_err().0.contains("shard 2"));
+    }
+
+    #[test]
+    fn chunks_are_put_back_together_and_incomplete_ones_dropped() {
+        let s = StreamId::Shard { collection_id: 7, shard: 1 };
+        let ev = ChangeEvent { format_version: 1, collection_id: 7, shard: 1, lsn: 3, ..Default::default() };
+        let bytes = Bytes::from(ev.encode_to_vec());
+        let chunk = |uuid: &str, i: i32, n: i32, part: Bytes, entry: i64| {
+            Piece::Chunk(Chunk {
+                id: Id { ledger: 0, entry },
+                uuid: uuid.into(),
+                chunk_id: i,
+                chunks: n,
+                total: bytes.len() as i32,
+                data: part,
+                lsn: Some("3".into()),
+            })
+        };
+        let (a, b) = (bytes.slice(..4), bytes.slice(4..));
+        let mut asm = Assembler::default();
+        // The tail of a message that started before the reader: ignored.
+        assert!(asm.feed(&s, chunk("x", 1, 2, b.clone(), 0)).is_empty());
+        // A retried publish: chunk 0 of "p-1", then the whole message again as "p-3".
+        assert!(asm.feed(&s, chunk("p-1", 0, 2, a.clone(), 1)).is_empty());
+        assert!(asm.feed(&s, chunk("p-3", 0, 2, a.clone(), 2)).is_empty());
+        let done = asm.feed(&s, chunk("p-3", 1, 2, b.clone(), 3));
+        assert_eq!(done.len(), 1);
+        assert_eq!(done[0].id, Id { ledger: 0, entry: 2 });
+        assert_eq!(done[0].events[0].as_ref().unwrap(), &ev);
+        // A chunked message whose bytes do not add up is malformed, with its lsn property.
+        let short =
+            asm.feed(&s, chunk("q", 0, 2, a.clone(), 4)).into_iter().chain(asm.feed(&s, chunk("q", 1, 2, a, 5))).collect::<Vec<_>>();
+        assert_eq!(short.len(), 1);
+        let (problem, lsn) = short[0].events[0].as_ref().unwrap_err();
+        assert_eq!(lsn.as_deref(), Some("3"));
+        assert!(!problem.is_empty());
     }
 }
