@@ -652,7 +652,7 @@ impl Inner {
         p.conn.forget_producer(p.id, "producer closed");
         let request_id = p.conn.next_id();
         let cmd = pb::BaseCommand {
-            close_producer: Some(pb::CommandCloseProducer { producer_id: p.id, request_id, ..Default::default() }),
+            close_producer: Some(pb::CommandCloseProducer { producer_id: p.id, request_id }),
             ..base(Type::CloseProducer)
         };
         let _ = p.conn.send_frame(conn::simple_frame(&cmd));
@@ -1039,7 +1039,7 @@ impl Drop for Reader {
         self.conn.forget_consumer(self.id);
         let request_id = self.conn.next_id();
         let cmd = pb::BaseCommand {
-            close_consumer: Some(pb::CommandCloseConsumer { consumer_id: self.id, request_id, ..Default::default() }),
+            close_consumer: Some(pb::CommandCloseConsumer { consumer_id: self.id, request_id }),
             ..base(Type::CloseConsumer)
         };
         let _ = self.conn.send_frame(conn::simple_frame(&cmd));
