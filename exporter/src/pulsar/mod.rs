@@ -828,7 +828,7 @@ impl Inner {
                 && at == id
             {
                 // A batch (foreign producers) holds several events: the last one counts.
-                return Ok(self.last_in_entry(stream, topic, id, last).await?.unwrap_or(ev.lsn));
+                return Ok(self.last_in_entry(stream, topic, id).await?.unwrap_or(ev.lsn));
             }
             entry -= 1;
         }
@@ -844,9 +844,8 @@ impl Inner {
     }
 
     /// The last well-formed event of a batch entry, when `id` is a batch.
-    async fn last_in_entry(&self, stream: &StreamId, topic: &str, id: Id, end: Id) -> Result<Option<u64>> {
+    async fn last_in_entry(&self, stream: &StreamId, topic: &str, id: Id) -> Result<Option<u64>> {
         let mut r = self.open_reader(topic, Id { ledger: id.ledger, entry: id.entry - 1 }, 1).await?;
-        let _ = end;
         match tokio::time::timeout(self.cfg.timeout(), r.next()).await {
             Ok(Delivery::Message { id: got, body }) if Id::of(&got) == id => match decode_piece(stream, id, body) {
                 Piece::Whole(e) => Ok(e.events.iter().rev().find_map(|r| r.as_ref().ok()).map(|ev| ev.lsn)),
