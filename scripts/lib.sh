@@ -47,5 +47,5 @@ ensure_etcd() {
   [ -x /usr/bin/etcd ] || ensure_apt etcd-server
 }
 
-# Tools installed by the scripts (tansu) live here.
+# Tools installed by the scripts (tansu, pulsar-lite) live here.
 export PATH="$HOME/.cache/tandem/tools/bin:$PATH"

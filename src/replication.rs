@@ -47,6 +47,11 @@ pub fn transport(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Transport>> {
             let k = tandem_exporter::kafka::KafkaConfig::from_settings(&r.group, &cfg.cluster_id, &r.kafka, cfg.limits.max_message_bytes);
             Ok(Arc::new(tandem_exporter::kafka::KafkaTransport::new(k)?))
         }
+        #[cfg(feature = "pulsar")]
+        "pulsar" => {
+            let p = tandem_exporter::pulsar::PulsarConfig::from_settings(&r.group, &r.pulsar, cfg.limits.max_message_bytes)?;
+            Ok(Arc::new(tandem_exporter::pulsar::PulsarTransport::new(p)?))
+        }
         other => anyhow::bail!("replication.transport = {other:?} is not available in this build"),
     }
 }

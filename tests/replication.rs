@@ -323,6 +323,7 @@ async fn replication_metrics(backend: Backend) {
     let (lead, alt) = match backend {
         Backend::Direct => ("metrics-lead-direct", "metrics-alt-direct"),
         Backend::Kafka { .. } => ("metrics-lead-kafka", "metrics-alt-kafka"),
+        Backend::Pulsar { .. } => ("metrics-lead-pulsar", "metrics-alt-pulsar"),
     };
     let mut sb = Sandbox::builder()
         .cluster_with(lead, |c| {
@@ -716,6 +717,138 @@ mod kafka {
             ("TANDEM__REPLICATION__TRANSPORT".to_string(), "kafka".to_string()),
             ("TANDEM__REPLICATION__KAFKA__BROKERS".to_string(), broker.brokers()),
             ("TANDEM__REPLICATION__GROUP".to_string(), format!("k9{}", std::process::id())),
+        ];
+        super::alternative_kill9_resumes(env).await;
+        drop(broker);
+    }
+}
+
+#[cfg(feature = "pulsar")]
+#[path = "../exporter/tests/common/pulsar_lite.rs"]
+mod pulsar_lite;
+
+/// The same suite over Pulsar: each test starts its own pulsar-lite broker (durable storage) on
+/// a free port.
+#[cfg(feature = "pulsar")]
+mod pulsar {
+    use super::*;
+    use tandem_exporter::Transport;
+
+    macro_rules! pulsar_suite {
+        ($($name:ident),* $(,)?) => {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $name() {
+                    let broker = pulsar_lite::PulsarLite::start();
+                    super::$name(Backend::Pulsar { url: broker.url() }).await;
+                    drop(broker);
+                }
+            )*
+        };
+    }
+
+    /// A leader and an alternative replicating through `broker`.
+    async fn pair(broker: &pulsar_lite::PulsarLite) -> Sandbox {
+        Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Pulsar { url: broker.url() }).build().await
+    }
+
+    pulsar_suite!(
+        live_data_and_ddl,
+        bootstrap_then_live_handoff,
+        alternative_restart_resumes,
+        consistent_reads_on_alternative,
+        large_write_replicates,
+        strong_read_on_idle_alternative,
+        replication_metrics
+    );
+
+    /// A broker restart with durable storage loses nothing: acknowledged writes (ack policy
+    /// `exported`: the broker held them) all reach the alternative.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn broker_restart_with_durable_storage_loses_nothing() {
+        let mut broker = pulsar_lite::PulsarLite::start();
+        let sb = pair(&broker).await;
+        let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+        l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+        insert(&mut l, 0..200, DIM).await;
+        converge(&mut l, &mut a).await;
+        sb.stop("alt").await;
+        insert(&mut l, 200..400, DIM).await;
+        broker.restart();
+        insert(&mut l, 400..500, DIM).await;
+        sb.restart("alt").await;
+        let mut a = sb.client("alt").await;
+        converge(&mut l, &mut a).await;
+        assert_eq!(count(&mut a, C).await, 500);
+    }
+
+    /// A malformed event on the topic is quarantined and halts that shard; the alternative keeps
+    /// serving what it has.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn poison_event_on_the_topic_is_quarantined() {
+        let broker = pulsar_lite::PulsarLite::start();
+        let sb = pair(&broker).await;
+        let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+        let mut one_shard = docs_schema(DIM as u32);
+        one_shard.shards = 1;
+        l.create_collection(pb::CreateCollectionRequest { schema: Some(one_shard) }).await.unwrap();
+        insert(&mut l, 0..50, DIM).await;
+        converge(&mut l, &mut a).await;
+        let node = sb.node("lead").await;
+        let c = node.collection(C).unwrap();
+        let stream = tandem_exporter::StreamId::Shard { collection_id: c.id, shard: 0 };
+        let group = sb.config("lead").await.replication.group;
+        let pulsar = tandem_exporter::pulsar::PulsarTransport::new(tandem_exporter::pulsar::PulsarConfig {
+            service_url: broker.url(),
+            group,
+            ..Default::default()
+        })
+        .unwrap();
+        let end = pulsar.end_lsn(&stream).await.unwrap();
+        // A data event that cannot be applied: two ids, one float.
+        let bad = tandem_proto::replication::v1::ChangeEvent {
+            format_version: 1,
+            epoch: 1,
+            ts: node.clock.now(),
+            collection: C.into(),
+            collection_id: c.id,
+            shard: 0,
+            lsn: end + 1,
+            body: Some(tandem_proto::replication::v1::change_event::Body::Insert(tandem_proto::storage::v1::RowBatch {
+                ids: vec![1, 2],
+                vectors: vec![1.0],
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        pulsar.publish(&stream, vec![bad]).await.unwrap();
+        eventually(CONVERGE, || {
+            let mut a = a.clone();
+            async move {
+                a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections[0]
+                    .replication
+                    .starts_with("halted")
+            }
+        })
+        .await;
+        let f = sb.follower("alt").await;
+        assert_eq!(f.poisoned.load(Ordering::Relaxed), 1);
+        let quarantine = sb.data_dir("alt").await.join("quarantine");
+        assert_eq!(std::fs::read_dir(quarantine).unwrap().count(), 1);
+        let r = a
+            .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") })
+            .await
+            .unwrap();
+        assert_eq!(r.into_inner().count, 50);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn pulsar_alternative_kill9_resumes() {
+        let broker = pulsar_lite::PulsarLite::start();
+        let env = vec![
+            ("TANDEM__REPLICATION__TRANSPORT".to_string(), "pulsar".to_string()),
+            ("TANDEM__REPLICATION__PULSAR__SERVICE_URL".to_string(), broker.url()),
+            ("TANDEM__REPLICATION__GROUP".to_string(), format!("p9{}", std::process::id())),
         ];
         super::alternative_kill9_resumes(env).await;
         drop(broker);

@@ -120,7 +120,7 @@ pub struct TelemetryConfig {
 pub struct ReplicationConfig {
     /// The replication group's id (in every event; part of broker topic names).
     pub group: String,
-    /// "direct" (alternatives pull the leader's log over gRPC; no broker) or "kafka".
+    /// "direct" (alternatives pull the leader's log over gRPC; no broker), "kafka" or "pulsar".
     pub transport: String,
     /// Alternatives: the leader's endpoint (snapshots, STRONG reads, the direct transport,
     /// and the hint in NotLeader replies).
@@ -134,6 +134,7 @@ pub struct ReplicationConfig {
     /// has it; "local": once it is in the local WAL.
     pub ack: String,
     pub kafka: KafkaSettings,
+    pub pulsar: PulsarSettings,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -161,6 +162,68 @@ impl Default for KafkaSettings {
     }
 }
 
+/// `[replication.pulsar]`: the Pulsar transport (docs/pulsar.md).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PulsarSettings {
+    /// `pulsar://host:6650`, or `pulsar+ssl://host:6651` for TLS.
+    pub service_url: String,
+    pub tenant: String,
+    pub namespace: String,
+    pub topic_prefix: String,
+    /// Token authentication; prefer `auth_token_file` (a file holding the token).
+    pub auth_token: String,
+    pub auth_token_file: String,
+    /// PEM file of the CAs that sign the brokers' certificates (pulsar+ssl://); empty: the
+    /// system's roots.
+    pub tls_trust_certs_file: String,
+}
+
+impl PulsarSettings {
+    /// What is wrong with these settings, each naming the setting; `in_use`: the transport is
+    /// "pulsar" (an unused section may stay empty).
+    pub fn problems(&self, in_use: bool) -> Vec<String> {
+        let mut errs = Vec::new();
+        let url = self.service_url.trim();
+        if url.is_empty() {
+            if in_use {
+                errs.push("replication.pulsar.service_url is empty but replication.transport = \"pulsar\"".into());
+            }
+            return errs;
+        }
+        let tls = url.starts_with("pulsar+ssl://");
+        if !tls && !url.starts_with("pulsar://") {
+            errs.push(format!("replication.pulsar.service_url = {url:?} does not start with pulsar:// or pulsar+ssl://"));
+        }
+        if !tls && !self.tls_trust_certs_file.is_empty() {
+            errs.push("replication.pulsar.tls_trust_certs_file is set but service_url is not pulsar+ssl://".into());
+        }
+        if !self.auth_token.is_empty() && !self.auth_token_file.is_empty() {
+            errs.push("replication.pulsar.auth_token and auth_token_file are both set: keep one".into());
+        }
+        for (name, v) in [("tenant", &self.tenant), ("namespace", &self.namespace), ("topic_prefix", &self.topic_prefix)] {
+            if v.is_empty() || !v.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')) {
+                errs.push(format!("replication.pulsar.{name} = {v:?}: use ASCII letters, digits, '.', '_' and '-'"));
+            }
+        }
+        errs
+    }
+}
+
+impl Default for PulsarSettings {
+    fn default() -> Self {
+        PulsarSettings {
+            service_url: String::new(),
+            tenant: "public".into(),
+            namespace: "default".into(),
+            topic_prefix: "tandem".into(),
+            auth_token: String::new(),
+            auth_token_file: String::new(),
+            tls_trust_certs_file: String::new(),
+        }
+    }
+}
+
 impl Default for ReplicationConfig {
     fn default() -> Self {
         ReplicationConfig {
@@ -171,6 +234,7 @@ impl Default for ReplicationConfig {
             on_poison: "halt".into(),
             ack: "exported".into(),
             kafka: KafkaSettings::default(),
+            pulsar: PulsarSettings::default(),
         }
     }
 }
@@ -354,8 +418,8 @@ impl ClusterConfig {
         if crate::schema::validate_name("replication.group", &r.group).is_err() {
             errs.push(format!("replication.group = {:?}: use letters, digits and _", r.group));
         }
-        if !["direct", "kafka"].contains(&r.transport.as_str()) {
-            errs.push(format!("replication.transport = {:?} is not one of direct, kafka", r.transport));
+        if !["direct", "kafka", "pulsar"].contains(&r.transport.as_str()) {
+            errs.push(format!("replication.transport = {:?} is not one of direct, kafka, pulsar", r.transport));
         }
         if r.kafka.replication_factor == 0 {
             errs.push("replication.kafka.replication_factor = 0: it must be at least 1".into());
@@ -363,6 +427,7 @@ impl ClusterConfig {
         if r.transport == "kafka" && r.kafka.brokers.trim().is_empty() {
             errs.push("replication.kafka.brokers is empty but replication.transport = \"kafka\"".into());
         }
+        errs.extend(r.pulsar.problems(r.transport == "pulsar"));
         if self.role != Role::Leading && r.leader.trim().is_empty() && !self.ha.enabled() {
             errs.push(format!(
                 "replication.leader is empty: a cluster with role = {:?} needs its leader's endpoint",
@@ -393,7 +458,7 @@ impl ClusterConfig {
         }
         if ha.enabled() && r.transport == "direct" {
             errs.push(format!(
-                "ha.arbiter = {:?} needs a broker transport (replication.transport = \"kafka\"): with \"direct\" the log dies with the leader",
+                "ha.arbiter = {:?} needs a broker transport (replication.transport = \"kafka\" or \"pulsar\"): with \"direct\" the log dies with the leader",
                 ha.arbiter
             ));
         }
@@ -449,5 +514,29 @@ mod tests {
         assert!(errs.iter().any(|e| e.contains("\"nowhere\"")));
         assert!(errs.iter().any(|e| e.contains("segment.seal_rows = 0")));
         assert!(errs.iter().any(|e| e.contains("\"a b\"")));
+    }
+
+    #[test]
+    fn pulsar_settings_are_checked_by_name() {
+        let mut c = ClusterConfig::default();
+        c.replication.transport = "pulsar".into();
+        let errs = c.validate().unwrap_err();
+        assert!(errs.iter().any(|e| e.contains("replication.pulsar.service_url is empty")), "{errs:?}");
+        c.replication.pulsar.service_url = "pulsar://127.0.0.1:6650".into();
+        c.validate().unwrap();
+        c.replication.pulsar.service_url = "http://x:1".into();
+        c.replication.pulsar.tls_trust_certs_file = "ca.pem".into();
+        c.replication.pulsar.auth_token = "t".into();
+        c.replication.pulsar.auth_token_file = "f".into();
+        c.replication.pulsar.namespace = "a/b".into();
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        for needle in ["service_url = \"http://x:1\"", "tls_trust_certs_file", "auth_token_file", "replication.pulsar.namespace"] {
+            assert!(errs.iter().any(|e| e.contains(needle)), "{needle}: {errs:?}");
+        }
+        c.replication.pulsar.service_url = "pulsar+ssl://h:6651".into();
+        c.replication.pulsar.auth_token_file = String::new();
+        c.replication.pulsar.namespace = "default".into();
+        c.validate().unwrap();
     }
 }

@@ -19,6 +19,8 @@ pub mod transport;
 
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "pulsar")]
+pub mod pulsar;
 
 pub use error::{ExportError, Result};
 pub use transport::{EventStream, StreamId, Transport};

@@ -1,7 +1,8 @@
 //! `tandem bench replication`: how far an alternative trails its leader, what consistent reads on
 //! it cost, and how fast a new alternative catches up — per transport backend, in one process.
 //!
-//! For each backend (`direct`, and `kafka` when a broker is given or a `tansu` binary is found)
+//! For each backend (`direct`; `kafka` when a broker is given or a `tansu` binary is found;
+//! `pulsar` when a service URL is given or a `pulsar-lite` binary is found)
 //! two measurements run, each on a fresh leader + alternative pair started in-process on
 //! `127.0.0.1:0` with temporary data directories (the same `server::start` +
 //! `replication::start` that `tandem cluster` runs):
@@ -68,6 +69,7 @@ const SETUP_ATTEMPTS: u32 = 5;
 /// The figures the project publishes; the report says whether each is met.
 const TARGET_LAG_P99_DIRECT_MS: f64 = 5.0;
 const TARGET_LAG_P99_KAFKA_MS: f64 = 20.0;
+const TARGET_LAG_P99_PULSAR_MS: f64 = 20.0;
 const TARGET_STRONG_ALT_P99_MS: f64 = 60.0;
 const TARGET_BOOTSTRAP_MB_S: f64 = 100.0;
 
@@ -78,6 +80,8 @@ pub enum BackendArg {
     Direct,
     /// The leader publishes to Kafka, alternatives consume from it
     Kafka,
+    /// The leader publishes to Pulsar, alternatives read from it
+    Pulsar,
 }
 
 impl BackendArg {
@@ -85,6 +89,7 @@ impl BackendArg {
         match self {
             BackendArg::Direct => "direct",
             BackendArg::Kafka => "kafka",
+            BackendArg::Pulsar => "pulsar",
         }
     }
 }
@@ -99,7 +104,8 @@ pub enum IndexArg {
 #[derive(Debug, Clone, clap::Args)]
 pub struct ReplicationBenchArgs {
     /// Transport backends to measure, in order [default: direct, plus kafka when --kafka-brokers
-    /// is given or a tansu binary is found]
+    /// is given or a tansu binary is found, plus pulsar when --pulsar-url is given or a
+    /// pulsar-lite binary is found]
     #[arg(long, value_enum, value_delimiter = ',')]
     pub backends: Option<Vec<BackendArg>>,
     /// Kafka bootstrap servers (HOST:PORT[,...]); without it a tansu broker is started on a free
@@ -110,6 +116,10 @@ pub struct ReplicationBenchArgs {
     /// e.g. fetch.wait.max.ms=10; repeatable
     #[arg(long = "kafka-property", value_name = "KEY=VALUE", value_parser = parse_property)]
     pub kafka_properties: Vec<(String, String)>,
+    /// Pulsar service URL (pulsar://HOST:PORT); without it a pulsar-lite broker is started on a
+    /// free loopback port when the binary is on PATH or in ~/.cache/tandem/tools/bin
+    #[arg(long, value_name = "URL")]
+    pub pulsar_url: Option<String>,
     /// Vectors per second the writer inserts on the leader
     #[arg(long, default_value_t = 5000)]
     pub rate: u32,
@@ -185,7 +195,7 @@ impl ReplicationBenchArgs {
             self.rate
         );
         if let Some(b) = &self.backends {
-            ensure!(!b.is_empty(), "--backends is empty: name at least one of direct, kafka");
+            ensure!(!b.is_empty(), "--backends is empty: name at least one of direct, kafka, pulsar");
             for (i, x) in b.iter().enumerate() {
                 ensure!(!b[..i].contains(x), "--backends names {} twice", x.name());
             }
@@ -253,6 +263,7 @@ struct Params {
     seed: u64,
     kafka_brokers: Option<String>,
     kafka_properties: std::collections::BTreeMap<String, String>,
+    pulsar_url: Option<String>,
 }
 
 #[derive(Debug, Serialize)]
@@ -264,7 +275,8 @@ struct Skipped {
 #[derive(Debug, Serialize)]
 struct BackendReport {
     backend: BackendArg,
-    /// `bootstrap.servers` for kafka; a broker this bench started says so.
+    /// `bootstrap.servers` for kafka, the service URL for pulsar; a broker this bench started
+    /// says so.
     brokers: Option<String>,
     /// Pairs of clusters thrown away because the first write was never exported (a known race
     /// in the publisher; see `SetupStuck`): 0 when all went well.
@@ -436,6 +448,7 @@ struct Progress {
 enum Transport {
     Direct,
     Kafka { brokers: String },
+    Pulsar { url: String },
 }
 
 /// A cluster started in-process, with its part in replication.
@@ -495,6 +508,10 @@ fn cluster_config(id: &str, dir: &Path, transport: &Transport, group: &str, a: &
             cfg.replication.transport = "kafka".into();
             cfg.replication.kafka.brokers = brokers.clone();
             cfg.replication.kafka.properties.extend(a.kafka_properties.iter().cloned());
+        }
+        Transport::Pulsar { url } => {
+            cfg.replication.transport = "pulsar".into();
+            cfg.replication.pulsar.service_url = url.clone();
         }
     }
     cfg
@@ -1054,11 +1071,12 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
 }
 
 // ---------------------------------------------------------------------------------------------
-// Kafka broker
+// Brokers
 
-/// A tansu broker this bench started; killed on drop.
+/// A broker this bench started (tansu or pulsar-lite); killed on drop.
 pub(crate) struct Broker {
     child: Child,
+    /// `host:port` (tansu) or the service URL (pulsar-lite).
     pub(crate) brokers: String,
     _dir: tempfile::TempDir,
 }
@@ -1125,8 +1143,64 @@ pub(crate) fn start_tansu(bin: &Path) -> anyhow::Result<Broker> {
     }
 }
 
-/// Which backends run, and the broker kafka uses (started here when none was given).
-fn plan(a: &ReplicationBenchArgs) -> anyhow::Result<(Vec<BackendArg>, Vec<Skipped>, Option<PathBuf>)> {
+/// `pulsar-lite` on PATH or where `scripts/install-pulsar-lite` puts it.
+fn find_pulsar_lite() -> Option<PathBuf> {
+    let mut candidates: Vec<PathBuf> =
+        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("pulsar-lite")).collect()).unwrap_or_default();
+    if let Some(home) = std::env::var_os("HOME") {
+        candidates.push(Path::new(&home).join(".cache/tandem/tools/bin/pulsar-lite"));
+    }
+    candidates.into_iter().find(|p| p.is_file())
+}
+
+/// Starts pulsar-lite on a free loopback port, storage in a temp dir, and waits until it
+/// accepts connections. Its Prometheus endpoint (0.0.0.0:8080 by default) is turned off by its
+/// config file. Blocking (at most ~30 s).
+fn start_pulsar_lite(bin: &Path) -> anyhow::Result<Broker> {
+    let dir = tempfile::Builder::new().prefix("tandem-bench-pulsar-").tempdir().context("temp dir for pulsar-lite")?;
+    let port = free_port()?;
+    let config = dir.path().join("pulsar-lite.toml");
+    std::fs::write(&config, "[metrics]\nenabled = false\n").context("pulsar-lite config file")?;
+    let log = std::fs::File::create(dir.path().join("pulsar-lite.log")).context("pulsar-lite log file")?;
+    let child = Command::new(bin)
+        .arg("--config")
+        .arg(&config)
+        .args(["--addr", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
+        .arg("--db-path")
+        .arg(dir.path().join("pl.db"))
+        .current_dir(dir.path())
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().context("pulsar-lite log file")?)
+        .stderr(log)
+        .spawn()
+        .with_context(|| format!("cannot run {}", bin.display()))?;
+    let mut broker = Broker { child, brokers: format!("pulsar://127.0.0.1:{port}"), _dir: dir };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Ok(Some(status)) = broker.child.try_wait() {
+            let out = std::fs::read_to_string(broker._dir.path().join("pulsar-lite.log")).unwrap_or_default();
+            bail!("pulsar-lite exited with {status} at startup:\n{out}");
+        }
+        if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
+            // Accepting is not serving yet; the warm-up absorbs the rest (publishes retry).
+            std::thread::sleep(Duration::from_millis(300));
+            return Ok(broker);
+        }
+        ensure!(Instant::now() < deadline, "pulsar-lite on port {port} did not accept connections within 30 s");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Binaries of the brokers the bench may start.
+struct Brokers {
+    tansu: Option<PathBuf>,
+    pulsar_lite: Option<PathBuf>,
+}
+
+/// Which backends run, and the brokers they use (started here when none was given).
+fn plan(a: &ReplicationBenchArgs) -> anyhow::Result<(Vec<BackendArg>, Vec<Skipped>, Brokers)> {
+    let pulsar_built = cfg!(feature = "pulsar");
+    let pulsar_lite = if a.pulsar_url.is_none() { find_pulsar_lite() } else { None };
     let kafka_built = cfg!(feature = "kafka");
     let tansu = if a.kafka_brokers.is_none() { find_tansu() } else { None };
     let mut skipped = Vec::new();
@@ -1137,6 +1211,16 @@ fn plan(a: &ReplicationBenchArgs) -> anyhow::Result<(Vec<BackendArg>, Vec<Skippe
                 ensure!(
                     a.kafka_brokers.is_some() || tansu.is_some(),
                     "--backends kafka needs --kafka-brokers HOST:PORT or a tansu binary on PATH or in ~/.cache/tandem/tools/bin (scripts/install-tansu)"
+                );
+            }
+            if b.contains(&BackendArg::Pulsar) {
+                ensure!(
+                    pulsar_built,
+                    "--backends pulsar: this tandem was built without the pulsar backend (cargo build --features pulsar)"
+                );
+                ensure!(
+                    a.pulsar_url.is_some() || pulsar_lite.is_some(),
+                    "--backends pulsar needs --pulsar-url pulsar://HOST:PORT or a pulsar-lite binary on PATH or in ~/.cache/tandem/tools/bin (scripts/install-pulsar-lite)"
                 );
             }
             b.clone()
@@ -1155,10 +1239,22 @@ fn plan(a: &ReplicationBenchArgs) -> anyhow::Result<(Vec<BackendArg>, Vec<Skippe
                 (true, _, true) | (_, true, true) => b.push(BackendArg::Kafka),
                 (false, false, _) => {}
             }
+            match (a.pulsar_url.is_some(), pulsar_lite.is_some(), pulsar_built) {
+                (true, _, false) => {
+                    bail!("--pulsar-url: this tandem was built without the pulsar backend (cargo build --features pulsar)")
+                }
+                (_, true, false) => skipped.push(Skipped {
+                    backend: BackendArg::Pulsar,
+                    reason: "a pulsar-lite broker was found, but this tandem was built without the pulsar backend (cargo build --features pulsar)"
+                        .into(),
+                }),
+                (true, _, true) | (_, true, true) => b.push(BackendArg::Pulsar),
+                (false, false, _) => {}
+            }
             b
         }
     };
-    Ok((backends, skipped, tansu))
+    Ok((backends, skipped, Brokers { tansu, pulsar_lite }))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1168,7 +1264,8 @@ async fn bench(a: &ReplicationBenchArgs) -> anyhow::Result<Report> {
     a.validate()?;
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
     let loadavg_1m = std::fs::read_to_string("/proc/loadavg").ok().and_then(|s| s.split_whitespace().next().and_then(|x| x.parse().ok()));
-    let (backends, skipped, tansu) = plan(a)?;
+    let (backends, skipped, found) = plan(a)?;
+    let tansu = found.tansu;
     for s in &skipped {
         eprintln!("warning: skipping {}: {}", s.backend.name(), s.reason);
     }
@@ -1195,6 +1292,24 @@ async fn bench(a: &ReplicationBenchArgs) -> anyhow::Result<Report> {
                 (
                     Transport::Kafka { brokers: brokers.clone() },
                     Some(if broker.is_some() { format!("{brokers} (tansu, started by the bench)") } else { brokers }),
+                )
+            }
+            BackendArg::Pulsar => {
+                let url = match (&a.pulsar_url, &found.pulsar_lite) {
+                    (Some(u), _) => u.clone(),
+                    (None, Some(bin)) => {
+                        let bin = bin.clone();
+                        let b = tokio::task::spawn_blocking(move || start_pulsar_lite(&bin)).await??;
+                        eprintln!("pulsar: started pulsar-lite at {}", b.brokers);
+                        let url = b.brokers.clone();
+                        broker = Some(b);
+                        url
+                    }
+                    (None, None) => bail!("pulsar needs --pulsar-url or a pulsar-lite binary"),
+                };
+                (
+                    Transport::Pulsar { url: url.clone() },
+                    Some(if broker.is_some() { format!("{url} (pulsar-lite, started by the bench)") } else { url }),
                 )
             }
         };
@@ -1239,6 +1354,7 @@ async fn bench(a: &ReplicationBenchArgs) -> anyhow::Result<Report> {
         let lag_bound = match r.backend {
             BackendArg::Direct => TARGET_LAG_P99_DIRECT_MS,
             BackendArg::Kafka => TARGET_LAG_P99_KAFKA_MS,
+            BackendArg::Pulsar => TARGET_LAG_P99_PULSAR_MS,
         };
         targets.push(Target::at_most(format!("{name}_lag_p99_ms"), r.live.lag.p99_ms, lag_bound));
         targets.push(Target::at_most(
@@ -1271,6 +1387,7 @@ async fn bench(a: &ReplicationBenchArgs) -> anyhow::Result<Report> {
             bootstrap_batch: a.bootstrap_batch,
             seed: a.seed,
             kafka_brokers: a.kafka_brokers.clone(),
+            pulsar_url: a.pulsar_url.clone(),
             kafka_properties: a.kafka_properties.iter().cloned().collect(),
         },
         backends: reports,

@@ -31,7 +31,13 @@ pub type Client = TandemClient<Channel>;
 #[derive(Debug, Clone)]
 pub enum Backend {
     Direct,
-    Kafka { brokers: String },
+    Kafka {
+        brokers: String,
+    },
+    /// A Pulsar service URL (`pulsar://host:port`).
+    Pulsar {
+        url: String,
+    },
 }
 
 type Adjust = Box<dyn Fn(&mut ClusterConfig) + Send>;
@@ -94,6 +100,11 @@ impl SandboxBuilder {
                     cfg.replication.kafka.brokers = brokers.clone();
                     cfg.replication.group = group.clone();
                 }
+                Backend::Pulsar { url } => {
+                    cfg.replication.transport = "pulsar".into();
+                    cfg.replication.pulsar.service_url = url.clone();
+                    cfg.replication.group = group.clone();
+                }
             }
             if let Some(leader) = &follows {
                 let addr = members[leader].lock().await.running.as_ref().expect("leader running").addr;
@@ -145,6 +156,7 @@ impl Sandbox {
         let leader_cfg = self.member(leader).lock().await.cfg.replication.clone();
         cfg.replication.transport = leader_cfg.transport;
         cfg.replication.kafka = leader_cfg.kafka;
+        cfg.replication.pulsar = leader_cfg.pulsar;
         cfg.replication.group = leader_cfg.group;
         let running = server::start(cfg.clone()).await.expect("start cluster");
         let repl = tandem::replication::start(&running, &cfg).await.expect("start replication");
