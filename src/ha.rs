@@ -363,7 +363,9 @@ impl Controller {
     /// other change at that position (a newer leader that reused it).
     async fn stream_holds(&self, stream: &StreamId, position: u64, epoch: u64, ts: u64) -> bool {
         use futures::StreamExt;
-        let Ok(mut events) = self.transport.subscribe(stream, position).await else { return false };
+        let Ok(Ok(mut events)) = tokio::time::timeout(Duration::from_secs(5), self.transport.subscribe(stream, position)).await else {
+            return false;
+        };
         let is_data = |ev: &tandem_proto::replication::v1::ChangeEvent| {
             !matches!(ev.body, Some(tandem_proto::replication::v1::change_event::Body::Tick(_)) | None)
         };
@@ -371,14 +373,15 @@ impl Controller {
             Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch && ev.ts == ts && is_data(&ev) => {}
             _ => return false,
         }
-        // What follows at the same position: its ticks, or a newer leader's change.
+        // What follows at the same position: this node's own ticks, then the next leader's
+        // first event. A change there means the position was reused (ours never reached the
+        // next leader); anything else of a newer epoch, or a later position, means it did.
+        // Bounded: an idle new leader ticks at this position for ever.
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
         loop {
-            match tokio::time::timeout(Duration::from_millis(300), events.next()).await {
-                Ok(Some(Ok(ev))) if ev.lsn == position => {
-                    if is_data(&ev) {
-                        return false;
-                    }
-                }
+            match tokio::time::timeout_at(until, events.next()).await {
+                Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch => {}
+                Ok(Some(Ok(ev))) if ev.lsn == position => return !is_data(&ev),
                 Ok(Some(Ok(_))) | Err(_) | Ok(None) => return true,
                 Ok(Some(Err(_))) => return false,
             }
