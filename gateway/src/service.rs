@@ -422,9 +422,13 @@ impl Gateway {
         }
     }
 
-    /// How long a write may be held from now: `buffer.max_wait_ms`, within its deadline.
+    /// How long a write may be held from now: `buffer.max_wait_ms`, and a little less than its
+    /// deadline, so the client gets the gateway's explanation rather than its own timeout.
     fn hold_limit(&self, deadline: Instant) -> Instant {
-        (Instant::now() + Duration::from_millis(self.0.cfg.buffer.max_wait_ms)).min(deadline)
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let before_deadline = deadline - (left / 10).min(Duration::from_millis(50));
+        (now + Duration::from_millis(self.0.cfg.buffer.max_wait_ms)).min(before_deadline)
     }
 
     /// Writes held now (waiting for a leader).
