@@ -492,7 +492,7 @@ async fn writes_are_held_during_an_election_and_reads_keep_being_served() {
     for r in readers {
         r.await.expect("reader");
     }
-    let failed = failed.lock().unwrap();
+    let failed = std::mem::take(&mut *failed.lock().unwrap());
     assert!(
         failed.is_empty(),
         "{} of {} reads failed during the outage, e.g. {:?}",
