@@ -781,3 +781,102 @@ async fn etcd_discovery_adds_and_removes_clusters_live() {
 async fn topology_reads(gw: &tandem_gateway::Running, id: &str) -> u64 {
     topology(gw).await.clusters.iter().find(|c| c.id == id).map_or(0, |c| c.reads_routed)
 }
+
+/// A TCP proxy in front of a cluster that, once armed, loses the next reply: the first bytes the
+/// cluster sends back are dropped and the client's connection is reset. The request itself
+/// went through, so the gateway cannot know whether it was applied.
+struct LossyProxy {
+    addr: std::net::SocketAddr,
+    armed: Arc<AtomicBool>,
+    resets: Arc<AtomicU64>,
+}
+
+impl LossyProxy {
+    async fn start(target: std::net::SocketAddr) -> LossyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (armed, resets) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let p = LossyProxy { addr: listener.local_addr().unwrap(), armed: armed.clone(), resets: resets.clone() };
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else { continue };
+                let (armed, resets) = (armed.clone(), resets.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    // Closing with linger 0 sends RST: the connection is reset, not closed.
+                    let _ = client.set_linger(Some(Duration::ZERO));
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::io::copy(&mut cr, &mut sw);
+                    let down = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = sr.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if armed.swap(false, Ordering::SeqCst) {
+                                resets.fetch_add(1, Ordering::SeqCst);
+                                return Ok(());
+                            }
+                            cw.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        p
+    }
+
+    fn lose_next_reply(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_whose_reply_is_lost_is_sent_again_only_if_idempotent() {
+    let sb = Sandbox::builder().leading("a").build().await;
+    let proxy = LossyProxy::start(sb.addr("a").await).await;
+    let mut cfg = tandem_gateway::GatewayConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    // One connection and no periodic checks while the leader is known: after arming, the
+    // proxy's next reply is the write's.
+    cfg.routing.connections_per_cluster = 1;
+    cfg.health.interval_ms = 3_600_000;
+    cfg.health.healthy_after = 1;
+    cfg.routing.default_timeout_ms = 120_000;
+    cfg.buffer.max_wait_ms = 120_000;
+    let reg = tandem_discovery::Registration { id: "a".into(), datacenter: String::new(), endpoint: format!("http://{}", proxy.addr) };
+    let gw = tandem_gateway::start(cfg, tandem_discovery::static_list(vec![reg])).await.expect("gateway");
+    eventually(Duration::from_secs(30), || async { topology(&gw).await.leader == "a" }).await;
+    let mut g = connect(gw.addr).await;
+    create(&mut g, "u").await;
+    insert(&mut g, "u", 0..10).await;
+
+    // An insert whose reply is lost: its outcome is unknown, so it is not sent again.
+    proxy.lose_next_reply();
+    let e = g.insert(insert_req("u", 10..20)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("the outcome of this Insert is unknown"), "{e:?}");
+    assert!(e.message().contains("send it again as an upsert"), "{e:?}");
+    assert_eq!(proxy.resets.load(Ordering::SeqCst), 1);
+
+    // The leader was suspect, then checked again (fast, as no leader was known).
+    eventually(Duration::from_secs(30), || async { topology(&gw).await.leader == "a" }).await;
+    // An upsert whose reply is lost is held and sent again: applying it twice changes nothing.
+    proxy.lose_next_reply();
+    let upsert =
+        pb::UpsertRequest { collection: "u".into(), ids: (20..25).collect(), vectors: vectors(5, DIM, 20), payloads: vec![], ack: 0 };
+    let r = g.upsert(upsert).await.expect("the upsert was sent again after its reply was lost");
+    assert_eq!(r.into_inner().count, 5);
+    assert_eq!(proxy.resets.load(Ordering::SeqCst), 2, "the upsert's first reply was lost");
+    let t = topology(&gw).await;
+    assert_eq!(t.clusters[0].writes_routed, 5, "create, insert, the lost insert, the upsert twice: {t:?}");
+    let mut direct = sb.client("a").await;
+    let found = direct.get(get_req("u", (20..25).collect(), read(pb::ConsistencyLevel::Strong, ""))).await.unwrap().into_inner();
+    assert_eq!(found.entities.len(), 5, "each upserted id once");
+    let n = count(&mut direct, "u").await;
+    assert!(n == 15 || n == 25, "the lost insert was applied entirely or not at all: {n}");
+}
