@@ -325,7 +325,14 @@ async fn not_leader_redirects_the_write_once() {
     create(&mut sb.client("a").await, "w").await;
     let (node_a, node_b) = (sb.node("a").await, sb.node("b").await);
     node_b.set_role(tandem_cluster::Role::Alternative);
-    let gw = sb.gateway(&["a", "b"], |cfg| cfg.health.interval_ms = 3_600_000).await;
+    let gw = sb
+        .gateway(&["a", "b"], |cfg| {
+            cfg.health.interval_ms = 3_600_000;
+            // A held write waits for the promotion below however loaded the machine is.
+            cfg.buffer.max_wait_ms = 120_000;
+            cfg.routing.default_timeout_ms = 120_000;
+        })
+        .await;
     eventually(Duration::from_secs(30), || async { topology(&gw).await.leader == "a" }).await;
     node_a.set_role(tandem_cluster::Role::Alternative);
     node_a.set_leader(Some(format!("http://{}", sb.addr("b").await)));
@@ -340,14 +347,222 @@ async fn not_leader_redirects_the_write_once() {
     let writes: BTreeMap<_, _> = t.clusters.iter().map(|c| (c.id.as_str(), c.writes_routed)).collect();
     assert_eq!(writes, BTreeMap::from([("a", 1), ("b", 1)]));
 
-    // With no leader at all, writes fail at the gateway naming each cluster's state.
+    // With no leader at all, a write is held until its deadline (here 1 s, well below
+    // buffer.max_wait_ms), then fails at the gateway naming each cluster's state and the refusal.
     node_b.set_role(tandem_cluster::Role::Alternative);
-    let e = g.insert(insert_req("w", 10..11)).await.unwrap_err();
-    assert_eq!(e.code(), Code::FailedPrecondition, "b's own NotLeader comes back unchanged after one refresh: {e:?}");
-    assert!(e.message().contains("does not accept writes"), "{e:?}");
-    let e = g.insert(insert_req("w", 10..11)).await.unwrap_err();
+    let e = g.insert(with_timeout(insert_req("w", 10..11), Duration::from_secs(1))).await.unwrap_err();
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
-    assert!(e.message().contains("no leading cluster is known: a is Alternative, b is Alternative"), "{e:?}");
+    for part in ["no leader: election in progress, 1 writes held", "b (epoch 1) refused the write", "does not accept writes"] {
+        assert!(e.message().contains(part), "{:?} lacks {part:?}", e.message());
+    }
+    assert_eq!(e.metadata().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("1000".into()), "{e:?}");
+    let e = g.insert(with_timeout(insert_req("w", 10..11), Duration::from_secs(1))).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("no leading cluster is known: a is Alternative at epoch 1, b is Alternative at epoch 1"), "{e:?}");
+
+    // An election: a write arrives with no leader, is held, and goes to the cluster promoted
+    // meanwhile (seen by the faster checks while no leader is known).
+    let held = tokio::spawn({
+        let mut g = g.clone();
+        async move { g.insert(insert_req("w", 20..22)).await }
+    });
+    eventually(Duration::from_secs(30), || async { gw.gateway.writes_held() == 1 }).await;
+    node_a.set_leader(None);
+    node_a.set_role(tandem_cluster::Role::Leading);
+    let w = held.await.unwrap().expect("the held write reached the new leader");
+    assert_eq!(w.into_inner().count, 2);
+    assert_eq!(count(&mut sb.client("a").await, "w").await, 2, "on a, which leads now");
+    assert_eq!(gw.gateway.writes_held(), 0);
+    assert_eq!(topology(&gw).await.leader, "a");
+}
+
+/// The leader `a` (and, if `alternative`, `b` following it), with `c1` holding 100 rows that
+/// every cluster has applied, behind a gateway whose buffer holds `max_writes` for up to
+/// `max_wait_ms`.
+async fn buffered_gateway(alternative: bool, max_writes: usize, max_wait_ms: u64) -> (Sandbox, tandem_gateway::Running, Client) {
+    let mut b = Sandbox::builder().leading("a");
+    if alternative {
+        b = b.alternative("b", "a");
+    }
+    let sb = b.build().await;
+    let names: &[&str] = if alternative { &["a", "b"] } else { &["a"] };
+    let gw = sb
+        .gateway(names, |cfg| {
+            cfg.buffer.max_writes = max_writes;
+            cfg.buffer.max_wait_ms = max_wait_ms;
+            cfg.buffer.retry_after_ms = 750;
+            // Room for a loaded machine inside one request's deadline.
+            cfg.routing.default_timeout_ms = 120_000;
+        })
+        .await;
+    let mut g = connect(gw.addr).await;
+    gateway_ready(&gw, names.len(), None).await;
+    create(&mut g, "c1").await;
+    let w = insert(&mut g, "c1", 0..100).await;
+    gateway_ready(&gw, names.len(), Some("c1")).await;
+    if alternative {
+        let mut d = sb.client("b").await;
+        let n = d.count(pb::CountRequest {
+            collection: "c1".into(),
+            filter: String::new(),
+            read: read(pb::ConsistencyLevel::Session, &w.session_token),
+        });
+        assert_eq!(n.await.expect("count on b").into_inner().count, 100);
+    }
+    (sb, gw, g)
+}
+
+/// Stops the leader `a`. A graceful stop waits for the streams it serves, so `b` (if any) stops
+/// following first and keeps serving what it has; kill -9 under load is the failover tests' business.
+async fn stop_leader(sb: &Sandbox, alternative: bool) -> std::net::SocketAddr {
+    let addr = sb.addr("a").await;
+    if alternative {
+        sb.follower("b").await.stop();
+    }
+    sb.stop("a").await;
+    addr
+}
+
+fn eventually_count(c: &str) -> pb::CountRequest {
+    pb::CountRequest { collection: c.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writes_are_held_during_an_election_and_reads_keep_being_served() {
+    let (sb, gw, g) = buffered_gateway(true, 4, 120_000).await;
+    // Readers through the whole outage: every read must be served (by the alternative).
+    let stop = Arc::new(AtomicBool::new(false));
+    let (reads, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(std::sync::Mutex::new(Vec::new())));
+    let mut readers = Vec::new();
+    for _ in 0..2 {
+        let (mut g, stop, reads, failed) = (g.clone(), stop.clone(), reads.clone(), failed.clone());
+        readers.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                match g.count(eventually_count("c1")).await {
+                    Ok(r) => assert!(r.into_inner().count >= 100),
+                    Err(e) => failed.lock().unwrap().push(e),
+                }
+                reads.fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+
+    stop_leader(&sb, true).await;
+    let reads_at_stop = reads.load(Ordering::Relaxed);
+    // Four writes arrive while the leader is down: held, not failed. The first finds `a` still
+    // leading in the gateway's view, cannot connect, and marks it suspect.
+    let mut held = Vec::new();
+    for i in 0..4i64 {
+        let mut g = g.clone();
+        if i % 2 == 0 {
+            held.push(tokio::spawn(async move { g.insert(insert_req("c1", 1000 + i * 10..1010 + i * 10)).await.map(|r| r.into_inner()) }));
+        } else {
+            let r = pb::UpsertRequest {
+                collection: "c1".into(),
+                ids: (1000 + i * 10..1010 + i * 10).collect(),
+                vectors: vectors(10, DIM, i as u64),
+                payloads: vec![],
+                ack: 0,
+            };
+            held.push(tokio::spawn(async move { g.upsert(r).await.map(|r| r.into_inner()) }));
+        }
+    }
+    eventually(Duration::from_secs(60), || async { gw.gateway.writes_held() == 4 }).await;
+    let t = topology(&gw).await;
+    assert_eq!(t.leader, "", "no leader while `a` is down: {t:?}");
+
+    // The buffer is full: the next write is refused at once, naming the situation.
+    let e = g.clone().insert(insert_req("c1", 5000..5001)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("no leader: election in progress, 4 writes held (buffer.max_writes = 4)"), "{e:?}");
+    assert_eq!(e.metadata().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("750".into()));
+    // Reads were served by the alternative meanwhile.
+    eventually(Duration::from_secs(60), || async { reads.load(Ordering::Relaxed) >= reads_at_stop + 20 }).await;
+
+    // An election: `b`, which holds every acknowledged write, is promoted; the held writes go to it.
+    let node_b = sb.node("b").await;
+    node_b.set_leader(None);
+    node_b.set_role(tandem_cluster::Role::Leading);
+    for (i, h) in held.into_iter().enumerate() {
+        let r = h.await.unwrap().unwrap_or_else(|e| panic!("held write {i} failed: {e:?}"));
+        assert_eq!(r.count, 10, "write {i}");
+    }
+    assert_eq!(gw.gateway.writes_held(), 0);
+    stop.store(true, Ordering::Relaxed);
+    for r in readers {
+        r.await.expect("reader");
+    }
+    let failed = std::mem::take(&mut *failed.lock().unwrap());
+    assert!(
+        failed.is_empty(),
+        "{} of {} reads failed during the outage, e.g. {:?}",
+        failed.len(),
+        reads.load(Ordering::Relaxed),
+        failed[0]
+    );
+    let mut g = g;
+    assert_eq!(count(&mut g, "c1").await, 140, "every held write is there, once");
+    let refused = g.get(get_req("c1", vec![5000], read(pb::ConsistencyLevel::Strong, ""))).await.expect("get").into_inner();
+    assert!(refused.entities.is_empty(), "the refused write changed nothing");
+    let t = topology(&gw).await;
+    assert_eq!(t.leader, "b");
+    assert_eq!(t.clusters.iter().find(|c| c.id == "b").unwrap().writes_routed, 4, "each held write was sent once, to the new leader");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_held_past_max_wait_fails_with_retry_after_and_changes_nothing() {
+    let (sb, gw, mut g) = buffered_gateway(false, 100, 300).await;
+    let addr_a = stop_leader(&sb, false).await;
+    let upsert = pb::UpsertRequest { collection: "c1".into(), ids: vec![7], vectors: vectors(1, DIM, 7), payloads: vec![], ack: 0 };
+    let errors = vec![
+        ("insert", g.insert(insert_req("c1", 100..110)).await.map(|_| ()).unwrap_err()),
+        ("upsert", g.upsert(upsert).await.map(|_| ()).unwrap_err()),
+        (
+            "create",
+            g.create_collection(pb::CreateCollectionRequest { schema: Some(schema("c2", 4, pb::Metric::L2, None, 1, vec![])) })
+                .await
+                .map(|_| ())
+                .unwrap_err(),
+        ),
+    ];
+    for (what, e) in errors {
+        assert_eq!(e.code(), Code::Unavailable, "{what}: {e:?}");
+        for part in ["no leader: election in progress", "waited", "buffer.max_wait_ms = 300", "no leading cluster is known: a "] {
+            assert!(e.message().contains(part), "{what}: {:?} lacks {part:?}", e.message());
+        }
+        assert_eq!(e.metadata().get("retry-after").map(|v| v.to_str().unwrap().to_string()), Some("750".into()), "{what}");
+    }
+    assert_eq!(gw.gateway.writes_held(), 0);
+    sb.start_again_at("a", addr_a).await;
+    eventually(Duration::from_secs(60), || async { topology(&gw).await.leader == "a" }).await;
+    assert_eq!(count(&mut g, "c1").await, 100, "nothing changed");
+    let names = g.list_collections(pb::ListCollectionsRequest {}).await.unwrap().into_inner().names;
+    assert_eq!(names, ["c1"]);
+    insert(&mut g, "c1", 100..110).await;
+    assert_eq!(count(&mut g, "c1").await, 110);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clusters_refuse_writes_tagged_with_another_epoch() {
+    let sb = Sandbox::builder().leading("a").build().await;
+    let mut c = sb.client("a").await;
+    create(&mut c, "e").await;
+    let tagged = |epoch: &str, ids: std::ops::Range<i64>| {
+        let mut r = Request::new(insert_req("e", ids));
+        r.metadata_mut().insert("tandem-epoch", epoch.parse().unwrap());
+        r
+    };
+    let e = c.insert(tagged("7", 0..5)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("stale epoch: the write was sent for epoch 7 but cluster a is at epoch 1"), "{e:?}");
+    let e = c.insert(tagged("seven", 0..5)).await.unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    let mut drop = Request::new(pb::DropCollectionRequest { name: "e".into() });
+    drop.metadata_mut().insert("tandem-epoch", "2".parse().unwrap());
+    assert_eq!(c.drop_collection(drop).await.unwrap_err().code(), Code::FailedPrecondition);
+    assert_eq!(count(&mut c, "e").await, 0, "nothing was written");
+    assert_eq!(c.insert(tagged("1", 0..5)).await.expect("own epoch").into_inner().count, 5);
+    assert_eq!(c.insert(insert_req("e", 5..6)).await.expect("untagged").into_inner().count, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -565,4 +780,103 @@ async fn etcd_discovery_adds_and_removes_clusters_live() {
 
 async fn topology_reads(gw: &tandem_gateway::Running, id: &str) -> u64 {
     topology(gw).await.clusters.iter().find(|c| c.id == id).map_or(0, |c| c.reads_routed)
+}
+
+/// A TCP proxy in front of a cluster that, once armed, loses the next reply: the first bytes the
+/// cluster sends back are dropped and the client's connection is reset. The request itself
+/// went through, so the gateway cannot know whether it was applied.
+struct LossyProxy {
+    addr: std::net::SocketAddr,
+    armed: Arc<AtomicBool>,
+    resets: Arc<AtomicU64>,
+}
+
+impl LossyProxy {
+    async fn start(target: std::net::SocketAddr) -> LossyProxy {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (armed, resets) = (Arc::new(AtomicBool::new(false)), Arc::new(AtomicU64::new(0)));
+        let p = LossyProxy { addr: listener.local_addr().unwrap(), armed: armed.clone(), resets: resets.clone() };
+        tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(target).await else { continue };
+                let (armed, resets) = (armed.clone(), resets.clone());
+                tokio::spawn(async move {
+                    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+                    // Closing with linger 0 sends RST: the connection is reset, not closed.
+                    let _ = client.set_linger(Some(Duration::ZERO));
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    let up = tokio::io::copy(&mut cr, &mut sw);
+                    let down = async {
+                        let mut buf = vec![0u8; 64 << 10];
+                        loop {
+                            let n = sr.read(&mut buf).await?;
+                            if n == 0 {
+                                return Ok::<_, std::io::Error>(());
+                            }
+                            if armed.swap(false, Ordering::SeqCst) {
+                                resets.fetch_add(1, Ordering::SeqCst);
+                                return Ok(());
+                            }
+                            cw.write_all(&buf[..n]).await?;
+                        }
+                    };
+                    tokio::select! {
+                        _ = up => {}
+                        _ = down => {}
+                    }
+                });
+            }
+        });
+        p
+    }
+
+    fn lose_next_reply(&self) {
+        self.armed.store(true, Ordering::SeqCst);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_whose_reply_is_lost_is_sent_again_only_if_idempotent() {
+    let sb = Sandbox::builder().leading("a").build().await;
+    let proxy = LossyProxy::start(sb.addr("a").await).await;
+    let mut cfg = tandem_gateway::GatewayConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
+    // One connection and no periodic checks while the leader is known: after arming, the
+    // proxy's next reply is the write's.
+    cfg.routing.connections_per_cluster = 1;
+    cfg.health.interval_ms = 3_600_000;
+    cfg.health.healthy_after = 1;
+    cfg.routing.default_timeout_ms = 120_000;
+    cfg.buffer.max_wait_ms = 120_000;
+    let reg = tandem_discovery::Registration { id: "a".into(), datacenter: String::new(), endpoint: format!("http://{}", proxy.addr) };
+    let gw = tandem_gateway::start(cfg, tandem_discovery::static_list(vec![reg])).await.expect("gateway");
+    eventually(Duration::from_secs(30), || async { topology(&gw).await.leader == "a" }).await;
+    let mut g = connect(gw.addr).await;
+    create(&mut g, "u").await;
+    insert(&mut g, "u", 0..10).await;
+
+    // An insert whose reply is lost: its outcome is unknown, so it is not sent again.
+    proxy.lose_next_reply();
+    let e = g.insert(insert_req("u", 10..20)).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("the outcome of this Insert is unknown"), "{e:?}");
+    assert!(e.message().contains("send it again as an upsert"), "{e:?}");
+    assert_eq!(proxy.resets.load(Ordering::SeqCst), 1);
+
+    // The leader was suspect, then checked again (fast, as no leader was known).
+    eventually(Duration::from_secs(30), || async { topology(&gw).await.leader == "a" }).await;
+    // An upsert whose reply is lost is held and sent again: applying it twice changes nothing.
+    proxy.lose_next_reply();
+    let upsert =
+        pb::UpsertRequest { collection: "u".into(), ids: (20..25).collect(), vectors: vectors(5, DIM, 20), payloads: vec![], ack: 0 };
+    let r = g.upsert(upsert).await.expect("the upsert was sent again after its reply was lost");
+    assert_eq!(r.into_inner().count, 5);
+    assert_eq!(proxy.resets.load(Ordering::SeqCst), 2, "the upsert's first reply was lost");
+    let t = topology(&gw).await;
+    assert_eq!(t.clusters[0].writes_routed, 5, "create, insert, the lost insert, the upsert twice: {t:?}");
+    let mut direct = sb.client("a").await;
+    let found = direct.get(get_req("u", (20..25).collect(), read(pb::ConsistencyLevel::Strong, ""))).await.unwrap().into_inner();
+    assert_eq!(found.entities.len(), 5, "each upserted id once");
+    let n = count(&mut direct, "u").await;
+    assert!(n == 15 || n == 25, "the lost insert was applied entirely or not at all: {n}");
 }

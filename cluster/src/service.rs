@@ -86,6 +86,27 @@ fn check_vectors(what: &str, schema: &Schema, ids: Option<&[i64]>, vectors: &mut
     Ok(n)
 }
 
+/// Metadata a gateway puts on every write it forwards: the epoch of the leader it chose.
+pub const EPOCH_METADATA: &str = "tandem-epoch";
+
+/// A write tagged for another epoch's leader is refused before anything changes: either this
+/// cluster was fenced (a newer leader exists) or the sender has not yet seen this cluster's
+/// promotion. Untagged writes (clients talking to the cluster directly) are not checked.
+fn check_epoch<T>(req: &Request<T>, node: &Node) -> std::result::Result<(), Status> {
+    let Some(v) = req.metadata().get(EPOCH_METADATA) else { return Ok(()) };
+    let Some(sent) = v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
+        return Err(Status::invalid_argument(format!("{EPOCH_METADATA} metadata {v:?}: expected an epoch number")));
+    };
+    let own = node.epoch();
+    if sent == own {
+        return Ok(());
+    }
+    Err(Status::failed_precondition(format!(
+        "stale epoch: the write was sent for epoch {sent} but cluster {} is at epoch {own}",
+        node.opts.cluster_id
+    )))
+}
+
 fn compile_filter(schema: &Schema, filter: &str) -> Result<Option<Filter>> {
     if filter.trim().is_empty() { Ok(None) } else { Ok(Some(Filter::compile(filter, &schema.fields)?)) }
 }
@@ -249,6 +270,7 @@ impl ClusterService {
 /// The RPC handlers; the `Tandem` impl below runs each inside [`ClusterService::observed`].
 impl ClusterService {
     async fn handle_create_collection(&self, req: Request<pb::CreateCollectionRequest>) -> Reply<pb::CreateCollectionResponse> {
+        check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
         let schema = req.into_inner().schema.ok_or_else(|| ClusterError::invalid("create collection needs a schema"))?;
         let node = self.node.clone();
@@ -261,6 +283,7 @@ impl ClusterService {
     }
 
     async fn handle_drop_collection(&self, req: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
+        check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
         let name = req.into_inner().name;
         let node = self.node.clone();
@@ -279,6 +302,7 @@ impl ClusterService {
     }
 
     async fn handle_create_index(&self, req: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
+        check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let node = self.node.clone();
@@ -288,6 +312,7 @@ impl ClusterService {
     }
 
     async fn handle_drop_index(&self, req: Request<pb::DropIndexRequest>) -> Reply<pb::DropIndexResponse> {
+        check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
         let name = req.into_inner().collection;
         let node = self.node.clone();
@@ -297,6 +322,7 @@ impl ClusterService {
     }
 
     async fn handle_insert(&self, req: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
+        check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -306,6 +332,7 @@ impl ClusterService {
     }
 
     async fn handle_upsert(&self, req: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {
+        check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -315,6 +342,7 @@ impl ClusterService {
     }
 
     async fn handle_delete(&self, req: Request<pb::DeleteRequest>) -> Reply<pb::MutationResponse> {
+        check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
         let r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
@@ -339,6 +367,7 @@ impl ClusterService {
     }
 
     async fn handle_flush(&self, req: Request<pb::FlushRequest>) -> Reply<pb::FlushResponse> {
+        check_epoch(&req, &self.node)?;
         // Index builds can take minutes: a flush waits as long as the client allows.
         let deadline = Instant::now()
             + req

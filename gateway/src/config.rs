@@ -16,6 +16,7 @@ pub struct GatewayConfig {
     pub discovery: DiscoveryConfig,
     pub routing: RoutingConfig,
     pub health: HealthConfig,
+    pub buffer: BufferConfig,
     pub session: SessionConfig,
     pub telemetry: TelemetryConfig,
     /// Largest gRPC message accepted or sent (same default as a cluster's).
@@ -111,6 +112,24 @@ pub struct HealthConfig {
     pub healthy_after: u32,
     /// Consecutive failures (checks or forwarded calls) that turn a healthy cluster unhealthy.
     pub unhealthy_after: u32,
+    /// How often every cluster is checked while no leader is known (an election): a promotion
+    /// is seen within about this long, and held writes go to the new leader. `interval_ms`
+    /// when that is shorter.
+    pub no_leader_interval_ms: u64,
+}
+
+/// Writes and DDL held while no leader is known (an election), like vtgate's buffering:
+/// sent to the new leader when it appears, refused with UNAVAILABLE and `retry-after` when a
+/// bound is hit.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct BufferConfig {
+    /// Writes held at once; more are refused at once. 0 = no buffering.
+    pub max_writes: usize,
+    /// Longest a write is held (never beyond its own deadline). 0 = no buffering.
+    pub max_wait_ms: u64,
+    /// What the `retry-after` metadata of a refused write suggests, in ms.
+    pub retry_after_ms: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,6 +159,7 @@ impl Default for GatewayConfig {
             discovery: DiscoveryConfig::default(),
             routing: RoutingConfig::default(),
             health: HealthConfig::default(),
+            buffer: BufferConfig::default(),
             session: SessionConfig::default(),
             telemetry: TelemetryConfig::default(),
             max_message_bytes: 64 << 20,
@@ -175,7 +195,28 @@ impl Default for RetryConfig {
 
 impl Default for HealthConfig {
     fn default() -> Self {
-        HealthConfig { interval_ms: 500, timeout_ms: 1_000, healthy_after: 2, unhealthy_after: 3 }
+        HealthConfig { interval_ms: 500, timeout_ms: 1_000, healthy_after: 2, unhealthy_after: 3, no_leader_interval_ms: 100 }
+    }
+}
+
+impl HealthConfig {
+    /// The check interval: shorter while no leader is known.
+    pub fn interval(&self, leader_known: bool) -> std::time::Duration {
+        let ms = if leader_known { self.interval_ms } else { self.no_leader_interval_ms.min(self.interval_ms) };
+        std::time::Duration::from_millis(ms.max(1))
+    }
+}
+
+impl Default for BufferConfig {
+    fn default() -> Self {
+        BufferConfig { max_writes: 1_000, max_wait_ms: 5_000, retry_after_ms: 1_000 }
+    }
+}
+
+impl BufferConfig {
+    /// Whether writes are held at all while no leader is known.
+    pub fn enabled(&self) -> bool {
+        self.max_writes > 0 && self.max_wait_ms > 0
     }
 }
 
@@ -249,6 +290,19 @@ impl GatewayConfig {
         if h.unhealthy_after == 0 {
             p.push("health.unhealthy_after = 0: must be at least 1".into());
         }
+        if h.no_leader_interval_ms == 0 {
+            p.push("health.no_leader_interval_ms = 0: must be at least 1".into());
+        }
+        let b = &self.buffer;
+        if b.max_writes > 1_000_000 {
+            p.push(format!("buffer.max_writes = {}: must be at most 1000000 (0 = no buffering)", b.max_writes));
+        }
+        if b.max_wait_ms > 600_000 {
+            p.push(format!("buffer.max_wait_ms = {}: must be at most 600000 (0 = no buffering)", b.max_wait_ms));
+        }
+        if b.retry_after_ms == 0 {
+            p.push("buffer.retry_after_ms = 0: must be at least 1".into());
+        }
         if self.session.capacity == 0 {
             p.push("session.capacity = 0: must be at least 1".into());
         }
@@ -281,6 +335,8 @@ mod tests {
         assert_eq!(cfg.validate(), Vec::<String>::new());
         assert_eq!(cfg.clusters.len(), 2);
         assert_eq!(cfg.routing.policy, Policy::P2c);
+        assert_eq!(cfg.buffer, BufferConfig::default(), "the example lists the buffer defaults");
+        assert_eq!(cfg.health, HealthConfig::default(), "the example lists the health defaults");
     }
 
     #[test]
@@ -294,8 +350,12 @@ mod tests {
             ..GatewayConfig::default()
         };
         cfg.health.unhealthy_after = 0;
+        cfg.buffer.retry_after_ms = 0;
+        cfg.health.no_leader_interval_ms = 0;
         let p = cfg.validate();
-        assert_eq!(p.len(), 4, "{p:?}");
+        assert_eq!(p.len(), 6, "{p:?}");
+        assert!(p.iter().any(|m| m.contains("buffer.retry_after_ms = 0")), "{p:?}");
+        assert!(p.iter().any(|m| m.contains("health.no_leader_interval_ms = 0")), "{p:?}");
         assert!(p[0].contains("listen = \"nowhere\""), "{p:?}");
         assert!(p.iter().any(|m| m.contains("clusters[0].endpoint = \"10.0.0.1:1\"")), "{p:?}");
         assert!(p.iter().any(|m| m.contains("clusters[1].id = \"a\" is given twice")), "{p:?}");

@@ -1,8 +1,8 @@
 //! tandem's client-aware gateway. It serves the whole public API (`tandem.v1.Tandem`), so any
 //! client of a cluster is a client of the gateway, plus `tandem.v1.Gateway/Topology`:
 //!
-//! * writes and DDL go to the leading cluster; a NotLeader reply refreshes the topology and the
-//!   write is retried once at the new leader;
+//! * writes and DDL go to the leading cluster, tagged with its epoch; while no leader is known
+//!   (an election) they are held, bounded, and sent to the new leader (see [`buffer`]);
 //! * reads go to any readable cluster (leader included) whose last known freshness can reach
 //!   the read's guarantee within its deadline, chosen by a policy (power of two choices over
 //!   peak-EWMA latency, round robin, prefer the local datacenter); transient failures retry on
@@ -13,6 +13,7 @@
 //! Membership is a stream of [`tandem_discovery::Change`]s: a static list or etcd.
 #![forbid(unsafe_code)]
 
+pub mod buffer;
 pub mod config;
 pub mod error;
 pub mod router;

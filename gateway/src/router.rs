@@ -56,6 +56,9 @@ pub fn expected_wait(c: &Cluster, collection: Option<&str>, g: Guarantee, now_ms
         Health::Unknown => return Err("not checked yet".into()),
         Health::Unhealthy => return Err(format!("unhealthy: {}", s.last_error)),
     }
+    if s.suspect_since.is_some() {
+        return Err(format!("suspect: {}", s.last_error));
+    }
     let Some(info) = &s.info else { return Err("not checked yet".into()) };
     match info.role {
         // The leader is the source of every ts: it never waits for replication.
@@ -93,6 +96,8 @@ pub enum Reason {
     Only,
     Leader,
     Redirect,
+    /// A write sent after being held (no usable leader when it arrived or last tried).
+    Held,
 }
 
 impl Reason {
@@ -105,6 +110,7 @@ impl Reason {
             Reason::Only => "only",
             Reason::Leader => "leader",
             Reason::Redirect => "redirect",
+            Reason::Held => "held",
         }
     }
 }

@@ -10,19 +10,19 @@ use futures::stream::{FuturesUnordered, StreamExt};
 use tandem_proto::session::SessionToken;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
-use tonic::metadata::MetadataMap;
+use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 use tower::retry::budget::{Budget, TpsBudget};
 
+use crate::buffer::{HoldError, WriteBuffer};
 use crate::config::GatewayConfig;
-use crate::error::{is_connection_error, is_transient, passthrough};
+use crate::error::{Replay, WriteFailure, classify_write_failure, is_connection_error, is_transient, passthrough};
 use crate::router::{Guarantee, Reason, Router, expected_wait, explain, wall_ms};
 use crate::session::{SESSION_ID, Sessions};
 use crate::topology::{Cluster, Health, Topology};
 
-/// Metadata key a cluster puts the leader's endpoint in on a NotLeader reply.
-pub const LEADER_METADATA: &str = "tandem-leader";
+pub use crate::error::{EPOCH_METADATA, LEADER_METADATA, RETRY_AFTER_METADATA};
 
 type Reply<T> = Result<Response<T>, Status>;
 type Client = TandemClient<Channel>;
@@ -118,6 +118,7 @@ struct Inner {
     router: Router,
     sessions: Sessions,
     budget: TpsBudget,
+    buffer: Arc<WriteBuffer>,
 }
 
 /// The gateway's request handling, shared by both gRPC services.
@@ -134,6 +135,7 @@ impl Gateway {
             router: Router::new(r.policy, cfg.datacenter.clone()),
             sessions: Sessions::new(cfg.session.capacity, Duration::from_secs(cfg.session.ttl_s)),
             budget: TpsBudget::new(Duration::from_secs(r.retry.ttl_s), r.retry.min_per_s, r.retry.percent),
+            buffer: WriteBuffer::start(cfg.buffer.clone(), &topo),
             cfg: cfg.clone(),
             topo,
         }))
@@ -321,9 +323,16 @@ impl Gateway {
         Err(passthrough(s))
     }
 
-    /// A write or DDL: the leader; a NotLeader reply refreshes the topology and retries once at
-    /// the new leader. Never retried otherwise (a write may have been applied).
-    async fn write<Q, R, F, Fut>(&self, op: &'static str, req: Request<Q>, call: F) -> Reply<R>
+    /// A write or DDL goes to the leader, tagged with its epoch ([`EPOCH_METADATA`]). With no
+    /// usable leader it is held ([`WriteBuffer`]) until one appears. A failed attempt is sent
+    /// again only when that cannot apply it twice ([`classify_write_failure`]):
+    /// * not sent (connection refused, not ready): the cluster is suspect, hold, resend;
+    /// * refused (NotLeader, fenced, stale epoch): refresh the topology, hold until a leader
+    ///   other than the one that refused at that epoch, resend;
+    /// * sent but the reply lost: resend only an idempotent write (upsert, delete); any other
+    ///   fails with UNAVAILABLE saying its outcome is unknown;
+    /// * anything else is the cluster's answer and goes back unchanged.
+    async fn write<Q, R, F, Fut>(&self, op: &'static str, replay: Replay, req: Request<Q>, call: F) -> Reply<R>
     where
         Q: Clone + Send + Sync + 'static,
         R: Tokened + Send + 'static,
@@ -334,20 +343,38 @@ impl Gateway {
         let (deadline, _) = self.deadline(req.metadata());
         let session = session_id(req.metadata());
         let (md, _, body) = req.into_parts();
-        let Some(mut leader) = self.0.topo.leader() else {
-            let s = Status::unavailable(self.no_leader());
-            self.finish(op, "none", "none", &s, started);
-            return Err(s);
-        };
+        // The leader (and its epoch) that refused this write: not tried again until it changes.
+        let mut refused: Option<(Arc<Cluster>, u64, String)> = None;
+        // Set when the write first has to wait: bounds every hold of this write together.
+        let mut hold_until: Option<Instant> = None;
         let mut reason = Reason::Leader;
-        let mut redirected = false;
+        let topo = &self.0.topo;
         loop {
+            let usable = |(c, e): &(Arc<Cluster>, u64)| refused.as_ref().is_none_or(|(rc, re, _)| !(Arc::ptr_eq(rc, c) && re == e));
+            let (leader, epoch) = match topo.leader_and_epoch().filter(usable) {
+                Some(l) => l,
+                None => {
+                    let until = *hold_until.get_or_insert_with(|| self.hold_limit(deadline));
+                    match self.0.buffer.hold(until, || topo.leader_and_epoch().filter(usable)).await {
+                        Ok(l) => {
+                            reason = Reason::Held;
+                            l
+                        }
+                        Err(e) => {
+                            let s = self.not_placed(e, refused.as_ref());
+                            self.finish(op, "none", refused.as_ref().map_or("none", |r| r.0.id.as_str()), &s, started);
+                            return Err(s);
+                        }
+                    }
+                }
+            };
             leader.writes_routed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("tandem_gateway_routed_total", "cluster" => leader.id.clone(), "reason" => reason.as_str()).increment(1);
+            let mut r = self.outbound(body.clone(), deadline, &md);
+            r.metadata_mut().insert(EPOCH_METADATA, MetadataValue::from(epoch));
             // Not metered: the latency meter ranks clusters for reads, and a write's fsync and
             // export wait would make the leader look slow for reads.
-            let result = call(leader.client(), self.outbound(body.clone(), deadline, &md)).await;
-            match result {
+            let s = match call(leader.client(), r).await {
                 Ok(resp) => {
                     if let Some(sid) = &session {
                         self.0.sessions.observe(sid, resp.get_ref().token()).await;
@@ -355,31 +382,89 @@ impl Gateway {
                     self.finish(op, "none", &leader.id, &Status::ok(""), started);
                     return Ok(Response::new(resp.into_inner()));
                 }
-                Err(s) => {
-                    if is_connection_error(&s) {
-                        leader.passive_error(s.message(), self.0.topo.health_config());
-                    }
-                    let not_leader = is_not_leader(&s);
-                    if not_leader && !redirected && Instant::now() < deadline {
-                        let hint = s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
-                        tracing::info!(cluster = %leader.id, leader = %hint, "NotLeader: refreshing the topology");
-                        self.0.topo.refresh().await;
-                        let next = self.0.topo.leader().or_else(|| self.0.topo.clusters().values().find(|c| c.endpoint == hint).cloned());
-                        if let Some(next) = next
-                            && !Arc::ptr_eq(&next, &leader)
-                        {
-                            leader = next;
-                            reason = Reason::Redirect;
-                            redirected = true;
-                            metrics::counter!("tandem_gateway_retries_total", "kind" => "redirect").increment(1);
-                            continue;
-                        }
-                    }
+                Err(s) => s,
+            };
+            let failure = classify_write_failure(&s);
+            match failure {
+                WriteFailure::Final => {
                     self.finish(op, "none", &leader.id, &s, started);
                     return Err(passthrough(s));
                 }
+                WriteFailure::NotSent | WriteFailure::Unknown => {
+                    topo.suspect(&leader, s.message());
+                    if failure == WriteFailure::Unknown && replay == Replay::AtMostOnce {
+                        let s = Status::unavailable(format!(
+                            "the outcome of this {op} is unknown: the connection to the leader {} failed after the request was sent \
+                             ({}); it may or may not have been applied. Read to check, or send it again as an upsert",
+                            leader.id,
+                            s.message()
+                        ));
+                        self.finish(op, "none", &leader.id, &s, started);
+                        return Err(s);
+                    }
+                    tracing::info!(cluster = %leader.id, op, error = %s.message(), ?failure, "write to the leader failed: holding it for a leader");
+                    metrics::counter!("tandem_gateway_retries_total", "kind" => "resend").increment(1);
+                }
+                WriteFailure::Refused => {
+                    tracing::info!(cluster = %leader.id, epoch, op, error = %s.message(), "the leader refused the write: refreshing the topology");
+                    refused = Some((leader.clone(), epoch, s.message().to_string()));
+                    topo.refresh().await;
+                    metrics::counter!("tandem_gateway_retries_total", "kind" => "redirect").increment(1);
+                }
+            }
+            reason = Reason::Redirect;
+            let until = *hold_until.get_or_insert_with(|| self.hold_limit(deadline));
+            if Instant::now() >= until {
+                let s = self.not_placed(HoldError::Timeout { held: self.0.buffer.held(), waited: started.elapsed() }, refused.as_ref());
+                self.finish(op, "none", &leader.id, &s, started);
+                return Err(s);
             }
         }
+    }
+
+    /// How long a write may be held from now: `buffer.max_wait_ms`, and a little less than its
+    /// deadline, so the client gets the gateway's explanation rather than its own timeout.
+    fn hold_limit(&self, deadline: Instant) -> Instant {
+        let now = Instant::now();
+        let left = deadline.saturating_duration_since(now);
+        let before_deadline = deadline - (left / 10).min(Duration::from_millis(50));
+        (now + Duration::from_millis(self.0.cfg.buffer.max_wait_ms)).min(before_deadline)
+    }
+
+    /// Writes held now (waiting for a leader).
+    pub fn writes_held(&self) -> usize {
+        self.0.buffer.held()
+    }
+
+    /// UNAVAILABLE for a write no leader could take within the buffer's bounds, with
+    /// `retry-after` (ms) metadata.
+    fn not_placed(&self, e: HoldError, refused: Option<&(Arc<Cluster>, u64, String)>) -> Status {
+        let b = &self.0.cfg.buffer;
+        let mut why = self.no_leader();
+        if let Some((c, epoch, m)) = refused {
+            why.push_str(&format!("; {} (epoch {epoch}) refused the write: {m}", c.id));
+        }
+        let m = match e {
+            HoldError::Off => format!(
+                "no leader: election in progress, 0 writes held (buffering is off: buffer.max_writes = {}, buffer.max_wait_ms = {}): {why}",
+                b.max_writes, b.max_wait_ms
+            ),
+            HoldError::Full { held } => {
+                format!(
+                    "no leader: election in progress, {held} writes held (buffer.max_writes = {}): refused at once: {why}",
+                    b.max_writes
+                )
+            }
+            HoldError::Timeout { held, waited } => format!(
+                "no leader: election in progress, {held} writes held: this write waited {} ms for a leader (buffer.max_wait_ms = {}, or its deadline): {why}",
+                waited.as_millis(),
+                b.max_wait_ms
+            ),
+            HoldError::Stopped => format!("the gateway is stopping: {why}"),
+        };
+        let mut s = Status::unavailable(m);
+        s.metadata_mut().insert(RETRY_AFTER_METADATA, MetadataValue::from(b.retry_after_ms));
+        s
     }
 
     fn no_leader(&self) -> String {
@@ -393,7 +478,8 @@ impl Gateway {
                 let s = c.status.read();
                 match (&s.health, &s.info) {
                     (Health::Unhealthy, _) => format!("{} unhealthy: {}", c.id, s.last_error),
-                    (Health::Healthy, Some(i)) => format!("{} is {:?}", c.id, i.role.to_proto()),
+                    (Health::Healthy, _) if s.suspect_since.is_some() => format!("{} suspect: {}", c.id, s.last_error),
+                    (Health::Healthy, Some(i)) => format!("{} is {:?} at epoch {}", c.id, i.role.to_proto(), i.epoch),
                     (Health::Unknown | Health::Healthy, _) => format!("{} not checked yet", c.id),
                 }
             })
@@ -407,12 +493,6 @@ impl Gateway {
             .increment(1);
         metrics::histogram!("tandem_gateway_request_duration_seconds", "op" => op).record(started.elapsed().as_secs_f64());
     }
-}
-
-/// A cluster that does not lead refused the write. It names the leader in metadata when it
-/// knows it; one that does not (e.g. just demoted) is recognised by its message.
-fn is_not_leader(s: &Status) -> bool {
-    s.code() == Code::FailedPrecondition && (s.metadata().get(LEADER_METADATA).is_some() || s.message().contains("does not accept writes"))
 }
 
 fn session_id(md: &MetadataMap) -> Option<String> {
@@ -440,10 +520,10 @@ pub fn parse_grpc_timeout(s: &str) -> Option<Duration> {
 #[tonic::async_trait]
 impl pb::tandem_server::Tandem for Gateway {
     async fn create_collection(&self, r: Request<pb::CreateCollectionRequest>) -> Reply<pb::CreateCollectionResponse> {
-        self.write("CreateCollection", r, |mut c, r| async move { c.create_collection(r).await }).await
+        self.write("CreateCollection", Replay::AtMostOnce, r, |mut c, r| async move { c.create_collection(r).await }).await
     }
     async fn drop_collection(&self, r: Request<pb::DropCollectionRequest>) -> Reply<pb::DropCollectionResponse> {
-        self.write("DropCollection", r, |mut c, r| async move { c.drop_collection(r).await }).await
+        self.write("DropCollection", Replay::AtMostOnce, r, |mut c, r| async move { c.drop_collection(r).await }).await
     }
     async fn list_collections(&self, r: Request<pb::ListCollectionsRequest>) -> Reply<pb::ListCollectionsResponse> {
         self.read("ListCollections", r, |mut c, r| async move { c.list_collections(r).await }).await
@@ -452,22 +532,22 @@ impl pb::tandem_server::Tandem for Gateway {
         self.read("DescribeCollection", r, |mut c, r| async move { c.describe_collection(r).await }).await
     }
     async fn create_index(&self, r: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
-        self.write("CreateIndex", r, |mut c, r| async move { c.create_index(r).await }).await
+        self.write("CreateIndex", Replay::AtMostOnce, r, |mut c, r| async move { c.create_index(r).await }).await
     }
     async fn drop_index(&self, r: Request<pb::DropIndexRequest>) -> Reply<pb::DropIndexResponse> {
-        self.write("DropIndex", r, |mut c, r| async move { c.drop_index(r).await }).await
+        self.write("DropIndex", Replay::AtMostOnce, r, |mut c, r| async move { c.drop_index(r).await }).await
     }
     async fn insert(&self, r: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
-        self.write("Insert", r, |mut c, r| async move { c.insert(r).await }).await
+        self.write("Insert", Replay::AtMostOnce, r, |mut c, r| async move { c.insert(r).await }).await
     }
     async fn upsert(&self, r: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {
-        self.write("Upsert", r, |mut c, r| async move { c.upsert(r).await }).await
+        self.write("Upsert", Replay::Idempotent, r, |mut c, r| async move { c.upsert(r).await }).await
     }
     async fn delete(&self, r: Request<pb::DeleteRequest>) -> Reply<pb::MutationResponse> {
-        self.write("Delete", r, |mut c, r| async move { c.delete(r).await }).await
+        self.write("Delete", Replay::Idempotent, r, |mut c, r| async move { c.delete(r).await }).await
     }
     async fn flush(&self, r: Request<pb::FlushRequest>) -> Reply<pb::FlushResponse> {
-        self.write("Flush", r, |mut c, r| async move { c.flush(r).await }).await
+        self.write("Flush", Replay::AtMostOnce, r, |mut c, r| async move { c.flush(r).await }).await
     }
     async fn search(&self, r: Request<pb::SearchRequest>) -> Reply<pb::SearchResponse> {
         self.read("Search", r, |mut c, r| async move { c.search(r).await }).await

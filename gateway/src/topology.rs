@@ -1,8 +1,10 @@
 //! What the gateway knows about each cluster: health (active checks plus passive errors),
 //! role, epoch, per-collection freshness, and a peak-EWMA latency meter.
 //!
-//! One task per cluster polls `GetClusterInfo` every `health.interval_ms`; membership changes
-//! (static list or etcd) add and remove clusters.
+//! One task per cluster polls `GetClusterInfo` every `health.interval_ms` (every
+//! `health.no_leader_interval_ms` while no leader is known, so a promotion is seen quickly);
+//! membership changes (static list or etcd) add and remove clusters. The leader (id and epoch)
+//! is published on a `watch` channel: held writes wait on it instead of polling.
 
 use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
@@ -17,6 +19,7 @@ use parking_lot::{Mutex, RwLock};
 use tandem_discovery::{Change, Registration};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::{Channel, Endpoint};
 use tower::load::completion::TrackCompletion;
@@ -106,6 +109,17 @@ pub struct Status {
     pub info: Option<Info>,
     pub last_error: String,
     pub last_ok: Option<Instant>,
+    /// A forwarded write could not reach the cluster at this instant: it gets no traffic (and is
+    /// not the leader) until a check that started later succeeds. Unlike `health`, one failure
+    /// is enough: a write to a dead leader must not wait for `unhealthy_after` checks.
+    pub suspect_since: Option<Instant>,
+}
+
+impl Status {
+    /// Healthy and not suspect: may get traffic.
+    pub fn usable(&self) -> bool {
+        self.health == Health::Healthy && self.suspect_since.is_none()
+    }
 }
 
 /// tower's [`PeakEwma`] measures a cluster's latency. It needs `&mut self` to start a request
@@ -189,6 +203,7 @@ impl Cluster {
                 info: None,
                 last_error: String::new(),
                 last_ok: None,
+                suspect_since: None,
             }),
             reads_routed: AtomicU64::new(0),
             writes_routed: AtomicU64::new(0),
@@ -221,12 +236,16 @@ impl Cluster {
         self.ewma.lock().load()
     }
 
-    /// One result (an active check, or a forwarded call's connection error).
-    fn record(&self, ok: Result<Option<Info>, String>, h: &HealthConfig) {
+    /// One result (an active check started at `started`, or a forwarded call's connection error).
+    fn record(&self, ok: Result<Option<Info>, String>, h: &HealthConfig, started: Instant) {
         let mut s = self.status.write();
         let before = s.health;
         match ok {
             Ok(info) => {
+                if s.suspect_since.is_some_and(|t| started >= t) {
+                    tracing::info!(cluster = %self.id, "reachable again: no longer suspect");
+                    s.suspect_since = None;
+                }
                 s.ok_streak += 1;
                 s.err_streak = 0;
                 s.last_ok = Some(Instant::now());
@@ -255,11 +274,23 @@ impl Cluster {
 
     /// A forwarded call could not reach the cluster.
     pub fn passive_error(&self, message: &str, h: &HealthConfig) {
-        self.record(Err(message.to_string()), h);
+        self.record(Err(message.to_string()), h, Instant::now());
+    }
+
+    /// A forwarded write could not reach the cluster: no traffic until a later check succeeds
+    /// (see [`Status::suspect_since`]). Call through [`Topology::suspect`], which republishes the leader.
+    fn mark_suspect(&self, message: &str, h: &HealthConfig) {
+        self.record(Err(message.to_string()), h, Instant::now());
+        let mut s = self.status.write();
+        if s.suspect_since.is_none() {
+            tracing::warn!(cluster = %self.id, reason = %message, "a write could not reach the cluster: suspect until a check succeeds");
+        }
+        s.suspect_since = Some(Instant::now());
     }
 
     /// Polls the cluster once.
     pub async fn check(&self, h: &HealthConfig) {
+        let started = Instant::now();
         let mut req = tonic::Request::new(pb::GetClusterInfoRequest {});
         req.set_timeout(Duration::from_millis(h.timeout_ms));
         let mut client = self.client();
@@ -282,7 +313,7 @@ impl Cluster {
             Ok(Err(s)) => Err(format!("{:?}: {}", s.code(), s.message())),
             Err(_) => Err(format!("health check timed out after {} ms", h.timeout_ms)),
         };
-        self.record(outcome, h);
+        self.record(outcome, h, started);
     }
 
     pub fn health(&self) -> Health {
@@ -299,17 +330,67 @@ pub struct ClusterOptions {
     pub connections: usize,
 }
 
+/// The leader as published to waiters: which cluster, at which epoch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderRef {
+    pub id: String,
+    pub epoch: u64,
+}
+
 /// Every cluster the gateway knows, by id.
 pub struct Topology {
     clusters: RwLock<Arc<BTreeMap<String, Arc<Cluster>>>>,
     health: HealthConfig,
     options: ClusterOptions,
     shutdown: CancellationToken,
+    /// The current leader; changes (and only changes) wake the waiters.
+    leader_tx: watch::Sender<Option<LeaderRef>>,
+    /// When the last [`Topology::refresh`] started: concurrent refreshes coalesce.
+    refreshed: tokio::sync::Mutex<Option<Instant>>,
 }
 
 impl Topology {
     pub fn new(health: HealthConfig, options: ClusterOptions, shutdown: CancellationToken) -> Arc<Topology> {
-        Arc::new(Topology { clusters: RwLock::new(Arc::new(BTreeMap::new())), health, options, shutdown })
+        Arc::new(Topology {
+            clusters: RwLock::new(Arc::new(BTreeMap::new())),
+            health,
+            options,
+            shutdown,
+            leader_tx: watch::Sender::new(None),
+            refreshed: tokio::sync::Mutex::new(None),
+        })
+    }
+
+    /// The leader as last published; `changed()` fires when it changes (cluster or epoch), e.g.
+    /// to None when it dies and to the new one when it is promoted.
+    pub fn leader_watch(&self) -> watch::Receiver<Option<LeaderRef>> {
+        self.leader_tx.subscribe()
+    }
+
+    /// Recomputes the leader and wakes the waiters if it changed. Called after every change of a
+    /// cluster's status.
+    pub fn publish(&self) {
+        let now = self.leader_and_epoch().map(|(c, epoch)| LeaderRef { id: c.id.clone(), epoch });
+        self.leader_tx.send_if_modified(|cur| {
+            if *cur == now {
+                return false;
+            }
+            tracing::info!(from = ?cur, to = ?now, "leader changed");
+            *cur = now;
+            true
+        });
+    }
+
+    /// A forwarded write could not reach `c` (or its outcome was lost): it is not the leader
+    /// until a check started after now succeeds.
+    pub fn suspect(&self, c: &Cluster, message: &str) {
+        c.mark_suspect(message, &self.health);
+        self.publish();
+    }
+
+    /// Cancelled when the gateway stops.
+    pub fn stopped(&self) -> CancellationToken {
+        self.shutdown.clone()
     }
 
     pub fn health_config(&self) -> &HealthConfig {
@@ -346,18 +427,24 @@ impl Topology {
     }
 
     fn up(self: &Arc<Self>, reg: Registration) {
+        self.up_with(reg, true);
+    }
+
+    /// Adds (or replaces) a cluster; `poll`: start its health checks (tests add clusters
+    /// whose status they set themselves).
+    fn up_with(self: &Arc<Self>, reg: Registration, poll: bool) -> Option<Arc<Cluster>> {
         let current = self.clusters();
         if let Some(c) = current.get(&reg.id)
             && c.endpoint == reg.endpoint
             && c.registered_dc == reg.datacenter
         {
-            return;
+            return None;
         }
         let cluster = match Cluster::new(&reg, &self.options) {
             Ok(c) => Arc::new(c),
             Err(e) => {
                 tracing::error!(cluster = %reg.id, "ignoring registration: {e}");
-                return;
+                return None;
             }
         };
         tracing::info!(cluster = %reg.id, endpoint = %reg.endpoint, datacenter = %reg.datacenter, "cluster added");
@@ -366,20 +453,33 @@ impl Topology {
             old.stop.cancel();
         }
         *self.clusters.write() = Arc::new(map);
+        self.publish();
+        if !poll {
+            return Some(cluster);
+        }
         let h = self.health.clone();
         let stop = cluster.stop.clone();
         let shutdown = self.shutdown.clone();
+        let topo = Arc::downgrade(self);
+        let mut leader = self.leader_watch();
+        let polled = cluster.clone();
         tokio::spawn(async move {
-            let interval = Duration::from_millis(h.interval_ms);
             loop {
-                cluster.check(&h).await;
+                polled.check(&h).await;
+                let Some(t) = topo.upgrade() else { break };
+                t.publish();
+                drop(t);
+                let known = leader.borrow_and_update().is_some();
                 tokio::select! {
-                    () = tokio::time::sleep(interval) => {}
+                    () = tokio::time::sleep(h.interval(known)) => {}
+                    // The leader was lost: check at once, then at the faster pace.
+                    _ = leader.wait_for(Option::is_none), if known => {}
                     () = stop.cancelled() => break,
                     () = shutdown.cancelled() => break,
                 }
             }
         });
+        Some(cluster)
     }
 
     fn down(&self, id: &str) {
@@ -393,21 +493,38 @@ impl Topology {
             tracing::info!(cluster = %id, "cluster removed");
         }
         *self.clusters.write() = Arc::new(map);
+        self.publish();
     }
 
-    /// Checks every cluster now (after a NotLeader reply), waiting for the results.
+    /// Checks every cluster now (after a NotLeader reply), waiting for the results. Callers
+    /// that ask while a refresh is running share the next one instead of each starting their
+    /// own (a burst of refused writes costs one round of checks, not one per write).
     pub async fn refresh(&self) {
+        let asked = Instant::now();
+        let mut last = self.refreshed.lock().await;
+        if last.is_some_and(|t| t >= asked) {
+            return;
+        }
+        let started = Instant::now();
         let clusters = self.clusters();
         futures::future::join_all(clusters.values().map(|c| c.check(&self.health))).await;
+        *last = Some(started);
+        self.publish();
     }
 
-    /// Healthy LEADING cluster with the highest epoch.
+    /// The usable (healthy, not suspect) LEADING cluster with the highest epoch: two may claim
+    /// to lead for a moment during a promotion, and the older epoch is the fenced one.
     pub fn leader(&self) -> Option<Arc<Cluster>> {
+        self.leader_and_epoch().map(|(c, _)| c)
+    }
+
+    /// [`Topology::leader`] and its epoch, read together.
+    pub fn leader_and_epoch(&self) -> Option<(Arc<Cluster>, u64)> {
         let clusters = self.clusters();
         let mut best: Option<(u64, Arc<Cluster>)> = None;
         for c in clusters.values() {
             let s = c.status.read();
-            if s.health != Health::Healthy {
+            if !s.usable() {
                 continue;
             }
             let Some(info) = &s.info else { continue };
@@ -418,7 +535,7 @@ impl Topology {
                 best = Some((info.epoch, c.clone()));
             }
         }
-        best.map(|(_, c)| c)
+        best.map(|(e, c)| (c, e))
     }
 
     /// Topology RPC view.
@@ -440,16 +557,86 @@ impl Topology {
                 epoch,
                 endpoints: vec![c.endpoint.clone()],
                 health: s.health.to_proto() as i32,
-                readable: s.health == Health::Healthy && role.serves_reads(),
+                readable: s.usable() && role.serves_reads(),
                 serviceable_ts,
                 lag_ms,
                 collections,
-                last_error: if s.health == Health::Healthy { String::new() } else { s.last_error.clone() },
+                last_error: if s.usable() { String::new() } else { s.last_error.clone() },
                 checked_ms_ago: s.last_ok.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
                 reads_routed: c.reads_routed.load(Ordering::Relaxed),
                 writes_routed: c.writes_routed.load(Ordering::Relaxed),
             });
         }
         out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn topology() -> Arc<Topology> {
+        let options = ClusterOptions {
+            max_message_bytes: 1 << 20,
+            connect_timeout: Duration::from_millis(100),
+            ewma_decay: Duration::from_secs(1),
+            connections: 1,
+        };
+        Topology::new(HealthConfig::default(), options, CancellationToken::new())
+    }
+
+    /// A cluster whose last check reported `role` at `epoch` (no health checks run).
+    fn add(t: &Arc<Topology>, id: &str, role: Role, epoch: u64) -> Arc<Cluster> {
+        let reg = Registration { id: id.into(), datacenter: String::new(), endpoint: format!("http://127.0.0.1:1/{id}") };
+        let c = t.up_with(reg, false).unwrap_or_else(|| t.clusters()[id].clone());
+        let info = Info { role, epoch, datacenter: "dc".into(), collections: HashMap::new(), raw: Vec::new(), at: Instant::now() };
+        c.record(Ok(Some(info)), &t.health, Instant::now());
+        t.publish();
+        c
+    }
+
+    fn leader(t: &Topology) -> Option<(String, u64)> {
+        t.leader_and_epoch().map(|(c, e)| (c.id.clone(), e))
+    }
+
+    #[tokio::test]
+    async fn the_leader_is_the_usable_leading_cluster_with_the_highest_epoch() {
+        let t = topology();
+        let mut w = t.leader_watch();
+        assert_eq!(leader(&t), None);
+        add(&t, "a", Role::Leading, 3);
+        add(&t, "b", Role::Alternative, 9);
+        assert_eq!(leader(&t), Some(("a".into(), 3)));
+        assert!(w.has_changed().unwrap());
+        assert_eq!(*w.borrow_and_update(), Some(LeaderRef { id: "a".into(), epoch: 3 }));
+        // b is promoted (epoch 4) while a, fenced, still claims to lead for a moment.
+        let b = add(&t, "b", Role::Leading, 4);
+        assert_eq!(leader(&t), Some(("b".into(), 4)));
+        assert_eq!(*w.borrow_and_update(), Some(LeaderRef { id: "b".into(), epoch: 4 }));
+        // A cluster whose write failed is not the leader until a later check succeeds.
+        t.suspect(&b, "connection refused");
+        assert_eq!(leader(&t), Some(("a".into(), 3)));
+        assert!(t.view().clusters.iter().any(|c| c.id == "b" && !c.readable && c.last_error == "connection refused"));
+        let before_suspicion = Instant::now() - Duration::from_secs(1);
+        let info = b.status.read().info.clone();
+        b.record(Ok(info.clone()), &t.health, before_suspicion);
+        t.publish();
+        assert_eq!(leader(&t), Some(("a".into(), 3)), "a check that started before the failure proves nothing");
+        b.record(Ok(info), &t.health, Instant::now());
+        t.publish();
+        assert_eq!(leader(&t), Some(("b".into(), 4)));
+        // An unhealthy leader is no leader; with none left the watch says so.
+        for c in ["a", "b"] {
+            let c = t.clusters()[c].clone();
+            for _ in 0..t.health.unhealthy_after {
+                c.record(Err("down".into()), &t.health, Instant::now());
+            }
+        }
+        t.publish();
+        assert_eq!(leader(&t), None);
+        assert_eq!(*w.borrow_and_update(), None);
+        // Republishing the same state wakes nobody.
+        t.publish();
+        assert!(!w.has_changed().unwrap());
     }
 }
