@@ -803,7 +803,7 @@ impl LossyProxy {
                 tokio::spawn(async move {
                     use tokio::io::{AsyncReadExt, AsyncWriteExt};
                     // Closing with linger 0 sends RST: the connection is reset, not closed.
-                    let _ = client.set_linger(Some(Duration::ZERO));
+                    let _ = client.set_zero_linger();
                     let (mut cr, mut cw) = client.into_split();
                     let (mut sr, mut sw) = server.into_split();
                     let up = tokio::io::copy(&mut cr, &mut sw);

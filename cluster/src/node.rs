@@ -296,7 +296,7 @@ impl Node {
     fn check_writable(&self) -> Result<()> {
         let role = self.role();
         if role.accepts_writes() {
-            self.check_lease()
+            self.lease_error(|m| ClusterError::FailedPrecondition(format!("{m}; nothing was changed")))
         } else {
             Err(ClusterError::NotLeader { cluster: self.opts.cluster_id.clone(), role: role.to_string(), leader: self.leader() })
         }
@@ -308,13 +308,22 @@ impl Node {
     }
 
     /// Whether this leader's lease still covers acknowledging a write now: checked before a
-    /// write and again before it is acknowledged.
+    /// write (a refusal then changed nothing: FAILED_PRECONDITION "fenced", which a gateway
+    /// holds and sends to the next leader) and again before it is acknowledged (then the
+    /// write is durable here but may never reach the next leader: UNAVAILABLE, outcome unknown).
     pub fn check_lease(&self) -> Result<()> {
+        self.lease_error(|m| {
+            ClusterError::Unavailable(format!(
+                "{m}: the write is not acknowledged and its outcome is unknown (an upsert may be sent again)"
+            ))
+        })
+    }
+
+    fn lease_error(&self, error: impl FnOnce(String) -> ClusterError) -> Result<()> {
         match *self.write_deadline.lock() {
-            Some(d) if Instant::now() >= d => Err(ClusterError::Unavailable(format!(
-                "cluster {} may have lost its leadership lease: the write is not acknowledged (its outcome is unknown)",
-                self.opts.cluster_id
-            ))),
+            Some(d) if Instant::now() >= d => {
+                Err(error(format!("cluster {} is fenced: its leadership lease may have run out", self.opts.cluster_id)))
+            }
             _ => Ok(()),
         }
     }

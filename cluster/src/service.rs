@@ -92,16 +92,16 @@ pub const EPOCH_METADATA: &str = "tandem-epoch";
 /// A write tagged for another epoch's leader is refused before anything changes: either this
 /// cluster was fenced (a newer leader exists) or the sender has not yet seen this cluster's
 /// promotion. Untagged writes (clients talking to the cluster directly) are not checked.
-fn check_epoch<T>(req: &Request<T>, node: &Node) -> std::result::Result<(), Status> {
+fn check_epoch<T>(req: &Request<T>, node: &Node) -> Result<()> {
     let Some(v) = req.metadata().get(EPOCH_METADATA) else { return Ok(()) };
     let Some(sent) = v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
-        return Err(Status::invalid_argument(format!("{EPOCH_METADATA} metadata {v:?}: expected an epoch number")));
+        return Err(ClusterError::invalid(format!("{EPOCH_METADATA} metadata {v:?}: expected an epoch number")));
     };
     let own = node.epoch();
     if sent == own {
         return Ok(());
     }
-    Err(Status::failed_precondition(format!(
+    Err(ClusterError::FailedPrecondition(format!(
         "stale epoch: the write was sent for epoch {sent} but cluster {} is at epoch {own}",
         node.opts.cluster_id
     )))

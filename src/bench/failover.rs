@@ -128,7 +128,8 @@ pub struct Report {
 pub async fn run(a: FailoverBenchArgs) -> anyhow::Result<()> {
     // TANDEM_BENCH_LOG (a RUST_LOG filter) logs the bench's own steps too, beside the clusters'.
     if let Ok(filter) = std::env::var("TANDEM_BENCH_LOG") {
-        let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).try_init();
+        let _ =
+            tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).try_init();
     }
     let report = measure(&a).await?;
     println!("round  killed  new leader  epoch  failover ms  rejoin ms  converged  acked  lost  reads ok  reads failed");
