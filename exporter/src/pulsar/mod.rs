@@ -465,8 +465,6 @@ struct Inner {
     conns: tokio::sync::Mutex<HashMap<String, Arc<Conn>>>,
     /// One producer per topic; publishing to a topic holds its lock (order, sequence ids).
     producers: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Option<Producer>>>>>,
-    /// Unique subscription names (non-durable readers).
-    readers: AtomicU64,
 }
 
 /// The Pulsar [`Transport`].
@@ -526,9 +524,7 @@ impl PulsarTransport {
         let ep = parse_url(cfg.service_url.trim()).map_err(ExportError::Config)?;
         let tls = if ep.tls { Some(tls_connector(&cfg)?) } else { None };
         info!(service_url = %cfg.service_url, group = %cfg.group, prefix = %cfg.topic_prefix, "pulsar transport ready");
-        Ok(PulsarTransport {
-            inner: Arc::new(Inner { cfg, tls, conns: Default::default(), producers: Default::default(), readers: AtomicU64::new(0) }),
-        })
+        Ok(PulsarTransport { inner: Arc::new(Inner { cfg, tls, conns: Default::default(), producers: Default::default() }) })
     }
 
     pub fn config(&self) -> &PulsarConfig {
@@ -667,7 +663,11 @@ impl Inner {
         let c = self.topic_conn(topic).await?;
         let (consumer_id, request_id) = (c.next_id(), c.next_id());
         let rx = c.register_consumer(consumer_id).map_err(|e| conn_error(format!("subscribing to {topic}"), e))?;
-        let n = self.readers.fetch_add(1, Ordering::Relaxed);
+        // Unique in the process, not per transport: clusters of one process (the demo, tests)
+        // each have a transport, and two readers of one topic under one name collide
+        // ("Exclusive subscription already has a consumer").
+        static READERS: AtomicU64 = AtomicU64::new(0);
+        let n = READERS.fetch_add(1, Ordering::Relaxed);
         let sub = pb::CommandSubscribe {
             topic: topic.to_string(),
             subscription: format!("tandem-reader-{}-{n}", std::process::id()),
