@@ -312,9 +312,11 @@ impl Node {
     /// holds and sends to the next leader) and again before it is acknowledged (then the
     /// write is durable here but may never reach the next leader: UNAVAILABLE, outcome unknown).
     pub fn check_lease(&self) -> Result<()> {
-        self.lease_error(|m| {
+        // Not "fenced": a gateway re-sends a fenced refusal, and this write may have been applied.
+        self.lease_error(|_| {
             ClusterError::Unavailable(format!(
-                "{m}: the write is not acknowledged and its outcome is unknown (an upsert may be sent again)"
+                "cluster {} may have lost its leadership lease before acknowledging: the write's outcome is unknown (an upsert may be sent again)",
+                self.opts.cluster_id
             ))
         })
     }

@@ -410,6 +410,9 @@ impl Sandbox {
         cfg.health.interval_ms = 100;
         cfg.health.healthy_after = 1;
         cfg.health.unhealthy_after = 2;
+        // Failures (refused connections) are seen at once; a slow answer only means a loaded
+        // test machine, and must not take a cluster out of routing.
+        cfg.health.timeout_ms = 5_000;
         adjust(&mut cfg);
         tandem_gateway::start(cfg, tandem_discovery::static_list(regs)).await.expect("start gateway")
     }
