@@ -203,3 +203,31 @@ async fn switchover_hands_over_without_losing_a_write() {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Datacenter preference: of two caught-up alternatives, the one in the preferred datacenter
+/// is promoted, although the other would win a tie on its name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_preferred_datacenter_is_promoted() {
+    let mut a = args();
+    a.prefer_datacenters = vec!["dc3".into()];
+    let spec = |name: &str, role, dc: &str| Spec { name: name.into(), role, datacenter: dc.into() };
+    let mut h = Harness::start(&a, &[spec("a", "leading", "dc1"), spec("b", "alternative", "dc2"), spec("c", "alternative", "dc3")])
+        .await
+        .expect("harness");
+    create_collection(&mut client(&h.endpoint("a")).await).await.unwrap();
+    for n in ["b", "c"] {
+        wait_role(&h.endpoint(n), pb::Role::Alternative, Duration::from_secs(60)).await.unwrap();
+    }
+    let mut ca = client(&h.endpoint("a")).await;
+    for id in 1..=10 {
+        upsert(&mut ca, id).await.unwrap();
+    }
+    let ia = h.group.index("a");
+    h.group.clusters[ia].kill9();
+    let c = h.endpoint("c");
+    if let Err(e) = wait_role(&c, pb::Role::Leading, Duration::from_secs(30)).await {
+        panic!("the alternative in the preferred datacenter was not promoted: {e:#}\n{}", h.logs(20));
+    }
+    assert_eq!(cluster_info(&h.endpoint("b")).await.unwrap().role, pb::Role::Alternative as i32);
+    assert_eq!(count(&c).await, 10);
+}

@@ -67,6 +67,9 @@ pub struct FailoverBenchArgs {
     /// The `tandem` binary the clusters run [default: this one].
     #[arg(long, value_name = "FILE")]
     pub tandem_bin: Option<PathBuf>,
+    /// Datacenters in order of preference for promotion (ha.prefer_datacenters), repeatable.
+    #[arg(long = "prefer-datacenter", value_name = "DC")]
+    pub prefer_datacenters: Vec<String>,
     /// Keep the clusters' data and logs (`<name>.log`) here instead of a temp dir removed at
     /// the end.
     #[arg(long, value_name = "DIR")]
@@ -88,6 +91,7 @@ impl Default for FailoverBenchArgs {
             load_s: 2.0,
             json: None,
             tandem_bin: None,
+            prefer_datacenters: Vec::new(),
             work_dir: None,
             etcd_bin: "/usr/bin/etcd".into(),
         }
@@ -215,6 +219,7 @@ impl Harness {
             broker: broker.brokers.clone(),
             group,
             lease_ttl_s: a.lease_ttl_s,
+            prefer: a.prefer_datacenters.clone(),
             clusters: Vec::new(),
         };
         group.start(&specs[0])?;
@@ -590,6 +595,7 @@ pub struct Group {
     broker: String,
     group: String,
     lease_ttl_s: u64,
+    prefer: Vec<String>,
     pub clusters: Vec<ClusterProcess>,
 }
 
@@ -597,12 +603,13 @@ impl Group {
     fn config(&self, spec: &Spec) -> String {
         let (etcd, group, broker, ttl) = (&self.etcd, &self.group, &self.broker, self.lease_ttl_s);
         let (name, role, dc) = (&spec.name, spec.role, &spec.datacenter);
+        let prefer = serde_json::to_string(&self.prefer).expect("strings");
         format!(
             "cluster_id = \"{name}\"\ndatacenter = \"{dc}\"\nrole = \"{role}\"\n\
              [replication]\ngroup = \"{group}\"\ntransport = \"kafka\"\ntick_ms = 20\n\
              [replication.kafka]\nbrokers = \"{broker}\"\n\
              [discovery]\netcd = [\"{etcd}\"]\nprefix = \"/{group}/clusters/\"\nttl_s = {ttl}\n\
-             [ha]\narbiter = \"etcd\"\nlease_ttl_s = {ttl}\n"
+             [ha]\narbiter = \"etcd\"\nlease_ttl_s = {ttl}\nprefer_datacenters = {prefer}\n"
         )
     }
 
