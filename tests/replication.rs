@@ -590,6 +590,79 @@ mod direct {
     );
 }
 
+/// A broker restart with durable storage loses nothing: acknowledged writes (ack policy
+/// `exported`: the broker held them) all reach the alternative, which was stopped meanwhile
+/// and must read them back from the restarted broker's storage. `restart` restarts the
+/// broker `backend` names.
+#[cfg(any(feature = "kafka", feature = "pulsar"))]
+async fn broker_restart_with_durable_storage_loses_nothing(backend: Backend, restart: impl FnOnce()) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    insert(&mut l, 0..200, DIM).await;
+    converge(&mut l, &mut a).await;
+    sb.stop("alt").await;
+    insert(&mut l, 200..400, DIM).await;
+    restart();
+    insert(&mut l, 400..500, DIM).await;
+    sb.restart("alt").await;
+    let mut a = sb.client("alt").await;
+    converge(&mut l, &mut a).await;
+    assert_eq!(count(&mut a, C).await, 500);
+}
+
+/// A malformed event on the topic is quarantined and halts that shard; the alternative keeps
+/// serving what it has. `transport` makes a client of the broker `backend` names, for the
+/// replication group it is given, to publish the bad event with.
+#[cfg(any(feature = "kafka", feature = "pulsar"))]
+async fn poison_event_on_the_topic_is_quarantined(backend: Backend, transport: impl FnOnce(String) -> Arc<dyn tandem_exporter::Transport>) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    let mut one_shard = docs_schema(DIM as u32);
+    one_shard.shards = 1;
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(one_shard) }).await.unwrap();
+    insert(&mut l, 0..50, DIM).await;
+    converge(&mut l, &mut a).await;
+    let node = sb.node("lead").await;
+    let c = node.collection(C).unwrap();
+    let stream = tandem_exporter::StreamId::Shard { collection_id: c.id, shard: 0 };
+    let transport = transport(sb.config("lead").await.replication.group);
+    let end = transport.end_lsn(&stream).await.unwrap();
+    // A data event that cannot be applied: two ids, one float.
+    let bad = tandem_proto::replication::v1::ChangeEvent {
+        format_version: 1,
+        epoch: 1,
+        ts: node.clock.now(),
+        collection: C.into(),
+        collection_id: c.id,
+        shard: 0,
+        lsn: end + 1,
+        body: Some(tandem_proto::replication::v1::change_event::Body::Insert(tandem_proto::storage::v1::RowBatch {
+            ids: vec![1, 2],
+            vectors: vec![1.0],
+            ..Default::default()
+        })),
+        ..Default::default()
+    };
+    transport.publish(&stream, vec![bad]).await.unwrap();
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move {
+            a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections[0].replication.starts_with("halted")
+        }
+    })
+    .await;
+    let f = sb.follower("alt").await;
+    assert_eq!(f.poisoned.load(Ordering::Relaxed), 1);
+    let quarantine = sb.data_dir("alt").await.join("quarantine");
+    assert_eq!(std::fs::read_dir(quarantine).unwrap().count(), 1);
+    let r = a
+        .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") })
+        .await
+        .unwrap();
+    assert_eq!(r.into_inner().count, 50);
+}
+
 #[cfg(feature = "kafka")]
 #[path = "../exporter/tests/common/tansu.rs"]
 mod tansu;
@@ -598,7 +671,6 @@ mod tansu;
 #[cfg(feature = "kafka")]
 mod kafka {
     use super::*;
-    use tandem_exporter::Transport;
 
     macro_rules! kafka_suite {
         ($($name:ident),* $(,)?) => {
@@ -613,11 +685,6 @@ mod kafka {
         };
     }
 
-    /// A leader and an alternative replicating through `broker`.
-    async fn pair(broker: &tansu::Tansu) -> Sandbox {
-        Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Kafka { brokers: broker.brokers() }).build().await
-    }
-
     kafka_suite!(
         live_data_and_ddl,
         bootstrap_then_live_handoff,
@@ -628,86 +695,22 @@ mod kafka {
         replication_metrics
     );
 
-    /// A broker restart with durable storage loses nothing: acknowledged writes (ack policy
-    /// `exported`: the broker held them) all reach the alternative.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broker_restart_with_durable_storage_loses_nothing() {
         let mut broker = tansu::Tansu::start(true);
-        let sb = pair(&broker).await;
-        let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
-        l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
-        insert(&mut l, 0..200, DIM).await;
-        converge(&mut l, &mut a).await;
-        // Writes acknowledged before the restart were exported; stop the alternative so it must
-        // read them back from the restarted broker's storage.
-        sb.stop("alt").await;
-        insert(&mut l, 200..400, DIM).await;
-        broker.restart();
-        insert(&mut l, 400..500, DIM).await;
-        sb.restart("alt").await;
-        let mut a = sb.client("alt").await;
-        converge(&mut l, &mut a).await;
-        assert_eq!(count(&mut a, C).await, 500);
+        let backend = Backend::Kafka { brokers: broker.brokers() };
+        super::broker_restart_with_durable_storage_loses_nothing(backend, || broker.restart()).await;
     }
 
-    /// A malformed event on the topic is quarantined and halts that shard; the alternative keeps
-    /// serving what it has.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn poison_event_on_the_topic_is_quarantined() {
         let broker = tansu::Tansu::start(true);
-        let sb = pair(&broker).await;
-        let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
-        let mut one_shard = docs_schema(DIM as u32);
-        one_shard.shards = 1;
-        l.create_collection(pb::CreateCollectionRequest { schema: Some(one_shard) }).await.unwrap();
-        insert(&mut l, 0..50, DIM).await;
-        converge(&mut l, &mut a).await;
-        let node = sb.node("lead").await;
-        let c = node.collection(C).unwrap();
-        let stream = tandem_exporter::StreamId::Shard { collection_id: c.id, shard: 0 };
-        let group = sb.config("lead").await.replication.group;
-        let kafka = tandem_exporter::kafka::KafkaTransport::new(tandem_exporter::kafka::KafkaConfig {
-            brokers: broker.brokers(),
-            group,
-            ..Default::default()
-        })
-        .unwrap();
-        let end = kafka.end_lsn(&stream).await.unwrap();
-        // A data event that cannot be applied: two ids, one float.
-        let bad = tandem_proto::replication::v1::ChangeEvent {
-            format_version: 1,
-            epoch: 1,
-            ts: node.clock.now(),
-            collection: C.into(),
-            collection_id: c.id,
-            shard: 0,
-            lsn: end + 1,
-            body: Some(tandem_proto::replication::v1::change_event::Body::Insert(tandem_proto::storage::v1::RowBatch {
-                ids: vec![1, 2],
-                vectors: vec![1.0],
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        kafka.publish(&stream, vec![bad]).await.unwrap();
-        eventually(CONVERGE, || {
-            let mut a = a.clone();
-            async move {
-                a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections[0]
-                    .replication
-                    .starts_with("halted")
-            }
+        let brokers = broker.brokers();
+        super::poison_event_on_the_topic_is_quarantined(Backend::Kafka { brokers: brokers.clone() }, |group| {
+            let cfg = tandem_exporter::kafka::KafkaConfig { brokers, group, ..Default::default() };
+            Arc::new(tandem_exporter::kafka::KafkaTransport::new(cfg).unwrap())
         })
         .await;
-        let f = sb.follower("alt").await;
-        assert_eq!(f.poisoned.load(Ordering::Relaxed), 1);
-        let quarantine = sb.data_dir("alt").await.join("quarantine");
-        assert_eq!(std::fs::read_dir(quarantine).unwrap().count(), 1);
-        let r = a
-            .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") })
-            .await
-            .unwrap();
-        assert_eq!(r.into_inner().count, 50);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -732,7 +735,6 @@ mod pulsar_lite;
 #[cfg(feature = "pulsar")]
 mod pulsar {
     use super::*;
-    use tandem_exporter::Transport;
 
     macro_rules! pulsar_suite {
         ($($name:ident),* $(,)?) => {
@@ -747,11 +749,6 @@ mod pulsar {
         };
     }
 
-    /// A leader and an alternative replicating through `broker`.
-    async fn pair(broker: &pulsar_lite::PulsarLite) -> Sandbox {
-        Sandbox::builder().leading("lead").alternative("alt", "lead").transport(Backend::Pulsar { url: broker.url() }).build().await
-    }
-
     pulsar_suite!(
         live_data_and_ddl,
         bootstrap_then_live_handoff,
@@ -762,84 +759,22 @@ mod pulsar {
         replication_metrics
     );
 
-    /// A broker restart with durable storage loses nothing: acknowledged writes (ack policy
-    /// `exported`: the broker held them) all reach the alternative.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broker_restart_with_durable_storage_loses_nothing() {
         let mut broker = pulsar_lite::PulsarLite::start();
-        let sb = pair(&broker).await;
-        let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
-        l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
-        insert(&mut l, 0..200, DIM).await;
-        converge(&mut l, &mut a).await;
-        sb.stop("alt").await;
-        insert(&mut l, 200..400, DIM).await;
-        broker.restart();
-        insert(&mut l, 400..500, DIM).await;
-        sb.restart("alt").await;
-        let mut a = sb.client("alt").await;
-        converge(&mut l, &mut a).await;
-        assert_eq!(count(&mut a, C).await, 500);
+        let backend = Backend::Pulsar { url: broker.url() };
+        super::broker_restart_with_durable_storage_loses_nothing(backend, || broker.restart()).await;
     }
 
-    /// A malformed event on the topic is quarantined and halts that shard; the alternative keeps
-    /// serving what it has.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn poison_event_on_the_topic_is_quarantined() {
         let broker = pulsar_lite::PulsarLite::start();
-        let sb = pair(&broker).await;
-        let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
-        let mut one_shard = docs_schema(DIM as u32);
-        one_shard.shards = 1;
-        l.create_collection(pb::CreateCollectionRequest { schema: Some(one_shard) }).await.unwrap();
-        insert(&mut l, 0..50, DIM).await;
-        converge(&mut l, &mut a).await;
-        let node = sb.node("lead").await;
-        let c = node.collection(C).unwrap();
-        let stream = tandem_exporter::StreamId::Shard { collection_id: c.id, shard: 0 };
-        let group = sb.config("lead").await.replication.group;
-        let pulsar = tandem_exporter::pulsar::PulsarTransport::new(tandem_exporter::pulsar::PulsarConfig {
-            service_url: broker.url(),
-            group,
-            ..Default::default()
-        })
-        .unwrap();
-        let end = pulsar.end_lsn(&stream).await.unwrap();
-        // A data event that cannot be applied: two ids, one float.
-        let bad = tandem_proto::replication::v1::ChangeEvent {
-            format_version: 1,
-            epoch: 1,
-            ts: node.clock.now(),
-            collection: C.into(),
-            collection_id: c.id,
-            shard: 0,
-            lsn: end + 1,
-            body: Some(tandem_proto::replication::v1::change_event::Body::Insert(tandem_proto::storage::v1::RowBatch {
-                ids: vec![1, 2],
-                vectors: vec![1.0],
-                ..Default::default()
-            })),
-            ..Default::default()
-        };
-        pulsar.publish(&stream, vec![bad]).await.unwrap();
-        eventually(CONVERGE, || {
-            let mut a = a.clone();
-            async move {
-                a.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner().collections[0]
-                    .replication
-                    .starts_with("halted")
-            }
+        let url = broker.url();
+        super::poison_event_on_the_topic_is_quarantined(Backend::Pulsar { url: url.clone() }, |group| {
+            let cfg = tandem_exporter::pulsar::PulsarConfig { service_url: url, group, ..Default::default() };
+            Arc::new(tandem_exporter::pulsar::PulsarTransport::new(cfg).unwrap())
         })
         .await;
-        let f = sb.follower("alt").await;
-        assert_eq!(f.poisoned.load(Ordering::Relaxed), 1);
-        let quarantine = sb.data_dir("alt").await.join("quarantine");
-        assert_eq!(std::fs::read_dir(quarantine).unwrap().count(), 1);
-        let r = a
-            .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") })
-            .await
-            .unwrap();
-        assert_eq!(r.into_inner().count, 50);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
