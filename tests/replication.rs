@@ -565,12 +565,24 @@ async fn direct_alternative_kill9_resumes() {
     alternative_kill9_resumes(vec![]).await;
 }
 
+/// The backend-independent tests over one backend; with `broker = START`, each test starts its
+/// own broker and `$backend` maps it to the backend.
 macro_rules! suite {
     ($backend:expr, $($name:ident),* $(,)?) => {
         $(
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $name() {
                 super::$name($backend).await
+            }
+        )*
+    };
+    (broker = $start:expr, $backend:expr, $($name:ident),* $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                let broker = $start;
+                super::$name($backend(&broker)).await;
+                drop(broker);
             }
         )*
     };
@@ -672,20 +684,9 @@ mod tansu;
 mod kafka {
     use super::*;
 
-    macro_rules! kafka_suite {
-        ($($name:ident),* $(,)?) => {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let broker = tansu::Tansu::start(true);
-                    super::$name(Backend::Kafka { brokers: broker.brokers() }).await;
-                    drop(broker);
-                }
-            )*
-        };
-    }
-
-    kafka_suite!(
+    suite!(
+        broker = tansu::Tansu::start(true),
+        |b: &tansu::Tansu| Backend::Kafka { brokers: b.brokers() },
         live_data_and_ddl,
         bootstrap_then_live_handoff,
         alternative_restart_resumes,
@@ -736,20 +737,9 @@ mod pulsar_lite;
 mod pulsar {
     use super::*;
 
-    macro_rules! pulsar_suite {
-        ($($name:ident),* $(,)?) => {
-            $(
-                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn $name() {
-                    let broker = pulsar_lite::PulsarLite::start();
-                    super::$name(Backend::Pulsar { url: broker.url() }).await;
-                    drop(broker);
-                }
-            )*
-        };
-    }
-
-    pulsar_suite!(
+    suite!(
+        broker = pulsar_lite::PulsarLite::start(),
+        |b: &pulsar_lite::PulsarLite| Backend::Pulsar { url: b.url() },
         live_data_and_ddl,
         bootstrap_then_live_handoff,
         alternative_restart_resumes,
