@@ -39,7 +39,9 @@ async fn leader_kill9_twice_under_load_loses_nothing_and_old_leaders_rejoin() {
     assert!(report.rounds[1].epoch > report.rounds[0].epoch, "each promotion raises the epoch");
 }
 
-use tandem::bench::failover::{COLLECTION, Harness, Spec, checksum, cluster_info, create_collection, missing, vector, wait_role};
+use tandem::bench::failover::{
+    COLLECTION, Harness, Spec, checksum, cluster_info, converged, create_collection, missing, vector, wait_role,
+};
 use tandem_proto::v1 as pb;
 
 fn args() -> FailoverBenchArgs {
@@ -62,12 +64,8 @@ async fn count(endpoint: &str) -> u64 {
     c.count(pb::CountRequest { collection: COLLECTION.into(), filter: String::new(), read }).await.expect("count").into_inner().count
 }
 
-/// SIGSTOP of the leader past its lease: an alternative is promoted; the paused leader, once
-/// resumed, refuses every write (it never acknowledges one while another cluster leads),
-/// rejoins as an alternative of the new epoch and converges. Nothing it acknowledged before
-/// the pause is lost.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_paused_leader_is_fenced_and_rejoins() {
+/// Leader `a` and alternative `b` (caught up), with rows 1..=40 acknowledged by `a`.
+async fn leader_and_alternative_with_rows() -> (Harness, Vec<i64>) {
     let h = Harness::start(&args(), &[Spec::new("a", "leading"), Spec::new("b", "alternative")]).await.expect("harness");
     let (a, b) = (h.endpoint("a"), h.endpoint("b"));
     create_collection(&mut client(&a).await).await.unwrap();
@@ -77,6 +75,17 @@ async fn a_paused_leader_is_fenced_and_rejoins() {
     for &id in &acked {
         upsert(&mut ca, id).await.expect("the leader takes writes");
     }
+    (h, acked)
+}
+
+/// SIGSTOP of the leader past its lease: an alternative is promoted; the paused leader, once
+/// resumed, refuses every write (it never acknowledges one while another cluster leads),
+/// rejoins as an alternative of the new epoch and converges. Nothing it acknowledged before
+/// the pause is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_paused_leader_is_fenced_and_rejoins() {
+    let (h, acked) = leader_and_alternative_with_rows().await;
+    let (a, b) = (h.endpoint("a"), h.endpoint("b"));
 
     let ia = h.group.index("a");
     h.group.clusters[ia].signal("STOP").unwrap();
@@ -107,16 +116,7 @@ async fn a_paused_leader_is_fenced_and_rejoins() {
     assert_eq!(missing(&b, &acked).await.unwrap(), 0, "writes a acknowledged before the pause were lost");
     assert_eq!(missing(&b, &refused).await.unwrap(), refused.len() as u64, "a refused write appeared");
     assert_eq!(count(&b).await, 50);
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let (Ok(x), Ok(y)) = (checksum(&a).await, checksum(&b).await)
-            && x == y
-        {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "a did not converge with b");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(converged(&h.group, Duration::from_secs(60)).await, "a did not converge with b");
 }
 
 /// Active/standby: a standby follows but serves nothing, reads included, until it is promoted
@@ -157,15 +157,9 @@ fn tandem_failover(to: &str, endpoint: &str) -> std::process::Output {
 /// target that is not in the group is refused with a message naming it, and nothing changes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn switchover_hands_over_without_losing_a_write() {
-    let h = Harness::start(&args(), &[Spec::new("a", "leading"), Spec::new("b", "alternative")]).await.expect("harness");
+    let (h, acked) = leader_and_alternative_with_rows().await;
     let (a, b) = (h.endpoint("a"), h.endpoint("b"));
-    create_collection(&mut client(&a).await).await.unwrap();
-    wait_role(&b, pb::Role::Alternative, Duration::from_secs(60)).await.unwrap();
     let mut ca = client(&a).await;
-    let acked: Vec<i64> = (1..=40).collect();
-    for &id in &acked {
-        upsert(&mut ca, id).await.unwrap();
-    }
 
     let out = tandem_failover("nosuch", &a);
     assert!(!out.status.success());
@@ -191,17 +185,8 @@ async fn switchover_hands_over_without_losing_a_write() {
     all.push(41);
     assert_eq!(missing(&b, &all).await.unwrap(), 0, "acknowledged writes were lost in the switchover");
     assert_eq!(missing(&b, &[42]).await.unwrap(), 1, "a refused write appeared");
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    loop {
-        if let (Ok(x), Ok(y)) = (checksum(&a).await, checksum(&b).await)
-            && x == y
-        {
-            assert_eq!(x.0, 49);
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "a did not converge with b");
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    assert!(converged(&h.group, Duration::from_secs(60)).await, "a did not converge with b");
+    assert_eq!(checksum(&a).await.unwrap().0, 49);
 }
 
 /// Datacenter preference: of two caught-up alternatives, the one in the preferred datacenter

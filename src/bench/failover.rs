@@ -522,7 +522,7 @@ pub async fn missing(endpoint: &str, ids: &[i64]) -> anyhow::Result<u64> {
 
 /// Whether every cluster shows the same rows (STRONG reads, so alternatives wait until they
 /// hold everything the leader had), within `limit`.
-async fn converged(group: &Group, limit: Duration) -> bool {
+pub async fn converged(group: &Group, limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         let mut sums = BTreeSet::new();
