@@ -366,9 +366,7 @@ impl Controller {
         let Ok(Ok(mut events)) = tokio::time::timeout(Duration::from_secs(5), self.transport.subscribe(stream, position)).await else {
             return false;
         };
-        let is_data = |ev: &tandem_proto::replication::v1::ChangeEvent| {
-            !matches!(ev.body, Some(tandem_proto::replication::v1::change_event::Body::Tick(_)) | None)
-        };
+        let is_data = |ev: &tandem_proto::replication::v1::ChangeEvent| ev.body.is_some() && !tandem_exporter::transport::is_tick(ev);
         match tokio::time::timeout(Duration::from_secs(3), events.next()).await {
             Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch && ev.ts == ts && is_data(&ev) => {}
             _ => return false,

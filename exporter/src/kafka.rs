@@ -36,11 +36,11 @@ use rdkafka::message::{Header, Message, OwnedHeaders};
 use rdkafka::producer::{DeliveryFuture, FutureProducer, FutureRecord, Producer};
 use rdkafka::topic_partition_list::{Offset, TopicPartitionList};
 use serde::Deserialize;
-use tandem_proto::replication::v1::{ChangeEvent, change_event};
+use tandem_proto::replication::v1::ChangeEvent;
 use tracing::{debug, info, warn};
 
 use crate::error::{ExportError, Result};
-use crate::transport::{EventStream, StreamId, Transport};
+use crate::transport::{EventStream, StreamId, Transport, check_event, is_tick};
 
 const BACKEND: &str = "kafka";
 
@@ -285,33 +285,8 @@ fn unavailable(message: impl std::fmt::Display) -> ExportError {
     ExportError::Unavailable { backend: BACKEND, message: message.to_string() }
 }
 
-fn is_tick(ev: &ChangeEvent) -> bool {
-    matches!(ev.body, Some(change_event::Body::Tick(_)))
-}
-
-/// What a stream may carry, checked on both sides: a wrong event must not reach a subscriber.
-fn check_event(stream: &StreamId, ev: &ChangeEvent) -> std::result::Result<(), String> {
-    if ev.format_version == 0 {
-        // Also what an empty or truncated value decodes to.
-        return Err("format_version is 0 (unset)".into());
-    }
-    match stream {
-        StreamId::Ddl => Ok(()),
-        StreamId::Shard { collection_id, shard } => {
-            if ev.collection_id != *collection_id || ev.shard != *shard {
-                Err(format!("event of collection {} shard {} on stream {stream}", ev.collection_id, ev.shard))
-            } else {
-                Ok(())
-            }
-        }
-    }
-}
-
 fn decode_event(stream: &StreamId, payload: Option<&[u8]>) -> std::result::Result<ChangeEvent, String> {
-    let bytes = payload.ok_or("message has no value")?;
-    let ev = ChangeEvent::decode(bytes).map_err(|e| format!("value is not a ChangeEvent: {e}"))?;
-    check_event(stream, &ev)?;
-    Ok(ev)
+    crate::transport::decode_event(stream, payload.ok_or("message has no value")?)
 }
 
 /// Topic and partition of a stream.

@@ -8,7 +8,8 @@
 use std::pin::Pin;
 
 use futures::Stream;
-use tandem_proto::replication::v1::ChangeEvent;
+use prost::Message as _;
+use tandem_proto::replication::v1::{ChangeEvent, change_event};
 
 use crate::error::Result;
 
@@ -56,4 +57,35 @@ pub trait Transport: Send + Sync + 'static {
 
     /// The position of the last change event in `stream` (0 when it holds none).
     async fn end_lsn(&self, stream: &StreamId) -> Result<u64>;
+}
+
+/// Whether `ev` is a time tick (it repeats the last position instead of having its own).
+pub fn is_tick(ev: &ChangeEvent) -> bool {
+    matches!(ev.body, Some(change_event::Body::Tick(_)))
+}
+
+/// What a stream may carry, checked on both sides of a broker: a wrong event must not reach
+/// a subscriber.
+pub fn check_event(stream: &StreamId, ev: &ChangeEvent) -> std::result::Result<(), String> {
+    if ev.format_version == 0 {
+        // Also what an empty or truncated value decodes to.
+        return Err("format_version is 0 (unset)".into());
+    }
+    match stream {
+        StreamId::Ddl => Ok(()),
+        StreamId::Shard { collection_id, shard } => {
+            if ev.collection_id != *collection_id || ev.shard != *shard {
+                Err(format!("event of collection {} shard {} on stream {stream}", ev.collection_id, ev.shard))
+            } else {
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A broker message's payload as an event of `stream`, or why it is not one.
+pub fn decode_event(stream: &StreamId, payload: &[u8]) -> std::result::Result<ChangeEvent, String> {
+    let ev = ChangeEvent::decode(payload).map_err(|e| format!("value is not a ChangeEvent: {e}"))?;
+    check_event(stream, &ev)?;
+    Ok(ev)
 }

@@ -41,12 +41,12 @@ use bytes::{Buf, Bytes};
 use futures::StreamExt;
 use prost::Message as _;
 use serde::Deserialize;
-use tandem_proto::replication::v1::{ChangeEvent, change_event};
+use tandem_proto::replication::v1::ChangeEvent;
 use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 
 use crate::error::{ExportError, Result};
-use crate::transport::{EventStream, StreamId, Transport};
+use crate::transport::{EventStream, StreamId, Transport, check_event, decode_event, is_tick};
 use conn::{Conn, ConnError, Delivery};
 use pb::base_command::Type;
 
@@ -240,34 +240,6 @@ fn conn_error(context: impl std::fmt::Display, e: ConnError) -> ExportError {
         }
         _ => unavailable(format!("{context}: {e}")),
     }
-}
-
-fn is_tick(ev: &ChangeEvent) -> bool {
-    matches!(ev.body, Some(change_event::Body::Tick(_)))
-}
-
-/// What a stream may carry, checked on both sides: a wrong event must not reach a subscriber.
-/// (The same rule as the Kafka backend's; each backend is behind its own feature.)
-fn check_event(stream: &StreamId, ev: &ChangeEvent) -> std::result::Result<(), String> {
-    if ev.format_version == 0 {
-        return Err("format_version is 0 (unset)".into());
-    }
-    match stream {
-        StreamId::Ddl => Ok(()),
-        StreamId::Shard { collection_id, shard } => {
-            if ev.collection_id != *collection_id || ev.shard != *shard {
-                Err(format!("event of collection {} shard {} on stream {stream}", ev.collection_id, ev.shard))
-            } else {
-                Ok(())
-            }
-        }
-    }
-}
-
-fn decode_event(stream: &StreamId, payload: &[u8]) -> std::result::Result<ChangeEvent, String> {
-    let ev = ChangeEvent::decode(payload).map_err(|e| format!("value is not a ChangeEvent: {e}"))?;
-    check_event(stream, &ev)?;
-    Ok(ev)
 }
 
 /// A message id: (ledger, entry), -1 meaning "before the first" as in Pulsar.
