@@ -16,10 +16,9 @@
 //! them, so the bench and the test measure the same thing.
 
 use std::collections::BTreeSet;
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -668,32 +667,15 @@ pub struct ClusterProcess {
 impl ClusterProcess {
     fn start(tandem: &Path, name: &str, config: &Path, data: &Path) -> anyhow::Result<ClusterProcess> {
         let log = std::fs::OpenOptions::new().create(true).append(true).open(data.with_extension("log"))?;
-        let mut child = Command::new(tandem)
-            .args(["cluster", "--listen", "127.0.0.1:0", "--config"])
+        let mut cmd = Command::new(tandem);
+        cmd.args(["cluster", "--listen", "127.0.0.1:0", "--config"])
             .arg(config)
             .arg("--data-dir")
             .arg(data)
             .env("RUST_LOG", std::env::var("TANDEM_BENCH_LOG").unwrap_or_else(|_| "warn,tandem::ha=info,tandem_cluster::node=info".into()))
-            .stdout(Stdio::piped())
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot run {}", tandem.display()))?;
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if let Some(addr) = line.split(" listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().parse::<SocketAddr>());
-                }
-            }
-        });
-        let addr = match rx.recv_timeout(Duration::from_secs(60)) {
-            Ok(a) => a.context("the address tandem cluster printed")?,
-            Err(_) => {
-                let _ = child.kill();
-                bail!("tandem cluster {name} printed no address within 60 s (log: {})", data.with_extension("log").display());
-            }
-        };
+            .stderr(log);
+        let (child, addr) = crate::cli::cluster::spawn_listening(&mut cmd)
+            .with_context(|| format!("tandem cluster {name} (log: {})", data.with_extension("log").display()))?;
         Ok(ClusterProcess { name: name.to_string(), child: Some(child), addr })
     }
 

@@ -3,6 +3,8 @@
 
 use std::path::PathBuf;
 
+use anyhow::{Context, bail};
+
 use tandem_cluster::server;
 
 use super::LogFormat;
@@ -76,7 +78,8 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     } else {
         (crate::replication::start(&running, &cfg).await?, None)
     };
-    // Scripts and tests wait for this exact line to learn the address (port 0 picks one).
+    // Scripts and tests wait for this exact line to learn the address (port 0 picks one):
+    // `spawn_listening` below.
     println!("tandem cluster {id} listening on {}", running.addr);
     let discovery = register_in_etcd(&cfg, running.addr).await?;
 
@@ -130,6 +133,30 @@ async fn register_in_etcd(cfg: &tandem_cluster::ClusterConfig, bound: std::net::
         Err(e) => return Err(e.into()),
     };
     Ok(Discovery(Some((cancel, task))))
+}
+
+/// Starts `cmd`, a `tandem cluster` command, with its stdout piped, and waits (up to 60 s) for
+/// the address it prints ("... listening on ADDR": with port 0 that is how one learns it). On
+/// a timeout the process is killed.
+pub fn spawn_listening(cmd: &mut std::process::Command) -> anyhow::Result<(std::process::Child, std::net::SocketAddr)> {
+    let mut child = cmd.stdout(std::process::Stdio::piped()).spawn().with_context(|| format!("cannot run {:?}", cmd.get_program()))?;
+    let stdout = child.stdout.take().expect("stdout is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)).map_while(Result::ok) {
+            if let Some(addr) = line.split(" listening on ").nth(1) {
+                let _ = tx.send(addr.trim().parse::<std::net::SocketAddr>());
+            }
+        }
+    });
+    match rx.recv_timeout(std::time::Duration::from_secs(60)) {
+        Ok(addr) => Ok((child, addr.context("the address tandem cluster printed")?)),
+        Err(_) => {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("printed no address within 60 s")
+        }
+    }
 }
 
 /// How others reach this cluster: `advertise`, or http:// + the bound address.

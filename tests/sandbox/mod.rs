@@ -12,7 +12,7 @@
 pub mod etcd;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
+
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -242,26 +242,11 @@ impl ProcessCluster {
     /// Starts `tandem cluster` on a free port with `data_dir`; extra `TANDEM__` env overrides.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> ProcessCluster {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-        cmd.args(["cluster", "--listen", "127.0.0.1:0", "--data-dir"])
-            .arg(data_dir)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit());
+        cmd.args(["cluster", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data_dir).env("RUST_LOG", "warn").stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let mut child = cmd.spawn().expect("spawn tandem cluster");
-        let stdout = child.stdout.take().expect("stdout");
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut lines = BufReader::new(stdout).lines();
-            while let Some(Ok(line)) = lines.next() {
-                if let Some(addr) = line.split(" listening on ").nth(1) {
-                    let _ = tx.send(addr.trim().parse::<SocketAddr>().expect("address"));
-                }
-            }
-        });
-        let addr = rx.recv_timeout(Duration::from_secs(60)).expect("tandem cluster printed no address within 60s");
+        let (child, addr) = tandem::cli::cluster::spawn_listening(&mut cmd).expect("tandem cluster");
         ProcessCluster { child, addr }
     }
 
