@@ -469,8 +469,6 @@ impl Follower {
         None
     }
 
-    /// Loads a snapshot of one shard from the leader into a wiped local shard, then records the
-    /// matching position, so the stream continues with no gap and no duplicate.
     /// Loads a snapshot of one shard from the leader (see `load_snapshot`); with `min_rows`,
     /// declines (changing nothing) when the leader's shard holds fewer rows.
     async fn bootstrap(&self, c: &Arc<Collection>, shard: usize, min_rows: u64) -> Result<()> {
@@ -483,8 +481,11 @@ impl Follower {
         let mut progress = self.progress.lock();
         progress.remove(&(c.id, shard));
         if !progress.keys().any(|&(cid, _)| cid == c.id) {
-            self.node
-                .set_replication_state(c.id, if r.is_ok() { "following".to_string() } else { "bootstrap failed; retrying".to_string() });
+            // A failed snapshot-first attempt (`min_rows` > 0) is not retried: the shard replays
+            // the broker's log instead (or, if it was already wiped, starts a full bootstrap,
+            // which sets its own state), so it is following.
+            let state = if r.is_ok() || min_rows > 0 { "following" } else { "bootstrap failed; retrying" };
+            self.node.set_replication_state(c.id, state);
         }
         r
     }
