@@ -12,7 +12,7 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::transport::Channel;
-use tonic::{Code, Request, Response, Status};
+use tonic::{Request, Response, Status};
 use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::buffer::{HoldError, WriteBuffer};
@@ -488,7 +488,8 @@ impl Gateway {
     }
 
     fn finish(&self, op: &'static str, consistency: &'static str, cluster: &str, s: &Status, started: Instant) {
-        let outcome = if s.code() == Code::Ok { "ok".to_string() } else { format!("{:?}", s.code()) };
+        // The same outcome names as the clusters' `tandem_requests_total` (`OK`, `UNAVAILABLE`, ...).
+        let outcome = tandem_telemetry::metrics::code_name(s.code());
         metrics::counter!("tandem_gateway_requests_total", "op" => op, "consistency" => consistency, "cluster" => cluster.to_string(), "outcome" => outcome)
             .increment(1);
         metrics::histogram!("tandem_gateway_request_duration_seconds", "op" => op).record(started.elapsed().as_secs_f64());

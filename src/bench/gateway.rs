@@ -15,6 +15,7 @@
 //! background load on a shared machine hits both alike. Every process here shares the machine's
 //! cores: the cluster-count scaling shows the gateway spreading reads, not extra hardware.
 
+use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -26,9 +27,10 @@ use serde::Serialize;
 use tandem_cluster::{ClusterConfig, Role};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
+use tokio::runtime::Handle;
 use tonic::transport::Channel;
 
-use super::WalSyncArg;
+use super::{WalSyncArg, process_cpu_secs};
 
 const COLLECTION: &str = "bench";
 const ROUNDS: usize = 5;
@@ -61,6 +63,11 @@ pub struct GatewayBenchArgs {
     pub wal_sync: WalSyncArg,
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
+    /// Run the clusters on one half of the CPUs and the clients and the gateway on the other,
+    /// as when the gateway has a machine of its own: then the QPS ratio says whether the
+    /// gateway limits throughput, rather than what its CPU takes from the clusters
+    #[arg(long)]
+    pub split_cores: bool,
     /// Write every figure and parameter here as JSON
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -87,6 +94,9 @@ pub struct Side {
     /// `concurrency` requests in flight.
     pub qps: f64,
     pub loaded_latency: Latency,
+    /// CPU time of the whole process (clients, gateway, clusters) per request during the QPS
+    /// runs: what one request costs the machine on this path.
+    pub cpu_us_per_request: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -106,10 +116,18 @@ pub struct Report {
     pub duration_secs: f64,
     pub policy: PolicyArg,
     pub cores: usize,
+    /// `--split-cores`: the CPUs the clusters ran on and the ones the clients and the gateway
+    /// ran on (empty when everything shared every CPU).
+    pub cluster_cpus: Vec<usize>,
+    pub front_cpus: Vec<usize>,
     pub direct: Side,
     pub gateway: Side,
     pub added_p50_us: f64,
     pub added_p99_us: f64,
+    /// The gateway's hop in CPU per request (gateway minus direct `cpu_us_per_request`). On a
+    /// machine the clusters and the gateway share, the QPS ratio is about
+    /// direct cost / (direct cost + this).
+    pub added_cpu_us_per_request: f64,
     pub qps_ratio: f64,
     pub target_added_p50_us: f64,
     pub target_qps_ratio: f64,
@@ -124,6 +142,12 @@ struct Member {
 }
 
 impl Member {
+    /// Starts a cluster on `rt` (the clusters' own runtime with `--split-cores`): its tasks,
+    /// and the threads it starts (search pool, index builders), run where that runtime runs.
+    async fn start_on(rt: &Option<Handle>, cfg: ClusterConfig) -> anyhow::Result<Member> {
+        on(rt, Member::start(cfg)).await
+    }
+
     async fn start(cfg: ClusterConfig) -> anyhow::Result<Member> {
         if let Err(errs) = cfg.validate() {
             bail!("bench cluster {} config is invalid: {}", cfg.cluster_id, errs.join("; "));
@@ -143,7 +167,21 @@ pub async fn run(a: GatewayBenchArgs) -> anyhow::Result<()> {
     ensure!(a.n >= 1 && a.dim >= 1 && a.k >= 1, "--n, --dim and --k must be at least 1");
     ensure!(a.concurrency >= 1, "--concurrency must be at least 1");
     ensure!(a.duration_secs.is_finite() && a.duration_secs > 0.0, "--duration-secs must be positive");
-    let report = bench(&a).await?;
+    let report = if a.split_cores {
+        let cpus = allowed_cpus()?;
+        ensure!(cpus.len() >= 2, "--split-cores needs at least 2 CPUs, this process may use {}", cpus.len());
+        let (back, front) = cpus.split_at(cpus.len() / 2);
+        let clusters = pinned_runtime("bench-cluster", back)?;
+        let front_rt = pinned_runtime("bench-front", front)?;
+        let (a, rt, placement) = (a.clone(), Some(clusters.handle().clone()), (back.to_vec(), front.to_vec()));
+        let r = front_rt.spawn(async move { bench(&a, rt, placement).await }).await;
+        // Not dropped here: dropping a runtime blocks, which an async context may not.
+        front_rt.shutdown_background();
+        clusters.shutdown_background();
+        r.context("the bench task failed")??
+    } else {
+        bench(&a, None, (Vec::new(), Vec::new())).await?
+    };
     print(&report);
     if let Some(path) = &a.json {
         let json = serde_json::to_string_pretty(&report)?;
@@ -152,7 +190,9 @@ pub async fn run(a: GatewayBenchArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn bench(a: &GatewayBenchArgs) -> anyhow::Result<Report> {
+/// `rt`: the clusters' runtime (`--split-cores`), else the current one; `cpus`: (cluster CPUs,
+/// front CPUs) as reported.
+async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<usize>)) -> anyhow::Result<Report> {
     let dir = tempfile::tempdir()?;
     let base = |id: &str| {
         let mut cfg = ClusterConfig {
@@ -167,13 +207,13 @@ async fn bench(a: &GatewayBenchArgs) -> anyhow::Result<Report> {
         cfg
     };
     eprintln!("starting a leading cluster and two alternatives ...");
-    let leader = Member::start(base("a")).await?;
+    let leader = Member::start_on(&rt, base("a")).await?;
     let mut members = vec![("a".to_string(), leader)];
     for id in ["b", "c"] {
         let mut cfg = base(id);
         cfg.role = Role::Alternative;
         cfg.replication.leader = members[0].1.endpoint();
-        members.push((id.to_string(), Member::start(cfg).await?));
+        members.push((id.to_string(), Member::start_on(&rt, cfg).await?));
     }
 
     // Data, through the leader.
@@ -248,24 +288,30 @@ async fn bench(a: &GatewayBenchArgs) -> anyhow::Result<Report> {
     load(&direct_clients, &queries, a, Duration::from_millis(300)).await?;
     load(&gw_clients, &queries, a, Duration::from_millis(300)).await?;
     let (mut d1, mut g1, mut dn, mut gn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-    let (mut d_secs, mut g_secs) = (0.0, 0.0);
+    let (mut d_secs, mut g_secs, mut d_cpu, mut g_cpu) = (0.0, 0.0, 0.0, 0.0);
+    let cpu = || process_cpu_secs().unwrap_or(f64::NAN);
     for _ in 0..ROUNDS {
         d1.extend(load(&direct_clients[..1], &queries, a, round).await?.0);
         g1.extend(load(&gw_clients[..1], &queries, a, round).await?.0);
+        let c = cpu();
         let (l, s) = load(&direct_clients, &queries, a, round).await?;
+        d_cpu += cpu() - c;
         dn.extend(l);
         d_secs += s;
+        let c = cpu();
         let (l, s) = load(&gw_clients, &queries, a, round).await?;
+        g_cpu += cpu() - c;
         gn.extend(l);
         g_secs += s;
     }
-    let side = |one: &mut Vec<Duration>, many: &mut Vec<Duration>, secs: f64| Side {
+    let side = |one: &mut Vec<Duration>, many: &mut Vec<Duration>, secs: f64, cpu_secs: f64| Side {
         latency: latency(one),
         qps: many.len() as f64 / secs,
+        cpu_us_per_request: cpu_secs * 1e6 / many.len().max(1) as f64,
         loaded_latency: latency(many),
     };
-    let direct_side = side(&mut d1, &mut dn, d_secs);
-    let gateway_side = side(&mut g1, &mut gn, g_secs);
+    let direct_side = side(&mut d1, &mut dn, d_secs, d_cpu);
+    let gateway_side = side(&mut g1, &mut gn, g_secs, g_cpu);
     gw1.stop().await?;
 
     // Reads/s with 1, 2 and 3 readable clusters.
@@ -295,7 +341,7 @@ async fn bench(a: &GatewayBenchArgs) -> anyhow::Result<Report> {
     // Alternatives first: their replication streams would keep the leader draining.
     for (_, m) in members.into_iter().rev() {
         m.repl.stop();
-        m.running.stop().await?;
+        on(&rt, async move { Ok(m.running.stop().await?) }).await?;
     }
     let added_p50_us = gateway_side.latency.p50_us - direct_side.latency.p50_us;
     let qps_ratio = gateway_side.qps / direct_side.qps;
@@ -306,8 +352,12 @@ async fn bench(a: &GatewayBenchArgs) -> anyhow::Result<Report> {
         concurrency: a.concurrency,
         duration_secs: a.duration_secs,
         policy: a.policy,
-        cores: std::thread::available_parallelism().map_or(1, |n| n.get()),
+        // Inside a pinned runtime available_parallelism() sees only that runtime's CPUs.
+        cores: if cpus.0.is_empty() { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cpus.0.len() + cpus.1.len() },
+        cluster_cpus: cpus.0,
+        front_cpus: cpus.1,
         added_p99_us: gateway_side.latency.p99_us - direct_side.latency.p99_us,
+        added_cpu_us_per_request: gateway_side.cpu_us_per_request - direct_side.cpu_us_per_request,
         added_p50_us,
         qps_ratio,
         target_added_p50_us: TARGET_ADDED_P50_US,
@@ -318,6 +368,41 @@ async fn bench(a: &GatewayBenchArgs) -> anyhow::Result<Report> {
         gateway: gateway_side,
         scaling,
     })
+}
+
+/// Runs `fut` on `rt` when given (the clusters' own runtime), else here.
+async fn on<T: Send + 'static>(rt: &Option<Handle>, fut: impl Future<Output = anyhow::Result<T>> + Send + 'static) -> anyhow::Result<T> {
+    match rt {
+        Some(h) => h.spawn(fut).await.context("a cluster task failed")?,
+        None => fut.await,
+    }
+}
+
+/// The CPUs this process may run on.
+fn allowed_cpus() -> anyhow::Result<Vec<usize>> {
+    let set = rustix::thread::sched_getaffinity(None).context("sched_getaffinity")?;
+    Ok((0..rustix::thread::CpuSet::MAX_CPU).filter(|&c| set.is_set(c)).collect())
+}
+
+/// A runtime whose threads (workers and blocking ones, and the threads they start) run only
+/// on `cpus`.
+fn pinned_runtime(name: &str, cpus: &[usize]) -> anyhow::Result<tokio::runtime::Runtime> {
+    let mut set = rustix::thread::CpuSet::new();
+    for &c in cpus {
+        set.set(c);
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(cpus.len())
+        .thread_name(name)
+        .enable_all()
+        .on_thread_start(move || {
+            // `None`: the calling thread; threads it starts inherit the mask.
+            if let Err(e) = rustix::thread::sched_setaffinity(None, &set) {
+                tracing::warn!(error = %e, "cannot pin a bench thread to its CPUs");
+            }
+        })
+        .build()
+        .with_context(|| format!("cannot start the {name} runtime"))
 }
 
 async fn wait_readable(gw: &tandem_gateway::Running, n: usize) -> anyhow::Result<()> {
@@ -393,16 +478,23 @@ fn print(r: &Report) {
         "gateway bench: {} x {}-d, top {}, {} in flight for QPS, {} cores, policy {:?}",
         r.n, r.dim, r.k, r.concurrency, r.cores, r.policy
     );
-    println!("{:<10} {:>10} {:>10} {:>10} {:>14} {:>14}", "path", "p50 us", "p99 us", "QPS", "loaded p50 us", "loaded p99 us");
+    if !r.cluster_cpus.is_empty() {
+        println!("split cores: clusters on CPUs {:?}, clients and gateway on CPUs {:?}", r.cluster_cpus, r.front_cpus);
+    }
+    println!(
+        "{:<10} {:>10} {:>10} {:>10} {:>14} {:>14} {:>12}",
+        "path", "p50 us", "p99 us", "QPS", "loaded p50 us", "loaded p99 us", "CPU us/req"
+    );
     for (name, s) in [("direct", &r.direct), ("gateway", &r.gateway)] {
         println!(
-            "{:<10} {:>10.0} {:>10.0} {:>10.0} {:>14.0} {:>14.0}",
-            name, s.latency.p50_us, s.latency.p99_us, s.qps, s.loaded_latency.p50_us, s.loaded_latency.p99_us
+            "{:<10} {:>10.0} {:>10.0} {:>10.0} {:>14.0} {:>14.0} {:>12.0}",
+            name, s.latency.p50_us, s.latency.p99_us, s.qps, s.loaded_latency.p50_us, s.loaded_latency.p99_us, s.cpu_us_per_request
         );
     }
     let met = |b: bool| if b { "met" } else { "NOT met" };
     println!("added p50: {:.0} us (target <= {:.0} us: {})", r.added_p50_us, r.target_added_p50_us, met(r.added_p50_met));
     println!("QPS ratio: {:.2} (target >= {:.2}: {})", r.qps_ratio, r.target_qps_ratio, met(r.qps_ratio_met));
+    println!("the gateway's hop costs {:.0} us of CPU per request", r.added_cpu_us_per_request);
     for s in &r.scaling {
         let spread: Vec<String> = s.per_cluster.iter().map(|(id, n)| format!("{id} {n}")).collect();
         println!("{} readable cluster(s): {:.0} reads/s ({})", s.readable_clusters, s.reads_per_sec, spread.join(", "));
@@ -427,16 +519,53 @@ mod tests {
             policy: PolicyArg::RoundRobin,
             wal_sync: WalSyncArg::Never,
             seed: 1,
+            split_cores: false,
             json: Some(json.clone()),
         };
         run(a).await.expect("bench");
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         assert!(v["direct"]["qps"].as_f64().unwrap() > 0.0);
         assert!(v["gateway"]["latency"]["samples"].as_u64().unwrap() > 0);
+        // CPU per request comes from /proc: a loaded run costs something on either path.
+        for side in ["direct", "gateway"] {
+            assert!(v[side]["cpu_us_per_request"].as_f64().unwrap() > 0.0, "{side}: {}", v[side]);
+        }
         let scaling = v["scaling"].as_array().unwrap();
         assert_eq!(scaling.len(), 3);
         // With round robin over 3 clusters, every cluster served reads.
         let per: Vec<u64> = scaling[2]["per_cluster"].as_array().unwrap().iter().map(|p| p[1].as_u64().unwrap()).collect();
         assert!(per.len() == 3 && per.iter().all(|&n| n > 0), "{per:?}");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn split_cores_puts_clusters_and_clients_apart() {
+        let dir = tempfile::tempdir().unwrap();
+        let json = dir.path().join("gw.json");
+        let a = GatewayBenchArgs {
+            n: 300,
+            dim: 4,
+            k: 3,
+            concurrency: 2,
+            duration_secs: 0.3,
+            search_threads: 1,
+            policy: PolicyArg::P2c,
+            wal_sync: WalSyncArg::Never,
+            seed: 2,
+            split_cores: true,
+            json: Some(json.clone()),
+        };
+        let cpus = allowed_cpus().unwrap();
+        if cpus.len() < 2 {
+            let e = run(a).await.expect_err("one CPU cannot be split");
+            assert!(e.to_string().contains("--split-cores needs at least 2 CPUs"), "{e}");
+            return;
+        }
+        run(a).await.expect("bench");
+        let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let list = |k: &str| -> Vec<u64> { v[k].as_array().unwrap().iter().map(|c| c.as_u64().unwrap()).collect() };
+        let (back, front) = (list("cluster_cpus"), list("front_cpus"));
+        assert!(!back.is_empty() && !front.is_empty() && back.iter().all(|c| !front.contains(c)), "{back:?} {front:?}");
+        assert_eq!(back.len() + front.len(), cpus.len());
+        assert!(v["gateway"]["qps"].as_f64().unwrap() > 0.0 && v["direct"]["qps"].as_f64().unwrap() > 0.0, "{v}");
     }
 }

@@ -26,3 +26,16 @@ impl From<WalSyncArg> for WalSync {
         }
     }
 }
+
+/// CPU time (user + system) this process has used so far, from /proc; None elsewhere.
+pub(crate) fn process_cpu_secs() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; the fields after its closing parenthesis
+    // start at field 3, so utime (14) and stime (15) are the 12th and 13th of them.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut fields = rest.split_whitespace().skip(11);
+    let utime: u64 = fields.next()?.parse().ok()?;
+    let stime: u64 = fields.next()?.parse().ok()?;
+    // /proc counts in USER_HZ, which the kernel ABI fixes at 100.
+    Some((utime + stime) as f64 / 100.0)
+}

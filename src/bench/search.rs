@@ -24,7 +24,7 @@
 //! The measurements alternate in short rounds, so that background load on a shared machine hits
 //! every path alike instead of whichever ran last.
 
-use super::WalSyncArg;
+use super::{WalSyncArg, process_cpu_secs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -357,19 +357,6 @@ impl StopRule {
             min_requests: if round == 0 { nq } else { 0 },
         }
     }
-}
-
-/// CPU time (user + system) this process has used so far, from /proc; None elsewhere.
-fn process_cpu_secs() -> Option<f64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
-    // The command name (field 2) may hold spaces; the fields after its closing parenthesis
-    // start at field 3, so utime (14) and stime (15) are the 12th and 13th of them.
-    let rest = &stat[stat.rfind(')')? + 1..];
-    let mut fields = rest.split_whitespace().skip(11);
-    let utime: u64 = fields.next()?.parse().ok()?;
-    let stime: u64 = fields.next()?.parse().ok()?;
-    // /proc counts in USER_HZ, which the kernel ABI fixes at 100.
-    Some((utime + stime) as f64 / 100.0)
 }
 
 /// What one worker (task or thread) of a run observed.
