@@ -725,15 +725,6 @@ impl<'a> Probe<'a> {
 
 /// The offset to start reading `stream` at for events with `lsn >= from_lsn`, or `Truncated`
 /// when the log no longer holds `from_lsn` (blocking).
-///
-/// `pred(o)` = "the first well-formed event at or after offset `o` has `lsn >= from_lsn`" (true
-/// when there is none) is monotonic because lsns never decrease with the offset, so the start
-/// is found by binary search over `[low, high)`, one fetch per probe. Malformed messages take
-/// the value of the event after them: one just before the start is delivered (reported again
-/// after a restart) rather than skipped unseen. The first probe is where the position would be
-/// if every message since the first one were a distinct change (there are at least that many
-/// messages before it since positions are contiguous, so it is a valid cut); on a shard without
-/// ticks that is exact, and one more probe confirms it.
 fn locate(inner: &Inner, stream: &StreamId, topic: &str, partition: i32, from_lsn: u64) -> Result<i64> {
     let (low, high) = inner.watermarks(topic, partition)?;
     if low >= high {
@@ -741,41 +732,165 @@ fn locate(inner: &Inner, stream: &StreamId, topic: &str, partition: i32, from_ls
         // first event, which the stream checks.
         return Ok(high);
     }
-    inner.with_probe(stream, topic, partition, |probe| search(probe, low, high, from_lsn))
+    let started = Instant::now();
+    let (start, probes) = inner.with_probe(stream, topic, partition, |probe| search(probe, stream, low, high, from_lsn))?;
+    debug!(%stream, from_lsn, low, high, start, probes, ms = started.elapsed().as_millis() as u64, "located start offset");
+    Ok(start)
 }
 
-fn search(probe: &mut Probe<'_>, low: i64, high: i64, from_lsn: u64) -> Result<i64> {
-    let stream = probe.stream;
-    let Some((first_offset, first)) = probe.first_event(low, high)? else {
-        // Nothing but malformed messages: deliver them; the stream checks the first event.
-        return Ok(low);
-    };
-    // A tick repeats the position of the change before it: if the log starts with a tick at
-    // position p, change p is gone.
-    let available = if is_tick(&first) { first.lsn + 1 } else { first.lsn };
-    if from_lsn.max(1) < available {
-        return Err(ExportError::Truncated { stream: stream.to_string(), lsn: from_lsn, first: available });
+/// What the start search reads: the first well-formed event at or after `offset` and below
+/// `end` (one fetch). [`Probe`] reads the broker; the tests read a log in memory.
+trait EventAt {
+    fn first_event(&mut self, offset: i64, end: i64) -> Result<Option<(i64, ChangeEvent)>>;
+}
+
+impl EventAt for Probe<'_> {
+    fn first_event(&mut self, offset: i64, end: i64) -> Result<Option<(i64, ChangeEvent)>> {
+        Probe::first_event(self, offset, end)
     }
-    if first.lsn >= from_lsn {
-        return Ok(low);
-    }
-    let (mut lo, mut hi) = (first_offset + 1, high);
-    let guess = first_offset.saturating_add(i64::try_from(from_lsn - first.lsn).unwrap_or(i64::MAX));
-    let mut hints = vec![guess.saturating_sub(1), guess];
-    let mut probes = 0;
-    while lo < hi {
-        let mid = match hints.pop() {
-            Some(h) if (lo..hi).contains(&h) => h,
-            _ => lo + (hi - lo) / 2,
+}
+
+/// The start offset for `from_lsn` in `[low, high)`, and how many probes it took.
+///
+/// `pred(o)` = "the first well-formed event at or after offset `o` has `lsn >= from_lsn`" (true
+/// when there is none) is monotonic because lsns never decrease with the offset, so the start
+/// is the first offset where it holds. Malformed messages take the value of the event after
+/// them: one just before the start is delivered (reported again after a restart) rather than
+/// skipped unseen.
+///
+/// Each probe is a fetch, and a fetch returns everything from the probe to the end of the
+/// partition (up to the fetch limit, which cannot be small: tansu then returns nothing for a
+/// large event), so probes should land late. Plain bisection after reading the partition's
+/// first message fetched the whole partition, then half of it, and so on: an old leader
+/// rejoining spent seconds here, more each round as the partition grew, although it resumes
+/// near the end. Instead the search reads the last message (a small fetch; past it, the start
+/// is the end), then gallops from an estimate towards the start with doubling strides until
+/// the start is bracketed, and bisects the bracket. The estimate is an upper bound: there is at
+/// least one message per position between the start and the last message. When a probe lands
+/// on the change `from_lsn` itself, the offset before it is tried at once, which usually ends
+/// the search. Near the end that is a few small fetches; far from it, about twice bisection's
+/// probes, where the subscription is about to read that much anyway.
+///
+/// The log's first event is only needed when no event below `from_lsn` was seen: then the start
+/// is `low`, and that event says whether `from_lsn` is still held (`Truncated` otherwise).
+fn search(probe: &mut impl EventAt, stream: &StreamId, low: i64, high: i64, from_lsn: u64) -> Result<(i64, u32)> {
+    let mut b = Bracket { lo: low, hi: high, left: None, right: None, probes: 0 };
+    b.probe(probe, high - 1, from_lsn)?;
+    let last = b.right;
+    if b.lo < b.hi {
+        let mut mid = match last {
+            Some(last) => last.offset.saturating_sub(i64::try_from(last.lsn - from_lsn).unwrap_or(i64::MAX)).clamp(b.lo, b.hi - 1),
+            // The last message is malformed.
+            None => b.lo + (b.hi - b.lo) / 2,
         };
-        probes += 1;
-        match probe.first_event(mid, hi)? {
-            Some((o, ev)) if ev.lsn < from_lsn => lo = o + 1,
-            _ => hi = mid,
+        let mut stride = 1i64;
+        let mut moving_down = None;
+        while b.lo < b.hi {
+            let (holds, exact) = b.probe(probe, mid, from_lsn)?;
+            if exact && b.lo < b.hi {
+                // The change itself: the start unless the message before it is still at or
+                // above from_lsn (a malformed one, which takes its value).
+                b.probe(probe, mid - 1, from_lsn)?;
+            }
+            if b.lo >= b.hi || moving_down.is_some_and(|down| down != holds) {
+                break;
+            }
+            moving_down = Some(holds);
+            mid = if holds {
+                // At least a stride down; further when the density of positions between here
+                // and the last message says so.
+                let by_density = match (last, b.right) {
+                    (Some(l), Some(r)) if l.lsn > r.lsn => {
+                        r.offset.saturating_sub(scale(r.lsn - from_lsn, l.offset - r.offset, l.lsn - r.lsn))
+                    }
+                    _ => b.hi - stride,
+                };
+                by_density.min(b.hi - stride).max(b.lo)
+            } else {
+                (b.lo + stride - 1).min(b.hi - 1)
+            };
+            stride = stride.saturating_mul(2);
+        }
+        // Bracketed: interpolate between the events either side, bisecting after a step that
+        // did not halve the bracket.
+        let mut bisect = false;
+        while b.lo < b.hi {
+            let width = b.hi - b.lo;
+            let mid = match (b.left, b.right) {
+                (Some(l), Some(r)) if !bisect && r.lsn > l.lsn => {
+                    l.offset.saturating_add(scale(from_lsn - l.lsn, r.offset - l.offset, r.lsn - l.lsn)).clamp(b.lo, b.hi - 1)
+                }
+                _ => b.lo + width / 2,
+            };
+            b.probe(probe, mid, from_lsn)?;
+            bisect = !bisect && (b.hi - b.lo) * 2 > width;
         }
     }
-    debug!(%stream, from_lsn, low, high, start = lo, probes, "located start offset");
-    Ok(lo)
+    if b.left.is_none()
+        && let Some(first) = b.right
+    {
+        // The start is `low`, and `right` is the log's first well-formed event (everything
+        // before it is malformed; with none at all, the malformed messages are delivered and
+        // the stream checks the first event). A tick repeats the position of the change before
+        // it: if the log starts with a tick at position p, change p is gone.
+        let available = if first.tick { first.lsn + 1 } else { first.lsn };
+        if from_lsn.max(1) < available {
+            return Err(ExportError::Truncated { stream: stream.to_string(), lsn: from_lsn, first: available });
+        }
+    }
+    Ok((b.lo, b.probes))
+}
+
+/// `positions * offsets / per` (offsets spanned by `positions` at `offsets` per `per`
+/// positions), rounded down, saturating.
+fn scale(positions: u64, offsets: i64, per: u64) -> i64 {
+    let v = i128::from(positions) * i128::from(offsets.max(0)) / i128::from(per.max(1));
+    i64::try_from(v).unwrap_or(i64::MAX)
+}
+
+/// An event a probe found.
+#[derive(Debug, Clone, Copy)]
+struct Anchor {
+    offset: i64,
+    lsn: u64,
+    tick: bool,
+}
+
+/// What [`search`] knows: `pred` is false below `lo` and true from `hi` on; `left` is the last
+/// event seen below `from_lsn`, `right` the first event at or after `hi` (once seen).
+struct Bracket {
+    lo: i64,
+    hi: i64,
+    left: Option<Anchor>,
+    right: Option<Anchor>,
+    probes: u32,
+}
+
+impl Bracket {
+    /// Reads the first well-formed event at or after `mid` (`lo <= mid < hi`) and narrows the
+    /// bracket: (whether pred(mid) holds, whether `mid` holds the change `from_lsn` itself).
+    fn probe(&mut self, p: &mut impl EventAt, mid: i64, from_lsn: u64) -> Result<(bool, bool)> {
+        self.probes += 1;
+        match p.first_event(mid, self.hi)? {
+            Some((o, ev)) => {
+                let at = Anchor { offset: o, lsn: ev.lsn, tick: is_tick(&ev) };
+                if ev.lsn < from_lsn {
+                    self.lo = o + 1;
+                    self.left = Some(at);
+                    Ok((false, false))
+                } else {
+                    self.hi = mid;
+                    self.right = Some(at);
+                    Ok((true, ev.lsn == from_lsn && !at.tick && o == mid))
+                }
+            }
+            // Only malformed messages in [mid, hi): they take the value of what follows.
+            None => {
+                self.hi = mid;
+                Ok((true, false))
+            }
+        }
+    }
 }
 
 /// Position of the last well-formed event (blocking).
@@ -929,6 +1044,88 @@ mod tests {
 
     fn cfg() -> KafkaConfig {
         KafkaConfig { brokers: "127.0.0.1:9092".into(), group: "g1".into(), ..KafkaConfig::default() }
+    }
+
+    /// A partition in memory (`None` is a malformed message), and the lowest offset read.
+    struct MemLog(Vec<Option<ChangeEvent>>, i64);
+
+    impl EventAt for MemLog {
+        fn first_event(&mut self, offset: i64, end: i64) -> Result<Option<(i64, ChangeEvent)>> {
+            self.1 = self.1.min(offset);
+            let end = end.min(self.0.len() as i64);
+            Ok((offset.max(0)..end).find_map(|o| self.0[o as usize].clone().map(|e| (o, e))))
+        }
+    }
+
+    fn ev(lsn: u64, tick: bool) -> Option<ChangeEvent> {
+        let body = if tick {
+            tandem_proto::replication::v1::change_event::Body::Tick(Default::default())
+        } else {
+            tandem_proto::replication::v1::change_event::Body::Delete(Default::default())
+        };
+        Some(ChangeEvent { lsn, body: Some(body), ..Default::default() })
+    }
+
+    /// Changes `first..=last`, each followed by `ticks(lsn)` ticks and, where `bad(lsn)`, a
+    /// malformed message.
+    fn mem_log(first: u64, last: u64, ticks: impl Fn(u64) -> u64, bad: impl Fn(u64) -> bool) -> Vec<Option<ChangeEvent>> {
+        let mut log = Vec::new();
+        for lsn in first..=last {
+            log.push(ev(lsn, false));
+            log.extend((0..ticks(lsn)).map(|_| ev(lsn, true)));
+            if bad(lsn) {
+                log.push(None);
+            }
+        }
+        log
+    }
+
+    /// The start by definition: the first offset whose first well-formed event at or after it
+    /// has `lsn >= from` (the end when none has).
+    fn linear(log: &[Option<ChangeEvent>], from: u64) -> i64 {
+        (0..log.len()).find(|&o| log[o..].iter().flatten().next().is_none_or(|e| e.lsn >= from)).unwrap_or(log.len()) as i64
+    }
+
+    #[test]
+    fn start_search_finds_exactly_the_first_offset_for_every_position() {
+        let s = StreamId::Shard { collection_id: 1, shard: 0 };
+        let logs = [
+            mem_log(1, 300, |l| l * 7 % 5, |l| l % 37 == 0),
+            mem_log(5, 400, |_| 0, |_| false),
+            mem_log(1, 200, |l| if (50..60).contains(&l) { 40 } else { 1 }, |l| l == 120),
+            mem_log(1, 150, |l| (l * 13 % 11) * 3, |l| l % 9 == 0),
+        ];
+        for log in logs {
+            let high = log.len() as i64;
+            let first = log.iter().flatten().next().unwrap().lsn;
+            for from in first..=log.iter().flatten().last().unwrap().lsn + 2 {
+                let mut m = MemLog(log.clone(), i64::MAX);
+                let (start, probes) = search(&mut m, &s, 0, high, from).unwrap();
+                assert_eq!(start, linear(&log, from), "from {from}");
+                // Galloping then bisecting: about twice bisection's probes.
+                let bound = 2 * (64 - (high as u64).leading_zeros()) + 4;
+                assert!(probes <= bound, "from {from}: {probes} probes > {bound} (log of {high})");
+            }
+            let mut m = MemLog(log.clone(), i64::MAX);
+            assert!(matches!(search(&mut m, &s, 0, high, first - 1), Err(ExportError::Truncated { .. })) || first == 1);
+        }
+    }
+
+    #[test]
+    fn start_search_near_the_end_reads_only_the_end() {
+        // One or two ticks per change, as on a busy shard: an old leader rejoining resumes a few
+        // positions before the end, and plain bisection fetched the whole partition first.
+        let s = StreamId::Shard { collection_id: 1, shard: 0 };
+        let log = mem_log(1, 3000, |l| 1 + l % 2, |l| l % 97 == 0);
+        let high = log.len() as i64;
+        for from in 2900..=3002 {
+            let mut m = MemLog(log.clone(), i64::MAX);
+            let (start, probes) = search(&mut m, &s, 0, high, from).unwrap();
+            assert_eq!(start, linear(&log, from));
+            assert!(probes <= 8, "from {from}: {probes} probes");
+            // Nothing before the start was fetched beyond a few hundred messages.
+            assert!(m.1 >= start - 512, "from {from}: read from offset {} for a start at {start}", m.1);
+        }
     }
 
     #[test]
