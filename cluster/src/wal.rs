@@ -469,8 +469,6 @@ impl Wal {
                 // A read-only fd is enough: fsync flushes the inode, whoever dirtied it.
                 File::open(&path).and_then(|f| f.sync_all()).map_err(io_err(&path))?;
             }
-            // A cut tail loses its marks too.
-            marks.retain(|&(_, offset)| offset < found.offset);
             segments.push(Segment { first_lsn: first, path, bytes: found.offset, marks });
         }
 

@@ -707,20 +707,6 @@ impl<'a> Probe<'a> {
             }
         }
     }
-
-    /// The first well-formed event at or after `offset` and below `end`.
-    fn first_event(&mut self, offset: i64, end: i64) -> Result<Option<(i64, ChangeEvent)>> {
-        if offset >= end {
-            return Ok(None);
-        }
-        self.seek(offset)?;
-        while let Some((o, decoded)) = self.next(end)? {
-            if let Ok(ev) = decoded {
-                return Ok(Some((o, ev)));
-            }
-        }
-        Ok(None)
-    }
 }
 
 /// The offset to start reading `stream` at for events with `lsn >= from_lsn`, or `Truncated`
@@ -746,7 +732,16 @@ trait EventAt {
 
 impl EventAt for Probe<'_> {
     fn first_event(&mut self, offset: i64, end: i64) -> Result<Option<(i64, ChangeEvent)>> {
-        Probe::first_event(self, offset, end)
+        if offset >= end {
+            return Ok(None);
+        }
+        self.seek(offset)?;
+        while let Some((o, decoded)) = self.next(end)? {
+            if let Ok(ev) = decoded {
+                return Ok(Some((o, ev)));
+            }
+        }
+        Ok(None)
     }
 }
 

@@ -13,7 +13,8 @@
 //! Latency is measured with one request in flight (the added p50 is the hop itself), QPS with
 //! `--concurrency` requests in flight. Direct and gateway runs alternate in short rounds so that
 //! background load on a shared machine hits both alike. Every process here shares the machine's
-//! cores: the cluster-count scaling shows the gateway spreading reads, not extra hardware.
+//! cores (with `--split-cores`, the clusters get one half and the clients and gateways the
+//! other): the cluster-count scaling shows the gateway spreading reads, not extra hardware.
 
 use std::future::Future;
 use std::path::PathBuf;
