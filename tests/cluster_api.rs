@@ -47,6 +47,7 @@ async fn insert_rows(c: &mut Client, rows: &BTreeMap<i64, Row>, ids: &[i64], ups
 
 /// FLAT search equals brute force exactly, for every metric, with and without filters, across
 /// sealed (faiss) and growing (exact) segments on several shards, with tombstones and upserts.
+/// The 20 queries go as one batch, which the two search threads split between them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn flat_search_equals_brute_force() {
     let sb = Sandbox::builder().cluster_with("a", |c| c.segment.seal_rows = 3000).build().await;
@@ -78,7 +79,8 @@ async fn flat_search_equals_brute_force() {
         insert_rows(&mut c, &rows, &upserted, true).await;
 
         let queries = vectors(20, dim as usize, 99);
-        let filters: [(&str, fn(&Row) -> bool); 3] =
+        type Pred = fn(&Row) -> bool;
+        let filters: [(&str, Pred); 3] =
             [("", |_| true), ("price < 90.0", |r| r.price < 90.0), ("cat == 3 or cat == 7", |r| r.cat == 3 || r.cat == 7)];
         for (filter, pred) in filters {
             for k in [10u32, 50] {

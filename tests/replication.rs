@@ -437,11 +437,13 @@ async fn poison_case(on_poison: tandem_exporter::follower::OnPoison) {
     let mut l = sb.client("lead").await;
     let leader = format!("http://{}", sb.addr("lead").await);
     let dir = tempfile::tempdir().unwrap();
-    let mut cfg = tandem_cluster::ClusterConfig::default();
-    cfg.cluster_id = "alt".into();
-    cfg.listen = "127.0.0.1:0".into();
-    cfg.data_dir = dir.path().join("alt");
-    cfg.role = tandem_cluster::Role::Alternative;
+    let mut cfg = tandem_cluster::ClusterConfig {
+        cluster_id: "alt".into(),
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.path().join("alt"),
+        role: tandem_cluster::Role::Alternative,
+        ..Default::default()
+    };
     cfg.replication.leader = leader.clone();
     let running = tandem_cluster::server::start(cfg.clone()).await.unwrap();
     let direct = tandem_exporter::direct::DirectTransport::new(&leader, "alt").unwrap();

@@ -12,6 +12,10 @@ use crate::collection::Collection;
 use crate::error::Result;
 use crate::segment::{SearchPlan, TopK, merge_topk};
 
+/// Queries per part when a batch is split over the search pool: below this, splitting costs
+/// more (each part filters and scans every segment again) than it saves.
+const MIN_QUERIES_PER_PART: usize = 4;
+
 pub trait Fanout: Send + Sync + 'static {
     /// Runs on the search pool (blocking, CPU-bound).
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK>;
@@ -21,8 +25,26 @@ pub trait Fanout: Send + Sync + 'static {
 pub struct LocalFanout;
 
 impl Fanout for LocalFanout {
+    /// A batch of many queries (a gateway merges concurrent searches into one) is split into
+    /// parts searched in parallel: faiss runs single-threaded on the pool
+    /// ([`crate::ann::single_threaded_on_this_thread`]), so the pool is what spreads it over the
+    /// cores.
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
-        let parts = collection.shards().par_iter().map(|s| s.search(plan)).collect::<Result<Vec<_>>>()?;
-        Ok(merge_topk(plan.metric, plan.k, plan.nq(), parts))
+        let parts = rayon::current_num_threads().min(plan.nq() / MIN_QUERIES_PER_PART);
+        if parts > 1 {
+            let per = plan.nq().div_ceil(parts) * plan.dim;
+            let parts = plan
+                .queries
+                .par_chunks(per)
+                .map(|queries| search_shards(collection, &SearchPlan { queries, ..*plan }))
+                .collect::<Result<Vec<_>>>()?;
+            return Ok(parts.into_iter().flatten().collect());
+        }
+        search_shards(collection, plan)
     }
+}
+
+fn search_shards(collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
+    let parts = collection.shards().par_iter().map(|s| s.search(plan)).collect::<Result<Vec<_>>>()?;
+    Ok(merge_topk(plan.metric, plan.k, plan.nq(), parts))
 }

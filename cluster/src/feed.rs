@@ -262,7 +262,7 @@ pub fn ddl_record(ev: &rp::ChangeEvent) -> Result<st::DdlRecord> {
         }
         Some(Body::DropCollection(_)) => st::ddl_record::Op::Drop(st::DropOp {}),
         Some(Body::SetIndex(s)) => {
-            st::ddl_record::Op::SetIndex(s.index.clone().ok_or_else(|| ClusterError::invalid("set_index event without an index"))?)
+            st::ddl_record::Op::SetIndex(s.index.ok_or_else(|| ClusterError::invalid("set_index event without an index"))?)
         }
         other => return Err(ClusterError::invalid(format!("not a DDL event: {other:?}"))),
     };

@@ -183,12 +183,7 @@ impl Node {
         remove_orphans(dir, &catalog)?;
 
         let epochs = term::Epochs::load(&dir.join("epoch"))?;
-        let search_pool = rayon::ThreadPoolBuilder::new()
-            .num_threads(opts.search_threads.max(1))
-            .thread_name(|i| format!("tandem-search-{i}"))
-            .panic_handler(|_| tracing::error!("a search task panicked"))
-            .build()
-            .map_err(|e| ClusterError::Internal(format!("search pool: {e}")))?;
+        let search_pool = search_pool(opts.search_threads)?;
         let node = Arc::new(Node {
             clock,
             role: RwLock::new(opts.role),
@@ -884,6 +879,17 @@ impl Node {
     }
 }
 
+/// The threads searches run on: one per core by default, each running faiss single-threaded.
+fn search_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads.max(1))
+        .thread_name(|i| format!("tandem-search-{i}"))
+        .start_handler(|_| crate::ann::single_threaded_on_this_thread())
+        .panic_handler(|_| tracing::error!("a search task panicked"))
+        .build()
+        .map_err(|e| ClusterError::Internal(format!("search pool: {e}")))
+}
+
 /// Applies a DDL record to a catalog (recovery of records logged after the last catalog write).
 fn apply_to_catalog(catalog: &mut st::Catalog, rec: st::DdlRecord) {
     let id = rec.collection_id;
@@ -897,7 +903,7 @@ fn apply_to_catalog(catalog: &mut st::Catalog, rec: st::DdlRecord) {
         Some(st::ddl_record::Op::SetIndex(spec)) => {
             for c in catalog.collections.iter_mut().filter(|c| c.id == id) {
                 if let Some(s) = c.schema.as_mut() {
-                    s.index = Some(spec.clone());
+                    s.index = Some(spec);
                 }
             }
         }
@@ -942,4 +948,22 @@ fn build_index(job: Job) -> Result<()> {
         return Ok(());
     }
     c.shards()[job.shard].checkpoint(&schema)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_search_pool_runs_faiss_single_threaded() {
+        let pool = search_pool(2).unwrap();
+        let on_pool: Vec<usize> = pool.broadcast(|_| crate::ann::faiss_threads_on_this_thread());
+        assert_eq!(on_pool, [1, 1], "every pool thread");
+        // Elsewhere faiss keeps OpenMP's default (a thread per core): index builds use them.
+        if std::env::var_os("OMP_NUM_THREADS").is_none() {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let elsewhere = std::thread::spawn(crate::ann::faiss_threads_on_this_thread).join().unwrap();
+            assert_eq!(elsewhere, cores);
+        }
+    }
 }

@@ -881,7 +881,10 @@ pub fn op_from_record(schema: &Schema, op: st::wal_record::Op) -> Result<Option<
     }))
 }
 
-fn decode_batch(schema: &Schema, b: st::RowBatch) -> Result<(Vec<i64>, Vec<f32>, Vec<Row>, Vec<Ts>)> {
+/// A logged batch decoded: ids, vectors, payload rows, insert timestamps (empty: not logged).
+type DecodedBatch = (Vec<i64>, Vec<f32>, Vec<Row>, Vec<Ts>);
+
+fn decode_batch(schema: &Schema, b: st::RowBatch) -> Result<DecodedBatch> {
     if b.vectors.len() != b.ids.len() * schema.dim {
         return Err(ClusterError::Corrupt(format!("{} vectors floats for {} ids of dim {}", b.vectors.len(), b.ids.len(), schema.dim)));
     }

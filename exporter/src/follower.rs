@@ -307,8 +307,7 @@ impl Follower {
                     continue;
                 }
             };
-            loop {
-                let Some(first) = stream.next().await else { break };
+            while let Some(first) = stream.next().await {
                 // Whatever else has already arrived is applied with it: one blocking hop and one
                 // WAL fsync for the lot, which is what bounds the lag under a steady write rate.
                 let mut items = vec![first];
@@ -675,7 +674,7 @@ impl Follower {
 
 fn percent(bytes: u64, total: u64) -> u64 {
     // The total is the leader's live row count when the snapshot began: an estimate.
-    if total == 0 { 0 } else { (bytes * 100 / total).min(99) }
+    (bytes * 100).checked_div(total).map_or(0, |p| p.min(99))
 }
 
 /// The replication state GetClusterInfo shows while bootstrapping, e.g.

@@ -99,7 +99,7 @@ pub fn load_gateway_config(
             }
         }
     }
-    problems.extend(cfg.validate().into_iter().filter(|p| !(p.starts_with("clusters = []") && !cfg.discovery.etcd.is_empty())));
+    problems.extend(cfg.validate().into_iter().filter(|p| !p.starts_with("clusters = []") || cfg.discovery.etcd.is_empty()));
     if problems.is_empty() { Ok(cfg) } else { Err(InvalidConfig { problems }.into()) }
 }
 

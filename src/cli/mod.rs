@@ -262,27 +262,6 @@ pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
     out
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn timestamps_format_as_utc() {
-        let ts = tandem_cluster::ts::compose(1_700_000_000_250, 3);
-        assert_eq!(fmt_ts(ts), "2023-11-14 22:13:20.250 UTC");
-        assert_eq!(fmt_ts(tandem_cluster::ts::compose(951_782_400_000, 0)), "2000-02-29 00:00:00.000 UTC");
-        assert_eq!(fmt_ts(0), "never");
-    }
-
-    #[test]
-    fn tables_align() {
-        let t = table(&["id", "name"], &[vec!["1".into(), "x".into()], vec!["100".into(), "yy".into()]]);
-        assert_eq!(t, "id   name\n1    x\n100  yy");
-        assert_eq!(fmt_bytes(512), "512 B");
-        assert_eq!(fmt_bytes(3 << 20), "3.0 MiB");
-    }
-}
-
 /// The optional Prometheus endpoint of a long-running command (`telemetry.metrics_listen`).
 pub struct MetricsEndpoint(Option<(tokio_util::sync::CancellationToken, tandem_telemetry::metrics::MetricsServer)>);
 
@@ -323,5 +302,26 @@ where
         s = cluster::shutdown_signal() => {
             anyhow::bail!("{} during shutdown; exiting without waiting for requests in flight", s?)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn timestamps_format_as_utc() {
+        let ts = tandem_cluster::ts::compose(1_700_000_000_250, 3);
+        assert_eq!(fmt_ts(ts), "2023-11-14 22:13:20.250 UTC");
+        assert_eq!(fmt_ts(tandem_cluster::ts::compose(951_782_400_000, 0)), "2000-02-29 00:00:00.000 UTC");
+        assert_eq!(fmt_ts(0), "never");
+    }
+
+    #[test]
+    fn tables_align() {
+        let t = table(&["id", "name"], &[vec!["1".into(), "x".into()], vec!["100".into(), "yy".into()]]);
+        assert_eq!(t, "id   name\n1    x\n100  yy");
+        assert_eq!(fmt_bytes(512), "512 B");
+        assert_eq!(fmt_bytes(3 << 20), "3.0 MiB");
     }
 }

@@ -85,10 +85,12 @@ impl SandboxBuilder {
         // One replication group per sandbox (its own topics), shared by all its clusters.
         let group = format!("g{}x{}", std::process::id(), rand_suffix());
         for (name, follows, adjust) in self.clusters {
-            let mut cfg = ClusterConfig::default();
-            cfg.cluster_id = name.clone();
-            cfg.listen = "127.0.0.1:0".into();
-            cfg.data_dir = root.path().join(&name);
+            let mut cfg = ClusterConfig {
+                cluster_id: name.clone(),
+                listen: "127.0.0.1:0".into(),
+                data_dir: root.path().join(&name),
+                ..Default::default()
+            };
             cfg.search.threads = 2;
             // Headroom for a broker on a loaded 2-core machine: bounds waits for the serviceable
             // ts and for exports (a failure guard, not a timing assertion).
@@ -146,10 +148,12 @@ impl Sandbox {
     /// Starts another alternative following `leader` (e.g. a new replica joining late).
     pub async fn add_alternative(&mut self, name: &str, leader: &str) {
         let addr = self.addr(leader).await;
-        let mut cfg = ClusterConfig::default();
-        cfg.cluster_id = name.into();
-        cfg.listen = "127.0.0.1:0".into();
-        cfg.data_dir = self._root.path().join(name);
+        let mut cfg = ClusterConfig {
+            cluster_id: name.into(),
+            listen: "127.0.0.1:0".into(),
+            data_dir: self._root.path().join(name),
+            ..Default::default()
+        };
         cfg.search.threads = 2;
         cfg.role = tandem_cluster::Role::Alternative;
         cfg.replication.leader = format!("http://{addr}");
