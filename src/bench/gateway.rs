@@ -48,6 +48,9 @@ pub struct GatewayBenchArgs {
     /// Neighbours per search
     #[arg(long, default_value_t = 10)]
     pub k: u32,
+    /// Query vectors per search request (QPS counts requests)
+    #[arg(long, default_value_t = 1)]
+    pub nq: usize,
     /// Requests in flight for the QPS measurements
     #[arg(long, default_value_t = 16)]
     pub concurrency: usize,
@@ -113,6 +116,7 @@ pub struct Report {
     pub n: usize,
     pub dim: usize,
     pub k: u32,
+    pub nq: usize,
     pub concurrency: usize,
     pub duration_secs: f64,
     pub policy: PolicyArg,
@@ -166,6 +170,7 @@ impl Member {
 
 pub async fn run(a: GatewayBenchArgs) -> anyhow::Result<()> {
     ensure!(a.n >= 1 && a.dim >= 1 && a.k >= 1, "--n, --dim and --k must be at least 1");
+    ensure!((1..=1000).contains(&a.nq), "--nq must be between 1 and 1000");
     ensure!(a.concurrency >= 1, "--concurrency must be at least 1");
     ensure!(a.duration_secs.is_finite() && a.duration_secs > 0.0, "--duration-secs must be positive");
     let report = if a.split_cores {
@@ -350,6 +355,7 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
         n: a.n,
         dim: a.dim,
         k: a.k,
+        nq: a.nq,
         concurrency: a.concurrency,
         duration_secs: a.duration_secs,
         policy: a.policy,
@@ -440,14 +446,15 @@ async fn load(
     let mut tasks = Vec::new();
     for c in clients {
         let (mut c, stop, next, queries) = (c.clone(), stop.clone(), next.clone(), queries.clone());
-        let (dim, k) = (a.dim, a.k);
+        let (dim, k, nq) = (a.dim, a.k, a.nq);
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                let i = next.fetch_add(1, Ordering::Relaxed) % (queries.len() / dim);
+                // nq consecutive queries of the 1000, wrapping round.
+                let i = next.fetch_add(1, Ordering::Relaxed) % (queries.len() / dim - nq + 1);
                 let req = pb::SearchRequest {
                     collection: COLLECTION.into(),
-                    vectors: queries[i * dim..(i + 1) * dim].to_vec(),
+                    vectors: queries[i * dim..(i + nq) * dim].to_vec(),
                     top_k: k,
                     read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Bounded as i32, ..Default::default() }),
                     ..Default::default()
@@ -476,8 +483,8 @@ fn latency(v: &mut [Duration]) -> Latency {
 
 fn print(r: &Report) {
     println!(
-        "gateway bench: {} x {}-d, top {}, {} in flight for QPS, {} cores, policy {:?}",
-        r.n, r.dim, r.k, r.concurrency, r.cores, r.policy
+        "gateway bench: {} x {}-d, top {}, {} query vector(s) per search, {} in flight for QPS, {} cores, policy {:?}",
+        r.n, r.dim, r.k, r.nq, r.concurrency, r.cores, r.policy
     );
     if !r.cluster_cpus.is_empty() {
         println!("split cores: clusters on CPUs {:?}, clients and gateway on CPUs {:?}", r.cluster_cpus, r.front_cpus);
@@ -514,6 +521,7 @@ mod tests {
             n: 500,
             dim: 8,
             k: 5,
+            nq: 3,
             concurrency: 2,
             duration_secs: 0.5,
             search_threads: 1,
@@ -526,6 +534,7 @@ mod tests {
         run(a).await.expect("bench");
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
         assert!(v["direct"]["qps"].as_f64().unwrap() > 0.0);
+        assert_eq!(v["nq"], 3);
         assert!(v["gateway"]["latency"]["samples"].as_u64().unwrap() > 0);
         // CPU per request comes from /proc: a loaded run costs something on either path.
         for side in ["direct", "gateway"] {
@@ -546,6 +555,7 @@ mod tests {
             n: 300,
             dim: 4,
             k: 3,
+            nq: 1,
             concurrency: 2,
             duration_secs: 0.3,
             search_threads: 1,
