@@ -34,8 +34,9 @@ unsafe extern "C" {
 /// queries as an OpenMP parallel loop, with a team of one thread per core started from whichever
 /// thread calls it. The search pool already has a thread per core and splits a large batch
 /// itself ([`crate::fanout`]), so every batch would add a core's worth of threads, which
-/// spin-wait at the end of each loop, on cores that are busy: measured with batches of about two
-/// queries from the gateway, those threads took 17 % of the machine. Call it once per thread.
+/// spin-wait at the end of each loop, on cores that are busy: in a profile of searches of about
+/// two queries each (docs/gateway.md), those threads took 17 % of the machine. Call it once per
+/// thread.
 pub fn single_threaded_on_this_thread() {
     // SAFETY: sets an OpenMP setting of the calling thread; no memory is involved.
     unsafe { omp_set_num_threads(1) }

@@ -25,14 +25,13 @@ pub trait Fanout: Send + Sync + 'static {
 pub struct LocalFanout;
 
 impl Fanout for LocalFanout {
-    /// A batch of many queries (a gateway merges concurrent searches into one) is split into
-    /// parts searched in parallel: faiss runs single-threaded on the pool
-    /// ([`crate::ann::single_threaded_on_this_thread`]), so the pool is what spreads it over the
-    /// cores.
+    /// A request of many query vectors is split into parts searched in parallel: faiss runs
+    /// single-threaded on the pool ([`crate::ann::single_threaded_on_this_thread`]), so the pool
+    /// is what spreads a batch over the cores.
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
-        let parts = rayon::current_num_threads().min(plan.nq() / MIN_QUERIES_PER_PART);
-        if parts > 1 {
-            let per = plan.nq().div_ceil(parts) * plan.dim;
+        let n_parts = rayon::current_num_threads().min(plan.nq() / MIN_QUERIES_PER_PART);
+        if n_parts > 1 {
+            let per = plan.nq().div_ceil(n_parts) * plan.dim;
             let parts = plan
                 .queries
                 .par_chunks(per)

@@ -37,6 +37,8 @@ const COLLECTION: &str = "bench";
 const ROUNDS: usize = 5;
 const TARGET_ADDED_P50_US: f64 = 100.0;
 const TARGET_QPS_RATIO: f64 = 0.9;
+/// Query vectors generated; searches cycle through them.
+const QUERIES: usize = 1000;
 
 #[derive(Debug, Clone, clap::Args)]
 pub struct GatewayBenchArgs {
@@ -170,7 +172,7 @@ impl Member {
 
 pub async fn run(a: GatewayBenchArgs) -> anyhow::Result<()> {
     ensure!(a.n >= 1 && a.dim >= 1 && a.k >= 1, "--n, --dim and --k must be at least 1");
-    ensure!((1..=1000).contains(&a.nq), "--nq must be between 1 and 1000");
+    ensure!((1..=QUERIES).contains(&a.nq), "--nq must be between 1 and {QUERIES}");
     ensure!(a.concurrency >= 1, "--concurrency must be at least 1");
     ensure!(a.duration_secs.is_finite() && a.duration_secs > 0.0, "--duration-secs must be positive");
     let report = if a.split_cores {
@@ -265,7 +267,7 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
         };
         ensure!(n == a.n as u64, "alternative {id} holds {n} rows, expected {}", a.n);
     }
-    let queries: Arc<Vec<f32>> = Arc::new((0..1000 * a.dim).map(|_| rng.random_range(-1.0..1.0)).collect());
+    let queries: Arc<Vec<f32>> = Arc::new((0..QUERIES * a.dim).map(|_| rng.random_range(-1.0..1.0)).collect());
 
     let policy = match a.policy {
         PolicyArg::P2c => tandem_gateway::config::Policy::P2c,
@@ -450,7 +452,7 @@ async fn load(
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             while !stop.load(Ordering::Relaxed) {
-                // nq consecutive queries of the 1000, wrapping round.
+                // nq consecutive queries of the QUERIES, wrapping round.
                 let i = next.fetch_add(1, Ordering::Relaxed) % (queries.len() / dim - nq + 1);
                 let req = pb::SearchRequest {
                     collection: COLLECTION.into(),
@@ -513,6 +515,24 @@ fn print(r: &Report) {
 mod tests {
     use super::*;
 
+    /// A run small enough for a test; each test changes what it is about.
+    fn tiny() -> GatewayBenchArgs {
+        GatewayBenchArgs {
+            n: 300,
+            dim: 4,
+            k: 3,
+            nq: 1,
+            concurrency: 2,
+            duration_secs: 0.3,
+            search_threads: 1,
+            policy: PolicyArg::P2c,
+            wal_sync: WalSyncArg::Never,
+            seed: 2,
+            split_cores: false,
+            json: None,
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn whole_bench_on_a_tiny_set() {
         let dir = tempfile::tempdir().unwrap();
@@ -522,14 +542,11 @@ mod tests {
             dim: 8,
             k: 5,
             nq: 3,
-            concurrency: 2,
             duration_secs: 0.5,
-            search_threads: 1,
             policy: PolicyArg::RoundRobin,
-            wal_sync: WalSyncArg::Never,
             seed: 1,
-            split_cores: false,
             json: Some(json.clone()),
+            ..tiny()
         };
         run(a).await.expect("bench");
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -547,24 +564,19 @@ mod tests {
         assert!(per.len() == 3 && per.iter().all(|&n| n > 0), "{per:?}");
     }
 
+    #[tokio::test]
+    async fn an_nq_outside_the_generated_queries_is_refused() {
+        for nq in [0, QUERIES + 1] {
+            let e = run(GatewayBenchArgs { nq, ..tiny() }).await.expect_err("refused before anything starts");
+            assert_eq!(e.to_string(), format!("--nq must be between 1 and {QUERIES}"));
+        }
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn split_cores_puts_clusters_and_clients_apart() {
         let dir = tempfile::tempdir().unwrap();
         let json = dir.path().join("gw.json");
-        let a = GatewayBenchArgs {
-            n: 300,
-            dim: 4,
-            k: 3,
-            nq: 1,
-            concurrency: 2,
-            duration_secs: 0.3,
-            search_threads: 1,
-            policy: PolicyArg::P2c,
-            wal_sync: WalSyncArg::Never,
-            seed: 2,
-            split_cores: true,
-            json: Some(json.clone()),
-        };
+        let a = GatewayBenchArgs { split_cores: true, json: Some(json.clone()), ..tiny() };
         let cpus = allowed_cpus().unwrap();
         if cpus.len() < 2 {
             let e = run(a).await.expect_err("one CPU cannot be split");
