@@ -28,6 +28,7 @@ use anyhow::{Context, bail};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
+use tandem_client::Channel;
 use tandem_cluster::server::{self, Running};
 use tandem_cluster::{ClusterConfig, Role};
 use tandem_gateway::config::StaticCluster;
@@ -35,7 +36,6 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::gateway_client::GatewayClient;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::cli::cluster::shutdown_signal;
 use crate::cli::collection::{describe_text, index_name, metric_name};
@@ -586,7 +586,7 @@ impl Demo {
     }
 
     fn gateway_channel(&self) -> anyhow::Result<Channel> {
-        Ok(Channel::from_shared(self.gateway_endpoint.clone())?.connect_lazy())
+        Ok(tonic::transport::Channel::from_shared(self.gateway_endpoint.clone())?.connect_lazy().into())
     }
 
     /// Waits until the gateway's health checks have seen both clusters readable.

@@ -48,11 +48,11 @@ fn args() -> FailoverBenchArgs {
     FailoverBenchArgs { lease_ttl_s: 2, tandem_bin: Some(env!("CARGO_BIN_EXE_tandem").into()), ..Default::default() }
 }
 
-async fn client(endpoint: &str) -> pb::tandem_client::TandemClient<tonic::transport::Channel> {
+async fn client(endpoint: &str) -> pb::tandem_client::TandemClient<tandem_client::Channel> {
     tandem::cli::connect(endpoint).await.expect("connect")
 }
 
-async fn upsert(c: &mut pb::tandem_client::TandemClient<tonic::transport::Channel>, id: i64) -> Result<(), tonic::Status> {
+async fn upsert(c: &mut pb::tandem_client::TandemClient<tandem_client::Channel>, id: i64) -> Result<(), tonic::Status> {
     c.upsert(pb::UpsertRequest { collection: COLLECTION.into(), ids: vec![id], vectors: vector(id), ..Default::default() })
         .await
         .map(|_| ())

@@ -9,8 +9,9 @@ use tandem_proto::session::SessionToken;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::gateway_client::GatewayClient;
 use tandem_proto::v1::tandem_client::TandemClient;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 
+use crate::channel::Channel;
 use crate::error::{ClientError, Result};
 use crate::retry::{RetryEvent, RetryPolicy};
 use crate::session::Session;
@@ -127,15 +128,14 @@ impl ClientBuilder {
     pub async fn connect(self) -> Result<Client> {
         let (url, ep) = self.endpoint()?;
         let channel = ep.connect().await.map_err(|source| ClientError::Connect { endpoint: url.clone(), source })?;
-        self.finish(url, channel)
+        self.finish(url, channel.into())
     }
 
     /// Connects on the first call instead (and reconnects whenever the connection drops, as
     /// an eagerly connected client does too).
     pub fn connect_lazy(self) -> Result<Client> {
         let (url, ep) = self.endpoint()?;
-        let channel = ep.connect_lazy();
-        self.finish(url, channel)
+        self.finish(url, ep.connect_lazy().into())
     }
 
     fn finish(self, endpoint: String, channel: Channel) -> Result<Client> {

@@ -23,12 +23,14 @@
 //! docs/client.md is the guide.
 #![forbid(unsafe_code)]
 
+mod channel;
 mod client;
 mod error;
 mod retry;
 mod session;
 mod types;
 
+pub use channel::Channel;
 pub use client::{Client, ClientBuilder, Count, DEFAULT_MAX_MESSAGE_BYTES, Get, Query, Search, Write};
 pub use error::{ClientError, LEADER_METADATA, Result};
 pub use retry::{RetryEvent, RetryPolicy};

@@ -111,3 +111,60 @@ async fn non_transient_errors_are_returned_at_once() {
         assert_eq!((e.code(), e.message()), (code, "scripted failure 0".to_string()));
     }
 }
+
+/// HTTP/2 frames (type, flags, payload length) a client sent on stream 1, as a TCP tap between
+/// the client and `upstream` saw them.
+async fn tap(upstream: String) -> (String, Arc<std::sync::Mutex<Vec<(u8, u8, usize)>>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let frames = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = frames.clone();
+    tokio::spawn(async move {
+        let (client, _) = listener.accept().await.unwrap();
+        let server = tokio::net::TcpStream::connect(upstream.trim_start_matches("http://")).await.unwrap();
+        let (mut from_client, mut to_client) = client.into_split();
+        let (mut from_server, mut to_server) = server.into_split();
+        tokio::spawn(async move { tokio::io::copy(&mut from_server, &mut to_client).await });
+        // The connection preface, then frames: 3 bytes length, type, flags, 4 bytes stream id.
+        let (mut buf, mut chunk, mut at) = (Vec::new(), [0u8; 4096], 24);
+        loop {
+            let n = from_client.read(&mut chunk).await.unwrap_or(0);
+            if n == 0 {
+                return;
+            }
+            to_server.write_all(&chunk[..n]).await.unwrap();
+            buf.extend_from_slice(&chunk[..n]);
+            while buf.len() >= at + 9 {
+                let h = &buf[at..at + 9];
+                let len = (h[0] as usize) << 16 | (h[1] as usize) << 8 | h[2] as usize;
+                if buf.len() < at + 9 + len {
+                    break;
+                }
+                let stream = u32::from_be_bytes([h[5], h[6], h[7], h[8]]) & 0x7fff_ffff;
+                if stream == 1 {
+                    seen.lock().unwrap().push((h[3], h[4], len));
+                }
+                at += 9 + len;
+            }
+        }
+    });
+    (format!("http://{addr}"), frames)
+}
+
+/// A unary call goes out as HEADERS and one DATA frame that ends the stream: no empty DATA
+/// frame of its own for END_STREAM (a write, and a wake-up of the server, per call).
+#[tokio::test]
+async fn a_unary_call_ends_the_stream_on_its_data_frame() {
+    const DATA: u8 = 0;
+    const HEADERS: u8 = 1;
+    const END_STREAM: u8 = 0x1;
+    let (url, _) = serve(0, tonic::Code::Ok).await;
+    let (tapped, frames) = tap(url).await;
+    let c = Client::builder(&tapped).retry(quick_retries()).connect().await.unwrap();
+    assert_eq!(c.topology().await.unwrap().leader.as_deref(), Some("a"));
+    let frames = frames.lock().unwrap().clone();
+    let kinds: Vec<(u8, bool)> = frames.iter().map(|&(t, f, _)| (t, f & END_STREAM != 0)).collect();
+    assert_eq!(kinds, [(HEADERS, false), (DATA, true)], "frames on the call's stream: {frames:?}");
+    assert!(frames[1].2 >= 5, "the DATA frame carries the message: {frames:?}");
+}

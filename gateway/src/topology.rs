@@ -16,12 +16,13 @@ use std::time::{Duration, Instant};
 use futures::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
 use parking_lot::{Mutex, RwLock};
+use tandem_client::Channel;
 use tandem_discovery::{Change, Registration};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Endpoint;
 use tower::load::completion::TrackCompletion;
 use tower::load::peak_ewma::{Cost, Handle};
 use tower::load::{Load, PeakEwma};
@@ -182,7 +183,7 @@ impl Cluster {
             .keep_alive_while_idle(true);
         let clients = (0..connections.max(1))
             .map(|_| {
-                TandemClient::new(ep.connect_lazy())
+                TandemClient::new(ep.connect_lazy().into())
                     .max_decoding_message_size(max_message_bytes)
                     .max_encoding_message_size(max_message_bytes)
             })

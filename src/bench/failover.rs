@@ -26,9 +26,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use parking_lot::Mutex;
 use serde::Serialize;
+use tandem_client::Channel;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
-use tonic::transport::Channel;
 
 use super::replication::{Broker, find_tansu, free_port, start_tansu};
 

@@ -25,11 +25,11 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
+use tandem_client::Channel;
 use tandem_cluster::{ClusterConfig, Role};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio::runtime::Handle;
-use tonic::transport::Channel;
 
 use super::{WalSyncArg, process_cpu_secs};
 

@@ -33,6 +33,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail, ensure};
 use parking_lot::Mutex;
 use serde::Serialize;
+use tandem_client::Channel;
 use tandem_cluster::config::WalSync;
 use tandem_cluster::schema::IndexKind;
 use tandem_cluster::server::Running;
@@ -41,7 +42,6 @@ use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Channel;
 
 use crate::replication::ReplicationHandle;
 

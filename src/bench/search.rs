@@ -34,10 +34,10 @@ use anyhow::{Context, bail, ensure};
 use serde::Serialize;
 use tandem_cluster::ann::{AnnIndex, Knobs};
 
+use tandem_client::Channel;
 use tandem_cluster::schema::{IndexKind, Metric};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
-use tonic::transport::Channel;
 
 use crate::dataset::{self, Dataset};
 use crate::readers;
@@ -558,11 +558,12 @@ fn load(a: &SearchBenchArgs) -> anyhow::Result<(Dataset, String)> {
 }
 
 async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<TandemClient<Channel>> {
-    let client = TandemClient::connect(format!("http://{addr}"))
+    let channel = tonic::transport::Channel::from_shared(format!("http://{addr}"))?
+        .connect()
         .await
-        .with_context(|| format!("cannot connect to the bench cluster at {addr}"))?
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        .with_context(|| format!("cannot connect to the bench cluster at {addr}"))?;
+    let client =
+        TandemClient::new(Channel::from(channel)).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
     Ok(client)
 }
 

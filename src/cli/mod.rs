@@ -55,7 +55,7 @@ pub async fn client(endpoint: &str) -> anyhow::Result<Client> {
 
 /// The generated gRPC client on a connection made as [`client`] makes it, for code that speaks
 /// protobuf directly (the demo, the benchmarks).
-pub async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
+pub async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<tandem_client::Channel>> {
     Ok(client(endpoint).await?.raw())
 }
 

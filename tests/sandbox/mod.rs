@@ -18,12 +18,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use tandem_client::Channel;
 use tandem_cluster::ClusterConfig;
 use tandem_cluster::server::{self, Running};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio::sync::Mutex;
-use tonic::transport::Channel;
 
 pub type Client = TandemClient<Channel>;
 
@@ -231,7 +231,7 @@ impl Sandbox {
 }
 
 pub async fn connect(addr: SocketAddr) -> Client {
-    let ch = Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect");
+    let ch: Channel = tonic::transport::Channel::from_shared(format!("http://{addr}")).unwrap().connect().await.expect("connect").into();
     // The client may send more than a server accepts, so tests exercise the server's limit.
     TandemClient::new(ch).max_decoding_message_size(64 << 20).max_encoding_message_size(256 << 20)
 }
@@ -409,7 +409,8 @@ impl Sandbox {
 
 /// The gateway's view of the clusters.
 pub async fn topology(gw: &tandem_gateway::Running) -> pb::TopologyResponse {
-    let ch = Channel::from_shared(format!("http://{}", gw.addr)).unwrap().connect().await.expect("connect gateway");
+    let ch: Channel =
+        tonic::transport::Channel::from_shared(format!("http://{}", gw.addr)).unwrap().connect().await.expect("connect gateway").into();
     pb::gateway_client::GatewayClient::new(ch).topology(pb::TopologyRequest {}).await.expect("topology").into_inner()
 }
 
