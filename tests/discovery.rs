@@ -7,9 +7,9 @@ mod sandbox;
 use std::time::{Duration, Instant};
 
 use futures::stream::{BoxStream, StreamExt};
-use sandbox::etcd::Etcd;
 use tandem_discovery::etcd::{Lease, connect, register, watch};
 use tandem_discovery::{Change, DiscoveryError, Registration};
+use tandem_harness::Etcd;
 use tokio_util::sync::CancellationToken;
 
 const PREFIX: &str = "/tandem/clusters/";

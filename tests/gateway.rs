@@ -715,7 +715,7 @@ async fn hedged_reads_answer_from_the_second_cluster() {
 /// registration goes (clean shutdown revokes its lease) disappears, live, with no restart.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn etcd_discovery_adds_and_removes_clusters_live() {
-    let etcd = sandbox::etcd::Etcd::start().await;
+    let etcd = tandem_harness::Etcd::start().await;
     let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").build().await;
     let prefix = "/gw-test/clusters/".to_string();
     let register = |name: &'static str| {

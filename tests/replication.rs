@@ -677,18 +677,14 @@ async fn poison_event_on_the_topic_is_quarantined(backend: Backend, transport: i
     assert_eq!(r.into_inner().count, 50);
 }
 
-#[cfg(feature = "kafka")]
-#[path = "../exporter/tests/common/tansu.rs"]
-mod tansu;
-
 /// The same suite over Kafka: each test starts its own durable tansu broker on a free port.
 #[cfg(feature = "kafka")]
 mod kafka {
     use super::*;
 
     suite!(
-        broker = tansu::Tansu::start(true),
-        |b: &tansu::Tansu| Backend::Kafka { brokers: b.brokers() },
+        broker = tandem_harness::Tansu::start(true),
+        |b: &tandem_harness::Tansu| Backend::Kafka { brokers: b.brokers() },
         live_data_and_ddl,
         bootstrap_then_live_handoff,
         alternative_restart_resumes,
@@ -700,14 +696,14 @@ mod kafka {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broker_restart_with_durable_storage_loses_nothing() {
-        let mut broker = tansu::Tansu::start(true);
+        let mut broker = tandem_harness::Tansu::start(true);
         let backend = Backend::Kafka { brokers: broker.brokers() };
         super::broker_restart_with_durable_storage_loses_nothing(backend, || broker.restart()).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn poison_event_on_the_topic_is_quarantined() {
-        let broker = tansu::Tansu::start(true);
+        let broker = tandem_harness::Tansu::start(true);
         let brokers = broker.brokers();
         super::poison_event_on_the_topic_is_quarantined(Backend::Kafka { brokers: brokers.clone() }, |group| {
             let cfg = tandem_exporter::kafka::KafkaConfig { brokers, group, ..Default::default() };
@@ -718,7 +714,7 @@ mod kafka {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn kafka_alternative_kill9_resumes() {
-        let broker = tansu::Tansu::start(true);
+        let broker = tandem_harness::Tansu::start(true);
         let env = vec![
             ("TANDEM__REPLICATION__TRANSPORT".to_string(), "kafka".to_string()),
             ("TANDEM__REPLICATION__KAFKA__BROKERS".to_string(), broker.brokers()),
@@ -729,10 +725,6 @@ mod kafka {
     }
 }
 
-#[cfg(feature = "pulsar")]
-#[path = "../exporter/tests/common/pulsar_lite.rs"]
-mod pulsar_lite;
-
 /// The same suite over Pulsar: each test starts its own pulsar-lite broker (durable storage) on
 /// a free port.
 #[cfg(feature = "pulsar")]
@@ -740,8 +732,8 @@ mod pulsar {
     use super::*;
 
     suite!(
-        broker = pulsar_lite::PulsarLite::start(),
-        |b: &pulsar_lite::PulsarLite| Backend::Pulsar { url: b.url() },
+        broker = tandem_harness::PulsarLite::start(),
+        |b: &tandem_harness::PulsarLite| Backend::Pulsar { url: b.url() },
         live_data_and_ddl,
         bootstrap_then_live_handoff,
         alternative_restart_resumes,
@@ -753,14 +745,14 @@ mod pulsar {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn broker_restart_with_durable_storage_loses_nothing() {
-        let mut broker = pulsar_lite::PulsarLite::start();
+        let mut broker = tandem_harness::PulsarLite::start();
         let backend = Backend::Pulsar { url: broker.url() };
         super::broker_restart_with_durable_storage_loses_nothing(backend, || broker.restart()).await;
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn poison_event_on_the_topic_is_quarantined() {
-        let broker = pulsar_lite::PulsarLite::start();
+        let broker = tandem_harness::PulsarLite::start();
         let url = broker.url();
         super::poison_event_on_the_topic_is_quarantined(Backend::Pulsar { url: url.clone() }, |group| {
             let cfg = tandem_exporter::pulsar::PulsarConfig { service_url: url, group, ..Default::default() };
@@ -771,7 +763,7 @@ mod pulsar {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn pulsar_alternative_kill9_resumes() {
-        let broker = pulsar_lite::PulsarLite::start();
+        let broker = tandem_harness::PulsarLite::start();
         let env = vec![
             ("TANDEM__REPLICATION__TRANSPORT".to_string(), "pulsar".to_string()),
             ("TANDEM__REPLICATION__PULSAR__SERVICE_URL".to_string(), broker.url()),

@@ -1,18 +1,15 @@
 //! One body per behaviour, run on both backends: a real etcd (started on free loopback ports by
-//! the shared sandbox launcher) and the embedded arbiter. Waits are "eventually within 10 s" on
+//! tandem-harness) and the embedded arbiter. Waits are "eventually within 10 s" on
 //! the view and lease channels, never sleeps.
-
-#[path = "../../tests/sandbox/etcd.rs"]
-mod etcd;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use etcd::Etcd;
 use tandem_arbiter::{
     Arbiter, ArbiterError, Candidate, EmbeddedArbiter, EtcdArbiter, Leadership, LeaseState, MemberStatus, Session, View, default_prefix,
     role,
 };
+use tandem_harness::Etcd;
 
 const TTL: Duration = Duration::from_secs(1);
 const WAIT: Duration = Duration::from_secs(10);

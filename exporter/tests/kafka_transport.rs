@@ -3,8 +3,6 @@
 
 #[path = "common/events.rs"]
 mod events;
-#[path = "common/tansu.rs"]
-mod tansu;
 
 use std::time::Duration;
 
@@ -19,7 +17,7 @@ use tandem_exporter::{ExportError, StreamId, Transport};
 use tandem_proto::replication::v1::ChangeEvent;
 
 use events::*;
-use tansu::Tansu;
+use tandem_harness::Tansu;
 
 fn transport(broker: &Tansu) -> KafkaTransport {
     KafkaTransport::new(KafkaConfig { brokers: broker.brokers(), group: GROUP.into(), ..KafkaConfig::default() }).unwrap()

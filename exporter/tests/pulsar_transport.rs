@@ -4,13 +4,11 @@
 
 #[path = "common/events.rs"]
 mod events;
-#[path = "common/pulsar_lite.rs"]
-mod pulsar_lite;
 
 use futures::StreamExt;
-use pulsar_lite::PulsarLite;
 use tandem_exporter::pulsar::{PulsarConfig, PulsarTransport};
 use tandem_exporter::{ExportError, StreamId, Transport};
+use tandem_harness::PulsarLite;
 use tandem_proto::replication::v1::{ChangeEvent, change_event::Body};
 use tandem_proto::storage::v1::RowBatch;
 

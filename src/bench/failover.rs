@@ -30,8 +30,6 @@ use tandem_client::Channel;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 
-use super::replication::{Broker, find_tansu, free_port, start_tansu};
-
 pub const COLLECTION: &str = "failover";
 const DIM: usize = 8;
 /// Rows the convergence checksum reads at once (a query's limit).
@@ -185,8 +183,8 @@ impl Spec {
 /// integration tests.
 pub struct Harness {
     pub group: Group,
-    _broker: Broker,
-    _etcd: Etcd,
+    _broker: tandem_harness::Tansu,
+    _etcd: tandem_harness::Etcd,
     _tmp: tempfile::TempDir,
 }
 
@@ -198,9 +196,8 @@ impl Harness {
             Some(p) => p.clone(),
             None => std::env::current_exe().context("the tandem binary")?,
         };
-        let tansu = find_tansu().context("tansu not found: run ./scripts/install-tansu")?;
-        let etcd = Etcd::start(&a.etcd_bin)?;
-        let broker = tokio::task::spawn_blocking(move || start_tansu(&tansu)).await??;
+        let etcd = tandem_harness::Etcd::try_start_with(&a.etcd_bin).await?;
+        let broker = tokio::task::spawn_blocking(|| tandem_harness::Tansu::try_start(true)).await??;
         let tmp = tempfile::Builder::new().prefix("tandem-bench-failover-").tempdir()?;
         let dir = match &a.work_dir {
             Some(d) => {
@@ -215,7 +212,7 @@ impl Harness {
             dir,
             tandem,
             etcd: etcd.endpoint(),
-            broker: broker.brokers.clone(),
+            broker: broker.brokers(),
             group,
             lease_ttl_s: a.lease_ttl_s,
             prefer: a.prefer_datacenters.clone(),
@@ -714,58 +711,4 @@ async fn start_gateway(group: &Group) -> anyhow::Result<tandem_gateway::Running>
     cfg.health.healthy_after = 1;
     cfg.health.unhealthy_after = 2;
     Ok(tandem_gateway::start(cfg, membership).await?)
-}
-
-/// A one-member etcd on free loopback ports, data in a temp dir; killed on drop.
-pub struct Etcd {
-    child: Child,
-    port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl Etcd {
-    fn start(bin: &Path) -> anyhow::Result<Etcd> {
-        ensure!(bin.is_file(), "{} not found: install Debian's etcd-server (./scripts/test does)", bin.display());
-        let dir = tempfile::Builder::new().prefix("tandem-bench-etcd-").tempdir()?;
-        let (port, peer) = (free_port()?, free_port()?);
-        let client = format!("http://127.0.0.1:{port}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let log = std::fs::File::create(dir.path().join("etcd.log"))?;
-        let child = Command::new(bin)
-            .args(["--name", "bench", "--data-dir"])
-            .arg(dir.path().join("data"))
-            .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
-            .args(["--listen-peer-urls", &peer_url, "--initial-advertise-peer-urls", &peer_url])
-            .args(["--initial-cluster", &format!("bench={peer_url}")])
-            // etcd raises a lease below 1.5 x its election timeout: with 500 ms a 1 s lease
-            // holds (--lease-ttl-s 1), as docs/operations.md suggests for faster failover.
-            .args(["--heartbeat-interval", "50", "--election-timeout", "500"])
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("cannot run {}", bin.display()))?;
-        let mut etcd = Etcd { child, port, _dir: dir };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Ok(Some(status)) = etcd.child.try_wait() {
-                bail!("etcd exited with {status} at startup");
-            }
-            if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
-                return Ok(etcd);
-            }
-            ensure!(Instant::now() < deadline, "etcd on port {port} did not accept connections within 30 s");
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }

@@ -25,7 +25,6 @@
 
 use super::WalSyncArg;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -1073,121 +1072,19 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
 // ---------------------------------------------------------------------------------------------
 // Brokers
 
-/// A broker this bench started (tansu or pulsar-lite); killed on drop.
-pub(crate) struct Broker {
-    child: Child,
+/// A broker this bench started; killed on drop.
+pub(crate) enum Broker {
+    Tansu(tandem_harness::Tansu),
+    PulsarLite(tandem_harness::PulsarLite),
+}
+
+impl Broker {
     /// `host:port` (tansu) or the service URL (pulsar-lite).
-    pub(crate) brokers: String,
-    _dir: tempfile::TempDir,
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// `tansu` on PATH or where `scripts/install-tansu` puts it.
-pub(crate) fn find_tansu() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect()).unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(Path::new(&home).join(".cache/tandem/tools/bin/tansu"));
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
-
-pub(crate) fn free_port() -> anyhow::Result<u16> {
-    let l = std::net::TcpListener::bind(("127.0.0.1", 0)).context("cannot bind 127.0.0.1:0 to find a free port")?;
-    Ok(l.local_addr()?.port())
-}
-
-/// Starts `tansu broker` on a free loopback port, storage in a temp dir, and waits until it
-/// accepts connections. Blocking (at most ~30 s).
-pub(crate) fn start_tansu(bin: &Path) -> anyhow::Result<Broker> {
-    let dir = tempfile::Builder::new().prefix("tandem-bench-tansu-").tempdir().context("temp dir for tansu")?;
-    let port = free_port()?;
-    let url = format!("tcp://127.0.0.1:{port}");
-    let log = std::fs::File::create(dir.path().join("tansu.log")).context("tansu log file")?;
-    let child = Command::new(bin)
-        .arg("broker")
-        // sqlite, not memory://: tansu 0.6's memory engine mishandles batches of several records
-        // (docs/kafka.md). The path must be relative; the cwd is the temp dir. tansu 0.6 opens
-        // no port besides the listener.
-        .args(["--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", "sqlite://tansu.db"])
-        // These would turn on schema validation or tracing export if the environment set them.
-        .env_remove("SCHEMA_REGISTRY")
-        .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-        .current_dir(dir.path())
-        .env("RUST_LOG", "warn")
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().context("tansu log file")?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot run {}", bin.display()))?;
-    let mut broker = Broker { child, brokers: format!("127.0.0.1:{port}"), _dir: dir };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = broker.child.try_wait() {
-            let out = std::fs::read_to_string(broker._dir.path().join("tansu.log")).unwrap_or_default();
-            bail!("tansu exited with {status} at startup:\n{out}");
+    fn address(&self) -> String {
+        match self {
+            Broker::Tansu(t) => t.brokers(),
+            Broker::PulsarLite(p) => p.url(),
         }
-        if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
-            // Accepting is not serving yet; the warm-up absorbs the rest (producers retry).
-            std::thread::sleep(Duration::from_millis(300));
-            return Ok(broker);
-        }
-        ensure!(Instant::now() < deadline, "tansu on port {port} did not accept connections within 30 s");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-/// `pulsar-lite` on PATH or where `scripts/install-pulsar-lite` puts it.
-fn find_pulsar_lite() -> Option<PathBuf> {
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("pulsar-lite")).collect()).unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(Path::new(&home).join(".cache/tandem/tools/bin/pulsar-lite"));
-    }
-    candidates.into_iter().find(|p| p.is_file())
-}
-
-/// Starts pulsar-lite on a free loopback port, storage in a temp dir, and waits until it
-/// accepts connections. Its Prometheus endpoint (0.0.0.0:8080 by default) is turned off by its
-/// config file. Blocking (at most ~30 s).
-fn start_pulsar_lite(bin: &Path) -> anyhow::Result<Broker> {
-    let dir = tempfile::Builder::new().prefix("tandem-bench-pulsar-").tempdir().context("temp dir for pulsar-lite")?;
-    let port = free_port()?;
-    let config = dir.path().join("pulsar-lite.toml");
-    std::fs::write(&config, "[metrics]\nenabled = false\n").context("pulsar-lite config file")?;
-    let log = std::fs::File::create(dir.path().join("pulsar-lite.log")).context("pulsar-lite log file")?;
-    let child = Command::new(bin)
-        .arg("--config")
-        .arg(&config)
-        .args(["--addr", &format!("127.0.0.1:{port}"), "--log-level", "warn"])
-        .arg("--db-path")
-        .arg(dir.path().join("pl.db"))
-        .current_dir(dir.path())
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().context("pulsar-lite log file")?)
-        .stderr(log)
-        .spawn()
-        .with_context(|| format!("cannot run {}", bin.display()))?;
-    let mut broker = Broker { child, brokers: format!("pulsar://127.0.0.1:{port}"), _dir: dir };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        if let Ok(Some(status)) = broker.child.try_wait() {
-            let out = std::fs::read_to_string(broker._dir.path().join("pulsar-lite.log")).unwrap_or_default();
-            bail!("pulsar-lite exited with {status} at startup:\n{out}");
-        }
-        if std::net::TcpStream::connect_timeout(&([127, 0, 0, 1], port).into(), Duration::from_millis(200)).is_ok() {
-            // Accepting is not serving yet; the warm-up absorbs the rest (publishes retry).
-            std::thread::sleep(Duration::from_millis(300));
-            return Ok(broker);
-        }
-        ensure!(Instant::now() < deadline, "pulsar-lite on port {port} did not accept connections within 30 s");
-        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
@@ -1200,9 +1097,9 @@ struct Brokers {
 /// Which backends run, and the brokers they use (started here when none was given).
 fn plan(a: &ReplicationBenchArgs) -> anyhow::Result<(Vec<BackendArg>, Vec<Skipped>, Brokers)> {
     let pulsar_built = cfg!(feature = "pulsar");
-    let pulsar_lite = if a.pulsar_url.is_none() { find_pulsar_lite() } else { None };
+    let pulsar_lite = if a.pulsar_url.is_none() { tandem_harness::PulsarLite::find() } else { None };
     let kafka_built = cfg!(feature = "kafka");
-    let tansu = if a.kafka_brokers.is_none() { find_tansu() } else { None };
+    let tansu = if a.kafka_brokers.is_none() { tandem_harness::Tansu::find() } else { None };
     let mut skipped = Vec::new();
     let backends = match &a.backends {
         Some(b) => {
@@ -1281,9 +1178,10 @@ async fn bench(a: &ReplicationBenchArgs) -> anyhow::Result<Report> {
                     (Some(b), _) => b.clone(),
                     (None, Some(bin)) => {
                         let bin = bin.clone();
-                        let b = tokio::task::spawn_blocking(move || start_tansu(&bin)).await??;
-                        eprintln!("kafka: started tansu at {}", b.brokers);
-                        let addr = b.brokers.clone();
+                        let b =
+                            Broker::Tansu(tokio::task::spawn_blocking(move || tandem_harness::Tansu::try_start_with(&bin, true)).await??);
+                        let addr = b.address();
+                        eprintln!("kafka: started tansu at {addr}");
                         broker = Some(b);
                         addr
                     }
@@ -1299,9 +1197,12 @@ async fn bench(a: &ReplicationBenchArgs) -> anyhow::Result<Report> {
                     (Some(u), _) => u.clone(),
                     (None, Some(bin)) => {
                         let bin = bin.clone();
-                        let b = tokio::task::spawn_blocking(move || start_pulsar_lite(&bin)).await??;
-                        eprintln!("pulsar: started pulsar-lite at {}", b.brokers);
-                        let url = b.brokers.clone();
+                        let max = tandem_harness::PulsarLite::MAX_MESSAGE_BYTES;
+                        let b = Broker::PulsarLite(
+                            tokio::task::spawn_blocking(move || tandem_harness::PulsarLite::try_start_with(&bin, max)).await??,
+                        );
+                        let url = b.address();
+                        eprintln!("pulsar: started pulsar-lite at {url}");
                         broker = Some(b);
                         url
                     }

@@ -9,10 +9,7 @@
 //! ```
 #![allow(dead_code)]
 
-pub mod etcd;
-
 use std::collections::BTreeMap;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};

@@ -1,21 +1,23 @@
-//! A real etcd (Debian's `etcd-server`, /usr/bin/etcd 3.4) on free loopback ports in a temp data
-//! dir, for discovery and arbiter tests.
+//! A one-member etcd (Debian's `etcd-server`, /usr/bin/etcd 3.4) on free loopback ports in a
+//! temp data dir, for discovery and arbiter tests and the failover bench.
 //!
-//! ```ignore
-//! let mut etcd = Etcd::start().await;
+//! ```no_run
+//! # async fn demo() {
+//! let mut etcd = tandem_harness::Etcd::start().await;
 //! let endpoints = vec![etcd.endpoint()]; // "http://127.0.0.1:PORT"
 //! etcd.restart().await;                  // SIGKILL + start on the same ports and data dir
 //! drop(etcd);                            // kills it
+//! # }
 //! ```
 //!
-//! When the binary is missing the harness panics rather than letting tests skip (`scripts/test`
-//! installs it). `ETCD_BIN` overrides the path.
-#![allow(dead_code)]
+//! Heartbeat 50 ms and election timeout 500 ms: a quick election after a restart, and etcd
+//! raises a lease below 1.5 x its election timeout, so a 1 s lease holds (docs/operations.md).
 
-use std::net::{Ipv4Addr, TcpListener};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::{HarnessError, free_port};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
@@ -30,21 +32,34 @@ pub struct Etcd {
 }
 
 impl Etcd {
-    /// Starts a one-member etcd and waits until it serves requests.
+    /// Starts a one-member etcd (`ETCD_BIN` or /usr/bin/etcd) and waits until it serves
+    /// requests. Panics (saying what to install) when it cannot.
     pub async fn start() -> Etcd {
         let bin = PathBuf::from(std::env::var("ETCD_BIN").unwrap_or_else(|_| "/usr/bin/etcd".into()));
-        assert!(bin.exists(), "{} not found: install Debian's etcd-server (./scripts/test does)", bin.display());
+        Self::try_start_with(&bin).await.unwrap_or_else(|e| panic!("etcd did not start: {e}"))
+    }
+
+    /// Starts `bin` as a one-member etcd.
+    pub async fn try_start_with(bin: &std::path::Path) -> Result<Etcd, HarnessError> {
+        if !bin.is_file() {
+            return Err(HarnessError::NotInstalled(format!(
+                "{} not found: install Debian's etcd-server (./scripts/test does)",
+                bin.display()
+            )));
+        }
         // A free port can be taken between our probe and etcd's bind: retry with other ones.
         let mut last = String::new();
         for _ in 0..3 {
-            let dir = tempfile::Builder::new().prefix("etcd-").tempdir().expect("temp dir for etcd");
-            let mut e = Etcd { bin: bin.clone(), client_port: free_port(), peer_port: free_port(), dir, child: None, runs: 0 };
+            let setup = |e: std::io::Error| HarnessError::Start(format!("etcd setup: {e}"));
+            let dir = tempfile::Builder::new().prefix("etcd-").tempdir().map_err(setup)?;
+            let (client_port, peer_port) = (free_port().map_err(setup)?, free_port().map_err(setup)?);
+            let mut e = Etcd { bin: bin.to_path_buf(), client_port, peer_port, dir, child: None, runs: 0 };
             match e.launch().await {
-                Ok(()) => return e,
+                Ok(()) => return Ok(e),
                 Err(err) => last = err,
             }
         }
-        panic!("etcd did not start: {last}");
+        Err(HarnessError::Start(last))
     }
 
     /// The client URL, for `discovery.etcd`.
@@ -135,10 +150,6 @@ impl Drop for Etcd {
     fn drop(&mut self) {
         self.kill();
     }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind a free port").local_addr().expect("local addr").port()
 }
 
 fn tail(path: &std::path::Path) -> String {

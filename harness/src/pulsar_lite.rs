@@ -1,34 +1,22 @@
 //! A pulsar-lite broker (Pulsar binary protocol, RocksDB storage, one process) on a free loopback
-//! port, for tests.
-//!
-//! Self-contained on purpose (std and `tempfile` only, no Pulsar client): the exporter's tests
-//! and the root package's sandbox tests both include this file with `#[path] mod pulsar_lite;`.
-//!
-//! ```ignore
-//! let mut broker = PulsarLite::start(); // keeps its storage (--db-path) across restart()
-//! let url = broker.url(); // "pulsar://127.0.0.1:PORT"
-//! broker.restart(); // same port, same storage
-//! drop(broker); // kills it
-//! ```
+//! port.
 //!
 //! The broker runs in a temp dir with a config file that turns its Prometheus endpoint off (it
 //! would listen on 0.0.0.0:8080 and collide between parallel tests) and raises its message size
 //! limit to 80 MiB (the default, 5 MiB, is below the events of tandem's largest writes).
 //!
-//! The binary comes from `PATH` or `$HOME/.cache/tandem/tools/bin` (where
-//! `scripts/install-pulsar-lite` puts it). When it is missing the harness panics rather than
-//! letting the tests skip. `start` and `restart` block for up to 30 s while the broker comes up.
-#![allow(dead_code)]
+//! Self-contained (std and `tempfile`, no Pulsar client): readiness is a hand-written Pulsar
+//! handshake. `start` and `restart` block for up to 30 s while the broker comes up.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::{HarnessError, find_tool, free_port, with_retries};
+
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
-/// The broker's largest message: tandem's events go up to `limits.max_message_bytes` + 1 MiB.
-pub const MAX_MESSAGE_BYTES: usize = 80 << 20;
 
 pub struct PulsarLite {
     bin: PathBuf,
@@ -41,28 +29,36 @@ pub struct PulsarLite {
 }
 
 impl PulsarLite {
-    /// Starts a broker with its own storage.
+    /// The broker's largest message: tandem's events go up to `limits.max_message_bytes` + 1 MiB.
+    pub const MAX_MESSAGE_BYTES: usize = 80 << 20;
+
+    /// Starts a broker with its own storage. Panics (saying what to install) when it cannot.
     pub fn start() -> PulsarLite {
-        Self::start_with(MAX_MESSAGE_BYTES)
+        Self::start_with(Self::MAX_MESSAGE_BYTES)
     }
 
-    /// Starts a broker whose message size limit is `max_message_bytes`.
+    /// Starts a broker whose message size limit is `max_message_bytes`. Panics when it cannot.
     pub fn start_with(max_message_bytes: usize) -> PulsarLite {
-        let bin = find_binary();
-        // A free port can be taken by someone else between our probe and the broker's bind:
-        // retry with another one when the broker dies at startup.
-        let mut last = String::new();
-        for _ in 0..3 {
-            let dir = tempfile::Builder::new().prefix("pulsar-lite-").tempdir().expect("temp dir for pulsar-lite");
+        let bin = Self::find().unwrap_or_else(|| panic!("{}", not_installed()));
+        Self::try_start_with(&bin, max_message_bytes).unwrap_or_else(|e| panic!("pulsar-lite did not start: {e}"))
+    }
+
+    /// Starts `bin` as a broker whose message size limit is `max_message_bytes`.
+    pub fn try_start_with(bin: &Path, max_message_bytes: usize) -> Result<PulsarLite, HarnessError> {
+        with_retries(|| {
+            let start = |e: std::io::Error| HarnessError::Start(format!("pulsar-lite setup: {e}"));
+            let dir = tempfile::Builder::new().prefix("pulsar-lite-").tempdir().map_err(start)?;
             let config = format!("max_message_size_bytes = {max_message_bytes}\n\n[metrics]\nenabled = false\n");
-            std::fs::write(dir.path().join("pulsar-lite.toml"), config).expect("pulsar-lite config");
-            let mut b = PulsarLite { bin: bin.clone(), port: free_port(), dir, child: None, runs: 0 };
-            match b.launch() {
-                Ok(()) => return b,
-                Err(e) => last = e,
-            }
-        }
-        panic!("pulsar-lite did not start: {last}");
+            std::fs::write(dir.path().join("pulsar-lite.toml"), config).map_err(start)?;
+            let mut b = PulsarLite { bin: bin.to_path_buf(), port: free_port().map_err(start)?, dir, child: None, runs: 0 };
+            b.launch().map_err(HarnessError::Start)?;
+            Ok(b)
+        })
+    }
+
+    /// The pulsar-lite binary, if installed.
+    pub fn find() -> Option<PathBuf> {
+        find_tool("pulsar-lite").into_iter().next()
     }
 
     /// The service URL, `pulsar://127.0.0.1:PORT`.
@@ -82,12 +78,17 @@ impl PulsarLite {
         }
     }
 
-    /// Kills the broker and starts it again on the same port with the same storage.
+    /// Kills the broker and starts it again on the same port with the same storage. Panics
+    /// when it does not come back.
     pub fn restart(&mut self) {
-        self.kill();
-        if let Err(e) = self.launch() {
-            panic!("pulsar-lite did not restart on port {}: {e}", self.port);
+        if let Err(e) = self.try_restart() {
+            panic!("{e}");
         }
+    }
+
+    pub fn try_restart(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        self.launch().map_err(|e| HarnessError::Start(format!("pulsar-lite did not restart on port {}: {e}", self.port)))
     }
 
     /// The broker's output so far (all runs), for failure messages.
@@ -158,25 +159,13 @@ impl Drop for PulsarLite {
     }
 }
 
-/// The pulsar-lite binary, or a panic that says how to get it.
-pub fn find_binary() -> PathBuf {
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("pulsar-lite")).collect()).unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(Path::new(&home).join(".cache/tandem/tools/bin/pulsar-lite"));
-    }
-    match candidates.into_iter().find(|p| p.is_file()) {
-        Some(p) => p,
-        None => panic!(
-            "the pulsar-lite broker is not installed (looked on PATH and in ~/.cache/tandem/tools/bin): \
-             run scripts/install-pulsar-lite and try again"
-        ),
-    }
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
+/// What to do when the binary is missing.
+fn not_installed() -> HarnessError {
+    HarnessError::NotInstalled(
+        "the pulsar-lite broker is not installed (looked on PATH and in ~/.cache/tandem/tools/bin): \
+         run scripts/install-pulsar-lite and try again"
+            .into(),
+    )
 }
 
 /// Whether the broker completes a Pulsar handshake (not only accepts connections): CONNECT,

@@ -1,31 +1,21 @@
-//! A tansu broker (Kafka-compatible, one process) on a free loopback port, for tests.
-//!
-//! Self-contained on purpose (std and `tempfile` only, no Kafka client): the exporter's tests and
-//! the root package's sandbox tests both include this file with `#[path] mod tansu;`.
-//!
-//! ```ignore
-//! let mut broker = Tansu::start(true); // durable: keeps its log across restart()
-//! let brokers = broker.brokers(); // "127.0.0.1:PORT" for bootstrap.servers
-//! broker.restart(); // same port, same storage
-//! drop(broker); // kills it
-//! ```
+//! A tansu broker (Kafka-compatible, one process) on a free loopback port.
 //!
 //! Storage is sqlite (`sqlite://tansu.db` in a temp dir) in both modes: tansu 0.6's `memory://`
 //! engine mishandles batches of several records (the high watermark counts one per batch, and a
 //! fetch from an offset inside a batch returns nothing), and a producer batches whatever is
 //! queued. A non-durable broker starts from an empty database on every `restart`.
 //!
-//! The binary comes from `PATH` or `$HOME/.cache/tandem/tools/bin` (where `scripts/install-tansu`
-//! puts it). When it is missing the harness panics rather than letting the tests skip.
-//! `start` and `restart` block for up to 30 s while the broker comes up: fine in `#[tokio::test]`,
-//! whose runtime has nothing else to do then.
-#![allow(dead_code)]
+//! Self-contained (std and `tempfile`, no Kafka client): readiness is a hand-written Kafka
+//! Metadata request. `start` and `restart` block for up to 30 s while the broker comes up: fine in
+//! `#[tokio::test]`, whose runtime has nothing else to do then; async code uses `spawn_blocking`.
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use crate::{HarnessError, find_tool, free_port, with_retries};
 
 const VERSION: &str = "0.6.0";
 const READY_TIMEOUT: Duration = Duration::from_secs(30);
@@ -42,21 +32,45 @@ pub struct Tansu {
 }
 
 impl Tansu {
-    /// Starts a broker; a `durable` one keeps its log across `restart`.
+    /// Starts a broker; a `durable` one keeps its log across `restart`. Panics (saying what to
+    /// install) when it cannot.
     pub fn start(durable: bool) -> Tansu {
-        let bin = find_binary();
-        // A free port can be taken by someone else between our probe and tansu's bind: retry
-        // with another one when the broker dies at startup.
-        let mut last = String::new();
-        for _ in 0..3 {
-            let dir = tempfile::Builder::new().prefix("tansu-").tempdir().expect("temp dir for tansu");
-            let mut t = Tansu { bin: bin.clone(), port: free_port(), durable, dir, child: None, runs: 0 };
-            match t.launch() {
-                Ok(()) => return t,
-                Err(e) => last = e,
-            }
+        Self::try_start(durable).unwrap_or_else(|e| panic!("tansu did not start: {e}"))
+    }
+
+    /// [`Tansu::start`], with the binary [`Tansu::find`] finds.
+    pub fn try_start(durable: bool) -> Result<Tansu, HarnessError> {
+        let bin = Self::find().ok_or_else(|| {
+            HarnessError::NotInstalled(
+                "the tansu broker is not installed (looked on PATH and in ~/.cache/tandem/tools/bin): \
+                 run scripts/install-tansu (about 10 minutes) and try again"
+                    .into(),
+            )
+        })?;
+        Self::try_start_with(&bin, durable)
+    }
+
+    /// Starts `bin` as the broker.
+    pub fn try_start_with(bin: &Path, durable: bool) -> Result<Tansu, HarnessError> {
+        with_retries(|| {
+            let dir = tempfile::Builder::new().prefix("tansu-").tempdir().map_err(|e| HarnessError::Start(format!("temp dir: {e}")))?;
+            let port = free_port().map_err(|e| HarnessError::Start(format!("free port: {e}")))?;
+            let mut t = Tansu { bin: bin.to_path_buf(), port, durable, dir, child: None, runs: 0 };
+            t.launch().map_err(HarnessError::Start)?;
+            Ok(t)
+        })
+    }
+
+    /// The tansu binary: the first of version 0.6.0 (the tests were written against it), else
+    /// the first found, with a warning.
+    pub fn find() -> Option<PathBuf> {
+        let found = find_tool("tansu");
+        if let Some(p) = found.iter().find(|p| version_of(p).as_deref() == Some(VERSION)) {
+            return Some(p.clone());
         }
-        panic!("tansu did not start: {last}");
+        let p = found.into_iter().next()?;
+        eprintln!("warning: {} is not tansu {VERSION}; tests were written against {VERSION}", p.display());
+        Some(p)
     }
 
     /// `host:port` for `bootstrap.servers`.
@@ -81,12 +95,16 @@ impl Tansu {
     }
 
     /// Kills the broker and starts it again on the same port, with the same storage when
-    /// durable and an empty one otherwise.
+    /// durable and an empty one otherwise. Panics when it does not come back.
     pub fn restart(&mut self) {
-        self.kill();
-        if let Err(e) = self.launch() {
-            panic!("tansu did not restart on port {}: {e}", self.port);
+        if let Err(e) = self.try_restart() {
+            panic!("{e}");
         }
+    }
+
+    pub fn try_restart(&mut self) -> Result<(), HarnessError> {
+        self.kill();
+        self.launch().map_err(|e| HarnessError::Start(format!("tansu did not restart on port {}: {e}", self.port)))
     }
 
     /// The broker's output so far (all runs), for failure messages.
@@ -156,39 +174,10 @@ impl Drop for Tansu {
     }
 }
 
-/// The tansu binary, or a panic that says how to get it.
-fn find_binary() -> PathBuf {
-    let mut candidates: Vec<PathBuf> =
-        std::env::var_os("PATH").map(|p| std::env::split_paths(&p).map(|d| d.join("tansu")).collect()).unwrap_or_default();
-    if let Some(home) = std::env::var_os("HOME") {
-        candidates.push(Path::new(&home).join(".cache/tandem/tools/bin/tansu"));
-    }
-    let found: Vec<PathBuf> = candidates.into_iter().filter(|p| p.is_file()).collect();
-    if let Some(p) = found.iter().find(|p| version_of(p).as_deref() == Some(VERSION)) {
-        return p.clone();
-    }
-    match found.first() {
-        // Another version may well work: use it, but say so.
-        Some(p) => {
-            eprintln!("warning: {} is not tansu {VERSION}; tests were written against {VERSION}", p.display());
-            p.clone()
-        }
-        None => panic!(
-            "the tansu broker is not installed (looked on PATH and in ~/.cache/tandem/tools/bin): \
-             run scripts/install-tansu (about 10 minutes) and try again"
-        ),
-    }
-}
-
 fn version_of(bin: &Path) -> Option<String> {
     let out = Command::new(bin).arg("--version").output().ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
     text.split_whitespace().last().map(str::to_string)
-}
-
-fn free_port() -> u16 {
-    let l = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).expect("bind 127.0.0.1:0");
-    l.local_addr().expect("local addr").port()
 }
 
 /// Whether the broker answers a Kafka Metadata request naming itself (not only accepts
