@@ -306,8 +306,9 @@ struct Inner {
     /// of its sequence numbers cannot be used again).
     producer: parking_lot::Mutex<FutureProducer>,
     admin: AdminClient<DefaultClientContext>,
-    /// Reads single messages for the searches of `subscribe` and `end_lsn`.
-    probe: parking_lot::Mutex<Option<BaseConsumer>>,
+    /// Reads single messages for the searches of `subscribe` and `end_lsn`, with the topics
+    /// whose metadata it has.
+    probe: parking_lot::Mutex<Option<(BaseConsumer, std::collections::HashSet<String>)>>,
     /// Topics known to exist with their partition count, so that `publish` checks each once.
     known: parking_lot::Mutex<std::collections::HashMap<String, usize>>,
 }
@@ -423,9 +424,20 @@ impl Inner {
             // Fetch limits stay those of `consumer_config`: a smaller one would never return a
             // large event (tansu returns nothing then).
             c.set("queued.min.messages", "1").set("fetch.queue.backoff.ms", "0").set("fetch.wait.max.ms", "10");
-            *slot = Some(c.create().map_err(|e| unavailable(format!("creating consumer: {e}")))?);
+            *slot = Some((c.create().map_err(|e| unavailable(format!("creating consumer: {e}")))?, Default::default()));
         }
-        let Some(consumer) = slot.as_ref() else { unreachable!("created above") };
+        let Some((consumer, topics)) = slot.as_mut() else { unreachable!("created above") };
+        // librdkafka learns a new topic's partition leaders on its own only at its next
+        // one-second topic scan, and until then a fetch from it waits: a connected client's first
+        // search on a topic took a second. A metadata request for the topic fills its cache,
+        // which the assignment then uses.
+        if !topics.contains(topic) {
+            consumer
+                .fetch_metadata(Some(topic), self.cfg.timeout())
+                .map_err(|e| unavailable(format!("metadata of {topic}: {e}")))?;
+            topics.insert(topic.to_string());
+        }
+        let consumer = &*consumer;
         let mut probe = Probe { consumer, stream, topic, partition, timeout: self.cfg.timeout(), from: 0 };
         let r = f(&mut probe);
         let _ = consumer.unassign();
