@@ -432,9 +432,7 @@ impl Inner {
         // search on a topic took a second. A metadata request for the topic fills its cache,
         // which the assignment then uses.
         if !topics.contains(topic) {
-            consumer
-                .fetch_metadata(Some(topic), self.cfg.timeout())
-                .map_err(|e| unavailable(format!("metadata of {topic}: {e}")))?;
+            consumer.fetch_metadata(Some(topic), self.cfg.timeout()).map_err(|e| unavailable(format!("metadata of {topic}: {e}")))?;
             topics.insert(topic.to_string());
         }
         let consumer = &*consumer;
