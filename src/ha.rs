@@ -348,7 +348,7 @@ impl Controller {
                 let stream = StreamId::Shard { collection_id: c.id, shard: i as u32 };
                 let held = match self.node.led_tail(&c, i) {
                     Ok(LedTail::Nothing) => true,
-                    Ok(LedTail::Record { position, ts }) => self.stream_holds(&stream, position, led, ts).await,
+                    Ok(LedTail::Record { position, ts }) => stream_holds(&*self.transport, &stream, position, led, ts).await,
                     Ok(LedTail::Unknown) | Err(_) => false,
                 };
                 if held {
@@ -357,33 +357,6 @@ impl Controller {
             }
         }
         keep
-    }
-
-    /// Whether `stream` holds, at `position`, the change of epoch `epoch` and ts `ts`, and no
-    /// other change at that position (a newer leader that reused it).
-    async fn stream_holds(&self, stream: &StreamId, position: u64, epoch: u64, ts: u64) -> bool {
-        use futures::StreamExt;
-        let Ok(Ok(mut events)) = tokio::time::timeout(Duration::from_secs(5), self.transport.subscribe(stream, position)).await else {
-            return false;
-        };
-        let is_data = |ev: &tandem_proto::replication::v1::ChangeEvent| ev.body.is_some() && !tandem_exporter::transport::is_tick(ev);
-        match tokio::time::timeout(Duration::from_secs(3), events.next()).await {
-            Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch && ev.ts == ts && is_data(&ev) => {}
-            _ => return false,
-        }
-        // What follows at the same position: this node's own ticks, then the next leader's
-        // first event. A change there means the position was reused (ours never reached the
-        // next leader); anything else of a newer epoch, or a later position, means it did.
-        // Bounded: an idle new leader ticks at this position for ever.
-        let until = tokio::time::Instant::now() + Duration::from_secs(2);
-        loop {
-            match tokio::time::timeout_at(until, events.next()).await {
-                Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch => {}
-                Ok(Some(Ok(ev))) if ev.lsn == position => return !is_data(&ev),
-                Ok(Some(Ok(_))) | Err(_) | Ok(None) => return true,
-                Ok(Some(Err(_))) => return false,
-            }
-        }
     }
 
     /// The broker's end of every stream this node knows.
@@ -597,4 +570,98 @@ async fn sleep_until(at: Option<Instant>) {
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> tandem_cluster::Result<T> + Send + 'static) -> anyhow::Result<T> {
     Ok(tokio::task::spawn_blocking(f).await.context("a blocking task failed")??)
+}
+/// Whether `stream` holds, at `position`, the change of epoch `epoch` and ts `ts`, and no
+/// other change at that position (a newer leader that reused it).
+async fn stream_holds(transport: &dyn Transport, stream: &StreamId, position: u64, epoch: u64, ts: u64) -> bool {
+    use futures::StreamExt;
+    let Ok(Ok(mut events)) = tokio::time::timeout(Duration::from_secs(5), transport.subscribe(stream, position)).await else {
+        return false;
+    };
+    let is_data = |ev: &tandem_proto::replication::v1::ChangeEvent| ev.body.is_some() && !tandem_exporter::transport::is_tick(ev);
+    match tokio::time::timeout(Duration::from_secs(3), events.next()).await {
+        Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch && ev.ts == ts && is_data(&ev) => {}
+        _ => return false,
+    }
+    // What follows at the same position: this node's own ticks, then the next leader's
+    // first event. A change there means the position was reused (ours never reached the
+    // next leader); anything else of a newer epoch, or a later position, means it did.
+    // Bounded: an idle new leader ticks at this position for ever.
+    let until = tokio::time::Instant::now() + Duration::from_secs(2);
+    loop {
+        match tokio::time::timeout_at(until, events.next()).await {
+            Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch => {}
+            Ok(Some(Ok(ev))) if ev.lsn == position => return !is_data(&ev),
+            Ok(Some(Ok(_))) | Err(_) | Ok(None) => return true,
+            Ok(Some(Err(_))) => return false,
+        }
+    }
+}
+
+/// `stream_holds` against a real broker (tansu): what a rejoining old leader keeps.
+#[cfg(all(test, feature = "kafka"))]
+mod tests {
+    use tandem_exporter::kafka::{KafkaConfig, KafkaTransport};
+    use tandem_proto::replication::v1::{ChangeEvent, TimeTick, change_event::Body};
+    use tandem_proto::storage::v1::RowBatch;
+
+    use super::*;
+
+    fn change(s: &StreamId, lsn: u64, epoch: u64, ts: u64) -> ChangeEvent {
+        let StreamId::Shard { collection_id, shard } = *s else { unreachable!("shard streams only") };
+        ChangeEvent {
+            format_version: 1,
+            group_id: "g".into(),
+            epoch,
+            ts,
+            collection: "docs".into(),
+            collection_id,
+            shard,
+            lsn,
+            body: Some(Body::Insert(RowBatch { ids: vec![lsn as i64], vectors: vec![1.0, 2.0], ..Default::default() })),
+        }
+    }
+
+    /// A tick repeats the position of the last change.
+    fn tick(s: &StreamId, lsn: u64, epoch: u64, ts: u64) -> ChangeEvent {
+        ChangeEvent { body: Some(Body::Tick(TimeTick { leader_ts: ts })), ..change(s, lsn, epoch, ts) }
+    }
+
+    #[tokio::test]
+    async fn a_shard_is_kept_only_when_the_stream_holds_its_last_record_as_written() {
+        let broker = tandem_harness::Tansu::start(false);
+        let t = KafkaTransport::new(KafkaConfig { brokers: broker.brokers(), group: "g".into(), ..KafkaConfig::default() }).unwrap();
+        let stream = |shard| StreamId::Shard { collection_id: 1, shard };
+        let (ours, other_ts) = (300, 301);
+        let mut streams = Vec::new();
+        for (shard, after) in [
+            // The old leader's last record (3, epoch 1) and its own tick, nothing after.
+            (0, vec![tick(&stream(0), 3, 1, ours + 1)]),
+            // The next leader ticks at that position, then writes its first change at 4.
+            (1, vec![tick(&stream(1), 3, 2, 400), change(&stream(1), 4, 2, 401)]),
+            // The next leader reused position 3: the old leader's record never reached it.
+            (2, vec![change(&stream(2), 3, 2, 400)]),
+            // The old leader's record landed late, after the next leader had reused the position
+            // (subscribers of the new epoch drop it): lost all the same.
+            (3, vec![change(&stream(3), 3, 2, 400)]),
+        ] {
+            let s = stream(shard);
+            t.ensure_stream(&s, 4).await.unwrap();
+            let mut events = vec![change(&s, 1, 1, 100), change(&s, 2, 1, 200), change(&s, 3, 1, ours)];
+            if shard == 2 {
+                // What the stream got instead of the old leader's 3: it stops at 2.
+                events.pop();
+            }
+            events.extend(after);
+            t.publish(&s, events).await.unwrap();
+            streams.push(s);
+        }
+        assert!(stream_holds(&t, &streams[0], 3, 1, ours).await, "the record as written, then only its own tick");
+        assert!(stream_holds(&t, &streams[1], 3, 1, ours).await, "the next leader went on after it");
+        assert!(!stream_holds(&t, &streams[2], 3, 1, ours).await, "the position holds another leader's change");
+        assert!(!stream_holds(&t, &streams[3], 3, 1, ours).await, "another leader's change follows at the same position");
+        assert!(!stream_holds(&t, &streams[0], 3, 1, other_ts).await, "another ts at that position is another change");
+        assert!(!stream_holds(&t, &streams[0], 3, 2, ours).await, "another epoch at that position is another change");
+        assert!(!stream_holds(&t, &streams[0], 2, 1, ours).await, "the record at 2 is not the one written last");
+    }
 }

@@ -953,6 +953,51 @@ fn build_index(job: Job) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::collection::Write;
+    use crate::shard::ShardOptions;
+
+    fn leader(dir: &Path) -> Arc<Node> {
+        let opts = NodeOptions {
+            cluster_id: "a".into(),
+            data_dir: dir.to_path_buf(),
+            role: Role::Leading,
+            shard: ShardOptions { wal: WalOptions { sync: SyncPolicy::Never, segment_bytes: 1 << 20 }, seal_rows: 1000 },
+            search_threads: 1,
+            index_threads: 1,
+        };
+        Node::open(opts).unwrap()
+    }
+
+    /// A rejoining old leader keeps the shards it was told to keep (the stream holds their last
+    /// record as written) with their rows and goes on from where their logs end, and reloads
+    /// the others from empty.
+    #[test]
+    fn rejoin_keeps_the_shards_it_is_told_to_and_wipes_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = leader(dir.path());
+        let schema = pb::CollectionSchema { name: "c".into(), dim: 2, metric: pb::Metric::L2 as i32, shards: 2, ..Default::default() };
+        let (c, _) = node.create_collection(&schema).unwrap();
+        let ids: Vec<i64> = (0..20).collect();
+        let vectors = ids.iter().flat_map(|&i| [i as f32, 0.0]).collect();
+        node.write(&c, Write::Insert { ids: ids.clone(), vectors, rows: vec![Vec::new(); ids.len()] }).unwrap();
+        let rows = |i: usize| c.shards()[i].stats().live_rows;
+        let per_shard = [rows(0), rows(1)];
+        assert!(per_shard.iter().all(|&n| n > 0), "both shards hold rows: {per_shard:?}");
+        let tails: Vec<LedTail> = (0..2).map(|i| node.led_tail(&c, i).unwrap()).collect();
+        for (i, t) in tails.iter().enumerate() {
+            let position = c.shards()[i].term().to_stream(c.shards()[i].last_lsn());
+            assert!(matches!(t, LedTail::Record { position: p, .. } if *p == position), "shard {i}: {t:?}");
+        }
+        let (last0, position0) = (c.shards()[0].last_lsn(), c.shards()[0].term().to_stream(c.shards()[0].last_lsn()));
+
+        node.observe_epoch(2).unwrap();
+        node.rejoin(&[(c.id, 0)].into_iter().collect()).unwrap();
+        assert_eq!(node.role(), Role::Recovering);
+        assert_eq!(rows(0), per_shard[0], "the kept shard keeps its rows");
+        assert!(c.shards()[0].last_lsn() >= last0, "and its log");
+        assert_eq!(c.shards()[0].source_lsn(), position0, "it follows the stream on from its last record");
+        assert_eq!(rows(1), 0, "the other shard is reloaded from empty");
+    }
 
     #[test]
     fn the_search_pool_runs_faiss_single_threaded() {
