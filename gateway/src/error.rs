@@ -46,7 +46,7 @@ pub fn is_transient(s: &Status) -> bool {
         Code::ResourceExhausted => !s.message().contains("message length") && !s.message().contains("too large"),
         // A stream reset by a cluster going away surfaces as INTERNAL "h2 protocol error" (seen
         // when an alternative stops mid-load): the way to the cluster failed, not the request.
-        Code::Unknown | Code::Internal => is_connection_error(s),
+        Code::Unknown | Code::Internal | Code::Cancelled => is_connection_error(s),
         _ => false,
     }
 }
@@ -55,6 +55,21 @@ pub fn is_transient(s: &Status) -> bool {
 pub fn is_connection_error(s: &Status) -> bool {
     match s.code() {
         Code::Unavailable => true,
+        // CANCELLED made by the gateway's own client (it carries a cause), other than the
+        // request's deadline: hyper's "operation was canceled", the connection to the cluster
+        // closed before the request was written (seen when a cluster is killed under load). A
+        // CANCELLED a cluster sent carries no cause.
+        Code::Cancelled => {
+            let mut cause = std::error::Error::source(s);
+            let local = cause.is_some();
+            while let Some(e) = cause {
+                if e.is::<tonic::TimeoutExpired>() {
+                    return false;
+                }
+                cause = e.source();
+            }
+            local
+        }
         Code::Unknown | Code::Internal => {
             let m = s.message();
             m.contains("transport error") || m.contains("connection") || m.contains("h2 protocol error")
@@ -167,6 +182,16 @@ mod tests {
         assert!(!is_transient(&Status::internal("index build failed")));
         assert!(!is_transient(&Status::invalid_argument("dimension 3, expected 8")));
         assert!(!is_transient(&Status::resource_exhausted("decoded message length too large")));
+        // The connection closed before the request was written: tonic's status for hyper's
+        // canceled dispatch, CANCELLED with the transport error as its cause.
+        let canceled = Status::from_error(Box::new(h2_wrapped(Status::cancelled("operation was canceled"))));
+        assert_eq!(canceled.code(), Code::Cancelled);
+        assert!(is_transient(&canceled) && is_connection_error(&canceled));
+        // The request's own deadline (also CANCELLED with a cause) and a cluster's CANCELLED are not.
+        let expired = local(tonic::TimeoutExpired(()));
+        assert_eq!(expired.code(), Code::Cancelled);
+        assert!(!is_transient(&expired));
+        assert!(!is_transient(&Status::cancelled("operation was canceled")));
     }
 
     /// A status as the client side of a channel makes it from a transport error.
