@@ -189,17 +189,27 @@ impl Controller {
             return Err(ClusterError::invalid(format!("cluster {me} already leads")));
         }
         let remote = |e: tandem_arbiter::ArbiterError| ClusterError::Unavailable(format!("arbiter: {e}"));
-        let members = self.session.members().await.map_err(remote)?;
-        let Some(target) = members.iter().find(|m| m.cluster == to) else {
-            let known: Vec<_> = members.iter().map(|m| m.cluster.as_str()).filter(|c| *c != me).collect();
-            return Err(ClusterError::invalid(format!("no cluster {to:?} in this group (members: {})", known.join(", "))));
-        };
-        if !target.promotable || !(target.role == "alternative" || target.role == "standby") {
-            return Err(ClusterError::FailedPrecondition(format!(
-                "cluster {to:?} is {} and {}promotable: only a caught-up alternative or standby can take over",
-                target.role,
-                if target.promotable { "" } else { "not " }
-            )));
+        // Members report every REPORT_EVERY, so the view can list a target that has just caught
+        // up as still recovering: give it two more reports before refusing.
+        let patience = (Instant::now() + 2 * REPORT_EVERY + Duration::from_millis(200)).min(deadline);
+        loop {
+            let members = self.session.members().await.map_err(remote)?;
+            let Some(target) = members.iter().find(|m| m.cluster == to) else {
+                let known: Vec<_> = members.iter().map(|m| m.cluster.as_str()).filter(|c| *c != me).collect();
+                return Err(ClusterError::invalid(format!("no cluster {to:?} in this group (members: {})", known.join(", "))));
+            };
+            let caught_up = target.role == "alternative" || target.role == "standby";
+            if target.promotable && caught_up {
+                break;
+            }
+            if !target.promotable || Instant::now() >= patience {
+                return Err(ClusterError::FailedPrecondition(format!(
+                    "cluster {to:?} is {} and {}promotable: only a caught-up alternative or standby can take over",
+                    target.role,
+                    if target.promotable { "" } else { "not " }
+                )));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let epoch = self.node.epoch();
         tracing::info!(cluster = %me, to, epoch, "switchover: draining");
