@@ -96,8 +96,31 @@ impl ClientError {
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
         let leader = s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
-        ClientError::Status { code: s.code(), message: s.message().to_string(), leader }
+        // The connection closed before the call went out: the server was unavailable, whatever
+        // tonic calls it (so reads are retried on it).
+        let code = if is_connection_cancel(&s) { tonic::Code::Unavailable } else { s.code() };
+        ClientError::Status { code, message: s.message().to_string(), leader }
     }
+}
+
+/// A CANCELLED that the client side of a channel made itself (it carries the transport error as
+/// its cause), other than for the call's own deadline: hyper's "operation was canceled", the
+/// connection closed before the request was written, e.g. because the server was killed. A
+/// server's own CANCELLED carries no cause; tonic reports an expired deadline as CANCELLED too,
+/// with `TimeoutExpired` as its cause.
+pub fn is_connection_cancel(s: &tonic::Status) -> bool {
+    if s.code() != tonic::Code::Cancelled {
+        return false;
+    }
+    let mut cause = std::error::Error::source(s);
+    let local = cause.is_some();
+    while let Some(e) = cause {
+        if e.is::<tonic::TimeoutExpired>() {
+            return false;
+        }
+        cause = e.source();
+    }
+    local
 }
 
 #[cfg(test)]
@@ -119,5 +142,40 @@ mod tests {
         assert!(!ClientError::from(tonic::Status::invalid_argument("bad dim")).is_transient());
         let bare = ClientError::from(tonic::Status::new(tonic::Code::Internal, ""));
         assert!(bare.to_string().contains("grpc status Internal"), "{bare}");
+    }
+
+    /// A status as tonic makes it from a transport error: `cause` is its source.
+    fn made_locally(cause: impl std::error::Error + Send + Sync + 'static) -> tonic::Status {
+        tonic::Status::from_error(Box::new(cause))
+    }
+
+    #[derive(Debug)]
+    struct Transport(tonic::Status);
+    impl std::fmt::Display for Transport {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("transport error")
+        }
+    }
+    impl std::error::Error for Transport {
+        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+            Some(&self.0)
+        }
+    }
+
+    #[test]
+    fn a_call_cancelled_because_the_connection_closed_is_unavailable_and_retried() {
+        // tonic's status for hyper's canceled dispatch: CANCELLED, the transport error its cause.
+        let canceled = made_locally(Transport(tonic::Status::cancelled("operation was canceled")));
+        assert_eq!(canceled.code(), tonic::Code::Cancelled);
+        assert!(is_connection_cancel(&canceled));
+        let e = ClientError::from(canceled);
+        assert_eq!((e.code(), e.message()), (tonic::Code::Unavailable, "operation was canceled".to_string()));
+        assert!(e.is_transient());
+        // The call's own deadline and a server's CANCELLED stay what they are.
+        let expired = made_locally(tonic::TimeoutExpired(()));
+        assert_eq!(expired.code(), tonic::Code::Cancelled);
+        assert!(!is_connection_cancel(&expired));
+        assert!(!ClientError::from(expired).is_transient());
+        assert!(!is_connection_cancel(&tonic::Status::cancelled("operation was canceled")));
     }
 }

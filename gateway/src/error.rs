@@ -55,21 +55,10 @@ pub fn is_transient(s: &Status) -> bool {
 pub fn is_connection_error(s: &Status) -> bool {
     match s.code() {
         Code::Unavailable => true,
-        // CANCELLED made by the gateway's own client (it carries a cause), other than the
-        // request's deadline: hyper's "operation was canceled", the connection to the cluster
-        // closed before the request was written (seen when a cluster is killed under load). A
-        // CANCELLED a cluster sent carries no cause.
-        Code::Cancelled => {
-            let mut cause = std::error::Error::source(s);
-            let local = cause.is_some();
-            while let Some(e) = cause {
-                if e.is::<tonic::TimeoutExpired>() {
-                    return false;
-                }
-                cause = e.source();
-            }
-            local
-        }
+        // The gateway's own client lost the connection to the cluster before the request was
+        // written (seen when a cluster is killed under load); not a cluster's CANCELLED, nor
+        // the request's deadline.
+        Code::Cancelled => tandem_client::is_connection_cancel(s),
         Code::Unknown | Code::Internal => {
             let m = s.message();
             m.contains("transport error") || m.contains("connection") || m.contains("h2 protocol error")
