@@ -14,21 +14,17 @@
 //! raises a lease below 1.5 x its election timeout, so a 1 s lease holds (docs/operations.md).
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use crate::process::{Process, READY_TIMEOUT};
 use crate::{HarnessError, free_port};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
 pub struct Etcd {
-    bin: PathBuf,
+    /// Runs in its temp dir: data (`data/`) and logs (`etcd-N.log`).
+    process: Process,
     client_port: u16,
     peer_port: u16,
-    /// Data dir (`data/`) and logs (`etcd-N.log`).
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    runs: u32,
 }
 
 impl Etcd {
@@ -53,7 +49,7 @@ impl Etcd {
             let setup = |e: std::io::Error| HarnessError::Start(format!("etcd setup: {e}"));
             let dir = tempfile::Builder::new().prefix("etcd-").tempdir().map_err(setup)?;
             let (client_port, peer_port) = (free_port().map_err(setup)?, free_port().map_err(setup)?);
-            let mut e = Etcd { bin: bin.to_path_buf(), client_port, peer_port, dir, child: None, runs: 0 };
+            let mut e = Etcd { process: Process::new("etcd", bin, dir), client_port, peer_port };
             match e.launch().await {
                 Ok(()) => return Ok(e),
                 Err(err) => last = err,
@@ -73,10 +69,7 @@ impl Etcd {
 
     /// SIGKILL (no clean shutdown), then waits for the process to exit.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill();
     }
 
     /// Kills etcd and starts it again on the same ports and data dir (its keys and leases
@@ -92,47 +85,39 @@ impl Etcd {
     /// key and lease gone, revisions start over).
     pub async fn restart_empty(&mut self) {
         self.kill();
-        let _ = std::fs::remove_dir_all(self.dir.path().join("data"));
+        let _ = std::fs::remove_dir_all(self.process.dir.path().join("data"));
         if let Err(e) = self.launch().await {
             panic!("etcd did not restart: {e}");
         }
     }
 
     async fn launch(&mut self) -> Result<(), String> {
-        self.runs += 1;
-        let log_path = self.dir.path().join(format!("etcd-{}.log", self.runs));
-        let log = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let client = self.endpoint();
         let peer = format!("http://127.0.0.1:{}", self.peer_port);
-        let child = Command::new(&self.bin)
-            .arg("--name")
+        let mut cmd = Command::new(&self.process.bin);
+        cmd.arg("--name")
             .arg("sandbox")
             .arg("--data-dir")
-            .arg(self.dir.path().join("data"))
+            .arg(self.process.dir.path().join("data"))
             .args(["--listen-client-urls", &client, "--advertise-client-urls", &client])
             .args(["--listen-peer-urls", &peer, "--initial-advertise-peer-urls", &peer])
             .args(["--initial-cluster", &format!("sandbox={peer}")])
             .args(["--initial-cluster-state", "new", "--initial-cluster-token", "tandem-sandbox"])
             // A quick election after a restart; no metrics or debug listeners.
             .args(["--heartbeat-interval", "50", "--election-timeout", "500", "--log-level", "warn"])
-            .env_clear()
-            .stdout(Stdio::from(log.try_clone().map_err(|e| e.to_string())?))
-            .stderr(Stdio::from(log))
-            .spawn()
-            .map_err(|e| format!("spawn {}: {e}", self.bin.display()))?;
-        self.child = Some(child);
+            .env_clear();
+        self.process.spawn(cmd)?;
         let started = Instant::now();
         loop {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
-                self.child = None;
-                return Err(format!("etcd exited with {status}: {}", tail(&log_path)));
+            if let Some(status) = self.process.exited() {
+                return Err(format!("etcd exited with {status}: {}", self.process.tail(20)));
             }
             if self.answers().await {
                 return Ok(());
             }
             if started.elapsed() > READY_TIMEOUT {
-                self.kill();
-                return Err(format!("etcd not ready within {READY_TIMEOUT:?}: {}", tail(&log_path)));
+                self.process.kill();
+                return Err(format!("etcd not ready within {READY_TIMEOUT:?}: {}", self.process.tail(20)));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
@@ -144,16 +129,4 @@ impl Etcd {
         let Ok(mut c) = etcd_client::Client::connect([self.endpoint()], Some(opts)).await else { return false };
         c.get("/sandbox-probe", None).await.is_ok()
     }
-}
-
-impl Drop for Etcd {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn tail(path: &std::path::Path) -> String {
-    let s = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = s.lines().collect();
-    lines[lines.len().saturating_sub(20)..].join("\n")
 }

@@ -15,6 +15,7 @@
 //! put them; etcd is Debian's `/usr/bin/etcd` (`ETCD_BIN` overrides).
 
 mod etcd;
+mod process;
 mod pulsar_lite;
 mod tansu;
 

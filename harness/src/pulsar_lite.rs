@@ -11,21 +11,16 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use crate::process::Process;
 use crate::{HarnessError, find_tool, free_port, with_retries};
 
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
 pub struct PulsarLite {
-    bin: PathBuf,
+    /// Runs in its temp dir, with its config, logs and `pl.db`.
+    process: Process,
     port: u16,
-    /// The broker's cwd: its config, logs and `pl.db`.
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    /// How many times the broker was started, to name the log files.
-    runs: u32,
 }
 
 impl PulsarLite {
@@ -50,7 +45,7 @@ impl PulsarLite {
             let dir = tempfile::Builder::new().prefix("pulsar-lite-").tempdir().map_err(start)?;
             let config = format!("max_message_size_bytes = {max_message_bytes}\n\n[metrics]\nenabled = false\n");
             std::fs::write(dir.path().join("pulsar-lite.toml"), config).map_err(start)?;
-            let mut b = PulsarLite { bin: bin.to_path_buf(), port: free_port().map_err(start)?, dir, child: None, runs: 0 };
+            let mut b = PulsarLite { port: free_port().map_err(start)?, process: Process::new("pulsar-lite", bin, dir) };
             b.launch().map_err(HarnessError::Start)?;
             Ok(b)
         })
@@ -72,10 +67,7 @@ impl PulsarLite {
 
     /// Kills the broker (SIGKILL: no clean shutdown) and waits for it to exit.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill();
     }
 
     /// Kills the broker and starts it again on the same port with the same storage. Panics
@@ -87,67 +79,33 @@ impl PulsarLite {
     }
 
     pub fn try_restart(&mut self) -> Result<(), HarnessError> {
-        self.kill();
+        self.process.kill();
         self.launch().map_err(|e| HarnessError::Start(format!("pulsar-lite did not restart on port {}: {e}", self.port)))
     }
 
     /// The broker's output so far (all runs), for failure messages.
     pub fn log(&self) -> String {
-        let mut out = String::new();
-        for run in 1..=self.runs {
-            if let Ok(s) = std::fs::read_to_string(self.log_path(run)) {
-                out.push_str(&s);
-            }
-        }
-        out
-    }
-
-    fn log_path(&self, run: u32) -> PathBuf {
-        self.dir.path().join(format!("pulsar-lite-{run}.log"))
+        self.process.log()
     }
 
     fn launch(&mut self) -> Result<(), String> {
-        self.runs += 1;
-        let log = std::fs::File::create(self.log_path(self.runs)).map_err(|e| format!("pulsar-lite log: {e}"))?;
-        let err_log = log.try_clone().map_err(|e| format!("pulsar-lite log: {e}"))?;
-        let addr = format!("127.0.0.1:{}", self.port);
-        let db = self.dir.path().join("pl.db");
-        let mut cmd = Command::new(&self.bin);
+        let dir = self.process.dir.path();
+        let mut cmd = Command::new(&self.process.bin);
         cmd.arg("--config")
-            .arg(self.dir.path().join("pulsar-lite.toml"))
-            .args(["--addr", &addr])
+            .arg(dir.join("pulsar-lite.toml"))
+            .args(["--addr", &format!("127.0.0.1:{}", self.port)])
             .arg("--db-path")
-            .arg(&db)
-            .args(["--log-level", &std::env::var("PULSAR_LITE_LOG").unwrap_or_else(|_| "warn".into())])
-            .current_dir(self.dir.path())
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err_log);
-        let child = cmd.spawn().map_err(|e| format!("running {}: {e}", self.bin.display()))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last = String::from("no attempt");
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                self.child = None;
-                return Err(format!("pulsar-lite exited with {status}; its output:\n{}", self.log()));
-            }
-            match handshake_probe(self.port) {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
-        Err(format!("pulsar-lite on port {} not ready after {READY_TIMEOUT:?} (last: {last}); its output:\n{}", self.port, self.log()))
+            .arg(dir.join("pl.db"))
+            .args(["--log-level", &std::env::var("PULSAR_LITE_LOG").unwrap_or_else(|_| "warn".into())]);
+        self.process.spawn(cmd)?;
+        let port = self.port;
+        self.process.wait_ready(port, || handshake_probe(port))
     }
 }
 
 impl Drop for PulsarLite {
     fn drop(&mut self) {
-        self.kill();
+        self.process.kill();
         if std::thread::panicking() {
             let log = self.log();
             let tail: Vec<&str> = log.lines().rev().take(40).collect();

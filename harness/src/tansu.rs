@@ -12,23 +12,19 @@
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
+use crate::process::Process;
 use crate::{HarnessError, find_tool, free_port, with_retries};
 
 const VERSION: &str = "0.6.0";
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
 
 pub struct Tansu {
-    bin: PathBuf,
+    /// Runs in its temp dir, with its logs and `tansu.db`.
+    process: Process,
     port: u16,
     durable: bool,
-    /// The broker's cwd: its logs and `tansu.db`.
-    dir: tempfile::TempDir,
-    child: Option<Child>,
-    /// How many times the broker was started, to name the log files.
-    runs: u32,
 }
 
 impl Tansu {
@@ -55,7 +51,7 @@ impl Tansu {
         with_retries(|| {
             let dir = tempfile::Builder::new().prefix("tansu-").tempdir().map_err(|e| HarnessError::Start(format!("temp dir: {e}")))?;
             let port = free_port().map_err(|e| HarnessError::Start(format!("free port: {e}")))?;
-            let mut t = Tansu { bin: bin.to_path_buf(), port, durable, dir, child: None, runs: 0 };
+            let mut t = Tansu { process: Process::new("tansu", bin, dir), port, durable };
             t.launch().map_err(HarnessError::Start)?;
             Ok(t)
         })
@@ -88,10 +84,7 @@ impl Tansu {
 
     /// Kills the broker (SIGKILL: no clean shutdown) and waits for it to exit.
     pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
+        self.process.kill();
     }
 
     /// Kills the broker and starts it again on the same port, with the same storage when
@@ -103,74 +96,36 @@ impl Tansu {
     }
 
     pub fn try_restart(&mut self) -> Result<(), HarnessError> {
-        self.kill();
+        self.process.kill();
         self.launch().map_err(|e| HarnessError::Start(format!("tansu did not restart on port {}: {e}", self.port)))
     }
 
     /// The broker's output so far (all runs), for failure messages.
     pub fn log(&self) -> String {
-        let mut out = String::new();
-        for run in 1..=self.runs {
-            if let Ok(s) = std::fs::read_to_string(self.log_path(run)) {
-                out.push_str(&s);
-            }
-        }
-        out
-    }
-
-    fn log_path(&self, run: u32) -> PathBuf {
-        self.dir.path().join(format!("tansu-{run}.log"))
+        self.process.log()
     }
 
     fn launch(&mut self) -> Result<(), String> {
-        self.runs += 1;
-        let log = std::fs::File::create(self.log_path(self.runs)).map_err(|e| format!("tansu log: {e}"))?;
-        let err_log = log.try_clone().map_err(|e| format!("tansu log: {e}"))?;
-        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let dir = self.process.dir.path();
         if !self.durable {
             for f in ["tansu.db", "tansu.db-wal", "tansu.db-shm"] {
-                let _ = std::fs::remove_file(self.dir.path().join(f));
+                let _ = std::fs::remove_file(dir.join(f));
             }
         }
+        let url = format!("tcp://127.0.0.1:{}", self.port);
         // sqlite paths must be relative (an absolute one is mangled): the cwd is the temp dir.
         let storage = "sqlite://tansu.db";
-        let mut cmd = Command::new(&self.bin);
+        let mut cmd = Command::new(&self.process.bin);
         cmd.arg("broker")
             .args(["--listener-url", &url, "--advertised-listener-url", &url, "--storage-engine", storage])
             // tansu 0.6 opens no other port; these would turn on schema validation or tracing
             // export if the environment happened to set them.
             .env_remove("SCHEMA_REGISTRY")
             .env_remove("OTEL_EXPORTER_OTLP_ENDPOINT")
-            .current_dir(self.dir.path())
-            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()))
-            .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(err_log);
-        let child = cmd.spawn().map_err(|e| format!("running {}: {e}", self.bin.display()))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + READY_TIMEOUT;
-        let mut last = String::from("no attempt");
-        while Instant::now() < deadline {
-            if let Some(c) = self.child.as_mut()
-                && let Ok(Some(status)) = c.try_wait()
-            {
-                self.child = None;
-                return Err(format!("tansu exited with {status}; its output:\n{}", self.log()));
-            }
-            match metadata_probe(self.port) {
-                Ok(()) => return Ok(()),
-                Err(e) => last = e,
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        self.kill();
-        Err(format!("tansu on port {} not ready after {READY_TIMEOUT:?} (last: {last}); its output:\n{}", self.port, self.log()))
-    }
-}
-
-impl Drop for Tansu {
-    fn drop(&mut self) {
-        self.kill();
+            .env("RUST_LOG", std::env::var("TANSU_LOG").unwrap_or_else(|_| "warn".into()));
+        self.process.spawn(cmd)?;
+        let port = self.port;
+        self.process.wait_ready(port, || metadata_probe(port))
     }
 }
 

@@ -32,9 +32,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
 use serde::Serialize;
-use tandem_cluster::ann::{AnnIndex, Knobs};
-
 use tandem_client::Channel;
+use tandem_cluster::ann::{AnnIndex, Knobs};
 use tandem_cluster::schema::{IndexKind, Metric};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
