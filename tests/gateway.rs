@@ -880,3 +880,63 @@ async fn a_write_whose_reply_is_lost_is_sent_again_only_if_idempotent() {
     let n = count(&mut direct, "u").await;
     assert!(n == 15 || n == 25, "the lost insert was applied entirely or not at all: {n}");
 }
+
+/// Searches that wait for a busy cluster go out merged (`routing.coalesce`): each caller gets
+/// exactly the answer a search of its own gets, and a malformed search merged with others gets
+/// its own error, not someone else's results.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn merged_searches_answer_each_caller_as_if_sent_alone() {
+    let sb = Sandbox::builder().leading("a").build().await;
+    // One search out at a time: every search that arrives meanwhile waits and merges.
+    let gw = sb.gateway(&["a"], |cfg| cfg.routing.coalesce.max_in_flight = 1).await;
+    let mut g = connect(gw.addr).await;
+    gateway_ready(&gw, 1, None).await;
+    create(&mut g, "c1").await;
+    insert(&mut g, "c1", 0..200).await;
+    gateway_ready(&gw, 1, Some("c1")).await;
+    let mut direct = sb.client("a").await;
+    let strong = || read(pb::ConsistencyLevel::Strong, "");
+    // Query i: its own vector, top 5; every 4th is malformed (half a vector, so two of them
+    // laid end to end would make one valid query).
+    let request = |i: u64| {
+        let vectors = if i % 4 == 3 { vectors(1, DIM, 5000 + i)[..DIM / 2].to_vec() } else { vectors(1, DIM, 5000 + i) };
+        pb::SearchRequest { collection: "c1".into(), vectors, top_k: 5, read: strong(), ..Default::default() }
+    };
+    let mut expected = Vec::new();
+    for i in 0..32 {
+        expected.push(direct.search(request(i)).await.map(|r| r.into_inner().results).map_err(|s| (s.code(), s.message().to_string())));
+    }
+    assert!(expected.iter().filter(|e| e.is_err()).all(|e| e.as_ref().unwrap_err().0 == Code::InvalidArgument));
+    let merged = || async { topology(&gw).await.clusters[0].merged_searches };
+    let mut rounds = 0;
+    // Merging depends on searches arriving while one is out; on a loaded machine a round may
+    // not merge, so rounds repeat (each checked) until some did.
+    while rounds < 3 || (merged().await == 0 && rounds < 40) {
+        rounds += 1;
+        let calls = (0..32u64).map(|i| {
+            let mut g = g.clone();
+            async move { g.search(request(i)).await.map(|r| r.into_inner().results).map_err(|s| (s.code(), s.message().to_string())) }
+        });
+        let got = futures::future::join_all(calls).await;
+        for (i, (got, want)) in got.iter().zip(&expected).enumerate() {
+            match (got, want) {
+                (Ok(got), Ok(want)) => assert_same_hits(got, want, &format!("search {i}, round {rounds}")),
+                _ => assert_eq!(got, want, "search {i}, round {rounds}"),
+            }
+        }
+    }
+    let c = &topology(&gw).await.clusters[0];
+    assert!(c.merged_searches > 0 && c.merged_requests > 0, "no search was merged in {rounds} rounds: {c:?}");
+    assert!(c.merged_searches >= 2 * c.merged_requests, "a merged request carries at least two searches: {c:?}");
+    gw.stop().await.expect("stop gateway");
+}
+
+/// The same ids in the same order, and the same distances up to float rounding (a batch of
+/// many queries may take faiss's matrix-multiply path, which rounds differently).
+fn assert_same_hits(got: &[pb::Hits], want: &[pb::Hits], what: &str) {
+    let ids = |r: &[pb::Hits]| r.iter().map(|h| h.hits.iter().map(|h| h.id).collect::<Vec<_>>()).collect::<Vec<_>>();
+    assert_eq!(ids(got), ids(want), "{what}");
+    for (g, w) in got.iter().flat_map(|h| &h.hits).zip(want.iter().flat_map(|h| &h.hits)) {
+        assert!((g.distance - w.distance).abs() <= 1e-4 * w.distance.abs().max(1.0), "{what}: {g:?} vs {w:?}");
+    }
+}

@@ -85,6 +85,18 @@ pub struct RoutingConfig {
     /// BOUNDED staleness assumed when a request gives none (a cluster's `read.default_staleness_ms`).
     pub default_staleness_ms: u64,
     pub retry: RetryConfig,
+    pub coalesce: CoalesceConfig,
+}
+
+/// Searches merged while a cluster is busy (`gateway/src/coalesce.rs`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoalesceConfig {
+    /// Searches sent to one cluster at once; more wait, and those with the same parameters go
+    /// together as one request when a place frees. 0 = never merge.
+    pub max_in_flight: usize,
+    /// Searches in one merged request at most.
+    pub max_batch: usize,
 }
 
 /// tower's `TpsBudget`: retries may add `percent` of the recent request rate, plus a floor.
@@ -183,7 +195,14 @@ impl Default for RoutingConfig {
             default_timeout_ms: 10_000,
             default_staleness_ms: 1_000,
             retry: RetryConfig::default(),
+            coalesce: CoalesceConfig::default(),
         }
+    }
+}
+
+impl Default for CoalesceConfig {
+    fn default() -> Self {
+        CoalesceConfig { max_in_flight: 4, max_batch: 16 }
     }
 }
 
@@ -276,6 +295,12 @@ impl GatewayConfig {
         }
         if r.retry.max_attempts == 0 {
             p.push("routing.retry.max_attempts = 0: must be at least 1 (the first try)".into());
+        }
+        if r.coalesce.max_in_flight > 100_000 {
+            p.push(format!("routing.coalesce.max_in_flight = {}: must be at most 100000 (0 = never merge)", r.coalesce.max_in_flight));
+        }
+        if !(1..=1024).contains(&r.coalesce.max_batch) {
+            p.push(format!("routing.coalesce.max_batch = {}: must be between 1 and 1024", r.coalesce.max_batch));
         }
         let h = &self.health;
         if h.interval_ms == 0 {

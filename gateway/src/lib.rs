@@ -14,6 +14,7 @@
 #![forbid(unsafe_code)]
 
 pub mod buffer;
+pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod router;

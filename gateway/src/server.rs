@@ -64,6 +64,7 @@ pub async fn start(cfg: GatewayConfig, membership: BoxStream<'static, Change>) -
         connect_timeout: Duration::from_millis(cfg.health.timeout_ms),
         ewma_decay: Duration::from_millis(cfg.routing.ewma_decay_ms),
         connections: cfg.routing.connections_per_cluster,
+        coalesce: cfg.routing.coalesce.clone(),
     };
     let topo = Topology::new(cfg.health.clone(), options, shutdown.child_token());
     let membership = topo.follow(membership);

@@ -182,7 +182,7 @@ impl Gateway {
     where
         Q: ReadRequest,
         R: Tokened + Send + 'static,
-        F: Fn(Client, Request<Q>) -> Fut,
+        F: Fn(Arc<Cluster>, Request<Q>) -> Fut,
         Fut: Future<Output = Reply<R>> + Send,
     {
         let started = Instant::now();
@@ -258,7 +258,7 @@ impl Gateway {
             metrics::counter!("tandem_gateway_routed_total", "cluster" => cluster.id.clone(), "reason" => reason.as_str()).increment(1);
             let req = self.outbound(body.clone(), deadline, &md);
             let handle = cluster.track();
-            let fut = call(cluster.client(), req);
+            let fut = call(cluster.clone(), req);
             Ok(async move {
                 let r = fut.await;
                 drop(handle);
@@ -527,10 +527,10 @@ impl pb::tandem_server::Tandem for Gateway {
         self.write("DropCollection", Replay::AtMostOnce, r, |mut c, r| async move { c.drop_collection(r).await }).await
     }
     async fn list_collections(&self, r: Request<pb::ListCollectionsRequest>) -> Reply<pb::ListCollectionsResponse> {
-        self.read("ListCollections", r, |mut c, r| async move { c.list_collections(r).await }).await
+        self.read("ListCollections", r, |c, r| async move { c.client().list_collections(r).await }).await
     }
     async fn describe_collection(&self, r: Request<pb::DescribeCollectionRequest>) -> Reply<pb::DescribeCollectionResponse> {
-        self.read("DescribeCollection", r, |mut c, r| async move { c.describe_collection(r).await }).await
+        self.read("DescribeCollection", r, |c, r| async move { c.client().describe_collection(r).await }).await
     }
     async fn create_index(&self, r: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
         self.write("CreateIndex", Replay::AtMostOnce, r, |mut c, r| async move { c.create_index(r).await }).await
@@ -551,19 +551,19 @@ impl pb::tandem_server::Tandem for Gateway {
         self.write("Flush", Replay::AtMostOnce, r, |mut c, r| async move { c.flush(r).await }).await
     }
     async fn search(&self, r: Request<pb::SearchRequest>) -> Reply<pb::SearchResponse> {
-        self.read("Search", r, |mut c, r| async move { c.search(r).await }).await
+        self.read("Search", r, |c, r| async move { crate::coalesce::search(&c, r).await }).await
     }
     async fn get(&self, r: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
-        self.read("Get", r, |mut c, r| async move { c.get(r).await }).await
+        self.read("Get", r, |c, r| async move { c.client().get(r).await }).await
     }
     async fn query(&self, r: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
-        self.read("Query", r, |mut c, r| async move { c.query(r).await }).await
+        self.read("Query", r, |c, r| async move { c.client().query(r).await }).await
     }
     async fn count(&self, r: Request<pb::CountRequest>) -> Reply<pb::CountResponse> {
-        self.read("Count", r, |mut c, r| async move { c.count(r).await }).await
+        self.read("Count", r, |c, r| async move { c.client().count(r).await }).await
     }
     async fn get_cluster_info(&self, r: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
-        self.read("GetClusterInfo", r, |mut c, r| async move { c.get_cluster_info(r).await }).await
+        self.read("GetClusterInfo", r, |c, r| async move { c.client().get_cluster_info(r).await }).await
     }
 }
 

@@ -169,6 +169,8 @@ pub struct Cluster {
     pub status: RwLock<Status>,
     pub reads_routed: AtomicU64,
     pub writes_routed: AtomicU64,
+    /// Searches waiting for this cluster, merged when it is busy.
+    pub coalescer: crate::coalesce::Coalescer,
     stop: CancellationToken,
 }
 
@@ -208,6 +210,7 @@ impl Cluster {
             }),
             reads_routed: AtomicU64::new(0),
             writes_routed: AtomicU64::new(0),
+            coalescer: crate::coalesce::Coalescer::new(o.coalesce.max_in_flight, o.coalesce.max_batch),
             stop: CancellationToken::new(),
         })
     }
@@ -329,6 +332,7 @@ pub struct ClusterOptions {
     pub connect_timeout: Duration,
     pub ewma_decay: Duration,
     pub connections: usize,
+    pub coalesce: crate::config::CoalesceConfig,
 }
 
 /// The leader as published to waiters: which cluster, at which epoch.
@@ -566,6 +570,8 @@ impl Topology {
                 checked_ms_ago: s.last_ok.map(|t| t.elapsed().as_millis() as u64).unwrap_or(0),
                 reads_routed: c.reads_routed.load(Ordering::Relaxed),
                 writes_routed: c.writes_routed.load(Ordering::Relaxed),
+                merged_searches: c.coalescer.merged_searches.load(Ordering::Relaxed),
+                merged_requests: c.coalescer.merged_requests.load(Ordering::Relaxed),
             });
         }
         out
@@ -582,6 +588,7 @@ mod tests {
             connect_timeout: Duration::from_millis(100),
             ewma_decay: Duration::from_secs(1),
             connections: 1,
+            coalesce: Default::default(),
         };
         Topology::new(HealthConfig::default(), options, CancellationToken::new())
     }

@@ -65,6 +65,13 @@ pub struct GatewayBenchArgs {
     /// Routing policy of the gateway
     #[arg(long, value_enum, default_value_t = PolicyArg::P2c)]
     pub policy: PolicyArg,
+    /// The gateway's `routing.coalesce.max_in_flight`: searches sent to a cluster at once before
+    /// later ones wait and go merged; 0 = never merge
+    #[arg(long, default_value_t = tandem_gateway::config::CoalesceConfig::default().max_in_flight)]
+    pub coalesce_max_in_flight: usize,
+    /// The gateway's `routing.coalesce.max_batch`: searches in one merged request at most
+    #[arg(long, default_value_t = tandem_gateway::config::CoalesceConfig::default().max_batch)]
+    pub coalesce_max_batch: usize,
     #[arg(long, value_enum, default_value_t = WalSyncArg::Never)]
     pub wal_sync: WalSyncArg,
     #[arg(long, default_value_t = 7)]
@@ -122,6 +129,11 @@ pub struct Report {
     pub concurrency: usize,
     pub duration_secs: f64,
     pub policy: PolicyArg,
+    pub coalesce_max_in_flight: usize,
+    pub coalesce_max_batch: usize,
+    /// Searches per request the gateway sent the cluster during the gateway QPS runs (1.0: none
+    /// merged).
+    pub searches_per_cluster_request: f64,
     pub cores: usize,
     /// `--split-cores`: the CPUs the clusters ran on and the ones the clients and the gateway
     /// ran on (empty when everything shared every CPU).
@@ -276,6 +288,8 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
     let start_gateway = |n: usize| {
         let mut cfg = tandem_gateway::GatewayConfig { listen: "127.0.0.1:0".into(), ..Default::default() };
         cfg.routing.policy = policy;
+        cfg.routing.coalesce.max_in_flight = a.coalesce_max_in_flight;
+        cfg.routing.coalesce.max_batch = a.coalesce_max_batch;
         cfg.health.interval_ms = 200;
         let regs = members[..n]
             .iter()
@@ -298,6 +312,7 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
     let (mut d1, mut g1, mut dn, mut gn) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let (mut d_secs, mut g_secs, mut d_cpu, mut g_cpu) = (0.0, 0.0, 0.0, 0.0);
     let cpu = || process_cpu_secs().unwrap_or(f64::NAN);
+    let (mut searches, mut cluster_requests) = (0u64, 0u64);
     for _ in 0..ROUNDS {
         d1.extend(load(&direct_clients[..1], &queries, a, round).await?.0);
         g1.extend(load(&gw_clients[..1], &queries, a, round).await?.0);
@@ -306,9 +321,12 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
         d_cpu += cpu() - c;
         dn.extend(l);
         d_secs += s;
+        let before = merge_counts(&gw1);
         let c = cpu();
         let (l, s) = load(&gw_clients, &queries, a, round).await?;
         g_cpu += cpu() - c;
+        let after = merge_counts(&gw1);
+        (searches, cluster_requests) = (searches + after.0 - before.0, cluster_requests + after.1 - before.1);
         gn.extend(l);
         g_secs += s;
     }
@@ -320,6 +338,7 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
     };
     let direct_side = side(&mut d1, &mut dn, d_secs, d_cpu);
     let gateway_side = side(&mut g1, &mut gn, g_secs, g_cpu);
+    let searches_per_cluster_request = searches as f64 / cluster_requests.max(1) as f64;
     gw1.stop().await?;
 
     // Reads/s with 1, 2 and 3 readable clusters.
@@ -361,6 +380,9 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
         concurrency: a.concurrency,
         duration_secs: a.duration_secs,
         policy: a.policy,
+        coalesce_max_in_flight: a.coalesce_max_in_flight,
+        coalesce_max_batch: a.coalesce_max_batch,
+        searches_per_cluster_request,
         // Inside a pinned runtime available_parallelism() sees only that runtime's CPUs.
         cores: if cpus.0.is_empty() { std::thread::available_parallelism().map_or(1, |n| n.get()) } else { cpus.0.len() + cpus.1.len() },
         cluster_cpus: cpus.0,
@@ -412,6 +434,15 @@ fn pinned_runtime(name: &str, cpus: &[usize]) -> anyhow::Result<tokio::runtime::
         })
         .build()
         .with_context(|| format!("cannot start the {name} runtime"))
+}
+
+/// (searches routed, requests that carried them), summed over the gateway's clusters.
+fn merge_counts(gw: &tandem_gateway::Running) -> (u64, u64) {
+    gw.topology()
+        .view()
+        .clusters
+        .iter()
+        .fold((0, 0), |(s, r), c| (s + c.reads_routed, r + c.reads_routed - c.merged_searches + c.merged_requests))
 }
 
 async fn wait_readable(gw: &tandem_gateway::Running, n: usize) -> anyhow::Result<()> {
@@ -505,6 +536,10 @@ fn print(r: &Report) {
     println!("added p50: {:.0} us (target <= {:.0} us: {})", r.added_p50_us, r.target_added_p50_us, met(r.added_p50_met));
     println!("QPS ratio: {:.2} (target >= {:.2}: {})", r.qps_ratio, r.target_qps_ratio, met(r.qps_ratio_met));
     println!("the gateway's hop costs {:.0} us of CPU per request", r.added_cpu_us_per_request);
+    println!(
+        "searches per request to the cluster: {:.2} (coalesce max_in_flight {})",
+        r.searches_per_cluster_request, r.coalesce_max_in_flight
+    );
     for s in &r.scaling {
         let spread: Vec<String> = s.per_cluster.iter().map(|(id, n)| format!("{id} {n}")).collect();
         println!("{} readable cluster(s): {:.0} reads/s ({})", s.readable_clusters, s.reads_per_sec, spread.join(", "));
@@ -526,6 +561,8 @@ mod tests {
             duration_secs: 0.3,
             search_threads: 1,
             policy: PolicyArg::P2c,
+            coalesce_max_in_flight: 4,
+            coalesce_max_batch: 16,
             wal_sync: WalSyncArg::Never,
             seed: 2,
             split_cores: false,
