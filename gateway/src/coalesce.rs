@@ -161,8 +161,7 @@ async fn send_batch(cluster: &Arc<Cluster>, mut batch: Vec<Waiting>) {
     batch.retain(|w| !w.reply.is_closed());
     if batch.len() <= 1 {
         if let Some(w) = batch.pop() {
-            let r = cluster.client().search(alone(&w)).await;
-            let _ = w.reply.send(r);
+            send_alone(cluster, w).await;
         }
         return;
     }
@@ -190,11 +189,7 @@ async fn send_batch(cluster: &Arc<Cluster>, mut batch: Vec<Waiting>) {
             };
             tracing::debug!(cluster = %cluster.id, searches = n, why, "a merged search failed: sending each alone");
             metrics::counter!("tandem_gateway_merge_fallbacks_total", "cluster" => cluster.id.clone()).increment(1);
-            futures::future::join_all(batch.into_iter().map(|w| async move {
-                let r = cluster.client().search(alone(&w)).await;
-                let _ = w.reply.send(r);
-            }))
-            .await;
+            futures::future::join_all(batch.into_iter().map(|w| send_alone(cluster, w))).await;
         }
     }
 }
@@ -228,13 +223,13 @@ fn mergeable(a: &Waiting, b: &Waiting) -> bool {
         && x.params == y.params
 }
 
-/// A waiting search sent by itself, with what is left of its deadline.
-fn alone(w: &Waiting) -> Request<pb::SearchRequest> {
-    let mut r = Request::from_parts(w.metadata.clone(), Default::default(), w.search.clone());
+/// Sends a waiting search by itself, with what is left of its deadline, and answers its caller.
+async fn send_alone(cluster: &Cluster, w: Waiting) {
+    let mut r = Request::from_parts(w.metadata, Default::default(), w.search);
     if let Some(d) = w.deadline {
         r.set_timeout(d.saturating_duration_since(Instant::now()));
     }
-    r
+    let _ = w.reply.send(cluster.client().search(r).await);
 }
 
 /// One request for the whole batch: the first search's parameters and trace context, every
