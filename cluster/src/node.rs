@@ -197,7 +197,7 @@ impl Node {
             search_pool,
             jobs: Mutex::new(None),
             builders: Mutex::new(Vec::new()),
-            fanout: Arc::new(LocalFanout),
+            fanout: Arc::new(LocalFanout::default()),
             index_failures: AtomicU64::new(0),
             ddl,
             ddl_applied: AtomicU64::new(ddl_last),
@@ -879,8 +879,10 @@ impl Node {
     }
 }
 
-/// The threads searches run on: one per core by default, each running faiss single-threaded.
+/// The threads searches run on: one per core by default, each running faiss (and BLAS)
+/// single-threaded.
 fn search_pool(threads: usize) -> Result<rayon::ThreadPool> {
+    crate::ann::blas_for_search();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
         .thread_name(|i| format!("tandem-search-{i}"))
@@ -1004,6 +1006,9 @@ mod tests {
         let pool = search_pool(2).unwrap();
         let on_pool: Vec<usize> = pool.broadcast(|_| crate::ann::faiss_threads_on_this_thread());
         assert_eq!(on_pool, [1, 1], "every pool thread");
+        let (blas_threads, blas_from) = crate::ann::blas_settings();
+        assert!(blas_threads.is_none_or(|n| n == 1), "OpenBLAS: {blas_threads:?} threads");
+        assert_eq!(blas_from, crate::ann::BLAS_FROM_QUERIES);
         // Elsewhere faiss keeps OpenMP's default (a thread per core): index builds use them.
         if std::env::var_os("OMP_NUM_THREADS").is_none() {
             let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
