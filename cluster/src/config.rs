@@ -505,10 +505,8 @@ mod tests {
     #[test]
     fn defaults_are_valid_and_bad_values_are_named() {
         ClusterConfig::default().validate().unwrap();
-        let mut c = ClusterConfig::default();
-        c.listen = "nowhere".into();
+        let mut c = ClusterConfig { listen: "nowhere".into(), cluster_id: "a b".into(), ..ClusterConfig::default() };
         c.segment.seal_rows = 0;
-        c.cluster_id = "a b".into();
         let errs = c.validate().unwrap_err();
         assert_eq!(errs.len(), 3, "{errs:?}");
         assert!(errs.iter().any(|e| e.contains("\"nowhere\"")));

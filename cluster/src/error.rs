@@ -136,6 +136,12 @@ impl From<tonic::Status> for ClusterError {
     }
 }
 
+impl From<tandem_proto::session::BadToken> for ClusterError {
+    fn from(e: tandem_proto::session::BadToken) -> Self {
+        ClusterError::invalid(e.to_string())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -160,11 +166,5 @@ mod tests {
         let s: tonic::Status = ClusterError::CollectionNotFound("x".into()).into();
         assert_eq!(s.code(), tonic::Code::NotFound);
         assert!(!ClusterError::from(s).is_transient());
-    }
-}
-
-impl From<tandem_proto::session::BadToken> for ClusterError {
-    fn from(e: tandem_proto::session::BadToken) -> Self {
-        ClusterError::invalid(e.to_string())
     }
 }

@@ -347,6 +347,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_schemas_naming_the_value() {
+        #[allow(clippy::type_complexity)]
         let cases: Vec<(fn(&mut pb::CollectionSchema), &str)> = vec![
             (|s| s.name = "1abc".into(), "\"1abc\""),
             (|s| s.name = "".into(), "collection name"),

@@ -405,7 +405,7 @@ mod tests {
         let q = g.rows.vector(dim, 50).to_vec();
         // row 50 inserted at ts 60; deleted at ts 500
         g.delete_ts[50] = 500;
-        assert_eq!(g.search(&plan(&q, dim, 1, 59))[0][0].1 != 50, true, "not yet inserted at 59");
+        assert_ne!(g.search(&plan(&q, dim, 1, 59))[0][0].1, 50, "not yet inserted at 59");
         assert_eq!(g.search(&plan(&q, dim, 1, 60))[0][0].1, 50);
         assert_eq!(g.search(&plan(&q, dim, 1, 499))[0][0].1, 50);
         assert_ne!(g.search(&plan(&q, dim, 1, 500))[0][0].1, 50);
