@@ -78,7 +78,7 @@ impl Coalescer {
 pub async fn search(cluster: &Arc<Cluster>, req: Request<pb::SearchRequest>) -> Reply {
     let co = &cluster.coalescer;
     if co.max_in_flight == 0 {
-        return cluster.client().search(req).await;
+        return cluster.reader().search(req).await;
     }
     let queued = {
         let mut s = co.state.lock();
@@ -103,7 +103,7 @@ pub async fn search(cluster: &Arc<Cluster>, req: Request<pb::SearchRequest>) -> 
         Err(req) => {
             // Released when the reply is in, or when the caller goes away.
             let _slot = Slot(cluster.clone());
-            return cluster.client().search(req).await;
+            return cluster.reader().search(req).await;
         }
     };
     rx.await.unwrap_or_else(|_| Err(Status::unavailable(format!("the gateway stopped sending searches to {}", cluster.id))))
@@ -170,7 +170,7 @@ async fn send_batch(cluster: &Arc<Cluster>, mut batch: Vec<Waiting>) {
     cluster.coalescer.merged_searches.fetch_add(n as u64, Ordering::Relaxed);
     metrics::counter!("tandem_gateway_merged_requests_total", "cluster" => cluster.id.clone()).increment(1);
     metrics::counter!("tandem_gateway_merged_searches_total", "cluster" => cluster.id.clone()).increment(n as u64);
-    match cluster.client().search(merged(&batch)).await {
+    match cluster.reader().search(merged(&batch)).await {
         Ok(resp) if !resp.get_ref().results.is_empty() && resp.get_ref().results.len() % n == 0 => {
             let resp = resp.into_inner();
             let per = resp.results.len() / n;
@@ -229,7 +229,7 @@ async fn send_alone(cluster: &Cluster, w: Waiting) {
     if let Some(d) = w.deadline {
         r.set_timeout(d.saturating_duration_since(Instant::now()));
     }
-    let _ = w.reply.send(cluster.client().search(r).await);
+    let _ = w.reply.send(cluster.reader().search(r).await);
 }
 
 /// One request for the whole batch: the first search's parameters and trace context, every

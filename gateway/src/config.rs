@@ -262,10 +262,11 @@ impl GatewayConfig {
             } else if !seen.insert(c.id.as_str()) {
                 p.push(format!("clusters[{i}].id = {:?} is given twice", c.id));
             }
-            if !(c.endpoint.starts_with("http://") || c.endpoint.starts_with("https://"))
-                || c.endpoint.parse::<tonic::transport::Uri>().is_err()
-            {
-                p.push(format!("clusters[{i}].endpoint = {:?}: expected a URL like http://10.0.0.7:19530", c.endpoint));
+            if let Err(e) = crate::h2channel::parse_endpoint(&c.endpoint) {
+                p.push(format!(
+                    "clusters[{i}].endpoint = {:?}: {e}; expected a URL like http://10.0.0.7:19530 (TLS to clusters is not supported)",
+                    c.endpoint
+                ));
             }
         }
         if !self.discovery.etcd.is_empty() && self.discovery.prefix.is_empty() {

@@ -17,6 +17,7 @@ pub mod buffer;
 pub mod coalesce;
 pub mod config;
 pub mod error;
+pub mod h2channel;
 pub mod router;
 pub mod server;
 pub mod service;

@@ -527,10 +527,10 @@ impl pb::tandem_server::Tandem for Gateway {
         self.write("DropCollection", Replay::AtMostOnce, r, |mut c, r| async move { c.drop_collection(r).await }).await
     }
     async fn list_collections(&self, r: Request<pb::ListCollectionsRequest>) -> Reply<pb::ListCollectionsResponse> {
-        self.read("ListCollections", r, |c, r| async move { c.client().list_collections(r).await }).await
+        self.read("ListCollections", r, |c, r| async move { c.reader().list_collections(r).await }).await
     }
     async fn describe_collection(&self, r: Request<pb::DescribeCollectionRequest>) -> Reply<pb::DescribeCollectionResponse> {
-        self.read("DescribeCollection", r, |c, r| async move { c.client().describe_collection(r).await }).await
+        self.read("DescribeCollection", r, |c, r| async move { c.reader().describe_collection(r).await }).await
     }
     async fn create_index(&self, r: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
         self.write("CreateIndex", Replay::AtMostOnce, r, |mut c, r| async move { c.create_index(r).await }).await
@@ -554,16 +554,16 @@ impl pb::tandem_server::Tandem for Gateway {
         self.read("Search", r, |c, r| async move { crate::coalesce::search(&c, r).await }).await
     }
     async fn get(&self, r: Request<pb::GetRequest>) -> Reply<pb::GetResponse> {
-        self.read("Get", r, |c, r| async move { c.client().get(r).await }).await
+        self.read("Get", r, |c, r| async move { c.reader().get(r).await }).await
     }
     async fn query(&self, r: Request<pb::QueryRequest>) -> Reply<pb::QueryResponse> {
-        self.read("Query", r, |c, r| async move { c.client().query(r).await }).await
+        self.read("Query", r, |c, r| async move { c.reader().query(r).await }).await
     }
     async fn count(&self, r: Request<pb::CountRequest>) -> Reply<pb::CountResponse> {
-        self.read("Count", r, |c, r| async move { c.client().count(r).await }).await
+        self.read("Count", r, |c, r| async move { c.reader().count(r).await }).await
     }
     async fn get_cluster_info(&self, r: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
-        self.read("GetClusterInfo", r, |c, r| async move { c.client().get_cluster_info(r).await }).await
+        self.read("GetClusterInfo", r, |c, r| async move { c.reader().get_cluster_info(r).await }).await
     }
 }
 

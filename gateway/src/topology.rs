@@ -29,6 +29,7 @@ use tower::load::{Load, PeakEwma};
 use tower::{Service, ServiceExt};
 
 use crate::config::HealthConfig;
+use crate::h2channel::H2Channel;
 
 /// A cluster's health as routing sees it. It flips only after `healthy_after` /
 /// `unhealthy_after` consecutive results, so one slow check does not take a cluster out.
@@ -156,6 +157,9 @@ impl TrackCompletion<Handle, ()> for KeepHandle {
     }
 }
 
+/// PING interval on every connection to a cluster (a silent one is closed after twice that).
+const KEEPALIVE: Duration = Duration::from_secs(10);
+
 pub struct Cluster {
     pub id: String,
     pub endpoint: String,
@@ -163,7 +167,10 @@ pub struct Cluster {
     registered_dc: String,
     /// Several HTTP/2 connections: one connection is served by one task, which would
     /// serialise every request the gateway sends this cluster.
+    /// Writes, DDL and health checks (tonic's channel: see [`crate::h2channel`] for why).
     clients: Vec<TandemClient<Channel>>,
+    /// Reads, as many connections again.
+    readers: Vec<TandemClient<H2Channel>>,
     next_client: std::sync::atomic::AtomicUsize,
     ewma: Mutex<PeakEwma<Meter, KeepHandle>>,
     pub status: RwLock<Status>,
@@ -181,7 +188,7 @@ impl Cluster {
             .map_err(|e| format!("invalid endpoint {:?}: {e}", reg.endpoint))?
             .connect_timeout(o.connect_timeout)
             .tcp_nodelay(true)
-            .http2_keep_alive_interval(Duration::from_secs(10))
+            .http2_keep_alive_interval(KEEPALIVE)
             .keep_alive_while_idle(true);
         let clients = (0..connections.max(1))
             .map(|_| {
@@ -190,6 +197,12 @@ impl Cluster {
                     .max_encoding_message_size(max_message_bytes)
             })
             .collect();
+        let readers = (0..connections.max(1))
+            .map(|_| {
+                H2Channel::new(&reg.endpoint, o.connect_timeout, KEEPALIVE)
+                    .map(|c| TandemClient::new(c).max_decoding_message_size(max_message_bytes).max_encoding_message_size(max_message_bytes))
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         // 1 ms RTT before any sample: a new cluster is tried soon, and its real latency takes over.
         let ewma = PeakEwma::new(Meter, Duration::from_millis(1), o.ewma_decay.as_nanos() as f64, KeepHandle);
         Ok(Cluster {
@@ -197,6 +210,7 @@ impl Cluster {
             endpoint: reg.endpoint.clone(),
             registered_dc: reg.datacenter.clone(),
             clients,
+            readers,
             next_client: std::sync::atomic::AtomicUsize::new(0),
             ewma: Mutex::new(ewma),
             status: RwLock::new(Status {
@@ -219,6 +233,12 @@ impl Cluster {
     pub fn client(&self) -> TandemClient<Channel> {
         let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.clients.len();
         self.clients[i].clone()
+    }
+
+    /// A client for one read (connections taken in turn).
+    pub fn reader(&self) -> TandemClient<H2Channel> {
+        let i = self.next_client.fetch_add(1, Ordering::Relaxed) % self.readers.len();
+        self.readers[i].clone()
     }
 
     pub fn datacenter(&self) -> String {
