@@ -78,7 +78,8 @@ pub struct RoutingConfig {
     pub hedge_after_ms: u64,
     /// Decay of the peak-EWMA latency estimate (p2c): how fast a latency spike is forgotten.
     pub ewma_decay_ms: u64,
-    /// HTTP/2 connections to each cluster, used in turn.
+    /// HTTP/2 connections to each cluster, used in turn: as many for reads (`h2channel`) as for
+    /// writes, DDL and health checks.
     pub connections_per_cluster: usize,
     /// Deadline of a request that carries none (grpc-timeout), and the cap of one that does.
     pub default_timeout_ms: u64,
