@@ -73,8 +73,8 @@ pub fn blas_for_search() {
 /// generic) while the BLAS picks its kernels for the CPU at run time. Per query, timed
 /// single-threaded over `IndexFlat` (2 000 to 200 000 rows, d 8 to 768, L2 and IP, on an
 /// AVX-512 EPYC), the product costs 0.5–1.05x the scan at 4 queries, 0.4–0.67x at 8 and
-/// 0.26–0.46x at 16, but 1.0–1.55x at 3 and 1.1–1.9x at 2 (d >= 64). A few queries per search is what a client's small batches
-/// and a gateway's merged searches are. A product computes L2 as |x|² + |y|² - 2x·y, so a
+/// 0.26–0.46x at 16, but 1.0–1.55x at 3 and 1.1–1.9x at 2 (d >= 64). A few queries per search
+/// is what a client's small batches and a gateway's merged searches are. A product computes L2 as |x|² + |y|² - 2x·y, so a
 /// distance can differ from a scan's in the last bits (as faiss's did from 20 queries).
 pub const BLAS_FROM_QUERIES: usize = 4;
 

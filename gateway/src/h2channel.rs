@@ -130,17 +130,15 @@ impl Shared {
             }
             // Closed, failed or silent: the next call connects again.
             if let Some(s) = shared.upgrade() {
-                let mut c = s.conn.lock();
-                if c.as_ref().is_some_and(|(g, _)| *g == id) {
-                    *c = None;
-                }
+                s.forget(id);
             }
         });
         *self.conn.lock() = Some((id, send.clone()));
         Ok((id, send))
     }
 
-    /// Forgets connection `id` after a call found it unusable.
+    /// Forgets connection `id` (a call found it unusable, or it ended), unless a newer one
+    /// replaced it already.
     fn forget(&self, id: u64) {
         let mut c = self.conn.lock();
         if c.as_ref().is_some_and(|(g, _)| *g == id) {
