@@ -6,6 +6,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let files = [
         "proto/tandem/v1/tandem.proto",
         "proto/tandem/v1/gateway.proto",
+        "proto/tandem/v1/errors.proto",
         "proto/tandem/storage/v1/storage.proto",
         "proto/tandem/replication/v1/events.proto",
     ];

@@ -566,11 +566,10 @@ impl Demo {
             Err(s) => s,
         };
         println!("    alternative: insert id {id} -> {:?}: {}", status.code(), status.message());
-        let named = status.metadata().get(tandem_cluster::error::LEADER_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let Some(leader) = named else {
-            bail!("the alternative's refusal does not name the leader in {:?}", tandem_cluster::error::LEADER_METADATA);
+        let Some(leader) = tandem_proto::wire::leader_hint(&status) else {
+            bail!("the alternative's refusal carries no NotLeader reason naming the leader");
         };
-        println!("    metadata {}: {leader}", tandem_cluster::error::LEADER_METADATA);
+        println!("    refusal (status details): NotLeader, leader {leader}");
         // What a client (or the gateway) does with the hint: send the write there.
         let r = connect(&leader).await?.insert(req).await.rpc()?;
         self.keep_token(r.session_token);

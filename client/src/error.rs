@@ -1,11 +1,9 @@
 //! The SDK's one error type, and the one place a `tonic::Status` becomes a [`ClientError`].
 
 use tandem_proto::session::BadToken;
+pub use tandem_proto::wire::Reason as Refusal;
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
-
-/// Metadata key a cluster sets on a NotLeader status (FAILED_PRECONDITION): the leader's endpoint.
-pub const LEADER_METADATA: &str = "tandem-leader";
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -27,10 +25,11 @@ pub enum ClientError {
     #[error(transparent)]
     BadToken(#[from] BadToken),
     /// The server (or the transport under the call) answered with an error status. `message`
-    /// is the server's own, which names the bad value; `leader` is the leader hint a cluster
-    /// attaches when it refuses a write because it does not lead.
+    /// is the server's own, which names the bad value; `refusal` is the typed reason a cluster
+    /// or gateway attaches where code can act on it (not leader, stale epoch, fenced, lagging,
+    /// ...; `tandem_proto::wire`).
     #[error("{}", status_text(*code, message))]
-    Status { code: tonic::Code, message: String, leader: Option<String> },
+    Status { code: tonic::Code, message: String, refusal: Option<Refusal> },
     /// `topology()` against an endpoint that does not serve `tandem.v1.Gateway`.
     #[error(
         "{endpoint} is not a tandem gateway (it does not serve tandem.v1.Gateway/Topology): topology is a gateway call; a cluster describes itself with cluster_info()"
@@ -82,8 +81,16 @@ impl ClientError {
 
     /// On a write refused by a cluster that does not lead: where the leader is, when known.
     pub fn leader_hint(&self) -> Option<&str> {
+        match self.refusal() {
+            Some(Refusal::NotLeader(n)) if !n.leader.is_empty() => Some(&n.leader),
+            _ => None,
+        }
+    }
+
+    /// The typed reason the server gave for refusing the call, if it gave one.
+    pub fn refusal(&self) -> Option<&Refusal> {
         match self {
-            ClientError::Status { leader, .. } => leader.as_deref(),
+            ClientError::Status { refusal, .. } => refusal.as_ref(),
             _ => None,
         }
     }
@@ -95,11 +102,11 @@ impl ClientError {
 
 impl From<tonic::Status> for ClientError {
     fn from(s: tonic::Status) -> Self {
-        let leader = s.metadata().get(LEADER_METADATA).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let refusal = tandem_proto::wire::refusal(&s);
         // The connection closed before the call went out: the server was unavailable, whatever
         // tonic calls it (so reads are retried on it).
         let code = if is_connection_cancel(&s) { tonic::Code::Unavailable } else { s.code() };
-        ClientError::Status { code, message: s.message().to_string(), leader }
+        ClientError::Status { code, message: s.message().to_string(), refusal }
     }
 }
 
@@ -129,11 +136,23 @@ mod tests {
 
     #[test]
     fn statuses_keep_code_message_and_leader() {
-        let mut s = tonic::Status::failed_precondition("cluster b is alternative and does not accept writes; the leader is http://x:1");
-        s.metadata_mut().insert(LEADER_METADATA, "http://x:1".parse().unwrap());
+        let not_leader = tandem_proto::v1::NotLeader {
+            cluster: "b".into(),
+            role: tandem_proto::v1::Role::Alternative as i32,
+            leader: "http://x:1".into(),
+        };
+        let s = tandem_proto::wire::refused(
+            tonic::Code::FailedPrecondition,
+            "cluster b is alternative and does not accept writes; the leader is http://x:1",
+            Refusal::NotLeader(not_leader),
+        );
         let e = ClientError::from(s);
         assert_eq!(e.code(), tonic::Code::FailedPrecondition);
         assert_eq!(e.leader_hint(), Some("http://x:1"));
+        assert!(matches!(e.refusal(), Some(Refusal::NotLeader(_))));
+        // The words alone name no leader: the hint comes from the typed refusal.
+        let words = ClientError::from(tonic::Status::failed_precondition("does not accept writes; the leader is http://x:1"));
+        assert_eq!((words.leader_hint(), words.refusal()), (None, None));
         assert!(e.to_string().starts_with("cluster b is alternative"), "{e}");
         assert!(!e.is_transient());
 

@@ -32,7 +32,7 @@ mod types;
 
 pub use channel::Channel;
 pub use client::{Client, ClientBuilder, Count, DEFAULT_MAX_MESSAGE_BYTES, Get, Query, Search, Write};
-pub use error::{ClientError, LEADER_METADATA, Result, is_connection_cancel};
+pub use error::{ClientError, Refusal, Result, is_connection_cancel};
 pub use retry::{RetryEvent, RetryPolicy};
 pub use types::{
     Ack, ClusterInfo, ClusterView, CollectionInfo, CollectionSpec, CollectionStatus, Consistency, Entity, Field, FieldType, Health, Hit,

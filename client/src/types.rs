@@ -479,7 +479,7 @@ fn unknown(what: &str, v: i32) -> ClientError {
     ClientError::Status {
         code: tonic::Code::Internal,
         message: format!("the server sent {what} {v}, which this SDK does not know: upgrade tandem-client"),
-        leader: None,
+        refusal: None,
     }
 }
 

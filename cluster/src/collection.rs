@@ -361,12 +361,15 @@ impl Collection {
                     break;
                 }
                 if tokio::time::timeout_at(deadline.into(), notified).await.is_err() {
-                    return Err(ClusterError::DeadlineExceeded(format!(
-                        "collection {:?} shard {} is serviceable up to ts {s}, {} ms behind the requested ts {guarantee}",
-                        self.schema.read().name,
-                        shard.index,
-                        physical_ms(guarantee).saturating_sub(physical_ms(s))
-                    )));
+                    let lag_ms = physical_ms(guarantee).saturating_sub(physical_ms(s));
+                    return Err(ClusterError::Lagging {
+                        message: format!(
+                            "collection {:?} shard {} is serviceable up to ts {s}, {lag_ms} ms behind the requested ts {guarantee}",
+                            self.schema.read().name,
+                            shard.index,
+                        ),
+                        lag_ms,
+                    });
                 }
             }
         }

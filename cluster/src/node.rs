@@ -291,9 +291,9 @@ impl Node {
     fn check_writable(&self) -> Result<()> {
         let role = self.role();
         if role.accepts_writes() {
-            self.lease_error(|m| ClusterError::FailedPrecondition(format!("{m}; nothing was changed")))
+            self.lease_error(|| ClusterError::Fenced { cluster: self.opts.cluster_id.clone() })
         } else {
-            Err(ClusterError::NotLeader { cluster: self.opts.cluster_id.clone(), role: role.to_string(), leader: self.leader() })
+            Err(ClusterError::NotLeader { cluster: self.opts.cluster_id.clone(), role, leader: self.leader() })
         }
     }
 
@@ -303,12 +303,12 @@ impl Node {
     }
 
     /// Whether this leader's lease still covers acknowledging a write now: checked before a
-    /// write (a refusal then changed nothing: FAILED_PRECONDITION "fenced", which a gateway
+    /// write (a refusal then changed nothing: the typed `Fenced` refusal, which a gateway
     /// holds and sends to the next leader) and again before it is acknowledged (then the
     /// write is durable here but may never reach the next leader: UNAVAILABLE, outcome unknown).
     pub fn check_lease(&self) -> Result<()> {
-        // Not "fenced": a gateway re-sends a fenced refusal, and this write may have been applied.
-        self.lease_error(|_| {
+        // Not `Fenced`: a gateway re-sends a fenced refusal, and this write may have been applied.
+        self.lease_error(|| {
             ClusterError::Unavailable(format!(
                 "cluster {} may have lost its leadership lease before acknowledging: the write's outcome is unknown (an upsert may be sent again)",
                 self.opts.cluster_id
@@ -316,11 +316,9 @@ impl Node {
         })
     }
 
-    fn lease_error(&self, error: impl FnOnce(String) -> ClusterError) -> Result<()> {
+    fn lease_error(&self, error: impl FnOnce() -> ClusterError) -> Result<()> {
         match *self.write_deadline.lock() {
-            Some(d) if Instant::now() >= d => {
-                Err(error(format!("cluster {} is fenced: its leadership lease may have run out", self.opts.cluster_id)))
-            }
+            Some(d) if Instant::now() >= d => Err(error()),
             _ => Ok(()),
         }
     }

@@ -57,8 +57,7 @@ impl ReplicationService {
         if role == Role::Leading {
             Ok(())
         } else {
-            Err(ClusterError::NotLeader { cluster: self.node.opts.cluster_id.clone(), role: role.to_string(), leader: self.node.leader() }
-                .into())
+            Err(ClusterError::NotLeader { cluster: self.node.opts.cluster_id.clone(), role, leader: self.node.leader() }.into())
         }
     }
 }

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tandem_proto::v1 as pb;
+use tandem_proto::wire;
 use tonic::{Request, Response, Status};
 
 use crate::ann::Knobs;
@@ -33,23 +34,9 @@ type Reply<T> = std::result::Result<Response<T>, Status>;
 /// longest wait. The margin makes the server give up first, so the client receives the
 /// server's explanation (e.g. how far behind the replica is) instead of its own bare timeout.
 pub(crate) fn deadline<T>(req: &Request<T>, max_wait: Duration) -> Instant {
-    let parsed = req.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+    let parsed = req.metadata().get(wire::GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(wire::parse_grpc_timeout);
     let wait = parsed.map_or(max_wait, |d| d.saturating_sub((d / 10).min(Duration::from_millis(50))).min(max_wait));
     Instant::now() + wait
-}
-
-fn parse_grpc_timeout(s: &str) -> Option<Duration> {
-    let (num, unit) = s.split_at(s.len().checked_sub(1)?);
-    let n: u64 = num.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n.saturating_mul(3600)),
-        "M" => Duration::from_secs(n.saturating_mul(60)),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -86,25 +73,19 @@ fn check_vectors(what: &str, schema: &Schema, ids: Option<&[i64]>, vectors: &mut
     Ok(n)
 }
 
-/// Metadata a gateway puts on every write it forwards: the epoch of the leader it chose.
-pub const EPOCH_METADATA: &str = "tandem-epoch";
-
 /// A write tagged for another epoch's leader is refused before anything changes: either this
 /// cluster was fenced (a newer leader exists) or the sender has not yet seen this cluster's
 /// promotion. Untagged writes (clients talking to the cluster directly) are not checked.
 fn check_epoch<T>(req: &Request<T>, node: &Node) -> Result<()> {
-    let Some(v) = req.metadata().get(EPOCH_METADATA) else { return Ok(()) };
+    let Some(v) = req.metadata().get(wire::EPOCH) else { return Ok(()) };
     let Some(sent) = v.to_str().ok().and_then(|v| v.trim().parse::<u64>().ok()) else {
-        return Err(ClusterError::invalid(format!("{EPOCH_METADATA} metadata {v:?}: expected an epoch number")));
+        return Err(ClusterError::invalid(format!("{} metadata {v:?}: expected an epoch number", wire::EPOCH)));
     };
     let own = node.epoch();
     if sent == own {
         return Ok(());
     }
-    Err(ClusterError::FailedPrecondition(format!(
-        "stale epoch: the write was sent for epoch {sent} but cluster {} is at epoch {own}",
-        node.opts.cluster_id
-    )))
+    Err(ClusterError::StaleEpoch { cluster: node.opts.cluster_id.clone(), sent, own })
 }
 
 fn compile_filter(schema: &Schema, filter: &str) -> Result<Option<Filter>> {
@@ -372,9 +353,9 @@ impl ClusterService {
         let deadline = Instant::now()
             + req
                 .metadata()
-                .get("grpc-timeout")
+                .get(wire::GRPC_TIMEOUT)
                 .and_then(|v| v.to_str().ok())
-                .and_then(parse_grpc_timeout)
+                .and_then(wire::parse_grpc_timeout)
                 .unwrap_or(Duration::from_secs(3600));
         let c = self.node.collection(&req.into_inner().collection)?;
         let (n, ts) = self.node.flush(&c, deadline).await?;
@@ -750,15 +731,6 @@ pub fn record_gauges(node: &Node) {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn grpc_timeout_parses_units() {
-        assert_eq!(parse_grpc_timeout("100m"), Some(Duration::from_millis(100)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("5u"), Some(Duration::from_micros(5)));
-        assert_eq!(parse_grpc_timeout("x"), None);
-        assert_eq!(parse_grpc_timeout(""), None);
-    }
 
     #[test]
     fn reads_are_labelled_with_the_level_they_are_served_at() {

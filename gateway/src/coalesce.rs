@@ -88,9 +88,9 @@ pub async fn search(cluster: &Arc<Cluster>, req: Request<pb::SearchRequest>) -> 
         } else {
             let (metadata, _, search) = req.into_parts();
             let deadline = metadata
-                .get("grpc-timeout")
+                .get(tandem_proto::wire::GRPC_TIMEOUT)
                 .and_then(|v| v.to_str().ok())
-                .and_then(crate::service::parse_grpc_timeout)
+                .and_then(tandem_proto::wire::parse_grpc_timeout)
                 .map(|d| Instant::now() + d);
             let token = session_token(&search);
             let (tx, rx) = tokio::sync::oneshot::channel();
@@ -320,7 +320,11 @@ mod tests {
             waiting(search(vec![5.0, 6.0], Session, &newest.encode()), 10),
         ];
         let r = merged(&batch);
-        let timeout = r.metadata().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(crate::service::parse_grpc_timeout);
+        let timeout = r
+            .metadata()
+            .get(tandem_proto::wire::GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(tandem_proto::wire::parse_grpc_timeout);
         assert!(timeout.is_some_and(|t| t > Duration::from_millis(4_000) && t <= Duration::from_millis(5_000)), "{timeout:?}");
         let s = r.into_inner();
         assert_eq!(s.vectors, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);

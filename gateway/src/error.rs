@@ -1,6 +1,12 @@
 //! Errors the gateway makes itself. Errors a cluster returned are not wrapped: they reach the
 //! client unchanged (see [`passthrough`]), so bad input gets the cluster's own clear message.
+//!
+//! What the gateway does with a failed call (retry a read elsewhere, hold and redirect a write,
+//! or answer the client) is decided from the status code, the typed refusal a cluster attached
+//! (`tandem_proto::wire`), and, for failures on the way to a cluster, the transport error the
+//! gateway's own client attached as the status's source. Never from message text.
 
+use tandem_proto::wire::{self, Reason};
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -38,12 +44,12 @@ impl From<GatewayError> for Status {
 }
 
 /// Worth trying on another cluster: the cluster (or the way to it) failed, not the request.
-/// RESOURCE_EXHAUSTED is overload only when the message says so: a message-size limit is the
-/// request's fault and fails everywhere.
+/// RESOURCE_EXHAUSTED is overload only when a cluster says so with a typed refusal: tonic's
+/// message-size limit is RESOURCE_EXHAUSTED too, and that request fails everywhere.
 pub fn is_transient(s: &Status) -> bool {
     match s.code() {
         Code::Unavailable | Code::Aborted => true,
-        Code::ResourceExhausted => !s.message().contains("message length") && !s.message().contains("too large"),
+        Code::ResourceExhausted => matches!(wire::refusal(s), Some(Reason::Overloaded(_))),
         // A stream reset by a cluster going away surfaces as INTERNAL "h2 protocol error" (seen
         // when an alternative stops mid-load): the way to the cluster failed, not the request.
         Code::Unknown | Code::Internal | Code::Cancelled => is_connection_error(s),
@@ -59,26 +65,13 @@ pub fn is_connection_error(s: &Status) -> bool {
         // written (seen when a cluster is killed under load); not a cluster's CANCELLED, nor
         // the request's deadline.
         Code::Cancelled => tandem_client::is_connection_cancel(s),
-        Code::Unknown | Code::Internal => {
-            let m = s.message();
-            m.contains("transport error") || m.contains("connection") || m.contains("h2 protocol error")
-        }
+        // Made by the gateway's own client from a transport failure (a reset stream, a lost
+        // connection): tonic keeps that failure as the status's source. A status a cluster
+        // sent is decoded from trailers and has none.
+        Code::Unknown | Code::Internal => std::error::Error::source(s).is_some(),
         _ => false,
     }
 }
-
-/// Metadata key a cluster puts the leader's endpoint in on a NotLeader reply.
-pub const LEADER_METADATA: &str = "tandem-leader";
-
-/// Metadata key of every forwarded write: the epoch of the leader the gateway chose. A cluster
-/// at another epoch refuses the write (FAILED_PRECONDITION "stale epoch ..."), so a fenced old
-/// leader never applies a write meant for its successor, nor the new one a write meant for the
-/// old one.
-pub const EPOCH_METADATA: &str = "tandem-epoch";
-
-/// Metadata key of the gateway's UNAVAILABLE replies to writes it could not place (no leader
-/// within the buffer's bounds): milliseconds after which trying again makes sense.
-pub const RETRY_AFTER_METADATA: &str = "retry-after";
 
 /// Whether a write may be sent again after its outcome was lost.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -108,8 +101,8 @@ pub enum WriteFailure {
 }
 
 /// Classifies a failed write. A status the gateway's client made itself (a transport error)
-/// carries its cause as `source()`; one a cluster sent does not, and is judged by its code and
-/// message.
+/// carries its cause as `source()`, judged by the cause's type; one a cluster sent does not,
+/// and is judged by its typed refusal.
 pub fn classify_write_failure(s: &Status) -> WriteFailure {
     if std::error::Error::source(s).is_some() {
         let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(s);
@@ -121,27 +114,25 @@ pub fn classify_write_failure(s: &Status) -> WriteFailure {
                 // The request's own deadline passed: nothing left to retry in.
                 return WriteFailure::Final;
             }
+            // hyper's "canceled": the connection closed or was not ready before the request
+            // was written.
+            if e.downcast_ref::<hyper::Error>().is_some_and(hyper::Error::is_canceled) {
+                return WriteFailure::NotSent;
+            }
+            // REFUSED_STREAM: the server refused the stream before any processing (gRPC spec:
+            // safe to retry). Any other reset may have come after the write was applied.
+            if let Some(h2) = e.downcast_ref::<h2::Error>() {
+                return if h2.reason() == Some(h2::Reason::REFUSED_STREAM) { WriteFailure::NotSent } else { WriteFailure::Unknown };
+            }
             cause = e.source();
-        }
-        let m = s.message();
-        // hyper's "canceled": the connection closed or was not ready before the request was
-        // written. REFUSED_STREAM: the server refused the stream before any processing (gRPC
-        // spec: safe to retry).
-        if m.contains("operation was canceled") || m.contains("refused stream") || m.contains("REFUSED_STREAM") {
-            return WriteFailure::NotSent;
         }
         return if is_connection_error(s) || s.code() == Code::Cancelled { WriteFailure::Unknown } else { WriteFailure::Final };
     }
-    let m = s.message();
-    match s.code() {
-        Code::FailedPrecondition
-            if s.metadata().get(LEADER_METADATA).is_some() || m.contains("does not accept writes") || m.contains("stale epoch") =>
-        {
-            WriteFailure::Refused
-        }
-        // A fenced leader refuses writes before applying them (it may have lost its lease).
-        Code::Unavailable | Code::FailedPrecondition if m.contains("fenced") => WriteFailure::Refused,
-        _ => WriteFailure::Final,
+    match wire::refusal(s) {
+        // Refused before anything changed: by a cluster that does not lead, one at another
+        // epoch, or a leader whose lease may have run out.
+        Some(Reason::NotLeader(_) | Reason::StaleEpoch(_) | Reason::Fenced(_)) => WriteFailure::Refused,
+        Some(Reason::TooLarge(_) | Reason::Lagging(_) | Reason::Overloaded(_)) | None => WriteFailure::Final,
     }
 }
 
@@ -166,11 +157,24 @@ mod tests {
     #[test]
     fn transport_failures_are_transient_and_request_errors_are_not() {
         assert!(is_transient(&Status::unavailable("connection refused")));
-        assert!(is_transient(&Status::internal("h2 protocol error: http2 error")));
-        assert!(is_transient(&Status::unknown("transport error")));
+        // A stream reset on the way, as tonic's client reports it: INTERNAL with the h2 error
+        // as its source.
+        let reset = local(h2::Error::from(h2::Reason::INTERNAL_ERROR));
+        assert_eq!(reset.code(), Code::Internal);
+        assert!(is_transient(&reset) && is_connection_error(&reset));
+        assert!(is_transient(&local(Msg("connection reset"))));
+        // The same codes and words from a cluster (decoded from trailers: no source) are its answer.
+        assert!(!is_transient(&Status::internal("h2 protocol error: http2 error")));
+        assert!(!is_transient(&Status::unknown("transport error")));
         assert!(!is_transient(&Status::internal("index build failed")));
         assert!(!is_transient(&Status::invalid_argument("dimension 3, expected 8")));
+        // RESOURCE_EXHAUSTED: overload only when a cluster says so; a size limit fails everywhere.
         assert!(!is_transient(&Status::resource_exhausted("decoded message length too large")));
+        assert!(!is_transient(&Status::resource_exhausted("busy")));
+        let overloaded = wire::refused(Code::ResourceExhausted, "busy", Reason::Overloaded(Default::default()));
+        assert!(is_transient(&overloaded));
+        let too_large = wire::refused(Code::ResourceExhausted, "64 MiB", Reason::TooLarge(Default::default()));
+        assert!(!is_transient(&too_large));
         // The connection closed before the request was written: tonic's status for hyper's
         // canceled dispatch, CANCELLED with the transport error as its cause.
         let canceled = Status::from_error(Box::new(h2_wrapped(Status::cancelled("operation was canceled"))));
@@ -202,25 +206,39 @@ mod tests {
         use WriteFailure::*;
         let refused = std::io::Error::from(std::io::ErrorKind::ConnectionRefused);
         assert_eq!(classify_write_failure(&local(tonic::ConnectError(Box::new(refused)))), NotSent);
-        assert_eq!(classify_write_failure(&local(Msg("operation was canceled: connection closed"))), NotSent);
+        // The server refused the stream before processing it (gRPC spec: safe to send again).
+        assert_eq!(classify_write_failure(&local(h2::Error::from(h2::Reason::REFUSED_STREAM))), NotSent);
         // The same words from a cluster (no local cause) are the cluster's answer.
         assert_eq!(classify_write_failure(&Status::unavailable("tcp connect error: connection refused")), Final);
+        assert_eq!(classify_write_failure(&Status::cancelled("operation was canceled")), Final);
         // Sent, then the connection went away: unknown.
         let reset = Status::from_error(Box::new(Msg("connection reset")));
         assert_eq!(reset.code(), Code::Unknown);
         assert_eq!(classify_write_failure(&reset), Unknown);
         assert_eq!(classify_write_failure(&Status::new(Code::Internal, "x")), Final);
-        let mut h2 = Status::internal("h2 protocol error: stream error received: unexpected internal error");
-        h2 = Status::from_error(Box::new(h2_wrapped(h2)));
+        let h2 = Status::from_error(Box::new(h2_wrapped(local(h2::Error::from(h2::Reason::INTERNAL_ERROR)))));
         assert_eq!(classify_write_failure(&h2), Unknown);
+        assert_eq!(classify_write_failure(&local(h2::Error::from(h2::Reason::CANCEL))), Unknown);
         assert_eq!(classify_write_failure(&local(tonic::TimeoutExpired(()))), Final);
-        // Refusals by a cluster that does not lead, is fenced, or is at another epoch.
-        let mut nl = Status::failed_precondition("cluster a is alternative and does not accept writes; the leader is http://b");
-        assert_eq!(classify_write_failure(&nl), Refused);
-        nl.metadata_mut().insert(LEADER_METADATA, "http://b".parse().unwrap());
-        assert_eq!(classify_write_failure(&nl), Refused);
-        assert_eq!(classify_write_failure(&Status::failed_precondition("stale epoch: sent for epoch 1, cluster a is at epoch 2")), Refused);
-        assert_eq!(classify_write_failure(&Status::unavailable("cluster a is fenced: its lease expired")), Refused);
+        // Refusals by a cluster that does not lead, is fenced, or is at another epoch: typed.
+        use tandem_proto::v1;
+        for reason in [
+            Reason::NotLeader(v1::NotLeader { cluster: "a".into(), role: v1::Role::Alternative as i32, leader: "http://b".into() }),
+            Reason::StaleEpoch(v1::StaleEpoch { cluster: "a".into(), sent: 1, own: 2 }),
+            Reason::Fenced(v1::Fenced { cluster: "a".into() }),
+        ] {
+            let s = wire::refused(Code::FailedPrecondition, "refused", reason);
+            assert_eq!(classify_write_failure(&s), Refused, "{s:?}");
+        }
+        // The words alone, without the typed refusal, are the cluster's final answer.
+        assert_eq!(
+            classify_write_failure(&Status::failed_precondition(
+                "cluster a is alternative and does not accept writes; stale epoch; fenced"
+            )),
+            Final
+        );
+        let lagging = wire::refused(Code::DeadlineExceeded, "lags", Reason::Lagging(v1::Lagging { lag_ms: 5 }));
+        assert_eq!(classify_write_failure(&lagging), Final);
         // The cluster's own answers, including "applied but not exported yet".
         for s in [
             Status::unavailable("the write is durable on the leader but the transport has not acknowledged it yet"),

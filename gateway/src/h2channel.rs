@@ -235,7 +235,11 @@ impl tower::Service<http::Request<tonic::body::Body>> for H2Channel {
     }
 
     fn call(&mut self, req: http::Request<tonic::body::Body>) -> Self::Future {
-        let timeout = req.headers().get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(crate::service::parse_grpc_timeout);
+        let timeout = req
+            .headers()
+            .get(tandem_proto::wire::GRPC_TIMEOUT)
+            .and_then(|v| v.to_str().ok())
+            .and_then(tandem_proto::wire::parse_grpc_timeout);
         let (shared, call) = (self.shared.clone(), self.shared.clone().call(req));
         Box::pin(async move {
             let Some(t) = timeout else { return call.await };

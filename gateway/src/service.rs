@@ -11,6 +11,7 @@ use tandem_client::Channel;
 use tandem_proto::session::SessionToken;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
+use tandem_proto::wire;
 use tonic::metadata::{MetadataMap, MetadataValue};
 use tonic::{Request, Response, Status};
 use tower::retry::budget::{Budget, TpsBudget};
@@ -19,10 +20,8 @@ use crate::buffer::{HoldError, WriteBuffer};
 use crate::config::GatewayConfig;
 use crate::error::{Replay, WriteFailure, classify_write_failure, is_connection_error, is_transient, passthrough};
 use crate::router::{Guarantee, Reason, Router, expected_wait, explain, wall_ms};
-use crate::session::{SESSION_ID, Sessions};
+use crate::session::Sessions;
 use crate::topology::{Cluster, Health, Topology};
-
-pub use crate::error::{EPOCH_METADATA, LEADER_METADATA, RETRY_AFTER_METADATA};
 
 type Reply<T> = Result<Response<T>, Status>;
 type Client = TandemClient<Channel>;
@@ -159,7 +158,7 @@ impl Gateway {
     /// The request's deadline: its own grpc-timeout, capped by `routing.default_timeout_ms`.
     fn deadline(&self, md: &MetadataMap) -> (Instant, Duration) {
         let cap = Duration::from_millis(self.0.cfg.routing.default_timeout_ms);
-        let given = md.get("grpc-timeout").and_then(|v| v.to_str().ok()).and_then(parse_grpc_timeout);
+        let given = md.get(wire::GRPC_TIMEOUT).and_then(|v| v.to_str().ok()).and_then(wire::parse_grpc_timeout);
         let d = given.map_or(cap, |g| g.min(cap));
         (Instant::now() + d, d)
     }
@@ -323,7 +322,7 @@ impl Gateway {
         Err(passthrough(s))
     }
 
-    /// A write or DDL goes to the leader, tagged with its epoch ([`EPOCH_METADATA`]). With no
+    /// A write or DDL goes to the leader, tagged with its epoch ([`wire::EPOCH`]). With no
     /// usable leader it is held ([`WriteBuffer`]) until one appears. A failed attempt is sent
     /// again only when that cannot apply it twice ([`classify_write_failure`]):
     /// * not sent (connection refused, not ready): the cluster is suspect, hold, resend;
@@ -371,7 +370,7 @@ impl Gateway {
             leader.writes_routed.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("tandem_gateway_routed_total", "cluster" => leader.id.clone(), "reason" => reason.as_str()).increment(1);
             let mut r = self.outbound(body.clone(), deadline, &md);
-            r.metadata_mut().insert(EPOCH_METADATA, MetadataValue::from(epoch));
+            r.metadata_mut().insert(wire::EPOCH, MetadataValue::from(epoch));
             // Not metered: the latency meter ranks clusters for reads, and a write's fsync and
             // export wait would make the leader look slow for reads.
             let s = match call(leader.client(), r).await {
@@ -463,7 +462,7 @@ impl Gateway {
             HoldError::Stopped => format!("the gateway is stopping: {why}"),
         };
         let mut s = Status::unavailable(m);
-        s.metadata_mut().insert(RETRY_AFTER_METADATA, MetadataValue::from(b.retry_after_ms));
+        s.metadata_mut().insert(wire::RETRY_AFTER, MetadataValue::from(b.retry_after_ms));
         s
     }
 
@@ -497,25 +496,7 @@ impl Gateway {
 }
 
 fn session_id(md: &MetadataMap) -> Option<String> {
-    md.get(SESSION_ID).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_string)
-}
-
-/// `grpc-timeout`: up to 8 digits and a unit (H M S m u n).
-pub fn parse_grpc_timeout(s: &str) -> Option<Duration> {
-    if s.len() < 2 || s.len() > 9 {
-        return None;
-    }
-    let (n, unit) = s.split_at(s.len() - 1);
-    let n: u64 = n.parse().ok()?;
-    Some(match unit {
-        "H" => Duration::from_secs(n * 3600),
-        "M" => Duration::from_secs(n * 60),
-        "S" => Duration::from_secs(n),
-        "m" => Duration::from_millis(n),
-        "u" => Duration::from_micros(n),
-        "n" => Duration::from_nanos(n),
-        _ => return None,
-    })
+    md.get(wire::SESSION_ID).and_then(|v| v.to_str().ok()).filter(|s| !s.is_empty()).map(str::to_string)
 }
 
 #[tonic::async_trait]
@@ -571,19 +552,5 @@ impl pb::tandem_server::Tandem for Gateway {
 impl pb::gateway_server::Gateway for Gateway {
     async fn topology(&self, _r: Request<pb::TopologyRequest>) -> Reply<pb::TopologyResponse> {
         Ok(Response::new(self.0.topo.view()))
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn grpc_timeouts_parse() {
-        assert_eq!(parse_grpc_timeout("1500m"), Some(Duration::from_millis(1500)));
-        assert_eq!(parse_grpc_timeout("2S"), Some(Duration::from_secs(2)));
-        assert_eq!(parse_grpc_timeout("7u"), Some(Duration::from_micros(7)));
-        assert_eq!(parse_grpc_timeout("m"), None);
-        assert_eq!(parse_grpc_timeout("12x"), None);
     }
 }

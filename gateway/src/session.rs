@@ -8,8 +8,8 @@ use std::time::Duration;
 use moka::future::Cache;
 use tandem_proto::session::SessionToken;
 
-/// The metadata key naming a session.
-pub const SESSION_ID: &str = "session-id";
+/// The metadata key naming a session (defined with the rest of the wire contract).
+pub use tandem_proto::wire::SESSION_ID;
 
 #[derive(Clone)]
 pub struct Sessions {

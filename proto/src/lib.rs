@@ -5,6 +5,9 @@
 #![forbid(unsafe_code)]
 
 pub mod session;
+pub mod wire;
+
+pub use wire::Role;
 
 pub mod v1 {
     #![allow(clippy::all, missing_docs)]

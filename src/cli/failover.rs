@@ -37,10 +37,10 @@ pub async fn run(a: FailoverArgs) -> anyhow::Result<()> {
                 return Ok(());
             }
             Err(s) if attempt == 0 && s.code() == tonic::Code::FailedPrecondition => {
-                let Some(leader) = s.metadata().get(tandem_cluster::error::LEADER_METADATA).and_then(|v| v.to_str().ok()) else {
+                let Some(leader) = tandem_proto::wire::leader_hint(&s) else {
                     return Err(super::status_error(s));
                 };
-                endpoint = leader.to_string();
+                endpoint = leader;
             }
             Err(s) => return Err(super::status_error(s)).with_context(|| format!("switchover to {}", a.to)),
         }
