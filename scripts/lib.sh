@@ -67,15 +67,13 @@ ensure_cargo_tool() {
 }
 
 # protoc for the etcd client: the etcd-client crate compiles etcd's .proto files in its build
-# script with whatever `$PROTOC` names. Debian's protobuf-compiler needs libprotobuf-dev beside
-# it for the well-known imports (google/protobuf/descriptor.proto), which once went missing on a
-# new machine; protox (pure Rust, the compiler tandem's own protos already use) carries the
-# well-known files inside and takes protoc's command line, so no Debian package is needed.
+# script with whatever `$PROTOC` names, and .cargo/config.toml names scripts/protoc, a wrapper
+# around protox. Debian's protobuf-compiler needs libprotobuf-dev beside it for the well-known
+# imports (google/protobuf/descriptor.proto), which once went missing on a new machine; protox
+# (pure Rust, the compiler tandem's own protos already use) carries the well-known files inside
+# and takes protoc's command line, so no Debian package is needed.
 ensure_protoc() {
-  if [ -z "${PROTOC:-}" ]; then
-    PROTOC="$(ensure_cargo_tool protox 0.9.1 --features bin)" || exit 1
-    export PROTOC
-  fi
+  ensure_cargo_tool protox 0.9.1 --features bin >/dev/null || exit 1
 }
 
 # What building tandem needs: faiss is compiled from source (cmake, a C++ compiler, BLAS/LAPACK);

@@ -13,7 +13,8 @@
 //! broker the tests run): its decoder requires the optional magic number + CRC32C in message
 //! frames, which pulsar-lite leaves out. What tandem needs is a small part of the protocol
 //! (connect, lookup, produce with receipts, non-durable readers from a message id, last message
-//! id), so `conn.rs` speaks it directly, on the vendored PulsarApi.proto.
+//! id), so `conn.rs` speaks it directly, on `frames.proto`: tandem's own declaration of just
+//! those commands, with the protocol's field numbers and types.
 //!
 //! Guarantees and how they are kept:
 //! - no acknowledged event is lost: `publish` returns once the broker sent a receipt for every
