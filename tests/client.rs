@@ -127,7 +127,7 @@ async fn typed_round_trip() {
 
     let ci = c.cluster_info().await.unwrap();
     assert_eq!(ci.cluster_id, "lead");
-    assert_eq!(ci.role, tandem_client::Role::Leading);
+    assert_eq!(ci.role, Some(tandem_client::Role::Leading));
     assert_eq!(ci.collections.iter().map(|s| (s.name.as_str(), s.rows)).collect::<Vec<_>>(), [(C, 16)]);
 
     c.drop_collection(C).await.unwrap();

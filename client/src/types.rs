@@ -575,39 +575,12 @@ impl From<&CollectionInfo> for pb::CollectionInfo {
     }
 }
 
-/// A cluster's role.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Leading,
-    Alternative,
-    Standby,
-    Recovering,
-    /// A value this SDK does not know (a newer server), kept rather than failing a description.
-    Unknown(i32),
-}
+/// A cluster's role: the one type clusters, the gateway and the SDK share.
+pub use tandem_proto::Role;
 
-impl From<i32> for Role {
-    fn from(r: i32) -> Self {
-        match pb::Role::try_from(r) {
-            Ok(pb::Role::Leading) => Role::Leading,
-            Ok(pb::Role::Alternative) => Role::Alternative,
-            Ok(pb::Role::Standby) => Role::Standby,
-            Ok(pb::Role::Recovering) => Role::Recovering,
-            Ok(pb::Role::Unspecified) | Err(_) => Role::Unknown(r),
-        }
-    }
-}
-
-impl From<Role> for i32 {
-    fn from(r: Role) -> Self {
-        match r {
-            Role::Leading => pb::Role::Leading as i32,
-            Role::Alternative => pb::Role::Alternative as i32,
-            Role::Standby => pb::Role::Standby as i32,
-            Role::Recovering => pb::Role::Recovering as i32,
-            Role::Unknown(x) => x,
-        }
-    }
+/// A role as the wire carries it (UNSPECIFIED for `None`).
+fn role_to_wire(role: Option<Role>) -> i32 {
+    role.map_or(pb::Role::Unspecified as i32, |r| r.to_proto() as i32)
 }
 
 /// One collection as `cluster_info` and `topology` report it.
@@ -665,7 +638,8 @@ impl From<&CollectionStatus> for pb::CollectionStatus {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ClusterInfo {
     pub cluster_id: String,
-    pub role: Role,
+    /// `None`: a role this SDK does not know (a newer server), kept rather than failing.
+    pub role: Option<Role>,
     pub epoch: u64,
     /// The node's current hybrid timestamp.
     pub current_ts: u64,
@@ -679,7 +653,7 @@ impl From<pb::GetClusterInfoResponse> for ClusterInfo {
     fn from(r: pb::GetClusterInfoResponse) -> Self {
         ClusterInfo {
             cluster_id: r.cluster_id,
-            role: r.role.into(),
+            role: Role::from_proto(r.role),
             epoch: r.epoch,
             current_ts: r.current_ts,
             collections: r.collections.into_iter().map(Into::into).collect(),
@@ -695,7 +669,7 @@ impl From<&ClusterInfo> for pb::GetClusterInfoResponse {
     fn from(c: &ClusterInfo) -> Self {
         pb::GetClusterInfoResponse {
             cluster_id: c.cluster_id.clone(),
-            role: c.role.into(),
+            role: role_to_wire(c.role),
             epoch: c.epoch,
             current_ts: c.current_ts,
             collections: c.collections.iter().map(Into::into).collect(),
@@ -722,7 +696,8 @@ pub enum Health {
 pub struct ClusterView {
     pub id: String,
     pub datacenter: String,
-    pub role: Role,
+    /// `None`: a role this SDK does not know.
+    pub role: Option<Role>,
     pub epoch: u64,
     pub endpoints: Vec<String>,
     pub health: Health,
@@ -765,7 +740,7 @@ impl From<pb::TopologyResponse> for Topology {
                 },
                 id: c.id,
                 datacenter: c.datacenter,
-                role: c.role.into(),
+                role: Role::from_proto(c.role),
                 epoch: c.epoch,
                 endpoints: c.endpoints,
                 readable: c.readable,
@@ -826,7 +801,8 @@ mod tests {
         assert_eq!(CollectionInfo::try_from(pb::CollectionInfo::from(&info)).unwrap(), info);
         let e = CollectionSpec::try_from(pb::CollectionSchema { metric: 42, ..Default::default() }).unwrap_err();
         assert!(e.to_string().contains("metric 42"), "{e}");
-        assert_eq!(Role::from(i32::from(Role::Alternative)), Role::Alternative);
+        assert_eq!(Role::from_proto(role_to_wire(Some(Role::Alternative))), Some(Role::Alternative));
+        assert_eq!(Role::from_proto(role_to_wire(None)), None);
     }
 
     #[test]

@@ -34,4 +34,4 @@ pub mod wal;
 pub use config::ClusterConfig;
 pub use error::{ClusterError, Result};
 pub use node::Node;
-pub use role::Role;
+pub use role::{ReplicationState, Role};

@@ -97,7 +97,7 @@ pub struct Node {
     leader: RwLock<Option<String>>,
     leader_clock: RwLock<Option<Arc<dyn LeaderClock>>>,
     /// Alternative: replication state per collection id, for GetClusterInfo.
-    replication: RwLock<std::collections::HashMap<u64, String>>,
+    replication: RwLock<std::collections::HashMap<u64, crate::role::ReplicationState>>,
     exporting: std::sync::atomic::AtomicBool,
     /// The highest DDL position the transport has acknowledged.
     ddl_exported: tokio::sync::watch::Sender<Lsn>,
@@ -607,12 +607,13 @@ impl Node {
         self.tick_requests.subscribe()
     }
 
-    pub fn set_replication_state(&self, collection_id: u64, state: impl Into<String>) {
-        self.replication.write().insert(collection_id, state.into());
+    pub fn set_replication_state(&self, collection_id: u64, state: crate::role::ReplicationState) {
+        self.replication.write().insert(collection_id, state);
     }
 
-    pub fn replication_state(&self, collection_id: u64) -> String {
-        self.replication.read().get(&collection_id).cloned().unwrap_or_default()
+    /// `None` for a collection that follows nothing (on a leader, or not yet subscribed).
+    pub fn replication_state(&self, collection_id: u64) -> Option<crate::role::ReplicationState> {
+        self.replication.read().get(&collection_id).cloned()
     }
 
     pub fn collection_by_id(&self, id: u64) -> Option<Arc<Collection>> {

@@ -588,8 +588,13 @@ pub fn collection_statuses(node: &Node) -> Vec<pb::CollectionStatus> {
         let Ok(c) = node.collection(&name) else { continue };
         let serviceable_ts = c.serviceable_ts(&node.clock);
         let lag_ms = if node.role() == Role::Leading { 0 } else { wall_ms().saturating_sub(crate::ts::physical_ms(serviceable_ts)) };
-        let mut status =
-            pb::CollectionStatus { name, serviceable_ts, lag_ms, replication: node.replication_state(c.id), ..Default::default() };
+        let mut status = pb::CollectionStatus {
+            name,
+            serviceable_ts,
+            lag_ms,
+            replication: node.replication_state(c.id).map(|s| s.to_string()).unwrap_or_default(),
+            ..Default::default()
+        };
         for shard in c.shards() {
             let s = shard.stats();
             status.rows += s.live_rows;

@@ -22,7 +22,7 @@ use parking_lot::Mutex;
 use tandem_cluster::collection::Collection;
 use tandem_cluster::node::{LeaderClock, Node};
 use tandem_cluster::shard::{ShardOp, op_from_record};
-use tandem_cluster::{ClusterError, feed};
+use tandem_cluster::{ClusterError, ReplicationState, feed};
 use tandem_proto::replication::v1 as rp;
 use tandem_proto::replication::v1::replication_client::ReplicationClient;
 use tandem_proto::storage::v1 as st;
@@ -155,7 +155,7 @@ impl Follower {
         if let Some(old) = self.shards.lock().insert(c.id, token.clone()) {
             old.cancel();
         }
-        self.node.set_replication_state(c.id, "following");
+        self.node.set_replication_state(c.id, ReplicationState::Following);
         for shard in 0..c.shards().len() {
             let me = self.clone();
             let c = c.clone();
@@ -483,7 +483,7 @@ impl Follower {
             // A failed snapshot-first attempt (`min_rows` > 0) is not retried: the shard replays
             // the broker's log instead (or, if it was already wiped, starts a full bootstrap,
             // which sets its own state), so it is following.
-            let state = if r.is_ok() || min_rows > 0 { "following" } else { "bootstrap failed; retrying" };
+            let state = if r.is_ok() || min_rows > 0 { ReplicationState::Following } else { ReplicationState::BootstrapRetrying };
             self.node.set_replication_state(c.id, state);
         }
         r
@@ -579,7 +579,7 @@ impl Follower {
         self.quarantine(stream, position, e, ev);
         match self.cfg.on_poison {
             OnPoison::Halt => {
-                self.node.set_replication_state(c.id, format!("halted: {e}"));
+                self.node.set_replication_state(c.id, ReplicationState::Halted { reason: e.to_string() });
                 tracing::error!(%stream, position, error = %e, "replication of this shard is halted on a poison event (quarantined)");
                 false
             }
@@ -679,8 +679,8 @@ fn percent(bytes: u64, total: u64) -> u64 {
 
 /// The replication state GetClusterInfo shows while bootstrapping, e.g.
 /// "bootstrapping 45% 120 MB/s".
-fn bootstrap_state(bytes: u64, total: u64, rate: f64) -> String {
-    format!("bootstrapping {}% {:.0} MB/s", percent(bytes, total), rate / 1e6)
+fn bootstrap_state(bytes: u64, total: u64, rate: f64) -> ReplicationState {
+    ReplicationState::Bootstrapping { percent: percent(bytes, total), bytes_per_s: rate }
 }
 
 fn node_apply(node: &Node, c: &Arc<Collection>, shard: usize, lsn: u64, ts: u64, op: ShardOp) -> Result<bool> {
@@ -696,9 +696,9 @@ mod tests {
 
     #[test]
     fn bootstrap_state_shows_percent_and_rate() {
-        assert_eq!(bootstrap_state(45, 100, 120e6), "bootstrapping 45% 120 MB/s");
-        assert_eq!(bootstrap_state(0, 0, 0.0), "bootstrapping 0% 0 MB/s");
+        assert_eq!(bootstrap_state(45, 100, 120e6).to_string(), "bootstrapping 45% 120 MB/s");
+        assert_eq!(bootstrap_state(0, 0, 0.0).to_string(), "bootstrapping 0% 0 MB/s");
         // The total is an estimate: never claim 100% before the end.
-        assert_eq!(bootstrap_state(150, 100, 1e6), "bootstrapping 99% 1 MB/s");
+        assert_eq!(bootstrap_state(150, 100, 1e6).to_string(), "bootstrapping 99% 1 MB/s");
     }
 }

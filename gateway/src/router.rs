@@ -62,9 +62,11 @@ pub fn expected_wait(c: &Cluster, collection: Option<&str>, g: Guarantee, now_ms
     let Some(info) = &s.info else { return Err("not checked yet".into()) };
     match info.role {
         // The leader is the source of every ts: it never waits for replication.
-        Role::Leading => return Ok(Duration::ZERO),
-        Role::Alternative => {}
-        r @ (Role::Standby | Role::Recovering | Role::Unknown) => return Err(format!("is {:?}, serves no reads", r.to_proto())),
+        Some(Role::Leading) => return Ok(Duration::ZERO),
+        Some(Role::Alternative) => {}
+        r @ (Some(Role::Standby | Role::Recovering) | None) => {
+            return Err(format!("is {:?}, serves no reads", crate::topology::role_to_proto(r)));
+        }
     }
     let Some(name) = collection else { return Ok(Duration::ZERO) };
     // Unknown freshness is not readable: the collection may not have been replicated yet.

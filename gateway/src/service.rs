@@ -478,7 +478,7 @@ impl Gateway {
                 match (&s.health, &s.info) {
                     (Health::Unhealthy, _) => format!("{} unhealthy: {}", c.id, s.last_error),
                     (Health::Healthy, _) if s.suspect_since.is_some() => format!("{} suspect: {}", c.id, s.last_error),
-                    (Health::Healthy, Some(i)) => format!("{} is {:?} at epoch {}", c.id, i.role.to_proto(), i.epoch),
+                    (Health::Healthy, Some(i)) => format!("{} is {:?} at epoch {}", c.id, crate::topology::role_to_proto(i.role), i.epoch),
                     (Health::Unknown | Health::Healthy, _) => format!("{} not checked yet", c.id),
                 }
             })

@@ -51,50 +51,18 @@ impl Health {
     }
 }
 
-/// A cluster's role as last reported (exhaustive over the wire enum, unknown values included).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Role {
-    Leading,
-    Alternative,
-    Standby,
-    Recovering,
-    Unknown,
-}
+pub use tandem_proto::Role;
 
-impl Role {
-    fn from_proto(v: i32) -> Role {
-        match pb::Role::try_from(v) {
-            Ok(pb::Role::Leading) => Role::Leading,
-            Ok(pb::Role::Alternative) => Role::Alternative,
-            Ok(pb::Role::Standby) => Role::Standby,
-            Ok(pb::Role::Recovering) => Role::Recovering,
-            Ok(pb::Role::Unspecified) | Err(_) => Role::Unknown,
-        }
-    }
-
-    pub fn to_proto(self) -> pb::Role {
-        match self {
-            Role::Leading => pb::Role::Leading,
-            Role::Alternative => pb::Role::Alternative,
-            Role::Standby => pb::Role::Standby,
-            Role::Recovering => pb::Role::Recovering,
-            Role::Unknown => pb::Role::Unspecified,
-        }
-    }
-
-    /// Whether the cluster serves reads at all (STANDBY and RECOVERING do not).
-    pub fn serves_reads(self) -> bool {
-        match self {
-            Role::Leading | Role::Alternative => true,
-            Role::Standby | Role::Recovering | Role::Unknown => false,
-        }
-    }
+/// A reported role as the wire names it: UNSPECIFIED for one this build does not know.
+pub fn role_to_proto(role: Option<Role>) -> pb::Role {
+    role.map_or(pb::Role::Unspecified, Role::to_proto)
 }
 
 /// What the last successful check said.
 #[derive(Debug, Clone)]
 pub struct Info {
-    pub role: Role,
+    /// `None`: a value this build does not know (a newer cluster), which serves nothing here.
+    pub role: Option<Role>,
     pub epoch: u64,
     pub datacenter: String,
     /// Per collection: (serviceable ts, lag ms) as reported.
@@ -553,7 +521,7 @@ impl Topology {
                 continue;
             }
             let Some(info) = &s.info else { continue };
-            if info.role != Role::Leading {
+            if info.role != Some(Role::Leading) {
                 continue;
             }
             if best.as_ref().is_none_or(|(e, _)| info.epoch > *e) {
@@ -570,19 +538,18 @@ impl Topology {
         for c in self.clusters().values() {
             let dc = c.datacenter();
             let s = c.status.read();
-            let (role, epoch, collections) =
-                s.info.as_ref().map(|i| (i.role, i.epoch, i.raw.clone())).unwrap_or((Role::Unknown, 0, Vec::new()));
+            let (role, epoch, collections) = s.info.as_ref().map(|i| (i.role, i.epoch, i.raw.clone())).unwrap_or((None, 0, Vec::new()));
             out.epoch = out.epoch.max(epoch);
             let serviceable_ts = collections.iter().map(|c| c.serviceable_ts).min().unwrap_or(0);
             let lag_ms = collections.iter().map(|c| c.lag_ms).max().unwrap_or(0);
             out.clusters.push(pb::ClusterView {
                 id: c.id.clone(),
                 datacenter: dc,
-                role: role.to_proto() as i32,
+                role: role_to_proto(role) as i32,
                 epoch,
                 endpoints: vec![c.endpoint.clone()],
                 health: s.health.to_proto() as i32,
-                readable: s.usable() && role.serves_reads(),
+                readable: s.usable() && role.is_some_and(Role::is_readable),
                 serviceable_ts,
                 lag_ms,
                 collections,
@@ -617,7 +584,8 @@ mod tests {
     fn add(t: &Arc<Topology>, id: &str, role: Role, epoch: u64) -> Arc<Cluster> {
         let reg = Registration { id: id.into(), datacenter: String::new(), endpoint: format!("http://127.0.0.1:1/{id}") };
         let c = t.up_with(reg, false).unwrap_or_else(|| t.clusters()[id].clone());
-        let info = Info { role, epoch, datacenter: "dc".into(), collections: HashMap::new(), raw: Vec::new(), at: Instant::now() };
+        let info =
+            Info { role: Some(role), epoch, datacenter: "dc".into(), collections: HashMap::new(), raw: Vec::new(), at: Instant::now() };
         c.record(Ok(Some(info)), &t.health, Instant::now());
         t.publish();
         c

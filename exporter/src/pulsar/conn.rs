@@ -497,7 +497,6 @@ fn dispatch(s: &Shared, tx: &mpsc::UnboundedSender<Bytes>, token: Option<&str>, 
             }
         }
         Type::LookupResponse => cmd.lookup_topic_response.as_ref().map(|c| c.request_id),
-        Type::PartitionedMetadataResponse => cmd.partition_metadata_response.as_ref().map(|c| c.request_id),
         Type::GetLastMessageIdResponse => cmd.get_last_message_id_response.as_ref().map(|c| c.request_id),
         other => {
             warn!(command = other.as_str_name(), "unexpected pulsar command; ignored");
