@@ -32,9 +32,7 @@ use tandem_proto::v1 as pb;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
-use crate::topology::Cluster;
-
-type Reply = Result<Response<pb::SearchResponse>, Status>;
+pub type Reply = Result<Response<pb::SearchResponse>, Status>;
 
 pub struct Coalescer {
     /// 0: every search goes out alone.
@@ -74,11 +72,20 @@ impl Coalescer {
     }
 }
 
+/// Where merged searches go: a cluster of the topology, which owns its [`Coalescer`]. A trait
+/// so this module needs nothing of the topology (which needs the coalescer).
+pub trait Target: Send + Sync + 'static {
+    fn id(&self) -> &str;
+    fn coalescer(&self) -> &Coalescer;
+    /// Sends one search request to the cluster, on its read connections.
+    fn send(&self, req: Request<pb::SearchRequest>) -> impl std::future::Future<Output = Reply> + Send;
+}
+
 /// Sends `req` to `cluster`, alone or merged with others waiting for it.
-pub async fn search(cluster: &Arc<Cluster>, req: Request<pb::SearchRequest>) -> Reply {
-    let co = &cluster.coalescer;
+pub async fn search<T: Target>(cluster: &Arc<T>, req: Request<pb::SearchRequest>) -> Reply {
+    let co = cluster.coalescer();
     if co.max_in_flight == 0 {
-        return cluster.reader().search(req).await;
+        return cluster.send(req).await;
     }
     let queued = {
         let mut s = co.state.lock();
@@ -103,19 +110,19 @@ pub async fn search(cluster: &Arc<Cluster>, req: Request<pb::SearchRequest>) -> 
         Err(req) => {
             // Released when the reply is in, or when the caller goes away.
             let _slot = Slot(cluster.clone());
-            return cluster.reader().search(req).await;
+            return cluster.send(req).await;
         }
     };
-    rx.await.unwrap_or_else(|_| Err(Status::unavailable(format!("the gateway stopped sending searches to {}", cluster.id))))
+    rx.await.unwrap_or_else(|_| Err(Status::unavailable(format!("the gateway stopped sending searches to {}", cluster.id()))))
 }
 
 /// One of a cluster's `max_in_flight` places. Dropping it hands the place to the searches
 /// waiting, if any.
-struct Slot(Arc<Cluster>);
+struct Slot<T: Target>(Arc<T>);
 
-impl Drop for Slot {
+impl<T: Target> Drop for Slot<T> {
     fn drop(&mut self) {
-        if let Some(batch) = next_batch(&self.0.coalescer) {
+        if let Some(batch) = next_batch(self.0.coalescer()) {
             // Outside a runtime (it is shutting down) the batch is dropped: its callers are told
             // the gateway stopped.
             if let Ok(rt) = tokio::runtime::Handle::try_current() {
@@ -146,31 +153,31 @@ fn next_batch(co: &Coalescer) -> Option<Vec<Waiting>> {
 }
 
 /// Keeps the place while searches wait: sends one batch after another.
-async fn send_batches(cluster: Arc<Cluster>, mut batch: Vec<Waiting>) {
+async fn send_batches<T: Target>(cluster: Arc<T>, mut batch: Vec<Waiting>) {
     loop {
         send_batch(&cluster, batch).await;
-        match next_batch(&cluster.coalescer) {
+        match next_batch(cluster.coalescer()) {
             Some(b) => batch = b,
             None => return,
         }
     }
 }
 
-async fn send_batch(cluster: &Arc<Cluster>, mut batch: Vec<Waiting>) {
+async fn send_batch<T: Target>(cluster: &Arc<T>, mut batch: Vec<Waiting>) {
     // Callers that went away need no answer.
     batch.retain(|w| !w.reply.is_closed());
     if batch.len() <= 1 {
         if let Some(w) = batch.pop() {
-            send_alone(cluster, w).await;
+            send_alone(cluster.as_ref(), w).await;
         }
         return;
     }
     let n = batch.len();
-    cluster.coalescer.merged_requests.fetch_add(1, Ordering::Relaxed);
-    cluster.coalescer.merged_searches.fetch_add(n as u64, Ordering::Relaxed);
-    metrics::counter!("tandem_gateway_merged_requests_total", "cluster" => cluster.id.clone()).increment(1);
-    metrics::counter!("tandem_gateway_merged_searches_total", "cluster" => cluster.id.clone()).increment(n as u64);
-    match cluster.reader().search(merged(&batch)).await {
+    cluster.coalescer().merged_requests.fetch_add(1, Ordering::Relaxed);
+    cluster.coalescer().merged_searches.fetch_add(n as u64, Ordering::Relaxed);
+    metrics::counter!("tandem_gateway_merged_requests_total", "cluster" => cluster.id().to_string()).increment(1);
+    metrics::counter!("tandem_gateway_merged_searches_total", "cluster" => cluster.id().to_string()).increment(n as u64);
+    match cluster.send(merged(&batch)).await {
         Ok(resp) if !resp.get_ref().results.is_empty() && resp.get_ref().results.len() % n == 0 => {
             let resp = resp.into_inner();
             let per = resp.results.len() / n;
@@ -187,9 +194,9 @@ async fn send_batch(cluster: &Arc<Cluster>, mut batch: Vec<Waiting>) {
                 Ok(r) => format!("{} results for {n} searches", r.get_ref().results.len()),
                 Err(s) => format!("{:?}: {}", s.code(), s.message()),
             };
-            tracing::debug!(cluster = %cluster.id, searches = n, why, "a merged search failed: sending each alone");
-            metrics::counter!("tandem_gateway_merge_fallbacks_total", "cluster" => cluster.id.clone()).increment(1);
-            futures::future::join_all(batch.into_iter().map(|w| send_alone(cluster, w))).await;
+            tracing::debug!(cluster = %cluster.id(), searches = n, why, "a merged search failed: sending each alone");
+            metrics::counter!("tandem_gateway_merge_fallbacks_total", "cluster" => cluster.id().to_string()).increment(1);
+            futures::future::join_all(batch.into_iter().map(|w| send_alone(cluster.as_ref(), w))).await;
         }
     }
 }
@@ -197,7 +204,7 @@ async fn send_batch(cluster: &Arc<Cluster>, mut batch: Vec<Waiting>) {
 /// The SESSION token a search may merge with, or None when it merges only with the same read
 /// options (any other level, or a token that does not decode).
 fn session_token(s: &pb::SearchRequest) -> Option<SessionToken> {
-    if crate::router::Guarantee::level(s.read.as_ref()) != pb::ConsistencyLevel::Session {
+    if tandem_proto::wire::consistency(s.read.as_ref()) != pb::ConsistencyLevel::Session {
         return None;
     }
     let given = s.read.as_ref().map_or("", |r| r.session_token.as_str());
@@ -224,12 +231,12 @@ fn mergeable(a: &Waiting, b: &Waiting) -> bool {
 }
 
 /// Sends a waiting search by itself, with what is left of its deadline, and answers its caller.
-async fn send_alone(cluster: &Cluster, w: Waiting) {
+async fn send_alone<T: Target>(cluster: &T, w: Waiting) {
     let mut r = Request::from_parts(w.metadata, Default::default(), w.search);
     if let Some(d) = w.deadline {
         r.set_timeout(d.saturating_duration_since(Instant::now()));
     }
-    let _ = w.reply.send(cluster.reader().search(r).await);
+    let _ = w.reply.send(cluster.send(r).await);
 }
 
 /// One request for the whole batch: the first search's parameters and trace context, every

@@ -263,7 +263,7 @@ impl GatewayConfig {
             } else if !seen.insert(c.id.as_str()) {
                 p.push(format!("clusters[{i}].id = {:?} is given twice", c.id));
             }
-            if let Err(e) = crate::h2channel::parse_endpoint(&c.endpoint) {
+            if let Err(e) = parse_endpoint(&c.endpoint) {
                 p.push(format!(
                     "clusters[{i}].endpoint = {:?}: {e}; expected a URL like http://10.0.0.7:19530 (TLS to clusters is not supported)",
                     c.endpoint
@@ -349,6 +349,16 @@ impl GatewayConfig {
     pub fn registrations(&self) -> Vec<Registration> {
         self.clusters.iter().map(Registration::from).collect()
     }
+}
+
+/// A cluster endpoint, `http://host[:port]`, as (host:port to connect to, scheme://authority of requests).
+pub fn parse_endpoint(endpoint: &str) -> Result<(String, String), String> {
+    let uri: http::Uri = endpoint.parse().map_err(|e| format!("not a URL ({e})"))?;
+    if uri.scheme_str() != Some("http") {
+        return Err(format!("scheme {:?}, expected http", uri.scheme_str().unwrap_or("")));
+    }
+    let auth = uri.authority().ok_or("no host")?;
+    Ok((format!("{}:{}", auth.host(), auth.port_u16().unwrap_or(80)), format!("http://{auth}")))
 }
 
 #[cfg(test)]

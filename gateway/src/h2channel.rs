@@ -62,7 +62,7 @@ impl H2Channel {
     /// PING this often; no answer within twice that closes the connection, so that calls to a
     /// cluster whose host vanished fail fast instead of waiting for their deadline.
     pub fn new(endpoint: &str, connect_timeout: Duration, keepalive: Duration) -> Result<H2Channel, String> {
-        let (addr, origin) = parse_endpoint(endpoint).map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))?;
+        let (addr, origin) = crate::config::parse_endpoint(endpoint).map_err(|e| format!("invalid endpoint {endpoint:?}: {e}"))?;
         Ok(H2Channel {
             shared: Arc::new(Shared {
                 addr,
@@ -74,16 +74,6 @@ impl H2Channel {
             }),
         })
     }
-}
-
-/// `http://host[:port]` as (host:port to connect to, scheme://authority of requests).
-pub fn parse_endpoint(endpoint: &str) -> Result<(String, String), String> {
-    let uri: http::Uri = endpoint.parse().map_err(|e| format!("not a URL ({e})"))?;
-    if uri.scheme_str() != Some("http") {
-        return Err(format!("scheme {:?}, expected http", uri.scheme_str().unwrap_or("")));
-    }
-    let auth = uri.authority().ok_or("no host")?;
-    Ok((format!("{}:{}", auth.host(), auth.port_u16().unwrap_or(80)), format!("http://{auth}")))
 }
 
 /// An h2 failure on the way to the cluster, as a status the read path retries elsewhere.

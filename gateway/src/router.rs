@@ -34,13 +34,9 @@ impl Guarantee {
         }
     }
 
+    /// The level a read asks for (`tandem_proto::wire::consistency`: unspecified is SESSION).
     pub fn level(read: Option<&pb::ReadOptions>) -> pb::ConsistencyLevel {
-        match read.map(|r| pb::ConsistencyLevel::try_from(r.consistency)) {
-            Some(Ok(l)) if l != pb::ConsistencyLevel::Unspecified => l,
-            // Unspecified (or a value this gateway does not know) is SESSION, as on a cluster;
-            // an unknown value still reaches the cluster unchanged and gets its error.
-            _ => pb::ConsistencyLevel::Session,
-        }
+        tandem_proto::wire::consistency(read)
     }
 }
 

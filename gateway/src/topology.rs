@@ -565,6 +565,21 @@ impl Topology {
     }
 }
 
+impl crate::coalesce::Target for Cluster {
+    fn id(&self) -> &str {
+        &self.id
+    }
+
+    fn coalescer(&self) -> &crate::coalesce::Coalescer {
+        &self.coalescer
+    }
+
+    fn send(&self, req: tonic::Request<pb::SearchRequest>) -> impl std::future::Future<Output = crate::coalesce::Reply> + Send {
+        let mut reader = self.reader();
+        async move { reader.search(req).await }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -52,6 +52,17 @@ pub fn parse_grpc_timeout(s: &str) -> Option<Duration> {
     })
 }
 
+/// The consistency level a read asks for: UNSPECIFIED (or a value this build does not know) is
+/// SESSION, as clusters serve it. An unknown value still reaches the cluster unchanged and gets
+/// its error there.
+pub fn consistency(read: Option<&crate::v1::ReadOptions>) -> crate::v1::ConsistencyLevel {
+    use crate::v1::ConsistencyLevel as L;
+    match read.map(|r| L::try_from(r.consistency)) {
+        Some(Ok(l)) if l != L::Unspecified => l,
+        _ => L::Session,
+    }
+}
+
 /// A status with `code`, `message` and `reason` in its details.
 pub fn refused(code: tonic::Code, message: impl Into<String>, reason: Reason) -> tonic::Status {
     let message = message.into();
