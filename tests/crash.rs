@@ -138,3 +138,57 @@ async fn kill9_during_ingest_keeps_acknowledged_writes_and_no_partial_one() {
     })
     .await;
 }
+
+/// SIGTERM while HNSW index builds are running and queued: the node gives the builds up (their
+/// segments are indexed again at the next start) instead of finishing every one of them (31 s
+/// for 300k x 128 rows before builds could be cancelled), exits cleanly, and restarts with every
+/// row and its indexes rebuilt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_index_builds_exits_at_once_and_restarts_cleanly() {
+    const COLL: &str = "builds";
+    const DIM: usize = 96;
+    const ROWS: usize = 40_000;
+    let dir = tempfile::tempdir().unwrap();
+    // 4096-row segments: ~9 HNSW builds of seconds each, queued behind the one index thread.
+    let env = [("TANDEM__SEGMENT__SEAL_ROWS", "4096"), ("TANDEM__INDEX__THREADS", "1")];
+    let mut proc = ProcessCluster::start(dir.path(), &env);
+    let mut c = connect(proc.addr).await;
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, hnsw(32, 400), 1, vec![])) })
+        .await
+        .unwrap();
+    let all = vectors(ROWS, DIM, 42);
+    for (b, chunk) in all.chunks(2000 * DIM).enumerate() {
+        let ids: Vec<i64> = (0..chunk.len() / DIM).map(|i| (b * 2000 + i) as i64).collect();
+        c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids, vectors: chunk.to_vec(), payloads: vec![] }).await.unwrap();
+    }
+    let info = c.describe_collection(pb::DescribeCollectionRequest { name: COLL.into() }).await.unwrap().into_inner().collection.unwrap();
+    let unindexed = info.segments.iter().filter(|s| s.state == pb::segment_info::State::Sealed as i32).count();
+    assert!(unindexed >= 3, "index builds should still be queued when SIGTERM arrives: {:?}", info.segments);
+
+    let (took, clean) = proc.sigterm();
+    eprintln!("sigterm with {unindexed} segments waiting for their index: exited in {took:?}");
+    assert!(clean, "tandem cluster exited non-zero after SIGTERM");
+    // A bound with room for a loaded CI machine: here it takes ~0.2 s, and finishing the queued
+    // builds (as before they could be cancelled) ~5 s.
+    assert!(took < Duration::from_secs(3), "shutdown waited {took:?} for index builds");
+
+    let proc = ProcessCluster::start(dir.path(), &env);
+    let mut c = connect(proc.addr).await;
+    assert_eq!(count(&mut c, COLL).await, ROWS as u64, "rows after the restart");
+    let mut flush = tonic::Request::new(pb::FlushRequest { collection: COLL.into() });
+    flush.set_timeout(Duration::from_secs(300));
+    c.flush(flush).await.expect("every sealed segment indexed again after the restart");
+    let probe = 12_345;
+    let hits = c
+        .search(pb::SearchRequest {
+            collection: COLL.into(),
+            vectors: all[probe * DIM..(probe + 1) * DIM].to_vec(),
+            top_k: 1,
+            read: read(pb::ConsistencyLevel::Strong, ""),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(hits.results[0].hits.first().map(|h| h.id), Some(probe as i64), "a row finds itself through the rebuilt index");
+}

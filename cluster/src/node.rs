@@ -84,6 +84,9 @@ pub struct Node {
     search_pool: rayon::ThreadPool,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     builders: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Set by [`Node::shutdown`]: index builds in progress give up (their segments are indexed
+    /// again at the next start, from the manifest).
+    stop_builds: Arc<std::sync::atomic::AtomicBool>,
     pub fanout: Arc<dyn Fanout>,
     pub index_failures: AtomicU64,
     /// The DDL log: creates, drops and index changes in order. The catalog is its checkpoint.
@@ -197,6 +200,7 @@ impl Node {
             search_pool,
             jobs: Mutex::new(None),
             builders: Mutex::new(Vec::new()),
+            stop_builds: Default::default(),
             fanout: Arc::new(LocalFanout::default()),
             index_failures: AtomicU64::new(0),
             ddl,
@@ -228,13 +232,14 @@ impl Node {
         for i in 0..self.opts.index_threads.max(1) {
             let rx = rx.clone();
             let node = Arc::downgrade(self);
+            let stop = self.stop_builds.clone();
             let h = std::thread::Builder::new()
                 .name(format!("tandem-index-{i}"))
                 .spawn(move || {
                     loop {
                         let job = rx.lock().recv();
                         let Ok(job) = job else { return };
-                        if let Err(e) = build_index(job) {
+                        if let Err(e) = build_index(job, &stop) {
                             tracing::error!(error = %e, "index build failed");
                             if let Some(n) = node.upgrade() {
                                 n.index_failures.fetch_add(1, Ordering::Relaxed);
@@ -258,9 +263,12 @@ impl Node {
         }
     }
 
-    /// Stops the index builders after the jobs in flight (queued ones are dropped: they are
-    /// rebuilt from the manifest at the next start). Blocking.
+    /// Stops the index builders: a build in progress gives up within a chunk of rows
+    /// ([`crate::ann::BUILD_CHUNK_ROWS`]) and queued ones are skipped; their segments are
+    /// indexed again at the next start (recovery rebuilds what the manifest does not hold).
+    /// Blocking.
     pub fn shutdown(&self) {
+        self.stop_builds.store(true, Ordering::Relaxed);
         self.jobs.lock().take();
         let handles: Vec<_> = self.builders.lock().drain(..).collect();
         for h in handles {
@@ -932,7 +940,7 @@ fn remove_orphans(data_dir: &Path, catalog: &st::Catalog) -> Result<()> {
     Ok(())
 }
 
-fn build_index(job: Job) -> Result<()> {
+fn build_index(job: Job, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     let Some(c) = job.collection.upgrade() else { return Ok(()) };
     if c.is_dropped() {
         return Ok(());
@@ -941,7 +949,10 @@ fn build_index(job: Job) -> Result<()> {
     let seg = &job.segment;
     if seg.index().is_none_or(|i| i.kind() != schema.index) {
         let started = Instant::now();
-        let index = AnnIndex::build(schema.index, schema.metric, schema.dim, &seg.rows.vectors)?;
+        let Some(index) = AnnIndex::build_until(schema.index, schema.metric, schema.dim, &seg.rows.vectors, stop)? else {
+            tracing::debug!(collection = %schema.name, segment = seg.id, "index build stopped: the node is shutting down");
+            return Ok(());
+        };
         seg.set_index(Arc::new(index));
         tracing::debug!(collection = %schema.name, segment = seg.id, rows = seg.len(), index = %schema.index, ms = started.elapsed().as_millis() as u64, "segment indexed");
     }

@@ -43,6 +43,12 @@ const GAUGE_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// Opens the node's data and starts serving on `cfg.listen` (port 0 picks one).
 pub async fn start(cfg: ClusterConfig) -> Result<Running> {
+    start_with(cfg, CancellationToken::new()).await
+}
+
+/// [`start`], stopping when `shutdown` fires: a child of the process's root token, so that
+/// cancelling the root stops every part at once.
+pub async fn start_with(cfg: ClusterConfig, shutdown: CancellationToken) -> Result<Running> {
     // Metrics recorded before a recorder exists are lost, so install it before serving anything.
     if let Err(e) = tandem_telemetry::metrics::install() {
         tracing::warn!(error = %e, "request metrics are not recorded");
@@ -58,7 +64,6 @@ pub async fn start(cfg: ClusterConfig) -> Result<Running> {
     if cfg.role != crate::role::Role::Leading && !cfg.replication.leader.is_empty() {
         node.set_leader(Some(cfg.replication.leader.clone()));
     }
-    let shutdown = CancellationToken::new();
     let task = tokio::spawn(serve(node.clone(), Arc::new(cfg), listener, shutdown.clone()));
     tracing::info!(%addr, cluster = %node.opts.cluster_id, role = %node.role(), "serving");
     Ok(Running { addr, node, shutdown, task })

@@ -1,5 +1,7 @@
-//! `tandem cluster`: runs a cluster node until SIGTERM or SIGINT, then shuts it down gracefully
-//! (stop accepting, drain requests in flight, stop the index builders).
+//! `tandem cluster`: runs a cluster node until SIGTERM or SIGINT, then shuts it down in this
+//! order: stop taking writes, flush the exporter, deregister, drain gRPC, cancel index builds,
+//! stop telemetry. Every part runs under one root token: a second signal or `--drain-timeout`
+//! cancels it, and with it whatever is still running.
 
 use std::path::PathBuf;
 
@@ -69,7 +71,8 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     if cfg.ha.enabled() {
         serving.role = crate::ha::STARTING_ROLE;
     }
-    let running = server::start(serving).await?;
+    let root = tokio_util::sync::CancellationToken::new();
+    let running = server::start_with(serving, root.child_token()).await?;
     let metrics = super::MetricsEndpoint::start(&cfg.telemetry.metrics_listen, &format!("cluster {id}")).await?;
     let (replication, ha) = if cfg.ha.enabled() {
         let arbiter = crate::ha::arbiter(&cfg)?;
@@ -81,20 +84,35 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     // Scripts and tests wait for this exact line to learn the address (port 0 picks one):
     // `spawn_listening` below.
     println!("tandem cluster {id} listening on {}", running.addr);
-    let discovery = register_in_etcd(&cfg, running.addr).await?;
+    let discovery = register_in_etcd(&cfg, running.addr, root.child_token()).await?;
 
     let signal = shutdown_signal().await?;
-    tracing::info!(signal, "shutting down: draining requests in flight");
-    // A leader hands over first (fenced, resigned): another cluster is promoted at once.
-    if let Some(ha) = ha {
-        ha.stop().await;
-    }
-    // Leave discovery first, so gateways stop routing here while requests drain.
-    discovery.stop().await;
-    replication.stop();
-    super::drain(running.stop(), a.drain_timeout).await?;
-    // Metrics stay scrapeable while the node drains; they stop last.
+    tracing::info!(signal, "shutting down");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.drain_timeout);
+    let orderly = async move {
+        // 1. Stop taking writes. Under an arbiter a leader fences itself and resigns, so another
+        // cluster is promoted at once; without one, new writes get NotLeader (a gateway holds
+        // them) and new reads go elsewhere, while requests in flight finish.
+        if let Some(ha) = ha {
+            ha.stop().await;
+        } else if running.node.role() == tandem_cluster::Role::Leading {
+            running.node.set_role(tandem_cluster::Role::Recovering);
+        }
+        // 2. Flush the exporter: what was written reaches the broker before the publisher stops.
+        if !replication.flush_and_stop(&running.node, deadline).await {
+            tracing::warn!("stopping with changes the transport has not acknowledged (no write waiting for them was acknowledged)");
+        }
+        // 3. Deregister, so gateways stop routing here while requests drain.
+        discovery.stop().await;
+        // 4. Drain gRPC, 5. cancel index builds (their segments are indexed again at start).
+        running.stop().await
+    };
+    let drained = super::drain(orderly, a.drain_timeout).await;
+    // Whatever the drain left running stops now.
+    root.cancel();
+    // 6. Telemetry last: metrics stay scrapeable while the node drains.
     metrics.stop().await?;
+    drained?;
     tracing::info!("stopped");
     Ok(())
 }
@@ -115,7 +133,11 @@ impl Discovery {
 /// Registers under `<prefix><cluster_id>` with the advertised endpoint (or http:// + the bound
 /// address) when etcd endpoints are configured. etcd being down is not fatal: the registration
 /// retries in the background.
-async fn register_in_etcd(cfg: &tandem_cluster::ClusterConfig, bound: std::net::SocketAddr) -> anyhow::Result<Discovery> {
+async fn register_in_etcd(
+    cfg: &tandem_cluster::ClusterConfig,
+    bound: std::net::SocketAddr,
+    cancel: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<Discovery> {
     let d = &cfg.discovery;
     if d.etcd.is_empty() {
         return Ok(Discovery(None));
@@ -125,7 +147,6 @@ async fn register_in_etcd(cfg: &tandem_cluster::ClusterConfig, bound: std::net::
         tracing::warn!(endpoint, "registering an unspecified address: set `advertise` so gateways can reach this cluster");
     }
     let reg = tandem_discovery::Registration { id: cfg.cluster_id.clone(), datacenter: cfg.datacenter.clone(), endpoint };
-    let cancel = tokio_util::sync::CancellationToken::new();
     let task = match tandem_discovery::etcd::register(d.etcd.clone(), d.prefix.clone(), d.ttl_s, reg, cancel.clone()).await {
         Ok(t) => t,
         // A bad endpoint is a configuration mistake (exit 64), not an outage.

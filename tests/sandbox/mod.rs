@@ -251,6 +251,15 @@ impl ProcessCluster {
         ProcessCluster { child, addr }
     }
 
+    /// SIGTERM, then waits for the process to exit: how long it took, and whether it exited 0.
+    pub fn sigterm(&mut self) -> (Duration, bool) {
+        let started = Instant::now();
+        let sent = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
+        assert!(sent.success(), "kill -TERM {} failed", self.child.id());
+        let status = self.child.wait().expect("wait for tandem cluster");
+        (started.elapsed(), status.success())
+    }
+
     /// SIGKILL: no shutdown code runs.
     pub fn kill9(&mut self) {
         let _ = self.child.kill();
