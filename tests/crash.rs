@@ -192,3 +192,95 @@ async fn sigterm_during_index_builds_exits_at_once_and_restarts_cleanly() {
         .into_inner();
     assert_eq!(hits.results[0].hits.first().map(|h| h.id), Some(probe as i64), "a row finds itself through the rebuilt index");
 }
+
+/// SIGTERM of a leader (Kafka transport, ack policy `exported`) while writers keep inserting:
+/// it stops taking writes, lets the publisher export what was written, then drains. Every write
+/// it acknowledged is on the alternative, and no write in flight fails for want of its export:
+/// each writer's last answer is the typed `Stopping` refusal (nothing changed) or, after the
+/// exit, a connection its own client saw close.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_of_a_leader_mid_load_loses_no_acknowledged_write() {
+    const COLL: &str = "load";
+    let broker = tandem_harness::Tansu::start(true);
+    let brokers = broker.brokers();
+    let env = [
+        ("TANDEM__REPLICATION__TRANSPORT", "kafka"),
+        ("TANDEM__REPLICATION__KAFKA__BROKERS", brokers.as_str()),
+        ("TANDEM__REPLICATION__GROUP", "sigterm"),
+    ];
+    let (dir_a, dir_b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let mut leader = ProcessCluster::start(dir_a.path(), &env);
+    let follow = format!("http://{}", leader.addr);
+    let alt = ProcessCluster::start_with_args(dir_b.path(), &env, &["--follow", &follow, "--cluster-id", "b"]);
+    let mut c = connect(leader.addr).await;
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, None, 2, vec![])) })
+        .await
+        .unwrap();
+
+    let acked = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let mut writers = Vec::new();
+    for w in 0..4i64 {
+        let acked = acked.clone();
+        let mut c = connect(leader.addr).await;
+        writers.push(tokio::spawn(async move {
+            for b in 0.. {
+                let first = w * 10_000_000 + b * BATCH;
+                let ids: Vec<i64> = (first..first + BATCH).collect();
+                let vectors = ids.iter().flat_map(|&id| vector_of(id)).collect();
+                match c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids, vectors, payloads: vec![] }).await {
+                    Ok(_) => acked.lock().push(first),
+                    // Refused (the leader stopped taking writes) or cut off by the exit.
+                    Err(s) => return Some(s),
+                }
+            }
+            None::<tonic::Status>
+        }));
+    }
+    let start = Instant::now();
+    while acked.lock().len() < 200 && start.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (took, clean) = leader.sigterm();
+    for w in writers {
+        let last = w.await.unwrap().expect("a writer's inserts end with the leader");
+        let refused = matches!(tandem_proto::wire::refusal(&last), Some(tandem_proto::wire::Reason::Stopping(_)));
+        let cut_off = std::error::Error::source(&last).is_some();
+        assert!(refused || cut_off, "a write in flight failed at the stopping leader: {last:?}");
+    }
+    assert!(clean, "the leader exited non-zero after SIGTERM (in {took:?})");
+    let acked = std::mem::take(&mut *acked.lock());
+    assert!(acked.len() >= 100, "too few writes before SIGTERM: {}", acked.len());
+
+    // The alternative applies the broker's log on its own; its leader is gone, so read at
+    // EVENTUALLY and wait for the rows to arrive.
+    let mut b = connect(alt.addr).await;
+    let eventually_read = || read(pb::ConsistencyLevel::Eventually, "");
+    let want: std::collections::HashSet<i64> = acked.iter().flat_map(|&first| first..first + BATCH).collect();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut missing: Vec<i64>;
+    loop {
+        missing = Vec::new();
+        for chunk in want.iter().copied().collect::<Vec<_>>().chunks(5000) {
+            let got = b
+                .get(pb::GetRequest { collection: COLL.into(), ids: chunk.to_vec(), read: eventually_read(), ..Default::default() })
+                .await
+                .unwrap()
+                .into_inner();
+            let found: std::collections::HashSet<i64> = got.entities.iter().map(|e| e.id).collect();
+            missing.extend(chunk.iter().filter(|id| !found.contains(id)));
+        }
+        if missing.is_empty() || Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    missing.sort_unstable();
+    assert!(
+        missing.is_empty(),
+        "{} acknowledged rows never reached the alternative, e.g. {:?}",
+        missing.len(),
+        &missing[..missing.len().min(10)]
+    );
+    drop(alt);
+    drop(broker);
+}

@@ -29,6 +29,9 @@ pub enum ClusterError {
     /// A leader whose lease may have run out refused a write before changing anything.
     #[error("cluster {cluster} is fenced: its leadership lease may have run out; nothing was changed")]
     Fenced { cluster: String },
+    /// A leader shutting down refused a write before changing anything.
+    #[error("cluster {cluster} is shutting down and takes no more writes; nothing was changed")]
+    Stopping { cluster: String },
     /// A write tagged for another epoch's leader (gateways tag what they forward).
     #[error("stale epoch: the write was sent for epoch {sent} but cluster {cluster} is at epoch {own}")]
     StaleEpoch { cluster: String, sent: u64, own: u64 },
@@ -86,6 +89,7 @@ impl ClusterError {
             ClusterError::NotLeader { .. }
             | ClusterError::Fenced { .. }
             | ClusterError::StaleEpoch { .. }
+            | ClusterError::Stopping { .. }
             | ClusterError::FailedPrecondition(_)
             | ClusterError::Truncated { .. }
             | ClusterError::InvalidArgument(_)
@@ -123,7 +127,7 @@ impl ClusterError {
             | ClusterError::FailedPrecondition(_) => Code::FailedPrecondition,
             ClusterError::Truncated { .. } => Code::OutOfRange,
             ClusterError::CollectionExists(_) | ClusterError::AlreadyExists(_) => Code::AlreadyExists,
-            ClusterError::Unavailable(_) => Code::Unavailable,
+            ClusterError::Unavailable(_) | ClusterError::Stopping { .. } => Code::Unavailable,
             ClusterError::DeadlineExceeded(_) | ClusterError::Lagging { .. } => Code::DeadlineExceeded,
             ClusterError::ResourceExhausted(_) => Code::ResourceExhausted,
             ClusterError::Wal(_)
@@ -144,6 +148,7 @@ impl ClusterError {
                 leader: leader.clone().unwrap_or_default(),
             })),
             ClusterError::Fenced { cluster } => Some(Reason::Fenced(v1::Fenced { cluster: cluster.clone() })),
+            ClusterError::Stopping { cluster } => Some(Reason::Stopping(v1::Stopping { cluster: cluster.clone() })),
             ClusterError::StaleEpoch { cluster, sent, own } => {
                 Some(Reason::StaleEpoch(v1::StaleEpoch { cluster: cluster.clone(), sent: *sent, own: *own }))
             }

@@ -87,6 +87,8 @@ pub struct Node {
     /// Set by [`Node::shutdown`]: index builds in progress give up (their segments are indexed
     /// again at the next start, from the manifest).
     stop_builds: Arc<std::sync::atomic::AtomicBool>,
+    /// Set by [`Node::stop_writes`]: a leader shutting down refuses new writes.
+    stop_writes: std::sync::atomic::AtomicBool,
     pub fanout: Arc<dyn Fanout>,
     pub index_failures: AtomicU64,
     /// The DDL log: creates, drops and index changes in order. The catalog is its checkpoint.
@@ -201,6 +203,7 @@ impl Node {
             jobs: Mutex::new(None),
             builders: Mutex::new(Vec::new()),
             stop_builds: Default::default(),
+            stop_writes: Default::default(),
             fanout: Arc::new(LocalFanout::default()),
             index_failures: AtomicU64::new(0),
             ddl,
@@ -263,6 +266,13 @@ impl Node {
         }
     }
 
+    /// The first step of a shutdown: new writes are refused (`Stopping`: nothing changed, a
+    /// gateway holds them for the next leader) while writes in flight finish and export. Reads
+    /// go on until the server drains.
+    pub fn stop_writes(&self) {
+        self.stop_writes.store(true, Ordering::Release);
+    }
+
     /// Stops the index builders: a build in progress gives up within a chunk of rows
     /// ([`crate::ann::BUILD_CHUNK_ROWS`]) and queued ones are skipped; their segments are
     /// indexed again at the next start (recovery rebuilds what the manifest does not hold).
@@ -298,6 +308,9 @@ impl Node {
 
     fn check_writable(&self) -> Result<()> {
         let role = self.role();
+        if self.stop_writes.load(Ordering::Acquire) && role.accepts_writes() {
+            return Err(ClusterError::Stopping { cluster: self.opts.cluster_id.clone() });
+        }
         if role.accepts_writes() {
             self.lease_error(|| ClusterError::Fenced { cluster: self.opts.cluster_id.clone() })
         } else {

@@ -131,7 +131,7 @@ pub fn classify_write_failure(s: &Status) -> WriteFailure {
     match wire::refusal(s) {
         // Refused before anything changed: by a cluster that does not lead, one at another
         // epoch, or a leader whose lease may have run out.
-        Some(Reason::NotLeader(_) | Reason::StaleEpoch(_) | Reason::Fenced(_)) => WriteFailure::Refused,
+        Some(Reason::NotLeader(_) | Reason::StaleEpoch(_) | Reason::Fenced(_) | Reason::Stopping(_)) => WriteFailure::Refused,
         Some(Reason::TooLarge(_) | Reason::Lagging(_) | Reason::Overloaded(_)) | None => WriteFailure::Final,
     }
 }
@@ -226,6 +226,7 @@ mod tests {
             Reason::NotLeader(v1::NotLeader { cluster: "a".into(), role: v1::Role::Alternative as i32, leader: "http://b".into() }),
             Reason::StaleEpoch(v1::StaleEpoch { cluster: "a".into(), sent: 1, own: 2 }),
             Reason::Fenced(v1::Fenced { cluster: "a".into() }),
+            Reason::Stopping(v1::Stopping { cluster: "a".into() }),
         ] {
             let s = wire::refused(Code::FailedPrecondition, "refused", reason);
             assert_eq!(classify_write_failure(&s), Refused, "{s:?}");

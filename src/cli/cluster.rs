@@ -91,12 +91,12 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.drain_timeout);
     let orderly = async move {
         // 1. Stop taking writes. Under an arbiter a leader fences itself and resigns, so another
-        // cluster is promoted at once; without one, new writes get NotLeader (a gateway holds
-        // them) and new reads go elsewhere, while requests in flight finish.
+        // cluster is promoted at once; without one, new writes are refused (`Stopping`: a
+        // gateway holds them) while writes in flight finish and export.
         if let Some(ha) = ha {
             ha.stop().await;
-        } else if running.node.role() == tandem_cluster::Role::Leading {
-            running.node.set_role(tandem_cluster::Role::Recovering);
+        } else {
+            running.node.stop_writes();
         }
         // 2. Flush the exporter: what was written reaches the broker before the publisher stops.
         if !replication.flush_and_stop(&running.node, deadline).await {

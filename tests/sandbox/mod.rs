@@ -242,8 +242,17 @@ pub struct ProcessCluster {
 impl ProcessCluster {
     /// Starts `tandem cluster` on a free port with `data_dir`; extra `TANDEM__` env overrides.
     pub fn start(data_dir: &Path, env: &[(&str, &str)]) -> ProcessCluster {
+        Self::start_with_args(data_dir, env, &[])
+    }
+
+    /// [`ProcessCluster::start`] with more `tandem cluster` arguments (e.g. `--follow URL`).
+    pub fn start_with_args(data_dir: &Path, env: &[(&str, &str)], args: &[&str]) -> ProcessCluster {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_tandem"));
-        cmd.args(["cluster", "--listen", "127.0.0.1:0", "--data-dir"]).arg(data_dir).env("RUST_LOG", "warn").stderr(Stdio::inherit());
+        cmd.args(["cluster", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .args(args)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit());
         for (k, v) in env {
             cmd.env(k, v);
         }
