@@ -267,7 +267,6 @@ impl Conn {
             auth_method_name: token.map(|_| "token".to_string()),
             auth_data: token.map(|t| t.as_bytes().to_vec()),
             protocol_version: Some(PROTOCOL_VERSION),
-            ..Default::default()
         };
         let cmd = pb::BaseCommand { connect: Some(connect), ..base(Type::Connect) };
         let handshake = async {

@@ -569,8 +569,7 @@ impl Inner {
         for _ in 0..8 {
             let c = self.conn(&url).await?;
             let request_id = c.next_id();
-            let lookup =
-                pb::CommandLookupTopic { topic: topic.to_string(), request_id, authoritative: Some(authoritative), ..Default::default() };
+            let lookup = pb::CommandLookupTopic { topic: topic.to_string(), request_id, authoritative: Some(authoritative) };
             let cmd = pb::BaseCommand { lookup_topic: Some(lookup), ..base(Type::Lookup) };
             let reply = c.request(request_id, cmd, self.cfg.timeout()).await.map_err(|e| conn_error(format!("looking up {topic}"), e))?;
             let r = reply.lookup_topic_response.unwrap_or_default();
