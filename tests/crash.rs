@@ -20,6 +20,15 @@ fn vector_of(id: i64) -> Vec<f32> {
     (0..DIM).map(|j| ((id * 31 + j as i64 * 17).rem_euclid(1000)) as f32 / 1000.0 + 0.001).collect()
 }
 
+/// Writer `w`'s batch `b`: its first id (ids `first..first + BATCH`), inserted into `collection`.
+async fn insert_batch(c: &mut Client, collection: &str, w: i64, b: i64) -> (i64, Result<(), tonic::Status>) {
+    let first = w * 10_000_000 + b * BATCH;
+    let ids: Vec<i64> = (first..first + BATCH).collect();
+    let vectors = ids.iter().flat_map(|&id| vector_of(id)).collect();
+    let r = c.insert(pb::InsertRequest { ack: 0, collection: collection.into(), ids, vectors, payloads: vec![] }).await;
+    (first, r.map(|_| ()))
+}
+
 #[derive(Default)]
 struct Ledger {
     acked: Vec<i64>,
@@ -49,11 +58,9 @@ async fn kill9_during_ingest_keeps_acknowledged_writes_and_no_partial_one() {
         let mut c = connect(proc.addr).await;
         writers.push(tokio::spawn(async move {
             for b in 0.. {
-                let first = w * 10_000_000 + b * BATCH;
-                let ids: Vec<i64> = (first..first + BATCH).collect();
-                let vectors = ids.iter().flat_map(|&id| vector_of(id)).collect();
-                match c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids, vectors, payloads: vec![] }).await {
-                    Ok(_) => ledger.lock().acked.push(first),
+                let (first, inserted) = insert_batch(&mut c, COLL, w, b).await;
+                match inserted {
+                    Ok(()) => ledger.lock().acked.push(first),
                     Err(_) => {
                         ledger.lock().unknown.push(first);
                         return;
@@ -224,11 +231,9 @@ async fn sigterm_of_a_leader_mid_load_loses_no_acknowledged_write() {
         let mut c = connect(leader.addr).await;
         writers.push(tokio::spawn(async move {
             for b in 0.. {
-                let first = w * 10_000_000 + b * BATCH;
-                let ids: Vec<i64> = (first..first + BATCH).collect();
-                let vectors = ids.iter().flat_map(|&id| vector_of(id)).collect();
-                match c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids, vectors, payloads: vec![] }).await {
-                    Ok(_) => acked.lock().push(first),
+                let (first, inserted) = insert_batch(&mut c, COLL, w, b).await;
+                match inserted {
+                    Ok(()) => acked.lock().push(first),
                     // Refused (the leader stopped taking writes) or cut off by the exit.
                     Err(s) => return Some(s),
                 }
