@@ -71,19 +71,7 @@ pub fn load_cluster_config_with(
         // every parent directory" as `Toml::file` would.
         figment = figment.merge(Toml::file_exact(path));
     }
-    let mut env: Vec<(String, String)> = env
-        .into_iter()
-        .filter(|(k, _)| k.len() > ENV_PREFIX.len() && k.get(..ENV_PREFIX.len()).is_some_and(|p| p.eq_ignore_ascii_case(ENV_PREFIX)))
-        .collect();
-    // Deterministic layering if a variable is given twice with different case.
-    env.sort();
-    let mut problems = Vec::new();
-    for (name, value) in env {
-        match EnvVar::new(name, &value) {
-            Ok(var) => figment = figment.merge(var),
-            Err(p) => problems.push(p),
-        }
-    }
+    let (figment, mut problems) = merge_env(figment, env, ENV_PREFIX, "WAL__SYNC");
     let mut cfg = match figment.extract::<ClusterConfig>() {
         Ok(cfg) => cfg,
         Err(e) => {
@@ -113,6 +101,31 @@ pub fn load_cluster_config_with(
     if problems.is_empty() { Ok(cfg) } else { Err(InvalidConfig { problems }.into()) }
 }
 
+/// Layers the variables of `env` named `<prefix>SECTION__KEY` (the prefix in any case) over
+/// `figment`, in a deterministic order; a malformed name is a problem naming it (`example` is a
+/// well-formed `SECTION__KEY`). The cluster's and the gateway's loaders both use it.
+pub fn merge_env(
+    mut figment: Figment,
+    env: impl IntoIterator<Item = (String, String)>,
+    prefix: &str,
+    example: &str,
+) -> (Figment, Vec<String>) {
+    let mut env: Vec<(String, String)> = env
+        .into_iter()
+        .filter(|(k, _)| k.len() > prefix.len() && k.get(..prefix.len()).is_some_and(|p| p.eq_ignore_ascii_case(prefix)))
+        .collect();
+    // Deterministic layering if a variable is given twice with different case.
+    env.sort();
+    let mut problems = Vec::new();
+    for (name, value) in env {
+        match EnvVar::new(name, &value, prefix, example) {
+            Ok(var) => figment = figment.merge(var),
+            Err(p) => problems.push(p),
+        }
+    }
+    (figment, problems)
+}
+
 /// One `TANDEM__A__B=value` variable as a figment provider of `a.b = value`. One provider per
 /// variable (rather than figment's `Env`, which reads the process environment itself) so tests
 /// can pass an explicit environment, and so an error names the exact variable.
@@ -123,11 +136,11 @@ struct EnvVar {
 }
 
 impl EnvVar {
-    fn new(name: String, value: &str) -> Result<EnvVar, String> {
-        let rest = &name[ENV_PREFIX.len()..];
+    fn new(name: String, value: &str, prefix: &str, example: &str) -> Result<EnvVar, String> {
+        let rest = &name[prefix.len()..];
         let parts: Vec<String> = rest.split("__").map(|p| p.trim().to_ascii_lowercase()).collect();
         if parts.iter().any(|p| p.is_empty() || p.contains('.')) {
-            return Err(format!("environment variable {name}: expected {ENV_PREFIX}SECTION__KEY, e.g. {ENV_PREFIX}WAL__SYNC"));
+            return Err(format!("environment variable {name}: expected {prefix}SECTION__KEY, e.g. {prefix}{example}"));
         }
         // The same parsing figment's `Env` applies: numbers and booleans become typed values,
         // everything else a string.

@@ -65,18 +65,7 @@ pub fn load_gateway_config(
         }
         figment = figment.merge(Toml::file_exact(path));
     }
-    let mut env: Vec<(String, String)> = env.into_iter().filter(|(k, _)| k.starts_with(GATEWAY_ENV_PREFIX)).collect();
-    env.sort();
-    for (name, value) in env {
-        let key = name[GATEWAY_ENV_PREFIX.len()..].split("__").map(str::to_ascii_lowercase).collect::<Vec<_>>().join(".");
-        // Numbers and booleans become typed values, everything else a string (as figment's `Env`).
-        let value = match value.parse::<figment::value::Value>() {
-            Ok(v) => v,
-            Err(never) => match never {},
-        };
-        figment = figment.merge(Serialized::default(&key, value));
-    }
-    let mut problems = Vec::new();
+    let (figment, mut problems) = crate::config::merge_env(figment, env, GATEWAY_ENV_PREFIX, "ROUTING__POLICY");
     let mut cfg = match figment.extract::<GatewayConfig>() {
         Ok(c) => c,
         Err(e) => {
@@ -185,5 +174,19 @@ mod tests {
         assert!(p.iter().any(|m| m.contains("clusters[0].endpoint = \"10.0.0.1:5\"")), "{p:?}");
         let p = problems(load_gateway_config(Some(&dir.path().join("missing.toml")), vec![], &args(&[])));
         assert!(p[0].contains("does not exist"), "{p:?}");
+    }
+
+    /// The same environment rules as `tandem cluster` (one loader: `config::merge_env`): the
+    /// prefix in any case, and a malformed name or value named in the error.
+    #[test]
+    fn environment_variables_follow_the_cluster_rules() {
+        let env = vec![("tandem_gateway__health__interval_ms".to_string(), "75".to_string())];
+        assert_eq!(load_gateway_config(None, env, &args(&["a=http://127.0.0.1:1"])).unwrap().health.interval_ms, 75);
+        let env = vec![("TANDEM_GATEWAY__HEALTH____X".to_string(), "1".to_string())];
+        let p = problems(load_gateway_config(None, env, &args(&[])));
+        assert!(p.iter().any(|m| m.contains("TANDEM_GATEWAY__HEALTH____X") && m.contains("TANDEM_GATEWAY__ROUTING__POLICY")), "{p:?}");
+        let env = vec![("TANDEM_GATEWAY__ROUTING__POLICY".to_string(), "random".to_string())];
+        let p = problems(load_gateway_config(None, env, &args(&[])));
+        assert!(p.iter().any(|m| m.contains("random") && m.contains("environment variable TANDEM_GATEWAY__ROUTING__POLICY")), "{p:?}");
     }
 }
