@@ -11,9 +11,20 @@ use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
 pub enum GatewayError {
-    /// No cluster can serve a request now; the message names why for each cluster.
+    /// No cluster can serve a read now; the message names why for each cluster.
     #[error("{0}")]
     NoCluster(String),
+    /// Reads were retried as often as the retry budget allows.
+    #[error("retry budget exhausted")]
+    RetryBudget,
+    /// A write found no leader within the buffer's bounds; nothing was applied. Trying again
+    /// after `retry_after_ms` makes sense (the `retry-after` metadata).
+    #[error("{message}")]
+    NoLeader { message: String, retry_after_ms: u64 },
+    /// The connection to the leader failed after a write that must not be applied twice was
+    /// sent: it may or may not have been applied.
+    #[error("{0}")]
+    OutcomeUnknown(String),
     #[error("cannot listen on {addr}: {message}")]
     Listen { addr: String, message: String },
     #[error("invalid configuration: {}", .0.join("; "))]
@@ -26,7 +37,9 @@ impl GatewayError {
     /// May succeed if tried again later or elsewhere.
     pub fn is_transient(&self) -> bool {
         match self {
-            GatewayError::NoCluster(_) => true,
+            GatewayError::NoCluster(_) | GatewayError::RetryBudget | GatewayError::NoLeader { .. } => true,
+            // Sending it again may apply it twice: the caller decides.
+            GatewayError::OutcomeUnknown(_) => false,
             GatewayError::Listen { .. } | GatewayError::Config(_) | GatewayError::Internal(_) => false,
         }
     }
@@ -34,10 +47,16 @@ impl GatewayError {
 
 pub type Result<T> = std::result::Result<T, GatewayError>;
 
+/// The one place the gateway's own errors become statuses.
 impl From<GatewayError> for Status {
     fn from(e: GatewayError) -> Status {
         match e {
-            GatewayError::NoCluster(m) => Status::unavailable(m),
+            GatewayError::NoCluster(_) | GatewayError::RetryBudget | GatewayError::OutcomeUnknown(_) => Status::unavailable(e.to_string()),
+            GatewayError::NoLeader { message, retry_after_ms } => {
+                let mut s = Status::unavailable(message);
+                s.metadata_mut().insert(wire::RETRY_AFTER, retry_after_ms.into());
+                s
+            }
             GatewayError::Listen { .. } | GatewayError::Config(_) | GatewayError::Internal(_) => Status::internal(e.to_string()),
         }
     }
@@ -267,6 +286,25 @@ mod tests {
             }
         }
         Wrap(s)
+    }
+
+    #[test]
+    fn the_gateways_own_errors_become_statuses_in_one_place() {
+        let s = Status::from(GatewayError::NoLeader { message: "no leader: election in progress".into(), retry_after_ms: 750 });
+        assert_eq!((s.code(), s.message()), (Code::Unavailable, "no leader: election in progress"));
+        assert_eq!(s.metadata().get(wire::RETRY_AFTER).unwrap(), "750");
+        for (e, transient) in [
+            (GatewayError::NoCluster("a: suspect".into()), true),
+            (GatewayError::RetryBudget, true),
+            (GatewayError::OutcomeUnknown("the outcome of this Insert is unknown".into()), false),
+        ] {
+            assert_eq!(e.is_transient(), transient, "{e}");
+            let text = e.to_string();
+            let s = Status::from(e);
+            assert_eq!((s.code(), s.message()), (Code::Unavailable, text.as_str()));
+            assert!(s.metadata().get(wire::RETRY_AFTER).is_none());
+        }
+        assert_eq!(Status::from(GatewayError::Internal("x".into())).code(), Code::Internal);
     }
 
     #[tokio::test]

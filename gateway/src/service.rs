@@ -18,7 +18,7 @@ use tower::retry::budget::{Budget, TpsBudget};
 
 use crate::buffer::{HoldError, WriteBuffer};
 use crate::config::GatewayConfig;
-use crate::error::{Replay, WriteFailure, classify_write_failure, is_connection_error, is_transient, passthrough};
+use crate::error::{GatewayError, Replay, WriteFailure, classify_write_failure, is_connection_error, is_transient, passthrough};
 use crate::router::{Guarantee, Reason, Router, expected_wait, explain, wall_ms};
 use crate::session::Sessions;
 use crate::topology::{Cluster, Health, Topology};
@@ -246,10 +246,12 @@ impl Gateway {
                 }
             }
             if eligible.is_empty() {
-                return Err(Status::unavailable(explain(&format!("a {op}"), guarantee, collection.as_deref(), budget_time, &why)));
+                return Err(
+                    GatewayError::NoCluster(explain(&format!("a {op}"), guarantee, collection.as_deref(), budget_time, &why)).into()
+                );
             }
             if retry && !self.0.budget.withdraw() {
-                return Err(Status::unavailable("retry budget exhausted"));
+                return Err(GatewayError::RetryBudget.into());
             }
             let (cluster, reason) = self.0.router.choose(&eligible);
             tried.push(cluster.clone());
@@ -392,12 +394,12 @@ impl Gateway {
                 WriteFailure::NotSent | WriteFailure::Unknown => {
                     topo.suspect(&leader, s.message());
                     if failure == WriteFailure::Unknown && replay == Replay::AtMostOnce {
-                        let s = Status::unavailable(format!(
+                        let s = Status::from(GatewayError::OutcomeUnknown(format!(
                             "the outcome of this {op} is unknown: the connection to the leader {} failed after the request was sent \
                              ({}); it may or may not have been applied. Read to check, or send it again as an upsert",
                             leader.id,
                             s.message()
-                        ));
+                        )));
                         self.finish(op, "none", &leader.id, &s, started);
                         return Err(s);
                     }
@@ -461,9 +463,7 @@ impl Gateway {
             ),
             HoldError::Stopped => format!("the gateway is stopping: {why}"),
         };
-        let mut s = Status::unavailable(m);
-        s.metadata_mut().insert(wire::RETRY_AFTER, MetadataValue::from(b.retry_after_ms));
-        s
+        GatewayError::NoLeader { message: m, retry_after_ms: b.retry_after_ms }.into()
     }
 
     fn no_leader(&self) -> String {
