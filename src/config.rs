@@ -258,6 +258,16 @@ mod tests {
         let p = problems(load_cluster_config_with(None, env(&[("TANDEM__SEGMENT__SEAL_ROWS", "lots")]), &ConfigOverrides::default()));
         assert!(p[0].contains("segment.seal_rows") && p[0].contains("TANDEM__SEGMENT__SEAL_ROWS"), "{p:?}");
 
+        // Typed choices: an unknown one is named with the key, the value and where it came from.
+        for (var, key, value) in [
+            ("TANDEM__REPLICATION__TRANSPORT", "replication.transport", "carrier_pigeon"),
+            ("TANDEM__HA__ARBITER", "ha.arbiter", "coin_toss"),
+            ("TANDEM__REPLICATION__ON_POISON", "replication.on_poison", "ignore"),
+        ] {
+            let p = problems(load_cluster_config_with(None, env(&[(var, value)]), &ConfigOverrides::default()));
+            assert!(p.len() == 1 && p[0].contains(key) && p[0].contains(value) && p[0].contains(var), "{p:?}");
+        }
+
         // validate() problems are all reported, not just the first.
         let p = problems(load_cluster_config_with(
             None,

@@ -32,6 +32,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use tandem_arbiter::{Arbiter, Candidate, LeaseState, MemberStatus, Session, View};
+use tandem_cluster::config::ArbiterKind;
 use tandem_cluster::node::Switchover;
 use tandem_cluster::{ClusterConfig, Node, Role};
 use tandem_exporter::transport::{StreamId, Transport};
@@ -52,13 +53,13 @@ const RETRY: Duration = Duration::from_millis(200);
 pub fn arbiter(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Arbiter>> {
     let ha = &cfg.ha;
     let prefix = if ha.prefix.is_empty() { tandem_arbiter::default_prefix(&cfg.replication.group) } else { ha.prefix.clone() };
-    match ha.arbiter.as_str() {
-        "etcd" => {
+    match ha.arbiter {
+        ArbiterKind::Etcd => {
             let endpoints = if ha.etcd.is_empty() { cfg.discovery.etcd.clone() } else { ha.etcd.clone() };
             Ok(Arc::new(tandem_arbiter::EtcdArbiter::new(endpoints, prefix)?))
         }
-        "embedded" => Ok(Arc::new(embedded())),
-        other => anyhow::bail!("ha.arbiter = {other:?} has no arbiter"),
+        ArbiterKind::Embedded => Ok(Arc::new(embedded())),
+        ArbiterKind::None => anyhow::bail!("ha.arbiter = \"none\" has no arbiter"),
     }
 }
 

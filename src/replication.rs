@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use anyhow::Context;
+use tandem_cluster::config::{PoisonPolicy, TransportKind};
 use tandem_cluster::server::Running;
 use tandem_cluster::{ClusterConfig, Node, Role};
 use tandem_exporter::direct::DirectTransport;
@@ -58,19 +59,20 @@ impl ReplicationHandle {
 
 pub fn transport(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Transport>> {
     let r = &cfg.replication;
-    match r.transport.as_str() {
-        "direct" => Ok(Arc::new(DirectTransport::new(&r.leader, &cfg.cluster_id)?)),
+    match r.transport {
+        TransportKind::Direct => Ok(Arc::new(DirectTransport::new(&r.leader, &cfg.cluster_id)?)),
         #[cfg(feature = "kafka")]
-        "kafka" => {
+        TransportKind::Kafka => {
             let k = tandem_exporter::kafka::KafkaConfig::from_settings(&r.group, &cfg.cluster_id, &r.kafka, cfg.limits.max_message_bytes);
             Ok(Arc::new(tandem_exporter::kafka::KafkaTransport::new(k)?))
         }
         #[cfg(feature = "pulsar")]
-        "pulsar" => {
+        TransportKind::Pulsar => {
             let p = tandem_exporter::pulsar::PulsarConfig::from_settings(&r.group, &r.pulsar, cfg.limits.max_message_bytes)?;
             Ok(Arc::new(tandem_exporter::pulsar::PulsarTransport::new(p)?))
         }
-        other => anyhow::bail!("replication.transport = {other:?} is not available in this build"),
+        #[allow(unreachable_patterns)] // with every transport feature on
+        other => anyhow::bail!("replication.transport = \"{other}\" is not available in this build"),
     }
 }
 
@@ -84,7 +86,7 @@ pub async fn start(running: &Running, cfg: &ClusterConfig) -> anyhow::Result<Rep
 /// A leader's part: publish its changes when the transport is a broker (with the direct
 /// transport alternatives read the leader's WAL: nothing runs).
 pub fn start_publisher(node: &Arc<Node>, cfg: &ClusterConfig) -> anyhow::Result<ReplicationHandle> {
-    if cfg.replication.transport == "direct" {
+    if !cfg.replication.transport.is_broker() {
         return Ok(ReplicationHandle::default());
     }
     Ok(start_publisher_with(node, cfg, transport(cfg)?))
@@ -108,7 +110,10 @@ pub fn start_follower(node: &Arc<Node>, cfg: &ClusterConfig, leader: &str) -> an
     let client = DirectTransport::new(leader, &cfg.cluster_id).context("leader endpoint")?.client();
     let fcfg = FollowerConfig {
         subscriber: cfg.cluster_id.clone(),
-        on_poison: if cfg.replication.on_poison == "skip" { OnPoison::Skip } else { OnPoison::Halt },
+        on_poison: match cfg.replication.on_poison {
+            PoisonPolicy::Halt => OnPoison::Halt,
+            PoisonPolicy::Skip => OnPoison::Skip,
+        },
         quarantine_dir: cfg.data_dir.join("quarantine"),
     };
     node.set_leader(Some(leader.to_string()));

@@ -43,9 +43,9 @@ pub struct ClusterConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct HaConfig {
-    /// "none" (roles are fixed), "etcd" (the arbiter for real deployments) or "embedded" (every
+    /// `none` (roles are fixed), `etcd` (the arbiter for real deployments) or `embedded` (every
     /// cluster in one process: the demo, tests).
-    pub arbiter: String,
+    pub arbiter: ArbiterKind,
     /// etcd endpoints; empty: those of `discovery.etcd`.
     pub etcd: Vec<String>,
     /// Key prefix of the group's arbiter state; empty: "/tandem/<replication.group>/ha/".
@@ -68,7 +68,7 @@ pub struct HaConfig {
 impl Default for HaConfig {
     fn default() -> Self {
         HaConfig {
-            arbiter: "none".into(),
+            arbiter: ArbiterKind::None,
             etcd: Vec::new(),
             prefix: String::new(),
             lease_ttl_s: 2,
@@ -82,8 +82,72 @@ impl Default for HaConfig {
 
 impl HaConfig {
     pub fn enabled(&self) -> bool {
-        self.arbiter != "none"
+        match self.arbiter {
+            ArbiterKind::None => false,
+            ArbiterKind::Etcd | ArbiterKind::Embedded => true,
+        }
     }
+}
+
+/// Who decides which cluster leads (`ha.arbiter`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ArbiterKind {
+    /// Roles are fixed by configuration.
+    None,
+    Etcd,
+    /// In-process: every cluster of the group runs in this process.
+    Embedded,
+}
+
+impl std::fmt::Display for ArbiterKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            ArbiterKind::None => "none",
+            ArbiterKind::Etcd => "etcd",
+            ArbiterKind::Embedded => "embedded",
+        })
+    }
+}
+
+/// How the leader's changes reach alternatives (`replication.transport`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TransportKind {
+    /// Alternatives pull the leader's log over gRPC; no broker.
+    Direct,
+    Kafka,
+    Pulsar,
+}
+
+impl TransportKind {
+    /// Whether a broker holds the log (a leader then runs a publisher; failover is possible).
+    pub fn is_broker(self) -> bool {
+        match self {
+            TransportKind::Direct => false,
+            TransportKind::Kafka | TransportKind::Pulsar => true,
+        }
+    }
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportKind::Direct => "direct",
+            TransportKind::Kafka => "kafka",
+            TransportKind::Pulsar => "pulsar",
+        })
+    }
+}
+
+/// What an alternative does with an event it cannot decode or apply (`replication.on_poison`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum PoisonPolicy {
+    /// Stop that shard's replication: reads needing newer data fail instead of diverging.
+    Halt,
+    /// Step over the event durably.
+    Skip,
 }
 
 /// Registration in etcd, so gateways find this cluster by themselves.
@@ -120,16 +184,16 @@ pub struct TelemetryConfig {
 pub struct ReplicationConfig {
     /// The replication group's id (in every event; part of broker topic names).
     pub group: String,
-    /// "direct" (alternatives pull the leader's log over gRPC; no broker), "kafka" or "pulsar".
-    pub transport: String,
+    /// `direct` (alternatives pull the leader's log over gRPC; no broker), `kafka` or `pulsar`.
+    pub transport: TransportKind,
     /// Alternatives: the leader's endpoint (snapshots, STRONG reads, the direct transport,
     /// and the hint in NotLeader replies).
     pub leader: String,
     /// Time ticks per shard when idle, so idle shards still advance alternatives.
     pub tick_ms: u64,
-    /// What an alternative does with an event it cannot decode or apply: "halt" that shard's
-    /// replication (default) or "skip" it. Either way it is quarantined and reported.
-    pub on_poison: String,
+    /// What an alternative does with an event it cannot decode or apply: `halt` that shard's
+    /// replication (default) or `skip` it. Either way it is quarantined and reported.
+    pub on_poison: PoisonPolicy,
     /// Leader with ack policy "exported" (default): a write is acknowledged once the transport
     /// has it; "local": once it is in the local WAL.
     pub ack: String,
@@ -228,10 +292,10 @@ impl Default for ReplicationConfig {
     fn default() -> Self {
         ReplicationConfig {
             group: "default".into(),
-            transport: "direct".into(),
+            transport: TransportKind::Direct,
             leader: String::new(),
             tick_ms: 50,
-            on_poison: "halt".into(),
+            on_poison: PoisonPolicy::Halt,
             ack: "exported".into(),
             kafka: KafkaSettings::default(),
             pulsar: PulsarSettings::default(),
@@ -418,16 +482,13 @@ impl ClusterConfig {
         if crate::schema::validate_name("replication.group", &r.group).is_err() {
             errs.push(format!("replication.group = {:?}: use letters, digits and _", r.group));
         }
-        if !["direct", "kafka", "pulsar"].contains(&r.transport.as_str()) {
-            errs.push(format!("replication.transport = {:?} is not one of direct, kafka, pulsar", r.transport));
-        }
         if r.kafka.replication_factor == 0 {
             errs.push("replication.kafka.replication_factor = 0: it must be at least 1".into());
         }
-        if r.transport == "kafka" && r.kafka.brokers.trim().is_empty() {
+        if r.transport == TransportKind::Kafka && r.kafka.brokers.trim().is_empty() {
             errs.push("replication.kafka.brokers is empty but replication.transport = \"kafka\"".into());
         }
-        errs.extend(r.pulsar.problems(r.transport == "pulsar"));
+        errs.extend(r.pulsar.problems(r.transport == TransportKind::Pulsar));
         if self.role != Role::Leading && r.leader.trim().is_empty() && !self.ha.enabled() {
             errs.push(format!(
                 "replication.leader is empty: a cluster with role = {:?} needs its leader's endpoint",
@@ -436,9 +497,6 @@ impl ClusterConfig {
         }
         if !(1..=60_000).contains(&r.tick_ms) {
             errs.push(format!("replication.tick_ms = {} is out of range 1..=60000", r.tick_ms));
-        }
-        if !["halt", "skip"].contains(&r.on_poison.as_str()) {
-            errs.push(format!("replication.on_poison = {:?} is not one of halt, skip", r.on_poison));
         }
         if !["exported", "local"].contains(&r.ack.as_str()) {
             errs.push(format!("replication.ack = {:?} is not one of exported, local", r.ack));
@@ -450,16 +508,13 @@ impl ClusterConfig {
             errs.push(format!("telemetry.metrics_listen = {:?} is not an address like 127.0.0.1:9184", self.telemetry.metrics_listen));
         }
         let ha = &self.ha;
-        if !["none", "etcd", "embedded"].contains(&ha.arbiter.as_str()) {
-            errs.push(format!("ha.arbiter = {:?} is not one of none, etcd, embedded", ha.arbiter));
-        }
-        if ha.arbiter == "etcd" && ha.etcd.is_empty() && self.discovery.etcd.is_empty() {
+        if ha.arbiter == ArbiterKind::Etcd && ha.etcd.is_empty() && self.discovery.etcd.is_empty() {
             errs.push("ha.arbiter = \"etcd\" but neither ha.etcd nor discovery.etcd lists an endpoint".into());
         }
-        if ha.enabled() && r.transport == "direct" {
+        if ha.enabled() && !r.transport.is_broker() {
             errs.push(format!(
                 "ha.arbiter = {:?} needs a broker transport (replication.transport = \"kafka\" or \"pulsar\"): with \"direct\" the log dies with the leader",
-                ha.arbiter
+                ha.arbiter.to_string()
             ));
         }
         if ha.enabled() && !(1..=300).contains(&ha.lease_ttl_s) {
@@ -517,7 +572,7 @@ mod tests {
     #[test]
     fn pulsar_settings_are_checked_by_name() {
         let mut c = ClusterConfig::default();
-        c.replication.transport = "pulsar".into();
+        c.replication.transport = TransportKind::Pulsar;
         let errs = c.validate().unwrap_err();
         assert!(errs.iter().any(|e| e.contains("replication.pulsar.service_url is empty")), "{errs:?}");
         c.replication.pulsar.service_url = "pulsar://127.0.0.1:6650".into();

@@ -60,7 +60,7 @@ pub async fn start_with(cfg: ClusterConfig, shutdown: CancellationToken) -> Resu
     let node = tokio::task::spawn_blocking(move || Node::open(opts)).await.map_err(|e| ClusterError::Internal(e.to_string()))??;
     // With a broker transport, writes under ack policy `exported` wait for the publisher from
     // the first one on, even before it has started (or while a new leader starts it).
-    node.set_exporting(cfg.replication.transport != "direct");
+    node.set_exporting(cfg.replication.transport.is_broker());
     if cfg.role != crate::role::Role::Leading && !cfg.replication.leader.is_empty() {
         node.set_leader(Some(cfg.replication.leader.clone()));
     }

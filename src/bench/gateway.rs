@@ -223,7 +223,7 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
         };
         cfg.search.threads = a.search_threads;
         cfg.wal.sync = a.wal_sync.into();
-        cfg.replication.transport = "direct".into();
+        cfg.replication.transport = tandem_cluster::config::TransportKind::Direct;
         cfg
     };
     eprintln!("starting a leading cluster and two alternatives ...");

@@ -496,14 +496,14 @@ fn cluster_config(id: &str, dir: &Path, transport: &Transport, group: &str, a: &
     cfg.limits.max_write_rows = cfg.limits.max_write_rows.max(a.batch).max(a.bootstrap_batch);
     cfg.wal.sync = a.wal_sync.into();
     match transport {
-        Transport::Direct => cfg.replication.transport = "direct".into(),
+        Transport::Direct => cfg.replication.transport = tandem_cluster::config::TransportKind::Direct,
         Transport::Kafka { brokers } => {
-            cfg.replication.transport = "kafka".into();
+            cfg.replication.transport = tandem_cluster::config::TransportKind::Kafka;
             cfg.replication.kafka.brokers = brokers.clone();
             cfg.replication.kafka.properties.extend(a.kafka_properties.iter().cloned());
         }
         Transport::Pulsar { url } => {
-            cfg.replication.transport = "pulsar".into();
+            cfg.replication.transport = tandem_cluster::config::TransportKind::Pulsar;
             cfg.replication.pulsar.service_url = url.clone();
         }
     }
@@ -918,7 +918,7 @@ async fn bootstrap_run(a: &ReplicationBenchArgs, transport: &Transport, scratch:
 /// --kafka-property overrides that, and an event above it would never be exported: then a
 /// batch is capped to fill at most half of it per shard.
 fn preload_batch(a: &ReplicationBenchArgs, cfg: &ClusterConfig) -> usize {
-    if cfg.replication.transport != "kafka" {
+    if cfg.replication.transport != tandem_cluster::config::TransportKind::Kafka {
         return a.bootstrap_batch;
     }
     let max = cfg

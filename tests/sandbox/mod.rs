@@ -93,14 +93,14 @@ impl SandboxBuilder {
             // ts and for exports (a failure guard, not a timing assertion).
             cfg.read.max_wait_ms = 30_000;
             match &self.backend {
-                Backend::Direct => cfg.replication.transport = "direct".into(),
+                Backend::Direct => cfg.replication.transport = tandem_cluster::config::TransportKind::Direct,
                 Backend::Kafka { brokers } => {
-                    cfg.replication.transport = "kafka".into();
+                    cfg.replication.transport = tandem_cluster::config::TransportKind::Kafka;
                     cfg.replication.kafka.brokers = brokers.clone();
                     cfg.replication.group = group.clone();
                 }
                 Backend::Pulsar { url } => {
-                    cfg.replication.transport = "pulsar".into();
+                    cfg.replication.transport = tandem_cluster::config::TransportKind::Pulsar;
                     cfg.replication.pulsar.service_url = url.clone();
                     cfg.replication.group = group.clone();
                 }
