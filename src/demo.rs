@@ -245,7 +245,7 @@ impl Demo {
             ..ClusterConfig::default()
         };
         alt_cfg.replication.leader = leader_endpoint.clone();
-        let transport = alt_cfg.replication.transport.clone();
+        let transport = alt_cfg.replication.transport;
         let alt = match Member::start(alt_cfg).await {
             Ok(m) => m,
             Err(e) => {
