@@ -254,7 +254,19 @@ mod tests {
     /// aborted on the test's runtime would leave the connections it spawned serving).
     fn serve(addr: std::net::SocketAddr) -> tokio::runtime::Runtime {
         let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build().unwrap();
-        let listener = std::net::TcpListener::bind(addr).unwrap();
+        // The previous server on this port is shut down in the background
+        // (`shutdown_background`): its listener may close a moment after its connections did.
+        let mut tries = 0;
+        let listener = loop {
+            match std::net::TcpListener::bind(addr) {
+                Ok(l) => break l,
+                Err(e) if e.kind() == std::io::ErrorKind::AddrInUse && tries < 500 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+                Err(e) => panic!("bind {addr}: {e}"),
+            }
+        };
         listener.set_nonblocking(true).unwrap();
         rt.spawn(async move {
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
