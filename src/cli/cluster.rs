@@ -88,7 +88,9 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
 
     let signal = shutdown_signal().await?;
     tracing::info!(signal, "shutting down");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.drain_timeout);
+    // The flush may take at most half the drain time: an unreachable broker must not leave
+    // nothing for the requests in flight.
+    let flush_deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.drain_timeout) / 2;
     let orderly = async move {
         // 1. Stop taking writes. Under an arbiter a leader fences itself and resigns, so another
         // cluster is promoted at once; without one, new writes are refused (`Stopping`: a
@@ -99,7 +101,7 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
             running.node.stop_writes();
         }
         // 2. Flush the exporter: what was written reaches the broker before the publisher stops.
-        if !replication.flush_and_stop(&running.node, deadline).await {
+        if !replication.flush_and_stop(&running.node, flush_deadline).await {
             tracing::warn!("stopping with changes the transport has not acknowledged (no write waiting for them was acknowledged)");
         }
         // 3. Deregister, so gateways stop routing here while requests drain.
