@@ -216,14 +216,11 @@ impl Controller {
         tracing::info!(cluster = %me, to, epoch, "switchover: draining");
         // No new writes (NotLeader: a gateway holds them); writes in flight finish exporting.
         self.node.set_role(Role::Recovering);
-        while !self.node.fully_exported() {
-            if Instant::now() >= deadline {
-                self.node.set_role(Role::Leading);
-                return Err(ClusterError::Unavailable(format!(
-                    "switchover to {to:?} abandoned: the transport has not acknowledged every change yet; {me} still leads"
-                )));
-            }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+        if !self.node.wait_fully_exported(deadline).await {
+            self.node.set_role(Role::Leading);
+            return Err(ClusterError::Unavailable(format!(
+                "switchover to {to:?} abandoned: the transport has not acknowledged every change yet; {me} still leads"
+            )));
         }
         self.repl.stop();
         self.repl = ReplicationHandle::default();

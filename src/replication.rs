@@ -34,16 +34,7 @@ impl ReplicationHandle {
     /// `deadline`: writes were stopped before, so the end does not move), then stops; a follower
     /// stops at once. Returns whether everything was exported.
     pub async fn flush_and_stop(&self, node: &Node, deadline: std::time::Instant) -> bool {
-        let mut flushed = true;
-        if self.publisher.is_some() {
-            while !node.fully_exported() {
-                if std::time::Instant::now() >= deadline {
-                    flushed = false;
-                    break;
-                }
-                tokio::time::sleep(std::time::Duration::from_millis(5)).await;
-            }
-        }
+        let flushed = self.publisher.is_none() || node.wait_fully_exported(deadline).await;
         self.stop();
         flushed
     }

@@ -507,6 +507,18 @@ impl Node {
 
     /// Whether the transport has acknowledged every change this leader logged (shards and
     /// DDL): then a handover loses nothing.
+    /// Waits until [`Node::fully_exported`] holds, or `deadline` passes (then false). Polls: the
+    /// exported positions are per shard, and a drain waits on all of them. Cancel-safe.
+    pub async fn wait_fully_exported(&self, deadline: Instant) -> bool {
+        while !self.fully_exported() {
+            if Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        true
+    }
+
     pub fn fully_exported(&self) -> bool {
         let ddl = *self.ddl_exported.borrow() >= self.ddl_last_lsn();
         ddl && self.collections.read().values().all(|c| c.shards().iter().all(|sh| *sh.exported_watch().borrow() >= sh.last_lsn()))
