@@ -37,6 +37,15 @@ impl fmt::Display for InvalidConfig {
 
 impl std::error::Error for InvalidConfig {}
 
+/// A member that would not start, as the CLI reports it: a configuration mistake becomes an
+/// [`InvalidConfig`] (exit 64), anything else an error with its cause.
+pub fn member_error(e: tandem_node::NodeError) -> anyhow::Error {
+    if e.is_config() { InvalidConfig { problems: vec![e.to_string()] }.into() } else { e.into() }
+}
+
+/// How long an in-process member (demo, benches) may take to stop.
+pub const MEMBER_DRAIN: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// Settings given as command-line flags; they win over the file and the environment.
 #[derive(Debug, Clone, Default)]
 pub struct ConfigOverrides {
@@ -263,6 +272,7 @@ mod tests {
             ("TANDEM__REPLICATION__TRANSPORT", "replication.transport", "carrier_pigeon"),
             ("TANDEM__HA__ARBITER", "ha.arbiter", "coin_toss"),
             ("TANDEM__REPLICATION__ON_POISON", "replication.on_poison", "ignore"),
+            ("TANDEM__REPLICATION__ACK", "replication.ack", "whenever"),
         ] {
             let p = problems(load_cluster_config_with(None, env(&[(var, value)]), &ConfigOverrides::default()));
             assert!(p.len() == 1 && p[0].contains(key) && p[0].contains(value) && p[0].contains(var), "{p:?}");

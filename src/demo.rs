@@ -29,9 +29,9 @@ use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, Normal};
 use tandem_client::Channel;
-use tandem_cluster::server::{self, Running};
 use tandem_cluster::{ClusterConfig, Role};
 use tandem_gateway::config::StaticCluster;
+use tandem_node::Member;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::gateway_client::GatewayClient;
 use tandem_proto::v1::tandem_client::TandemClient;
@@ -42,7 +42,7 @@ use crate::cli::collection::{describe_text, index_name, metric_name};
 use crate::cli::info::role_name;
 use crate::cli::search::hits_text;
 use crate::cli::{LogFormat, RpcResult, connect, fmt_payload, fmt_ts, init_tracing};
-use crate::replication::ReplicationHandle;
+use crate::config::{MEMBER_DRAIN, member_error};
 
 const COLLECTION: &str = "demo";
 const CATEGORIES: [&str; 5] = ["books", "music", "games", "garden", "toys"];
@@ -160,38 +160,6 @@ fn payload(category: &str, price: f64) -> pb::Payload {
     pb::Payload { fields }
 }
 
-/// One cluster of the demo, started in-process with its part in replication.
-struct Member {
-    running: Running,
-    repl: ReplicationHandle,
-}
-
-impl Member {
-    async fn start(cfg: ClusterConfig) -> anyhow::Result<Member> {
-        if let Err(problems) = cfg.validate() {
-            return Err(crate::config::InvalidConfig { problems }.into());
-        }
-        let running = server::start(cfg.clone()).await?;
-        match crate::replication::start(&running, &cfg).await {
-            Ok(repl) => Ok(Member { running, repl }),
-            Err(e) => {
-                let _ = running.stop().await;
-                Err(e)
-            }
-        }
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.running.addr)
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        self.repl.stop();
-        self.running.stop().await?;
-        Ok(())
-    }
-}
-
 /// The demo's state between steps.
 pub struct Demo {
     lead_cluster: Option<Member>,
@@ -235,7 +203,7 @@ impl Demo {
             data_dir: data_dir.join("leader"),
             ..ClusterConfig::default()
         };
-        let lead = Member::start(lead_cfg).await?;
+        let lead = Member::start(lead_cfg).await.map_err(member_error)?;
         let leader_endpoint = lead.endpoint();
         let mut alt_cfg = ClusterConfig {
             cluster_id: ALTERNATIVE_ID.into(),
@@ -249,8 +217,8 @@ impl Demo {
         let alt = match Member::start(alt_cfg).await {
             Ok(m) => m,
             Err(e) => {
-                let _ = lead.stop().await;
-                return Err(e);
+                let _ = lead.stop(MEMBER_DRAIN).await;
+                return Err(member_error(e));
             }
         };
         let alternative_endpoint = alt.endpoint();
@@ -275,8 +243,8 @@ impl Demo {
         let gw = match tandem_gateway::start(gw_cfg, membership).await {
             Ok(g) => g,
             Err(e) => {
-                let _ = alt.stop().await;
-                let _ = lead.stop().await;
+                let _ = alt.stop(MEMBER_DRAIN).await;
+                let _ = lead.stop(MEMBER_DRAIN).await;
                 return Err(e.into());
             }
         };
@@ -757,11 +725,11 @@ impl Demo {
             None => Ok(()),
         };
         let alt = match self.alt_cluster.take() {
-            Some(m) => m.stop().await,
+            Some(m) => m.stop(MEMBER_DRAIN).await.map_err(anyhow::Error::from),
             None => Ok(()),
         };
         let lead = match self.lead_cluster.take() {
-            Some(m) => m.stop().await,
+            Some(m) => m.stop(MEMBER_DRAIN).await.map_err(anyhow::Error::from),
             None => Ok(()),
         };
         gw.and(alt).and(lead)

@@ -7,6 +7,4 @@ pub mod cli;
 pub mod config;
 pub mod dataset;
 pub mod demo;
-pub mod ha;
 pub mod readers;
-pub mod replication;

@@ -155,7 +155,7 @@ impl Shared {
         let deadline = Instant::now() + s.ttl;
         s.lease = Some(id);
         // `until` is the expiry deadline itself, on tokio's clock (virtual in paused-time tests).
-        s.lease_tx.send_replace(LeaseState::Valid { until: deadline.into_std() });
+        s.lease_tx.send_replace(LeaseState::Valid { until: deadline.into_std(), lease: id });
         let status = s.status.clone();
         if let Some(status) = status {
             st.members.insert(status.cluster.clone(), (status, id));
@@ -235,7 +235,7 @@ async fn renew(shared: Arc<Shared>, session: SessionId, cancel: CancellationToke
                 let (ttl, tx) = (s.ttl, s.lease_tx.clone());
                 if let Some(l) = st.leases.get_mut(&id) {
                     l.deadline = Instant::now() + ttl;
-                    tx.send_replace(LeaseState::Valid { until: l.deadline.into_std() });
+                    tx.send_replace(LeaseState::Valid { until: l.deadline.into_std(), lease: id });
                 }
             }
             None => {

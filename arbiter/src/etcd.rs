@@ -152,7 +152,7 @@ impl Arbiter for EtcdArbiter {
         let ttl_s = lease_seconds(ttl);
         let sent = Instant::now();
         let lease = Lease::grant(&client, &self.endpoints, ttl_s).await?;
-        let (lease_tx, lease_rx) = watch::channel(LeaseState::Valid { until: sent + lease.ttl() });
+        let (lease_tx, lease_rx) = watch::channel(LeaseState::Valid { until: sent + lease.ttl(), lease: lease.id() as u64 });
         let (view_tx, view_rx) = watch::channel(View::default());
         let inner = Arc::new(Inner {
             client,
@@ -363,7 +363,7 @@ async fn keep_leased(inner: Arc<Inner>, cancel: CancellationToken) {
                 match granted {
                     Ok(l) => {
                         *inner.lease.lock() = Some(l.clone());
-                        inner.lease_tx.send_replace(LeaseState::Valid { until: sent + l.ttl() });
+                        inner.lease_tx.send_replace(LeaseState::Valid { until: sent + l.ttl(), lease: l.id() as u64 });
                         info!(cluster, lease = format_args!("{:x}", l.id()), "arbiter: new lease after the last was lost");
                         l
                     }
@@ -395,7 +395,7 @@ async fn keep_leased(inner: Arc<Inner>, cancel: CancellationToken) {
         backoff.reset();
         let kept = tokio::select! {
             r = lease.keep_alive_with(&cancel, |until| {
-                inner.lease_tx.send_replace(LeaseState::Valid { until });
+                inner.lease_tx.send_replace(LeaseState::Valid { until, lease: lease.id() as u64 });
             }) => r,
             () = until_paused(&mut paused) => continue,
         };
@@ -430,7 +430,7 @@ async fn until_paused(paused: &mut watch::Receiver<bool>) {
 /// does not renew) whether it is gone, so that the member learns it like a resumed process does.
 async fn while_paused(inner: &Inner, paused: &mut watch::Receiver<bool>, cancel: &CancellationToken) {
     let mut next_check = match *inner.lease_tx.borrow() {
-        LeaseState::Valid { until } => until + Duration::from_millis(100),
+        LeaseState::Valid { until, .. } => until + Duration::from_millis(100),
         LeaseState::Lost => Instant::now(),
     };
     loop {

@@ -43,7 +43,7 @@
 //! let me = Candidate { cluster: "c1".into(), datacenter: "dc1".into(), endpoint: "http://10.0.0.7:19530".into() };
 //! let session = arbiter.join(me, Duration::from_secs(2)).await?;
 //! session.report(MemberStatus { cluster: "c1".into(), datacenter: "dc1".into(), endpoint: "http://10.0.0.7:19530".into(),
-//!     role: role::ALTERNATIVE.into(), epoch: 0, position: 42, promotable: true }).await?;
+//!     role: Role::Alternative, epoch: 0, position: 42, promotable: true }).await?;
 //! let view = session.view().borrow().clone();
 //! // Nobody leads, no switchover names someone else, and (the controller's call) I am the most
 //! // caught-up promotable member of members(): campaign at the epoch the view shows.
@@ -75,6 +75,8 @@ use tandem_discovery::DiscoveryError;
 
 pub use embedded::EmbeddedArbiter;
 pub use etcd::EtcdArbiter;
+/// A member's role as it reports it: the one role type of cluster, gateway and SDK.
+pub use tandem_proto::Role;
 
 /// How long a switchover's `handover` key lives unless the target wins first: long enough for
 /// the target to see the leader key go and campaign, short enough that a dead target does not
@@ -113,8 +115,9 @@ pub struct MemberStatus {
     #[serde(default)]
     pub datacenter: String,
     pub endpoint: String,
-    /// "leading" | "alternative" | "standby" | "recovering".
-    pub role: String,
+    /// Stored as "leading" | "alternative" | "standby" | "recovering" (the words of the untyped
+    /// versions); a report with a word this build does not know is skipped and logged with its key.
+    pub role: Role,
     /// The highest epoch this member has seen.
     pub epoch: u64,
     /// How far it has applied the log (bigger = more caught up).
@@ -138,7 +141,11 @@ pub enum LeaseState {
     /// The lease cannot expire before `until` (send time of the last confirmed renewal + ttl).
     /// `until` in the past means renewals are not getting through: a leader must stop taking
     /// writes by then, whether or not the arbiter has said anything.
-    Valid { until: Instant },
+    ///
+    /// `lease` tells leases apart: one granted after a loss has another id. Leadership is held
+    /// under the lease it was won with and ends with it, so a controller must not let a new
+    /// lease extend a leadership (a watcher may never see the `Lost` in between).
+    Valid { until: Instant, lease: u64 },
     /// The arbiter said the lease is gone (with the leader key, if it was held). The session
     /// grants a new lease and puts its member key again; leadership is not restored.
     Lost,
@@ -148,7 +155,7 @@ impl LeaseState {
     /// True while the lease is certainly alive at `now`.
     pub fn holds_at(&self, now: Instant) -> bool {
         match self {
-            LeaseState::Valid { until } => now < *until,
+            LeaseState::Valid { until, .. } => now < *until,
             LeaseState::Lost => false,
         }
     }
@@ -259,14 +266,6 @@ pub fn lease_seconds(ttl: Duration) -> i64 {
     s.clamp(1, i64::MAX as u64) as i64
 }
 
-/// The role strings of [`MemberStatus::role`].
-pub mod role {
-    pub const LEADING: &str = "leading";
-    pub const ALTERNATIVE: &str = "alternative";
-    pub const STANDBY: &str = "standby";
-    pub const RECOVERING: &str = "recovering";
-}
-
 /// A member name must be usable as the last segment of an etcd key.
 fn check_candidate(me: &Candidate) -> Result<()> {
     check_cluster(&me.cluster)?;
@@ -286,9 +285,6 @@ fn check_cluster(cluster: &str) -> Result<()> {
 fn check_report(me: &Candidate, status: &MemberStatus) -> Result<()> {
     if status.cluster != me.cluster {
         return Err(ArbiterError::InvalidArgument(format!("session of {:?} cannot report for cluster {:?}", me.cluster, status.cluster)));
-    }
-    if ![role::LEADING, role::ALTERNATIVE, role::STANDBY, role::RECOVERING].contains(&status.role.as_str()) {
-        return Err(ArbiterError::InvalidArgument(format!("unknown role {:?} in the report of {:?}", status.role, status.cluster)));
     }
     Ok(())
 }
@@ -334,16 +330,19 @@ mod tests {
             cluster: "a".into(),
             datacenter: "dc1".into(),
             endpoint: "http://h:1".into(),
-            role: role::ALTERNATIVE.into(),
+            role: Role::Alternative,
             epoch: 0,
             position: 0,
             promotable: true,
         };
         assert!(check_report(&me, &s).is_ok());
-        s.role = "boss".into();
-        let e = check_report(&me, &s).unwrap_err();
+        // Stored as the same words as before the role was typed, so members of both versions
+        // read each other's reports; an unknown word is refused, naming it.
+        let json = serde_json::to_string(&s).unwrap();
+        assert!(json.contains(r#""role":"alternative""#), "{json}");
+        let e = serde_json::from_str::<MemberStatus>(&json.replace("alternative", "boss")).unwrap_err();
         assert!(e.to_string().contains("boss"), "{e}");
-        s.role = role::LEADING.into();
+        s.role = Role::Leading;
         s.cluster = "b".into();
         assert!(check_report(&me, &s).is_err());
         assert!(check_hand_over(&me, "a").is_err());

@@ -140,6 +140,16 @@ impl std::fmt::Display for TransportKind {
     }
 }
 
+/// When a leader acknowledges a write (`replication.ack`; a request may name its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum AckPolicy {
+    /// Once the transport holds it: no acknowledged write is lost when the leader dies.
+    Exported,
+    /// Once it is in the local WAL: lower latency, asynchronous replication.
+    Local,
+}
+
 /// What an alternative does with an event it cannot decode or apply (`replication.on_poison`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -194,9 +204,8 @@ pub struct ReplicationConfig {
     /// What an alternative does with an event it cannot decode or apply: `halt` that shard's
     /// replication (default) or `skip` it. Either way it is quarantined and reported.
     pub on_poison: PoisonPolicy,
-    /// Leader with ack policy "exported" (default): a write is acknowledged once the transport
-    /// has it; "local": once it is in the local WAL.
-    pub ack: String,
+    /// When a leader acknowledges a write that does not name a policy.
+    pub ack: AckPolicy,
     pub kafka: KafkaSettings,
     pub pulsar: PulsarSettings,
 }
@@ -296,7 +305,7 @@ impl Default for ReplicationConfig {
             leader: String::new(),
             tick_ms: 50,
             on_poison: PoisonPolicy::Halt,
-            ack: "exported".into(),
+            ack: AckPolicy::Exported,
             kafka: KafkaSettings::default(),
             pulsar: PulsarSettings::default(),
         }
@@ -497,9 +506,6 @@ impl ClusterConfig {
         }
         if !(1..=60_000).contains(&r.tick_ms) {
             errs.push(format!("replication.tick_ms = {} is out of range 1..=60000", r.tick_ms));
-        }
-        if !["exported", "local"].contains(&r.ack.as_str()) {
-            errs.push(format!("replication.ack = {:?} is not one of exported, local", r.ack));
         }
         if !self.discovery.etcd.is_empty() && !(1..=3600).contains(&self.discovery.ttl_s) {
             errs.push(format!("discovery.ttl_s = {} is out of range 1..=3600", self.discovery.ttl_s));

@@ -15,6 +15,7 @@ pub mod ann;
 pub mod collection;
 pub mod config;
 pub mod error;
+pub mod failpoint;
 pub mod fanout;
 pub mod feed;
 pub mod filter;

@@ -674,7 +674,6 @@ impl Node {
     /// lock (`next_id`). A crash after the log append is repaired at the next start.
     fn ddl_apply(&self, next_id: &mut u64, rec: st::DdlRecord) -> Result<Option<Arc<Collection>>> {
         let lsn = self.ddl.append(&rec.encode_to_vec())?;
-        self.ddl_source_lsn.fetch_max(rec.source_lsn, Ordering::AcqRel);
         let mut all = self.collections.read().clone();
         let mut created = None;
         let mut dropped = None;
@@ -707,6 +706,10 @@ impl Node {
         }
         self.write_catalog(&all, *next_id)?;
         *self.collections.write() = all;
+        // Only now: a failover candidate that sees the position applied must also see the
+        // collection it creates, or it counts that collection's streams as caught up without
+        // looking at them (and is promoted without their rows).
+        self.ddl_source_lsn.fetch_max(rec.source_lsn, Ordering::AcqRel);
         self.ddl_applied.fetch_max(lsn, Ordering::AcqRel);
         if let Some(c) = dropped {
             c.mark_dropped();
@@ -1003,6 +1006,46 @@ mod tests {
             index_threads: 1,
         };
         Node::open(opts).unwrap()
+    }
+
+    /// A failover candidate compares the DDL position applied with the stream's end, then counts
+    /// the streams of the collections it knows: the position of a create must never be applied
+    /// before its collection is visible (else the candidate skips that collection's streams).
+    #[test]
+    fn a_replicated_create_is_visible_before_its_position_counts_as_applied() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = leader(dir.path());
+        node.set_role(Role::Alternative);
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let watcher = {
+            let (node, stop) = (node.clone(), stop.clone());
+            std::thread::spawn(move || {
+                let mut checks = 0u64;
+                while !stop.load(Ordering::Relaxed) {
+                    let applied = node.ddl_source_lsn();
+                    let known = node.collections().len() as u64;
+                    assert!(known >= applied, "DDL position {applied} applied with {known} collections visible");
+                    checks += 1;
+                }
+                checks
+            })
+        };
+        for i in 1..=20u64 {
+            let schema =
+                pb::CollectionSchema { name: format!("c{i}"), dim: 2, metric: pb::Metric::L2 as i32, shards: 2, ..Default::default() };
+            let rec = st::DdlRecord {
+                ts: crate::ts::compose(1_700_000_000_000 + i, 0),
+                collection: schema.name.clone(),
+                collection_id: i,
+                op: Some(st::ddl_record::Op::Create(schema)),
+                source_lsn: 0,
+            };
+            assert!(node.apply_replicated_ddl(i, rec).unwrap());
+        }
+        stop.store(true, Ordering::Relaxed);
+        let checks = watcher.join().expect("the watcher saw a position applied before its collection");
+        assert!(checks > 0);
+        assert_eq!(node.ddl_source_lsn(), 20);
     }
 
     /// A rejoining old leader keeps the shards it was told to keep (the stream holds their last

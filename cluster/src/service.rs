@@ -11,7 +11,7 @@ use tonic::{Request, Response, Status};
 
 use crate::ann::Knobs;
 use crate::collection::{Collection, Write};
-use crate::config::ClusterConfig;
+use crate::config::{AckPolicy, ClusterConfig};
 use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::node::Node;
@@ -170,7 +170,7 @@ impl ClusterService {
     }
 
     async fn ddl_exported(&self, deadline: Instant) -> Result<()> {
-        if self.cfg.replication.ack == "exported" {
+        if self.cfg.replication.ack == AckPolicy::Exported {
             self.node.wait_ddl_exported(deadline).await?;
         }
         self.node.check_lease()
@@ -184,7 +184,7 @@ impl ClusterService {
     /// until the transport holds it, so no acknowledged write is lost if this leader dies.
     async fn write(&self, c: Arc<Collection>, w: Write, ack: i32, deadline: Instant) -> Result<(Ts, u64)> {
         let exported = match pb::AckPolicy::try_from(ack) {
-            Ok(pb::AckPolicy::Unspecified) => self.cfg.replication.ack == "exported",
+            Ok(pb::AckPolicy::Unspecified) => self.cfg.replication.ack == AckPolicy::Exported,
             Ok(pb::AckPolicy::Exported) => true,
             Ok(pb::AckPolicy::Local) => false,
             Err(_) => return Err(ClusterError::invalid(format!("unknown ack policy {ack}: use EXPORTED or LOCAL"))),

@@ -303,7 +303,10 @@ impl Shared {
         self.sync_count.fetch_add(1, Ordering::Relaxed);
         #[cfg(test)]
         std::thread::sleep(Duration::from_micros(self.fsync_delay_us.load(Ordering::Relaxed)));
-        let result = if metadata { file.sync_all() } else { file.sync_data() };
+        let mut result = if metadata { file.sync_all() } else { file.sync_data() };
+        if crate::failpoint::fired("wal::fsync").is_some() {
+            result = Err(std::io::Error::other("injected fsync failure (failpoint wal::fsync)"));
+        }
         self.fatal(result.map_err(io_err(path)))
     }
 

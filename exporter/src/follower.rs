@@ -105,6 +105,13 @@ const BACKOFF: Duration = Duration::from_millis(200);
 /// leader's shard holds at least this many rows; below, replaying the broker's log is as quick.
 const SNAPSHOT_FIRST_MIN_ROWS: u64 = 20_000;
 
+/// The longest a snapshot may go without a message (its start included) before the attempt is
+/// given up: a leader that stops answering mid-snapshot (paused, cut off: no reset arrives)
+/// must not hold the shard for ever, since a candidate cannot finish catching up, and so
+/// cannot be promoted, while a shard waits on it. Chunks come every few ms while a snapshot
+/// streams.
+const SNAPSHOT_IDLE: Duration = Duration::from_secs(10);
+
 /// At most this many received events are applied together (one fsync).
 const MAX_BATCH_EVENTS: usize = 1024;
 
@@ -435,7 +442,16 @@ impl Follower {
             }
             let n = changes.len();
             let (node, c2) = (self.node.clone(), c.clone());
+            // Failpoint: applying the batch fails before anything is applied (`transient`: a
+            // failure worth retrying; otherwise one that is not).
+            let injected = tandem_cluster::failpoint::fired("follower::apply").map(|arg| match arg.as_str() {
+                "transient" => ClusterError::Unavailable("injected apply failure (failpoint follower::apply)".into()),
+                _ => ClusterError::Internal("injected apply failure (failpoint follower::apply)".into()),
+            });
             let (handled, result) = match tokio::task::spawn_blocking(move || {
+                if let Some(e) = injected {
+                    return (0, Err(e));
+                }
                 let mut jobs = Vec::new();
                 let r = c2.apply_replicated_batch(&node.clock, shard, changes, &mut jobs);
                 node.enqueue(&c2, jobs);
@@ -491,11 +507,10 @@ impl Follower {
 
     async fn load_snapshot(&self, c: &Arc<Collection>, shard: usize, min_rows: u64) -> Result<()> {
         let req = rp::SnapshotRequest { collection_id: c.id, shard: shard as u32, subscriber: self.cfg.subscriber.clone() };
-        let mut stream = self
-            .leader
-            .clone()
-            .snapshot(req)
+        let idle = || ExportError::Unavailable { backend: "snapshot", message: format!("the leader sent nothing for {SNAPSHOT_IDLE:?}") };
+        let mut stream = tokio::time::timeout(SNAPSHOT_IDLE, self.leader.clone().snapshot(req))
             .await
+            .map_err(|_| idle())?
             .map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?
             .into_inner();
         let mut bytes = 0u64;
@@ -504,7 +519,7 @@ impl Follower {
         let labels = [("cluster", self.cluster()), ("collection", c.schema().name.clone()), ("shard", shard.to_string())];
         let bytes_total = metrics::counter!("tandem_replication_bootstrap_bytes_total", &labels);
         let mut wiped = false;
-        while let Some(chunk) = stream.next().await {
+        while let Some(chunk) = tokio::time::timeout(SNAPSHOT_IDLE, stream.next()).await.map_err(|_| idle())? {
             let chunk = chunk.map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?;
             if !wiped {
                 if chunk.total_rows < min_rows {
@@ -562,6 +577,10 @@ impl Follower {
             })
             .await
             .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
+            // Failpoint: the snapshot is cut off with part of its rows loaded.
+            if tandem_cluster::failpoint::fired("follower::snapshot_chunk").is_some() {
+                return Err(ExportError::Unavailable { backend: "snapshot", message: "snapshot interrupted (failpoint)".into() });
+            }
         }
         Err(ExportError::Unavailable { backend: "snapshot", message: "the snapshot stream ended early".into() })
     }

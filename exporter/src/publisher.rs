@@ -17,6 +17,7 @@ use tandem_cluster::node::Node;
 use tandem_proto::replication::v1 as rp;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::ExportError;
 use crate::transport::{StreamId, Transport};
 
 const BACKOFF: Duration = Duration::from_millis(200);
@@ -212,7 +213,22 @@ impl Publisher {
                 };
                 let last = events.iter().filter(|e| !matches!(e.body, Some(rp::change_event::Body::Tick(_)))).map(|e| e.lsn).max();
                 let top_ts = events.iter().map(|e| e.ts).max().unwrap_or(0);
-                if let Err(e) = self.transport.publish(&stream, events).await {
+                // Failpoint: the publish fails before the batch is sent, or after the broker
+                // took it (the resume from the stream's end must not publish it twice).
+                let injected = tandem_cluster::failpoint::fired("publisher::publish");
+                let sent = match injected.as_deref() {
+                    Some("before") => {
+                        Err(ExportError::Unavailable { backend: "failpoint", message: "publish failed before sending".into() })
+                    }
+                    _ => self.transport.publish(&stream, events).await,
+                };
+                let sent = match (sent, injected.as_deref()) {
+                    (Ok(()), Some("after")) => {
+                        Err(ExportError::Unavailable { backend: "failpoint", message: "publish failed after the broker took it".into() })
+                    }
+                    (r, _) => r,
+                };
+                if let Err(e) = sent {
                     tracing::warn!(error = %e, %stream, "publish failed; resuming from the stream's end");
                     tokio::time::sleep(BACKOFF).await;
                     break;

@@ -669,7 +669,10 @@ impl ClusterProcess {
             .arg(config)
             .arg("--data-dir")
             .arg(data)
-            .env("RUST_LOG", std::env::var("TANDEM_BENCH_LOG").unwrap_or_else(|_| "warn,tandem::ha=info,tandem_cluster::node=info".into()))
+            .env(
+                "RUST_LOG",
+                std::env::var("TANDEM_BENCH_LOG").unwrap_or_else(|_| "warn,tandem_node::ha=info,tandem_cluster::node=info".into()),
+            )
             .stderr(log);
         let (child, addr) = crate::cli::cluster::spawn_listening(&mut cmd)
             .with_context(|| format!("tandem cluster {name} (log: {})", data.with_extension("log").display()))?;

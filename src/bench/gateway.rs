@@ -22,11 +22,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use rand::{Rng, SeedableRng};
 use serde::Serialize;
 use tandem_client::Channel;
 use tandem_cluster::{ClusterConfig, Role};
+use tandem_node::Member;
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio::runtime::Handle;
@@ -155,31 +156,11 @@ pub struct Report {
     pub scaling: Vec<Scaling>,
 }
 
-struct Member {
-    running: tandem_cluster::server::Running,
-    repl: crate::replication::ReplicationHandle,
-}
-
-impl Member {
-    /// Starts a cluster on `rt` (the clusters' own runtime with `--split-cores`): its tasks,
-    /// and the threads it starts (search pool, index builders), run where that runtime runs.
-    async fn start_on(rt: &Option<Handle>, cfg: ClusterConfig) -> anyhow::Result<Member> {
-        on(rt, Member::start(cfg)).await
-    }
-
-    async fn start(cfg: ClusterConfig) -> anyhow::Result<Member> {
-        if let Err(errs) = cfg.validate() {
-            bail!("bench cluster {} config is invalid: {}", cfg.cluster_id, errs.join("; "));
-        }
-        let running =
-            tandem_cluster::server::start(cfg.clone()).await.with_context(|| format!("cannot start cluster {}", cfg.cluster_id))?;
-        let repl = crate::replication::start(&running, &cfg).await?;
-        Ok(Member { running, repl })
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.running.addr)
-    }
+/// Starts a cluster on `rt` (the clusters' own runtime with `--split-cores`): its tasks, and
+/// the threads it starts (search pool, index builders), run where that runtime runs.
+async fn start_member_on(rt: &Option<Handle>, cfg: ClusterConfig) -> anyhow::Result<Member> {
+    let id = cfg.cluster_id.clone();
+    on(rt, async move { Member::start(cfg).await.with_context(|| format!("cannot start bench cluster {id}")) }).await
 }
 
 pub async fn run(a: GatewayBenchArgs) -> anyhow::Result<()> {
@@ -227,13 +208,13 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
         cfg
     };
     eprintln!("starting a leading cluster and two alternatives ...");
-    let leader = Member::start_on(&rt, base("a")).await?;
+    let leader = start_member_on(&rt, base("a")).await?;
     let mut members = vec![("a".to_string(), leader)];
     for id in ["b", "c"] {
         let mut cfg = base(id);
         cfg.role = Role::Alternative;
         cfg.replication.leader = members[0].1.endpoint();
-        members.push((id.to_string(), Member::start_on(&rt, cfg).await?));
+        members.push((id.to_string(), start_member_on(&rt, cfg).await?));
     }
 
     // Data, through the leader.
@@ -367,8 +348,7 @@ async fn bench(a: &GatewayBenchArgs, rt: Option<Handle>, cpus: (Vec<usize>, Vec<
     drop((direct, direct_clients, gw_clients));
     // Alternatives first: their replication streams would keep the leader draining.
     for (_, m) in members.into_iter().rev() {
-        m.repl.stop();
-        on(&rt, async move { Ok(m.running.stop().await?) }).await?;
+        on(&rt, async move { Ok(m.stop(crate::config::MEMBER_DRAIN).await?) }).await?;
     }
     let added_p50_us = gateway_side.latency.p50_us - direct_side.latency.p50_us;
     let qps_ratio = gateway_side.qps / direct_side.qps;

@@ -35,14 +35,13 @@ use serde::Serialize;
 use tandem_client::Channel;
 use tandem_cluster::config::WalSync;
 use tandem_cluster::schema::IndexKind;
-use tandem_cluster::server::Running;
 use tandem_cluster::{ClusterConfig, Role};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::replication::ReplicationHandle;
+use tandem_node::Member;
 
 const COLLECTION: &str = "bench";
 
@@ -444,42 +443,20 @@ enum Transport {
     Pulsar { url: String },
 }
 
-/// A cluster started in-process, with its part in replication.
-struct Member {
-    running: Running,
-    repl: ReplicationHandle,
-    cfg: ClusterConfig,
+/// A cluster started in-process, with its part in replication: a `tandem_node::Member`, as
+/// `tandem cluster` runs it.
+async fn start_member(cfg: ClusterConfig) -> anyhow::Result<Member> {
+    let id = cfg.cluster_id.clone();
+    Member::start(cfg).await.with_context(|| format!("cannot start bench cluster {id}"))
 }
 
-impl Member {
-    async fn start(cfg: ClusterConfig) -> anyhow::Result<Member> {
-        if let Err(errs) = cfg.validate() {
-            bail!("bench cluster {} config is invalid: {}", cfg.cluster_id, errs.join("; "));
-        }
-        let running =
-            tandem_cluster::server::start(cfg.clone()).await.with_context(|| format!("cannot start cluster {}", cfg.cluster_id))?;
-        let repl = match crate::replication::start(&running, &cfg).await {
-            Ok(r) => r,
-            Err(e) => {
-                let _ = running.stop().await;
-                return Err(e.context(format!("cannot start replication of cluster {}", cfg.cluster_id)));
-            }
-        };
-        Ok(Member { running, repl, cfg })
-    }
+async fn client(m: &Member) -> anyhow::Result<TandemClient<Channel>> {
+    crate::cli::connect(&m.endpoint()).await
+}
 
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.running.addr)
-    }
-
-    async fn client(&self) -> anyhow::Result<TandemClient<Channel>> {
-        crate::cli::connect(&self.endpoint()).await
-    }
-
-    async fn stop(self) -> anyhow::Result<()> {
-        self.repl.stop();
-        self.running.stop().await.with_context(|| format!("cluster {} did not stop cleanly", self.cfg.cluster_id))
-    }
+async fn stop_member(m: Member) -> anyhow::Result<()> {
+    let id = m.id().to_string();
+    m.stop(crate::config::MEMBER_DRAIN).await.with_context(|| format!("cluster {id} did not stop cleanly"))
 }
 
 /// A unique replication group per pair, so pairs never share Kafka topics.
@@ -741,17 +718,17 @@ where
 /// One live measurement on a fresh pair whose data lives under `scratch`.
 async fn live_run(a: &ReplicationBenchArgs, transport: &Transport, scratch: &Path) -> anyhow::Result<LiveReport> {
     let group = group_name("live");
-    let leader = Member::start(cluster_config("leader", scratch, transport, &group, a)).await?;
-    let alt_cfg = alternative_of(leader.cfg.clone(), "alternative", scratch, &leader);
-    let alt = match Member::start(alt_cfg).await {
+    let leader = start_member(cluster_config("leader", scratch, transport, &group, a)).await?;
+    let alt_cfg = alternative_of(leader.config().clone(), "alternative", scratch, &leader);
+    let alt = match start_member(alt_cfg).await {
         Ok(m) => m,
         Err(e) => {
-            let _ = leader.stop().await;
+            let _ = stop_member(leader).await;
             return Err(e);
         }
     };
     let result = live_measure(a, &leader, &alt).await;
-    let stopped = (alt.stop().await, leader.stop().await);
+    let stopped = (stop_member(alt).await, stop_member(leader).await);
     let report = result?;
     stopped.0?;
     stopped.1?;
@@ -759,18 +736,18 @@ async fn live_run(a: &ReplicationBenchArgs, transport: &Transport, scratch: &Pat
 }
 
 async fn live_measure(a: &ReplicationBenchArgs, leader: &Member, alt: &Member) -> anyhow::Result<LiveReport> {
-    let mut admin = leader.client().await?;
+    let mut admin = client(leader).await?;
     admin.create_collection(pb::CreateCollectionRequest { schema: Some(schema(a)) }).await.context("create collection on the leader")?;
-    let mut alt_admin = alt.client().await?;
+    let mut alt_admin = client(alt).await?;
     wait_for_collection(&mut alt_admin, SETUP_TIMEOUT).await?;
 
     // Warm up: every shard stream subscribed (a first Kafka subscription also waits for the
     // topic), connections open, code paths hot.
     let live = Arc::new(Live {
-        leader_writer: leader.client().await?,
-        leader_reader: leader.client().await?,
-        alt_session: alt.client().await?,
-        alt_strong: alt.client().await?,
+        leader_writer: client(leader).await?,
+        leader_reader: client(leader).await?,
+        alt_session: client(alt).await?,
+        alt_strong: client(alt).await?,
         batch: a.batch,
         dim: a.dim,
         seed: a.seed,
@@ -905,9 +882,9 @@ async fn bootstrap_run(a: &ReplicationBenchArgs, transport: &Transport, scratch:
     // the flush is over sooner.
     cfg.wal.sync = WalSync::Never;
     cfg.index.threads = std::thread::available_parallelism().map_or(1, |n| n.get()).clamp(1, 64);
-    let leader = Member::start(cfg).await?;
+    let leader = start_member(cfg).await?;
     let result = bootstrap_measure(a, &leader, scratch).await;
-    let stopped = leader.stop().await;
+    let stopped = stop_member(leader).await;
     let report = result?;
     stopped?;
     Ok(report)
@@ -933,7 +910,7 @@ fn preload_batch(a: &ReplicationBenchArgs, cfg: &ClusterConfig) -> usize {
 }
 
 async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &Path) -> anyhow::Result<BootstrapReport> {
-    let mut admin = leader.client().await?;
+    let mut admin = client(leader).await?;
     admin
         .create_collection(pb::CreateCollectionRequest { schema: Some(schema(a)) })
         .await
@@ -941,7 +918,7 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
     let n = a.bootstrap_rows;
     eprintln!("bootstrap: preloading {n} vectors of dim {} on the leader (wal sync never, 1 MiB WAL files)...", a.dim);
     let t = Instant::now();
-    let batch = preload_batch(a, &leader.cfg);
+    let batch = preload_batch(a, leader.config());
     if batch < a.bootstrap_batch {
         eprintln!("bootstrap: preload batches of {batch} rows, so that each shard's event fits in a Kafka message");
     }
@@ -953,7 +930,7 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
     let mut set = JoinSet::new();
     // Two streams: the leader builds a batch while the next one is on the wire.
     for _ in 0..2 {
-        let (next, mut c) = (next.clone(), leader.client().await?);
+        let (next, mut c) = (next.clone(), client(leader).await?);
         let (dim, seed) = (a.dim, a.seed);
         set.spawn(async move {
             loop {
@@ -975,7 +952,7 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
     let t = Instant::now();
     admin.flush(pb::FlushRequest { collection: COLLECTION.into() }).await.context("flush the bootstrap leader")?;
     let flush_secs = t.elapsed().as_secs_f64();
-    let coll = leader.running.node.collection(COLLECTION).context("the bootstrap leader's collection")?;
+    let coll = leader.node().collection(COLLECTION).context("the bootstrap leader's collection")?;
     let leader_log_starts: Vec<u64> = coll.shards().iter().map(|s| s.first_lsn()).collect();
     if leader_log_starts.iter().any(|&f| f <= 1) {
         eprintln!(
@@ -991,15 +968,15 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
     ensure!(want == n as u64, "the bootstrap leader counts {want} rows, {n} were inserted");
 
     eprintln!("bootstrap: flushed in {flush_secs:.1} s (log starts at {leader_log_starts:?}); starting a new alternative...");
-    let mut alt_cfg = alternative_of(leader.cfg.clone(), "boot_alternative", scratch, leader);
+    let mut alt_cfg = alternative_of(leader.config().clone(), "boot_alternative", scratch, leader);
     // The alternative applies the snapshot like any replicated change: fsynced under the
     // bench's --wal-sync, as a production alternative would be.
     alt_cfg.wal.file_mib = tandem_cluster::config::WalConfig::default().file_mib;
     alt_cfg.wal.sync = a.wal_sync.into();
     let t = Instant::now();
-    let alt = Member::start(alt_cfg).await?;
+    let alt = start_member(alt_cfg).await?;
     let caught_up = async {
-        let mut c = alt.client().await?;
+        let mut c = client(&alt).await?;
         loop {
             let req =
                 pb::CountRequest { collection: COLLECTION.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") };
@@ -1014,8 +991,8 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
         }
     }
     .await;
-    let snapshot_bootstraps = alt.repl.follower().map_or(0, |f| f.bootstraps.load(Ordering::Relaxed));
-    let stopped = alt.stop().await;
+    let snapshot_bootstraps = alt.follower().map_or(0, |f| f.bootstraps.load(Ordering::Relaxed));
+    let stopped = stop_member(alt).await;
     let secs = caught_up?;
     stopped?;
     let megabytes = (want as usize * a.dim * 4) as f64 / 1e6;

@@ -1,13 +1,13 @@
-//! `tandem cluster`: runs a cluster node until SIGTERM or SIGINT, then shuts it down in this
-//! order: stop taking writes, flush the exporter, deregister, drain gRPC, cancel index builds,
-//! stop telemetry. Every part runs under one root token: a second signal or `--drain-timeout`
-//! cancels it, and with it whatever is still running.
+//! `tandem cluster`: runs one member (`tandem_node::Member`) until SIGTERM or SIGINT, then stops
+//! it in the member's order: stop taking writes, flush the exporter, deregister, drain gRPC,
+//! cancel index builds, stop metrics. Every part runs under one root token: a second signal or
+//! `--drain-timeout` cancels it, and with it whatever is still running.
 
 use std::path::PathBuf;
 
 use anyhow::{Context, bail};
 
-use tandem_cluster::server;
+use tandem_node::{Member, MemberOptions, NodeError};
 
 use super::LogFormat;
 use crate::config::{ConfigOverrides, load_cluster_config_with};
@@ -66,96 +66,32 @@ pub async fn run(a: ClusterArgs) -> anyhow::Result<()> {
     // Held until the end of `run`: dropping it flushes the spans still buffered.
     let _traces = tandem_telemetry::tracing::init("info", a.log_format.into(), &cfg.telemetry.otlp_endpoint, "tandem-cluster")?;
     let id = cfg.cluster_id.clone();
-    // With an arbiter the node serves nothing until the controller has decided its role.
-    let mut serving = cfg.clone();
-    if cfg.ha.enabled() {
-        serving.role = crate::ha::STARTING_ROLE;
+    // A configuration mistake found while starting exits 64, like one found while loading.
+    let member =
+        Member::start_with(cfg, MemberOptions { metrics: true, ..Default::default() }).await.map_err(crate::config::member_error)?;
+    if let Some(addr) = member.metrics_addr() {
+        println!("tandem cluster {id} metrics on http://{addr}/metrics");
     }
-    let root = tokio_util::sync::CancellationToken::new();
-    let running = server::start_with(serving, root.child_token()).await?;
-    let metrics = super::MetricsEndpoint::start(&cfg.telemetry.metrics_listen, &format!("cluster {id}")).await?;
-    let (replication, ha) = if cfg.ha.enabled() {
-        let arbiter = crate::ha::arbiter(&cfg)?;
-        let ha = crate::ha::start(running.node.clone(), &cfg, endpoint(&cfg, running.addr), arbiter).await?;
-        (crate::replication::ReplicationHandle::default(), Some(ha))
-    } else {
-        (crate::replication::start(&running, &cfg).await?, None)
-    };
     // Scripts and tests wait for this exact line to learn the address (port 0 picks one):
     // `spawn_listening` below.
-    println!("tandem cluster {id} listening on {}", running.addr);
-    let discovery = register_in_etcd(&cfg, running.addr, root.child_token()).await?;
+    println!("tandem cluster {id} listening on {}", member.addr());
 
     let signal = shutdown_signal().await?;
     tracing::info!(signal, "shutting down");
-    // The flush may take at most half the drain time: an unreachable broker must not leave
-    // nothing for the requests in flight.
-    let flush_deadline = std::time::Instant::now() + std::time::Duration::from_secs(a.drain_timeout) / 2;
-    let orderly = async move {
-        // 1. Stop taking writes. Under an arbiter a leader fences itself and resigns, so another
-        // cluster is promoted at once; without one, new writes are refused (`Stopping`: a
-        // gateway holds them) while writes in flight finish and export.
-        if let Some(ha) = ha {
-            ha.stop().await;
-        } else {
-            running.node.stop_writes();
+    let root = member.root();
+    let drain = std::time::Duration::from_secs(a.drain_timeout);
+    tokio::select! {
+        r = member.stop(drain) => match r {
+            Err(NodeError::DrainTimeout { .. }) => bail!("shutdown did not finish within --drain-timeout {}s; exiting anyway", a.drain_timeout),
+            r => r?,
+        },
+        s = shutdown_signal() => {
+            root.cancel();
+            bail!("{} during shutdown; exiting without waiting for requests in flight", s?)
         }
-        // 2. Flush the exporter: what was written reaches the broker before the publisher stops.
-        if !replication.flush_and_stop(&running.node, flush_deadline).await {
-            tracing::warn!("stopping with changes the transport has not acknowledged (no write waiting for them was acknowledged)");
-        }
-        // 3. Deregister, so gateways stop routing here while requests drain.
-        discovery.stop().await;
-        // 4. Drain gRPC, 5. cancel index builds (their segments are indexed again at start).
-        running.stop().await
-    };
-    let drained = super::drain(orderly, a.drain_timeout).await;
-    // Whatever the drain left running stops now.
-    root.cancel();
-    // 6. Telemetry last: metrics stay scrapeable while the node drains.
-    metrics.stop().await?;
-    drained?;
+    }
     tracing::info!("stopped");
     Ok(())
-}
-
-/// The cluster's registration in etcd (`[discovery] etcd`), kept alive until [`Self::stop`].
-struct Discovery(Option<(tokio_util::sync::CancellationToken, tokio::task::JoinHandle<()>)>);
-
-impl Discovery {
-    /// Revokes the registration: gateways watching etcd see this cluster leave at once.
-    async fn stop(self) {
-        if let Some((cancel, task)) = self.0 {
-            cancel.cancel();
-            let _ = tokio::time::timeout(tandem_discovery::etcd::CALL_TIMEOUT * 2, task).await;
-        }
-    }
-}
-
-/// Registers under `<prefix><cluster_id>` with the advertised endpoint (or http:// + the bound
-/// address) when etcd endpoints are configured. etcd being down is not fatal: the registration
-/// retries in the background.
-async fn register_in_etcd(
-    cfg: &tandem_cluster::ClusterConfig,
-    bound: std::net::SocketAddr,
-    cancel: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<Discovery> {
-    let d = &cfg.discovery;
-    if d.etcd.is_empty() {
-        return Ok(Discovery(None));
-    }
-    let endpoint = endpoint(cfg, bound);
-    if bound.ip().is_unspecified() && cfg.advertise.is_empty() {
-        tracing::warn!(endpoint, "registering an unspecified address: set `advertise` so gateways can reach this cluster");
-    }
-    let reg = tandem_discovery::Registration { id: cfg.cluster_id.clone(), datacenter: cfg.datacenter.clone(), endpoint };
-    let task = match tandem_discovery::etcd::register(d.etcd.clone(), d.prefix.clone(), d.ttl_s, reg, cancel.clone()).await {
-        Ok(t) => t,
-        // A bad endpoint is a configuration mistake (exit 64), not an outage.
-        Err(e) if !e.is_transient() => return Err(crate::config::InvalidConfig { problems: vec![e.to_string()] }.into()),
-        Err(e) => return Err(e.into()),
-    };
-    Ok(Discovery(Some((cancel, task))))
 }
 
 /// Starts `cmd`, a `tandem cluster` command, with its stdout piped, and waits (up to 60 s) for
@@ -180,11 +116,6 @@ pub fn spawn_listening(cmd: &mut std::process::Command) -> anyhow::Result<(std::
             bail!("printed no address within 60 s")
         }
     }
-}
-
-/// How others reach this cluster: `advertise`, or http:// + the bound address.
-fn endpoint(cfg: &tandem_cluster::ClusterConfig, bound: std::net::SocketAddr) -> String {
-    if cfg.advertise.is_empty() { format!("http://{bound}") } else { cfg.advertise.clone() }
 }
 
 /// Waits for SIGINT (Ctrl-C) or SIGTERM and returns its name.

@@ -289,7 +289,7 @@ impl MetricsEndpoint {
 }
 
 /// Waits for `stop` (a server draining its requests in flight), giving up after
-/// `--drain-timeout` seconds or at a second signal. Shared by `tandem cluster` and `tandem gateway`.
+/// `--drain-timeout` seconds or at a second signal. `tandem gateway` uses it (a cluster member bounds its own stop: `Member::stop`).
 pub async fn drain<E>(stop: impl std::future::Future<Output = Result<(), E>>, drain_timeout: u64) -> anyhow::Result<()>
 where
     anyhow::Error: From<E>,

@@ -1,28 +1,42 @@
-//! The in-process test sandbox: clusters on `127.0.0.1:0` with temp data dirs, and ways to
-//! restart or kill a member. Every integration test builds on it.
+//! The in-process test sandbox: clusters on `127.0.0.1:0` with temp data dirs, each a
+//! `tandem_node::Member` started as `tandem cluster` starts one, and ways to restart, stop,
+//! pause or partition a member. Every integration test builds on it.
 //!
 //! ```ignore
 //! let sb = Sandbox::builder().cluster("a").build().await;
 //! let mut c = sb.client("a").await;
 //! sb.restart("a").await;            // graceful stop + start on the same data dir
 //! let p = ProcessCluster::start(dir); // a real `tandem cluster` process, for kill -9
+//!
+//! // Failover: an arbiter of the sandbox's own, a broker transport, members behind links.
+//! let sb = Sandbox::builder().transport(Backend::Kafka { brokers }).ha()
+//!     .leading("a").alternative("b", "a").build().await;
+//! sb.pause("a").await;              // SIGSTOP-like; `partition` cuts it off instead
+//! sb.wait_role("b", pb::Role::Leading, limit).await;
 //! ```
 #![allow(dead_code)]
+
+pub mod faults;
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use faults::{Fault, FaultyArbiter, Link};
 use tandem_client::Channel;
 use tandem_cluster::ClusterConfig;
-use tandem_cluster::server::{self, Running};
+use tandem_node::{Member as NodeMember, MemberOptions};
 use tandem_proto::v1 as pb;
 use tandem_proto::v1::tandem_client::TandemClient;
 use tokio::sync::Mutex;
 
 pub type Client = TandemClient<Channel>;
+
+/// How long a member may take to stop.
+const DRAIN: Duration = Duration::from_secs(30);
 
 /// The replication transport a sandbox's alternatives use.
 #[derive(Debug, Clone)]
@@ -39,10 +53,20 @@ pub enum Backend {
 
 type Adjust = Box<dyn Fn(&mut ClusterConfig) + Send>;
 
+/// How a cluster joins the sandbox.
+enum Joins {
+    Leading,
+    /// Follows the named cluster (without an arbiter, that cluster's address is configured).
+    Following(String),
+    Standby,
+}
+
 pub struct SandboxBuilder {
-    /// (name, follows, adjust): clusters start in order, so a leader precedes its alternatives.
-    clusters: Vec<(String, Option<String>, Adjust)>,
+    /// Clusters start in order, so a leader precedes its alternatives.
+    clusters: Vec<(String, Joins, Adjust)>,
     backend: Backend,
+    ha: bool,
+    links: bool,
 }
 
 impl SandboxBuilder {
@@ -52,7 +76,7 @@ impl SandboxBuilder {
 
     /// A cluster whose config the closure adjusts (e.g. a small `segment.seal_rows`).
     pub fn cluster_with(mut self, name: &str, f: impl Fn(&mut ClusterConfig) + Send + 'static) -> Self {
-        self.clusters.push((name.to_string(), None, Box::new(f)));
+        self.clusters.push((name.to_string(), Joins::Leading, Box::new(f)));
         self
     }
 
@@ -67,7 +91,13 @@ impl SandboxBuilder {
     }
 
     pub fn alternative_with(mut self, name: &str, leader: &str, f: impl Fn(&mut ClusterConfig) + Send + 'static) -> Self {
-        self.clusters.push((name.to_string(), Some(leader.to_string()), Box::new(f)));
+        self.clusters.push((name.to_string(), Joins::Following(leader.to_string()), Box::new(f)));
+        self
+    }
+
+    /// A standby (needs [`SandboxBuilder::ha`]): follows whoever leads, serves nothing.
+    pub fn standby(mut self, name: &str) -> Self {
+        self.clusters.push((name.to_string(), Joins::Standby, Box::new(|_| {})));
         self
     }
 
@@ -76,47 +106,60 @@ impl SandboxBuilder {
         self
     }
 
+    /// Automatic failover: every cluster joins the sandbox's own embedded arbiter (2 s leases),
+    /// and sits behind a link so it can be paused or partitioned. Needs a broker transport.
+    pub fn ha(mut self) -> Self {
+        self.ha = true;
+        self.links = true;
+        self
+    }
+
+    /// Members behind links (pause, partition) without an arbiter.
+    pub fn links(mut self) -> Self {
+        self.links = true;
+        self
+    }
+
     pub async fn build(self) -> Sandbox {
+        init_logs();
         let root = tempfile::tempdir().expect("temp dir");
-        let mut members: BTreeMap<String, Mutex<Member>> = BTreeMap::new();
-        // One replication group per sandbox (its own topics), shared by all its clusters.
-        let group = format!("g{}x{}", std::process::id(), rand_suffix());
-        for (name, follows, adjust) in self.clusters {
-            let mut cfg = ClusterConfig {
-                cluster_id: name.clone(),
-                listen: "127.0.0.1:0".into(),
-                data_dir: root.path().join(&name),
-                ..Default::default()
-            };
-            cfg.search.threads = 2;
-            // Headroom for a broker on a loaded 2-core machine: bounds waits for the serviceable
-            // ts and for exports (a failure guard, not a timing assertion).
-            cfg.read.max_wait_ms = 30_000;
-            match &self.backend {
-                Backend::Direct => cfg.replication.transport = tandem_cluster::config::TransportKind::Direct,
-                Backend::Kafka { brokers } => {
-                    cfg.replication.transport = tandem_cluster::config::TransportKind::Kafka;
-                    cfg.replication.kafka.brokers = brokers.clone();
-                    cfg.replication.group = group.clone();
+        let mut sb = Sandbox {
+            _root: root,
+            members: BTreeMap::new(),
+            backend: self.backend,
+            // One replication group per sandbox (its own topics), shared by all its clusters.
+            group: format!("g{}x{}", std::process::id(), rand_suffix()),
+            arbiter: self.ha.then(FaultyArbiter::new),
+            links: self.links,
+        };
+        for (name, joins, adjust) in self.clusters {
+            let mut cfg = sb.base_config(&name);
+            match joins {
+                Joins::Leading => {}
+                Joins::Following(leader) => {
+                    cfg.role = tandem_cluster::Role::Alternative;
+                    if !self.ha {
+                        cfg.replication.leader = format!("http://{}", sb.addr(&leader).await);
+                    }
                 }
-                Backend::Pulsar { url } => {
-                    cfg.replication.transport = tandem_cluster::config::TransportKind::Pulsar;
-                    cfg.replication.pulsar.service_url = url.clone();
-                    cfg.replication.group = group.clone();
-                }
-            }
-            if let Some(leader) = &follows {
-                let addr = members[leader].lock().await.running.as_ref().expect("leader running").addr;
-                cfg.role = tandem_cluster::Role::Alternative;
-                cfg.replication.leader = format!("http://{addr}");
+                Joins::Standby => cfg.role = tandem_cluster::Role::Standby,
             }
             adjust(&mut cfg);
-            let running = server::start(cfg.clone()).await.expect("start cluster");
-            let repl = tandem::replication::start(&running, &cfg).await.expect("start replication");
-            members.insert(name, Mutex::new(Member { cfg, running: Some(running), repl: Some(repl) }));
+            sb.start_member(name, cfg).await;
         }
-        Sandbox { _root: root, members, backend: self.backend }
+        sb
     }
+}
+
+/// Logs of the members on the test's output when `TANDEM_TEST_LOG` is set (a filter such as
+/// `info,tandem_node=debug`); shown for failed tests only.
+fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        if let Ok(filter) = std::env::var("TANDEM_TEST_LOG") {
+            let _ = tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_test_writer().try_init();
+        }
+    });
 }
 
 fn rand_suffix() -> u64 {
@@ -127,24 +170,27 @@ fn rand_suffix() -> u64 {
 
 struct Member {
     cfg: ClusterConfig,
-    running: Option<Running>,
-    repl: Option<tandem::replication::ReplicationHandle>,
+    running: Option<NodeMember>,
+    link: Option<Link>,
 }
 
 pub struct Sandbox {
     _root: tempfile::TempDir,
     members: BTreeMap<String, Mutex<Member>>,
     backend: Backend,
+    group: String,
+    arbiter: Option<FaultyArbiter>,
+    links: bool,
 }
 
 impl Sandbox {
     pub fn builder() -> SandboxBuilder {
-        SandboxBuilder { clusters: Vec::new(), backend: Backend::Direct }
+        SandboxBuilder { clusters: Vec::new(), backend: Backend::Direct, ha: false, links: false }
     }
 
-    /// Starts another alternative following `leader` (e.g. a new replica joining late).
-    pub async fn add_alternative(&mut self, name: &str, leader: &str) {
-        let addr = self.addr(leader).await;
+    /// A cluster's configuration before its role: its data dir, the transport, and under an
+    /// arbiter the HA settings.
+    fn base_config(&self, name: &str) -> ClusterConfig {
         let mut cfg = ClusterConfig {
             cluster_id: name.into(),
             listen: "127.0.0.1:0".into(),
@@ -152,36 +198,94 @@ impl Sandbox {
             ..Default::default()
         };
         cfg.search.threads = 2;
+        // Headroom for a broker on a loaded 2-core machine: bounds waits for the serviceable
+        // ts and for exports (a failure guard, not a timing assertion).
+        cfg.read.max_wait_ms = 30_000;
+        match &self.backend {
+            Backend::Direct => cfg.replication.transport = tandem_cluster::config::TransportKind::Direct,
+            Backend::Kafka { brokers } => {
+                cfg.replication.transport = tandem_cluster::config::TransportKind::Kafka;
+                cfg.replication.kafka.brokers = brokers.clone();
+                cfg.replication.group = self.group.clone();
+            }
+            Backend::Pulsar { url } => {
+                cfg.replication.transport = tandem_cluster::config::TransportKind::Pulsar;
+                cfg.replication.pulsar.service_url = url.clone();
+                cfg.replication.group = self.group.clone();
+            }
+        }
+        if self.arbiter.is_some() {
+            cfg.ha.arbiter = tandem_cluster::config::ArbiterKind::Embedded;
+            cfg.ha.lease_ttl_s = 2;
+        }
+        cfg
+    }
+
+    fn options(&self) -> MemberOptions {
+        MemberOptions { arbiter: self.arbiter.clone().map(|a| Arc::new(a) as Arc<dyn tandem_arbiter::Arbiter>), ..Default::default() }
+    }
+
+    /// Starts `name` (behind a link when the sandbox has them: the link's address is the one
+    /// it advertises, so the arbiter sends the others there).
+    async fn start_member(&mut self, name: String, mut cfg: ClusterConfig) {
+        let link = if self.links {
+            let fault = match &self.arbiter {
+                Some(a) => a.switch(&name),
+                None => tokio::sync::watch::channel(Fault::None).0,
+            };
+            // Upstream set once the member has bound its port.
+            let link = Link::start("127.0.0.1:9".parse().unwrap(), fault).await;
+            cfg.advertise = format!("http://{}", link.addr);
+            Some(link)
+        } else {
+            None
+        };
+        let running = NodeMember::start_with(cfg.clone(), self.options()).await.unwrap_or_else(|e| panic!("start cluster {name}: {e}"));
+        if let Some(l) = &link {
+            l.set_upstream(running.addr());
+        }
+        self.members.insert(name, Mutex::new(Member { cfg, running: Some(running), link }));
+    }
+
+    /// Starts another alternative following `leader` (e.g. a new replica joining late).
+    pub async fn add_alternative(&mut self, name: &str, leader: &str) {
+        let mut cfg = self.base_config(name);
         cfg.role = tandem_cluster::Role::Alternative;
-        cfg.replication.leader = format!("http://{addr}");
-        let leader_cfg = self.member(leader).lock().await.cfg.replication.clone();
-        cfg.replication.transport = leader_cfg.transport;
-        cfg.replication.kafka = leader_cfg.kafka;
-        cfg.replication.pulsar = leader_cfg.pulsar;
-        cfg.replication.group = leader_cfg.group;
-        let running = server::start(cfg.clone()).await.expect("start cluster");
-        let repl = tandem::replication::start(&running, &cfg).await.expect("start replication");
-        self.members.insert(name.into(), Mutex::new(Member { cfg, running: Some(running), repl: Some(repl) }));
+        if self.arbiter.is_none() {
+            cfg.replication.leader = format!("http://{}", self.addr(leader).await);
+        }
+        self.start_member(name.into(), cfg).await;
     }
 
     pub fn backend(&self) -> &Backend {
         &self.backend
     }
 
-    pub async fn node(&self, name: &str) -> std::sync::Arc<tandem_cluster::Node> {
-        self.member(name).lock().await.running.as_ref().expect("cluster is running").node.clone()
+    pub async fn node(&self, name: &str) -> Arc<tandem_cluster::Node> {
+        self.member(name).lock().await.running.as_ref().expect("cluster is running").node().clone()
     }
 
-    pub async fn follower(&self, name: &str) -> std::sync::Arc<tandem_exporter::follower::Follower> {
-        self.member(name).lock().await.repl.as_ref().and_then(|r| r.follower().cloned()).expect("an alternative")
+    pub async fn follower(&self, name: &str) -> Arc<tandem_exporter::follower::Follower> {
+        self.member(name).lock().await.running.as_ref().and_then(|r| r.follower().cloned()).expect("an alternative")
     }
 
     fn member(&self, name: &str) -> &Mutex<Member> {
         self.members.get(name).unwrap_or_else(|| panic!("no cluster {name} in the sandbox"))
     }
 
+    /// Where everyone else reaches `name`: its link's address when it has one.
     pub async fn addr(&self, name: &str) -> SocketAddr {
-        self.member(name).lock().await.running.as_ref().expect("cluster is running").addr
+        let m = self.member(name).lock().await;
+        match &m.link {
+            Some(l) => l.addr,
+            None => m.running.as_ref().expect("cluster is running").addr(),
+        }
+    }
+
+    /// The member's own bound address, past its link: what its own process would still reach
+    /// while it is partitioned from everyone else.
+    pub async fn inner_addr(&self, name: &str) -> SocketAddr {
+        self.member(name).lock().await.running.as_ref().expect("cluster is running").addr()
     }
 
     pub async fn client(&self, name: &str) -> Client {
@@ -196,12 +300,15 @@ impl Sandbox {
         self.member(name).lock().await.cfg.data_dir.clone()
     }
 
-    /// Graceful stop, then start again on the same data directory (a new port).
+    /// Graceful stop, then start again on the same data directory (a new port; behind a link,
+    /// the same address for everyone else).
     pub async fn restart(&self, name: &str) {
         self.stop(name).await;
         let mut m = self.member(name).lock().await;
-        let running = server::start(m.cfg.clone()).await.expect("restart");
-        m.repl = Some(tandem::replication::start(&running, &m.cfg).await.expect("start replication"));
+        let running = NodeMember::start_with(m.cfg.clone(), self.options()).await.expect("restart");
+        if let Some(l) = &m.link {
+            l.set_upstream(running.addr());
+        }
         m.running = Some(running);
     }
 
@@ -211,19 +318,67 @@ impl Sandbox {
         let mut m = self.member(name).lock().await;
         let mut cfg = m.cfg.clone();
         cfg.listen = addr.to_string();
-        let running = server::start(cfg.clone()).await.expect("start again on the same address");
-        m.repl = Some(tandem::replication::start(&running, &cfg).await.expect("start replication"));
-        m.running = Some(running);
+        m.running = Some(NodeMember::start_with(cfg, self.options()).await.expect("start again on the same address"));
     }
 
+    /// Stops `name` in the member's order (writes, exporter flush, gRPC drain).
     pub async fn stop(&self, name: &str) {
         let mut m = self.member(name).lock().await;
-        if let Some(r) = m.repl.take() {
-            r.stop();
-        }
         if let Some(r) = m.running.take() {
-            r.stop().await.expect("stop");
+            r.stop(DRAIN).await.expect("stop");
         }
+    }
+
+    /// The sandbox's embedded arbiter itself (its test hooks: `pause`, `resume`, `expire`).
+    pub fn arbiter(&self) -> tandem_arbiter::EmbeddedArbiter {
+        self.faults().inner.clone()
+    }
+
+    fn faults(&self) -> &FaultyArbiter {
+        self.arbiter.as_ref().expect("pause and partition need an arbiter: Sandbox::builder().ha()")
+    }
+
+    /// SIGSTOP-like: nothing reaches `name` or comes out of it (its link stalls), its arbiter
+    /// calls hang and its lease stops being renewed, without the process exiting.
+    pub async fn pause(&self, name: &str) {
+        self.faults().set(name, Fault::Paused);
+    }
+
+    /// Cuts `name` off: nothing reaches it, and it cannot reach the arbiter (calls fail, the
+    /// lease is not renewed); inside, it runs on.
+    pub async fn partition(&self, name: &str) {
+        self.faults().set(name, Fault::Partitioned);
+    }
+
+    /// Ends a pause or a partition.
+    pub async fn resume(&self, name: &str) {
+        self.faults().set(name, Fault::None);
+    }
+
+    /// The role `name` reports (asked past its link).
+    pub async fn role(&self, name: &str) -> Option<pb::Role> {
+        let mut c = connect(self.inner_addr(name).await).await;
+        let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.ok()?.into_inner();
+        pb::Role::try_from(info.role).ok()
+    }
+
+    /// Waits until `name` reports `role`, failing after `limit`.
+    pub async fn wait_role(&self, name: &str, role: pb::Role, limit: Duration) {
+        let start = Instant::now();
+        loop {
+            let now = self.role(name).await;
+            if now == Some(role) {
+                return;
+            }
+            assert!(start.elapsed() < limit, "cluster {name} is {now:?}, not {role:?}, after {limit:?}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// The epoch `name` has seen (asked past its link).
+    pub async fn epoch(&self, name: &str) -> u64 {
+        let mut c = connect(self.inner_addr(name).await).await;
+        c.get_cluster_info(pb::GetClusterInfoRequest {}).await.expect("cluster info").into_inner().epoch
     }
 }
 

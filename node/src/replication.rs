@@ -1,10 +1,8 @@
-//! Starts a cluster's part in replication from its configuration: an alternative follows its
-//! leader through the configured transport; a leader whose transport is a broker runs a
-//! publisher. Shared by `tandem cluster`, the demo, the benchmarks and the tests.
+//! A member's part in replication, from its configuration: an alternative follows its leader
+//! through the configured transport; a leader whose transport is a broker runs a publisher.
 
 use std::sync::Arc;
 
-use anyhow::Context;
 use tandem_cluster::config::{PoisonPolicy, TransportKind};
 use tandem_cluster::server::Running;
 use tandem_cluster::{ClusterConfig, Node, Role};
@@ -12,6 +10,8 @@ use tandem_exporter::direct::DirectTransport;
 use tandem_exporter::follower::{Follower, FollowerConfig, OnPoison};
 use tandem_exporter::publisher::Publisher;
 use tandem_exporter::transport::Transport;
+
+use crate::error::{NodeError, Result};
 
 /// What runs for replication; `stop` ends it.
 #[derive(Default)]
@@ -48,7 +48,8 @@ impl ReplicationHandle {
     }
 }
 
-pub fn transport(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Transport>> {
+/// The transport `replication.transport` names (a broker client, or the leader's own log).
+pub fn transport(cfg: &ClusterConfig) -> Result<Arc<dyn Transport>> {
     let r = &cfg.replication;
     match r.transport {
         TransportKind::Direct => Ok(Arc::new(DirectTransport::new(&r.leader, &cfg.cluster_id)?)),
@@ -63,11 +64,11 @@ pub fn transport(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Transport>> {
             Ok(Arc::new(tandem_exporter::pulsar::PulsarTransport::new(p)?))
         }
         #[allow(unreachable_patterns)] // with every transport feature on
-        other => anyhow::bail!("replication.transport = \"{other}\" is not available in this build"),
+        other => Err(NodeError::NotBuilt(format!("replication.transport = \"{other}\""))),
     }
 }
 
-pub async fn start(running: &Running, cfg: &ClusterConfig) -> anyhow::Result<ReplicationHandle> {
+pub async fn start(running: &Running, cfg: &ClusterConfig) -> Result<ReplicationHandle> {
     match cfg.role {
         Role::Leading => start_publisher(&running.node, cfg),
         Role::Alternative | Role::Standby | Role::Recovering => start_follower(&running.node, cfg, &cfg.replication.leader),
@@ -76,7 +77,7 @@ pub async fn start(running: &Running, cfg: &ClusterConfig) -> anyhow::Result<Rep
 
 /// A leader's part: publish its changes when the transport is a broker (with the direct
 /// transport alternatives read the leader's WAL: nothing runs).
-pub fn start_publisher(node: &Arc<Node>, cfg: &ClusterConfig) -> anyhow::Result<ReplicationHandle> {
+pub fn start_publisher(node: &Arc<Node>, cfg: &ClusterConfig) -> Result<ReplicationHandle> {
     if !cfg.replication.transport.is_broker() {
         return Ok(ReplicationHandle::default());
     }
@@ -94,11 +95,11 @@ pub fn start_publisher_with(node: &Arc<Node>, cfg: &ClusterConfig, transport: Ar
 
 /// An alternative's part: follow the leader at `leader` (snapshots, the leader's clock, and the
 /// log itself with the direct transport) through the configured transport.
-pub fn start_follower(node: &Arc<Node>, cfg: &ClusterConfig, leader: &str) -> anyhow::Result<ReplicationHandle> {
+pub fn start_follower(node: &Arc<Node>, cfg: &ClusterConfig, leader: &str) -> Result<ReplicationHandle> {
     let mut cfg = cfg.clone();
     cfg.replication.leader = leader.to_string();
     let transport = transport(&cfg)?;
-    let client = DirectTransport::new(leader, &cfg.cluster_id).context("leader endpoint")?.client();
+    let client = DirectTransport::new(leader, &cfg.cluster_id)?.client();
     let fcfg = FollowerConfig {
         subscriber: cfg.cluster_id.clone(),
         on_poison: match cfg.replication.on_poison {

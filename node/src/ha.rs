@@ -30,7 +30,6 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use tandem_arbiter::{Arbiter, Candidate, LeaseState, MemberStatus, Session, View};
 use tandem_cluster::config::ArbiterKind;
 use tandem_cluster::node::Switchover;
@@ -38,6 +37,7 @@ use tandem_cluster::{ClusterConfig, Node, Role};
 use tandem_exporter::transport::{StreamId, Transport};
 use tokio_util::sync::CancellationToken;
 
+use crate::error::{NodeError, Result};
 use crate::replication::{self, ReplicationHandle};
 
 /// How often a member reports its role and position to the arbiter.
@@ -50,7 +50,7 @@ const RANK_DELAY: Duration = Duration::from_millis(300);
 const RETRY: Duration = Duration::from_millis(200);
 
 /// The arbiter a configuration names: etcd, or the process's embedded one.
-pub fn arbiter(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Arbiter>> {
+pub fn arbiter(cfg: &ClusterConfig) -> Result<Arc<dyn Arbiter>> {
     let ha = &cfg.ha;
     let prefix = if ha.prefix.is_empty() { tandem_arbiter::default_prefix(&cfg.replication.group) } else { ha.prefix.clone() };
     match ha.arbiter {
@@ -59,7 +59,7 @@ pub fn arbiter(cfg: &ClusterConfig) -> anyhow::Result<Arc<dyn Arbiter>> {
             Ok(Arc::new(tandem_arbiter::EtcdArbiter::new(endpoints, prefix)?))
         }
         ArbiterKind::Embedded => Ok(Arc::new(embedded())),
-        ArbiterKind::None => anyhow::bail!("ha.arbiter = \"none\" has no arbiter"),
+        ArbiterKind::None => Err(NodeError::InvalidConfig(vec!["ha.arbiter = \"none\" has no arbiter".into()])),
     }
 }
 
@@ -98,9 +98,9 @@ impl HaHandle {
 /// Joins the arbiter as `endpoint` and starts driving `node` (which serves with
 /// [`STARTING_ROLE`] until then). `cfg.role` is where the node goes: `leading` leads a group
 /// that never had a leader; otherwise it follows, as an alternative or a standby.
-pub async fn start(node: Arc<Node>, cfg: &ClusterConfig, endpoint: String, arbiter: Arc<dyn Arbiter>) -> anyhow::Result<HaHandle> {
+pub async fn start(node: Arc<Node>, cfg: &ClusterConfig, endpoint: String, arbiter: Arc<dyn Arbiter>) -> Result<HaHandle> {
     let me = Candidate { cluster: cfg.cluster_id.clone(), datacenter: cfg.datacenter.clone(), endpoint: endpoint.clone() };
-    let session = arbiter.join(me, Duration::from_secs(cfg.ha.lease_ttl_s)).await.context("joining the arbiter")?;
+    let session = arbiter.join(me, Duration::from_secs(cfg.ha.lease_ttl_s)).await?;
     let transport = replication::transport(cfg)?;
     let cancel = CancellationToken::new();
     let (switch_tx, switch_rx) = tokio::sync::mpsc::channel(4);
@@ -114,6 +114,7 @@ pub async fn start(node: Arc<Node>, cfg: &ClusterConfig, endpoint: String, arbit
         repl: ReplicationHandle::default(),
         following: None,
         target: None,
+        led_lease: None,
         cancel: cancel.clone(),
     };
     let task = tokio::spawn(c.run(switch_rx));
@@ -132,6 +133,9 @@ struct Controller {
     following: Option<String>,
     /// Recovering: the streams' ends to reach before serving.
     target: Option<Vec<(StreamId, u64)>>,
+    /// The lease this leadership was won under: it ends with that lease, and a lease granted
+    /// after it was lost never extends it.
+    led_lease: Option<u64>,
     cancel: CancellationToken,
 }
 
@@ -144,7 +148,7 @@ impl Controller {
         loop {
             let v = view.borrow_and_update().clone();
             if let Err(e) = self.step(&v).await {
-                tracing::warn!(error = %format!("{e:#}"), "failover controller step failed; retrying");
+                tracing::warn!(error = %e, "failover controller step failed; retrying");
                 tokio::select! {
                     () = self.cancel.cancelled() => break,
                     () = tokio::time::sleep(RETRY) => {}
@@ -199,7 +203,7 @@ impl Controller {
                 let known: Vec<_> = members.iter().map(|m| m.cluster.as_str()).filter(|c| *c != me).collect();
                 return Err(ClusterError::invalid(format!("no cluster {to:?} in this group (members: {})", known.join(", "))));
             };
-            let caught_up = target.role == "alternative" || target.role == "standby";
+            let caught_up = matches!(target.role, Role::Alternative | Role::Standby);
             if target.promotable && caught_up {
                 break;
             }
@@ -225,7 +229,11 @@ impl Controller {
         self.repl.stop();
         self.repl = ReplicationHandle::default();
         let node = self.node.clone();
-        blocking(move || node.step_down()).await.map_err(|e| ClusterError::Internal(format!("{e:#}")))?;
+        blocking(move || node.step_down()).await.map_err(|e| match e {
+            NodeError::Cluster(e) => e,
+            other => ClusterError::Internal(other.to_string()),
+        })?;
+        self.led_lease = None;
         self.session.hand_over(epoch, to).await.map_err(remote)?;
         let mut view = self.session.view();
         let wait = tokio::time::timeout_at(deadline.into(), view.wait_for(|v| v.leader.as_ref().is_some_and(|l| l.cluster == to)))
@@ -244,7 +252,7 @@ impl Controller {
         // publishing), so the caller's next write finds it.
         loop {
             let members = self.session.members().await.map_err(remote)?;
-            if members.iter().any(|m| m.cluster == to && m.role == "leading" && m.epoch >= l.epoch) {
+            if members.iter().any(|m| m.cluster == to && m.role == Role::Leading && m.epoch >= l.epoch) {
                 break;
             }
             if Instant::now() >= deadline {
@@ -256,16 +264,18 @@ impl Controller {
         Ok((l.cluster, l.endpoint, l.epoch))
     }
 
-    /// When a leader must stop accepting writes: `fence_margin_ms` before its lease could
-    /// expire (now, once the arbiter said it is lost). `None` when not leading.
+    /// When a leader must stop accepting writes: `fence_margin_ms` before the lease it won
+    /// under could expire; now once the arbiter said that lease is lost, or the session holds
+    /// another one (a controller that was not running, as in a paused process, may see the new
+    /// lease without ever seeing the loss). `None` when not leading.
     fn fence_deadline(&self, lease: LeaseState) -> Option<Instant> {
         if self.node.role() != Role::Leading {
             return None;
         }
         let margin = Duration::from_millis(self.cfg.ha.fence_margin_ms);
         Some(match lease {
-            LeaseState::Valid { until } => until.checked_sub(margin).unwrap_or_else(Instant::now),
-            LeaseState::Lost => Instant::now(),
+            LeaseState::Valid { until, lease } if Some(lease) == self.led_lease => until.checked_sub(margin).unwrap_or_else(Instant::now),
+            LeaseState::Valid { .. } | LeaseState::Lost => Instant::now(),
         })
     }
 
@@ -275,13 +285,14 @@ impl Controller {
             metrics::counter!("tandem_ha_fenced_total", "cluster" => self.cfg.cluster_id.clone()).increment(1);
         }
         self.node.fence();
+        self.led_lease = None;
         self.repl.stop();
         self.repl = ReplicationHandle::default();
         self.following = None;
     }
 
     /// One decision from the arbiter's current view.
-    async fn step(&mut self, v: &View) -> anyhow::Result<()> {
+    async fn step(&mut self, v: &View) -> Result<()> {
         let node = self.node.clone();
         let epoch = v.epoch;
         blocking(move || node.observe_epoch(epoch)).await?;
@@ -310,7 +321,7 @@ impl Controller {
 
     /// Follows the leader at `endpoint` (of `epoch`); a node that led an older epoch drops its
     /// data first. Leaves `Recovering` once it has consumed every stream to its end.
-    async fn follow(&mut self, endpoint: &str, epoch: u64) -> anyhow::Result<()> {
+    async fn follow(&mut self, endpoint: &str, epoch: u64) -> Result<()> {
         let led = self.node.led_epoch();
         if led > 0 && led < epoch {
             self.repl.stop();
@@ -368,7 +379,7 @@ impl Controller {
     }
 
     /// The broker's end of every stream this node knows.
-    async fn ends(&self) -> anyhow::Result<Vec<(StreamId, u64)>> {
+    async fn ends(&self) -> Result<Vec<(StreamId, u64)>> {
         let mut out = vec![(StreamId::Ddl, self.transport.end_lsn(&StreamId::Ddl).await?)];
         for c in self.node.collections() {
             for i in 0..c.shards().len() {
@@ -403,7 +414,7 @@ impl Controller {
     }
 
     /// Nobody leads: campaign if this node may, once it holds every acknowledged write.
-    async fn elect(&mut self, v: &View) -> anyhow::Result<()> {
+    async fn elect(&mut self, v: &View) -> Result<()> {
         if !self.cfg.ha.promotable {
             return Ok(());
         }
@@ -441,8 +452,18 @@ impl Controller {
                 return Ok(());
             }
         }
+        // The lease the leader key will be put under (a later one cannot hold it).
+        let LeaseState::Valid { lease, until } = *self.session.lease().borrow() else { return Ok(()) };
         let Some(won) = self.session.campaign(v.epoch).await? else { return Ok(()) };
+        // Writes are bounded by that lease from the moment the node may lead, before the loop
+        // next looks at the lease: a lease lost while promoting must not leave a window with
+        // no deadline at all.
+        let margin = Duration::from_millis(self.cfg.ha.fence_margin_ms);
+        self.node.set_write_deadline(Some(until.checked_sub(margin).unwrap_or_else(Instant::now)));
         tracing::info!(cluster = %self.cfg.cluster_id, epoch = won.epoch, "won the election");
+        // Failpoint: whatever the test's callback does here (expire this lease) happens between
+        // winning and promoting.
+        let _ = tandem_cluster::failpoint::fired("ha::won");
         let node = self.node.clone();
         let epoch = won.epoch;
         let led = if resume || first {
@@ -458,6 +479,7 @@ impl Controller {
             let _ = self.session.resign(epoch).await;
             return Err(e);
         }
+        self.led_lease = Some(lease);
         self.repl.stop();
         self.following = None;
         self.repl = replication::start_publisher_with(&self.node, &self.cfg, self.transport.clone());
@@ -468,7 +490,7 @@ impl Controller {
 
     /// Consumes every stream to the end the broker holds now (the follower does the work);
     /// false when a leader appeared meanwhile or `catch_up_timeout_ms` passed.
-    async fn catch_up(&self) -> anyhow::Result<bool> {
+    async fn catch_up(&self) -> Result<bool> {
         let deadline = Instant::now() + Duration::from_millis(self.cfg.ha.catch_up_timeout_ms);
         let view = self.session.view();
         let mut rounds = 0u32;
@@ -476,7 +498,7 @@ impl Controller {
             let asked = Instant::now();
             let ends = self.ends().await?;
             let behind = self.behind(&ends);
-            tracing::debug!(cluster = %self.cfg.cluster_id, rounds, behind, ends_ms = asked.elapsed().as_millis() as u64, "catching up with the log");
+            tracing::debug!(cluster = %self.cfg.cluster_id, rounds, behind, ends = ?ends, ends_ms = asked.elapsed().as_millis() as u64, "catching up with the log");
             rounds += 1;
             if behind == 0 && ends.len() == self.ends_count() {
                 return Ok(true);
@@ -495,7 +517,7 @@ impl Controller {
 
     /// How long this candidate waits for better ones: by datacenter preference, then by how
     /// far each has applied the log (all will catch up; the most advanced one is quickest).
-    async fn rank(&self) -> anyhow::Result<Duration> {
+    async fn rank(&self) -> Result<Duration> {
         let prefs = &self.cfg.ha.prefer_datacenters;
         let pref = |dc: &str| prefs.iter().position(|p| p == dc).unwrap_or(prefs.len());
         let mut members: Vec<MemberStatus> = self
@@ -503,7 +525,7 @@ impl Controller {
             .members()
             .await?
             .into_iter()
-            .filter(|m| m.promotable && (m.role == "alternative" || m.role == "standby") && m.cluster != self.cfg.cluster_id)
+            .filter(|m| m.promotable && m.role.can_be_promoted() && m.cluster != self.cfg.cluster_id)
             .collect();
         members.push(self.status());
         members.sort_by(|a, b| {
@@ -544,7 +566,7 @@ impl Controller {
             cluster: self.cfg.cluster_id.clone(),
             datacenter: self.cfg.datacenter.clone(),
             endpoint: self.endpoint.clone(),
-            role: self.node.role().to_string(),
+            role: self.node.role(),
             epoch: self.node.epoch(),
             position,
             promotable: self.cfg.ha.promotable,
@@ -576,8 +598,10 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> tandem_cluster::Result<T> + Send + 'static) -> anyhow::Result<T> {
-    Ok(tokio::task::spawn_blocking(f).await.context("a blocking task failed")??)
+/// Runs `f` (fsync, file rewrites) off the async runtime.
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> tandem_cluster::Result<T> + Send + 'static) -> Result<T> {
+    let r = tokio::task::spawn_blocking(f).await.map_err(|e| NodeError::Task { what: "failover controller", message: e.to_string() })?;
+    Ok(r?)
 }
 
 /// Whether `stream` holds, at `position`, the change of epoch `epoch` and ts `ts`, and no

@@ -1,0 +1,315 @@
+//! Failure injection on the paths luck does not reach (`tandem_cluster::failpoint`), each with
+//! the invariant it protects. Its own binary, built with the `failpoints` feature:
+//! `cargo test --features failpoints --test failpoints`. The points are process-wide, so each
+//! test holds a `fail::FailScenario` (one at a time; every point cleared at its end).
+
+mod sandbox;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use sandbox::*;
+use tandem_cluster::failpoint::hits;
+use tandem_proto::v1 as pb;
+
+const C: &str = "docs";
+const CONVERGE: Duration = Duration::from_secs(90);
+
+async fn create(c: &mut Client, dim: u32, shards: u32) {
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(C, dim, pb::Metric::L2, None, shards, vec![])) })
+        .await
+        .expect("create the collection");
+}
+
+async fn insert(c: &mut Client, ids: std::ops::Range<i64>, dim: usize) -> Result<pb::MutationResponse, tonic::Status> {
+    let n = (ids.end - ids.start) as usize;
+    let vectors = vectors(n, dim, ids.start as u64 + 1);
+    let mut req = tonic::Request::new(pb::InsertRequest { ack: 0, collection: C.into(), ids: ids.collect(), vectors, payloads: vec![] });
+    req.set_timeout(Duration::from_secs(20));
+    c.insert(req).await.map(|r| r.into_inner())
+}
+
+/// How many of `ids` the cluster lacks (STRONG).
+async fn missing(c: &mut Client, ids: &[i64]) -> usize {
+    let mut lacking = 0;
+    for chunk in ids.chunks(1000) {
+        let got = c
+            .get(pb::GetRequest {
+                collection: C.into(),
+                ids: chunk.to_vec(),
+                read: read(pb::ConsistencyLevel::Strong, ""),
+                ..Default::default()
+            })
+            .await
+            .expect("get")
+            .into_inner();
+        let found: std::collections::HashSet<i64> = got.entities.iter().map(|e| e.id).collect();
+        lacking += chunk.iter().filter(|id| !found.contains(id)).count();
+    }
+    lacking
+}
+
+/// Waits until `alt` holds exactly what `lead` holds.
+async fn converge(lead: &mut Client, alt: &mut Client) {
+    let want = checksum(lead, C, pb::ConsistencyLevel::Strong).await;
+    let start = Instant::now();
+    loop {
+        let got = try_checksum(alt, C, pb::ConsistencyLevel::Eventually).await;
+        if got.as_ref().ok() == Some(&want) {
+            return;
+        }
+        assert!(start.elapsed() < CONVERGE, "the alternative did not converge: leader {want:?}, alternative {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A failed fsync: the write it was for is not acknowledged, the log takes nothing more (after
+/// a failed fsync the kernel may have dropped the pages, so a retry could "succeed" without
+/// the data on disk), the error says what happened, and after a restart every write
+/// acknowledged before is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_fsync_acknowledges_nothing_and_loses_nothing_acknowledged() {
+    let scenario = fail::FailScenario::setup();
+    let sb = Sandbox::builder().cluster_with("a", |c| c.wal.sync = tandem_cluster::config::WalSync::Always).build().await;
+    let mut c = sb.client("a").await;
+    create(&mut c, 8, 2).await;
+    insert(&mut c, 0..100, 8).await.expect("writes before the fault");
+
+    let before = hits("wal::fsync");
+    fail::cfg("wal::fsync", "return").unwrap();
+    let e = insert(&mut c, 100..110, 8).await.expect_err("a write whose fsync failed was acknowledged");
+    assert!(hits("wal::fsync") > before, "the fault never happened");
+    assert!(e.message().contains("fsync"), "the error does not say what failed: {e:?}");
+    fail::remove("wal::fsync");
+    let e = insert(&mut c, 110..120, 8).await.expect_err("a log that failed an fsync took another write");
+    assert!(!e.message().is_empty(), "{e:?}");
+
+    sb.restart("a").await;
+    let mut c = sb.client("a").await;
+    assert_eq!(missing(&mut c, &(0..100).collect::<Vec<_>>()).await, 0, "acknowledged writes were lost");
+    assert_eq!(missing(&mut c, &(110..120).collect::<Vec<_>>()).await, 10, "a refused write appeared");
+    insert(&mut c, 200..210, 8).await.expect("writes again after the restart");
+    scenario.teardown();
+}
+
+/// The publisher's publish fails (`before`: nothing sent; `after`: the broker took the batch
+/// and the publisher does not know it): writes wait for their export and are acknowledged
+/// once it succeeds, and the alternative ends with exactly the leader's rows (no batch lost,
+/// none applied twice).
+async fn publish_failure(mode: &str) {
+    let scenario = fail::FailScenario::setup();
+    let broker = tandem_harness::Tansu::start(false);
+    let sb = Sandbox::builder().transport(Backend::Kafka { brokers: broker.brokers() }).leading("a").alternative("b", "a").build().await;
+    let mut a = sb.client("a").await;
+    create(&mut a, 8, 2).await;
+    insert(&mut a, 0..50, 8).await.unwrap();
+
+    let before = hits("publisher::publish");
+    fail::cfg("publisher::publish", &format!("4*return({mode})")).unwrap();
+    for b in 1..10 {
+        insert(&mut a, b * 50..(b + 1) * 50, 8).await.expect("a write is acknowledged once its export succeeds");
+    }
+    assert_eq!(hits("publisher::publish") - before, 4, "the fault did not happen as configured");
+    fail::remove("publisher::publish");
+    let mut b = sb.client("b").await;
+    converge(&mut a, &mut b).await;
+    assert_eq!(count(&mut b, C).await, 500);
+    scenario.teardown();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_fails_before_sending_loses_nothing() {
+    publish_failure("before").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_that_fails_after_the_broker_took_it_duplicates_nothing() {
+    publish_failure("after").await;
+}
+
+/// A snapshot cut off with part of its rows loaded: the alternative starts the shard over and
+/// ends with exactly the leader's rows, nothing left from the broken attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_interrupted_snapshot_leaves_no_divergence() {
+    let scenario = fail::FailScenario::setup();
+    // Small WAL files and segments: once flushed, the log no longer starts at 1, so a new
+    // alternative must bootstrap from a snapshot.
+    let mut sb = Sandbox::builder()
+        .cluster_with("lead", |c| {
+            c.wal.file_mib = 1;
+            c.segment.seal_rows = 1000;
+        })
+        .build()
+        .await;
+    let mut l = sb.client("lead").await;
+    create(&mut l, 64, 2).await;
+    for b in 0..24 {
+        insert(&mut l, b * 500..(b + 1) * 500, 64).await.unwrap();
+    }
+    l.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
+    l.delete(pb::DeleteRequest { ack: 0, collection: C.into(), ids: (0..12_000).step_by(7).collect(), filter: String::new() })
+        .await
+        .unwrap();
+    let coll = sb.node("lead").await.collection(C).unwrap();
+    assert!(coll.shards().iter().all(|s| s.first_lsn() > 1), "precondition: the leader's WAL was truncated");
+
+    // The first chunk of the first shard is loaded, then the stream breaks.
+    fail::cfg("follower::snapshot_chunk", "1*return").unwrap();
+    sb.add_alternative("alt", "lead").await;
+    let mut a = sb.client("alt").await;
+    converge(&mut l, &mut a).await;
+    assert_eq!(hits("follower::snapshot_chunk"), 1, "the snapshot was never interrupted");
+    let f = sb.follower("alt").await;
+    assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards came from a snapshot in the end");
+    scenario.teardown();
+}
+
+/// Applying fails on the alternative. Retryable: it retries and converges. Not retryable: the
+/// shard halts with the reason shown, and reads that need what it lacks fail rather than
+/// answer from diverged data; nothing is skipped behind the operator's back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_apply_retries_or_halts_but_never_diverges() {
+    let scenario = fail::FailScenario::setup();
+    let broker = tandem_harness::Tansu::start(false);
+    let sb = Sandbox::builder()
+        .transport(Backend::Kafka { brokers: broker.brokers() })
+        .leading("a")
+        .alternative_with("b", "a", |c| c.read.max_wait_ms = 2_000)
+        .build()
+        .await;
+    let mut a = sb.client("a").await;
+    create(&mut a, 8, 1).await;
+    insert(&mut a, 0..50, 8).await.unwrap();
+    let mut b = sb.client("b").await;
+    converge(&mut a, &mut b).await;
+
+    let before = hits("follower::apply");
+    fail::cfg("follower::apply", "3*return(transient)").unwrap();
+    insert(&mut a, 50..100, 8).await.unwrap();
+    converge(&mut a, &mut b).await;
+    assert_eq!(hits("follower::apply") - before, 3, "the transient fault did not happen");
+
+    fail::cfg("follower::apply", "1*return").unwrap();
+    let written = insert(&mut a, 100..150, 8).await.unwrap();
+    // The shard halts: the reason is shown, and a read that needs the write fails.
+    eventually(Duration::from_secs(30), || {
+        let mut b = b.clone();
+        async move {
+            let info = b.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+            info.collections.iter().any(|c| c.name == C && c.replication.starts_with("halted") && c.replication.contains("apply failure"))
+        }
+    })
+    .await;
+    let r = b
+        .count(pb::CountRequest {
+            collection: C.into(),
+            filter: String::new(),
+            read: read(pb::ConsistencyLevel::Session, &written.session_token),
+        })
+        .await;
+    assert!(r.is_err(), "a halted shard answered a read that needs what it lacks: {r:?}");
+    let got = b
+        .count(pb::CountRequest { collection: C.into(), filter: String::new(), read: read(pb::ConsistencyLevel::Eventually, "") })
+        .await
+        .unwrap()
+        .into_inner()
+        .count;
+    assert_eq!(got, 100, "the halted shard skipped or applied part of the failed batch");
+    scenario.teardown();
+}
+
+/// The arbiter lease of an election's winner lapses while it promotes (renewals stop right
+/// after the win). It may lead only while that lease certainly holds; then another election
+/// picks a leader, and every write any cluster acknowledged is on the final leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_lost_while_promoting_loses_no_acknowledged_write() {
+    let scenario = fail::FailScenario::setup();
+    let broker = tandem_harness::Tansu::start(false);
+    let sb = Sandbox::builder()
+        .transport(Backend::Kafka { brokers: broker.brokers() })
+        .ha()
+        .leading("a")
+        .alternative("b", "a")
+        .alternative("c", "a")
+        .build()
+        .await;
+    let limit = Duration::from_secs(60);
+    sb.wait_role("a", pb::Role::Leading, limit).await;
+    let mut a = sb.client("a").await;
+    create(&mut a, 8, 2).await;
+    for n in ["b", "c"] {
+        sb.wait_role(n, pb::Role::Alternative, limit).await;
+    }
+    insert(&mut a, 0..40, 8).await.unwrap();
+
+    // At the first win: the candidates' renewals stop for 4 s (past the 2 s lease).
+    let arbiter = sb.arbiter();
+    let fired = Arc::new(AtomicBool::new(false));
+    let f = fired.clone();
+    fail::cfg_callback("ha::won", move || {
+        if !f.swap(true, Ordering::SeqCst) {
+            for n in ["b", "c"] {
+                arbiter.pause(n);
+            }
+            let arbiter = arbiter.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_secs(4));
+                for n in ["b", "c"] {
+                    arbiter.resume(n);
+                }
+            });
+        }
+    })
+    .unwrap();
+
+    // Writers to b and c (past their links), as clients that follow whoever leads.
+    let (b_addr, c_addr) = (sb.inner_addr("b").await, sb.inner_addr("c").await);
+    let acked = Arc::new(Mutex::new(Vec::<i64>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let next = Arc::new(AtomicI64::new(1000));
+    let mut writers = Vec::new();
+    for addr in [b_addr, c_addr] {
+        let (acked, stop, next) = (acked.clone(), stop.clone(), next.clone());
+        writers.push(tokio::spawn(async move {
+            let mut c = connect(addr).await;
+            while !stop.load(Ordering::Relaxed) {
+                let id = next.fetch_add(1, Ordering::Relaxed);
+                if insert(&mut c, id..id + 1, 8).await.is_ok() {
+                    acked.lock().push(id);
+                }
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }));
+    }
+    sb.pause("a").await;
+    // A leader of a later epoch than the one whose lease lapsed.
+    let start = Instant::now();
+    let leader = loop {
+        let mut found = None;
+        for n in ["b", "c"] {
+            if sb.role(n).await == Some(pb::Role::Leading) && sb.epoch(n).await >= 3 {
+                found = Some(n);
+            }
+        }
+        if let Some(n) = found {
+            break n;
+        }
+        assert!(start.elapsed() < Duration::from_secs(90), "no leader after the lease lost while promoting");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(fired.load(Ordering::SeqCst), "the lease was never lost while promoting");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, Ordering::Relaxed);
+    for w in writers {
+        w.await.unwrap();
+    }
+    let acked = acked.lock().clone();
+    assert!(!acked.is_empty(), "no write was acknowledged: the test proves nothing");
+    let mut l = sb.client(leader).await;
+    let mut all: Vec<i64> = (0..40).collect();
+    all.extend(&acked);
+    assert_eq!(missing(&mut l, &all).await, 0, "acknowledged writes are missing from the final leader");
+    scenario.teardown();
+}
