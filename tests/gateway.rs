@@ -313,6 +313,78 @@ async fn stopping_an_alternative_mid_load_fails_no_read() {
     assert_eq!(delta(&routed(&gw).await, &before)["b"], 0, "a stopped cluster gets no reads once unhealthy");
 }
 
+/// A cluster stalled (paused: silent, not refusing) while reads go to it: the reads that were
+/// waiting on it end at their own deadline, and that is no latency sample. Once it is back
+/// and healthy, its p2c estimate is what it was before the stall and it gets reads again
+/// (before, a read abandoned at a 300 ms deadline counted as a 300 ms answer and kept the
+/// cluster out of p2c for several decay periods).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_healed_cluster_gets_reads_again_and_abandoned_reads_do_not_count() {
+    let sb = Sandbox::builder().links().leading("a").alternative("b", "a").build().await;
+    let gw = sb
+        .gateway(&["a", "b"], |cfg| {
+            cfg.routing.policy = Policy::P2c;
+            cfg.routing.ewma_decay_ms = 1_000;
+            // A stalled cluster is noticed by its health checks within about a second.
+            cfg.health.timeout_ms = 300;
+            cfg.health.unhealthy_after = 2;
+        })
+        .await;
+    let mut g = connect(gw.addr).await;
+    gateway_ready(&gw, 2, None).await;
+    create(&mut g, "c1").await;
+    insert(&mut g, "c1", 0..100).await;
+    gateway_ready(&gw, 2, Some("c1")).await;
+    let read_once = |mut g: Client| async move {
+        g.search(with_timeout(search_req("c1", read(pb::ConsistencyLevel::Eventually, "")), Duration::from_millis(300))).await
+    };
+    let start = routed(&gw).await;
+    for _ in 0..50 {
+        read_once(g.clone()).await.expect("read before the stall");
+    }
+    let shares = delta(&routed(&gw).await, &start);
+    assert!(shares["a"] > 0 && shares["b"] > 0, "both clusters serve reads before the stall: {shares:?}");
+    let latency = |t: &pb::TopologyResponse, id: &str| t.clusters.iter().find(|c| c.id == id).map(|c| c.latency_us).unwrap();
+
+    sb.pause("b").await;
+    // Reads sent now may wait on b until their deadline (p2c tries it while its estimate is
+    // low); four at a time, so that a's reads in flight make b the cheaper choice. They end
+    // in DEADLINE_EXCEEDED.
+    let mut abandoned = 0;
+    let paused = std::time::Instant::now();
+    while abandoned == 0 && paused.elapsed() < Duration::from_secs(3) {
+        let batch = futures::future::join_all((0..4).map(|_| read_once(g.clone()))).await;
+        for r in batch {
+            if let Err(s) = r {
+                // The gateway's DEADLINE_EXCEEDED, or the client's own timer firing first.
+                assert!(matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled), "{s:?}");
+                abandoned += 1;
+            }
+        }
+    }
+    assert!(abandoned > 0, "no read waited on the stalled cluster: the test proves nothing ({:?})", delta(&routed(&gw).await, &start));
+    // Right after a read was abandoned at its 300 ms deadline (the estimate decays within
+    // `ewma_decay_ms`, so only now would a sample still show).
+    let during = latency(&topology(&gw).await, "b");
+    assert!(during < 250_000, "reads abandoned at their 300 ms deadline counted as answers: b's estimate is {during} us");
+    eventually(Duration::from_secs(30), || async {
+        topology(&gw).await.clusters.iter().any(|c| c.id == "b" && c.health == pb::Health::Unhealthy as i32)
+    })
+    .await;
+
+    sb.resume("b").await;
+    let healed = std::time::Instant::now();
+    gateway_ready(&gw, 2, Some("c1")).await;
+    let before = routed(&gw).await;
+    let mut reads = 0;
+    while delta(&routed(&gw).await, &before)["b"] == 0 {
+        read_once(g.clone()).await.expect("read after the stall");
+        reads += 1;
+        assert!(healed.elapsed() < Duration::from_secs(60), "the healed cluster got no read in {reads} reads");
+    }
+    eprintln!("b served reads again {:?} after it was resumed ({reads} reads)", healed.elapsed());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn not_leader_redirects_the_write_once() {
     // Two separate clusters; the gateway first sees `a` leading, then they swap roles behind its

@@ -76,7 +76,8 @@ pub struct RoutingConfig {
     /// Send a second copy of a read to another cluster when the first has not answered after
     /// this long; 0 = off.
     pub hedge_after_ms: u64,
-    /// Decay of the peak-EWMA latency estimate (p2c): how fast a latency spike is forgotten.
+    /// Decay of the peak-EWMA latency estimate (p2c): a spike of up to 1000x the normal latency
+    /// is forgotten within this long.
     pub ewma_decay_ms: u64,
     /// HTTP/2 connections to each cluster, used in turn: as many for reads (`h2channel`) as for
     /// writes, DDL and health checks.

@@ -18,6 +18,7 @@ pub mod coalesce;
 pub mod config;
 pub mod error;
 pub mod h2channel;
+pub mod latency;
 pub mod router;
 pub mod server;
 pub mod service;

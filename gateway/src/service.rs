@@ -262,7 +262,16 @@ impl Gateway {
             let fut = call(cluster.clone(), req);
             Ok(async move {
                 let r = fut.await;
-                drop(handle);
+                // An answer of the cluster's is a latency sample; a read that ended on the
+                // caller's deadline, was cancelled or never reached the cluster is not (the
+                // health checks judge an unreachable or stalled cluster).
+                let answered = match &r {
+                    Ok(_) => true,
+                    Err(s) => !matches!(s.code(), tonic::Code::DeadlineExceeded | tonic::Code::Cancelled) && !is_connection_error(s),
+                };
+                if answered {
+                    handle.answered();
+                }
                 (cluster, r)
             })
         };

@@ -7,15 +7,12 @@
 //! is published on a `watch` channel: held writes wait on it instead of polling.
 
 use std::collections::{BTreeMap, HashMap};
-use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use futures::FutureExt;
 use futures::stream::{BoxStream, StreamExt};
-use parking_lot::{Mutex, RwLock};
+use parking_lot::RwLock;
 use tandem_client::Channel;
 use tandem_discovery::{Change, Registration};
 use tandem_proto::v1 as pb;
@@ -23,10 +20,6 @@ use tandem_proto::v1::tandem_client::TandemClient;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Endpoint;
-use tower::load::completion::TrackCompletion;
-use tower::load::peak_ewma::{Cost, Handle};
-use tower::load::{Load, PeakEwma};
-use tower::{Service, ServiceExt};
 
 use crate::config::HealthConfig;
 use crate::h2channel::H2Channel;
@@ -92,39 +85,6 @@ impl Status {
     }
 }
 
-/// tower's [`PeakEwma`] measures a cluster's latency. It needs `&mut self` to start a request
-/// and is not `Clone`, so wrapping the shared `Channel` in it would serialise every call to a
-/// cluster behind one lock while its future is polled. Instead it wraps this no-op service:
-/// "calling" it only hands out the RTT-tracking [`Handle`], which the forwarded call holds
-/// until its reply arrives. `Load::load()` is tower's own peak-EWMA cost (RTT x in-flight).
-#[derive(Debug, Clone, Copy)]
-pub struct Meter;
-
-impl Service<()> for Meter {
-    type Response = ();
-    type Error = Infallible;
-    type Future = std::future::Ready<Result<(), Infallible>>;
-
-    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn call(&mut self, _req: ()) -> Self::Future {
-        std::future::ready(Ok(()))
-    }
-}
-
-/// Keeps the handle instead of dropping it when the (instant) meter call completes.
-#[derive(Debug, Clone, Copy)]
-pub struct KeepHandle;
-
-impl TrackCompletion<Handle, ()> for KeepHandle {
-    type Output = Handle;
-    fn track_completion(&self, handle: Handle, _value: ()) -> Handle {
-        handle
-    }
-}
-
 /// PING interval on every connection to a cluster (a silent one is closed after twice that).
 const KEEPALIVE: Duration = Duration::from_secs(10);
 
@@ -140,7 +100,7 @@ pub struct Cluster {
     /// Reads, as many connections again.
     readers: Vec<TandemClient<H2Channel>>,
     next_client: std::sync::atomic::AtomicUsize,
-    ewma: Mutex<PeakEwma<Meter, KeepHandle>>,
+    latency: Arc<crate::latency::Latency>,
     pub status: RwLock<Status>,
     pub reads_routed: AtomicU64,
     pub writes_routed: AtomicU64,
@@ -172,7 +132,7 @@ impl Cluster {
             })
             .collect::<Result<Vec<_>, _>>()?;
         // 1 ms RTT before any sample: a new cluster is tried soon, and its real latency takes over.
-        let ewma = PeakEwma::new(Meter, Duration::from_millis(1), o.ewma_decay.as_nanos() as f64, KeepHandle);
+        let latency = crate::latency::Latency::new(Duration::from_millis(1), o.ewma_decay);
         Ok(Cluster {
             id: reg.id.clone(),
             endpoint: reg.endpoint.clone(),
@@ -180,7 +140,7 @@ impl Cluster {
             clients,
             readers,
             next_client: std::sync::atomic::AtomicUsize::new(0),
-            ewma: Mutex::new(ewma),
+            latency,
             status: RwLock::new(Status {
                 health: Health::Unknown,
                 ok_streak: 0,
@@ -216,16 +176,15 @@ impl Cluster {
         self.status.read().info.as_ref().map(|i| i.datacenter.clone()).unwrap_or_default()
     }
 
-    /// Starts tracking one request's latency; drop the handle when its reply arrived.
-    pub fn track(&self) -> Handle {
-        let mut m = self.ewma.lock();
-        // `Meter` is always ready and its future completes at once.
-        let _ = (*m).ready().now_or_never();
-        m.call(()).now_or_never().expect("meter call is immediate").expect("infallible")
+    /// Starts tracking one read's latency: call `answered` on what this returns when the
+    /// cluster answered, and drop it when the read ends either way.
+    pub fn track(&self) -> crate::latency::Pending {
+        self.latency.start()
     }
 
-    pub fn load(&self) -> Cost {
-        self.ewma.lock().load()
+    /// The p2c cost: peak-EWMA latency x (reads in flight + 1).
+    pub fn load(&self) -> f64 {
+        self.latency.cost()
     }
 
     /// One result (an active check started at `started`, or a forwarded call's connection error).
@@ -559,6 +518,7 @@ impl Topology {
                 writes_routed: c.writes_routed.load(Ordering::Relaxed),
                 merged_searches: c.coalescer.merged_searches.load(Ordering::Relaxed),
                 merged_requests: c.coalescer.merged_requests.load(Ordering::Relaxed),
+                latency_us: (c.latency.estimate_ns() / 1e3) as u64,
             });
         }
         out

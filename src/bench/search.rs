@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail, ensure};
+use anyhow::{Context, ensure};
 use serde::Serialize;
 use tandem_client::Channel;
 use tandem_cluster::ann::{AnnIndex, Knobs};
@@ -707,13 +707,11 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     cfg.wal.sync = a.wal_sync.into();
     cfg.limits.max_message_bytes = MAX_MESSAGE_BYTES;
     cfg.limits.max_write_rows = cfg.limits.max_write_rows.max(a.batch);
-    if let Err(errs) = cfg.validate() {
-        bail!("bench cluster config is invalid: {}", errs.join("; "));
-    }
-    let running = tandem_cluster::server::start(cfg).await.context("cannot start the bench cluster")?;
+    // A member as `tandem cluster` runs one (it validates the configuration first).
+    let member = tandem_node::Member::start(cfg).await.context("cannot start the bench cluster")?;
     let setup = Setup { ds, raw_vectors, truth, k, cores, concurrency, grpc_concurrency };
-    let result = measure(a, &running, &setup).await;
-    let stopped = running.stop().await;
+    let result = measure(a, member.addr(), &setup).await;
+    let stopped = member.stop(crate::config::MEMBER_DRAIN).await;
     let (ingest, indexes) = result?;
     stopped.context("the bench cluster did not stop cleanly")?;
     // Hundreds of MB of segment and index files: removed off the async workers.
@@ -778,18 +776,14 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     })
 }
 
-async fn measure(
-    a: &SearchBenchArgs,
-    running: &tandem_cluster::server::Running,
-    s: &Setup,
-) -> anyhow::Result<(IngestReport, Vec<IndexReport>)> {
+async fn measure(a: &SearchBenchArgs, addr: std::net::SocketAddr, s: &Setup) -> anyhow::Result<(IngestReport, Vec<IndexReport>)> {
     let Setup { ds, raw_vectors, truth, k, cores, concurrency, grpc_concurrency } = s;
     let (k, cores, concurrency, grpc_concurrency) = (*k, *cores, *concurrency, *grpc_concurrency);
     let (n, nq, dim) = (ds.n(), ds.nq(), ds.dim);
     let metric = a.metric.engine();
     let knobs = a.knobs();
-    let mut admin = connect(running.addr).await?;
-    let search_clients = connect_many(running.addr, grpc_concurrency.max(concurrency)).await?;
+    let mut admin = connect(addr).await?;
+    let search_clients = connect_many(addr, grpc_concurrency.max(concurrency)).await?;
 
     let schema = pb::CollectionSchema {
         name: COLLECTION.into(),
@@ -802,7 +796,7 @@ async fn measure(
     admin.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.context("create collection")?;
 
     eprintln!("ingest: {n} vectors in batches of {} from {} streams (wal sync {:?})...", a.batch, a.ingest_streams, a.wal_sync);
-    let ingest_clients = connect_many(running.addr, a.ingest_streams).await?;
+    let ingest_clients = connect_many(addr, a.ingest_streams).await?;
     let (ingest_secs, requests) = ingest(&ingest_clients, ds, a.batch).await?;
     drop(ingest_clients);
     let megabytes = (n * dim * 4) as f64 / 1e6;

@@ -66,6 +66,10 @@ impl Link {
     pub fn fault(&self) -> Fault {
         *self.fault.borrow()
     }
+
+    pub fn set_fault(&self, fault: Fault) {
+        self.fault.send_replace(fault);
+    }
 }
 
 impl Drop for Link {

@@ -331,28 +331,35 @@ impl Sandbox {
 
     /// The sandbox's embedded arbiter itself (its test hooks: `pause`, `resume`, `expire`).
     pub fn arbiter(&self) -> tandem_arbiter::EmbeddedArbiter {
-        self.faults().inner.clone()
+        self.arbiter.as_ref().expect("an arbiter: Sandbox::builder().ha()").inner.clone()
     }
 
-    fn faults(&self) -> &FaultyArbiter {
-        self.arbiter.as_ref().expect("pause and partition need an arbiter: Sandbox::builder().ha()")
+    /// Sets `name`'s fault: on its link, and under an arbiter on its arbiter session too.
+    async fn set_fault(&self, name: &str, fault: Fault) {
+        match &self.arbiter {
+            Some(a) => a.set(name, fault),
+            None => {
+                let m = self.member(name).lock().await;
+                m.link.as_ref().expect("pause and partition need links: Sandbox::builder().links() or .ha()").set_fault(fault);
+            }
+        }
     }
 
-    /// SIGSTOP-like: nothing reaches `name` or comes out of it (its link stalls), its arbiter
-    /// calls hang and its lease stops being renewed, without the process exiting.
+    /// SIGSTOP-like: nothing reaches `name` or comes out of it (its link stalls); under an
+    /// arbiter its calls hang and its lease stops being renewed. The process does not exit.
     pub async fn pause(&self, name: &str) {
-        self.faults().set(name, Fault::Paused);
+        self.set_fault(name, Fault::Paused).await;
     }
 
-    /// Cuts `name` off: nothing reaches it, and it cannot reach the arbiter (calls fail, the
-    /// lease is not renewed); inside, it runs on.
+    /// Cuts `name` off: nothing reaches it, and under an arbiter it cannot reach it (calls
+    /// fail, the lease is not renewed); inside, it runs on.
     pub async fn partition(&self, name: &str) {
-        self.faults().set(name, Fault::Partitioned);
+        self.set_fault(name, Fault::Partitioned).await;
     }
 
     /// Ends a pause or a partition.
     pub async fn resume(&self, name: &str) {
-        self.faults().set(name, Fault::None);
+        self.set_fault(name, Fault::None).await;
     }
 
     /// The role `name` reports (asked past its link).
