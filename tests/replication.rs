@@ -281,6 +281,39 @@ async fn strong_read_on_idle_alternative(backend: Backend) {
     }
 }
 
+/// A SESSION read on an alternative right after a one-row write: the write touched one of the
+/// collection's two shards, and the other reaches the write's ts only at the leader's next
+/// tick, here a minute away. The alternative asks the leader's clock, which makes the feeds
+/// tick at once, so the read is served well within its 5 s deadline instead of failing as
+/// lagging.
+async fn session_read_on_alternative_does_not_wait_for_a_tick(backend: Backend) {
+    let sb = Sandbox::builder()
+        .cluster_with("lead", |c| c.replication.tick_ms = 60_000)
+        .alternative_with("alt", "lead", |c| c.replication.tick_ms = 60_000)
+        .transport(backend)
+        .build()
+        .await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move { describe(&mut a).await.is_some() }
+    })
+    .await;
+    for i in 0..5i64 {
+        let w = insert(&mut l, i..i + 1, DIM).await;
+        let mut req = tonic::Request::new(pb::GetRequest {
+            collection: C.into(),
+            ids: vec![i],
+            read: read(pb::ConsistencyLevel::Session, &w.session_token),
+            ..Default::default()
+        });
+        req.set_timeout(Duration::from_secs(5));
+        let got = a.get(req).await.expect("a session read waited for the untouched shard's next tick").into_inner();
+        assert_eq!(got.entities.len(), 1, "a session read on the alternative missed its own write");
+    }
+}
+
 /// The process's metrics, as the Prometheus endpoint renders them (clusters started in-process
 /// install tandem-telemetry's recorder). Clusters of parallel tests share it; their `cluster`
 /// label tells them apart.
@@ -600,6 +633,7 @@ mod direct {
         consistent_reads_on_alternative,
         large_write_replicates,
         strong_read_on_idle_alternative,
+        session_read_on_alternative_does_not_wait_for_a_tick,
         replication_metrics
     );
 }
@@ -691,6 +725,7 @@ mod kafka {
         consistent_reads_on_alternative,
         large_write_replicates,
         strong_read_on_idle_alternative,
+        session_read_on_alternative_does_not_wait_for_a_tick,
         replication_metrics
     );
 
@@ -740,6 +775,7 @@ mod pulsar {
         consistent_reads_on_alternative,
         large_write_replicates,
         strong_read_on_idle_alternative,
+        session_read_on_alternative_does_not_wait_for_a_tick,
         replication_metrics
     );
 

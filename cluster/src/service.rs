@@ -161,7 +161,19 @@ impl ClusterService {
                 let staleness = if read.staleness_ms == 0 { self.cfg.read.default_staleness_ms } else { read.staleness_ms };
                 compose(wall_ms().saturating_sub(staleness), 0)
             }
-            L::Session | L::Unspecified => token.map_or(0, |t| t.ts),
+            L::Session | L::Unspecified => {
+                let ts = token.map_or(0, |t| t.ts);
+                if ts > 0 && !role.accepts_writes() && c.serviceable_ts(&self.node.clock) < ts {
+                    // On an alternative, the shards a write did not touch reach its ts only at
+                    // the leader's next tick (`replication.tick_ms`), which would be most of
+                    // the read's latency. Asking the leader's clock makes its feeds tick at
+                    // once, as a STRONG read does. Best effort, for at most one tick: the wait
+                    // below bounds the read either way.
+                    let tick = std::time::Duration::from_millis(self.cfg.replication.tick_ms);
+                    let _ = tokio::time::timeout(tick, self.node.strong_ts()).await;
+                }
+                ts
+            }
             L::Eventually => 0,
         };
         let snap = c.wait_serviceable(&self.node.clock, guarantee, deadline).await?;

@@ -4,8 +4,8 @@
 //! For each backend (`direct`; `kafka` when a broker is given or a `tansu` binary is found;
 //! `pulsar` when a service URL is given or a `pulsar-lite` binary is found)
 //! two measurements run, each on a fresh leader + alternative pair started in-process on
-//! `127.0.0.1:0` with temporary data directories (the same `server::start` +
-//! `replication::start` that `tandem cluster` runs):
+//! `127.0.0.1:0` with temporary data directories (a `tandem_node::Member`, as `tandem cluster`
+//! runs one):
 //!
 //! ```text
 //!  live:       writer ──ticker: --batch rows every batch/rate s──► leader.Insert ──ack (t_ack, token)
