@@ -447,8 +447,11 @@ impl Controller {
             tracing::info!(cluster = %self.cfg.cluster_id, ms = started.elapsed().as_millis() as u64, "no leader: applied the log to its end, a candidate");
             // A switchover's target does not wait behind better-ranked candidates.
             let designated = v.handover.as_deref() == Some(self.cfg.cluster_id.as_str());
-            let rank = if designated { Duration::ZERO } else { self.rank().await? };
+            let (rank, better) = if designated { (Duration::ZERO, Vec::new()) } else { self.rank().await? };
             if !rank.is_zero() && !self.still_leaderless(rank).await {
+                return Ok(());
+            }
+            if !better.is_empty() && !self.better_ones_gone(&better).await? {
                 return Ok(());
             }
         }
@@ -517,7 +520,8 @@ impl Controller {
 
     /// How long this candidate waits for better ones: by datacenter preference, then by how
     /// far each has applied the log (all will catch up; the most advanced one is quickest).
-    async fn rank(&self) -> Result<Duration> {
+    /// Also the better-ranked members in a preferred datacenter (see [`Self::better_ones_gone`]).
+    async fn rank(&self) -> Result<(Duration, Vec<String>)> {
         let prefs = &self.cfg.ha.prefer_datacenters;
         let pref = |dc: &str| prefs.iter().position(|p| p == dc).unwrap_or(prefs.len());
         let mut members: Vec<MemberStatus> = self
@@ -536,7 +540,30 @@ impl Controller {
             ))
         });
         let rank = members.iter().position(|m| m.cluster == self.cfg.cluster_id).unwrap_or(0);
-        Ok(RANK_DELAY * rank as u32)
+        let mine = pref(&self.cfg.datacenter);
+        let preferred = members[..rank].iter().filter(|m| pref(&m.datacenter) < mine).map(|m| m.cluster.clone()).collect();
+        Ok((RANK_DELAY * rank as u32, preferred))
+    }
+
+    /// A candidate outside the preferred datacenters does not take over from live candidates in
+    /// one: the rank delay alone would let it win whenever their catch-up takes longer than
+    /// the delay (a loaded machine, a longer log). It waits while any of `better` is still a
+    /// member (its lease alive) and nobody leads, for at most `catch_up_timeout_ms`; true
+    /// when it may campaign.
+    async fn better_ones_gone(&self, better: &[String]) -> Result<bool> {
+        let deadline = Instant::now() + Duration::from_millis(self.cfg.ha.catch_up_timeout_ms);
+        loop {
+            let v = self.session.view().borrow().clone();
+            if v.leader.is_some() || v.handover.as_ref().is_some_and(|h| *h != self.cfg.cluster_id) || self.cancel.is_cancelled() {
+                return Ok(false);
+            }
+            let members = self.session.members().await?;
+            let alive = members.iter().any(|m| better.contains(&m.cluster) && m.promotable && m.role.can_be_promoted());
+            if !alive || Instant::now() >= deadline {
+                return Ok(true);
+            }
+            tokio::time::sleep(RANK_DELAY / 3).await;
+        }
     }
 
     /// Waits `d`; false when a leader (or a handover to another cluster) appeared meanwhile.
