@@ -354,9 +354,9 @@ async fn replication_metrics(backend: Backend) {
     recorder::install();
     // Unique cluster ids: the recorder is shared by the tests of this process.
     let (lead, alt) = match backend {
-        Backend::Direct => ("metrics-lead-direct", "metrics-alt-direct"),
-        Backend::Kafka { .. } => ("metrics-lead-kafka", "metrics-alt-kafka"),
-        Backend::Pulsar { .. } => ("metrics-lead-pulsar", "metrics-alt-pulsar"),
+        Backend::Direct => ("metrics_lead_direct", "metrics_alt_direct"),
+        Backend::Kafka { .. } => ("metrics_lead_kafka", "metrics_alt_kafka"),
+        Backend::Pulsar { .. } => ("metrics_lead_pulsar", "metrics_alt_pulsar"),
     };
     let mut sb = Sandbox::builder()
         .cluster_with(lead, |c| {
