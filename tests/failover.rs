@@ -77,15 +77,6 @@ async fn upsert(c: &mut Client, id: i64) -> Result<(), tonic::Status> {
     c.upsert(req).await.map(|_| ())
 }
 
-/// How many of `ids` `name` does not have (STRONG reads).
-async fn missing(sb: &Sandbox, name: &str, ids: &[i64]) -> usize {
-    let mut c = sb.client(name).await;
-    let read = read(pb::ConsistencyLevel::Strong, "");
-    let got = c.get(pb::GetRequest { collection: COLL.into(), ids: ids.to_vec(), read, ..Default::default() }).await.expect("get");
-    let found: std::collections::BTreeSet<i64> = got.into_inner().entities.iter().map(|e| e.id).collect();
-    ids.iter().filter(|id| !found.contains(id)).count()
-}
-
 /// Whether every named cluster shows the same rows (STRONG reads), within `limit`.
 async fn converged(sb: &Sandbox, names: &[&str], limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
@@ -155,8 +146,8 @@ async fn a_paused_leader_is_fenced_and_rejoins() {
     for id in 2000..2010 {
         upsert(&mut cb, id).await.expect("the new leader takes writes");
     }
-    assert_eq!(missing(&sb, "b", &acked).await, 0, "writes a acknowledged before the pause were lost");
-    assert_eq!(missing(&sb, "b", &refused).await, refused.len(), "a refused write appeared");
+    assert_eq!(missing(&mut sb.client("b").await, COLL, &acked).await, 0, "writes a acknowledged before the pause were lost");
+    assert_eq!(missing(&mut sb.client("b").await, COLL, &refused).await, refused.len(), "a refused write appeared");
     assert_eq!(count(&mut cb, COLL).await, 50);
     assert!(converged(&sb, &["a", "b"], ROLE_WAIT).await, "a did not converge with b");
 }
@@ -201,7 +192,7 @@ async fn a_partitioned_leader_acknowledges_nothing_the_new_leader_lacks() {
     let late = acked_by_a.iter().filter(|(_, at)| *at > b_leads).count();
     assert_eq!(late, 0, "a acknowledged {late} writes after b led");
     let ids: Vec<i64> = acked_by_a.iter().map(|(id, _)| *id).chain(acked.iter().copied()).collect();
-    assert_eq!(missing(&sb, "b", &ids).await, 0, "writes a acknowledged are missing from the new leader");
+    assert_eq!(missing(&mut sb.client("b").await, COLL, &ids).await, 0, "writes a acknowledged are missing from the new leader");
 
     sb.resume("a").await;
     sb.wait_role("a", pb::Role::Alternative, ROLE_WAIT).await;
@@ -281,8 +272,8 @@ async fn switchover_hands_over_without_losing_a_write() {
     }
     let mut all = acked.clone();
     all.push(41);
-    assert_eq!(missing(&sb, "b", &all).await, 0, "acknowledged writes were lost in the switchover");
-    assert_eq!(missing(&sb, "b", &[42]).await, 1, "a refused write appeared");
+    assert_eq!(missing(&mut sb.client("b").await, COLL, &all).await, 0, "acknowledged writes were lost in the switchover");
+    assert_eq!(missing(&mut sb.client("b").await, COLL, &[42]).await, 1, "a refused write appeared");
     assert!(converged(&sb, &["a", "b"], ROLE_WAIT).await, "a did not converge with b");
     assert_eq!(checksum(&mut sb.client("a").await, COLL, pb::ConsistencyLevel::Strong).await.0, 49);
 }

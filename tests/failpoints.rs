@@ -31,38 +31,9 @@ async fn insert(c: &mut Client, ids: std::ops::Range<i64>, dim: usize) -> Result
     c.insert(req).await.map(|r| r.into_inner())
 }
 
-/// How many of `ids` the cluster lacks (STRONG).
-async fn missing(c: &mut Client, ids: &[i64]) -> usize {
-    let mut lacking = 0;
-    for chunk in ids.chunks(1000) {
-        let got = c
-            .get(pb::GetRequest {
-                collection: C.into(),
-                ids: chunk.to_vec(),
-                read: read(pb::ConsistencyLevel::Strong, ""),
-                ..Default::default()
-            })
-            .await
-            .expect("get")
-            .into_inner();
-        let found: std::collections::HashSet<i64> = got.entities.iter().map(|e| e.id).collect();
-        lacking += chunk.iter().filter(|id| !found.contains(id)).count();
-    }
-    lacking
-}
-
 /// Waits until `alt` holds exactly what `lead` holds.
 async fn converge(lead: &mut Client, alt: &mut Client) {
-    let want = checksum(lead, C, pb::ConsistencyLevel::Strong).await;
-    let start = Instant::now();
-    loop {
-        let got = try_checksum(alt, C, pb::ConsistencyLevel::Eventually).await;
-        if got.as_ref().ok() == Some(&want) {
-            return;
-        }
-        assert!(start.elapsed() < CONVERGE, "the alternative did not converge: leader {want:?}, alternative {got:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sandbox::converge(lead, alt, C, CONVERGE).await
 }
 
 /// A failed fsync: the write it was for is not acknowledged, the log takes nothing more (after
@@ -88,8 +59,8 @@ async fn a_failed_fsync_acknowledges_nothing_and_loses_nothing_acknowledged() {
 
     sb.restart("a").await;
     let mut c = sb.client("a").await;
-    assert_eq!(missing(&mut c, &(0..100).collect::<Vec<_>>()).await, 0, "acknowledged writes were lost");
-    assert_eq!(missing(&mut c, &(110..120).collect::<Vec<_>>()).await, 10, "a refused write appeared");
+    assert_eq!(missing(&mut c, C, &(0..100).collect::<Vec<_>>()).await, 0, "acknowledged writes were lost");
+    assert_eq!(missing(&mut c, C, &(110..120).collect::<Vec<_>>()).await, 10, "a refused write appeared");
     insert(&mut c, 200..210, 8).await.expect("writes again after the restart");
     scenario.teardown();
 }
@@ -310,6 +281,6 @@ async fn a_lease_lost_while_promoting_loses_no_acknowledged_write() {
     let mut l = sb.client(leader).await;
     let mut all: Vec<i64> = (0..40).collect();
     all.extend(&acked);
-    assert_eq!(missing(&mut l, &all).await, 0, "acknowledged writes are missing from the final leader");
+    assert_eq!(missing(&mut l, C, &all).await, 0, "acknowledged writes are missing from the final leader");
     scenario.teardown();
 }

@@ -68,6 +68,17 @@ fn delta(after: &BTreeMap<String, u64>, before: &BTreeMap<String, u64>) -> BTree
     after.iter().map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0))).collect()
 }
 
+/// A client of the gateway, once it sees its `clusters` and they all report `collection`,
+/// created through it with rows `0..rows` (the insert's reply is returned too).
+async fn serving(gw: &tandem_gateway::Running, clusters: usize, collection: &str, rows: i64) -> (Client, pb::MutationResponse) {
+    let mut g = connect(gw.addr).await;
+    gateway_ready(gw, clusters, None).await;
+    create(&mut g, collection).await;
+    let w = insert(&mut g, collection, 0..rows).await;
+    gateway_ready(gw, clusters, Some(collection)).await;
+    (g, w)
+}
+
 /// A leader `a` and alternatives `b` and `c`, with collection `c1` holding 100 rows that every
 /// cluster serves, and a gateway (policy as given) that sees all three.
 async fn three_clusters(
@@ -81,11 +92,7 @@ async fn three_clusters(
             adjust(cfg);
         })
         .await;
-    let mut g = connect(gw.addr).await;
-    gateway_ready(&gw, 3, None).await;
-    create(&mut g, "c1").await;
-    let w = insert(&mut g, "c1", 0..100).await;
-    gateway_ready(&gw, 3, Some("c1")).await;
+    let (g, w) = serving(&gw, 3, "c1", 100).await;
     // Every alternative has applied the rows before the test measures anything.
     for name in ["b", "c"] {
         let mut d = sb.client(name).await;
@@ -149,11 +156,7 @@ async fn session_reads_see_own_writes_on_the_alternative() {
             cfg.datacenter = "dc-b".into();
         })
         .await;
-    let mut g = connect(gw.addr).await;
-    gateway_ready(&gw, 2, None).await;
-    create(&mut g, "s").await;
-    insert(&mut g, "s", 0..1).await;
-    gateway_ready(&gw, 2, Some("s")).await;
+    let (mut g, _) = serving(&gw, 2, "s", 1).await;
     let t = topology(&gw).await;
     assert_eq!(t.clusters.iter().find(|c| c.id == "b").unwrap().datacenter, "dc-b", "datacenter learned from the cluster");
 
@@ -330,11 +333,7 @@ async fn a_healed_cluster_gets_reads_again_and_abandoned_reads_do_not_count() {
             cfg.health.unhealthy_after = 2;
         })
         .await;
-    let mut g = connect(gw.addr).await;
-    gateway_ready(&gw, 2, None).await;
-    create(&mut g, "c1").await;
-    insert(&mut g, "c1", 0..100).await;
-    gateway_ready(&gw, 2, Some("c1")).await;
+    let (g, _) = serving(&gw, 2, "c1", 100).await;
     let read_once = |mut g: Client| async move {
         g.search(with_timeout(search_req("c1", read(pb::ConsistencyLevel::Eventually, "")), Duration::from_millis(300))).await
     };
@@ -761,11 +760,7 @@ async fn hedged_reads_answer_from_the_second_cluster() {
             cfg.routing.hedge_after_ms = 100;
         })
         .await;
-    let mut g = connect(gw.addr).await;
-    gateway_ready(&gw, 2, None).await;
-    create(&mut g, "h").await;
-    insert(&mut g, "h", 0..10).await;
-    gateway_ready(&gw, 2, Some("h")).await;
+    let (mut g, _) = serving(&gw, 2, "h", 10).await;
     // b stops applying: a SESSION read of a newer write waits there until its deadline and
     // then fails (DEADLINE_EXCEEDED is not retried). Until b's lag exceeds the deadline the
     // gateway still considers it, so only the hedge to `a` can answer those reads.
@@ -817,11 +812,7 @@ async fn etcd_discovery_adds_and_removes_clusters_live() {
 
     // A cluster that registers later is added, and serves reads through the gateway.
     let (alt_cancel, alt_task) = register("alt").await;
-    gateway_ready(&gw, 2, None).await;
-    let mut g = connect(gw.addr).await;
-    create(&mut g, "e").await;
-    insert(&mut g, "e", 0..10).await;
-    gateway_ready(&gw, 2, Some("e")).await;
+    let (mut g, _) = serving(&gw, 2, "e", 10).await;
     let before = topology_reads(&gw, "alt").await;
     let gwr = &gw;
     eventually(Duration::from_secs(30), || {
@@ -961,11 +952,7 @@ async fn merged_searches_answer_each_caller_as_if_sent_alone() {
     let sb = Sandbox::builder().leading("a").build().await;
     // One search out at a time: every search that arrives meanwhile waits and merges.
     let gw = sb.gateway(&["a"], |cfg| cfg.routing.coalesce.max_in_flight = 1).await;
-    let mut g = connect(gw.addr).await;
-    gateway_ready(&gw, 1, None).await;
-    create(&mut g, "c1").await;
-    insert(&mut g, "c1", 0..200).await;
-    gateway_ready(&gw, 1, Some("c1")).await;
+    let (g, _) = serving(&gw, 1, "c1", 200).await;
     let mut direct = sb.client("a").await;
     let strong = || read(pb::ConsistencyLevel::Strong, "");
     // Query i: its own vector, top 5; every 4th is malformed (half a vector, so two of them

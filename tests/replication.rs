@@ -5,7 +5,7 @@ mod sandbox;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sandbox::*;
 use tandem_proto::v1 as pb;
@@ -31,16 +31,7 @@ async fn insert(c: &mut Client, ids: std::ops::Range<i64>, dim: usize) -> pb::Mu
 
 /// Waits until the alternative holds exactly what the leader holds.
 async fn converge(leader: &mut Client, alt: &mut Client) {
-    let want = checksum(leader, C, pb::ConsistencyLevel::Strong).await;
-    let start = Instant::now();
-    loop {
-        let got = try_checksum(alt, C, pb::ConsistencyLevel::Eventually).await;
-        if got.as_ref().ok() == Some(&want) {
-            return;
-        }
-        assert!(start.elapsed() < CONVERGE, "alternative did not converge: leader {want:?}, alternative {got:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sandbox::converge(leader, alt, C, CONVERGE).await
 }
 
 async fn describe(c: &mut Client) -> Option<pb::CollectionInfo> {
@@ -252,22 +243,29 @@ async fn large_write_replicates(backend: Backend) {
     assert_eq!(count(&mut a, C).await, 8010);
 }
 
-/// A STRONG read on an idle alternative is served from a tick the leader sends when asked for
-/// its clock, not at its next interval (here a minute: longer than the read's deadline).
-async fn strong_read_on_idle_alternative(backend: Backend) {
+/// A leader and an alternative whose feeds tick only once a minute when idle, with the
+/// collection created on both: (sandbox, leader client, alternative client).
+async fn idle_pair(backend: Backend) -> (Sandbox, Client, Client) {
     let sb = Sandbox::builder()
         .cluster_with("lead", |c| c.replication.tick_ms = 60_000)
         .alternative_with("alt", "lead", |c| c.replication.tick_ms = 60_000)
         .transport(backend)
         .build()
         .await;
-    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    let (mut l, a) = (sb.client("lead").await, sb.client("alt").await);
     l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
     eventually(CONVERGE, || {
         let mut a = a.clone();
         async move { describe(&mut a).await.is_some() }
     })
     .await;
+    (sb, l, a)
+}
+
+/// A STRONG read on an idle alternative is served from a tick the leader sends when asked for
+/// its clock, not at its next interval (here a minute: longer than the read's deadline).
+async fn strong_read_on_idle_alternative(backend: Backend) {
+    let (_sb, mut l, mut a) = idle_pair(backend).await;
     for i in 0..5i64 {
         insert(&mut l, i..i + 1, DIM).await;
         let mut req = tonic::Request::new(pb::CountRequest {
@@ -287,19 +285,7 @@ async fn strong_read_on_idle_alternative(backend: Backend) {
 /// tick at once, so the read is served well within its 5 s deadline instead of failing as
 /// lagging.
 async fn session_read_on_alternative_does_not_wait_for_a_tick(backend: Backend) {
-    let sb = Sandbox::builder()
-        .cluster_with("lead", |c| c.replication.tick_ms = 60_000)
-        .alternative_with("alt", "lead", |c| c.replication.tick_ms = 60_000)
-        .transport(backend)
-        .build()
-        .await;
-    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
-    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
-    eventually(CONVERGE, || {
-        let mut a = a.clone();
-        async move { describe(&mut a).await.is_some() }
-    })
-    .await;
+    let (_sb, mut l, mut a) = idle_pair(backend).await;
     for i in 0..5i64 {
         let w = insert(&mut l, i..i + 1, DIM).await;
         let mut req = tonic::Request::new(pb::GetRequest {

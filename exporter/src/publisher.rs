@@ -216,17 +216,13 @@ impl Publisher {
                 // Failpoint: the publish fails before the batch is sent, or after the broker
                 // took it (the resume from the stream's end must not publish it twice).
                 let injected = tandem_cluster::failpoint::fired("publisher::publish");
+                let failed = |message: &str| ExportError::Unavailable { backend: "failpoint", message: message.into() };
                 let sent = match injected.as_deref() {
-                    Some("before") => {
-                        Err(ExportError::Unavailable { backend: "failpoint", message: "publish failed before sending".into() })
+                    Some("before") => Err(failed("publish failed before sending")),
+                    Some("after") => {
+                        self.transport.publish(&stream, events).await.and(Err(failed("publish failed after the broker took it")))
                     }
                     _ => self.transport.publish(&stream, events).await,
-                };
-                let sent = match (sent, injected.as_deref()) {
-                    (Ok(()), Some("after")) => {
-                        Err(ExportError::Unavailable { backend: "failpoint", message: "publish failed after the broker took it".into() })
-                    }
-                    (r, _) => r,
                 };
                 if let Err(e) = sent {
                     tracing::warn!(error = %e, %stream, "publish failed; resuming from the stream's end");

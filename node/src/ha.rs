@@ -272,11 +272,15 @@ impl Controller {
         if self.node.role() != Role::Leading {
             return None;
         }
-        let margin = Duration::from_millis(self.cfg.ha.fence_margin_ms);
         Some(match lease {
-            LeaseState::Valid { until, lease } if Some(lease) == self.led_lease => until.checked_sub(margin).unwrap_or_else(Instant::now),
+            LeaseState::Valid { until, lease } if Some(lease) == self.led_lease => self.fence_time(until),
             LeaseState::Valid { .. } | LeaseState::Lost => Instant::now(),
         })
+    }
+
+    /// `fence_margin_ms` before a lease that holds `until`.
+    fn fence_time(&self, until: Instant) -> Instant {
+        until.checked_sub(Duration::from_millis(self.cfg.ha.fence_margin_ms)).unwrap_or_else(Instant::now)
     }
 
     fn fence(&mut self, why: &str) {
@@ -461,8 +465,7 @@ impl Controller {
         // Writes are bounded by that lease from the moment the node may lead, before the loop
         // next looks at the lease: a lease lost while promoting must not leave a window with
         // no deadline at all.
-        let margin = Duration::from_millis(self.cfg.ha.fence_margin_ms);
-        self.node.set_write_deadline(Some(until.checked_sub(margin).unwrap_or_else(Instant::now)));
+        self.node.set_write_deadline(Some(self.fence_time(until)));
         tracing::info!(cluster = %self.cfg.cluster_id, epoch = won.epoch, "won the election");
         // Failpoint: whatever the test's callback does here (expire this lease) happens between
         // winning and promoting.

@@ -305,11 +305,8 @@ impl Sandbox {
     pub async fn restart(&self, name: &str) {
         self.stop(name).await;
         let mut m = self.member(name).lock().await;
-        let running = NodeMember::start_with(m.cfg.clone(), self.options()).await.expect("restart");
-        if let Some(l) = &m.link {
-            l.set_upstream(running.addr());
-        }
-        m.running = Some(running);
+        let cfg = m.cfg.clone();
+        self.start_stopped(&mut m, cfg).await;
     }
 
     /// Starts a stopped cluster again on its data directory and on `addr` (the address it had),
@@ -318,7 +315,16 @@ impl Sandbox {
         let mut m = self.member(name).lock().await;
         let mut cfg = m.cfg.clone();
         cfg.listen = addr.to_string();
-        m.running = Some(NodeMember::start_with(cfg, self.options()).await.expect("start again on the same address"));
+        self.start_stopped(&mut m, cfg).await;
+    }
+
+    /// Starts a stopped member with `cfg`, its link (if it has one) pointed at the new address.
+    async fn start_stopped(&self, m: &mut Member, cfg: ClusterConfig) {
+        let running = NodeMember::start_with(cfg, self.options()).await.unwrap_or_else(|e| panic!("start {} again: {e}", m.cfg.cluster_id));
+        if let Some(l) = &m.link {
+            l.set_upstream(running.addr());
+        }
+        m.running = Some(running);
     }
 
     /// Stops `name` in the member's order (writes, exporter flush, gRPC drain).
@@ -534,6 +540,38 @@ pub async fn try_checksum(c: &mut Client, collection: &str, level: pb::Consisten
         fields.hash(&mut h);
     }
     Ok((r.entities.len() as u64, h.finish()))
+}
+
+/// How many of `ids` the cluster lacks (STRONG Gets, 1000 ids at a time).
+pub async fn missing(c: &mut Client, collection: &str, ids: &[i64]) -> usize {
+    let mut lacking = 0;
+    for chunk in ids.chunks(1000) {
+        let req = pb::GetRequest {
+            collection: collection.into(),
+            ids: chunk.to_vec(),
+            read: read(pb::ConsistencyLevel::Strong, ""),
+            ..Default::default()
+        };
+        let got = c.get(req).await.expect("get").into_inner();
+        let found: std::collections::HashSet<i64> = got.entities.iter().map(|e| e.id).collect();
+        lacking += chunk.iter().filter(|id| !found.contains(id)).count();
+    }
+    lacking
+}
+
+/// Waits until `alt` holds exactly what `lead` holds (the same checksum; `alt` read
+/// EVENTUALLY), failing after `limit`.
+pub async fn converge(lead: &mut Client, alt: &mut Client, collection: &str, limit: Duration) {
+    let want = checksum(lead, collection, pb::ConsistencyLevel::Strong).await;
+    let start = Instant::now();
+    loop {
+        let got = try_checksum(alt, collection, pb::ConsistencyLevel::Eventually).await;
+        if got.as_ref().ok() == Some(&want) {
+            return;
+        }
+        assert!(start.elapsed() < limit, "the alternative did not converge: leader {want:?}, alternative {got:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 pub async fn count(c: &mut Client, collection: &str) -> u64 {
