@@ -313,12 +313,13 @@ impl Demo {
             name: COLLECTION.into(),
             dim: self.sample.dim as u32,
             metric: pb::Metric::L2 as i32,
-            index: Some(pb::IndexSpec { kind: Some(pb::index_spec::Kind::Hnsw(pb::HnswIndex { m: 16, ef_construction: 200 })) }),
+            index: Some(pb::IndexSpec { kind: Some(pb::index_spec::Kind::Hnsw(pb::HnswIndex { m: 16, ef_construction: 200 })), metric: 0 }),
             shards: 2,
             fields: vec![
-                pb::FieldSchema { name: "category".into(), r#type: pb::ScalarType::String as i32 },
-                pb::FieldSchema { name: "price".into(), r#type: pb::ScalarType::Double as i32 },
+                pb::FieldSchema { name: "category".into(), r#type: pb::ScalarType::String as i32, ..Default::default() },
+                pb::FieldSchema { name: "price".into(), r#type: pb::ScalarType::Double as i32, ..Default::default() },
             ],
+            ..Default::default()
         };
         // A reused --data-dir still holds the previous run's collection.
         let existing = self.leader.list_collections(pb::ListCollectionsRequest {}).await.rpc()?;

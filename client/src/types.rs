@@ -17,6 +17,8 @@ pub enum Value {
     Double(f64),
     Bool(bool),
     String(String),
+    /// A JSON document, as text (JSON fields; structured values of dynamic fields).
+    Json(String),
 }
 
 /// A row's payload: field name to value, ordered by name.
@@ -76,6 +78,7 @@ impl From<Value> for pb::Value {
             Value::Double(x) => Kind::DoubleValue(x),
             Value::Bool(x) => Kind::BoolValue(x),
             Value::String(x) => Kind::StringValue(x),
+            Value::Json(x) => Kind::JsonValue(x),
         };
         pb::Value { kind: Some(kind) }
     }
@@ -90,6 +93,7 @@ fn value_from_pb(v: pb::Value) -> Option<Value> {
         Kind::DoubleValue(x) => Value::Double(x),
         Kind::BoolValue(x) => Value::Bool(x),
         Kind::StringValue(x) => Value::String(x),
+        Kind::JsonValue(x) => Value::Json(x),
     })
 }
 
@@ -359,6 +363,13 @@ pub enum FieldType {
     Double,
     Bool,
     String,
+    /// Stored as Int64, range-checked on write.
+    Int32,
+    Int16,
+    Int8,
+    /// Stored as Double, rounded to f32 on write.
+    Float,
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -409,7 +420,7 @@ impl From<Index> for pb::IndexSpec {
             Index::IvfFlat { nlist } => Kind::IvfFlat(pb::IvfFlatIndex { nlist }),
             Index::Hnsw { m, ef_construction } => Kind::Hnsw(pb::HnswIndex { m, ef_construction }),
         };
-        pb::IndexSpec { kind: Some(kind) }
+        pb::IndexSpec { kind: Some(kind), metric: 0 }
     }
 }
 
@@ -434,6 +445,11 @@ impl From<CollectionSpec> for pb::CollectionSchema {
             FieldType::Double => pb::ScalarType::Double,
             FieldType::Bool => pb::ScalarType::Bool,
             FieldType::String => pb::ScalarType::String,
+            FieldType::Int32 => pb::ScalarType::Int32,
+            FieldType::Int16 => pb::ScalarType::Int16,
+            FieldType::Int8 => pb::ScalarType::Int8,
+            FieldType::Float => pb::ScalarType::Float,
+            FieldType::Json => pb::ScalarType::Json,
         };
         pb::CollectionSchema {
             name: s.name,
@@ -441,7 +457,12 @@ impl From<CollectionSpec> for pb::CollectionSchema {
             metric: metric as i32,
             index: Some(s.index.into()),
             shards: s.shards,
-            fields: s.fields.into_iter().map(|f| pb::FieldSchema { name: f.name, r#type: field_type(f.ty) as i32 }).collect(),
+            fields: s
+                .fields
+                .into_iter()
+                .map(|f| pb::FieldSchema { name: f.name, r#type: field_type(f.ty) as i32, ..Default::default() })
+                .collect(),
+            ..Default::default()
         }
     }
 }
@@ -466,6 +487,11 @@ impl TryFrom<pb::CollectionSchema> for CollectionSpec {
                     Ok(pb::ScalarType::Double) => FieldType::Double,
                     Ok(pb::ScalarType::Bool) => FieldType::Bool,
                     Ok(pb::ScalarType::String) => FieldType::String,
+                    Ok(pb::ScalarType::Int32) => FieldType::Int32,
+                    Ok(pb::ScalarType::Int16) => FieldType::Int16,
+                    Ok(pb::ScalarType::Int8) => FieldType::Int8,
+                    Ok(pb::ScalarType::Float) => FieldType::Float,
+                    Ok(pb::ScalarType::Json) => FieldType::Json,
                     Ok(pb::ScalarType::Unspecified) | Err(_) => return Err(unknown("field type", f.r#type)),
                 };
                 Ok(Field { name: f.name, ty })

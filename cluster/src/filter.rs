@@ -20,8 +20,16 @@
 //!   and `false`.
 //! - **Literals**: integers (`42`, `-7`), floats (`1.5`, `-2e3`, `1.5e-3`), `true` / `false`,
 //!   and strings in single or double quotes with the escapes `\\`, `\"`, `\'`, `\n` and `\t`.
-//! - **Names**: fields are `[A-Za-z_][A-Za-z0-9_]*`, case-sensitive; `id` is the primary key
-//!   (Int64). The keywords `and`, `or`, `not`, `in`, `true`, `false` are case-insensitive.
+//! - **Names**: fields are `[A-Za-z_$][A-Za-z0-9_]*`, case-sensitive; `id` (or the schema's
+//!   primary field name, see [`Scope`]) is the primary key (Int64). The keywords `and`, `or`,
+//!   `not`, `in`, `like`, `true`, `false` are case-insensitive.
+//! - **Patterns**: `field like "pre%"` on a string: `%` matches any run of characters, `_` any
+//!   one character, `\\%` and `\\_` themselves.
+//! - **JSON**: a Json field is reached into with keys and indices, `meta["color"]`,
+//!   `meta["sizes"][0]`, and the value found there compares like a literal of its own type (a
+//!   number, string or bool; anything else, or nothing, is unset). With a dynamic schema, a name
+//!   the schema does not declare is a key of the row's dynamic fields (`$meta["name"]`).
+//! - **Functions** (`json_contains(...)` and the like) are not supported, and are refused by name.
 //!
 //! # Types
 //!
@@ -59,6 +67,7 @@ pub enum ScalarType {
     Float64,
     Bool,
     String,
+    Json,
 }
 
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -67,6 +76,8 @@ pub enum Scalar {
     Float64(f64),
     Bool(bool),
     String(String),
+    /// A JSON document; boxed so that the common scalars keep `Scalar` small.
+    Json(Box<serde_json::Value>),
 }
 
 impl Scalar {
@@ -76,6 +87,7 @@ impl Scalar {
             Scalar::Float64(_) => ScalarType::Float64,
             Scalar::Bool(_) => ScalarType::Bool,
             Scalar::String(_) => ScalarType::String,
+            Scalar::Json(_) => ScalarType::Json,
         }
     }
 }
@@ -98,7 +110,24 @@ pub enum FilterError {
     TooLong(usize),
     #[error("filter nested too deeply (limit 64)")]
     TooDeep,
+    #[error("{0} is not supported in filters")]
+    Unsupported(String),
 }
+
+/// What names mean in a filter: the payload fields, the primary key's name, and whether names
+/// the schema does not declare are dynamic fields.
+#[derive(Debug, Clone, Copy)]
+pub struct Scope<'a> {
+    pub fields: &'a [FieldDef],
+    /// The primary key's name (`id` unless the schema names it otherwise).
+    pub primary: &'a str,
+    /// The Json field that holds each row's undeclared fields (`$meta`), when the schema is
+    /// dynamic: an unknown name `x` then means `$meta["x"]`.
+    pub dynamic: Option<usize>,
+}
+
+/// The name of the hidden Json field that holds a dynamic schema's undeclared fields.
+pub const DYNAMIC_FIELD: &str = "$meta";
 
 /// A compiled filter. Cheap to evaluate; `Send + Sync + Clone`.
 ///
@@ -113,12 +142,17 @@ impl Filter {
     /// Parses and type-checks `expr` against `fields`. The pseudo-field `id` (Int64) is the
     /// primary key and shadows any payload field of that name (schemas reserve it anyway).
     pub fn compile(expr: &str, fields: &[FieldDef]) -> Result<Filter, FilterError> {
+        Filter::compile_in(expr, Scope { fields, primary: "id", dynamic: None })
+    }
+
+    /// [`Filter::compile`] with a primary key of another name and, optionally, dynamic fields.
+    pub fn compile_in(expr: &str, scope: Scope<'_>) -> Result<Filter, FilterError> {
         // Checked before lexing so hostile input costs nothing.
         if expr.len() > MAX_FILTER_LEN {
             return Err(FilterError::TooLong(expr.len()));
         }
         let toks = lex(expr)?;
-        let mut p = Parser { src: expr, toks, pos: 0, depth: 0, fields };
+        let mut p = Parser { src: expr, toks, pos: 0, depth: 0, scope };
         let root = p.parse_or()?;
         let end = p.peek();
         if end.tok != Tok::Eof {
@@ -216,12 +250,21 @@ enum Slot {
     Index(usize),
 }
 
-/// A field resolved at compile time; the name is kept only for `Display`.
+/// One step into a JSON value: an object key or an array index.
+#[derive(Debug, Clone, PartialEq)]
+enum Step {
+    Key(Box<str>),
+    Index(usize),
+}
+
+/// A field resolved at compile time; the name is kept only for `Display`. `path` is empty except
+/// on Json fields, where the value compared is the one found at the end of the path.
 #[derive(Debug, Clone)]
 struct FieldRef {
     slot: Slot,
     ty: ScalarType,
     name: Box<str>,
+    path: Box<[Step]>,
 }
 
 /// A borrowed row value, so evaluation never clones strings.
@@ -231,6 +274,17 @@ enum Val<'a> {
     Float(f64),
     Bool(bool),
     Str(&'a str),
+}
+
+/// A JSON value as a comparable value: numbers, strings and bools; anything else is unset.
+fn json_val(v: &serde_json::Value) -> Option<Val<'_>> {
+    use serde_json::Value as J;
+    match v {
+        J::Bool(b) => Some(Val::Bool(*b)),
+        J::String(s) => Some(Val::Str(s)),
+        J::Number(n) => n.as_i64().map(Val::Int).or_else(|| n.as_f64().map(Val::Float)),
+        J::Null | J::Array(_) | J::Object(_) => None,
+    }
 }
 
 impl FieldRef {
@@ -247,8 +301,31 @@ impl FieldRef {
             (Scalar::Float64(v), ScalarType::Float64) => Some(Val::Float(*v)),
             (Scalar::Bool(v), ScalarType::Bool) => Some(Val::Bool(*v)),
             (Scalar::String(v), ScalarType::String) => Some(Val::Str(v)),
+            (Scalar::Json(v), ScalarType::Json) => {
+                let mut at: &serde_json::Value = v;
+                for step in &self.path {
+                    at = match step {
+                        Step::Key(k) => at.get(&**k)?,
+                        Step::Index(i) => at.get(*i)?,
+                    };
+                }
+                json_val(at)
+            }
             _ => None,
         }
+    }
+}
+
+impl fmt::Display for FieldRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.name)?;
+        for step in &self.path {
+            match step {
+                Step::Key(k) => write!(f, "[{}]", LitFmt(&Scalar::String(k.to_string())))?,
+                Step::Index(i) => write!(f, "[{i}]")?,
+            }
+        }
+        Ok(())
     }
 }
 
@@ -287,7 +364,8 @@ fn compare(v: Val<'_>, lit: &Scalar) -> Option<Ordering> {
         (Val::Float(a), Scalar::Float64(b)) => a.partial_cmp(b),
         (Val::Bool(a), Scalar::Bool(b)) => Some(a.cmp(b)),
         (Val::Str(a), Scalar::String(b)) => Some(a.cmp(b.as_str())),
-        // Unreachable: `compile` rejects these pairs and `FieldRef::get` filters values.
+        // `compile` rejects these pairs for typed fields and `FieldRef::get` filters values;
+        // on a JSON path the value's type is only known per row, and a mismatch is unordered.
         _ => None,
     }
 }
@@ -320,6 +398,8 @@ impl InSet {
                 Scalar::String(s) => {
                     set.strs.insert(s.as_str().into());
                 }
+                // The lexer produces no JSON literals.
+                Scalar::Json(_) => {}
             }
         }
         set.floats.sort_by(f64::total_cmp);
@@ -361,6 +441,10 @@ enum Node {
     },
     /// A Bool field used on its own.
     Truthy(FieldRef),
+    Like {
+        field: FieldRef,
+        pattern: Box<Pattern>,
+    },
     Not(Box<Node>),
     /// Flattened n-ary, so long `a and b and ...` chains stay shallow to evaluate, print and drop.
     And(Vec<Node>),
@@ -371,7 +455,13 @@ impl Node {
     fn eval(&self, id: i64, row: &[Option<Scalar>]) -> bool {
         match self {
             Node::Const(b) => *b,
-            Node::Cmp { field, op, lit } => field.get(id, row).is_some_and(|v| op.test(compare(v, lit))),
+            // On a JSON path a value of another type than the literal is unordered: it passes
+            // no comparison, `!=` included (unlike a NaN), as if it were unset.
+            Node::Cmp { field, op, lit } => field.get(id, row).is_some_and(|v| {
+                let ord = compare(v, lit);
+                (ord.is_some() || !field.is_json()) && op.test(ord)
+            }),
+            Node::Like { field, pattern } => matches!(field.get(id, row), Some(Val::Str(s)) if pattern.matches(s)),
             Node::In { field, set, negated } => field.get(id, row).is_some_and(|v| set.contains(v) != *negated),
             Node::Truthy(field) => matches!(field.get(id, row), Some(Val::Bool(true))),
             Node::Not(n) => !n.eval(id, row),
@@ -420,9 +510,10 @@ impl fmt::Display for Node {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Node::Const(b) => write!(f, "{b}"),
-            Node::Cmp { field, op, lit } => write!(f, "{} {} {}", field.name, op.symbol(), LitFmt(lit)),
+            Node::Cmp { field, op, lit } => write!(f, "{field} {} {}", op.symbol(), LitFmt(lit)),
+            Node::Like { field, pattern } => write!(f, "{field} like {}", LitFmt(&Scalar::String(pattern.text.clone()))),
             Node::In { field, set, negated } => {
-                write!(f, "{} {}in [", field.name, if *negated { "not " } else { "" })?;
+                write!(f, "{field} {}in [", if *negated { "not " } else { "" })?;
                 for (i, lit) in set.lits.iter().enumerate() {
                     if i > 0 {
                         // No space: long id lists are the common large filter, and their
@@ -433,7 +524,7 @@ impl fmt::Display for Node {
                 }
                 f.write_str("]")
             }
-            Node::Truthy(field) => f.write_str(&field.name),
+            Node::Truthy(field) => write!(f, "{field}"),
             // No parentheses around a comparison: `not x == 1` already means `not (x == 1)`, and
             // adding them could push a filter at the depth limit over it when recompiled.
             Node::Not(inner) => {
@@ -482,6 +573,7 @@ impl fmt::Display for LitFmt<'_> {
                 }
                 f.write_char('"')
             }
+            Scalar::Json(v) => write!(f, "{v}"),
         }
     }
 }
@@ -492,6 +584,7 @@ fn describe_lit(lit: &Scalar) -> String {
         Scalar::Float64(_) => format!("float {}", LitFmt(lit)),
         Scalar::Bool(b) => format!("boolean {b}"),
         Scalar::String(s) => format!("string {s:?}"),
+        Scalar::Json(v) => format!("JSON {v}"),
     }
 }
 
@@ -507,6 +600,7 @@ enum Tok {
     Or,
     Not,
     In,
+    Like,
     LParen,
     RParen,
     LBracket,
@@ -656,7 +750,8 @@ fn lex(src: &str) -> Result<Vec<Token>, FilterError> {
                     }
                 }
             }
-            c if c.is_ascii_alphabetic() || c == '_' => {
+            c if c.is_ascii_alphabetic() || c == '_' || c == '$' => {
+                i += 1;
                 while at(i).is_some_and(|d| d.is_ascii_alphanumeric() || d == '_') {
                     i += 1;
                 }
@@ -666,6 +761,7 @@ fn lex(src: &str) -> Result<Vec<Token>, FilterError> {
                     "or" => Tok::Or,
                     "not" => Tok::Not,
                     "in" => Tok::In,
+                    "like" => Tok::Like,
                     "true" => Tok::Lit(Scalar::Bool(true)),
                     "false" => Tok::Lit(Scalar::Bool(false)),
                     _ => Tok::Ident,
@@ -694,7 +790,7 @@ struct Parser<'a> {
     /// Current parenthesis depth; bounding it bounds the recursion, so hostile input cannot
     /// overflow the stack.
     depth: usize,
-    fields: &'a [FieldDef],
+    scope: Scope<'a>,
 }
 
 impl Parser<'_> {
@@ -774,17 +870,43 @@ impl Parser<'_> {
         }
     }
 
-    fn operand(&self, t: Token) -> Result<Operand, FilterError> {
+    /// A literal, or a field with its JSON path (`meta["a"][0]`), consuming the path's tokens.
+    fn operand(&mut self, t: Token) -> Result<Operand, FilterError> {
         let Tok::Lit(lit) = t.tok else {
             let name = &self.src[t.start..t.end];
-            let (slot, ty) = if name == "id" {
-                (Slot::Id, ScalarType::Int64)
+            if self.peek().tok == Tok::LParen {
+                return Err(FilterError::Unsupported(format!("function {name}(...)")));
+            }
+            let fields = self.scope.fields;
+            let mut field = if name == self.scope.primary {
+                FieldRef { slot: Slot::Id, ty: ScalarType::Int64, name: name.into(), path: Box::new([]) }
+            } else if let Some(i) = fields.iter().position(|f| f.name == name) {
+                FieldRef { slot: Slot::Index(i), ty: fields[i].ty, name: name.into(), path: Box::new([]) }
+            } else if let Some(i) = self.scope.dynamic {
+                let path = Box::new([Step::Key(name.into())]);
+                FieldRef { slot: Slot::Index(i), ty: ScalarType::Json, name: fields[i].name.as_str().into(), path }
             } else {
-                let i = self.fields.iter().position(|f| f.name == name);
-                let i = i.ok_or_else(|| FilterError::UnknownField(name.to_string()))?;
-                (Slot::Index(i), self.fields[i].ty)
+                return Err(FilterError::UnknownField(name.to_string()));
             };
-            return Ok(Operand::Field(FieldRef { slot, ty, name: name.into() }));
+            let mut path = field.path.to_vec();
+            while self.peek().tok == Tok::LBracket {
+                let open = self.bump();
+                if field.ty != ScalarType::Json {
+                    return Err(syntax(open.col, format!("field {name:?} is {:?}, not Json: it has no keys to index", field.ty)));
+                }
+                let key = self.bump();
+                path.push(match key.tok {
+                    Tok::Lit(Scalar::String(k)) => Step::Key(k.into()),
+                    Tok::Lit(Scalar::Int64(i)) if i >= 0 => Step::Index(i as usize),
+                    _ => return Err(self.unexpected(&key, "a string key or an array index in \"[...]\"")),
+                });
+                let close = self.bump();
+                if close.tok != Tok::RBracket {
+                    return Err(self.unexpected(&close, "\"]\""));
+                }
+            }
+            field.path = path.into();
+            return Ok(Operand::Field(field));
         };
         Ok(Operand::Lit(lit))
     }
@@ -797,6 +919,20 @@ impl Parser<'_> {
         let left = self.operand(first)?;
         let next = self.peek().clone();
         match next.tok {
+            Tok::Like => {
+                self.bump();
+                let Operand::Field(field) = left else {
+                    return Err(syntax(first_col, format!("expected a field before \"like\", found {first_desc}")));
+                };
+                if !matches!(field.ty, ScalarType::String | ScalarType::Json) {
+                    return Err(FilterError::Type(format!("field {:?} is {:?}, \"like\" needs a string", field.name, field.ty)));
+                }
+                let t = self.bump();
+                let Tok::Lit(Scalar::String(text)) = t.tok else {
+                    return Err(self.unexpected(&t, "a string pattern after \"like\""));
+                };
+                Ok(Node::Like { field, pattern: Box::new(Pattern::new(text)) })
+            }
             Tok::Cmp(op) => {
                 self.bump();
                 let rt = self.bump();
@@ -835,7 +971,7 @@ impl Parser<'_> {
                 Ok(Node::In { field, set: Box::new(InSet::new(lits)), negated })
             }
             _ => match left {
-                Operand::Field(f) if f.ty == ScalarType::Bool => Ok(Node::Truthy(f)),
+                Operand::Field(f) if f.ty == ScalarType::Bool || f.is_json() => Ok(Node::Truthy(f)),
                 Operand::Field(f) => Err(FilterError::Type(format!(
                     "field {:?} is {:?}, not Bool, so it cannot be a condition on its own; compare it with a value",
                     f.name, f.ty
@@ -871,6 +1007,10 @@ impl Parser<'_> {
 
 fn check_lit(field: &FieldRef, lit: &Scalar, context: &str) -> Result<(), FilterError> {
     use ScalarType as T;
+    if field.is_json() {
+        // A JSON value's type is known per row only; a mismatch is false there.
+        return Ok(());
+    }
     let ok = matches!(
         (field.ty, lit),
         (T::Int64 | T::Float64, Scalar::Int64(_) | Scalar::Float64(_)) | (T::Bool, Scalar::Bool(_)) | (T::String, Scalar::String(_))
@@ -892,6 +1032,77 @@ fn cmp_node(field: FieldRef, op: CmpOp, lit: Scalar) -> Result<Node, FilterError
         )));
     }
     Ok(Node::Cmp { field, op, lit })
+}
+
+impl FieldRef {
+    fn is_json(&self) -> bool {
+        self.ty == ScalarType::Json
+    }
+}
+
+/// A `like` pattern: `%` any run, `_` any one character, `\\%` / `\\_` literal.
+#[derive(Debug, Clone)]
+struct Pattern {
+    /// As written, for `Display`.
+    text: String,
+    parts: Vec<PatPart>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+enum PatPart {
+    Lit(char),
+    One,
+    Any,
+}
+
+impl Pattern {
+    fn new(text: String) -> Pattern {
+        let mut parts = Vec::new();
+        let mut chars = text.chars().peekable();
+        while let Some(c) = chars.next() {
+            parts.push(match c {
+                '\\' if matches!(chars.peek(), Some('%' | '_')) => PatPart::Lit(chars.next().expect("peeked")),
+                '%' => PatPart::Any,
+                '_' => PatPart::One,
+                c => PatPart::Lit(c),
+            });
+        }
+        parts.dedup_by(|a, b| *a == PatPart::Any && *b == PatPart::Any);
+        Pattern { text, parts }
+    }
+
+    /// Greedy matching with backtracking to the last `%`: linear in practice, and at worst
+    /// O(pattern x text), never exponential.
+    fn matches(&self, s: &str) -> bool {
+        let text: Vec<char> = s.chars().collect();
+        let (mut p, mut t) = (0, 0);
+        let mut star: Option<(usize, usize)> = None;
+        while t < text.len() {
+            match self.parts.get(p) {
+                Some(PatPart::Any) => {
+                    star = Some((p, t));
+                    p += 1;
+                }
+                Some(PatPart::One) => {
+                    p += 1;
+                    t += 1;
+                }
+                Some(PatPart::Lit(c)) if *c == text[t] => {
+                    p += 1;
+                    t += 1;
+                }
+                _ => match star {
+                    Some((sp, st)) => {
+                        p = sp + 1;
+                        t = st + 1;
+                        star = Some((sp, st + 1));
+                    }
+                    None => return false,
+                },
+            }
+        }
+        self.parts[p..].iter().all(|x| *x == PatPart::Any)
+    }
 }
 
 #[cfg(test)]
@@ -973,6 +1184,78 @@ mod tests {
             42,
             &row(),
         );
+    }
+
+    #[test]
+    fn like_patterns() {
+        for (pattern, text, want) in [
+            ("red%", "red_7", true),
+            ("red%", "dark red", false),
+            ("%red", "dark red", true),
+            ("%ar%", "dark red", true),
+            ("r_d", "red", true),
+            ("r_d", "reed", false),
+            ("%", "", true),
+            ("", "", true),
+            ("a%b%c", "axxbyyc", true),
+            ("a%b%c", "axxbyy", false),
+            ("50\\%", "50%", true),
+            ("50\\%", "500", false),
+        ] {
+            assert_eq!(Pattern::new(pattern.into()).matches(text), want, "{pattern:?} on {text:?}");
+        }
+        check_table(&[("name like 'wid%'", true), ("name like 'x%'", false), ("not name like '%get'", false)], 42, &row());
+        let e = Filter::compile("qty like 'a%'", &schema()).unwrap_err();
+        assert!(e.to_string().contains("\"qty\" is Int64"), "{e}");
+    }
+
+    /// A schema with a Json field `meta` and dynamic fields in `$meta`, primary key `pk`.
+    fn json_scope_row() -> (Vec<FieldDef>, Vec<Option<Scalar>>) {
+        let fields = vec![
+            FieldDef { name: "meta".into(), ty: ScalarType::Json },
+            FieldDef { name: "qty".into(), ty: ScalarType::Int64 },
+            FieldDef { name: DYNAMIC_FIELD.into(), ty: ScalarType::Json },
+        ];
+        let meta = serde_json::json!({"color": "red", "sizes": [3, 4.5], "deep": {"ok": true}});
+        let dynamic = serde_json::json!({"brand": "acme", "rank": 7});
+        let row = vec![Some(Scalar::Json(Box::new(meta))), Some(Scalar::Int64(5)), Some(Scalar::Json(Box::new(dynamic)))];
+        (fields, row)
+    }
+
+    #[test]
+    fn json_paths_dynamic_fields_and_a_named_primary_key() {
+        let (fields, row) = json_scope_row();
+        let scope = Scope { fields: &fields, primary: "pk", dynamic: Some(2) };
+        for (expr, want) in [
+            ("meta['color'] == 'red'", true),
+            ("meta[\"sizes\"][1] > 4", true),
+            ("meta['sizes'][0] in [1, 2, 3]", true),
+            ("meta['sizes'][9] == 3", false),
+            ("meta['deep']['ok']", true),
+            ("meta['color'] like 'r%'", true),
+            // Another type than the literal's is false, `!=` included.
+            ("meta['color'] == 3", false),
+            ("meta['color'] != 3", false),
+            ("brand == 'acme'", true),
+            ("rank >= 7 and qty == 5", true),
+            ("missing == 1", false),
+            ("$meta['brand'] == 'acme'", true),
+            ("pk == 9", true),
+            ("pk in [1, 2]", false),
+        ] {
+            let f = Filter::compile_in(expr, scope).unwrap_or_else(|e| panic!("{expr}: {e}"));
+            let again = Filter::compile_in(&f.to_string(), scope).unwrap_or_else(|e| panic!("{f}: {e}"));
+            assert_eq!(f.matches(9, &row), want, "{expr} (canonical {f})");
+            assert_eq!(again.matches(9, &row), want, "canonical {f} of {expr}");
+        }
+        // Without dynamic fields an unknown name is an error, and `id` is not the key's name.
+        let strict = Scope { fields: &fields, primary: "pk", dynamic: None };
+        assert!(matches!(Filter::compile_in("brand == 'x'", strict), Err(FilterError::UnknownField(f)) if f == "brand"));
+        assert!(matches!(Filter::compile_in("id == 1", strict), Err(FilterError::UnknownField(f)) if f == "id"));
+        let e = Filter::compile_in("qty['a'] == 1", strict).unwrap_err();
+        assert!(e.to_string().contains("not Json"), "{e}");
+        let e = Filter::compile_in("json_contains(meta['sizes'], 3)", scope).unwrap_err();
+        assert_eq!(e, FilterError::Unsupported("function json_contains(...)".into()));
     }
 
     #[test]
@@ -1281,6 +1564,7 @@ mod tests {
             }
             ScalarType::Bool => any::<bool>().prop_map(Scalar::Bool).boxed(),
             ScalarType::String => prop::sample::select(STRINGS.to_vec()).prop_map(|s| Scalar::String(s.into())).boxed(),
+            ScalarType::Json => unreachable!("the generated schema has no Json field"),
         }
     }
 
@@ -1311,6 +1595,7 @@ mod tests {
                 let esc = s.replace('\\', "\\\\").replace('\'', "\\'").replace('\n', "\\n").replace('\t', "\\t");
                 format!("'{esc}'")
             }
+            Scalar::Json(_) => unreachable!("filters have no JSON literals"),
         }
     }
 

@@ -23,7 +23,7 @@ use crate::error::{ClusterError, Result};
 use crate::fanout::{Fanout, LocalFanout};
 use crate::fsio;
 use crate::role::Role;
-use crate::schema::{IndexKind, Schema};
+use crate::schema::{IndexKind, Metric, Schema};
 use crate::segment::Sealed;
 use crate::shard::ShardOptions;
 use crate::term::{self, StreamTerm};
@@ -697,6 +697,9 @@ impl Node {
                 let c = all.get(&rec.collection).cloned().ok_or_else(|| ClusterError::CollectionNotFound(rec.collection.clone()))?;
                 let mut schema = (*c.schema()).clone();
                 schema.index = IndexKind::from_proto(Some(&spec))?;
+                if spec.metric != 0 {
+                    schema.metric = Metric::from_proto(spec.metric)?;
+                }
                 c.set_schema(schema);
                 let jobs: IndexJobs =
                     c.shards().iter().enumerate().flat_map(|(i, s)| s.sealed_segments().into_iter().map(move |seg| (i, seg))).collect();
@@ -845,23 +848,39 @@ impl Node {
             return Err(ClusterError::invalid("create index needs an index: flat, ivf_flat or hnsw"));
         }
         let kind = IndexKind::from_proto(spec)?;
-        self.set_index(name, kind)
+        let metric = spec.map_or(0, |s| s.metric);
+        self.set_index(name, kind, metric)
     }
 
     pub fn drop_index(&self, name: &str) -> Result<Ts> {
         self.check_writable()?;
-        self.set_index(name, IndexKind::Flat)
+        self.set_index(name, IndexKind::Flat, 0)
     }
 
-    fn set_index(&self, name: &str, kind: IndexKind) -> Result<Ts> {
+    /// `metric` (a `pb::Metric`, 0 = keep) may change only while no shard has logged a write:
+    /// stored vectors are normalised for COSINE, so a metric cannot change under them.
+    fn set_index(&self, name: &str, kind: IndexKind, metric: i32) -> Result<Ts> {
         let mut next_id = self.catalog.lock();
         let c = self.collection(name)?;
+        let mut spec = kind.to_proto();
+        if metric != 0 {
+            let wanted = Metric::from_proto(metric)?;
+            let current = c.schema().metric;
+            if wanted != current {
+                if c.shards().iter().any(|s| s.last_lsn() > 0) {
+                    return Err(ClusterError::invalid(format!(
+                        "collection {name:?} holds data compared by {current:?}; its metric cannot change to {wanted:?}"
+                    )));
+                }
+                spec.metric = metric;
+            }
+        }
         let ts = self.clock.now();
         let rec = st::DdlRecord {
             ts,
             collection: name.into(),
             collection_id: c.id,
-            op: Some(st::ddl_record::Op::SetIndex(kind.to_proto())),
+            op: Some(st::ddl_record::Op::SetIndex(spec)),
             source_lsn: 0,
         };
         self.ddl_apply(&mut next_id, rec)?;
@@ -940,7 +959,10 @@ fn apply_to_catalog(catalog: &mut st::Catalog, rec: st::DdlRecord) {
         Some(st::ddl_record::Op::SetIndex(spec)) => {
             for c in catalog.collections.iter_mut().filter(|c| c.id == id) {
                 if let Some(s) = c.schema.as_mut() {
-                    s.index = Some(spec);
+                    if spec.metric != 0 {
+                        s.metric = spec.metric;
+                    }
+                    s.index = Some(pb::IndexSpec { metric: 0, ..spec.clone() });
                 }
             }
         }

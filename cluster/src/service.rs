@@ -16,7 +16,7 @@ use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::node::Node;
 use crate::role::Role;
-use crate::schema::{Metric, Schema};
+use crate::schema::{Metric, Outputs, Schema};
 use crate::segment::{Row, SearchPlan};
 use crate::ts::{SessionToken, Ts, compose, wall_ms};
 
@@ -89,7 +89,7 @@ fn check_epoch<T>(req: &Request<T>, node: &Node) -> Result<()> {
 }
 
 fn compile_filter(schema: &Schema, filter: &str) -> Result<Option<Filter>> {
-    if filter.trim().is_empty() { Ok(None) } else { Ok(Some(Filter::compile(filter, &schema.fields)?)) }
+    if filter.trim().is_empty() { Ok(None) } else { Ok(Some(Filter::compile_in(filter, schema.filter_scope())?)) }
 }
 
 impl ClusterService {
@@ -189,7 +189,7 @@ impl ClusterService {
     }
 
     fn mutation(&self, ts: Ts, count: u64) -> pb::MutationResponse {
-        pb::MutationResponse { count, ts, session_token: self.node.token(ts).encode() }
+        pb::MutationResponse { count, ts, session_token: self.node.token(ts).encode(), ids: Vec::new() }
     }
 
     /// Applies a write and, under ack policy `exported` with a broker publisher running, waits
@@ -248,7 +248,7 @@ impl ClusterService {
         }
     }
 
-    fn entities(schema: &Schema, found: Vec<(i64, Vec<f32>, Row)>, outputs: &[usize], include_vectors: bool) -> Vec<pb::Entity> {
+    fn entities(schema: &Schema, found: Vec<(i64, Vec<f32>, Row)>, outputs: &Outputs, include_vectors: bool) -> Vec<pb::Entity> {
         found
             .into_iter()
             .map(|(id, v, row)| pb::Entity {
@@ -317,11 +317,30 @@ impl ClusterService {
     async fn handle_insert(&self, req: Request<pb::InsertRequest>) -> Reply<pb::MutationResponse> {
         check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         let c = self.node.collection(&r.collection)?;
-        let (vectors, rows) = self.rows("insert", &c.schema(), &r.ids, r.vectors, &r.payloads)?;
+        let schema = c.schema();
+        let auto_id = schema.options.auto_id;
+        if auto_id {
+            if !r.ids.is_empty() {
+                return Err(ClusterError::invalid(format!(
+                    "insert: collection {:?} assigns ids itself (auto_id); send {} rows without ids",
+                    r.collection,
+                    r.ids.len()
+                ))
+                .into());
+            }
+            // Rows are counted by vectors; `rows` below checks the rest (payload count, limits).
+            let n = (r.vectors.len() / schema.dim.max(1)).min(self.cfg.limits.max_write_rows + 1) as u64;
+            if n > 0 {
+                let first = self.node.clock.reserve(n);
+                r.ids = (first..first + n).map(|ts| ts as i64).collect();
+            }
+        }
+        let (vectors, rows) = self.rows("insert", &schema, &r.ids, r.vectors, &r.payloads)?;
+        let ids = if auto_id { r.ids.clone() } else { Vec::new() };
         let (ts, n) = self.write(c, Write::Insert { ids: r.ids, vectors, rows }, r.ack, deadline).await?;
-        Ok(Response::new(self.mutation(ts, n)))
+        Ok(Response::new(pb::MutationResponse { ids, ..self.mutation(ts, n) }))
     }
 
     async fn handle_upsert(&self, req: Request<pb::UpsertRequest>) -> Reply<pb::MutationResponse> {

@@ -38,6 +38,21 @@ impl HybridClock {
         }
     }
 
+    /// Issues `n` consecutive timestamps at once and returns the first. They serve as ids
+    /// the server assigns (auto_id): unique for the same reasons timestamps are, across
+    /// restarts and leaders, because the write that carries them gets a later timestamp still.
+    pub fn reserve(&self, n: u64) -> Ts {
+        let physical = compose(wall_ms(), 0);
+        let mut prev = self.last.load(Ordering::Acquire);
+        loop {
+            let first = physical.max(prev + 1);
+            match self.last.compare_exchange_weak(prev, first + n.max(1) - 1, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return first,
+                Err(p) => prev = p,
+            }
+        }
+    }
+
     /// The current time without issuing one: >= every timestamp issued so far, and every later
     /// `now()` is greater than it.
     pub fn peek(&self) -> Ts {
@@ -71,6 +86,16 @@ mod tests {
         all.sort_unstable();
         all.dedup();
         assert_eq!(all.len(), n, "duplicate timestamps issued");
+    }
+
+    #[test]
+    fn reserved_ranges_do_not_overlap_issued_timestamps() {
+        let clock = HybridClock::new();
+        let a = clock.now();
+        let first = clock.reserve(1000);
+        let b = clock.now();
+        assert!(first > a);
+        assert!(b >= first + 1000, "{b} was inside the reserved range starting at {first}");
     }
 
     #[test]

@@ -481,6 +481,7 @@ pub async fn create_collection(c: &mut TandemClient<Channel>) -> anyhow::Result<
         index: None,
         shards: 2,
         fields: Vec::new(),
+        ..Default::default()
     };
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {

@@ -503,6 +503,7 @@ fn schema(a: &ReplicationBenchArgs) -> pb::CollectionSchema {
         index: Some(a.index_kind().to_proto()),
         shards: a.shards,
         fields: Vec::new(),
+        ..Default::default()
     }
 }
 

@@ -792,6 +792,7 @@ async fn measure(a: &SearchBenchArgs, addr: std::net::SocketAddr, s: &Setup) -> 
         index: Some(a.indexes[0].kind(a).to_proto()),
         shards: 1,
         fields: Vec::new(),
+        ..Default::default()
     };
     admin.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.context("create collection")?;
 

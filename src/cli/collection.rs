@@ -51,14 +51,19 @@ impl std::str::FromStr for FieldArg {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let Some((name, ty)) = s.split_once(':') else {
-            return Err(format!("field {s:?} has no type: write NAME:TYPE with TYPE int64, double, bool or string"));
+            return Err(format!("field {s:?} has no type: write NAME:TYPE with TYPE int64, int32, int16, int8, double, float32, bool, string or json"));
         };
         let ty = match ty.trim().to_ascii_lowercase().as_str() {
             "int64" | "int" => FieldType::Int64,
             "double" | "float" | "float64" => FieldType::Double,
+            "float32" => FieldType::Float,
+            "int32" => FieldType::Int32,
+            "int16" => FieldType::Int16,
+            "int8" => FieldType::Int8,
+            "json" => FieldType::Json,
             "bool" => FieldType::Bool,
             "string" | "str" => FieldType::String,
-            other => return Err(format!("field {name:?} has unknown type {other:?}: use int64, double, bool or string")),
+            other => return Err(format!("field {name:?} has unknown type {other:?}: use int64, int32, int16, int8, double, float32, bool, string or json")),
         };
         Ok(FieldArg { name: name.trim().to_string(), ty })
     }
@@ -221,6 +226,11 @@ fn type_name(t: i32) -> &'static str {
         Ok(pb::ScalarType::Double) => "double",
         Ok(pb::ScalarType::Bool) => "bool",
         Ok(pb::ScalarType::String) => "string",
+        Ok(pb::ScalarType::Int32) => "int32",
+        Ok(pb::ScalarType::Int16) => "int16",
+        Ok(pb::ScalarType::Int8) => "int8",
+        Ok(pb::ScalarType::Float) => "float",
+        Ok(pb::ScalarType::Json) => "json",
         Ok(pb::ScalarType::Unspecified) | Err(_) => "unknown",
     }
 }

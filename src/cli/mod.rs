@@ -172,6 +172,7 @@ pub fn fmt_value(v: &pb::Value) -> String {
         Some(Kind::DoubleValue(x)) => x.to_string(),
         Some(Kind::BoolValue(x)) => x.to_string(),
         Some(Kind::StringValue(x)) => format!("{x:?}"),
+        Some(Kind::JsonValue(x)) => x.clone(),
     }
 }
 
@@ -191,6 +192,8 @@ pub fn value_json(v: &pb::Value) -> serde_json::Value {
         Some(Kind::DoubleValue(x)) => (*x).into(),
         Some(Kind::BoolValue(x)) => (*x).into(),
         Some(Kind::StringValue(x)) => x.clone().into(),
+        // Valid JSON by construction (the server parsed it); shown as text if not.
+        Some(Kind::JsonValue(x)) => serde_json::from_str(x).unwrap_or_else(|_| x.clone().into()),
     }
 }
 

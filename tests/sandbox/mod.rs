@@ -467,7 +467,7 @@ pub fn vectors(n: usize, dim: usize, seed: u64) -> Vec<f32> {
 }
 
 pub fn field(name: &str, ty: pb::ScalarType) -> pb::FieldSchema {
-    pb::FieldSchema { name: name.into(), r#type: ty as i32 }
+    pb::FieldSchema { name: name.into(), r#type: ty as i32, ..Default::default() }
 }
 
 pub fn schema(
@@ -478,15 +478,15 @@ pub fn schema(
     shards: u32,
     fields: Vec<pb::FieldSchema>,
 ) -> pb::CollectionSchema {
-    pb::CollectionSchema { name: name.into(), dim, metric: metric as i32, index, shards, fields }
+    pb::CollectionSchema { name: name.into(), dim, metric: metric as i32, index, shards, fields, ..Default::default() }
 }
 
 pub fn hnsw(m: u32, ef_construction: u32) -> Option<pb::IndexSpec> {
-    Some(pb::IndexSpec { kind: Some(pb::index_spec::Kind::Hnsw(pb::HnswIndex { m, ef_construction })) })
+    Some(pb::IndexSpec { kind: Some(pb::index_spec::Kind::Hnsw(pb::HnswIndex { m, ef_construction })), metric: 0 })
 }
 
 pub fn ivf(nlist: u32) -> Option<pb::IndexSpec> {
-    Some(pb::IndexSpec { kind: Some(pb::index_spec::Kind::IvfFlat(pb::IvfFlatIndex { nlist })) })
+    Some(pb::IndexSpec { kind: Some(pb::index_spec::Kind::IvfFlat(pb::IvfFlatIndex { nlist })), metric: 0 })
 }
 
 pub fn int(v: i64) -> pb::Value {
