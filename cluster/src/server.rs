@@ -1,4 +1,5 @@
-//! Serving a node over gRPC: the tandem API, the standard health service and server reflection,
+//! Serving a node over gRPC: the tandem API, Milvus's API (`tandem-milvus`, over the same service),
+//! the standard health service and server reflection,
 //! with graceful shutdown (stop accepting, drain requests in flight, stop index builders).
 //!
 //! Every request runs in a span joined to the caller's trace (`traceparent` metadata, see
@@ -71,7 +72,10 @@ pub async fn start_with(cfg: ClusterConfig, shutdown: CancellationToken) -> Resu
 
 pub async fn serve(node: Arc<Node>, cfg: Arc<ClusterConfig>, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let max = cfg.limits.max_message_bytes;
-    let api = TandemServer::new(ClusterService::new(node.clone(), cfg.clone()))
+    let service = Arc::new(ClusterService::new(node.clone(), cfg.clone()));
+    // Milvus's API on the same port, translated into calls on the same service.
+    let milvus = tandem_milvus::MilvusApi::server(service.clone(), max);
+    let api = TandemServer::from_arc(service)
         .max_decoding_message_size(max)
         .max_encoding_message_size(max)
         .accept_compressed(CompressionEncoding::Gzip)
@@ -101,6 +105,7 @@ pub async fn serve(node: Arc<Node>, cfg: Arc<ClusterConfig>, listener: TcpListen
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
+        .add_service(milvus)
         .add_service(replication)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await

@@ -1,4 +1,5 @@
-//! Serving the gateway: the tandem API, Topology, gRPC health and reflection, and a graceful
+//! Serving the gateway: the tandem API, Milvus's API (`tandem-milvus`, over the gateway's own
+//! routing), Topology, gRPC health and reflection, and a graceful
 //! stop that drains requests in flight.
 
 use std::net::SocketAddr;
@@ -76,6 +77,7 @@ pub async fn start(cfg: GatewayConfig, membership: BoxStream<'static, Change>) -
 
 async fn serve(gateway: Gateway, cfg: Arc<GatewayConfig>, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let max = cfg.max_message_bytes;
+    let milvus = tandem_milvus::MilvusApi::server(Arc::new(gateway.clone()), max);
     let api = TandemServer::new(gateway.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max)
@@ -96,6 +98,7 @@ async fn serve(gateway: Gateway, cfg: Arc<GatewayConfig>, listener: TcpListener,
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
+        .add_service(milvus)
         .add_service(topology)
         .serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned())
         .await

@@ -1,0 +1,797 @@
+//! `MilvusService` over an inner tandem API: each RPC is translated into calls on `T`, in
+//! process, carrying the caller's metadata (deadline, trace context) along.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use prost::Message;
+use tandem_proto::session::physical_ms;
+use tandem_proto::v1 as t;
+use tandem_proto::v1::tandem_server::Tandem;
+use tonic::{Request, Response};
+
+use crate::convert::{self, Entity, OutputPlan};
+use crate::pb::common as mc;
+use crate::pb::milvus as mm;
+use crate::pb::schema as ms;
+use crate::status::{self, MilvusCode, MilvusError};
+
+type Reply<T> = Result<Response<T>, tonic::Status>;
+
+/// How long a collection's schema is reused without asking again. Only names are taken from
+/// it (key, vector, declared fields): the cluster still checks every write against its own.
+const SCHEMA_TTL: Duration = Duration::from_secs(2);
+
+/// The most rows a query returns (Milvus's default quota, and tandem's query limit).
+const MAX_QUERY_ROWS: u32 = 16_384;
+
+/// Serves `MilvusService` by calling `inner`.
+pub struct MilvusApi<T> {
+    inner: Arc<T>,
+    schemas: Mutex<HashMap<String, (Instant, Arc<t::CollectionInfo>)>>,
+    connections: AtomicI64,
+}
+
+impl<T: Tandem> MilvusApi<T> {
+    pub fn new(inner: Arc<T>) -> MilvusApi<T> {
+        MilvusApi { inner, schemas: Mutex::new(HashMap::new()), connections: AtomicI64::new(1) }
+    }
+
+    /// A tonic service ready to add to a server, sharing `inner` with tandem's own API.
+    pub fn server(inner: Arc<T>, max_message_bytes: usize) -> mm::milvus_service_server::MilvusServiceServer<MilvusApi<T>> {
+        mm::milvus_service_server::MilvusServiceServer::new(MilvusApi::new(inner))
+            .max_decoding_message_size(max_message_bytes)
+            .max_encoding_message_size(max_message_bytes)
+    }
+
+    async fn describe(&self, md: &tonic::metadata::MetadataMap, name: &str) -> Result<Arc<t::CollectionInfo>, MilvusError> {
+        if let Some((at, info)) = self.schemas.lock().get(name) {
+            if at.elapsed() < SCHEMA_TTL {
+                return Ok(info.clone());
+            }
+        }
+        let r = self.inner.describe_collection(inner(md, t::DescribeCollectionRequest { name: name.to_string() })).await;
+        let info = match r {
+            Ok(r) => Arc::new(r.into_inner().collection.unwrap_or_default()),
+            Err(e) => {
+                self.forget(name);
+                return Err(if e.code() == tonic::Code::NotFound { MilvusError::collection_not_found(name) } else { e.into() });
+            }
+        };
+        self.remember(name, info.clone());
+        Ok(info)
+    }
+
+    fn remember(&self, name: &str, info: Arc<t::CollectionInfo>) {
+        self.schemas.lock().insert(name.to_string(), (Instant::now(), info));
+    }
+
+    fn forget(&self, name: &str) {
+        self.schemas.lock().remove(name);
+    }
+
+    async fn schema(&self, md: &tonic::metadata::MetadataMap, name: &str) -> Result<t::CollectionSchema, MilvusError> {
+        Ok(self.describe(md, name).await?.schema.clone().unwrap_or_default())
+    }
+
+    async fn write_rows(&self, md: &tonic::metadata::MetadataMap, w: RowsWrite) -> Result<mm::MutationResult, MilvusError> {
+        check_db(&w.db)?;
+        check_partition(&w.partition)?;
+        let schema = self.schema(md, &w.collection).await?;
+        let rows = convert::rows_from_fields(&schema, &w.columns, w.num_rows)?;
+        let n = rows.vectors.len() / (schema.dim as usize).max(1);
+        let r = if w.upsert {
+            if schema.auto_id {
+                return Err(MilvusError::invalid(format!("collection {:?} assigns ids (auto_id): upsert needs ids it cannot take", w.collection)));
+            }
+            let req = t::UpsertRequest { collection: w.collection, ids: rows.ids, vectors: rows.vectors, payloads: rows.payloads, ack: 0 };
+            self.inner.upsert(inner(md, req)).await?.into_inner()
+        } else {
+            let req = t::InsertRequest { collection: w.collection, ids: rows.ids.clone(), vectors: rows.vectors, payloads: rows.payloads, ack: 0 };
+            let mut r = self.inner.insert(inner(md, req)).await?.into_inner();
+            if r.ids.is_empty() {
+                r.ids = rows.ids;
+            }
+            r
+        };
+        let count = r.count as i64;
+        Ok(mm::MutationResult {
+            status: Some(status::ok()),
+            i_ds: Some(ms::IDs { id_field: Some(ms::i_ds::IdField::IntId(ms::LongArray { data: r.ids })) }),
+            succ_index: (0..n as u32).collect(),
+            insert_cnt: if w.upsert { 0 } else { count },
+            upsert_cnt: if w.upsert { count } else { 0 },
+            timestamp: r.ts,
+            ..Default::default()
+        })
+    }
+}
+
+struct RowsWrite {
+    db: String,
+    collection: String,
+    partition: String,
+    columns: Vec<ms::FieldData>,
+    num_rows: u32,
+    upsert: bool,
+}
+
+/// An inner request carrying the caller's metadata (grpc-timeout, traceparent, ...).
+fn inner<M>(md: &tonic::metadata::MetadataMap, msg: M) -> Request<M> {
+    Request::from_parts(md.clone(), tonic::Extensions::default(), msg)
+}
+
+fn check_db(db: &str) -> Result<(), MilvusError> {
+    if db.is_empty() || db == "default" {
+        Ok(())
+    } else {
+        Err(MilvusError::Status { code: MilvusCode::DatabaseNotFound, reason: format!("database not found[database={db}]: tandem has only the default database") })
+    }
+}
+
+fn check_partition(p: &str) -> Result<(), MilvusError> {
+    if p.is_empty() || p == "_default" { Ok(()) } else { Err(MilvusError::unsupported(format!("partition {p:?} (tandem collections have only the _default partition)"))) }
+}
+
+fn check_partitions(ps: &[String]) -> Result<(), MilvusError> {
+    ps.iter().try_for_each(|p| check_partition(p))
+}
+
+/// A reply whose body is a bare `common.Status`.
+fn done(r: Result<(), MilvusError>) -> Reply<mc::Status> {
+    match r {
+        Ok(()) => Ok(Response::new(status::ok())),
+        Err(MilvusError::Grpc(s)) => Err(s),
+        Err(e) => Ok(Response::new(e.status().expect("a status error"))),
+    }
+}
+
+/// Replies carrying a `status` field.
+trait WithStatus: Default {
+    fn set_status(&mut self, s: mc::Status);
+}
+
+macro_rules! with_status {
+    ($($t:ty),* $(,)?) => {
+        $(impl WithStatus for $t {
+            fn set_status(&mut self, s: mc::Status) {
+                self.status = Some(s);
+            }
+        })*
+    };
+}
+
+with_status!(
+    mm::BoolResponse,
+    mm::DescribeCollectionResponse,
+    mm::GetCollectionStatisticsResponse,
+    mm::ShowCollectionsResponse,
+    mm::DescribeIndexResponse,
+    mm::MutationResult,
+    mm::SearchResults,
+    mm::QueryResults,
+    mm::FlushResponse,
+    mm::GetFlushStateResponse,
+    mm::GetLoadingProgressResponse,
+    mm::GetLoadStateResponse,
+    mm::GetVersionResponse,
+    mm::CheckHealthResponse,
+    mm::AllocTimestampResponse,
+    mm::ConnectResponse,
+);
+
+fn reply<R: WithStatus>(r: Result<R, MilvusError>) -> Reply<R> {
+    match r {
+        Ok(mut v) => {
+            v.set_status(status::ok());
+            Ok(Response::new(v))
+        }
+        Err(MilvusError::Grpc(s)) => Err(s),
+        Err(e) => {
+            let mut v = R::default();
+            v.set_status(e.status().expect("a status error"));
+            Ok(Response::new(v))
+        }
+    }
+}
+
+/// Search parameters from Milvus's key/value list (values as pymilvus writes them: strings,
+/// numbers, or a JSON object under "params").
+#[derive(Debug)]
+struct SearchParams {
+    limit: u32,
+    offset: u32,
+    round_decimal: i32,
+    metric: Option<String>,
+    anns_field: Option<String>,
+    ef: u32,
+    nprobe: u32,
+}
+
+fn number(key: &str, v: &serde_json::Value) -> Result<i64, MilvusError> {
+    v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())).ok_or_else(|| MilvusError::invalid(format!("search parameter {key} is {v}, not an integer")))
+}
+
+fn search_params(kvs: &[mc::KeyValuePair]) -> Result<SearchParams, MilvusError> {
+    let mut all = serde_json::Map::new();
+    for kv in kvs {
+        if kv.key == "params" {
+            match serde_json::from_str::<serde_json::Value>(&kv.value) {
+                Ok(serde_json::Value::Object(m)) => all.extend(m),
+                _ => return Err(MilvusError::invalid(format!("search parameter params is {:?}, not a JSON object", kv.value))),
+            }
+        } else {
+            let v = serde_json::from_str(&kv.value).unwrap_or_else(|_| serde_json::Value::String(kv.value.clone()));
+            all.insert(kv.key.clone(), v);
+        }
+    }
+    let mut p = SearchParams { limit: 0, offset: 0, round_decimal: -1, metric: None, anns_field: None, ef: 0, nprobe: 0 };
+    for (k, v) in &all {
+        match k.as_str() {
+            "topk" | "limit" => p.limit = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("limit {v} is out of range")))?,
+            "offset" => p.offset = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("offset {v} is out of range")))?,
+            "round_decimal" => p.round_decimal = number(k, v)? as i32,
+            "metric_type" => p.metric = v.as_str().map(str::to_ascii_uppercase),
+            "anns_field" => p.anns_field = v.as_str().map(str::to_string),
+            "ef" => p.ef = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("ef {v} is out of range")))?,
+            "nprobe" => p.nprobe = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("nprobe {v} is out of range")))?,
+            "radius" | "range_filter" => return Err(MilvusError::unsupported("range search (radius, range_filter)")),
+            "group_by_field" | "group_size" | "iterator" | "search_iter_v2" | "order_by_fields" => {
+                return Err(MilvusError::unsupported(format!("search parameter {k}")));
+            }
+            // Hints and tuning knobs of other index types change no result here.
+            _ => {}
+        }
+    }
+    if p.limit == 0 {
+        return Err(MilvusError::invalid("search needs a limit (topk) of at least 1"));
+    }
+    Ok(p)
+}
+
+fn metric_name(m: i32) -> &'static str {
+    match t::Metric::try_from(m) {
+        Ok(t::Metric::Ip) => "IP",
+        Ok(t::Metric::Cosine) => "COSINE",
+        _ => "L2",
+    }
+}
+
+fn metric_from_name(name: &str) -> Result<t::Metric, MilvusError> {
+    match name.trim().to_ascii_uppercase().as_str() {
+        "L2" => Ok(t::Metric::L2),
+        "IP" => Ok(t::Metric::Ip),
+        "COSINE" => Ok(t::Metric::Cosine),
+        other => Err(MilvusError::invalid(format!("metric type {other:?} is not supported: use L2, IP or COSINE"))),
+    }
+}
+
+/// The index a Milvus CreateIndex asks for, and its metric.
+fn index_spec(kvs: &[mc::KeyValuePair]) -> Result<(t::IndexSpec, Option<t::Metric>), MilvusError> {
+    let mut all = serde_json::Map::new();
+    for kv in kvs {
+        if kv.key == "params" {
+            if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(&kv.value) {
+                all.extend(m);
+                continue;
+            }
+        }
+        all.insert(kv.key.clone(), serde_json::from_str(&kv.value).unwrap_or_else(|_| serde_json::Value::String(kv.value.clone())));
+    }
+    let get = |k: &str| all.get(k);
+    let int = |k: &str, default: u32| -> Result<u32, MilvusError> {
+        match get(k) {
+            None => Ok(default),
+            Some(v) => u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("index parameter {k} is {v}, out of range"))),
+        }
+    };
+    let kind_name = get("index_type").and_then(|v| v.as_str()).unwrap_or("AUTOINDEX").to_ascii_uppercase();
+    use t::index_spec::Kind;
+    let kind = match kind_name.as_str() {
+        "FLAT" => Kind::Flat(t::FlatIndex {}),
+        "IVF_FLAT" => Kind::IvfFlat(t::IvfFlatIndex { nlist: int("nlist", 128)? }),
+        // AUTOINDEX: tandem's choice, HNSW with the usual parameters.
+        "HNSW" | "AUTOINDEX" => Kind::Hnsw(t::HnswIndex { m: int("M", 16)?, ef_construction: int("efConstruction", 200)? }),
+        other => return Err(MilvusError::invalid(format!("index type {other:?} is not supported: use FLAT, IVF_FLAT, HNSW or AUTOINDEX"))),
+    };
+    let metric = get("metric_type").and_then(|v| v.as_str()).map(metric_from_name).transpose()?;
+    Ok((t::IndexSpec { kind: Some(kind), metric: metric.map_or(0, |m| m as i32) }, metric))
+}
+
+/// How Milvus describes tandem's index (`params` as Milvus lists them).
+fn index_description(s: &t::CollectionSchema, rows: u64) -> mm::IndexDescription {
+    use t::index_spec::Kind;
+    let kv = |k: &str, v: String| mc::KeyValuePair { key: k.into(), value: v };
+    let mut params = vec![kv("metric_type", metric_name(s.metric).into())];
+    match s.index.as_ref().and_then(|i| i.kind.as_ref()) {
+        None | Some(Kind::Flat(_)) => params.push(kv("index_type", "FLAT".into())),
+        Some(Kind::IvfFlat(x)) => {
+            params.push(kv("index_type", "IVF_FLAT".into()));
+            params.push(kv("nlist", x.nlist.to_string()));
+        }
+        Some(Kind::Hnsw(x)) => {
+            params.push(kv("index_type", "HNSW".into()));
+            params.push(kv("M", x.m.to_string()));
+            params.push(kv("efConstruction", x.ef_construction.to_string()));
+        }
+    }
+    let vector = convert::vector_name(s).to_string();
+    mm::IndexDescription {
+        index_name: vector.clone(),
+        index_id: 1,
+        params,
+        field_name: vector,
+        indexed_rows: rows as i64,
+        total_rows: rows as i64,
+        state: mc::IndexState::Finished as i32,
+        ..Default::default()
+    }
+}
+
+fn round(v: f32, decimals: i32) -> f32 {
+    if decimals < 0 {
+        return v;
+    }
+    let p = 10f64.powi(decimals);
+    ((f64::from(v) * p).round() / p) as f32
+}
+
+#[tonic::async_trait]
+impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
+    async fn connect(&self, _req: Request<mm::ConnectRequest>) -> Reply<mm::ConnectResponse> {
+        let server_info = mc::ServerInfo {
+            build_tags: format!("tandem {}", env!("CARGO_PKG_VERSION")),
+            deploy_mode: "tandem".into(),
+            ..Default::default()
+        };
+        reply(Ok(mm::ConnectResponse { status: None, server_info: Some(server_info), identifier: self.connections.fetch_add(1, Ordering::Relaxed) }))
+    }
+
+    async fn get_version(&self, _req: Request<mm::GetVersionRequest>) -> Reply<mm::GetVersionResponse> {
+        reply(Ok(mm::GetVersionResponse { status: None, version: crate::MILVUS_VERSION.into() }))
+    }
+
+    async fn check_health(&self, req: Request<mm::CheckHealthRequest>) -> Reply<mm::CheckHealthResponse> {
+        let r = self.inner.get_cluster_info(inner(req.metadata(), t::GetClusterInfoRequest {})).await;
+        let (healthy, reasons) = match r {
+            Ok(_) => (true, Vec::new()),
+            Err(e) => (false, vec![e.message().to_string()]),
+        };
+        reply(Ok(mm::CheckHealthResponse { status: None, is_healthy: healthy, reasons }))
+    }
+
+    async fn alloc_timestamp(&self, req: Request<mm::AllocTimestampRequest>) -> Reply<mm::AllocTimestampResponse> {
+        let r = async {
+            let info = self.inner.get_cluster_info(inner(req.metadata(), t::GetClusterInfoRequest {})).await?.into_inner();
+            Ok(mm::AllocTimestampResponse { status: None, timestamp: info.current_ts })
+        };
+        reply(r.await)
+    }
+
+    async fn create_collection(&self, req: Request<mm::CreateCollectionRequest>) -> Reply<mc::Status> {
+        let (md, _, r) = req.into_parts();
+        done(
+            async {
+                check_db(&r.db_name)?;
+                let schema = ms::CollectionSchema::decode(r.schema.as_slice()).map_err(|e| MilvusError::invalid(format!("the collection schema does not decode: {e}")))?;
+                let schema = convert::schema_to_tandem(&r.collection_name, &schema, r.shards_num)?;
+                self.forget(&r.collection_name);
+                let created = self.inner.create_collection(inner(&md, t::CreateCollectionRequest { schema: Some(schema) })).await?.into_inner();
+                if let Some(info) = created.collection {
+                    self.remember(&r.collection_name, Arc::new(info));
+                }
+                Ok(())
+            }
+            .await,
+        )
+    }
+
+    async fn drop_collection(&self, req: Request<mm::DropCollectionRequest>) -> Reply<mc::Status> {
+        let (md, _, r) = req.into_parts();
+        self.forget(&r.collection_name);
+        done(
+            async {
+                check_db(&r.db_name)?;
+                match self.inner.drop_collection(inner(&md, t::DropCollectionRequest { name: r.collection_name.clone() })).await {
+                    // Milvus answers success for a collection that does not exist.
+                    Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
+                    r => r.map(|_| ()).map_err(MilvusError::from),
+                }
+            }
+            .await,
+        )
+    }
+
+    async fn has_collection(&self, req: Request<mm::HasCollectionRequest>) -> Reply<mm::BoolResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                match self.describe(&md, &r.collection_name).await {
+                    Ok(_) => Ok(mm::BoolResponse { status: None, value: true }),
+                    Err(MilvusError::Status { code: MilvusCode::CollectionNotFound, .. }) => Ok(mm::BoolResponse { status: None, value: false }),
+                    Err(e) => Err(e),
+                }
+            }
+            .await,
+        )
+    }
+
+    async fn load_collection(&self, req: Request<mm::LoadCollectionRequest>) -> Reply<mc::Status> {
+        let (md, _, r) = req.into_parts();
+        // A tandem collection is always in memory and searchable: loading only checks it exists.
+        done(
+            async {
+                check_db(&r.db_name)?;
+                self.describe(&md, &r.collection_name).await?;
+                Ok(())
+            }
+            .await,
+        )
+    }
+
+    async fn release_collection(&self, req: Request<mm::ReleaseCollectionRequest>) -> Reply<mc::Status> {
+        let (md, _, r) = req.into_parts();
+        // Nothing to release: tandem keeps every collection in memory (docs/milvus.md).
+        done(
+            async {
+                check_db(&r.db_name)?;
+                self.describe(&md, &r.collection_name).await?;
+                Ok(())
+            }
+            .await,
+        )
+    }
+
+    async fn describe_collection(&self, req: Request<mm::DescribeCollectionRequest>) -> Reply<mm::DescribeCollectionResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                let info = self.describe(&md, &r.collection_name).await?;
+                let s = info.schema.clone().unwrap_or_default();
+                Ok(mm::DescribeCollectionResponse {
+                    schema: Some(convert::schema_to_milvus(&s)),
+                    collection_id: info.collection_id as i64,
+                    virtual_channel_names: (0..s.shards).map(|i| format!("{}_shard{i}", s.name)).collect(),
+                    physical_channel_names: (0..s.shards).map(|i| format!("{}_shard{i}", s.name)).collect(),
+                    created_timestamp: info.created_ts,
+                    created_utc_timestamp: physical_ms(info.created_ts),
+                    shards_num: s.shards as i32,
+                    consistency_level: mc::ConsistencyLevel::Bounded as i32,
+                    collection_name: s.name.clone(),
+                    db_name: "default".into(),
+                    num_partitions: 1,
+                    update_timestamp: info.created_ts,
+                    ..Default::default()
+                })
+            }
+            .await,
+        )
+    }
+
+    async fn get_collection_statistics(&self, req: Request<mm::GetCollectionStatisticsRequest>) -> Reply<mm::GetCollectionStatisticsResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                self.forget(&r.collection_name);
+                let info = self.describe(&md, &r.collection_name).await?;
+                Ok(mm::GetCollectionStatisticsResponse { status: None, stats: vec![mc::KeyValuePair { key: "row_count".into(), value: info.rows.to_string() }] })
+            }
+            .await,
+        )
+    }
+
+    async fn show_collections(&self, req: Request<mm::ShowCollectionsRequest>) -> Reply<mm::ShowCollectionsResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                let names = self.inner.list_collections(inner(&md, t::ListCollectionsRequest {})).await?.into_inner().names;
+                let names: Vec<String> = if r.collection_names.is_empty() { names } else { names.into_iter().filter(|n| r.collection_names.contains(n)).collect() };
+                let n = names.len();
+                Ok(mm::ShowCollectionsResponse {
+                    status: None,
+                    collection_names: names,
+                    in_memory_percentages: vec![100; n],
+                    query_service_available: vec![true; n],
+                    ..Default::default()
+                })
+            }
+            .await,
+        )
+    }
+
+    async fn create_index(&self, req: Request<mm::CreateIndexRequest>) -> Reply<mc::Status> {
+        let (md, _, r) = req.into_parts();
+        done(
+            async {
+                check_db(&r.db_name)?;
+                let s = self.schema(&md, &r.collection_name).await?;
+                if r.field_name != convert::vector_name(&s) {
+                    if s.fields.iter().any(|f| f.name == r.field_name) {
+                        // Scalar indexes speed filters up in Milvus; tandem filters without one,
+                        // with the same results, so the request changes nothing.
+                        return Ok(());
+                    }
+                    return Err(MilvusError::invalid(format!("field {:?} does not exist in collection {:?}", r.field_name, r.collection_name)));
+                }
+                let (index, _) = index_spec(&r.extra_params)?;
+                self.forget(&r.collection_name);
+                self.inner.create_index(inner(&md, t::CreateIndexRequest { collection: r.collection_name.clone(), index: Some(index) })).await?;
+                Ok(())
+            }
+            .await,
+        )
+    }
+
+    async fn describe_index(&self, req: Request<mm::DescribeIndexRequest>) -> Reply<mm::DescribeIndexResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                let info = self.describe(&md, &r.collection_name).await?;
+                let s = info.schema.clone().unwrap_or_default();
+                let d = index_description(&s, info.rows);
+                let asked = if r.index_name.is_empty() { &r.field_name } else { &r.index_name };
+                if !asked.is_empty() && *asked != d.index_name {
+                    return Err(MilvusError::Status { code: MilvusCode::IndexNotFound, reason: format!("index not found[indexName={asked}]") });
+                }
+                Ok(mm::DescribeIndexResponse { status: None, index_descriptions: vec![d] })
+            }
+            .await,
+        )
+    }
+
+    async fn drop_index(&self, req: Request<mm::DropIndexRequest>) -> Reply<mc::Status> {
+        let (md, _, r) = req.into_parts();
+        self.forget(&r.collection_name);
+        done(
+            async {
+                check_db(&r.db_name)?;
+                self.inner.drop_index(inner(&md, t::DropIndexRequest { collection: r.collection_name.clone() })).await?;
+                Ok(())
+            }
+            .await,
+        )
+    }
+
+    async fn insert(&self, req: Request<mm::InsertRequest>) -> Reply<mm::MutationResult> {
+        let (md, _, r) = req.into_parts();
+        let w = RowsWrite { db: r.db_name, collection: r.collection_name, partition: r.partition_name, columns: r.fields_data, num_rows: r.num_rows, upsert: false };
+        reply(self.write_rows(&md, w).await)
+    }
+
+    async fn upsert(&self, req: Request<mm::UpsertRequest>) -> Reply<mm::MutationResult> {
+        let (md, _, r) = req.into_parts();
+        if r.partial_update {
+            return reply(Err(MilvusError::unsupported("partial update")));
+        }
+        let w = RowsWrite { db: r.db_name, collection: r.collection_name, partition: r.partition_name, columns: r.fields_data, num_rows: r.num_rows, upsert: true };
+        reply(self.write_rows(&md, w).await)
+    }
+
+    async fn delete(&self, req: Request<mm::DeleteRequest>) -> Reply<mm::MutationResult> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                check_partition(&r.partition_name)?;
+                if r.expr.trim().is_empty() {
+                    return Err(MilvusError::invalid("delete needs an expression (expr)"));
+                }
+                let d = self.inner.delete(inner(&md, t::DeleteRequest { collection: r.collection_name.clone(), ids: Vec::new(), filter: r.expr, ack: 0 })).await?.into_inner();
+                Ok(mm::MutationResult { delete_cnt: d.count as i64, timestamp: d.ts, i_ds: Some(ms::IDs::default()), ..Default::default() })
+            }
+            .await,
+        )
+    }
+
+    async fn search(&self, req: Request<mm::SearchRequest>) -> Reply<mm::SearchResults> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                check_partitions(&r.partition_names)?;
+                let s = self.schema(&md, &r.collection_name).await?;
+                let p = search_params(&r.search_params)?;
+                if let Some(f) = p.anns_field.as_deref().filter(|f| !f.is_empty() && *f != convert::vector_name(&s)) {
+                    return Err(MilvusError::invalid(format!("anns_field {f:?} is not the vector field of collection {:?}", r.collection_name)));
+                }
+                if let Some(m) = p.metric.as_deref().filter(|m| !m.is_empty()) {
+                    let want = metric_name(s.metric);
+                    if m != want {
+                        return Err(MilvusError::invalid(format!("metric type not match: the search asks for {m}, collection {:?} is indexed for {want}", r.collection_name)));
+                    }
+                }
+                let Some(mm::search_request::SearchInput::PlaceholderGroup(group)) = &r.search_input else {
+                    return Err(MilvusError::unsupported("search by primary keys"));
+                };
+                let (vectors, nq) = convert::query_vectors(group, s.dim as usize)?;
+                let plan = OutputPlan::new(&s, &r.output_fields)?;
+                let read = convert::read_options(r.consistency_level, r.guarantee_timestamp, r.use_default_consistency);
+                let top_k = p.limit.checked_add(p.offset).ok_or_else(|| MilvusError::invalid("limit + offset is out of range"))?;
+                let req = t::SearchRequest {
+                    collection: r.collection_name.clone(),
+                    vectors,
+                    top_k,
+                    filter: r.dsl.clone(),
+                    output_fields: plan.tandem_fields(),
+                    params: Some(t::SearchParams { nprobe: p.nprobe, ef_search: p.ef }),
+                    read: Some(read.clone()),
+                };
+                let found = self.inner.search(inner(&md, req)).await?.into_inner();
+                let mut token = found.session_token.clone();
+                let mut hits: Vec<&t::Hit> = Vec::new();
+                let mut topks = Vec::with_capacity(nq);
+                for q in &found.results {
+                    let page: Vec<&t::Hit> = q.hits.iter().skip(p.offset as usize).collect();
+                    topks.push(page.len() as i64);
+                    hits.extend(page);
+                }
+                // Vectors come from a Get at the search's snapshot (passing its token).
+                let mut vectors: HashMap<i64, Vec<f32>> = HashMap::new();
+                if plan.vector && !hits.is_empty() {
+                    let ids: Vec<i64> = hits.iter().map(|h| h.id).collect();
+                    let read = t::ReadOptions { consistency: t::ConsistencyLevel::Session as i32, session_token: token.clone(), staleness_ms: 0 };
+                    let got = self.inner.get(inner(&md, t::GetRequest { collection: r.collection_name.clone(), ids, output_fields: vec![], include_vectors: true, read: Some(read) })).await?.into_inner();
+                    token = got.session_token;
+                    vectors = got.entities.into_iter().map(|e| (e.id, e.vector)).collect();
+                }
+                let entities: Vec<Entity<'_>> = hits.iter().map(|h| Entity { id: h.id, vector: vectors.get(&h.id).map_or(&[][..], Vec::as_slice), payload: h.payload.as_ref() }).collect();
+                let results = ms::SearchResultData {
+                    num_queries: nq as i64,
+                    top_k: i64::from(p.limit),
+                    fields_data: convert::fields_from_entities(&s, &plan, &entities, false),
+                    scores: hits.iter().map(|h| round(h.distance, p.round_decimal)).collect(),
+                    ids: Some(ms::IDs { id_field: Some(ms::i_ds::IdField::IntId(ms::LongArray { data: hits.iter().map(|h| h.id).collect() })) }),
+                    topks,
+                    output_fields: plan.names.clone(),
+                    distances: Vec::new(),
+                    primary_field_name: convert::primary_name(&s).to_string(),
+                };
+                Ok(mm::SearchResults { status: None, results: Some(results), collection_name: r.collection_name.clone(), session_ts: convert::token_ts(&token) })
+            }
+            .await,
+        )
+    }
+
+    async fn query(&self, req: Request<mm::QueryRequest>) -> Reply<mm::QueryResults> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                check_partitions(&r.partition_names)?;
+                let s = self.schema(&md, &r.collection_name).await?;
+                let read = convert::read_options(r.consistency_level, r.guarantee_timestamp, r.use_default_consistency);
+                let param = |k: &str| r.query_params.iter().find(|kv| kv.key == k).map(|kv| kv.value.trim().to_string());
+                let parse = |k: &str| -> Result<Option<u32>, MilvusError> {
+                    param(k).map(|v| v.parse::<u32>().map_err(|_| MilvusError::invalid(format!("query parameter {k} is {v:?}, not a non-negative integer")))).transpose()
+                };
+                let (limit, offset) = (parse("limit")?, parse("offset")?.unwrap_or(0));
+                let pk = convert::primary_name(&s).to_string();
+                if r.output_fields.iter().any(|f| f.trim().eq_ignore_ascii_case("count(*)")) {
+                    if r.output_fields.len() > 1 {
+                        return Err(MilvusError::invalid("count(*) cannot be combined with other output fields"));
+                    }
+                    let c = self.inner.count(inner(&md, t::CountRequest { collection: r.collection_name.clone(), filter: r.expr.clone(), read: Some(read) })).await?.into_inner();
+                    let column = ms::FieldData {
+                        r#type: ms::DataType::Int64 as i32,
+                        field_name: "count(*)".into(),
+                        field: Some(ms::field_data::Field::Scalars(ms::ScalarField { data: Some(ms::scalar_field::Data::LongData(ms::LongArray { data: vec![c.count as i64] })) })),
+                        ..Default::default()
+                    };
+                    return Ok(mm::QueryResults { fields_data: vec![column], collection_name: r.collection_name.clone(), output_fields: vec!["count(*)".into()], session_ts: convert::token_ts(&c.session_token), primary_field_name: pk, ..Default::default() });
+                }
+                if r.expr.trim().is_empty() && limit.is_none() {
+                    return Err(MilvusError::invalid("empty expression should be used with limit"));
+                }
+                let plan = OutputPlan::new(&s, &r.output_fields)?;
+                let want = limit.unwrap_or(MAX_QUERY_ROWS).saturating_add(offset);
+                if want > MAX_QUERY_ROWS {
+                    return Err(MilvusError::invalid(format!("query limit + offset is {want}, at most {MAX_QUERY_ROWS}")));
+                }
+                let req = t::QueryRequest { collection: r.collection_name.clone(), filter: r.expr.clone(), limit: want, output_fields: plan.tandem_fields(), include_vectors: plan.vector, read: Some(read) };
+                let found = self.inner.query(inner(&md, req)).await?.into_inner();
+                let entities: Vec<Entity<'_>> = found.entities.iter().skip(offset as usize).map(|e| Entity { id: e.id, vector: &e.vector, payload: e.payload.as_ref() }).collect();
+                let mut output_fields = vec![pk.clone()];
+                output_fields.extend(plan.names.iter().cloned());
+                Ok(mm::QueryResults {
+                    status: None,
+                    fields_data: convert::fields_from_entities(&s, &plan, &entities, true),
+                    collection_name: r.collection_name.clone(),
+                    output_fields,
+                    session_ts: convert::token_ts(&found.session_token),
+                    primary_field_name: pk,
+                })
+            }
+            .await,
+        )
+    }
+
+    async fn flush(&self, req: Request<mm::FlushRequest>) -> Reply<mm::FlushResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                let mut out = mm::FlushResponse { db_name: "default".into(), ..Default::default() };
+                for name in &r.collection_names {
+                    let f = self.inner.flush(inner(&md, t::FlushRequest { collection: name.clone() })).await?.into_inner();
+                    out.coll_seg_i_ds.insert(name.clone(), ms::LongArray::default());
+                    out.flush_coll_seg_i_ds.insert(name.clone(), ms::LongArray::default());
+                    out.coll_seal_times.insert(name.clone(), 0);
+                    out.coll_flush_ts.insert(name.clone(), convert::token_ts(&f.session_token));
+                }
+                Ok(out)
+            }
+            .await,
+        )
+    }
+
+    async fn get_flush_state(&self, _req: Request<mm::GetFlushStateRequest>) -> Reply<mm::GetFlushStateResponse> {
+        // tandem's Flush returns once its segments are sealed, indexed and persisted.
+        reply(Ok(mm::GetFlushStateResponse { status: None, flushed: true }))
+    }
+
+    async fn get_loading_progress(&self, req: Request<mm::GetLoadingProgressRequest>) -> Reply<mm::GetLoadingProgressResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                check_partitions(&r.partition_names)?;
+                self.describe(&md, &r.collection_name).await?;
+                Ok(mm::GetLoadingProgressResponse { status: None, progress: 100, refresh_progress: 100 })
+            }
+            .await,
+        )
+    }
+
+    async fn get_load_state(&self, req: Request<mm::GetLoadStateRequest>) -> Reply<mm::GetLoadStateResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                check_db(&r.db_name)?;
+                check_partitions(&r.partition_names)?;
+                self.describe(&md, &r.collection_name).await?;
+                Ok(mm::GetLoadStateResponse { status: None, state: mc::LoadState::Loaded as i32 })
+            }
+            .await,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kvs(pairs: &[(&str, &str)]) -> Vec<mc::KeyValuePair> {
+        pairs.iter().map(|(k, v)| mc::KeyValuePair { key: (*k).into(), value: (*v).into() }).collect()
+    }
+
+    #[test]
+    fn search_params_as_pymilvus_sends_them() {
+        let p = search_params(&kvs(&[("topk", "10"), ("round_decimal", "-1"), ("metric_type", "COSINE"), ("params", r#"{"ef": 64, "offset": 5}"#)])).unwrap();
+        assert_eq!((p.limit, p.offset, p.ef, p.metric.as_deref()), (10, 5, 64, Some("COSINE")));
+        let e = search_params(&kvs(&[("topk", "10"), ("params", r#"{"radius": 1.0}"#)])).unwrap_err();
+        assert!(e.status().unwrap().reason.contains("range search"));
+        let e = search_params(&kvs(&[("topk", "ten")])).unwrap_err();
+        assert!(e.status().unwrap().reason.contains("\"ten\""), "{:?}", e.status());
+    }
+
+    #[test]
+    fn index_params_in_either_layout() {
+        let (spec, metric) = index_spec(&kvs(&[("index_type", "HNSW"), ("metric_type", "IP"), ("params", r#"{"M": 8, "efConstruction": 100}"#)])).unwrap();
+        assert_eq!(spec.kind, Some(t::index_spec::Kind::Hnsw(t::HnswIndex { m: 8, ef_construction: 100 })));
+        assert_eq!(metric, Some(t::Metric::Ip));
+        let (spec, _) = index_spec(&kvs(&[("index_type", "IVF_FLAT"), ("nlist", "64"), ("metric_type", "L2")])).unwrap();
+        assert_eq!(spec.kind, Some(t::index_spec::Kind::IvfFlat(t::IvfFlatIndex { nlist: 64 })));
+        let e = index_spec(&kvs(&[("index_type", "DISKANN")])).unwrap_err();
+        assert!(e.status().unwrap().reason.contains("\"DISKANN\""));
+        let e = index_spec(&kvs(&[("index_type", "FLAT"), ("metric_type", "HAMMING")])).unwrap_err();
+        assert!(e.status().unwrap().reason.contains("\"HAMMING\""));
+    }
+}
