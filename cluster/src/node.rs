@@ -876,13 +876,8 @@ impl Node {
             }
         }
         let ts = self.clock.now();
-        let rec = st::DdlRecord {
-            ts,
-            collection: name.into(),
-            collection_id: c.id,
-            op: Some(st::ddl_record::Op::SetIndex(spec)),
-            source_lsn: 0,
-        };
+        let rec =
+            st::DdlRecord { ts, collection: name.into(), collection_id: c.id, op: Some(st::ddl_record::Op::SetIndex(spec)), source_lsn: 0 };
         self.ddl_apply(&mut next_id, rec)?;
         Ok(ts)
     }

@@ -245,8 +245,14 @@ impl Schema {
             let ty = T::try_from(f.r#type).expect("checked above");
             declared.push(DeclaredField { ty, max_length: f.max_length, description: f.description.clone() });
         }
-        let mut schema =
-            Schema::new(p.name.clone(), p.dim as usize, Metric::from_proto(p.metric)?, IndexKind::from_proto(p.index.as_ref())?, shards, fields)?;
+        let mut schema = Schema::new(
+            p.name.clone(),
+            p.dim as usize,
+            Metric::from_proto(p.metric)?,
+            IndexKind::from_proto(p.index.as_ref())?,
+            shards,
+            fields,
+        )?;
         schema.declared = declared;
         schema.set_options(options);
         Ok(schema)
@@ -259,10 +265,8 @@ impl Schema {
                 return Err(ClusterError::invalid(format!("field {:?} is declared twice", f.name)));
             }
         }
-        let declared = fields
-            .iter()
-            .map(|f| DeclaredField { ty: stored_api_type(f.ty), max_length: 0, description: String::new() })
-            .collect();
+        let declared =
+            fields.iter().map(|f| DeclaredField { ty: stored_api_type(f.ty), max_length: 0, description: String::new() }).collect();
         let options = SchemaOptions { primary_field: "id".into(), vector_field: "vector".into(), ..Default::default() };
         Ok(Schema { name, dim, metric, index, shards, fields, declared, options, field_pos })
     }
@@ -335,7 +339,9 @@ impl Schema {
         if let Some(slot) = self.dynamic_slot().filter(|_| !extra.is_empty()) {
             let text_len = serde_json::to_string(&extra).map_or(0, |t| t.len());
             if text_len > MAX_STRING_BYTES {
-                return Err(ClusterError::invalid(format!("the row's dynamic fields are {text_len} bytes of JSON, at most {MAX_STRING_BYTES}")));
+                return Err(ClusterError::invalid(format!(
+                    "the row's dynamic fields are {text_len} bytes of JSON, at most {MAX_STRING_BYTES}"
+                )));
             }
             row[slot] = Some(Scalar::Json(Box::new(serde_json::Value::Object(extra))));
         }
@@ -346,7 +352,8 @@ impl Schema {
     fn declared_value(&self, i: usize, name: &str, value: &pb::Value) -> Result<Option<Scalar>> {
         use pb::value::Kind;
         let want = &self.declared[i];
-        let bad = |k: &Kind| ClusterError::invalid(format!("payload field {name:?} is declared {} but got {}", type_name(want.ty), kind_name(k)));
+        let bad =
+            |k: &Kind| ClusterError::invalid(format!("payload field {name:?} is declared {} but got {}", type_name(want.ty), kind_name(k)));
         let Some(kind) = &value.kind else { return Ok(None) };
         let v = match (kind, self.fields[i].ty) {
             (Kind::Int64Value(v), ScalarType::Int64) => {

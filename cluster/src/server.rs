@@ -24,6 +24,9 @@ use crate::service::ClusterService;
 pub struct Running {
     pub addr: SocketAddr,
     pub node: Arc<Node>,
+    /// What `GET /global-cluster/topology` answers (pymilvus's global-cluster mode): this node's
+    /// own view until a member running under an arbiter replaces it with the arbiter's.
+    pub topology: Arc<tandem_milvus::TopologySlot>,
     pub shutdown: CancellationToken,
     pub task: tokio::task::JoinHandle<Result<()>>,
 }
@@ -65,12 +68,46 @@ pub async fn start_with(cfg: ClusterConfig, shutdown: CancellationToken) -> Resu
     if cfg.role != crate::role::Role::Leading && !cfg.replication.leader.is_empty() {
         node.set_leader(Some(cfg.replication.leader.clone()));
     }
-    let task = tokio::spawn(serve(node.clone(), Arc::new(cfg), listener, shutdown.clone()));
+    let topology = Arc::new(tandem_milvus::TopologySlot::default());
+    let endpoint = if cfg.advertise.is_empty() { format!("http://{addr}") } else { cfg.advertise.clone() };
+    topology.set(Arc::new(OwnTopology { node: node.clone(), endpoint }));
+    let task = tokio::spawn(serve(node.clone(), Arc::new(cfg), listener, topology.clone(), shutdown.clone()));
     tracing::info!(%addr, cluster = %node.opts.cluster_id, role = %node.role(), "serving");
-    Ok(Running { addr, node, shutdown, task })
+    Ok(Running { addr, node, topology, shutdown, task })
 }
 
-pub async fn serve(node: Arc<Node>, cfg: Arc<ClusterConfig>, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
+/// The global topology as a node without an arbiter knows it: itself, and the leader it follows.
+struct OwnTopology {
+    node: Arc<Node>,
+    endpoint: String,
+}
+
+#[tonic::async_trait]
+impl tandem_milvus::TopologySource for OwnTopology {
+    async fn global_topology(&self) -> std::result::Result<tandem_milvus::GlobalTopology, String> {
+        use tandem_milvus::GlobalCluster;
+        let role = self.node.role();
+        let mut clusters = vec![GlobalCluster {
+            id: self.node.opts.cluster_id.clone(),
+            endpoint: self.endpoint.clone(),
+            readable: role.is_readable(),
+            writable: role.accepts_writes(),
+        }];
+        if let Some(leader) = self.node.leader().filter(|_| !role.accepts_writes()) {
+            // Its id is not known here (the endpoint is): the endpoint stands in for it.
+            clusters.push(GlobalCluster { id: leader.clone(), endpoint: leader, readable: true, writable: true });
+        }
+        Ok(tandem_milvus::GlobalTopology { version: self.node.epoch(), clusters })
+    }
+}
+
+pub async fn serve(
+    node: Arc<Node>,
+    cfg: Arc<ClusterConfig>,
+    listener: TcpListener,
+    topology: Arc<tandem_milvus::TopologySlot>,
+    shutdown: CancellationToken,
+) -> Result<()> {
     let max = cfg.limits.max_message_bytes;
     let service = Arc::new(ClusterService::new(node.clone(), cfg.clone()));
     // Milvus's API on the same port, translated into calls on the same service.
@@ -100,8 +137,11 @@ pub async fn serve(node: Arc<Node>, cfg: Arc<ClusterConfig>, listener: TcpListen
     let stop_gauges = shutdown.child_token();
     let gauges = tokio::spawn(refresh_gauges(node.clone(), stop_gauges.clone()));
     // Returns once the token fired and every request in flight has been answered (drain).
+    // HTTP/1.1 as well as gRPC on the one port: the global topology is a plain GET.
     let served = tonic::transport::Server::builder()
+        .accept_http1(true)
         .layer(tandem_telemetry::tracing::GrpcTraceLayer::for_cluster(&node.opts.cluster_id))
+        .add_routes(tonic::service::Routes::from(tandem_milvus::topology::router(topology)))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)

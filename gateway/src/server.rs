@@ -78,6 +78,7 @@ pub async fn start(cfg: GatewayConfig, membership: BoxStream<'static, Change>) -
 async fn serve(gateway: Gateway, cfg: Arc<GatewayConfig>, listener: TcpListener, shutdown: CancellationToken) -> Result<()> {
     let max = cfg.max_message_bytes;
     let milvus = tandem_milvus::MilvusApi::server(Arc::new(gateway.clone()), max);
+    let global = tandem_milvus::topology::router(Arc::new(GatewayTopology(gateway.topology().clone())));
     let api = TandemServer::new(gateway.clone())
         .max_decoding_message_size(max)
         .max_encoding_message_size(max)
@@ -93,8 +94,11 @@ async fn serve(gateway: Gateway, cfg: Arc<GatewayConfig>, listener: TcpListener,
         .build_v1()
         .map_err(|e| GatewayError::Internal(format!("reflection: {e}")))?;
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    // HTTP/1.1 as well as gRPC on the one port: the global topology is a plain GET.
     let result = tonic::transport::Server::builder()
+        .accept_http1(true)
         .layer(tandem_telemetry::tracing::GrpcTraceLayer::default())
+        .add_routes(tonic::service::Routes::from(global))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(api)
@@ -105,4 +109,28 @@ async fn serve(gateway: Gateway, cfg: Arc<GatewayConfig>, listener: TcpListener,
         .map_err(|e| GatewayError::Internal(format!("grpc server: {e}")));
     shutdown.cancel();
     result
+}
+
+/// pymilvus's global topology (`tandem_milvus::topology`) as this gateway's health checks see
+/// the clusters: the leader is the writable one; `version` is the highest epoch seen.
+struct GatewayTopology(Arc<Topology>);
+
+#[tonic::async_trait]
+impl tandem_milvus::TopologySource for GatewayTopology {
+    async fn global_topology(&self) -> std::result::Result<tandem_milvus::GlobalTopology, String> {
+        let view = self.0.view();
+        if view.leader.is_empty() {
+            return Err("no leading cluster is known to this gateway".into());
+        }
+        let clusters = view
+            .clusters
+            .iter()
+            .filter_map(|c| {
+                let endpoint = c.endpoints.first()?.clone();
+                let writable = c.id == view.leader;
+                Some(tandem_milvus::GlobalCluster { id: c.id.clone(), endpoint, readable: c.readable || writable, writable })
+            })
+            .collect();
+        Ok(tandem_milvus::GlobalTopology { version: view.epoch, clusters })
+    }
 }

@@ -51,11 +51,16 @@ pub fn schema_to_tandem(name: &str, s: &ms::CollectionSchema, shards: i32) -> Re
         if f.is_partition_key {
             return Err(MilvusError::unsupported(format!("partition key field {:?}", f.name)));
         }
-        let dt = ms::DataType::try_from(f.data_type).map_err(|_| MilvusError::invalid(format!("field {:?} has unknown data type {}", f.name, f.data_type)))?;
+        let dt = ms::DataType::try_from(f.data_type)
+            .map_err(|_| MilvusError::invalid(format!("field {:?} has unknown data type {}", f.name, f.data_type)))?;
         use ms::DataType as D;
         if f.is_primary_key {
             if dt != D::Int64 {
-                return Err(MilvusError::unsupported(format!("primary key {:?} of type {} (tandem keys are Int64)", f.name, type_name(f.data_type))));
+                return Err(MilvusError::unsupported(format!(
+                    "primary key {:?} of type {} (tandem keys are Int64)",
+                    f.name,
+                    type_name(f.data_type)
+                )));
             }
             if primary.replace(f.name.clone()).is_some() {
                 return Err(MilvusError::invalid("the schema has more than one primary key"));
@@ -65,8 +70,12 @@ pub fn schema_to_tandem(name: &str, s: &ms::CollectionSchema, shards: i32) -> Re
         }
         let scalar = match dt {
             D::FloatVector => {
-                let dim = param(&f.type_params, "dim").ok_or_else(|| MilvusError::invalid(format!("vector field {:?} has no dim", f.name)))?;
-                out.dim = dim.trim().parse().map_err(|_| MilvusError::invalid(format!("vector field {:?} has dim {dim:?}, not a number", f.name)))?;
+                let dim =
+                    param(&f.type_params, "dim").ok_or_else(|| MilvusError::invalid(format!("vector field {:?} has no dim", f.name)))?;
+                out.dim = dim
+                    .trim()
+                    .parse()
+                    .map_err(|_| MilvusError::invalid(format!("vector field {:?} has dim {dim:?}, not a number", f.name)))?;
                 if vector.replace(f.name.clone()).is_some() {
                     return Err(MilvusError::unsupported("more than one vector field"));
                 }
@@ -85,7 +94,8 @@ pub fn schema_to_tandem(name: &str, s: &ms::CollectionSchema, shards: i32) -> Re
         };
         let max_length = match (scalar, param(&f.type_params, "max_length")) {
             (t::ScalarType::String, Some(v)) => {
-                let n: u32 = v.trim().parse().map_err(|_| MilvusError::invalid(format!("field {:?} has max_length {v:?}, not a number", f.name)))?;
+                let n: u32 =
+                    v.trim().parse().map_err(|_| MilvusError::invalid(format!("field {:?} has max_length {v:?}, not a number", f.name)))?;
                 if n == 0 || n > MAX_VARCHAR {
                     return Err(MilvusError::invalid(format!("field {:?} has max_length {n}, out of range 1..={MAX_VARCHAR}", f.name)));
                 }
@@ -241,7 +251,10 @@ fn value_to_json(v: &t::Value) -> Json {
 pub fn rows_from_fields(s: &t::CollectionSchema, columns: &[ms::FieldData], num_rows: u32) -> Result<Rows, MilvusError> {
     let dim = s.dim as usize;
     let (pk, vec_name) = (primary_name(s), vector_name(s));
-    let vector = columns.iter().find(|f| f.field_name == vec_name).ok_or_else(|| MilvusError::invalid(format!("the insert has no data for vector field {vec_name:?}")))?;
+    let vector = columns
+        .iter()
+        .find(|f| f.field_name == vec_name)
+        .ok_or_else(|| MilvusError::invalid(format!("the insert has no data for vector field {vec_name:?}")))?;
     let n = column_len(vector, dim).unwrap_or(0);
     if num_rows != 0 && n != num_rows as usize {
         return Err(MilvusError::invalid(format!("vector field {vec_name:?} has {n} rows but the request says num_rows {num_rows}")));
@@ -272,7 +285,10 @@ pub fn rows_from_fields(s: &t::CollectionSchema, columns: &[ms::FieldData], num_
                         return Err(MilvusError::invalid(format!("vector field {name:?} has dim {d}, the collection's is {dim}")));
                     }
                     if a.data.len() != n * dim {
-                        return Err(MilvusError::invalid(format!("vector field {name:?} holds {} floats, not a multiple of dim {dim}", a.data.len())));
+                        return Err(MilvusError::invalid(format!(
+                            "vector field {name:?} holds {} floats, not a multiple of dim {dim}",
+                            a.data.len()
+                        )));
                     }
                     rows.vectors = a.data.clone();
                 }
@@ -316,14 +332,17 @@ pub fn rows_from_fields(s: &t::CollectionSchema, columns: &[ms::FieldData], num_
             use t::ScalarType as T;
             match (ty, scalars) {
                 (T::Bool, Some(S::BoolData(a))) => a.data.iter().enumerate().for_each(|(i, v)| put(i, Kind::BoolValue(*v))),
-                (T::Int8 | T::Int16 | T::Int32, Some(S::IntData(a))) => a.data.iter().enumerate().for_each(|(i, v)| put(i, Kind::Int64Value(i64::from(*v)))),
+                (T::Int8 | T::Int16 | T::Int32, Some(S::IntData(a))) => {
+                    a.data.iter().enumerate().for_each(|(i, v)| put(i, Kind::Int64Value(i64::from(*v))))
+                }
                 (T::Int64, Some(S::LongData(a))) => a.data.iter().enumerate().for_each(|(i, v)| put(i, Kind::Int64Value(*v))),
                 (T::Float, Some(S::FloatData(a))) => a.data.iter().enumerate().for_each(|(i, v)| put(i, Kind::DoubleValue(f64::from(*v)))),
                 (T::Double, Some(S::DoubleData(a))) => a.data.iter().enumerate().for_each(|(i, v)| put(i, Kind::DoubleValue(*v))),
                 (T::String, Some(S::StringData(a))) => a.data.iter().enumerate().for_each(|(i, v)| put(i, Kind::StringValue(v.clone()))),
                 (T::Json, Some(S::JsonData(a))) => {
                     for (i, bytes) in a.data.iter().enumerate() {
-                        let text = std::str::from_utf8(bytes).map_err(|_| MilvusError::invalid(format!("field {name:?} row {i} is not UTF-8 JSON")))?;
+                        let text = std::str::from_utf8(bytes)
+                            .map_err(|_| MilvusError::invalid(format!("field {name:?} row {i} is not UTF-8 JSON")))?;
                         put(i, Kind::JsonValue(text.to_string()));
                     }
                 }
@@ -442,7 +461,12 @@ pub fn fields_from_entities(s: &t::CollectionSchema, plan: &OutputPlan, rows: &[
     use ms::scalar_field::Data as S;
     let mut out = Vec::new();
     if with_key {
-        out.push(scalar_column(primary_name(s), ms::DataType::Int64, S::LongData(ms::LongArray { data: rows.iter().map(|r| r.id).collect() }), vec![]));
+        out.push(scalar_column(
+            primary_name(s),
+            ms::DataType::Int64,
+            S::LongData(ms::LongArray { data: rows.iter().map(|r| r.id).collect() }),
+            vec![],
+        ));
     }
     for f in &plan.declared {
         let get = |r: &Entity<'_>| r.payload.and_then(|p| p.fields.get(&f.name)).and_then(|v| v.kind.clone());
@@ -454,11 +478,15 @@ pub fn fields_from_entities(s: &t::CollectionSchema, plan: &OutputPlan, rows: &[
             D::Int8 | D::Int16 | D::Int32 => S::IntData(ms::IntArray {
                 data: rows.iter().map(|r| if let Some(Kind::Int64Value(v)) = get(r) { v as i32 } else { 0 }).collect(),
             }),
-            D::Int64 => S::LongData(ms::LongArray { data: rows.iter().map(|r| if let Some(Kind::Int64Value(v)) = get(r) { v } else { 0 }).collect() }),
+            D::Int64 => S::LongData(ms::LongArray {
+                data: rows.iter().map(|r| if let Some(Kind::Int64Value(v)) = get(r) { v } else { 0 }).collect(),
+            }),
             D::Float => S::FloatData(ms::FloatArray {
                 data: rows.iter().map(|r| if let Some(Kind::DoubleValue(v)) = get(r) { v as f32 } else { 0.0 }).collect(),
             }),
-            D::Double => S::DoubleData(ms::DoubleArray { data: rows.iter().map(|r| if let Some(Kind::DoubleValue(v)) = get(r) { v } else { 0.0 }).collect() }),
+            D::Double => S::DoubleData(ms::DoubleArray {
+                data: rows.iter().map(|r| if let Some(Kind::DoubleValue(v)) = get(r) { v } else { 0.0 }).collect(),
+            }),
             D::Json => S::JsonData(ms::JsonArray {
                 data: rows.iter().map(|r| if let Some(Kind::JsonValue(v)) = get(r) { v.into_bytes() } else { b"null".to_vec() }).collect(),
             }),
@@ -481,7 +509,10 @@ pub fn fields_from_entities(s: &t::CollectionSchema, plan: &OutputPlan, rows: &[
         out.push(ms::FieldData {
             r#type: ms::DataType::FloatVector as i32,
             field_name: vector_name(s).to_string(),
-            field: Some(ms::field_data::Field::Vectors(ms::VectorField { dim: dim as i64, data: Some(ms::vector_field::Data::FloatVector(ms::FloatArray { data })) })),
+            field: Some(ms::field_data::Field::Vectors(ms::VectorField {
+                dim: dim as i64,
+                data: Some(ms::vector_field::Data::FloatVector(ms::FloatArray { data })),
+            })),
             ..Default::default()
         });
     }
@@ -520,7 +551,11 @@ pub fn read_options(level: i32, guarantee: u64, use_default: bool) -> t::ReadOpt
     // pymilvus sends 1 ("eventually") and 2 ("bounded") as symbolic guarantee timestamps.
     let session = |fallback: t::ConsistencyLevel| {
         if guarantee > 2 {
-            t::ReadOptions { consistency: t::ConsistencyLevel::Session as i32, session_token: SessionToken { epoch: 0, ts: guarantee }.encode(), staleness_ms: 0 }
+            t::ReadOptions {
+                consistency: t::ConsistencyLevel::Session as i32,
+                session_token: SessionToken { epoch: 0, ts: guarantee }.encode(),
+                staleness_ms: 0,
+            }
         } else {
             t::ReadOptions { consistency: fallback as i32, ..Default::default() }
         }
@@ -531,7 +566,9 @@ pub fn read_options(level: i32, guarantee: u64, use_default: bool) -> t::ReadOpt
     match mc::ConsistencyLevel::try_from(level) {
         Ok(mc::ConsistencyLevel::Strong) => t::ReadOptions { consistency: t::ConsistencyLevel::Strong as i32, ..Default::default() },
         Ok(mc::ConsistencyLevel::Bounded) => t::ReadOptions { consistency: t::ConsistencyLevel::Bounded as i32, ..Default::default() },
-        Ok(mc::ConsistencyLevel::Eventually) => t::ReadOptions { consistency: t::ConsistencyLevel::Eventually as i32, ..Default::default() },
+        Ok(mc::ConsistencyLevel::Eventually) => {
+            t::ReadOptions { consistency: t::ConsistencyLevel::Eventually as i32, ..Default::default() }
+        }
         Ok(mc::ConsistencyLevel::Session) | Ok(mc::ConsistencyLevel::Customized) | Err(_) => session(t::ConsistencyLevel::Eventually),
     }
 }
@@ -544,7 +581,8 @@ pub fn token_ts(token: &str) -> u64 {
 /// The query vectors of a search's placeholder group: float vectors of `dim`, row after row.
 pub fn query_vectors(group: &[u8], dim: usize) -> Result<(Vec<f32>, usize), MilvusError> {
     use prost::Message;
-    let g = mc::PlaceholderGroup::decode(group).map_err(|e| MilvusError::invalid(format!("the search's placeholder group does not decode: {e}")))?;
+    let g = mc::PlaceholderGroup::decode(group)
+        .map_err(|e| MilvusError::invalid(format!("the search's placeholder group does not decode: {e}")))?;
     let [p] = g.placeholders.as_slice() else {
         return Err(MilvusError::invalid(format!("the search has {} placeholders, expected 1", g.placeholders.len())));
     };
@@ -555,7 +593,10 @@ pub fn query_vectors(group: &[u8], dim: usize) -> Result<(Vec<f32>, usize), Milv
     let mut out = Vec::with_capacity(p.values.len() * dim);
     for (i, v) in p.values.iter().enumerate() {
         if v.len() != dim * 4 {
-            return Err(MilvusError::invalid(format!("query vector {i} has {} dimensions, the collection's vectors have {dim}", v.len() / 4)));
+            return Err(MilvusError::invalid(format!(
+                "query vector {i} has {} dimensions, the collection's vectors have {dim}",
+                v.len() / 4
+            )));
         }
         out.extend(v.chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])));
     }
@@ -567,7 +608,12 @@ mod tests {
     use super::*;
 
     fn field(name: &str, dt: ms::DataType, params: &[(&str, &str)]) -> ms::FieldSchema {
-        ms::FieldSchema { name: name.into(), data_type: dt as i32, type_params: params.iter().map(|(k, v)| kv(k, v)).collect(), ..Default::default() }
+        ms::FieldSchema {
+            name: name.into(),
+            data_type: dt as i32,
+            type_params: params.iter().map(|(k, v)| kv(k, v)).collect(),
+            ..Default::default()
+        }
     }
 
     fn quick_schema() -> ms::CollectionSchema {
@@ -575,7 +621,12 @@ mod tests {
         pk.is_primary_key = true;
         ms::CollectionSchema {
             name: "c".into(),
-            fields: vec![pk, field("emb", ms::DataType::FloatVector, &[("dim", "2")]), field("tag", ms::DataType::VarChar, &[("max_length", "8")]), field("n", ms::DataType::Int16, &[])],
+            fields: vec![
+                pk,
+                field("emb", ms::DataType::FloatVector, &[("dim", "2")]),
+                field("tag", ms::DataType::VarChar, &[("max_length", "8")]),
+                field("n", ms::DataType::Int16, &[]),
+            ],
             enable_dynamic_field: true,
             ..Default::default()
         }
@@ -597,7 +648,12 @@ mod tests {
     fn bad_schemas_are_refused_naming_the_field() {
         let cases: Vec<(Box<dyn Fn(&mut ms::CollectionSchema)>, &str)> = vec![
             (Box::new(|s| s.fields[0].data_type = ms::DataType::VarChar as i32), "primary key \"pk\" of type VarChar"),
-            (Box::new(|s| { s.fields.remove(1); }), "no FloatVector"),
+            (
+                Box::new(|s| {
+                    s.fields.remove(1);
+                }),
+                "no FloatVector",
+            ),
             (Box::new(|s| s.fields[2].type_params.clear()), "\"tag\" has no max_length"),
             (Box::new(|s| s.fields[3].data_type = ms::DataType::Array as i32), "field \"n\" of type Array"),
             (Box::new(|s| s.fields[1].type_params[0].value = "x".into()), "dim \"x\""),
@@ -616,13 +672,20 @@ mod tests {
         let t = schema_to_tandem("c", &quick_schema(), 1).unwrap();
         use ms::scalar_field::Data as S;
         let col = |name: &str, dt, data| scalar_column(name, dt, data, vec![]);
-        let mut meta = col(DYNAMIC_FIELD, ms::DataType::Json, S::JsonData(ms::JsonArray { data: vec![br#"{"color":"red","w":[1]}"#.to_vec(), b"{}".to_vec()] }));
+        let mut meta = col(
+            DYNAMIC_FIELD,
+            ms::DataType::Json,
+            S::JsonData(ms::JsonArray { data: vec![br#"{"color":"red","w":[1]}"#.to_vec(), b"{}".to_vec()] }),
+        );
         meta.is_dynamic = true;
         let columns = vec![
             col("pk", ms::DataType::Int64, S::LongData(ms::LongArray { data: vec![7, 8] })),
             ms::FieldData {
                 field_name: "emb".into(),
-                field: Some(ms::field_data::Field::Vectors(ms::VectorField { dim: 2, data: Some(ms::vector_field::Data::FloatVector(ms::FloatArray { data: vec![1.0, 2.0, 3.0, 4.0] })) })),
+                field: Some(ms::field_data::Field::Vectors(ms::VectorField {
+                    dim: 2,
+                    data: Some(ms::vector_field::Data::FloatVector(ms::FloatArray { data: vec![1.0, 2.0, 3.0, 4.0] })),
+                })),
                 ..Default::default()
             },
             col("tag", ms::DataType::VarChar, S::StringData(ms::StringArray { data: vec!["a".into(), "b".into()] })),
@@ -640,13 +703,20 @@ mod tests {
         assert!(e.status().unwrap().reason.contains("no data for field \"n\""));
 
         let plan = OutputPlan::new(&t, &["color".into(), "n".into()]).unwrap();
-        let entities: Vec<Entity<'_>> = rows.ids.iter().zip(&rows.payloads).map(|(id, p)| Entity { id: *id, vector: &[], payload: Some(p) }).collect();
+        let entities: Vec<Entity<'_>> =
+            rows.ids.iter().zip(&rows.payloads).map(|(id, p)| Entity { id: *id, vector: &[], payload: Some(p) }).collect();
         let out = fields_from_entities(&t, &plan, &entities, true);
         let names: Vec<_> = out.iter().map(|f| f.field_name.as_str()).collect();
         assert_eq!(names, ["pk", "n", DYNAMIC_FIELD]);
         let Some(ms::field_data::Field::Scalars(ms::ScalarField { data: Some(S::JsonData(j)) })) = &out[2].field else { panic!() };
         assert_eq!(j.data[0], br#"{"color":"red"}"#);
-        assert!(OutputPlan::new(&schema_to_tandem("c", &ms::CollectionSchema { enable_dynamic_field: false, ..quick_schema() }, 1).unwrap(), &["nope".into()]).is_err());
+        assert!(
+            OutputPlan::new(
+                &schema_to_tandem("c", &ms::CollectionSchema { enable_dynamic_field: false, ..quick_schema() }, 1).unwrap(),
+                &["nope".into()]
+            )
+            .is_err()
+        );
     }
 
     #[test]

@@ -17,9 +17,12 @@
 mod convert;
 mod service;
 mod status;
+pub mod topology;
+mod unsupported;
 
 pub use service::MilvusApi;
 pub use status::{MilvusCode, MilvusError};
+pub use topology::{GlobalCluster, GlobalTopology, TopologySlot, TopologySource};
 
 pub mod pb {
     //! Generated from `proto/milvus/*.proto`.

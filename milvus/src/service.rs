@@ -23,6 +23,9 @@ type Reply<T> = Result<Response<T>, tonic::Status>;
 
 /// How long a collection's schema is reused without asking again. Only names are taken from
 /// it (key, vector, declared fields): the cluster still checks every write against its own.
+/// Also how long a collection created or dropped through this endpoint is known to exist or
+/// not without asking: behind the gateway a read may reach an alternative that has not applied
+/// the DDL yet, and a client must not see its own create or drop undone.
 const SCHEMA_TTL: Duration = Duration::from_secs(2);
 
 /// The most rows a query returns (Milvus's default quota, and tandem's query limit).
@@ -31,7 +34,8 @@ const MAX_QUERY_ROWS: u32 = 16_384;
 /// Serves `MilvusService` by calling `inner`.
 pub struct MilvusApi<T> {
     inner: Arc<T>,
-    schemas: Mutex<HashMap<String, (Instant, Arc<t::CollectionInfo>)>>,
+    /// `None`: dropped through this endpoint.
+    schemas: Mutex<HashMap<String, (Instant, Option<Arc<t::CollectionInfo>>)>>,
     connections: AtomicI64,
 }
 
@@ -40,17 +44,23 @@ impl<T: Tandem> MilvusApi<T> {
         MilvusApi { inner, schemas: Mutex::new(HashMap::new()), connections: AtomicI64::new(1) }
     }
 
-    /// A tonic service ready to add to a server, sharing `inner` with tandem's own API.
-    pub fn server(inner: Arc<T>, max_message_bytes: usize) -> mm::milvus_service_server::MilvusServiceServer<MilvusApi<T>> {
-        mm::milvus_service_server::MilvusServiceServer::new(MilvusApi::new(inner))
-            .max_decoding_message_size(max_message_bytes)
-            .max_encoding_message_size(max_message_bytes)
+    /// A tonic service ready to add to a server, sharing `inner` with tandem's own API. RPCs of
+    /// MilvusService that tandem does not serve answer UNIMPLEMENTED naming the RPC.
+    pub fn server(
+        inner: Arc<T>,
+        max_message_bytes: usize,
+    ) -> crate::unsupported::NameUnsupported<mm::milvus_service_server::MilvusServiceServer<MilvusApi<T>>> {
+        crate::unsupported::NameUnsupported::new(
+            mm::milvus_service_server::MilvusServiceServer::new(MilvusApi::new(inner))
+                .max_decoding_message_size(max_message_bytes)
+                .max_encoding_message_size(max_message_bytes),
+        )
     }
 
     async fn describe(&self, md: &tonic::metadata::MetadataMap, name: &str) -> Result<Arc<t::CollectionInfo>, MilvusError> {
         if let Some((at, info)) = self.schemas.lock().get(name) {
             if at.elapsed() < SCHEMA_TTL {
-                return Ok(info.clone());
+                return info.clone().ok_or_else(|| MilvusError::collection_not_found(name));
             }
         }
         let r = self.inner.describe_collection(inner(md, t::DescribeCollectionRequest { name: name.to_string() })).await;
@@ -66,11 +76,35 @@ impl<T: Tandem> MilvusApi<T> {
     }
 
     fn remember(&self, name: &str, info: Arc<t::CollectionInfo>) {
-        self.schemas.lock().insert(name.to_string(), (Instant::now(), info));
+        let mut schemas = self.schemas.lock();
+        // Bounded: entries of collections no longer asked about go once stale.
+        if schemas.len() > 4096 {
+            schemas.retain(|_, (at, _)| at.elapsed() < SCHEMA_TTL);
+        }
+        schemas.insert(name.to_string(), (Instant::now(), Some(info)));
     }
 
     fn forget(&self, name: &str) {
         self.schemas.lock().remove(name);
+    }
+
+    /// Remembers an index change made through this endpoint (see [`SCHEMA_TTL`]).
+    async fn index_changed(&self, md: &tonic::metadata::MetadataMap, name: &str, index: t::IndexSpec) {
+        self.forget(name);
+        if let Ok(info) = self.describe(md, name).await {
+            let mut info = (*info).clone();
+            if let Some(s) = info.schema.as_mut() {
+                if index.metric != 0 {
+                    s.metric = index.metric;
+                }
+                s.index = Some(t::IndexSpec { metric: 0, ..index });
+            }
+            self.remember(name, Arc::new(info));
+        }
+    }
+
+    fn dropped(&self, name: &str) {
+        self.schemas.lock().insert(name.to_string(), (Instant::now(), None));
     }
 
     async fn schema(&self, md: &tonic::metadata::MetadataMap, name: &str) -> Result<t::CollectionSchema, MilvusError> {
@@ -85,12 +119,21 @@ impl<T: Tandem> MilvusApi<T> {
         let n = rows.vectors.len() / (schema.dim as usize).max(1);
         let r = if w.upsert {
             if schema.auto_id {
-                return Err(MilvusError::invalid(format!("collection {:?} assigns ids (auto_id): upsert needs ids it cannot take", w.collection)));
+                return Err(MilvusError::invalid(format!(
+                    "collection {:?} assigns ids (auto_id): upsert needs ids it cannot take",
+                    w.collection
+                )));
             }
             let req = t::UpsertRequest { collection: w.collection, ids: rows.ids, vectors: rows.vectors, payloads: rows.payloads, ack: 0 };
             self.inner.upsert(inner(md, req)).await?.into_inner()
         } else {
-            let req = t::InsertRequest { collection: w.collection, ids: rows.ids.clone(), vectors: rows.vectors, payloads: rows.payloads, ack: 0 };
+            let req = t::InsertRequest {
+                collection: w.collection,
+                ids: rows.ids.clone(),
+                vectors: rows.vectors,
+                payloads: rows.payloads,
+                ack: 0,
+            };
             let mut r = self.inner.insert(inner(md, req)).await?.into_inner();
             if r.ids.is_empty() {
                 r.ids = rows.ids;
@@ -128,12 +171,19 @@ fn check_db(db: &str) -> Result<(), MilvusError> {
     if db.is_empty() || db == "default" {
         Ok(())
     } else {
-        Err(MilvusError::Status { code: MilvusCode::DatabaseNotFound, reason: format!("database not found[database={db}]: tandem has only the default database") })
+        Err(MilvusError::Status {
+            code: MilvusCode::DatabaseNotFound,
+            reason: format!("database not found[database={db}]: tandem has only the default database"),
+        })
     }
 }
 
 fn check_partition(p: &str) -> Result<(), MilvusError> {
-    if p.is_empty() || p == "_default" { Ok(()) } else { Err(MilvusError::unsupported(format!("partition {p:?} (tandem collections have only the _default partition)"))) }
+    if p.is_empty() || p == "_default" {
+        Ok(())
+    } else {
+        Err(MilvusError::unsupported(format!("partition {p:?} (tandem collections have only the _default partition)")))
+    }
 }
 
 fn check_partitions(ps: &[String]) -> Result<(), MilvusError> {
@@ -212,7 +262,9 @@ struct SearchParams {
 }
 
 fn number(key: &str, v: &serde_json::Value) -> Result<i64, MilvusError> {
-    v.as_i64().or_else(|| v.as_str().and_then(|s| s.trim().parse().ok())).ok_or_else(|| MilvusError::invalid(format!("search parameter {key} is {v}, not an integer")))
+    v.as_i64()
+        .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
+        .ok_or_else(|| MilvusError::invalid(format!("search parameter {key} is {v}, not an integer")))
 }
 
 fn search_params(kvs: &[mc::KeyValuePair]) -> Result<SearchParams, MilvusError> {
@@ -231,7 +283,9 @@ fn search_params(kvs: &[mc::KeyValuePair]) -> Result<SearchParams, MilvusError> 
     let mut p = SearchParams { limit: 0, offset: 0, round_decimal: -1, metric: None, anns_field: None, ef: 0, nprobe: 0 };
     for (k, v) in &all {
         match k.as_str() {
-            "topk" | "limit" => p.limit = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("limit {v} is out of range")))?,
+            "topk" | "limit" => {
+                p.limit = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("limit {v} is out of range")))?
+            }
             "offset" => p.offset = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("offset {v} is out of range")))?,
             "round_decimal" => p.round_decimal = number(k, v)? as i32,
             "metric_type" => p.metric = v.as_str().map(str::to_ascii_uppercase),
@@ -347,7 +401,11 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
             deploy_mode: "tandem".into(),
             ..Default::default()
         };
-        reply(Ok(mm::ConnectResponse { status: None, server_info: Some(server_info), identifier: self.connections.fetch_add(1, Ordering::Relaxed) }))
+        reply(Ok(mm::ConnectResponse {
+            status: None,
+            server_info: Some(server_info),
+            identifier: self.connections.fetch_add(1, Ordering::Relaxed),
+        }))
     }
 
     async fn get_version(&self, _req: Request<mm::GetVersionRequest>) -> Reply<mm::GetVersionResponse> {
@@ -376,10 +434,12 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         done(
             async {
                 check_db(&r.db_name)?;
-                let schema = ms::CollectionSchema::decode(r.schema.as_slice()).map_err(|e| MilvusError::invalid(format!("the collection schema does not decode: {e}")))?;
+                let schema = ms::CollectionSchema::decode(r.schema.as_slice())
+                    .map_err(|e| MilvusError::invalid(format!("the collection schema does not decode: {e}")))?;
                 let schema = convert::schema_to_tandem(&r.collection_name, &schema, r.shards_num)?;
                 self.forget(&r.collection_name);
-                let created = self.inner.create_collection(inner(&md, t::CreateCollectionRequest { schema: Some(schema) })).await?.into_inner();
+                let created =
+                    self.inner.create_collection(inner(&md, t::CreateCollectionRequest { schema: Some(schema) })).await?.into_inner();
                 if let Some(info) = created.collection {
                     self.remember(&r.collection_name, Arc::new(info));
                 }
@@ -398,7 +458,11 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 match self.inner.drop_collection(inner(&md, t::DropCollectionRequest { name: r.collection_name.clone() })).await {
                     // Milvus answers success for a collection that does not exist.
                     Err(e) if e.code() == tonic::Code::NotFound => Ok(()),
-                    r => r.map(|_| ()).map_err(MilvusError::from),
+                    Err(e) => Err(e.into()),
+                    Ok(_) => {
+                        self.dropped(&r.collection_name);
+                        Ok(())
+                    }
                 }
             }
             .await,
@@ -412,7 +476,9 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 check_db(&r.db_name)?;
                 match self.describe(&md, &r.collection_name).await {
                     Ok(_) => Ok(mm::BoolResponse { status: None, value: true }),
-                    Err(MilvusError::Status { code: MilvusCode::CollectionNotFound, .. }) => Ok(mm::BoolResponse { status: None, value: false }),
+                    Err(MilvusError::Status { code: MilvusCode::CollectionNotFound, .. }) => {
+                        Ok(mm::BoolResponse { status: None, value: false })
+                    }
                     Err(e) => Err(e),
                 }
             }
@@ -473,14 +539,20 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         )
     }
 
-    async fn get_collection_statistics(&self, req: Request<mm::GetCollectionStatisticsRequest>) -> Reply<mm::GetCollectionStatisticsResponse> {
+    async fn get_collection_statistics(
+        &self,
+        req: Request<mm::GetCollectionStatisticsRequest>,
+    ) -> Reply<mm::GetCollectionStatisticsResponse> {
         let (md, _, r) = req.into_parts();
         reply(
             async {
                 check_db(&r.db_name)?;
                 self.forget(&r.collection_name);
                 let info = self.describe(&md, &r.collection_name).await?;
-                Ok(mm::GetCollectionStatisticsResponse { status: None, stats: vec![mc::KeyValuePair { key: "row_count".into(), value: info.rows.to_string() }] })
+                Ok(mm::GetCollectionStatisticsResponse {
+                    status: None,
+                    stats: vec![mc::KeyValuePair { key: "row_count".into(), value: info.rows.to_string() }],
+                })
             }
             .await,
         )
@@ -492,7 +564,11 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
             async {
                 check_db(&r.db_name)?;
                 let names = self.inner.list_collections(inner(&md, t::ListCollectionsRequest {})).await?.into_inner().names;
-                let names: Vec<String> = if r.collection_names.is_empty() { names } else { names.into_iter().filter(|n| r.collection_names.contains(n)).collect() };
+                let names: Vec<String> = if r.collection_names.is_empty() {
+                    names
+                } else {
+                    names.into_iter().filter(|n| r.collection_names.contains(n)).collect()
+                };
                 let n = names.len();
                 Ok(mm::ShowCollectionsResponse {
                     status: None,
@@ -518,11 +594,17 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                         // with the same results, so the request changes nothing.
                         return Ok(());
                     }
-                    return Err(MilvusError::invalid(format!("field {:?} does not exist in collection {:?}", r.field_name, r.collection_name)));
+                    return Err(MilvusError::invalid(format!(
+                        "field {:?} does not exist in collection {:?}",
+                        r.field_name, r.collection_name
+                    )));
                 }
                 let (index, _) = index_spec(&r.extra_params)?;
                 self.forget(&r.collection_name);
-                self.inner.create_index(inner(&md, t::CreateIndexRequest { collection: r.collection_name.clone(), index: Some(index) })).await?;
+                self.inner
+                    .create_index(inner(&md, t::CreateIndexRequest { collection: r.collection_name.clone(), index: Some(index.clone()) }))
+                    .await?;
+                self.index_changed(&md, &r.collection_name, index).await;
                 Ok(())
             }
             .await,
@@ -539,7 +621,10 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 let d = index_description(&s, info.rows);
                 let asked = if r.index_name.is_empty() { &r.field_name } else { &r.index_name };
                 if !asked.is_empty() && *asked != d.index_name {
-                    return Err(MilvusError::Status { code: MilvusCode::IndexNotFound, reason: format!("index not found[indexName={asked}]") });
+                    return Err(MilvusError::Status {
+                        code: MilvusCode::IndexNotFound,
+                        reason: format!("index not found[indexName={asked}]"),
+                    });
                 }
                 Ok(mm::DescribeIndexResponse { status: None, index_descriptions: vec![d] })
             }
@@ -554,6 +639,8 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
             async {
                 check_db(&r.db_name)?;
                 self.inner.drop_index(inner(&md, t::DropIndexRequest { collection: r.collection_name.clone() })).await?;
+                let flat = t::IndexSpec { kind: Some(t::index_spec::Kind::Flat(t::FlatIndex {})), metric: 0 };
+                self.index_changed(&md, &r.collection_name, flat).await;
                 Ok(())
             }
             .await,
@@ -562,7 +649,14 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
 
     async fn insert(&self, req: Request<mm::InsertRequest>) -> Reply<mm::MutationResult> {
         let (md, _, r) = req.into_parts();
-        let w = RowsWrite { db: r.db_name, collection: r.collection_name, partition: r.partition_name, columns: r.fields_data, num_rows: r.num_rows, upsert: false };
+        let w = RowsWrite {
+            db: r.db_name,
+            collection: r.collection_name,
+            partition: r.partition_name,
+            columns: r.fields_data,
+            num_rows: r.num_rows,
+            upsert: false,
+        };
         reply(self.write_rows(&md, w).await)
     }
 
@@ -571,7 +665,14 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         if r.partial_update {
             return reply(Err(MilvusError::unsupported("partial update")));
         }
-        let w = RowsWrite { db: r.db_name, collection: r.collection_name, partition: r.partition_name, columns: r.fields_data, num_rows: r.num_rows, upsert: true };
+        let w = RowsWrite {
+            db: r.db_name,
+            collection: r.collection_name,
+            partition: r.partition_name,
+            columns: r.fields_data,
+            num_rows: r.num_rows,
+            upsert: true,
+        };
         reply(self.write_rows(&md, w).await)
     }
 
@@ -584,7 +685,11 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 if r.expr.trim().is_empty() {
                     return Err(MilvusError::invalid("delete needs an expression (expr)"));
                 }
-                let d = self.inner.delete(inner(&md, t::DeleteRequest { collection: r.collection_name.clone(), ids: Vec::new(), filter: r.expr, ack: 0 })).await?.into_inner();
+                let d = self
+                    .inner
+                    .delete(inner(&md, t::DeleteRequest { collection: r.collection_name.clone(), ids: Vec::new(), filter: r.expr, ack: 0 }))
+                    .await?
+                    .into_inner();
                 Ok(mm::MutationResult { delete_cnt: d.count as i64, timestamp: d.ts, i_ds: Some(ms::IDs::default()), ..Default::default() })
             }
             .await,
@@ -600,12 +705,18 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 let s = self.schema(&md, &r.collection_name).await?;
                 let p = search_params(&r.search_params)?;
                 if let Some(f) = p.anns_field.as_deref().filter(|f| !f.is_empty() && *f != convert::vector_name(&s)) {
-                    return Err(MilvusError::invalid(format!("anns_field {f:?} is not the vector field of collection {:?}", r.collection_name)));
+                    return Err(MilvusError::invalid(format!(
+                        "anns_field {f:?} is not the vector field of collection {:?}",
+                        r.collection_name
+                    )));
                 }
                 if let Some(m) = p.metric.as_deref().filter(|m| !m.is_empty()) {
                     let want = metric_name(s.metric);
                     if m != want {
-                        return Err(MilvusError::invalid(format!("metric type not match: the search asks for {m}, collection {:?} is indexed for {want}", r.collection_name)));
+                        return Err(MilvusError::invalid(format!(
+                            "metric type not match: the search asks for {m}, collection {:?} is indexed for {want}",
+                            r.collection_name
+                        )));
                     }
                 }
                 let Some(mm::search_request::SearchInput::PlaceholderGroup(group)) = &r.search_input else {
@@ -637,24 +748,48 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 let mut vectors: HashMap<i64, Vec<f32>> = HashMap::new();
                 if plan.vector && !hits.is_empty() {
                     let ids: Vec<i64> = hits.iter().map(|h| h.id).collect();
-                    let read = t::ReadOptions { consistency: t::ConsistencyLevel::Session as i32, session_token: token.clone(), staleness_ms: 0 };
-                    let got = self.inner.get(inner(&md, t::GetRequest { collection: r.collection_name.clone(), ids, output_fields: vec![], include_vectors: true, read: Some(read) })).await?.into_inner();
+                    let read =
+                        t::ReadOptions { consistency: t::ConsistencyLevel::Session as i32, session_token: token.clone(), staleness_ms: 0 };
+                    let got = self
+                        .inner
+                        .get(inner(
+                            &md,
+                            t::GetRequest {
+                                collection: r.collection_name.clone(),
+                                ids,
+                                output_fields: vec![],
+                                include_vectors: true,
+                                read: Some(read),
+                            },
+                        ))
+                        .await?
+                        .into_inner();
                     token = got.session_token;
                     vectors = got.entities.into_iter().map(|e| (e.id, e.vector)).collect();
                 }
-                let entities: Vec<Entity<'_>> = hits.iter().map(|h| Entity { id: h.id, vector: vectors.get(&h.id).map_or(&[][..], Vec::as_slice), payload: h.payload.as_ref() }).collect();
+                let entities: Vec<Entity<'_>> = hits
+                    .iter()
+                    .map(|h| Entity { id: h.id, vector: vectors.get(&h.id).map_or(&[][..], Vec::as_slice), payload: h.payload.as_ref() })
+                    .collect();
                 let results = ms::SearchResultData {
                     num_queries: nq as i64,
                     top_k: i64::from(p.limit),
                     fields_data: convert::fields_from_entities(&s, &plan, &entities, false),
                     scores: hits.iter().map(|h| round(h.distance, p.round_decimal)).collect(),
-                    ids: Some(ms::IDs { id_field: Some(ms::i_ds::IdField::IntId(ms::LongArray { data: hits.iter().map(|h| h.id).collect() })) }),
+                    ids: Some(ms::IDs {
+                        id_field: Some(ms::i_ds::IdField::IntId(ms::LongArray { data: hits.iter().map(|h| h.id).collect() })),
+                    }),
                     topks,
                     output_fields: plan.names.clone(),
                     distances: Vec::new(),
                     primary_field_name: convert::primary_name(&s).to_string(),
                 };
-                Ok(mm::SearchResults { status: None, results: Some(results), collection_name: r.collection_name.clone(), session_ts: convert::token_ts(&token) })
+                Ok(mm::SearchResults {
+                    status: None,
+                    results: Some(results),
+                    collection_name: r.collection_name.clone(),
+                    session_ts: convert::token_ts(&token),
+                })
             }
             .await,
         )
@@ -670,7 +805,12 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 let read = convert::read_options(r.consistency_level, r.guarantee_timestamp, r.use_default_consistency);
                 let param = |k: &str| r.query_params.iter().find(|kv| kv.key == k).map(|kv| kv.value.trim().to_string());
                 let parse = |k: &str| -> Result<Option<u32>, MilvusError> {
-                    param(k).map(|v| v.parse::<u32>().map_err(|_| MilvusError::invalid(format!("query parameter {k} is {v:?}, not a non-negative integer")))).transpose()
+                    param(k)
+                        .map(|v| {
+                            v.parse::<u32>()
+                                .map_err(|_| MilvusError::invalid(format!("query parameter {k} is {v:?}, not a non-negative integer")))
+                        })
+                        .transpose()
                 };
                 let (limit, offset) = (parse("limit")?, parse("offset")?.unwrap_or(0));
                 let pk = convert::primary_name(&s).to_string();
@@ -678,14 +818,30 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                     if r.output_fields.len() > 1 {
                         return Err(MilvusError::invalid("count(*) cannot be combined with other output fields"));
                     }
-                    let c = self.inner.count(inner(&md, t::CountRequest { collection: r.collection_name.clone(), filter: r.expr.clone(), read: Some(read) })).await?.into_inner();
+                    let c = self
+                        .inner
+                        .count(inner(
+                            &md,
+                            t::CountRequest { collection: r.collection_name.clone(), filter: r.expr.clone(), read: Some(read) },
+                        ))
+                        .await?
+                        .into_inner();
                     let column = ms::FieldData {
                         r#type: ms::DataType::Int64 as i32,
                         field_name: "count(*)".into(),
-                        field: Some(ms::field_data::Field::Scalars(ms::ScalarField { data: Some(ms::scalar_field::Data::LongData(ms::LongArray { data: vec![c.count as i64] })) })),
+                        field: Some(ms::field_data::Field::Scalars(ms::ScalarField {
+                            data: Some(ms::scalar_field::Data::LongData(ms::LongArray { data: vec![c.count as i64] })),
+                        })),
                         ..Default::default()
                     };
-                    return Ok(mm::QueryResults { fields_data: vec![column], collection_name: r.collection_name.clone(), output_fields: vec!["count(*)".into()], session_ts: convert::token_ts(&c.session_token), primary_field_name: pk, ..Default::default() });
+                    return Ok(mm::QueryResults {
+                        fields_data: vec![column],
+                        collection_name: r.collection_name.clone(),
+                        output_fields: vec!["count(*)".into()],
+                        session_ts: convert::token_ts(&c.session_token),
+                        primary_field_name: pk,
+                        ..Default::default()
+                    });
                 }
                 if r.expr.trim().is_empty() && limit.is_none() {
                     return Err(MilvusError::invalid("empty expression should be used with limit"));
@@ -695,9 +851,21 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 if want > MAX_QUERY_ROWS {
                     return Err(MilvusError::invalid(format!("query limit + offset is {want}, at most {MAX_QUERY_ROWS}")));
                 }
-                let req = t::QueryRequest { collection: r.collection_name.clone(), filter: r.expr.clone(), limit: want, output_fields: plan.tandem_fields(), include_vectors: plan.vector, read: Some(read) };
+                let req = t::QueryRequest {
+                    collection: r.collection_name.clone(),
+                    filter: r.expr.clone(),
+                    limit: want,
+                    output_fields: plan.tandem_fields(),
+                    include_vectors: plan.vector,
+                    read: Some(read),
+                };
                 let found = self.inner.query(inner(&md, req)).await?.into_inner();
-                let entities: Vec<Entity<'_>> = found.entities.iter().skip(offset as usize).map(|e| Entity { id: e.id, vector: &e.vector, payload: e.payload.as_ref() }).collect();
+                let entities: Vec<Entity<'_>> = found
+                    .entities
+                    .iter()
+                    .skip(offset as usize)
+                    .map(|e| Entity { id: e.id, vector: &e.vector, payload: e.payload.as_ref() })
+                    .collect();
                 let mut output_fields = vec![pk.clone()];
                 output_fields.extend(plan.names.iter().cloned());
                 Ok(mm::QueryResults {
@@ -774,7 +942,13 @@ mod tests {
 
     #[test]
     fn search_params_as_pymilvus_sends_them() {
-        let p = search_params(&kvs(&[("topk", "10"), ("round_decimal", "-1"), ("metric_type", "COSINE"), ("params", r#"{"ef": 64, "offset": 5}"#)])).unwrap();
+        let p = search_params(&kvs(&[
+            ("topk", "10"),
+            ("round_decimal", "-1"),
+            ("metric_type", "COSINE"),
+            ("params", r#"{"ef": 64, "offset": 5}"#),
+        ]))
+        .unwrap();
         assert_eq!((p.limit, p.offset, p.ef, p.metric.as_deref()), (10, 5, 64, Some("COSINE")));
         let e = search_params(&kvs(&[("topk", "10"), ("params", r#"{"radius": 1.0}"#)])).unwrap_err();
         assert!(e.status().unwrap().reason.contains("range search"));
@@ -784,7 +958,8 @@ mod tests {
 
     #[test]
     fn index_params_in_either_layout() {
-        let (spec, metric) = index_spec(&kvs(&[("index_type", "HNSW"), ("metric_type", "IP"), ("params", r#"{"M": 8, "efConstruction": 100}"#)])).unwrap();
+        let (spec, metric) =
+            index_spec(&kvs(&[("index_type", "HNSW"), ("metric_type", "IP"), ("params", r#"{"M": 8, "efConstruction": 100}"#)])).unwrap();
         assert_eq!(spec.kind, Some(t::index_spec::Kind::Hnsw(t::HnswIndex { m: 8, ef_construction: 100 })));
         assert_eq!(metric, Some(t::Metric::Ip));
         let (spec, _) = index_spec(&kvs(&[("index_type", "IVF_FLAT"), ("nlist", "64"), ("metric_type", "L2")])).unwrap();

@@ -728,3 +728,38 @@ mod tests {
         assert!(!stream_holds(&t, &streams[0], 2, 1, ours).await, "the record at 2 is not the one written last");
     }
 }
+
+/// The global-cluster topology (pymilvus's global mode, see `tandem_milvus::topology`) as the
+/// arbiter sees it: the cluster holding the leader key is the writable one, every member with a
+/// readable role is readable, and the version is the leadership epoch.
+pub struct ArbiterTopology {
+    session: Arc<dyn Session>,
+}
+
+impl ArbiterTopology {
+    pub fn new(session: Arc<dyn Session>) -> ArbiterTopology {
+        ArbiterTopology { session }
+    }
+}
+
+#[tonic::async_trait]
+impl tandem_milvus::TopologySource for ArbiterTopology {
+    async fn global_topology(&self) -> std::result::Result<tandem_milvus::GlobalTopology, String> {
+        use tandem_milvus::GlobalCluster;
+        let view = self.session.view().borrow().clone();
+        let members = self.session.members().await.map_err(|e| format!("the arbiter cannot list members: {e}"))?;
+        let leader = view.leader.as_ref();
+        let mut clusters: Vec<GlobalCluster> = members
+            .into_iter()
+            .map(|m| {
+                let writable = leader.is_some_and(|l| l.cluster == m.cluster);
+                GlobalCluster { readable: writable || m.role.is_readable(), writable, id: m.cluster, endpoint: m.endpoint }
+            })
+            .collect();
+        if let Some(l) = leader.filter(|l| !clusters.iter().any(|c| c.id == l.cluster)) {
+            clusters.push(GlobalCluster { id: l.cluster.clone(), endpoint: l.endpoint.clone(), readable: true, writable: true });
+        }
+        clusters.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(tandem_milvus::GlobalTopology { version: view.epoch, clusters })
+    }
+}

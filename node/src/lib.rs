@@ -107,7 +107,10 @@ impl Member {
                 Some(a) => a,
                 None => ha::arbiter(cfg)?,
             };
-            self.ha = Some(ha::start(self.running.node.clone(), cfg, self.endpoint(), arbiter).await?);
+            let ha = ha::start(self.running.node.clone(), cfg, self.endpoint(), arbiter).await?;
+            // pymilvus's global topology, from here on the arbiter's: who leads, who is readable.
+            self.running.topology.set(Arc::new(ha::ArbiterTopology::new(ha.session().clone())));
+            self.ha = Some(ha);
         } else {
             self.replication = replication::start(&self.running, cfg).await?;
         }

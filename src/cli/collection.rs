@@ -51,7 +51,9 @@ impl std::str::FromStr for FieldArg {
 
     fn from_str(s: &str) -> Result<Self, String> {
         let Some((name, ty)) = s.split_once(':') else {
-            return Err(format!("field {s:?} has no type: write NAME:TYPE with TYPE int64, int32, int16, int8, double, float32, bool, string or json"));
+            return Err(format!(
+                "field {s:?} has no type: write NAME:TYPE with TYPE int64, int32, int16, int8, double, float32, bool, string or json"
+            ));
         };
         let ty = match ty.trim().to_ascii_lowercase().as_str() {
             "int64" | "int" => FieldType::Int64,
@@ -63,7 +65,11 @@ impl std::str::FromStr for FieldArg {
             "json" => FieldType::Json,
             "bool" => FieldType::Bool,
             "string" | "str" => FieldType::String,
-            other => return Err(format!("field {name:?} has unknown type {other:?}: use int64, int32, int16, int8, double, float32, bool, string or json")),
+            other => {
+                return Err(format!(
+                    "field {name:?} has unknown type {other:?}: use int64, int32, int16, int8, double, float32, bool, string or json"
+                ));
+            }
         };
         Ok(FieldArg { name: name.trim().to_string(), ty })
     }
