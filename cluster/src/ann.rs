@@ -143,6 +143,9 @@ impl Bitmap {
 pub struct AnnIndex {
     index: IndexImpl,
     kind: IndexKind,
+    /// What it compares by. A COSINE index holds normalised copies of the vectors (stored rows
+    /// keep them as inserted), so it is faiss's inner product over unit vectors.
+    metric: Metric,
     /// faiss's C API exposes no `SearchParametersHNSW`, so efSearch is a property of the index.
     /// Searches that want the current value share the read side; one that needs another value
     /// takes the write side just long enough to change it.
@@ -172,7 +175,8 @@ fn last_error(what: &str, code: i32) -> ClusterError {
 fn metric_type(metric: Metric) -> MetricType {
     match metric {
         Metric::L2 => MetricType::L2,
-        // Cosine vectors are normalised on the way in, so inner product is cosine similarity.
+        // A COSINE index is built over normalised copies and searched with normalised queries,
+        // so inner product is cosine similarity.
         Metric::Ip | Metric::Cosine => MetricType::InnerProduct,
     }
 }
@@ -219,6 +223,13 @@ impl AnnIndex {
         if stop.load(Ordering::Relaxed) {
             return Ok(None);
         }
+        let normalised;
+        let vectors = if metric == Metric::Cosine {
+            normalised = crate::segment::normalised(vectors, dim);
+            &normalised[..]
+        } else {
+            vectors
+        };
         if !index.is_trained() {
             index.train(vectors).map_err(|e| faiss_err("train", e))?;
         }
@@ -228,11 +239,20 @@ impl AnnIndex {
             }
             index.add(chunk).map_err(|e| faiss_err("add", e))?;
         }
-        Ok(Some(AnnIndex { index, kind, ef_search: RwLock::new(0) }))
+        Ok(Some(AnnIndex { index, kind, metric, ef_search: RwLock::new(0) }))
     }
 
     pub fn kind(&self) -> IndexKind {
         self.kind
+    }
+
+    pub fn metric(&self) -> Metric {
+        self.metric
+    }
+
+    /// Whether this index is what a schema with `kind` and `metric` asks for.
+    pub fn serves(&self, kind: IndexKind, metric: Metric) -> bool {
+        self.kind == kind && self.metric == metric
     }
 
     pub fn len(&self) -> usize {
@@ -248,10 +268,10 @@ impl AnnIndex {
         faiss::write_index(&self.index, p).map_err(|e| faiss_err(&format!("write {p}"), e))
     }
 
-    pub fn load(path: &Path, kind: IndexKind) -> Result<AnnIndex> {
+    pub fn load(path: &Path, kind: IndexKind, metric: Metric) -> Result<AnnIndex> {
         let p = path.to_str().ok_or_else(|| ClusterError::Internal(format!("non-utf8 path {}", path.display())))?;
         let index = faiss::read_index(p).map_err(|e| faiss_err(&format!("read {p}"), e))?;
-        Ok(AnnIndex { index, kind, ef_search: RwLock::new(0) })
+        Ok(AnnIndex { index, kind, metric, ef_search: RwLock::new(0) })
     }
 
     /// Top-`k` rows for each query (`queries` holds nq * dim floats), restricted to `allow` when
@@ -397,7 +417,7 @@ mod tests {
             let dir = tempfile::tempdir().unwrap();
             let p = dir.path().join("x.index");
             idx.save(&p).unwrap();
-            let back = AnnIndex::load(&p, kind).unwrap();
+            let back = AnnIndex::load(&p, kind, Metric::L2).unwrap();
             assert_eq!(back.len(), 2000);
             let allow = Bitmap::from_fn(2000, |i| i != 5);
             let (_, l) = back.search(&v[dim * 5..dim * 6], dim, 3, Some(&allow), Knobs { nprobe: 16, ef_search: 32 }).unwrap();

@@ -857,23 +857,15 @@ impl Node {
         self.set_index(name, IndexKind::Flat, 0)
     }
 
-    /// `metric` (a `pb::Metric`, 0 = keep) may change only while no shard has logged a write:
-    /// stored vectors are normalised for COSINE, so a metric cannot change under them.
+    /// `metric` (a `pb::Metric`, 0 = keep) changes what the collection compares by: rows keep
+    /// their vectors as inserted, so only the indexes change. Sealed segments are re-indexed in
+    /// the background and searched exactly until then (an index of the old metric is not used).
     fn set_index(&self, name: &str, kind: IndexKind, metric: i32) -> Result<Ts> {
         let mut next_id = self.catalog.lock();
         let c = self.collection(name)?;
         let mut spec = kind.to_proto();
-        if metric != 0 {
-            let wanted = Metric::from_proto(metric)?;
-            let current = c.schema().metric;
-            if wanted != current {
-                if c.shards().iter().any(|s| s.last_lsn() > 0) {
-                    return Err(ClusterError::invalid(format!(
-                        "collection {name:?} holds data compared by {current:?}; its metric cannot change to {wanted:?}"
-                    )));
-                }
-                spec.metric = metric;
-            }
+        if metric != 0 && Metric::from_proto(metric)? != c.schema().metric {
+            spec.metric = metric;
         }
         let ts = self.clock.now();
         let rec =
@@ -900,11 +892,12 @@ impl Node {
         self.enqueue(c, sealed);
         let ts = self.clock.now();
         loop {
-            let kind = c.schema().index;
-            let done = c
-                .shards()
-                .iter()
-                .all(|s| s.sealed_segments().iter().all(|seg| seg.is_persisted() && seg.index().is_some_and(|i| i.kind() == kind)));
+            let schema = c.schema();
+            let done = c.shards().iter().all(|s| {
+                s.sealed_segments()
+                    .iter()
+                    .all(|seg| seg.is_persisted() && seg.index().is_some_and(|i| i.serves(schema.index, schema.metric)))
+            });
             if done {
                 return Ok((n, ts));
             }
@@ -957,7 +950,7 @@ fn apply_to_catalog(catalog: &mut st::Catalog, rec: st::DdlRecord) {
                     if spec.metric != 0 {
                         s.metric = spec.metric;
                     }
-                    s.index = Some(pb::IndexSpec { metric: 0, ..spec.clone() });
+                    s.index = Some(pb::IndexSpec { metric: 0, ..spec });
                 }
             }
         }
@@ -992,7 +985,7 @@ fn build_index(job: Job, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     }
     let schema = c.schema();
     let seg = &job.segment;
-    if seg.index().is_none_or(|i| i.kind() != schema.index) {
+    if seg.index().is_none_or(|i| !i.serves(schema.index, schema.metric)) {
         let started = Instant::now();
         let Some(index) = AnnIndex::build_until(schema.index, schema.metric, schema.dim, &seg.rows.vectors, stop)? else {
             tracing::debug!(collection = %schema.name, segment = seg.id, "index build stopped: the node is shutting down");
@@ -1011,6 +1004,7 @@ fn build_index(job: Job, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
 mod tests {
     use super::*;
     use crate::collection::Write;
+    use crate::segment::SearchPlan;
     use crate::shard::ShardOptions;
 
     fn leader(dir: &Path) -> Arc<Node> {
@@ -1094,6 +1088,61 @@ mod tests {
         assert!(c.shards()[0].last_lsn() >= last0, "and its log");
         assert_eq!(c.shards()[0].source_lsn(), position0, "it follows the stream on from its last record");
         assert_eq!(rows(1), 0, "the other shard is reloaded from empty");
+    }
+
+    /// Milvus sets the metric with the index, often after inserting: rows keep their vectors as
+    /// inserted, so the metric changes under data, indexes of the old metric are not used, and
+    /// the new ones are rebuilt, persisted, and loaded again after a restart.
+    #[tokio::test]
+    async fn the_metric_changes_under_data_and_indexes_follow() {
+        let dir = tempfile::tempdir().unwrap();
+        let schema = pb::CollectionSchema { name: "c".into(), dim: 2, metric: pb::Metric::L2 as i32, shards: 1, ..Default::default() };
+        // Direction and length differ: [10, 0] is far from [1, 0.1] by L2 and closest by cosine.
+        let vectors = vec![10.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.9, 0.5];
+        let search = |node: &Arc<Node>, c: &Arc<Collection>| {
+            let metric = c.schema().metric;
+            let norm = (1.0f32 + 0.01).sqrt();
+            let query = if metric == crate::schema::Metric::Cosine { vec![1.0 / norm, 0.1 / norm] } else { vec![1.0, 0.1] };
+            let plan = SearchPlan {
+                queries: &query,
+                dim: 2,
+                k: 4,
+                metric,
+                filter: None,
+                knobs: crate::ann::Knobs { nprobe: 1, ef_search: 16 },
+                snapshot: node.clock.peek(),
+            };
+            node.fanout.search(c, &plan).unwrap().remove(0)
+        };
+        let deadline = || Instant::now() + Duration::from_secs(30);
+        {
+            let node = leader(dir.path());
+            let (c, _) = node.create_collection(&schema).unwrap();
+            node.write(&c, Write::Insert { ids: vec![1, 2, 3, 4], vectors: vectors.clone(), rows: vec![Vec::new(); 4] }).unwrap();
+            node.flush(&c, deadline()).await.unwrap();
+            assert_eq!(search(&node, &c)[0].1, 4, "by L2, [0.9, 0.5] is nearest to [1, 0.1]");
+
+            node.create_index("c", Some(&pb::IndexSpec { metric: pb::Metric::Cosine as i32, ..IndexKind::Flat.to_proto() })).unwrap();
+            let c = node.collection("c").unwrap();
+            assert_eq!(c.schema().metric, crate::schema::Metric::Cosine);
+            // Before the rebuild and after it, the same answer: cosine similarity.
+            let hits = search(&node, &c);
+            assert_eq!(hits[0].1, 1, "by cosine, [10, 0] is closest: {hits:?}");
+            assert!((hits[0].0 - 1.0 / (1.01f32).sqrt()).abs() < 1e-5, "{hits:?}");
+            node.flush(&c, deadline()).await.unwrap();
+            assert_eq!(search(&node, &c), hits);
+            assert_eq!(c.get(&[1], node.clock.peek())[0].1, vec![10.0, 0.0], "rows keep the vector as inserted");
+            node.shutdown();
+        }
+        let node = leader(dir.path());
+        let c = node.collection("c").unwrap();
+        assert_eq!(c.schema().metric, crate::schema::Metric::Cosine, "the metric change is durable");
+        let seg = c.shards()[0].sealed_segments();
+        assert!(
+            seg.iter().all(|s| s.index().is_some_and(|i| i.serves(IndexKind::Flat, crate::schema::Metric::Cosine))),
+            "the cosine index file is loaded"
+        );
+        assert_eq!(search(&node, &c)[0].1, 1);
     }
 
     #[test]

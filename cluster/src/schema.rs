@@ -41,7 +41,7 @@ impl Metric {
         }
     }
 
-    fn to_proto(self) -> pb::Metric {
+    pub fn to_proto(self) -> pb::Metric {
         match self {
             Metric::L2 => pb::Metric::L2,
             Metric::Ip => pb::Metric::Ip,

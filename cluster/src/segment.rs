@@ -110,11 +110,30 @@ pub fn merge_topk(metric: Metric, k: usize, nq: usize, parts: Vec<TopK>) -> TopK
     out
 }
 
+/// The distance between query `a` and stored vector `b`. For COSINE the query is normalised
+/// already and the stored vector is as inserted (rows keep vectors as inserted, so a
+/// collection's metric can change under them): dividing by |b| gives cosine similarity.
 pub fn distance(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
     match metric {
         Metric::L2 => l2_sq(a, b),
-        Metric::Ip | Metric::Cosine => dot(a, b),
+        Metric::Ip => dot(a, b),
+        Metric::Cosine => {
+            let norm = dot(b, b).sqrt();
+            if norm > 0.0 { dot(a, b) / norm } else { 0.0 }
+        }
     }
+}
+
+/// `vectors` (rows of `dim`) scaled to unit length; zero vectors stay zero.
+pub fn normalised(vectors: &[f32], dim: usize) -> Vec<f32> {
+    let mut out = vectors.to_vec();
+    for v in out.chunks_exact_mut(dim.max(1)) {
+        let norm = dot(v, v).sqrt();
+        if norm > 0.0 {
+            v.iter_mut().for_each(|x| *x /= norm);
+        }
+    }
+    out
 }
 
 // Eight independent accumulators let the compiler vectorise the loop (a single float sum
@@ -347,7 +366,9 @@ impl Sealed {
         } else {
             Some(Bitmap::from_fn(n, |off| self.visible(off, plan.snapshot) && passes(plan.filter, &self.rows, off)))
         };
-        let index = self.index();
+        // An index built for another metric (the collection's changed; its rebuild is queued)
+        // answers nothing right: search exactly until the new one is swapped in.
+        let index = self.index().filter(|i| i.metric() == plan.metric);
         let exact = match (&allow, &index) {
             (_, None) => true,
             (Some(bm), Some(_)) => bm.count() <= BRUTE_FORCE_ROWS.max(n / 32),

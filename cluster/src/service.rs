@@ -67,7 +67,11 @@ fn check_vectors(what: &str, schema: &Schema, ids: Option<&[i64]>, vectors: &mut
             if norm == 0.0 || !norm.is_finite() {
                 return Err(ClusterError::invalid(format!("{what}: {label} has zero length; COSINE needs a non-zero vector")));
             }
-            v.iter_mut().for_each(|x| *x /= norm);
+            // Queries are normalised here; stored rows keep their vectors as inserted (the
+            // distance and the index builds normalise them: see segment::distance).
+            if ids.is_none() {
+                v.iter_mut().for_each(|x| *x /= norm);
+            }
         }
     }
     Ok(n)

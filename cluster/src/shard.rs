@@ -29,12 +29,13 @@ use parking_lot::{Mutex, MutexGuard, RwLock, RwLockWriteGuard};
 use prost::Message;
 use rayon::prelude::*;
 use tandem_proto::storage::v1 as st;
+use tandem_proto::v1 as pb;
 
 use crate::ann::AnnIndex;
 use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::fsio;
-use crate::schema::{IndexKind, Schema, row_to_payload};
+use crate::schema::{IndexKind, Metric, Schema, row_to_payload};
 use crate::segment::{Growing, LIVE, Row, Rows, Sealed, SearchPlan, SegmentId, TopK, merge_topk};
 use crate::term::StreamTerm;
 use crate::ts::{HybridClock, Ts};
@@ -120,7 +121,8 @@ pub struct Shard {
     pending: Mutex<Pending>,
     /// Woken whenever the serviceable ts advances.
     pub advanced: tokio::sync::Notify,
-    checkpoint_lock: Mutex<HashMap<SegmentId, IndexKind>>,
+    /// Per persisted segment, the index (kind and metric) its file holds.
+    checkpoint_lock: Mutex<HashMap<SegmentId, (IndexKind, Metric)>>,
     /// The acknowledged-durable LSN, for change streams to wait on.
     acked: tokio::sync::watch::Sender<Lsn>,
     /// Writes aborted by recovery: their records stay in the WAL until truncated and must not
@@ -270,10 +272,16 @@ impl Shard {
         for r in &manifest.segments {
             let seg = load_segment(dir, schema, r)?;
             let stored_kind = r.index.as_ref().map(|i| IndexKind::from_proto(Some(i))).transpose()?;
+            // Files from before metrics could change name none: they were built for the
+            // schema's metric, which could not change then.
+            let stored_metric = match r.index.as_ref().map_or(0, |i| i.metric) {
+                0 => schema.metric,
+                m => Metric::from_proto(m)?,
+            };
             let index_file = seg_index_path(dir, r.id);
-            if stored_kind == Some(schema.index) && index_file.exists() {
-                seg.set_index(Arc::new(AnnIndex::load(&index_file, schema.index)?));
-                manifest_index.insert(r.id, schema.index);
+            if stored_kind == Some(schema.index) && stored_metric == schema.metric && index_file.exists() {
+                seg.set_index(Arc::new(AnnIndex::load(&index_file, schema.index, schema.metric)?));
+                manifest_index.insert(r.id, (schema.index, schema.metric));
             } else {
                 needs_index.push(seg.clone());
             }
@@ -720,7 +728,7 @@ impl Shard {
         let mut written = Vec::new();
         for seg in &sealed {
             let Some(index) = seg.index() else { continue };
-            if manifest_index.get(&seg.id) == Some(&index.kind()) {
+            if manifest_index.get(&seg.id) == Some(&(index.kind(), index.metric())) {
                 continue;
             }
             if !seg.is_persisted() {
@@ -731,7 +739,7 @@ impl Shard {
             index.save(&tmp)?;
             std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(|e| ClusterError::io(&tmp, e))?;
             std::fs::rename(&tmp, &path).map_err(|e| ClusterError::io(&path, e))?;
-            written.push((seg.clone(), index.kind()));
+            written.push((seg.clone(), (index.kind(), index.metric())));
         }
         if written.is_empty() && !sealed.iter().any(|s| !s.is_persisted()) {
             return Ok(());
@@ -759,7 +767,9 @@ impl Shard {
                         (ts != LIVE && ts <= durable_ts).then_some(st::Tombstone { offset: off as u32, ts })
                     })
                     .collect();
-                segments.push(st::SegmentRef { id: seg.id, rows: seg.len() as u64, index: Some(kind.to_proto()), tombstones });
+                let (kind, metric) = kind;
+                let index = pb::IndexSpec { metric: metric.to_proto() as i32, ..kind.to_proto() };
+                segments.push(st::SegmentRef { id: seg.id, rows: seg.len() as u64, index: Some(index), tombstones });
             }
             st::ShardManifest {
                 segments,

@@ -646,7 +646,8 @@ mod tests {
 
     #[test]
     fn bad_schemas_are_refused_naming_the_field() {
-        let cases: Vec<(Box<dyn Fn(&mut ms::CollectionSchema)>, &str)> = vec![
+        type Mutation = Box<dyn Fn(&mut ms::CollectionSchema)>;
+        let cases: Vec<(Mutation, &str)> = vec![
             (Box::new(|s| s.fields[0].data_type = ms::DataType::VarChar as i32), "primary key \"pk\" of type VarChar"),
             (
                 Box::new(|s| {

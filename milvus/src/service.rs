@@ -31,11 +31,13 @@ const SCHEMA_TTL: Duration = Duration::from_secs(2);
 /// The most rows a query returns (Milvus's default quota, and tandem's query limit).
 const MAX_QUERY_ROWS: u32 = 16_384;
 
+/// A collection as this endpoint last saw it, and when; `None`: dropped through this endpoint.
+type Known = (Instant, Option<Arc<t::CollectionInfo>>);
+
 /// Serves `MilvusService` by calling `inner`.
 pub struct MilvusApi<T> {
     inner: Arc<T>,
-    /// `None`: dropped through this endpoint.
-    schemas: Mutex<HashMap<String, (Instant, Option<Arc<t::CollectionInfo>>)>>,
+    schemas: Mutex<HashMap<String, Known>>,
     connections: AtomicI64,
 }
 
@@ -58,10 +60,10 @@ impl<T: Tandem> MilvusApi<T> {
     }
 
     async fn describe(&self, md: &tonic::metadata::MetadataMap, name: &str) -> Result<Arc<t::CollectionInfo>, MilvusError> {
-        if let Some((at, info)) = self.schemas.lock().get(name) {
-            if at.elapsed() < SCHEMA_TTL {
-                return info.clone().ok_or_else(|| MilvusError::collection_not_found(name));
-            }
+        if let Some((at, info)) = self.schemas.lock().get(name)
+            && at.elapsed() < SCHEMA_TTL
+        {
+            return info.clone().ok_or_else(|| MilvusError::collection_not_found(name));
         }
         let r = self.inner.describe_collection(inner(md, t::DescribeCollectionRequest { name: name.to_string() })).await;
         let info = match r {
@@ -327,11 +329,11 @@ fn metric_from_name(name: &str) -> Result<t::Metric, MilvusError> {
 fn index_spec(kvs: &[mc::KeyValuePair]) -> Result<(t::IndexSpec, Option<t::Metric>), MilvusError> {
     let mut all = serde_json::Map::new();
     for kv in kvs {
-        if kv.key == "params" {
-            if let Ok(serde_json::Value::Object(m)) = serde_json::from_str(&kv.value) {
-                all.extend(m);
-                continue;
-            }
+        if kv.key == "params"
+            && let Ok(serde_json::Value::Object(m)) = serde_json::from_str(&kv.value)
+        {
+            all.extend(m);
+            continue;
         }
         all.insert(kv.key.clone(), serde_json::from_str(&kv.value).unwrap_or_else(|_| serde_json::Value::String(kv.value.clone())));
     }
@@ -602,7 +604,7 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                 let (index, _) = index_spec(&r.extra_params)?;
                 self.forget(&r.collection_name);
                 self.inner
-                    .create_index(inner(&md, t::CreateIndexRequest { collection: r.collection_name.clone(), index: Some(index.clone()) }))
+                    .create_index(inner(&md, t::CreateIndexRequest { collection: r.collection_name.clone(), index: Some(index) }))
                     .await?;
                 self.index_changed(&md, &r.collection_name, index).await;
                 Ok(())

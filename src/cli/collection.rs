@@ -350,8 +350,11 @@ mod tests {
 
         let e = create(&["docs", "--dim", "8", "--nlist", "4"]).unwrap_err().to_string();
         assert!(e.contains("--nlist applies to --index ivf_flat"), "{e}");
-        let e = create(&["docs", "--dim", "8", "--field", "a:float32"]).unwrap_err().to_string();
-        assert!(e.contains("unknown type \"float32\""), "{e}");
+        let e = create(&["docs", "--dim", "8", "--field", "a:float16"]).unwrap_err().to_string();
+        assert!(e.contains("unknown type \"float16\""), "{e}");
+        let s = create(&["docs", "--dim", "8", "--field", "a:float32,b:int8,c:json"]).unwrap();
+        let types: Vec<FieldType> = s.fields.iter().map(|f| f.ty).collect();
+        assert_eq!(types, [FieldType::Float, FieldType::Int8, FieldType::Json]);
         let e = create(&["docs", "--dim", "8", "--field", "a"]).unwrap_err().to_string();
         assert!(e.contains("field \"a\" has no type"), "{e}");
         assert!(create(&["docs", "--dim", "8", "--index", "ivf-flat", "--nlist", "4"]).is_ok());

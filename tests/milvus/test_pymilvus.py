@@ -90,12 +90,9 @@ class Endpoint:
         by_id = {r["id"]: r for r in rows}
         self.assertEqual(by_id[1]["color"], "blue_1")
         self.assertEqual(len(by_id[1]["vector"]), 5)
-        # COSINE collections keep vectors normalised (a documented difference from Milvus,
-        # which returns them as inserted): same direction, unit length.
-        v = data[1]["vector"]
-        norm = math.sqrt(sum(x * x for x in v))
-        for got, want in zip(by_id[1]["vector"], v):
-            self.assertAlmostEqual(got, want / norm, places=5)
+        # As inserted, though the collection compares by COSINE.
+        for got, want in zip(by_id[1]["vector"], data[1]["vector"]):
+            self.assertAlmostEqual(got, want, places=6)
 
         got = c.get(collection_name=name, ids=[5, 6])
         self.assertEqual(sorted(r["id"] for r in got), [5, 6])
@@ -273,6 +270,20 @@ class Endpoint:
         self.assertMilvusError(None, "range search", c.search, name, data=queries[:1], limit=3, search_params={"params": {"radius": 1.0}})
         self.assertMilvusError(100, "not found", c.search, "no_such_collection", data=queries[:1], limit=3)
         self.assertMilvusError(1100, "empty expression", c.query, name, filter="")
+
+    def test_metric_set_by_an_index_created_after_inserting(self):
+        c, name = self.c, self.name
+        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("id", DataType.INT64, is_primary=True)
+        s.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
+        c.create_collection(collection_name=name, schema=s)
+        c.insert(name, [{"id": 1, "vector": [10.0, 0.0]}, {"id": 2, "vector": [0.9, 0.5]}])
+        idx = c.prepare_index_params()
+        idx.add_index(field_name="vector", index_type="HNSW", metric_type="COSINE", params={"M": 8, "efConstruction": 32})
+        c.create_index(name, idx)
+        hits = c.search(name, data=[[1.0, 0.1]], limit=2, search_params={"metric_type": "COSINE"})[0]
+        self.assertEqual([h["id"] for h in hits], [1, 2])
+        self.assertAlmostEqual(hits[0]["distance"], 1.0 / math.sqrt(1.01), places=5)
 
     def test_upsert_replaces_rows(self):
         c, name = self.c, self.name
