@@ -61,6 +61,8 @@ enum BenchCmd {
     Gateway(tandem::bench::gateway::GatewayBenchArgs),
     /// kill -9 of the leader under load: failover time, failed reads, lost writes.
     Failover(tandem::bench::failover::FailoverBenchArgs),
+    /// The same pymilvus workload on the real Milvus 2.3.5 and on tandem, side by side.
+    Milvus(tandem::bench::milvus::MilvusBenchArgs),
 }
 
 async fn dispatch(command: Command) -> anyhow::Result<()> {
@@ -78,6 +80,8 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCmd::Replication(a)) => tandem::bench::replication::run(a).await,
         Command::Bench(BenchCmd::Gateway(a)) => tandem::bench::gateway::run(a).await,
         Command::Bench(BenchCmd::Failover(a)) => tandem::bench::failover::run(a).await,
+        // Blocking: it waits for the Python driver, which starts and stops both servers.
+        Command::Bench(BenchCmd::Milvus(a)) => tokio::task::spawn_blocking(move || tandem::bench::milvus::run(a)).await?,
     }
 }
 

@@ -219,11 +219,15 @@ impl ClusterService {
     fn collection_info(&self, c: &Collection) -> pb::CollectionInfo {
         let mut rows = 0;
         let mut segments = Vec::new();
+        let schema = c.schema();
         for shard in c.shards() {
             let s = shard.stats();
             rows += s.live_rows;
             for seg in &s.sealed {
-                let state = if seg.index().is_some() { pb::segment_info::State::Indexed } else { pb::segment_info::State::Sealed };
+                // Indexed: with the collection's current index (a segment still searched by its
+                // previous one while the new one builds counts as sealed).
+                let current = seg.index().is_some_and(|i| i.serves(schema.index, schema.metric));
+                let state = if current { pb::segment_info::State::Indexed } else { pb::segment_info::State::Sealed };
                 segments.push(pb::SegmentInfo {
                     id: seg.id,
                     shard: shard.index,

@@ -357,8 +357,15 @@ fn index_spec(kvs: &[mc::KeyValuePair]) -> Result<(t::IndexSpec, Option<t::Metri
     Ok((t::IndexSpec { kind: Some(kind), metric: metric.map_or(0, |m| m as i32) }, metric))
 }
 
-/// How Milvus describes tandem's index (`params` as Milvus lists them).
-fn index_description(s: &t::CollectionSchema, rows: u64) -> mm::IndexDescription {
+/// How Milvus describes tandem's index (`params` as Milvus lists them). Rows count as indexed
+/// in segments indexed with the current index, pending in sealed segments waiting for it;
+/// growing rows are neither (Milvus indexes sealed segments only, too).
+fn index_description(info: &t::CollectionInfo) -> mm::IndexDescription {
+    let s = info.schema.clone().unwrap_or_default();
+    let rows_in = |state: t::segment_info::State| -> u64 {
+        info.segments.iter().filter(|g| g.state == state as i32).map(|g| g.rows.saturating_sub(g.deleted)).sum()
+    };
+    let (indexed, pending) = (rows_in(t::segment_info::State::Indexed), rows_in(t::segment_info::State::Sealed));
     use t::index_spec::Kind;
     let kv = |k: &str, v: String| mc::KeyValuePair { key: k.into(), value: v };
     let mut params = vec![kv("metric_type", metric_name(s.metric).into())];
@@ -374,15 +381,17 @@ fn index_description(s: &t::CollectionSchema, rows: u64) -> mm::IndexDescription
             params.push(kv("efConstruction", x.ef_construction.to_string()));
         }
     }
-    let vector = convert::vector_name(s).to_string();
+    let vector = convert::vector_name(&s).to_string();
+    let state = if pending == 0 { mc::IndexState::Finished } else { mc::IndexState::InProgress };
     mm::IndexDescription {
         index_name: vector.clone(),
         index_id: 1,
         params,
         field_name: vector,
-        indexed_rows: rows as i64,
-        total_rows: rows as i64,
-        state: mc::IndexState::Finished as i32,
+        indexed_rows: indexed as i64,
+        total_rows: info.rows as i64,
+        pending_index_rows: pending as i64,
+        state: state as i32,
         ..Default::default()
     }
 }
@@ -618,9 +627,14 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         reply(
             async {
                 check_db(&r.db_name)?;
-                let info = self.describe(&md, &r.collection_name).await?;
-                let s = info.schema.clone().unwrap_or_default();
-                let d = index_description(&s, info.rows);
+                let known = self.describe(&md, &r.collection_name).await?;
+                // Segment states fresh (progress is what a client polls for); the schema as this
+                // endpoint knows it (an index changed through it wins over a lagging replica).
+                let fresh =
+                    self.inner.describe_collection(inner(&md, t::DescribeCollectionRequest { name: r.collection_name.clone() })).await?;
+                let mut info = fresh.into_inner().collection.unwrap_or_default();
+                info.schema = known.schema.clone();
+                let d = index_description(&info);
                 let asked = if r.index_name.is_empty() { &r.field_name } else { &r.index_name };
                 if !asked.is_empty() && *asked != d.index_name {
                     return Err(MilvusError::Status {

@@ -1,6 +1,7 @@
 //! `tandem bench ...`: benchmarks that print a human table and write JSON.
 pub mod failover;
 pub mod gateway;
+pub mod milvus;
 pub mod replication;
 pub mod search;
 
