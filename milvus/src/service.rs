@@ -109,6 +109,20 @@ impl<T: Tandem> MilvusApi<T> {
         self.schemas.lock().insert(name.to_string(), (Instant::now(), None));
     }
 
+    /// The checks every RPC naming a collection makes first: the database, the partitions, and
+    /// that the collection exists (as this endpoint knows it).
+    async fn known(
+        &self,
+        md: &tonic::metadata::MetadataMap,
+        db: &str,
+        name: &str,
+        partitions: &[String],
+    ) -> Result<Arc<t::CollectionInfo>, MilvusError> {
+        check_db(db)?;
+        check_partitions(partitions)?;
+        self.describe(md, name).await
+    }
+
     async fn schema(&self, md: &tonic::metadata::MetadataMap, name: &str) -> Result<t::CollectionSchema, MilvusError> {
         Ok(self.describe(md, name).await?.schema.clone().unwrap_or_default())
     }
@@ -500,27 +514,13 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
     async fn load_collection(&self, req: Request<mm::LoadCollectionRequest>) -> Reply<mc::Status> {
         let (md, _, r) = req.into_parts();
         // A tandem collection is always in memory and searchable: loading only checks it exists.
-        done(
-            async {
-                check_db(&r.db_name)?;
-                self.describe(&md, &r.collection_name).await?;
-                Ok(())
-            }
-            .await,
-        )
+        done(self.known(&md, &r.db_name, &r.collection_name, &[]).await.map(drop))
     }
 
     async fn release_collection(&self, req: Request<mm::ReleaseCollectionRequest>) -> Reply<mc::Status> {
         let (md, _, r) = req.into_parts();
         // Nothing to release: tandem keeps every collection in memory (docs/milvus.md).
-        done(
-            async {
-                check_db(&r.db_name)?;
-                self.describe(&md, &r.collection_name).await?;
-                Ok(())
-            }
-            .await,
-        )
+        done(self.known(&md, &r.db_name, &r.collection_name, &[]).await.map(drop))
     }
 
     async fn describe_collection(&self, req: Request<mm::DescribeCollectionRequest>) -> Reply<mm::DescribeCollectionResponse> {
@@ -923,28 +923,14 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
 
     async fn get_loading_progress(&self, req: Request<mm::GetLoadingProgressRequest>) -> Reply<mm::GetLoadingProgressResponse> {
         let (md, _, r) = req.into_parts();
-        reply(
-            async {
-                check_db(&r.db_name)?;
-                check_partitions(&r.partition_names)?;
-                self.describe(&md, &r.collection_name).await?;
-                Ok(mm::GetLoadingProgressResponse { status: None, progress: 100, refresh_progress: 100 })
-            }
-            .await,
-        )
+        let known = self.known(&md, &r.db_name, &r.collection_name, &r.partition_names).await;
+        reply(known.map(|_| mm::GetLoadingProgressResponse { status: None, progress: 100, refresh_progress: 100 }))
     }
 
     async fn get_load_state(&self, req: Request<mm::GetLoadStateRequest>) -> Reply<mm::GetLoadStateResponse> {
         let (md, _, r) = req.into_parts();
-        reply(
-            async {
-                check_db(&r.db_name)?;
-                check_partitions(&r.partition_names)?;
-                self.describe(&md, &r.collection_name).await?;
-                Ok(mm::GetLoadStateResponse { status: None, state: mc::LoadState::Loaded as i32 })
-            }
-            .await,
-        )
+        let known = self.known(&md, &r.db_name, &r.collection_name, &r.partition_names).await;
+        reply(known.map(|_| mm::GetLoadStateResponse { status: None, state: mc::LoadState::Loaded as i32 }))
     }
 }
 

@@ -199,14 +199,18 @@ class Endpoint:
         self.assertEqual(sorted(r["i16"] for r in got), [500, 600, 700])
         self.assertMilvusError(None, "auto_id", c.upsert, name, [self.typed_row(9)])
 
+    def plain_collection(self, dim, dynamic=False):
+        """An Int64 key "id" and a vector "vector" of `dim`, no index."""
+        s = self.c.create_schema(auto_id=False, enable_dynamic_field=dynamic)
+        s.add_field("id", DataType.INT64, is_primary=True)
+        s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        self.c.create_collection(collection_name=self.name, schema=s)
+
     # ---- indexes, load state, flush, statistics ----------------------------------------------
 
     def test_index_load_flush_and_statistics(self):
         c, name = self.c, self.name
-        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-        s.add_field("id", DataType.INT64, is_primary=True)
-        s.add_field("vector", DataType.FLOAT_VECTOR, dim=8)
-        c.create_collection(collection_name=name, schema=s)
+        self.plain_collection(8)
         idx = c.prepare_index_params()
         idx.add_index(field_name="vector", index_type="IVF_FLAT", metric_type="L2", params={"nlist": 4})
         c.create_index(name, idx)
@@ -273,10 +277,7 @@ class Endpoint:
 
     def test_metric_set_by_an_index_created_after_inserting(self):
         c, name = self.c, self.name
-        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-        s.add_field("id", DataType.INT64, is_primary=True)
-        s.add_field("vector", DataType.FLOAT_VECTOR, dim=2)
-        c.create_collection(collection_name=name, schema=s)
+        self.plain_collection(2)
         c.insert(name, [{"id": 1, "vector": [10.0, 0.0]}, {"id": 2, "vector": [0.9, 0.5]}])
         idx = c.prepare_index_params()
         idx.add_index(field_name="vector", index_type="HNSW", metric_type="COSINE", params={"M": 8, "efConstruction": 32})
