@@ -39,6 +39,9 @@ pub(crate) fn deadline<T>(req: &Request<T>, max_wait: Duration) -> Instant {
     Instant::now() + wait
 }
 
+/// How often a STRONG or SESSION read waiting on an alternative asks the leader's clock again.
+const ASK_LEADER_EVERY: Duration = Duration::from_secs(1);
+
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| ClusterError::Internal(format!("blocking task: {e}")))?
 }
@@ -145,6 +148,27 @@ impl ClusterService {
         Ok((vectors, rows))
     }
 
+    /// Asks the leader's clock, which makes its feeds tick at once. Best effort, for at most one
+    /// tick: the caller's wait bounds the read either way.
+    async fn poke_leader(&self) {
+        let tick = Duration::from_millis(self.cfg.replication.tick_ms);
+        let _ = tokio::time::timeout(tick, self.node.strong_ts()).await;
+    }
+
+    /// On an alternative: waits until every shard serves `guarantee`, asking the leader's clock
+    /// again every [`ASK_LEADER_EVERY`] while some shard lags. One ask can be lost for a shard:
+    /// the tick it causes may be published before that shard's broker subscription is live,
+    /// and the next natural tick is up to `replication.tick_ms` away (a minute by default).
+    async fn wait_asking_the_leader(&self, c: &Collection, guarantee: Ts, deadline: Instant) -> Result<Ts> {
+        loop {
+            let round = deadline.min(Instant::now() + ASK_LEADER_EVERY);
+            match c.wait_serviceable(&self.node.clock, guarantee, round).await {
+                Err(ClusterError::Lagging { .. }) if Instant::now() < deadline => self.poke_leader().await,
+                r => return r,
+            }
+        }
+    }
+
     /// Waits until the collection can serve the requested consistency and returns the snapshot
     /// to read at, and the token to hand back.
     async fn snapshot(&self, c: &Collection, read: Option<&pb::ReadOptions>, deadline: Instant) -> Result<(Ts, SessionToken)> {
@@ -171,16 +195,19 @@ impl ClusterService {
                     // On an alternative, the shards a write did not touch reach its ts only at
                     // the leader's next tick (`replication.tick_ms`), which would be most of
                     // the read's latency. Asking the leader's clock makes its feeds tick at
-                    // once, as a STRONG read does. Best effort, for at most one tick: the wait
-                    // below bounds the read either way.
-                    let tick = std::time::Duration::from_millis(self.cfg.replication.tick_ms);
-                    let _ = tokio::time::timeout(tick, self.node.strong_ts()).await;
+                    // once, as a STRONG read does.
+                    self.poke_leader().await;
                 }
                 ts
             }
             L::Eventually => 0,
         };
-        let snap = c.wait_serviceable(&self.node.clock, guarantee, deadline).await?;
+        let leader_ticks = !role.accepts_writes() && matches!(level, L::Strong | L::Session | L::Unspecified);
+        let snap = if leader_ticks {
+            self.wait_asking_the_leader(c, guarantee, deadline).await?
+        } else {
+            c.wait_serviceable(&self.node.clock, guarantee, deadline).await?
+        };
         let reply = self.node.token(c.newest_change_visible_at(snap));
         Ok((snap, token.map_or(reply, |t| reply.max(t))))
     }
