@@ -446,7 +446,7 @@ impl Schema {
         });
         if let Some(extra) = extra {
             let mut put = |k: &String, v: &serde_json::Value| {
-                fields.insert(k.clone(), json_to_value(v));
+                fields.insert(k.clone(), tandem_proto::json::value_from_json(v));
             };
             match &outputs.dynamic {
                 DynamicOutputs::None => {}
@@ -509,22 +509,6 @@ fn dynamic_value(name: &str, value: &pb::Value) -> Result<Option<serde_json::Val
         Some(Kind::StringValue(v)) => Some(v.clone().into()),
         Some(Kind::JsonValue(text)) => Some(parse_json(name, text)?),
     })
-}
-
-/// A JSON value as an API value: scalars as themselves, arrays and objects as JSON text.
-fn json_to_value(v: &serde_json::Value) -> pb::Value {
-    use pb::value::Kind;
-    use serde_json::Value as J;
-    let kind = match v {
-        J::Bool(b) => Kind::BoolValue(*b),
-        J::String(s) => Kind::StringValue(s.clone()),
-        J::Number(n) => match n.as_i64() {
-            Some(i) => Kind::Int64Value(i),
-            None => Kind::DoubleValue(n.as_f64().unwrap_or(f64::NAN)),
-        },
-        J::Null | J::Array(_) | J::Object(_) => Kind::JsonValue(v.to_string()),
-    };
-    pb::Value { kind: Some(kind) }
 }
 
 pub fn scalar_to_value(v: &Scalar) -> pb::Value {

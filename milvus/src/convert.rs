@@ -4,6 +4,7 @@
 use std::collections::{BTreeMap, HashMap};
 
 use serde_json::Value as Json;
+use tandem_proto::json::{value_from_json, value_to_json};
 use tandem_proto::session::SessionToken;
 use tandem_proto::v1 as t;
 use tandem_proto::v1::value::Kind;
@@ -221,31 +222,6 @@ fn parse_json(field: &str, bytes: &[u8]) -> Result<Json, MilvusError> {
     serde_json::from_slice(bytes).map_err(|e| MilvusError::invalid(format!("field {field:?} holds invalid JSON: {e}")))
 }
 
-/// A JSON value as a tandem value: scalars as themselves, anything else as JSON text.
-pub fn json_to_value(v: &Json) -> t::Value {
-    let kind = match v {
-        Json::Bool(b) => Kind::BoolValue(*b),
-        Json::String(s) => Kind::StringValue(s.clone()),
-        Json::Number(n) => match n.as_i64() {
-            Some(i) => Kind::Int64Value(i),
-            None => Kind::DoubleValue(n.as_f64().unwrap_or_default()),
-        },
-        Json::Null | Json::Array(_) | Json::Object(_) => Kind::JsonValue(v.to_string()),
-    };
-    t::Value { kind: Some(kind) }
-}
-
-fn value_to_json(v: &t::Value) -> Json {
-    match &v.kind {
-        None => Json::Null,
-        Some(Kind::Int64Value(i)) => (*i).into(),
-        Some(Kind::DoubleValue(d)) => serde_json::Number::from_f64(*d).map_or(Json::Null, Json::Number),
-        Some(Kind::BoolValue(b)) => (*b).into(),
-        Some(Kind::StringValue(s)) => s.clone().into(),
-        Some(Kind::JsonValue(s)) => serde_json::from_str(s).unwrap_or(Json::Null),
-    }
-}
-
 /// Milvus's column-wise insert as tandem rows. Every declared field must be present (as in
 /// Milvus), with one value per row; the key is absent exactly when the collection assigns ids.
 pub fn rows_from_fields(s: &t::CollectionSchema, columns: &[ms::FieldData], num_rows: u32) -> Result<Rows, MilvusError> {
@@ -315,7 +291,7 @@ pub fn rows_from_fields(s: &t::CollectionSchema, columns: &[ms::FieldData], num_
                     if k == pk || k == vec_name || declared.contains_key(k.as_str()) {
                         return Err(MilvusError::invalid(format!("row {i}'s dynamic field {k:?} has the name of a declared field")));
                     }
-                    rows.payloads[i].fields.insert(k, json_to_value(&v));
+                    rows.payloads[i].fields.insert(k, value_from_json(&v));
                 }
             }
         } else {

@@ -4,6 +4,7 @@
 //! Generated code only, plus the few conversions every user of the API needs.
 #![forbid(unsafe_code)]
 
+pub mod json;
 pub mod session;
 pub mod wire;
 

@@ -184,21 +184,8 @@ pub fn fmt_payload(p: Option<&pb::Payload>) -> String {
     fields.iter().map(|(k, v)| format!("{k}={}", fmt_value(v))).collect::<Vec<_>>().join(" ")
 }
 
-pub fn value_json(v: &pb::Value) -> serde_json::Value {
-    use pb::value::Kind;
-    match &v.kind {
-        None => serde_json::Value::Null,
-        Some(Kind::Int64Value(x)) => (*x).into(),
-        Some(Kind::DoubleValue(x)) => (*x).into(),
-        Some(Kind::BoolValue(x)) => (*x).into(),
-        Some(Kind::StringValue(x)) => x.clone().into(),
-        // Valid JSON by construction (the server parsed it); shown as text if not.
-        Some(Kind::JsonValue(x)) => serde_json::from_str(x).unwrap_or_else(|_| x.clone().into()),
-    }
-}
-
 pub fn payload_json(p: Option<&pb::Payload>) -> serde_json::Value {
-    let map = p.map(|p| p.fields.iter().map(|(k, v)| (k.clone(), value_json(v))).collect()).unwrap_or_default();
+    let map = p.map(|p| p.fields.iter().map(|(k, v)| (k.clone(), tandem_proto::json::value_to_json(v))).collect()).unwrap_or_default();
     serde_json::Value::Object(map)
 }
 
