@@ -47,7 +47,7 @@ impl<T: Tandem> MilvusApi<T> {
     }
 
     /// A tonic service ready to add to a server, sharing `inner` with tandem's own API. RPCs of
-    /// MilvusService that tandem does not serve answer UNIMPLEMENTED naming the RPC.
+    /// MilvusService that tandem does not serve answer a Milvus status naming the RPC.
     pub fn server(
         inner: Arc<T>,
         max_message_bytes: usize,
@@ -65,16 +65,24 @@ impl<T: Tandem> MilvusApi<T> {
         {
             return info.clone().ok_or_else(|| MilvusError::collection_not_found(name));
         }
-        let r = self.inner.describe_collection(inner(md, t::DescribeCollectionRequest { name: name.to_string() })).await;
-        let info = match r {
-            Ok(r) => Arc::new(r.into_inner().collection.unwrap_or_default()),
+        let info = match self.fresh(md, name).await {
+            Ok(info) => Arc::new(info),
             Err(e) => {
                 self.forget(name);
-                return Err(if e.code() == tonic::Code::NotFound { MilvusError::collection_not_found(name) } else { e.into() });
+                return Err(e);
             }
         };
         self.remember(name, info.clone());
         Ok(info)
+    }
+
+    /// The collection as a replica describes it now, past this endpoint's memory.
+    async fn fresh(&self, md: &tonic::metadata::MetadataMap, name: &str) -> Result<t::CollectionInfo, MilvusError> {
+        match self.inner.describe_collection(inner(md, t::DescribeCollectionRequest { name: name.to_string() })).await {
+            Ok(r) => Ok(r.into_inner().collection.unwrap_or_default()),
+            Err(e) if e.code() == tonic::Code::NotFound => Err(MilvusError::collection_not_found(name)),
+            Err(e) => Err(e.into()),
+        }
     }
 
     fn remember(&self, name: &str, info: Arc<t::CollectionInfo>) {
@@ -123,14 +131,8 @@ impl<T: Tandem> MilvusApi<T> {
         self.describe(md, name).await
     }
 
-    async fn schema(&self, md: &tonic::metadata::MetadataMap, name: &str) -> Result<t::CollectionSchema, MilvusError> {
-        Ok(self.describe(md, name).await?.schema.clone().unwrap_or_default())
-    }
-
     async fn write_rows(&self, md: &tonic::metadata::MetadataMap, w: RowsWrite) -> Result<mm::MutationResult, MilvusError> {
-        check_db(&w.db)?;
-        check_partition(&w.partition)?;
-        let schema = self.schema(md, &w.collection).await?;
+        let schema = schema_of(&*self.known(md, &w.db, &w.collection, std::slice::from_ref(&w.partition)).await?);
         let rows = convert::rows_from_fields(&schema, &w.columns, w.num_rows)?;
         let n = rows.vectors.len() / (schema.dim as usize).max(1);
         let r = if w.upsert {
@@ -159,7 +161,7 @@ impl<T: Tandem> MilvusApi<T> {
         let count = r.count as i64;
         Ok(mm::MutationResult {
             status: Some(status::ok()),
-            i_ds: Some(ms::IDs { id_field: Some(ms::i_ds::IdField::IntId(ms::LongArray { data: r.ids })) }),
+            i_ds: Some(int_ids(r.ids)),
             succ_index: (0..n as u32).collect(),
             insert_cnt: if w.upsert { 0 } else { count },
             upsert_cnt: if w.upsert { count } else { 0 },
@@ -176,6 +178,15 @@ struct RowsWrite {
     columns: Vec<ms::FieldData>,
     num_rows: u32,
     upsert: bool,
+}
+
+fn schema_of(info: &t::CollectionInfo) -> t::CollectionSchema {
+    info.schema.clone().unwrap_or_default()
+}
+
+/// Primary keys as Milvus lists them.
+fn int_ids(data: Vec<i64>) -> ms::IDs {
+    ms::IDs { id_field: Some(ms::i_ds::IdField::IntId(ms::LongArray { data })) }
 }
 
 /// An inner request carrying the caller's metadata (grpc-timeout, traceparent, ...).
@@ -277,37 +288,48 @@ struct SearchParams {
     nprobe: u32,
 }
 
-fn number(key: &str, v: &serde_json::Value) -> Result<i64, MilvusError> {
+/// Milvus's key/value parameters as one JSON map: each value read as JSON where it parses (a
+/// string otherwise), and the object under "params" merged in. A "params" that is no object
+/// stays a string under that key.
+fn param_map(kvs: &[mc::KeyValuePair]) -> serde_json::Map<String, serde_json::Value> {
+    let mut all = serde_json::Map::new();
+    for kv in kvs {
+        match serde_json::from_str(&kv.value) {
+            Ok(serde_json::Value::Object(m)) if kv.key == "params" => all.extend(m),
+            Ok(v) if kv.key != "params" => drop(all.insert(kv.key.clone(), v)),
+            _ => drop(all.insert(kv.key.clone(), serde_json::Value::String(kv.value.clone()))),
+        }
+    }
+    all
+}
+
+/// `what` ("search", "index") parameter `key` as an integer.
+fn number(what: &str, key: &str, v: &serde_json::Value) -> Result<i64, MilvusError> {
     v.as_i64()
         .or_else(|| v.as_str().and_then(|s| s.trim().parse().ok()))
-        .ok_or_else(|| MilvusError::invalid(format!("search parameter {key} is {v}, not an integer")))
+        .ok_or_else(|| MilvusError::invalid(format!("{what} parameter {key} is {v}, not an integer")))
+}
+
+/// [`number`], within u32.
+fn count(what: &str, key: &str, v: &serde_json::Value) -> Result<u32, MilvusError> {
+    u32::try_from(number(what, key, v)?).map_err(|_| MilvusError::invalid(format!("{what} parameter {key} is {v}, out of range")))
 }
 
 fn search_params(kvs: &[mc::KeyValuePair]) -> Result<SearchParams, MilvusError> {
-    let mut all = serde_json::Map::new();
-    for kv in kvs {
-        if kv.key == "params" {
-            match serde_json::from_str::<serde_json::Value>(&kv.value) {
-                Ok(serde_json::Value::Object(m)) => all.extend(m),
-                _ => return Err(MilvusError::invalid(format!("search parameter params is {:?}, not a JSON object", kv.value))),
-            }
-        } else {
-            let v = serde_json::from_str(&kv.value).unwrap_or_else(|_| serde_json::Value::String(kv.value.clone()));
-            all.insert(kv.key.clone(), v);
-        }
+    let all = param_map(kvs);
+    if let Some(v) = all.get("params") {
+        return Err(MilvusError::invalid(format!("search parameter params is {v}, not a JSON object")));
     }
     let mut p = SearchParams { limit: 0, offset: 0, round_decimal: -1, metric: None, anns_field: None, ef: 0, nprobe: 0 };
     for (k, v) in &all {
         match k.as_str() {
-            "topk" | "limit" => {
-                p.limit = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("limit {v} is out of range")))?
-            }
-            "offset" => p.offset = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("offset {v} is out of range")))?,
-            "round_decimal" => p.round_decimal = number(k, v)? as i32,
+            "topk" | "limit" => p.limit = count("search", k, v)?,
+            "offset" => p.offset = count("search", k, v)?,
+            "round_decimal" => p.round_decimal = number("search", k, v)? as i32,
             "metric_type" => p.metric = v.as_str().map(str::to_ascii_uppercase),
             "anns_field" => p.anns_field = v.as_str().map(str::to_string),
-            "ef" => p.ef = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("ef {v} is out of range")))?,
-            "nprobe" => p.nprobe = u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("nprobe {v} is out of range")))?,
+            "ef" => p.ef = count("search", k, v)?,
+            "nprobe" => p.nprobe = count("search", k, v)?,
             "radius" | "range_filter" => return Err(MilvusError::unsupported("range search (radius, range_filter)")),
             "group_by_field" | "group_size" | "iterator" | "search_iter_v2" | "order_by_fields" => {
                 return Err(MilvusError::unsupported(format!("search parameter {k}")));
@@ -341,23 +363,9 @@ fn metric_from_name(name: &str) -> Result<t::Metric, MilvusError> {
 
 /// The index a Milvus CreateIndex asks for, and its metric.
 fn index_spec(kvs: &[mc::KeyValuePair]) -> Result<(t::IndexSpec, Option<t::Metric>), MilvusError> {
-    let mut all = serde_json::Map::new();
-    for kv in kvs {
-        if kv.key == "params"
-            && let Ok(serde_json::Value::Object(m)) = serde_json::from_str(&kv.value)
-        {
-            all.extend(m);
-            continue;
-        }
-        all.insert(kv.key.clone(), serde_json::from_str(&kv.value).unwrap_or_else(|_| serde_json::Value::String(kv.value.clone())));
-    }
+    let all = param_map(kvs);
     let get = |k: &str| all.get(k);
-    let int = |k: &str, default: u32| -> Result<u32, MilvusError> {
-        match get(k) {
-            None => Ok(default),
-            Some(v) => u32::try_from(number(k, v)?).map_err(|_| MilvusError::invalid(format!("index parameter {k} is {v}, out of range"))),
-        }
-    };
+    let int = |k: &str, default: u32| get(k).map_or(Ok(default), |v| count("index", k, v));
     let kind_name = get("index_type").and_then(|v| v.as_str()).unwrap_or("AUTOINDEX").to_ascii_uppercase();
     use t::index_spec::Kind;
     let kind = match kind_name.as_str() {
@@ -498,8 +506,7 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         let (md, _, r) = req.into_parts();
         reply(
             async {
-                check_db(&r.db_name)?;
-                match self.describe(&md, &r.collection_name).await {
+                match self.known(&md, &r.db_name, &r.collection_name, &[]).await {
                     Ok(_) => Ok(mm::BoolResponse { status: None, value: true }),
                     Err(MilvusError::Status { code: MilvusCode::CollectionNotFound, .. }) => {
                         Ok(mm::BoolResponse { status: None, value: false })
@@ -527,9 +534,8 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         let (md, _, r) = req.into_parts();
         reply(
             async {
-                check_db(&r.db_name)?;
-                let info = self.describe(&md, &r.collection_name).await?;
-                let s = info.schema.clone().unwrap_or_default();
+                let info = self.known(&md, &r.db_name, &r.collection_name, &[]).await?;
+                let s = schema_of(&info);
                 Ok(mm::DescribeCollectionResponse {
                     schema: Some(convert::schema_to_milvus(&s)),
                     collection_id: info.collection_id as i64,
@@ -557,9 +563,9 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         let (md, _, r) = req.into_parts();
         reply(
             async {
-                check_db(&r.db_name)?;
-                self.forget(&r.collection_name);
-                let info = self.describe(&md, &r.collection_name).await?;
+                // Row counts fresh; a collection dropped through this endpoint stays dropped.
+                self.known(&md, &r.db_name, &r.collection_name, &[]).await?;
+                let info = self.fresh(&md, &r.collection_name).await?;
                 Ok(mm::GetCollectionStatisticsResponse {
                     status: None,
                     stats: vec![mc::KeyValuePair { key: "row_count".into(), value: info.rows.to_string() }],
@@ -597,8 +603,7 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         let (md, _, r) = req.into_parts();
         done(
             async {
-                check_db(&r.db_name)?;
-                let s = self.schema(&md, &r.collection_name).await?;
+                let s = schema_of(&*self.known(&md, &r.db_name, &r.collection_name, &[]).await?);
                 if r.field_name != convert::vector_name(&s) {
                     if s.fields.iter().any(|f| f.name == r.field_name) {
                         // Scalar indexes speed filters up in Milvus; tandem filters without one,
@@ -626,13 +631,10 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         let (md, _, r) = req.into_parts();
         reply(
             async {
-                check_db(&r.db_name)?;
-                let known = self.describe(&md, &r.collection_name).await?;
+                let known = self.known(&md, &r.db_name, &r.collection_name, &[]).await?;
                 // Segment states fresh (progress is what a client polls for); the schema as this
                 // endpoint knows it (an index changed through it wins over a lagging replica).
-                let fresh =
-                    self.inner.describe_collection(inner(&md, t::DescribeCollectionRequest { name: r.collection_name.clone() })).await?;
-                let mut info = fresh.into_inner().collection.unwrap_or_default();
+                let mut info = self.fresh(&md, &r.collection_name).await?;
                 info.schema = known.schema.clone();
                 let d = index_description(&info);
                 let asked = if r.index_name.is_empty() { &r.field_name } else { &r.index_name };
@@ -716,9 +718,7 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         let (md, _, r) = req.into_parts();
         reply(
             async {
-                check_db(&r.db_name)?;
-                check_partitions(&r.partition_names)?;
-                let s = self.schema(&md, &r.collection_name).await?;
+                let s = schema_of(&*self.known(&md, &r.db_name, &r.collection_name, &r.partition_names).await?);
                 let p = search_params(&r.search_params)?;
                 if let Some(f) = p.anns_field.as_deref().filter(|f| !f.is_empty() && *f != convert::vector_name(&s)) {
                     return Err(MilvusError::invalid(format!(
@@ -749,7 +749,7 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                     filter: r.dsl.clone(),
                     output_fields: plan.tandem_fields(),
                     params: Some(t::SearchParams { nprobe: p.nprobe, ef_search: p.ef }),
-                    read: Some(read.clone()),
+                    read: Some(read),
                 };
                 let found = self.inner.search(inner(&md, req)).await?.into_inner();
                 let mut token = found.session_token.clone();
@@ -792,9 +792,7 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                     top_k: i64::from(p.limit),
                     fields_data: convert::fields_from_entities(&s, &plan, &entities, false),
                     scores: hits.iter().map(|h| round(h.distance, p.round_decimal)).collect(),
-                    ids: Some(ms::IDs {
-                        id_field: Some(ms::i_ds::IdField::IntId(ms::LongArray { data: hits.iter().map(|h| h.id).collect() })),
-                    }),
+                    ids: Some(int_ids(hits.iter().map(|h| h.id).collect())),
                     topks,
                     output_fields: plan.names.clone(),
                     distances: Vec::new(),
@@ -815,9 +813,7 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         let (md, _, r) = req.into_parts();
         reply(
             async {
-                check_db(&r.db_name)?;
-                check_partitions(&r.partition_names)?;
-                let s = self.schema(&md, &r.collection_name).await?;
+                let s = schema_of(&*self.known(&md, &r.db_name, &r.collection_name, &r.partition_names).await?);
                 let read = convert::read_options(r.consistency_level, r.guarantee_timestamp, r.use_default_consistency);
                 let param = |k: &str| r.query_params.iter().find(|kv| kv.key == k).map(|kv| kv.value.trim().to_string());
                 let parse = |k: &str| -> Result<Option<u32>, MilvusError> {
