@@ -39,11 +39,20 @@ const BRUTE_FORCE_ROWS: usize = 2048;
 pub struct Rows {
     pub ids: Vec<i64>,
     pub insert_ts: Vec<Ts>,
+    /// As inserted, whatever the metric (see [`distance`]).
     pub vectors: Vec<f32>,
+    /// |vector| per row, computed once on the way in: COSINE's exact search divides by it.
+    pub norms: Vec<f32>,
     pub payloads: Vec<Row>,
 }
 
 impl Rows {
+    /// Rows from stored columns (`vectors` rows of `dim`), their norms computed.
+    pub fn new(ids: Vec<i64>, insert_ts: Vec<Ts>, vectors: Vec<f32>, payloads: Vec<Row>, dim: usize) -> Rows {
+        let norms = vectors.chunks_exact(dim.max(1)).map(norm).collect();
+        Rows { ids, insert_ts, vectors, norms, payloads }
+    }
+
     pub fn len(&self) -> usize {
         self.ids.len()
     }
@@ -57,7 +66,7 @@ impl Rows {
     }
 
     pub fn memory_bytes(&self) -> usize {
-        self.ids.len() * 16 + self.vectors.len() * 4 + self.payloads.iter().map(|r| r.len() * 24).sum::<usize>()
+        self.ids.len() * 20 + self.vectors.len() * 4 + self.payloads.iter().map(|r| r.len() * 24).sum::<usize>()
     }
 }
 
@@ -114,23 +123,36 @@ pub fn merge_topk(metric: Metric, k: usize, nq: usize, parts: Vec<TopK>) -> TopK
 /// already and the stored vector is as inserted (rows keep vectors as inserted, so a
 /// collection's metric can change under them): dividing by |b| gives cosine similarity.
 pub fn distance(metric: Metric, a: &[f32], b: &[f32]) -> f32 {
+    distance_to(metric, a, b, if metric == Metric::Cosine { norm(b) } else { 0.0 })
+}
+
+/// [`distance`] to a stored row whose length is known (`Rows::norms`), as exact search has it.
+fn distance_to(metric: Metric, a: &[f32], b: &[f32], b_norm: f32) -> f32 {
     match metric {
         Metric::L2 => l2_sq(a, b),
         Metric::Ip => dot(a, b),
         Metric::Cosine => {
-            let norm = dot(b, b).sqrt();
-            if norm > 0.0 { dot(a, b) / norm } else { 0.0 }
+            if b_norm > 0.0 {
+                dot(a, b) / b_norm
+            } else {
+                0.0
+            }
         }
     }
+}
+
+/// A vector's euclidean length.
+pub fn norm(v: &[f32]) -> f32 {
+    dot(v, v).sqrt()
 }
 
 /// `vectors` (rows of `dim`) scaled to unit length; zero vectors stay zero.
 pub fn normalised(vectors: &[f32], dim: usize) -> Vec<f32> {
     let mut out = vectors.to_vec();
     for v in out.chunks_exact_mut(dim.max(1)) {
-        let norm = dot(v, v).sqrt();
-        if norm > 0.0 {
-            v.iter_mut().for_each(|x| *x /= norm);
+        let n = norm(v);
+        if n > 0.0 {
+            v.iter_mut().for_each(|x| *x /= n);
         }
     }
     out
@@ -178,7 +200,7 @@ pub fn brute_force(plan: &SearchPlan<'_>, rows: &Rows, candidates: &[usize]) -> 
         let query = plan.query(q);
         let mut heap: std::collections::BinaryHeap<Ranked> = std::collections::BinaryHeap::with_capacity(plan.k + 1);
         for &off in candidates {
-            let d = distance(plan.metric, query, rows.vector(plan.dim, off));
+            let d = distance_to(plan.metric, query, rows.vector(plan.dim, off), rows.norms[off]);
             let r = Ranked { key: badness(plan.metric, d), id: rows.ids[off], d };
             if heap.len() < plan.k {
                 heap.push(r);
@@ -240,6 +262,7 @@ impl Growing {
         self.rows.ids.push(id);
         self.rows.insert_ts.push(ts);
         self.rows.vectors.extend_from_slice(vector);
+        self.rows.norms.push(norm(vector));
         self.rows.payloads.push(row);
         self.delete_ts.push(LIVE);
         (self.rows.len() - 1) as u32
@@ -459,5 +482,13 @@ mod tests {
         let ip: f32 = a.iter().zip(&b).map(|(x, y)| x * y).sum();
         assert!((distance(Metric::L2, &a, &b) - l2).abs() < 1e-3);
         assert!((distance(Metric::Ip, &a, &b) - ip).abs() < 1e-3);
+        // COSINE: the query normalised, the stored vector as it is; exact search divides by
+        // the norm the row was stored with.
+        let unit: Vec<f32> = a.iter().map(|x| x / norm(&a)).collect();
+        let cos = ip / (norm(&a) * norm(&b));
+        assert!((distance(Metric::Cosine, &unit, &b) - cos).abs() < 1e-5);
+        let rows = Rows::new(vec![1], vec![1], b.clone(), vec![vec![]], b.len());
+        assert_eq!(rows.norms, [norm(&b)]);
+        assert_eq!(distance_to(Metric::Cosine, &unit, rows.vector(b.len(), 0), rows.norms[0]), distance(Metric::Cosine, &unit, &b));
     }
 }

@@ -945,12 +945,8 @@ fn load_segment(dir: &Path, schema: &Schema, r: &st::SegmentRef) -> Result<Arc<S
     } else {
         d.payloads.iter().map(|p| schema.row_from_payload(Some(p))).collect::<Result<_>>()?
     };
-    let g = Growing {
-        id: d.id,
-        first_lsn: 0,
-        rows: Rows { ids: d.ids, insert_ts: d.insert_ts, vectors: d.vectors, payloads },
-        delete_ts: vec![LIVE; n],
-    };
+    let g =
+        Growing { id: d.id, first_lsn: 0, rows: Rows::new(d.ids, d.insert_ts, d.vectors, payloads, schema.dim), delete_ts: vec![LIVE; n] };
     let seg = Arc::new(Sealed::from_growing(g));
     for t in &r.tombstones {
         if (t.offset as usize) < n {
