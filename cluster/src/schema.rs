@@ -221,19 +221,12 @@ impl Schema {
                     if f.name == options.primary_field { "primary key" } else { "vector" }
                 )));
             }
-            use pb::ScalarType as T;
-            let ty = match T::try_from(f.r#type) {
-                Ok(T::Int64 | T::Int32 | T::Int16 | T::Int8) => ScalarType::Int64,
-                Ok(T::Double | T::Float) => ScalarType::Float64,
-                Ok(T::Bool) => ScalarType::Bool,
-                Ok(T::String) => ScalarType::String,
-                Ok(T::Json) => ScalarType::Json,
-                Ok(T::Unspecified) | Err(_) => {
-                    return Err(ClusterError::invalid(format!(
-                        "field {:?} has no valid type (got {}): use INT64, INT32, INT16, INT8, DOUBLE, FLOAT, BOOL, STRING or JSON",
-                        f.name, f.r#type
-                    )));
-                }
+            let types = pb::ScalarType::try_from(f.r#type).ok().and_then(|api| Some((api, stored_type(api)?)));
+            let Some((api, ty)) = types else {
+                return Err(ClusterError::invalid(format!(
+                    "field {:?} has no valid type (got {}): use INT64, INT32, INT16, INT8, DOUBLE, FLOAT, BOOL, STRING or JSON",
+                    f.name, f.r#type
+                )));
             };
             if f.max_length as usize > MAX_STRING_BYTES {
                 return Err(ClusterError::invalid(format!(
@@ -242,8 +235,7 @@ impl Schema {
                 )));
             }
             fields.push(FieldDef { name: f.name.clone(), ty });
-            let ty = T::try_from(f.r#type).expect("checked above");
-            declared.push(DeclaredField { ty, max_length: f.max_length, description: f.description.clone() });
+            declared.push(DeclaredField { ty: api, max_length: f.max_length, description: f.description.clone() });
         }
         let mut schema = Schema::new(
             p.name.clone(),
@@ -321,7 +313,8 @@ impl Schema {
         let Some(p) = p else { return Ok(row) };
         let mut extra = serde_json::Map::new();
         for (name, value) in &p.fields {
-            let Some(&i) = self.field_pos.get(name).filter(|_| name != DYNAMIC_FIELD) else {
+            // `field_pos` holds the declared fields only (their names cannot be `$meta`).
+            let Some(&i) = self.field_pos.get(name) else {
                 if self.options.dynamic_fields && name != DYNAMIC_FIELD {
                     if let Some(v) = dynamic_value(name, value)? {
                         extra.insert(name.clone(), v);
@@ -411,9 +404,9 @@ impl Schema {
         let mut keys = Vec::new();
         for n in names {
             match self.field_pos.get(n) {
-                Some(&i) if i < declared => out.slots.push(i),
+                Some(&i) => out.slots.push(i),
                 // `$meta` by name: the whole dynamic part, as Milvus clients ask for it.
-                Some(_) => out.dynamic = DynamicOutputs::All,
+                None if self.options.dynamic_fields && n == DYNAMIC_FIELD => out.dynamic = DynamicOutputs::All,
                 None if self.options.dynamic_fields => keys.push(n.clone()),
                 None => {
                     return Err(ClusterError::invalid(format!(
@@ -464,6 +457,19 @@ impl Schema {
     fn declared(&self) -> String {
         let names: Vec<&str> = self.fields.iter().map(|f| f.name.as_str()).filter(|n| *n != DYNAMIC_FIELD).collect();
         if names.is_empty() { "no payload fields".to_string() } else { names.join(", ") }
+    }
+}
+
+/// What an API type is stored as (`None`: UNSPECIFIED, no type).
+fn stored_type(t: pb::ScalarType) -> Option<ScalarType> {
+    use pb::ScalarType as T;
+    match t {
+        T::Int64 | T::Int32 | T::Int16 | T::Int8 => Some(ScalarType::Int64),
+        T::Double | T::Float => Some(ScalarType::Float64),
+        T::Bool => Some(ScalarType::Bool),
+        T::String => Some(ScalarType::String),
+        T::Json => Some(ScalarType::Json),
+        T::Unspecified => None,
     }
 }
 
@@ -625,6 +631,10 @@ mod tests {
         assert_eq!(back.fields["colour"], v(Kind::StringValue("red".into())));
         let all = s.payload_of(&row, &s.output_fields(&["*".into()]).unwrap()).unwrap();
         assert_eq!(all.fields["tags"], v(Kind::JsonValue(r#"["x"]"#.into())));
+        let meta = s.payload_of(&row, &s.output_fields(&[DYNAMIC_FIELD.into()]).unwrap()).unwrap();
+        let mut keys: Vec<&str> = meta.fields.keys().map(String::as_str).collect();
+        keys.sort_unstable();
+        assert_eq!(keys, ["colour", "tags"], "`$meta` by name is every dynamic field");
 
         let bad = |name: &str, k: Kind, needle: &str| {
             let mut p = pb::Payload::default();
