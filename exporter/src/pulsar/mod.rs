@@ -693,10 +693,10 @@ impl Inner {
         let mut r = self.open_reader(topic, after, 4).await?;
         let mut asm = Assembler::default();
         loop {
-            let (id, body) = match tokio::time::timeout(self.cfg.timeout(), r.next()).await {
-                Err(_) => return Err(unavailable(format!("timed out reading {topic} after {after}"))),
-                Ok(Delivery::Closed(why)) => return Err(unavailable(format!("reading {topic} after {after}: {why}"))),
-                Ok(Delivery::Message { id, body }) => (Id::of(&id), body),
+            let (id, body) = match r.probe(self.cfg.timeout()).await {
+                None => return Err(unavailable(format!("timed out reading {topic} after {after}"))),
+                Some(Delivery::Closed(why)) => return Err(unavailable(format!("reading {topic} after {after}: {why}"))),
+                Some(Delivery::Message { id, body }) => (Id::of(&id), body),
             };
             if id > end {
                 return Ok(None);
@@ -715,15 +715,15 @@ impl Inner {
     /// What the entry `id` is: `Some(true)` when a message starts there (a whole message or a
     /// first chunk), `Some(false)` for a later chunk, `None` when it does not exist.
     async fn starts_message(&self, stream: &StreamId, topic: &str, id: Id) -> Result<Option<bool>> {
-        let mut r = self.open_reader(topic, Id { ledger: id.ledger, entry: id.entry - 1 }, 1).await?;
-        match tokio::time::timeout(self.cfg.timeout(), r.next()).await {
-            Err(_) => Err(unavailable(format!("timed out reading {topic} at {id}"))),
-            Ok(Delivery::Closed(why)) => Err(unavailable(format!("reading {topic} at {id}: {why}"))),
-            Ok(Delivery::Message { id: got, body }) if Id::of(&got) == id => match decode_piece(stream, id, body) {
+        let mut r = self.open_reader(topic, Id { ledger: id.ledger, entry: id.entry - 1 }, PROBE_PERMITS).await?;
+        match r.probe(self.cfg.timeout()).await {
+            None => Err(unavailable(format!("timed out reading {topic} at {id}"))),
+            Some(Delivery::Closed(why)) => Err(unavailable(format!("reading {topic} at {id}: {why}"))),
+            Some(Delivery::Message { id: got, body }) if Id::of(&got) == id => match decode_piece(stream, id, body) {
                 Piece::Chunk(c) => Ok(Some(c.chunk_id == 0)),
                 Piece::Whole(_) => Ok(Some(true)),
             },
-            Ok(Delivery::Message { .. }) => Ok(None),
+            Some(Delivery::Message { .. }) => Ok(None),
         }
     }
 
@@ -817,9 +817,9 @@ impl Inner {
 
     /// The last well-formed event of a batch entry, when `id` is a batch.
     async fn last_in_entry(&self, stream: &StreamId, topic: &str, id: Id) -> Result<Option<u64>> {
-        let mut r = self.open_reader(topic, Id { ledger: id.ledger, entry: id.entry - 1 }, 1).await?;
-        match tokio::time::timeout(self.cfg.timeout(), r.next()).await {
-            Ok(Delivery::Message { id: got, body }) if Id::of(&got) == id => match decode_piece(stream, id, body) {
+        let mut r = self.open_reader(topic, Id { ledger: id.ledger, entry: id.entry - 1 }, PROBE_PERMITS).await?;
+        match r.probe(self.cfg.timeout()).await {
+            Some(Delivery::Message { id: got, body }) if Id::of(&got) == id => match decode_piece(stream, id, body) {
                 Piece::Whole(e) => Ok(e.events.iter().rev().find_map(|r| r.as_ref().ok()).map(|ev| ev.lsn)),
                 Piece::Chunk(_) => Ok(None),
             },
@@ -953,6 +953,14 @@ impl Inner {
     }
 }
 
+/// Permits of a reader that wants the one entry after its start: two, because pulsar-lite
+/// delivers the start entry itself first (dropped by [`Reader::next`]), so with one permit the
+/// wanted entry would wait on a second FLOW.
+const PROBE_PERMITS: u32 = 2;
+
+/// How long a probe waits in silence before it sends the broker another permit.
+const PROBE_NUDGE: Duration = Duration::from_millis(500);
+
 /// A non-durable subscription (Pulsar's reader); closed on drop.
 struct Reader {
     conn: Arc<Conn>,
@@ -1002,6 +1010,32 @@ impl Reader {
             }
         }
         d
+    }
+}
+
+impl Reader {
+    /// The next delivery of a short-lived reader of entries known to exist, `None` after
+    /// `within` of silence. Every [`PROBE_NUDGE`] of silence sends one more permit: CI once saw
+    /// a probe wait out its whole timeout (10 s) for an entry the topic held, under load, and a
+    /// FLOW is what makes pulsar-lite 0.2 dispatch again; a permit too many costs a reader that
+    /// is dropped after a few entries nothing. (A live subscription needs no nudge: every
+    /// publish on its topic starts a dispatch.)
+    async fn probe(&mut self, within: Duration) -> Option<Delivery> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let wait = PROBE_NUDGE.min(deadline.saturating_duration_since(tokio::time::Instant::now()));
+            // Cancel-safe: `next` changes state only after a delivery arrived.
+            match tokio::time::timeout(wait, self.next()).await {
+                Ok(d) => return Some(d),
+                Err(_) if tokio::time::Instant::now() >= deadline => return None,
+                Err(_) => {
+                    debug!(consumer = self.id, after = %self.after, "pulsar probe silent: one more permit");
+                    if let Err(e) = self.flow(1) {
+                        return Some(Delivery::Closed(e.to_string()));
+                    }
+                }
+            }
+        }
     }
 }
 
