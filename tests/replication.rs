@@ -147,8 +147,9 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
     let f = sb.follower("alt").await;
     if matches!(sb.backend(), Backend::Direct) {
         // The leader's WAL no longer starts at 1: both shards had to come from a snapshot. (A
-        // Kafka topic still holds the whole log here, and these shards are small enough for a
-        // new alternative to replay it; `replication_metrics` covers a Kafka snapshot.)
+        // broker's topic still holds the whole log here, and a new alternative replays it or
+        // starts from a snapshot depending on its length, racing the writer;
+        // `a_long_topic_is_skipped_by_a_snapshot` and `replication_metrics` cover that choice.)
         assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards bootstrapped from a snapshot");
     }
 }
@@ -170,6 +171,32 @@ async fn alternative_restart_resumes(backend: Backend) {
     converge(&mut l, &mut a).await;
     let f = sb.follower("alt").await;
     assert_eq!(f.bootstraps.load(Ordering::Relaxed), 0, "resumed from its checkpoint, no snapshot needed");
+}
+
+/// A new alternative on a broker starts a shard from the leader's snapshot when the topic is
+/// long, even with few rows (an old leader rejoining after failovers is one: a few hundred rows
+/// updated for hours), and replays a short topic.
+async fn a_long_topic_is_skipped_by_a_snapshot(backend: Backend) {
+    let mut sb = Sandbox::builder().leading("lead").transport(backend).build().await;
+    let mut l = sb.client("lead").await;
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    let tiny = schema("tiny", DIM as u32, pb::Metric::L2, hnsw(8, 40), 2, vec![]);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(tiny) }).await.unwrap();
+    // 20 rows, updated until each shard's stream is 120 positions long (over the 100 where a
+    // snapshot is cheaper); "tiny" is one position per shard.
+    for round in 0..120u64 {
+        let ids: Vec<i64> = (0..20).collect();
+        let vectors = vectors(ids.len(), DIM, round * 20 + 1);
+        l.upsert(pb::UpsertRequest { ack: 0, collection: C.into(), ids, vectors, payloads: vec![] }).await.unwrap();
+    }
+    let ids: Vec<i64> = (0..10).collect();
+    l.insert(pb::InsertRequest { ack: 0, collection: "tiny".into(), ids, vectors: vectors(10, DIM, 7), payloads: vec![] }).await.unwrap();
+    sb.add_alternative("alt", "lead").await;
+    let mut a = sb.client("alt").await;
+    converge(&mut l, &mut a).await;
+    sandbox::converge(&mut l, &mut a, "tiny", CONVERGE).await;
+    let f = sb.follower("alt").await;
+    assert_eq!(f.bootstraps.load(Ordering::Relaxed), 2, "the two shards of the long topic came from a snapshot, tiny's were replayed");
 }
 
 async fn consistent_reads_on_alternative(backend: Backend) {
@@ -712,7 +739,8 @@ mod kafka {
         large_write_replicates,
         strong_read_on_idle_alternative,
         session_read_on_alternative_does_not_wait_for_a_tick,
-        replication_metrics
+        replication_metrics,
+        a_long_topic_is_skipped_by_a_snapshot
     );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -762,7 +790,8 @@ mod pulsar {
         large_write_replicates,
         strong_read_on_idle_alternative,
         session_read_on_alternative_does_not_wait_for_a_tick,
-        replication_metrics
+        replication_metrics,
+        a_long_topic_is_skipped_by_a_snapshot
     );
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

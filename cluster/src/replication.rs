@@ -178,7 +178,7 @@ impl rp::replication_server::Replication for ReplicationService {
         self.start_reporter();
         let schema = c.schema();
         let total_rows = shard.stats().live_rows;
-        let term = shard.term();
+        let position = shard.term().to_stream(lsn);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         tokio::task::spawn_blocking(move || {
             let with_payloads = !schema.fields.is_empty();
@@ -189,7 +189,7 @@ impl rp::replication_server::Replication for ReplicationService {
                     rows: Some(st::RowBatch { ids, vectors, payloads, insert_ts: Vec::new() }),
                     insert_ts,
                     done: false,
-                    lsn: 0,
+                    lsn: position,
                     total_rows,
                 };
                 let _ = tx.blocking_send(Ok(chunk));
@@ -199,7 +199,7 @@ impl rp::replication_server::Replication for ReplicationService {
                 rows: None,
                 insert_ts: Vec::new(),
                 done: true,
-                lsn: term.to_stream(lsn),
+                lsn: position,
                 total_rows,
             }));
         });

@@ -102,8 +102,33 @@ impl LeaderClock for DirectClock {
 const BACKOFF: Duration = Duration::from_millis(200);
 
 /// A broker subscriber that has applied nothing starts from the leader's snapshot when the
-/// leader's shard holds at least this many rows; below, replaying the broker's log is as quick.
+/// leader's shard holds at least this many rows, or when the stream to replay is at least
+/// [`SNAPSHOT_FIRST_MIN_POSITIONS`] long; below both, replaying the broker's log is as quick.
 const SNAPSHOT_FIRST_MIN_ROWS: u64 = 20_000;
+
+/// The replay's length counts apart from the rows: a topic holds every change ever made (and a
+/// tick every few ms between them), so a shard of a few hundred rows updated for hours has a
+/// topic of many thousand events, which an old leader rejoining after a failover replayed at
+/// ~1 500 events/s with tansu (its rejoin time grew round after round), while the snapshot of
+/// those rows takes milliseconds.
+const SNAPSHOT_FIRST_MIN_POSITIONS: u64 = 100;
+
+/// Whether loading a snapshot of `rows` rows at stream position `position` is cheaper than
+/// replaying the stream from its start (`position` 0: not known, an older leader).
+fn snapshot_is_cheaper(rows: u64, position: u64) -> bool {
+    rows >= SNAPSHOT_FIRST_MIN_ROWS || position >= SNAPSHOT_FIRST_MIN_POSITIONS
+}
+
+/// Why a shard loads the leader's snapshot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Bootstrap {
+    /// The stream cannot bring the shard up to date: its position is gone from the log, or an
+    /// earlier bootstrap was interrupted.
+    Needed,
+    /// The shard has applied nothing and the broker holds the whole stream: loaded only when
+    /// [`snapshot_is_cheaper`], declined (changing nothing) otherwise.
+    IfCheaper,
+}
 
 /// The longest a snapshot may go without a message (its start included) before the attempt is
 /// given up: a leader that stops answering mid-snapshot (paused, cut off: no reset arrives)
@@ -284,14 +309,14 @@ impl Follower {
                 return;
             }
             if std::mem::take(&mut snapshot_first) && sh.source_lsn() == 0 && sh.stats().live_rows == 0 {
-                if let Err(e) = self.bootstrap(&c, shard, SNAPSHOT_FIRST_MIN_ROWS).await {
+                if let Err(e) = self.bootstrap(&c, shard, Bootstrap::IfCheaper).await {
                     tracing::warn!(error = %e, %stream_id, "could not load the leader's snapshot; replaying the broker's log instead");
                 }
                 continue;
             }
             // An interrupted bootstrap leaves rows but no position: start it over.
             if sh.source_lsn() == 0 && sh.stats().live_rows > 0 {
-                if let Err(e) = self.bootstrap(&c, shard, 0).await {
+                if let Err(e) = self.bootstrap(&c, shard, Bootstrap::Needed).await {
                     tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
                     tokio::time::sleep(BACKOFF).await;
                 }
@@ -302,7 +327,7 @@ impl Follower {
                 Ok(s) => s,
                 Err(ExportError::Truncated { .. }) => {
                     tracing::info!(%stream_id, from, "the log no longer holds our position: bootstrapping from a snapshot");
-                    if let Err(e) = self.bootstrap(&c, shard, 0).await {
+                    if let Err(e) = self.bootstrap(&c, shard, Bootstrap::Needed).await {
                         tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
                         tokio::time::sleep(BACKOFF).await;
                     }
@@ -355,7 +380,7 @@ impl Follower {
                     }
                     match e {
                         ExportError::Truncated { .. } => {
-                            if let Err(e) = self.bootstrap(c, shard, 0).await {
+                            if let Err(e) = self.bootstrap(c, shard, Bootstrap::Needed).await {
                                 tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
                             }
                             return Flow::Resubscribe;
@@ -484,28 +509,29 @@ impl Follower {
         None
     }
 
-    /// Loads a snapshot of one shard from the leader (see `load_snapshot`); with `min_rows`,
-    /// declines (changing nothing) when the leader's shard holds fewer rows.
-    async fn bootstrap(&self, c: &Arc<Collection>, shard: usize, min_rows: u64) -> Result<()> {
+    /// Loads a snapshot of one shard from the leader (see `load_snapshot`); with
+    /// [`Bootstrap::IfCheaper`], declines (changing nothing) when replaying is as quick.
+    async fn bootstrap(&self, c: &Arc<Collection>, shard: usize, why: Bootstrap) -> Result<()> {
         let name = c.schema().name.clone();
         self.progress
             .lock()
             .insert((c.id, shard), Progress { collection: name, bytes: 0, total: 0, reported: (0, std::time::Instant::now()) });
         self.node.set_replication_state(c.id, bootstrap_state(0, 0, 0.0));
-        let r = self.load_snapshot(c, shard, min_rows).await;
+        let r = self.load_snapshot(c, shard, why).await;
         let mut progress = self.progress.lock();
         progress.remove(&(c.id, shard));
         if !progress.keys().any(|&(cid, _)| cid == c.id) {
-            // A failed snapshot-first attempt (`min_rows` > 0) is not retried: the shard replays
+            // A failed snapshot-first attempt (`IfCheaper`) is not retried: the shard replays
             // the broker's log instead (or, if it was already wiped, starts a full bootstrap,
             // which sets its own state), so it is following.
-            let state = if r.is_ok() || min_rows > 0 { ReplicationState::Following } else { ReplicationState::BootstrapRetrying };
+            let state =
+                if r.is_ok() || why == Bootstrap::IfCheaper { ReplicationState::Following } else { ReplicationState::BootstrapRetrying };
             self.node.set_replication_state(c.id, state);
         }
         r
     }
 
-    async fn load_snapshot(&self, c: &Arc<Collection>, shard: usize, min_rows: u64) -> Result<()> {
+    async fn load_snapshot(&self, c: &Arc<Collection>, shard: usize, why: Bootstrap) -> Result<()> {
         let req = rp::SnapshotRequest { collection_id: c.id, shard: shard as u32, subscriber: self.cfg.subscriber.clone() };
         let idle = || ExportError::Unavailable { backend: "snapshot", message: format!("the leader sent nothing for {SNAPSHOT_IDLE:?}") };
         let mut stream = tokio::time::timeout(SNAPSHOT_IDLE, self.leader.clone().snapshot(req))
@@ -522,7 +548,7 @@ impl Follower {
         while let Some(chunk) = tokio::time::timeout(SNAPSHOT_IDLE, stream.next()).await.map_err(|_| idle())? {
             let chunk = chunk.map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?;
             if !wiped {
-                if chunk.total_rows < min_rows {
+                if why == Bootstrap::IfCheaper && !snapshot_is_cheaper(chunk.total_rows, chunk.lsn) {
                     return Ok(());
                 }
                 // The snapshot is taken on the leader already; what this shard holds goes now.
