@@ -338,7 +338,7 @@ impl Controller {
         if self.following.as_deref() != Some(endpoint) {
             self.repl.stop();
             tracing::info!(cluster = %self.cfg.cluster_id, leader = endpoint, epoch, "following");
-            self.repl = replication::start_follower(&self.node, &self.cfg, endpoint)?;
+            self.repl = replication::start_follower_on(&self.node, &self.cfg, endpoint, Some(self.transport.clone()))?;
             self.following = Some(endpoint.to_string());
         }
         if self.node.role() == Role::Recovering {
@@ -363,35 +363,38 @@ impl Controller {
     /// that position alone. Everything before it is then the stream's too. The others (a
     /// suffix that never reached the stream, whose positions the new leader has reused) are
     /// reloaded.
+    ///
+    /// Every shard is looked up at once: each lookup is a search of the broker's log, a few
+    /// round trips, and the rejoin waits for all of them.
     async fn kept_shards(&self, led: u64) -> std::collections::HashSet<(u64, usize)> {
         use tandem_cluster::node::LedTail;
-        let mut keep = std::collections::HashSet::new();
+        let mut lookups = Vec::new();
         for c in self.node.collections() {
             for i in 0..c.shards().len() {
                 let stream = StreamId::Shard { collection_id: c.id, shard: i as u32 };
-                let held = match self.node.led_tail(&c, i) {
-                    Ok(LedTail::Nothing) => true,
-                    Ok(LedTail::Record { position, ts }) => stream_holds(&*self.transport, &stream, position, led, ts).await,
-                    Ok(LedTail::Unknown) | Err(_) => false,
-                };
-                if held {
-                    keep.insert((c.id, i));
-                }
+                let (tail, id) = (self.node.led_tail(&c, i), c.id);
+                let transport = &*self.transport;
+                lookups.push(async move {
+                    let held = match tail {
+                        Ok(LedTail::Nothing) => true,
+                        Ok(LedTail::Record { position, ts }) => stream_holds(transport, &stream, position, led, ts).await,
+                        Ok(LedTail::Unknown) | Err(_) => false,
+                    };
+                    held.then_some((id, i))
+                });
             }
         }
-        keep
+        futures::future::join_all(lookups).await.into_iter().flatten().collect()
     }
 
-    /// The broker's end of every stream this node knows.
+    /// The broker's end of every stream this node knows (asked all at once: each is a read).
     async fn ends(&self) -> Result<Vec<(StreamId, u64)>> {
-        let mut out = vec![(StreamId::Ddl, self.transport.end_lsn(&StreamId::Ddl).await?)];
+        let mut streams = vec![StreamId::Ddl];
         for c in self.node.collections() {
-            for i in 0..c.shards().len() {
-                let s = StreamId::Shard { collection_id: c.id, shard: i as u32 };
-                out.push((s, self.transport.end_lsn(&s).await?));
-            }
+            streams.extend((0..c.shards().len()).map(|i| StreamId::Shard { collection_id: c.id, shard: i as u32 }));
         }
-        Ok(out)
+        let ends = futures::future::try_join_all(streams.iter().map(|s| self.transport.end_lsn(s))).await?;
+        Ok(streams.into_iter().zip(ends).collect())
     }
 
     /// Whether this node has applied every stream up to `ends`.

@@ -96,9 +96,25 @@ pub fn start_publisher_with(node: &Arc<Node>, cfg: &ClusterConfig, transport: Ar
 /// An alternative's part: follow the leader at `leader` (snapshots, the leader's clock, and the
 /// log itself with the direct transport) through the configured transport.
 pub fn start_follower(node: &Arc<Node>, cfg: &ClusterConfig, leader: &str) -> Result<ReplicationHandle> {
+    start_follower_on(node, cfg, leader, None)
+}
+
+/// [`start_follower`] on a broker transport that already exists (the failover controller's:
+/// besides the connections, it knows where the positions it just read sit in the broker's log,
+/// which spares the follower's subscriptions their searches). `None`, or the direct transport
+/// (one per leader), makes a new one.
+pub fn start_follower_on(
+    node: &Arc<Node>,
+    cfg: &ClusterConfig,
+    leader: &str,
+    broker: Option<Arc<dyn Transport>>,
+) -> Result<ReplicationHandle> {
     let mut cfg = cfg.clone();
     cfg.replication.leader = leader.to_string();
-    let transport = transport(&cfg)?;
+    let transport = match broker {
+        Some(t) if t.needs_publisher() => t,
+        _ => transport(&cfg)?,
+    };
     let client = DirectTransport::new(leader, &cfg.cluster_id)?.client();
     let fcfg = FollowerConfig {
         subscriber: cfg.cluster_id.clone(),
