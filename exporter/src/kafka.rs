@@ -462,6 +462,12 @@ impl Inner {
             Some(seen) => seen,
             None => all.entry((topic.to_string(), partition)).or_default(),
         };
+        // Positions only grow along a partition, but a fenced leader's in-flight messages may
+        // land after the next leader's (docs/architecture.md, residual risk): an anchor for
+        // such a position would send a search past events it must return.
+        if seen.last_key_value().is_some_and(|(&newest, _)| at.lsn < newest) {
+            return;
+        }
         // The last offset of a position: ticks repeat it after the change.
         seen.entry(at.lsn).and_modify(|a| *a = if at.offset > a.offset { at } else { *a }).or_insert(at);
         if seen.len() > ANCHORS_KEPT {
@@ -1244,6 +1250,28 @@ mod tests {
         let mut m = MemLog::new(log.clone());
         let stale = Anchor { offset: high + 5, lsn: 1, tick: false };
         assert_eq!(search(&mut m, &s, 0, high, 200, Some(stale)).unwrap().0, linear(&log, 200));
+    }
+
+    #[test]
+    fn anchors_keep_the_last_offset_of_each_position_and_ignore_positions_going_back() {
+        // No broker needed: the clients connect lazily, and anchors are the transport's own.
+        let t = KafkaTransport::new(cfg()).unwrap();
+        let i = &t.inner;
+        let a = |offset, lsn| Anchor { offset, lsn, tick: false };
+        let below = |from, low| i.anchor_below("t", 0, from, low, 100).map(|a| a.offset);
+        i.remember("t", 0, a(10, 5));
+        i.remember("t", 0, a(11, 5)); // a tick repeating position 5
+        i.remember("t", 0, a(12, 6));
+        i.remember("t", 0, a(13, 5)); // a fenced leader's late message
+        assert_eq!(below(6, 0), Some(11));
+        assert_eq!(below(7, 0), Some(12));
+        assert_eq!(below(5, 0), None);
+        assert_eq!(below(7, 13), None, "retention removed it");
+        assert!(i.anchor_below("t", 1, 7, 0, 100).is_none(), "another partition");
+        for lsn in 7..200u64 {
+            i.remember("t", 0, a(lsn as i64 + 10, lsn));
+        }
+        assert_eq!(i.anchors.lock()[&("t".to_string(), 0)].len(), ANCHORS_KEPT);
     }
 
     #[test]
