@@ -1130,7 +1130,13 @@ mod tests {
             assert_eq!(hits[0].1, 1, "by cosine, [10, 0] is closest: {hits:?}");
             assert!((hits[0].0 - 1.0 / (1.01f32).sqrt()).abs() < 1e-5, "{hits:?}");
             node.flush(&c, deadline()).await.unwrap();
-            assert_eq!(search(&node, &c), hits);
+            // The same ids in the same order; scores to float precision: the first search may
+            // run exactly (dividing by the stored norm) or on the rebuilt faiss index (over
+            // normalised copies), depending on whether the rebuild finished, and the two round
+            // differently in the last bit (seen in a clean container: 0.99503714 and 0.9950372).
+            let after = search(&node, &c);
+            assert_eq!(after.iter().map(|h| h.1).collect::<Vec<_>>(), hits.iter().map(|h| h.1).collect::<Vec<_>>());
+            assert!(after.iter().zip(&hits).all(|(a, b)| (a.0 - b.0).abs() < 1e-5), "{after:?} against {hits:?}");
             assert_eq!(c.get(&[1], node.clock.peek())[0].1, vec![10.0, 0.0], "rows keep the vector as inserted");
             node.shutdown();
         }
