@@ -430,8 +430,9 @@ impl Inner {
             Some(p) => p,
             None => {
                 let mut c = self.cfg.consumer_config();
-                // Each probe wants one message: do not prefetch a megabyte per jump, and leave
-                // no long-polling or backed-off fetch behind that the next jump would wait for.
+                // A probe reads what one fetch brings (its first message, or a short walk): do
+                // not prefetch past that, and leave no long-polling or backed-off fetch behind
+                // that the next jump would wait for.
                 // Fetch limits stay those of `consumer_config`: a smaller one would never return
                 // a large event (tansu returns nothing then).
                 c.set("queued.min.messages", "1").set("fetch.queue.backoff.ms", "0").set("fetch.wait.max.ms", "10");
