@@ -199,6 +199,45 @@ async fn a_long_topic_is_skipped_by_a_snapshot(backend: Backend) {
     assert_eq!(f.bootstraps.load(Ordering::Relaxed), 2, "the two shards of the long topic came from a snapshot, tiny's were replayed");
 }
 
+/// A session token from a newer epoch than a cluster has seen may name writes of a leader
+/// that cluster does not know yet, whatever its clock says. Found by the docker fault campaign
+/// (docs/deploy.md): a leader cut off from etcd, not yet aware that another cluster had been
+/// promoted, answered a read with the new leader's token without the new leader's writes. A
+/// leader refuses such a read at once (UNAVAILABLE: the gateway reads elsewhere); an
+/// alternative waits to hear of the epoch, and past the deadline says which epoch it lacks.
+async fn session_token_of_a_newer_epoch(backend: Backend) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move { describe(&mut a).await.is_some() }
+    })
+    .await;
+    let w = insert(&mut l, 0..1, DIM).await;
+    let own = tandem_cluster::ts::SessionToken::decode(&w.session_token).unwrap().unwrap();
+    let newer = tandem_cluster::ts::SessionToken { epoch: own.epoch + 1, ts: own.ts }.encode();
+    let get = |token: &str| {
+        let mut r = tonic::Request::new(pb::GetRequest {
+            collection: C.into(),
+            ids: vec![0],
+            read: read(pb::ConsistencyLevel::Session, token),
+            ..Default::default()
+        });
+        r.set_timeout(Duration::from_millis(500));
+        r
+    };
+    // The token of the epoch they are in works on both.
+    assert_eq!(l.get(get(&w.session_token)).await.unwrap().into_inner().entities.len(), 1);
+    assert_eq!(a.get(get(&w.session_token)).await.unwrap().into_inner().entities.len(), 1);
+    let e = l.get(get(&newer)).await.expect_err("a leader answered a read for an epoch after its own");
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains(&format!("session token is from epoch {}", own.epoch + 1)), "{}", e.message());
+    let e = a.get(get(&newer)).await.expect_err("an alternative answered a read for an epoch it has not seen");
+    assert_eq!(e.code(), Code::DeadlineExceeded, "{e:?}");
+    assert!(e.message().contains("which it has not seen yet"), "{}", e.message());
+}
+
 async fn consistent_reads_on_alternative(backend: Backend) {
     let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
     let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
@@ -647,7 +686,8 @@ mod direct {
         large_write_replicates,
         strong_read_on_idle_alternative,
         session_read_on_alternative_does_not_wait_for_a_tick,
-        replication_metrics
+        replication_metrics,
+        session_token_of_a_newer_epoch
     );
 }
 

@@ -190,6 +190,9 @@ impl ClusterService {
                 compose(wall_ms().saturating_sub(staleness), 0)
             }
             L::Session | L::Unspecified => {
+                if let Some(t) = token {
+                    self.wait_epoch(t.epoch, deadline).await?;
+                }
                 let ts = token.map_or(0, |t| t.ts);
                 if ts > 0 && !role.accepts_writes() && c.serviceable_ts(&self.node.clock) < ts {
                     // On an alternative, the shards a write did not touch reach its ts only at
@@ -210,6 +213,38 @@ impl ClusterService {
         };
         let reply = self.node.token(c.newest_change_visible_at(snap));
         Ok((snap, token.map_or(reply, |t| reply.max(t))))
+    }
+
+    /// A session token from epoch `epoch` may name writes of that epoch's leader, which a
+    /// cluster still at an older epoch cannot have, whatever its clock or its stream's ticks
+    /// say (a deposed leader that has not noticed yet, or an alternative still applying the
+    /// old leader's ticks). A leader at an older epoch has been replaced: it refuses at once, so
+    /// the gateway reads elsewhere. Any other cluster waits, within the read's deadline, until
+    /// the arbiter tells it of that epoch.
+    async fn wait_epoch(&self, epoch: u64, deadline: Instant) -> Result<()> {
+        loop {
+            let leads = self.node.role().accepts_writes();
+            let own = self.node.epoch();
+            if own >= epoch {
+                return Ok(());
+            }
+            let cluster = &self.node.opts.cluster_id;
+            if leads {
+                return Err(ClusterError::Unavailable(format!(
+                    "cluster {cluster} leads epoch {own} but the session token is from epoch {epoch}: a newer leader exists, \
+                     whose writes this cluster may lack; nothing was read"
+                )));
+            }
+            if Instant::now() >= deadline {
+                return Err(ClusterError::Lagging {
+                    message: format!(
+                        "cluster {cluster} is at epoch {own} and the session token is from epoch {epoch}, which it has not seen yet"
+                    ),
+                    lag_ms: 0,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     async fn ddl_exported(&self, deadline: Instant) -> Result<()> {
