@@ -116,6 +116,55 @@ async fn leader_and_alternative_with_rows(broker: &tandem_harness::Tansu) -> (Sa
     (sb, acked)
 }
 
+/// A leader whose lease renewals stop long enough for it to fence itself, but not long enough
+/// for the lease to run out, still holds the leader key once renewals resume, under a lease that
+/// now lives on: it must give the key up, or nobody leads again. Found by the docker fault
+/// campaign (docs/deploy.md): a leader fenced 3 ms after its promotion, and the group stayed
+/// without a leader. Lease 4 s, fence margin 2.5 s: fenced 1.5 s after its last renewal, the
+/// lease ends 4 s after it; renewals stop for 2.1 s, so it is fenced and its lease survives.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_fenced_while_its_lease_lives_gives_up_the_leader_key() {
+    let _serial = SERIAL.lock().await;
+    let broker = tandem_harness::Tansu::start(false);
+    let long_lease = |c: &mut tandem_cluster::config::ClusterConfig| {
+        c.ha.lease_ttl_s = 4;
+        c.ha.fence_margin_ms = 2500;
+    };
+    let sb = ha(&broker, |b| b.cluster_with("a", long_lease).alternative_with("b", "a", long_lease)).await;
+    sb.wait_role("a", pb::Role::Leading, ROLE_WAIT).await;
+    let mut ca = sb.client("a").await;
+    ca.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, None, 2, vec![])) })
+        .await
+        .expect("create the collection");
+    sb.wait_role("b", pb::Role::Alternative, ROLE_WAIT).await;
+    upsert(&mut ca, 1).await.expect("the leader takes writes");
+
+    sb.arbiter().pause("a");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    sb.arbiter().resume("a");
+
+    // Some cluster leads again and takes writes.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut id = 100;
+    loop {
+        for name in ["a", "b"] {
+            if sb.role(name).await == Some(pb::Role::Leading) {
+                id += 1;
+                if upsert(&mut sb.client(name).await, id).await.is_ok() {
+                    return;
+                }
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no cluster took a write within 20 s of the pause (roles: a {:?}, b {:?}): a fenced leader kept the leader key",
+            sb.role("a").await,
+            sb.role("b").await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// A leader paused past its lease (SIGSTOP-like: the sandbox's link lets nothing through, its
 /// arbiter calls hang): an alternative is promoted; the paused leader, once resumed, refuses
 /// every write (it never acknowledges one while another cluster leads), rejoins as an

@@ -315,9 +315,16 @@ impl Controller {
                 self.fence("the arbiter no longer names it leader");
                 Ok(())
             }
-            // Our own key from before a restart, under the old process's lease: it goes when
-            // that lease expires, and then there is an election.
-            Some(l) if l.cluster == me => Ok(()),
+            // The key names this cluster, but this process does not lead under it: a key from
+            // before a restart, or this process fenced itself (its lease renewals were confirmed
+            // too late) while its lease lives on. Nobody leads while the key stands, and a live
+            // lease would keep it forever: remove it (only if it is still that key: the resign
+            // transaction compares its revision), and the next view holds an election.
+            Some(l) if l.cluster == me => {
+                tracing::info!(cluster = %me, epoch = l.epoch, "the arbiter names this cluster leader, but it does not lead: resigning");
+                self.session.resign(l.epoch).await?;
+                Ok(())
+            }
             Some(l) => self.follow(&l.endpoint, l.epoch).await,
             None => self.elect(v).await,
         }
