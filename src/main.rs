@@ -61,6 +61,9 @@ enum BenchCmd {
     Gateway(tandem::bench::gateway::GatewayBenchArgs),
     /// kill -9 of the leader under load: failover time, failed reads, lost writes.
     Failover(tandem::bench::failover::FailoverBenchArgs),
+    /// Fault campaign against the two-datacenter docker deployment (docker/, docs/deploy.md):
+    /// partitions, kills, pauses; checks lost writes, session guarantees and convergence.
+    Campaign(tandem::bench::campaign::CampaignArgs),
     /// The same pymilvus workload on the real Milvus 2.3.5 and on tandem, side by side.
     Milvus(tandem::bench::milvus::MilvusBenchArgs),
 }
@@ -80,6 +83,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCmd::Replication(a)) => tandem::bench::replication::run(a).await,
         Command::Bench(BenchCmd::Gateway(a)) => tandem::bench::gateway::run(a).await,
         Command::Bench(BenchCmd::Failover(a)) => tandem::bench::failover::run(a).await,
+        Command::Bench(BenchCmd::Campaign(a)) => tandem::bench::campaign::run(a).await,
         // Blocking: it waits for the Python driver, which starts and stops both servers.
         Command::Bench(BenchCmd::Milvus(a)) => tokio::task::spawn_blocking(move || tandem::bench::milvus::run(a)).await?,
     }

@@ -32,7 +32,7 @@ use tandem_proto::v1::tandem_client::TandemClient;
 
 pub const COLLECTION: &str = "failover";
 const DIM: usize = 8;
-/// Rows the convergence checksum reads at once (a query's limit).
+/// Rows the convergence checksum reads per page (a query's largest limit).
 const MAX_ROWS: u64 = 16_384;
 
 #[derive(Debug, Clone, clap::Args)]
@@ -52,7 +52,7 @@ pub struct FailoverBenchArgs {
     /// Concurrent readers through the gateway (BOUNDED searches).
     #[arg(long, default_value_t = 2)]
     pub readers: usize,
-    /// Pause of each writer between writes, in ms (keeps the rows under the checksum's reach).
+    /// Pause of each writer between writes, in ms (sets the write rate).
     #[arg(long, default_value_t = 20)]
     pub write_pause_ms: u64,
     /// Seconds of load before each kill, and again after the new leader took writes.
@@ -463,13 +463,13 @@ pub fn vector(id: i64) -> Vec<f32> {
     (0..DIM).map(|j| ((id * 31 + j as i64 * 17).rem_euclid(1000)) as f32 / 1000.0).collect()
 }
 
-fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
+pub fn timed<T>(msg: T, timeout: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(timeout);
     r
 }
 
-async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
+pub async fn connect(endpoint: &str) -> anyhow::Result<TandemClient<Channel>> {
     crate::cli::connect(endpoint).await
 }
 
@@ -501,11 +501,16 @@ pub async fn create_collection(c: &mut TandemClient<Channel>) -> anyhow::Result<
 
 /// How many of `ids` the cluster at `endpoint` does not have (STRONG reads).
 pub async fn missing(endpoint: &str, ids: &[i64]) -> anyhow::Result<u64> {
+    missing_in(endpoint, COLLECTION, ids).await
+}
+
+/// How many of `ids` `collection` on the cluster at `endpoint` does not have (STRONG reads).
+pub async fn missing_in(endpoint: &str, collection: &str, ids: &[i64]) -> anyhow::Result<u64> {
     let mut c = connect(endpoint).await?;
     let mut lost = 0;
     for chunk in ids.chunks(1000) {
         let req = pb::GetRequest {
-            collection: COLLECTION.into(),
+            collection: collection.into(),
             ids: chunk.to_vec(),
             read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Strong as i32, ..Default::default() }),
             ..Default::default()
@@ -544,19 +549,35 @@ pub async fn converged(group: &Group, limit: Duration) -> bool {
 }
 
 pub async fn checksum(endpoint: &str) -> anyhow::Result<(u64, u64)> {
+    checksum_of(endpoint, COLLECTION).await
+}
+
+/// (rows, hash of every (id, vector)) of `collection` at the cluster at `endpoint`, read STRONG
+/// in pages of ids above the last one read (call it while nothing writes: each page is its own
+/// snapshot).
+pub async fn checksum_of(endpoint: &str, collection: &str) -> anyhow::Result<(u64, u64)> {
     use std::hash::{Hash, Hasher};
     let mut c = connect(endpoint).await?;
-    let req = pb::QueryRequest {
-        collection: COLLECTION.into(),
-        limit: MAX_ROWS as u32,
-        include_vectors: true,
-        read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Strong as i32, ..Default::default() }),
-        ..Default::default()
-    };
-    let r = c.query(timed(req, Duration::from_secs(10))).await.map_err(crate::cli::status_error)?.into_inner();
-    ensure!((r.entities.len() as u64) < MAX_ROWS, "more rows than the checksum reads: lower --load-s or raise --write-pause-ms");
-    let mut rows: Vec<_> = r.entities.iter().map(|e| (e.id, e.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>())).collect();
-    rows.sort();
+    let mut rows: Vec<(i64, Vec<u32>)> = Vec::new();
+    loop {
+        let filter = rows.last().map(|(id, _)| format!("id > {id}")).unwrap_or_default();
+        let req = pb::QueryRequest {
+            collection: collection.into(),
+            filter,
+            limit: MAX_ROWS as u32,
+            include_vectors: true,
+            read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Strong as i32, ..Default::default() }),
+            ..Default::default()
+        };
+        let r = c.query(timed(req, Duration::from_secs(10))).await.map_err(crate::cli::status_error)?.into_inner();
+        let full = r.entities.len() as u64 == MAX_ROWS;
+        // Sorted by id (the API's promise), so the next page starts above the last id.
+        rows.extend(r.entities.iter().map(|e| (e.id, e.vector.iter().map(|x| x.to_bits()).collect::<Vec<_>>())));
+        if !full {
+            break;
+        }
+    }
+    ensure!(rows.windows(2).all(|w| w[0].0 < w[1].0), "{collection}: the query's rows were not sorted by id");
     let mut h = std::collections::hash_map::DefaultHasher::new();
     rows.hash(&mut h);
     Ok((rows.len() as u64, h.finish()))

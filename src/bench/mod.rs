@@ -1,4 +1,5 @@
 //! `tandem bench ...`: benchmarks that print a human table and write JSON.
+pub mod campaign;
 pub mod failover;
 pub mod gateway;
 pub mod milvus;
