@@ -56,17 +56,20 @@ impl SessionToken {
         Ok(Some(SessionToken { epoch, ts }))
     }
 
-    /// The later of two tokens (what a session must keep to stay monotonic).
+    /// What a session must keep of two tokens to stay monotonic: the newer epoch and the later
+    /// ts, each on its own. Taking the whole token of the newer epoch instead could move the
+    /// ts back (a token of epoch 5 may carry an older ts than one of epoch 4: a read's token is
+    /// the newest change its snapshot holds), and a session's token never goes back in time.
     pub fn max(self, other: SessionToken) -> SessionToken {
-        if (other.epoch, other.ts) > (self.epoch, self.ts) { other } else { self }
+        SessionToken { epoch: self.epoch.max(other.epoch), ts: self.ts.max(other.ts) }
     }
 
-    /// The later of two encoded tokens; a malformed or empty one loses.
-    pub fn max_encoded<'a>(a: &'a str, b: &'a str) -> &'a str {
+    /// [`SessionToken::max`] of two encoded tokens; a malformed or empty one is ignored.
+    pub fn max_encoded(a: &str, b: &str) -> String {
         match (Self::decode(a).ok().flatten(), Self::decode(b).ok().flatten()) {
-            (Some(x), Some(y)) if x.max(y) == y && x != y => b,
-            (Some(_), _) => a,
-            (None, _) => b,
+            (Some(x), Some(y)) => x.max(y).encode(),
+            (Some(_), None) => a.to_string(),
+            (None, _) => b.to_string(),
         }
     }
 }
@@ -88,7 +91,9 @@ mod tests {
         let next_epoch = SessionToken { epoch: 4, ts: 1 };
         assert_eq!(t.max(newer), newer);
         assert_eq!(newer.max(t), newer);
-        assert_eq!(t.max(next_epoch), next_epoch);
+        // The newer epoch does not take the ts back with it.
+        assert_eq!(t.max(next_epoch), SessionToken { epoch: 4, ts: t.ts });
+        assert_eq!(next_epoch.max(t), SessionToken { epoch: 4, ts: t.ts });
         let (a, b) = (t.encode(), newer.encode());
         assert_eq!(SessionToken::max_encoded(&a, &b), b);
         assert_eq!(SessionToken::max_encoded(&b, &a), b);

@@ -177,7 +177,7 @@ pub struct Report {
     pub convergence_ms: u64,
     /// Per cluster: (rows, checksum) once converged (or the last seen).
     pub checksums: BTreeMap<String, (u64, u64)>,
-    /// Acknowledged ids missing, per cluster.
+    /// Acknowledged ids missing, per cluster (absent: the cluster never answered; a violation).
     pub lost: BTreeMap<String, u64>,
     pub violations: Vec<Violation>,
     pub passed: bool,
@@ -302,17 +302,32 @@ pub async fn campaign(a: &CampaignArgs) -> anyhow::Result<Report> {
     let convergence_ms = check_started.elapsed().as_millis() as u64;
     let mut lost = BTreeMap::new();
     for (name, endpoint) in &d.clusters {
-        let n = match missing_in(endpoint, COLLECTION, &acked).await {
-            Ok(n) => n,
-            Err(e) => {
-                shared.violation("unreadable", "checker", started, format!("{name}: reading back the acknowledged ids failed: {e:#}"));
-                acked.len() as u64
+        // A cluster may be between roles (a late fencing, a rejoin): ask again until it answers.
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let n = loop {
+            match missing_in(endpoint, COLLECTION, &acked).await {
+                Ok(n) => break Some(n),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::debug!(cluster = %name, error = %e, "reading back the acknowledged ids: retrying");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => {
+                    shared.violation(
+                        "unreadable",
+                        "checker",
+                        started,
+                        format!("{name}: reading back the acknowledged ids failed for 60 s: {e:#}"),
+                    );
+                    break None;
+                }
             }
         };
-        if n > 0 {
-            shared.violation("lost_write", "checker", started, format!("{name}: {n} of {} acknowledged ids missing", acked.len()));
+        if let Some(n) = n {
+            if n > 0 {
+                shared.violation("lost_write", "checker", started, format!("{name}: {n} of {} acknowledged ids missing", acked.len()));
+            }
+            lost.insert(name.clone(), n);
         }
-        lost.insert(name.clone(), n);
     }
     if !converged {
         shared.violation("no_convergence", "checker", started, format!("checksums still differ after 120 s: {checksums:?}"));
@@ -357,6 +372,12 @@ impl Shared {
     fn violation(&self, kind: &'static str, session: &str, started: Instant, detail: String) {
         tracing::error!(kind, session, %detail, "violation");
         self.violations.lock().push(Violation { kind, session: session.into(), at_s: started.elapsed().as_secs_f64(), detail });
+    }
+
+    fn succeeded(&self, write: bool) {
+        let mut c = self.counts.lock();
+        c.ops += 1;
+        if write { c.writes_acked += 1 } else { c.reads_ok += 1 }
     }
 
     fn failed(&self, write: bool, s: &tonic::Status) {
@@ -404,10 +425,7 @@ async fn client_session(
                     own.push(id);
                     shared.acked.lock().insert(id);
                     shared.acks.lock().push((sent, Instant::now()));
-                    let mut c = shared.counts.lock();
-                    c.ops += 1;
-                    c.writes_acked += 1;
-                    drop(c);
+                    shared.succeeded(true);
                     if token_ts(&r.session_token) > token_ts(&token) {
                         token = r.session_token;
                     }
@@ -428,10 +446,7 @@ async fn client_session(
             match client.search(timed(req, timeout)).await {
                 Ok(r) => {
                     let r = r.into_inner();
-                    let mut c = shared.counts.lock();
-                    c.ops += 1;
-                    c.reads_ok += 1;
-                    drop(c);
+                    shared.succeeded(false);
                     for h in r.results.iter().flat_map(|hits| &hits.hits) {
                         let want: f32 = q.iter().zip(vector(h.id)).map(|(a, b)| (a - b) * (a - b)).sum();
                         if (h.distance - want).abs() > 1e-4 {
@@ -477,10 +492,7 @@ async fn client_session(
             match client.get(timed(req, timeout)).await {
                 Ok(r) => {
                     let r = r.into_inner();
-                    let mut c = shared.counts.lock();
-                    c.ops += 1;
-                    c.reads_ok += 1;
-                    drop(c);
+                    shared.succeeded(false);
                     let found: BTreeSet<i64> = r.entities.iter().map(|e| e.id).collect();
                     for e in &r.entities {
                         if e.vector != vector(e.id) {
