@@ -320,11 +320,11 @@ mod tests {
     #[test]
     fn a_merged_request_lays_the_vectors_end_to_end_with_the_newest_token_and_latest_deadline() {
         use pb::ConsistencyLevel::Session;
-        let newest = SessionToken { epoch: 2, ts: 5 };
+        let newest_epoch = SessionToken { epoch: 2, ts: 5 };
         let batch = [
             waiting(search(vec![1.0, 2.0], Session, &SessionToken { epoch: 1, ts: 99 }.encode()), 50),
             waiting(search(vec![3.0, 4.0], Session, ""), 5_000),
-            waiting(search(vec![5.0, 6.0], Session, &newest.encode()), 10),
+            waiting(search(vec![5.0, 6.0], Session, &newest_epoch.encode()), 10),
         ];
         let r = merged(&batch);
         let timeout = r
@@ -335,7 +335,9 @@ mod tests {
         assert!(timeout.is_some_and(|t| t > Duration::from_millis(4_000) && t <= Duration::from_millis(5_000)), "{timeout:?}");
         let s = r.into_inner();
         assert_eq!(s.vectors, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
-        assert_eq!(s.read.unwrap().session_token, newest.encode());
+        // Every member's guarantee: the newest epoch and the latest ts, each on its own (the
+        // epoch-1 member needs ts 99, which the epoch-2 token alone would not ask for).
+        assert_eq!(s.read.unwrap().session_token, SessionToken { epoch: 2, ts: 99 }.encode());
         assert_eq!((s.collection.as_str(), s.top_k), ("c", 5));
     }
 }
