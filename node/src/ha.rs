@@ -471,6 +471,13 @@ impl Controller {
         }
         // The lease the leader key will be put under (a later one cannot hold it).
         let LeaseState::Valid { lease, until } = *self.session.lease().borrow() else { return Ok(()) };
+        // A lease whose renewals are late would fence a win at once; and since a fenced
+        // leader gives its key up (see `step`), campaigning on it would only burn epochs, win
+        // after win. Wait for a renewal instead (the lease's next update wakes the loop).
+        if self.fence_time(until) <= Instant::now() {
+            tracing::debug!(cluster = %self.cfg.cluster_id, "lease renewals are late: not campaigning");
+            return Ok(());
+        }
         let Some(won) = self.session.campaign(v.epoch).await? else { return Ok(()) };
         // Writes are bounded by that lease from the moment the node may lead, before the loop
         // next looks at the lease: a lease lost while promoting must not leave a window with
