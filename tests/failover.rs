@@ -99,16 +99,26 @@ async fn converged(sb: &Sandbox, names: &[&str], limit: Duration) -> bool {
     false
 }
 
-/// Leader `a` and alternative `b` (caught up) with the collection and rows 1..=40 acknowledged
-/// by `a`.
-async fn leader_and_alternative_with_rows(broker: &tandem_harness::Tansu) -> (Sandbox, Vec<i64>) {
-    let sb = ha(broker, |b| b.leading("a").alternative("b", "a")).await;
+/// Leader `a` and alternative `b` (caught up, each config adjusted by `adjust`) with the
+/// collection created; a client of `a`.
+async fn leader_and_alternative(
+    broker: &tandem_harness::Tansu,
+    adjust: fn(&mut tandem_cluster::config::ClusterConfig),
+) -> (Sandbox, Client) {
+    let sb = ha(broker, |b| b.cluster_with("a", adjust).alternative_with("b", "a", adjust)).await;
     sb.wait_role("a", pb::Role::Leading, ROLE_WAIT).await;
     let mut ca = sb.client("a").await;
     ca.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, None, 2, vec![])) })
         .await
         .expect("create the collection");
     sb.wait_role("b", pb::Role::Alternative, ROLE_WAIT).await;
+    (sb, ca)
+}
+
+/// Leader `a` and alternative `b` (caught up) with the collection and rows 1..=40 acknowledged
+/// by `a`.
+async fn leader_and_alternative_with_rows(broker: &tandem_harness::Tansu) -> (Sandbox, Vec<i64>) {
+    let (sb, mut ca) = leader_and_alternative(broker, |_| {}).await;
     let acked: Vec<i64> = (1..=40).collect();
     for &id in &acked {
         upsert(&mut ca, id).await.expect("the leader takes writes");
@@ -126,17 +136,11 @@ async fn leader_and_alternative_with_rows(broker: &tandem_harness::Tansu) -> (Sa
 async fn a_leader_fenced_while_its_lease_lives_gives_up_the_leader_key() {
     let _serial = SERIAL.lock().await;
     let broker = tandem_harness::Tansu::start(false);
-    let long_lease = |c: &mut tandem_cluster::config::ClusterConfig| {
+    let (sb, mut ca) = leader_and_alternative(&broker, |c| {
         c.ha.lease_ttl_s = 4;
         c.ha.fence_margin_ms = 2500;
-    };
-    let sb = ha(&broker, |b| b.cluster_with("a", long_lease).alternative_with("b", "a", long_lease)).await;
-    sb.wait_role("a", pb::Role::Leading, ROLE_WAIT).await;
-    let mut ca = sb.client("a").await;
-    ca.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, None, 2, vec![])) })
-        .await
-        .expect("create the collection");
-    sb.wait_role("b", pb::Role::Alternative, ROLE_WAIT).await;
+    })
+    .await;
     upsert(&mut ca, 1).await.expect("the leader takes writes");
 
     sb.arbiter().pause("a");

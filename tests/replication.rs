@@ -199,6 +199,19 @@ async fn a_long_topic_is_skipped_by_a_snapshot(backend: Backend) {
     assert_eq!(f.bootstraps.load(Ordering::Relaxed), 2, "the two shards of the long topic came from a snapshot, tiny's were replayed");
 }
 
+/// Leader "lead" and alternative "alt", the collection created and visible on both.
+async fn leader_and_alternative_with_collection(backend: Backend) -> (Sandbox, Client, Client) {
+    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
+    let (mut l, a) = (sb.client("lead").await, sb.client("alt").await);
+    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
+    eventually(CONVERGE, || {
+        let mut a = a.clone();
+        async move { describe(&mut a).await.is_some() }
+    })
+    .await;
+    (sb, l, a)
+}
+
 /// A session token from a newer epoch than a cluster has seen may name writes of a leader
 /// that cluster does not know yet, whatever its clock says. Found by the docker fault campaign
 /// (docs/deploy.md): a leader cut off from etcd, not yet aware that another cluster had been
@@ -206,14 +219,7 @@ async fn a_long_topic_is_skipped_by_a_snapshot(backend: Backend) {
 /// leader refuses such a read at once (UNAVAILABLE: the gateway reads elsewhere); an
 /// alternative waits to hear of the epoch, and past the deadline says which epoch it lacks.
 async fn session_token_of_a_newer_epoch(backend: Backend) {
-    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
-    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
-    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
-    eventually(CONVERGE, || {
-        let mut a = a.clone();
-        async move { describe(&mut a).await.is_some() }
-    })
-    .await;
+    let (_sb, mut l, mut a) = leader_and_alternative_with_collection(backend).await;
     let w = insert(&mut l, 0..1, DIM).await;
     let own = tandem_cluster::ts::SessionToken::decode(&w.session_token).unwrap().unwrap();
     let newer = tandem_cluster::ts::SessionToken { epoch: own.epoch + 1, ts: own.ts }.encode();
@@ -239,14 +245,7 @@ async fn session_token_of_a_newer_epoch(backend: Backend) {
 }
 
 async fn consistent_reads_on_alternative(backend: Backend) {
-    let sb = Sandbox::builder().leading("lead").alternative("alt", "lead").transport(backend).build().await;
-    let (mut l, mut a) = (sb.client("lead").await, sb.client("alt").await);
-    l.create_collection(pb::CreateCollectionRequest { schema: Some(docs_schema(DIM as u32)) }).await.unwrap();
-    eventually(CONVERGE, || {
-        let mut a = a.clone();
-        async move { describe(&mut a).await.is_some() }
-    })
-    .await;
+    let (_sb, mut l, mut a) = leader_and_alternative_with_collection(backend).await;
     let get = |id: i64, level: pb::ConsistencyLevel, token: String| pb::GetRequest {
         collection: C.into(),
         ids: vec![id],
