@@ -22,11 +22,14 @@ ensure_apt() {
   local sudo=""
   [ "$(id -u)" -ne 0 ] && sudo="sudo"
   echo "installing ${missing[*]} (apt)" >&2
+  # Two scripts may install at once (./scripts/test and ./scripts/check-fresh side by side):
+  # wait for the other's dpkg lock rather than fail on it.
+  local lock=(-o DPkg::Lock::Timeout=1200)
   if [ -z "$_apt_updated" ]; then
-    $sudo apt-get update -qq >/dev/null
+    $sudo apt-get "${lock[@]}" update -qq >/dev/null
     _apt_updated=1
   fi
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get "${lock[@]}" install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 }
 
 ensure_rust() {
