@@ -284,3 +284,103 @@ async fn a_lease_lost_while_promoting_loses_no_acknowledged_write() {
     assert_eq!(missing(&mut l, C, &all).await, 0, "acknowledged writes are missing from the final leader");
     scenario.teardown();
 }
+
+/// A fenced leader's export reaches the broker late: after the next leader caught up and
+/// promoted, but before that leader's first event (the docker fault campaign saw it: a paused
+/// leader sent its last batch on resume). An alternative that applied it holds a change the
+/// new leader never had, at a position the new leader reuses for an acknowledged write. It must
+/// notice (the new leader's events say where its epoch began) and reload the shard, ending
+/// with exactly the new leader's rows: the acknowledged write there, the late change gone. The
+/// old leader, resumed, rejoins and ends the same.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_fenced_leaders_late_export_is_not_kept_by_an_alternative() {
+    use tandem_exporter::Transport;
+    use tandem_proto::replication::v1 as rp;
+    let scenario = fail::FailScenario::setup();
+    let broker = tandem_harness::Tansu::start(false);
+    let sb = Sandbox::builder()
+        .transport(Backend::Kafka { brokers: broker.brokers() })
+        .ha()
+        .leading("a")
+        .alternative("b", "a")
+        .alternative_with("c", "a", |c| c.ha.promotable = false)
+        .build()
+        .await;
+    let limit = Duration::from_secs(60);
+    sb.wait_role("a", pb::Role::Leading, limit).await;
+    let mut a = sb.client("a").await;
+    create(&mut a, 8, 1).await;
+    for n in ["b", "c"] {
+        sb.wait_role(n, pb::Role::Alternative, limit).await;
+    }
+    insert(&mut a, 0..40, 8).await.unwrap();
+    let (mut b, mut c) = (sb.client("b").await, sb.client("c").await);
+    converge(&mut a, &mut b).await;
+    converge(&mut a, &mut c).await;
+
+    // The late change: what the old leader (epoch 1) would export next, id 9999.
+    let node = sb.node("a").await;
+    let collection = node.collection(C).unwrap();
+    let stream = tandem_exporter::StreamId::Shard { collection_id: collection.id, shard: 0 };
+    let cfg = tandem_exporter::kafka::KafkaConfig {
+        brokers: broker.brokers(),
+        group: sb.config("a").await.replication.group,
+        ..Default::default()
+    };
+    let kafka = Arc::new(tandem_exporter::kafka::KafkaTransport::new(cfg).unwrap());
+    let end = kafka.end_lsn(&stream).await.unwrap();
+    let late = rp::ChangeEvent {
+        format_version: 1,
+        group_id: sb.config("a").await.replication.group,
+        epoch: node.led_epoch(),
+        ts: node.clock.now(),
+        collection: C.into(),
+        collection_id: collection.id,
+        shard: 0,
+        lsn: end + 1,
+        epoch_base: Some(0),
+        body: Some(rp::change_event::Body::Insert(tandem_proto::storage::v1::RowBatch {
+            ids: vec![9999],
+            vectors: vectors(1, 8, 9999),
+            ..Default::default()
+        })),
+    };
+    // Published where it lands between the new leader's promotion and its first event.
+    let published = Arc::new(AtomicBool::new(false));
+    let (p, k, s) = (published.clone(), kafka.clone(), stream);
+    fail::cfg_callback("ha::promoted", move || {
+        if p.swap(true, Ordering::SeqCst) {
+            return;
+        }
+        let (k, ev) = (k.clone(), late.clone());
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+            rt.block_on(k.publish(&s, vec![ev])).expect("publish the late change");
+        })
+        .join()
+        .unwrap();
+    })
+    .unwrap();
+
+    sb.pause("a").await;
+    sb.wait_role("b", pb::Role::Leading, Duration::from_secs(90)).await;
+    assert!(published.load(Ordering::SeqCst), "the late change was never published");
+    let mut b = sb.client("b").await;
+    // Acknowledged by the new leader, at the position the late change took on the broker.
+    insert(&mut b, 100..110, 8).await.expect("write to the new leader");
+    let mut want: Vec<i64> = (0..40).collect();
+    want.extend(100..110);
+
+    converge(&mut b, &mut c).await;
+    assert_eq!(missing(&mut c, C, &want).await, 0, "the alternative lacks writes the new leader acknowledged");
+    assert_eq!(missing(&mut c, C, &[9999]).await, 1, "the alternative kept the fenced leader's late change");
+    assert!(sb.node("c").await.diverged_reloads.load(Ordering::Relaxed) > 0, "the alternative never noticed the late change");
+
+    sb.resume("a").await;
+    sb.wait_role("a", pb::Role::Alternative, Duration::from_secs(90)).await;
+    let mut a = sb.client("a").await;
+    converge(&mut b, &mut a).await;
+    assert_eq!(missing(&mut a, C, &want).await, 0, "the old leader lacks writes the new leader acknowledged");
+    assert_eq!(missing(&mut a, C, &[9999]).await, 1, "the old leader holds the late change");
+    scenario.teardown();
+}

@@ -36,12 +36,18 @@ fn base_event(node: &Node, group: &str, c_name: &str, c_id: u64, shard: u32, ts:
     rp::ChangeEvent {
         format_version: FORMAT_VERSION,
         group_id: group.to_string(),
-        epoch: node.epoch(),
+        // The epoch this node leads (not the newest it has heard of: a leader fenced by a newer
+        // epoch may still export a last batch, and it must read as the old epoch's).
+        epoch: match node.led_epoch() {
+            0 => node.epoch(),
+            led => led,
+        },
         ts,
         collection: c_name.to_string(),
         collection_id: c_id,
         shard,
         lsn,
+        epoch_base: None,
         body: None,
     }
 }
@@ -56,6 +62,8 @@ pub struct ShardFeed {
     /// Maps local positions to the stream's (fixed for the feed's life: a term only starts
     /// on a node that is not leading, whose feeds are stopped).
     term: crate::term::StreamTerm,
+    /// Where this leadership started in the stream (`ChangeEvent.epoch_base`).
+    epoch_base: Option<Lsn>,
     tick_every: Duration,
     last_tick: Option<Instant>,
     acked: tokio::sync::watch::Receiver<Lsn>,
@@ -89,6 +97,7 @@ impl ShardFeed {
         }
         let acked = sh.acked_watch();
         let tick_requests = node.tick_requests();
+        let epoch_base = sh.lead_base().filter(|_| node.led_epoch() > 0);
         Ok(ShardFeed {
             node,
             collection,
@@ -96,6 +105,7 @@ impl ShardFeed {
             group: group.to_string(),
             next: from.max(1),
             term,
+            epoch_base,
             tick_every,
             last_tick: None,
             acked,
@@ -122,12 +132,13 @@ impl Feed for ShardFeed {
             let (events, last, full) = {
                 let node = self.node.clone();
                 let c = self.collection.clone();
-                let (shard, next, group, term) = (self.shard, self.next, self.group.clone(), self.term);
+                let (shard, next, group, term, base) = (self.shard, self.next, self.group.clone(), self.term, self.epoch_base);
                 tokio::task::spawn_blocking(move || -> Result<_> {
                     let name = c.schema().name.clone();
                     let mut events = Vec::new();
                     let last = c.shards()[shard].read_changes(next, upto, BATCH, |lsn, rec| {
                         let mut ev = base_event(&node, &group, &name, c.id, shard as u32, rec.ts, term.to_stream(lsn));
+                        ev.epoch_base = base;
                         ev.body = match rec.op {
                             Some(st::wal_record::Op::Insert(b)) => Some(rp::change_event::Body::Insert(b)),
                             Some(st::wal_record::Op::Upsert(b)) => Some(rp::change_event::Body::Upsert(b)),
@@ -164,6 +175,7 @@ impl Feed for ShardFeed {
                         self.term.to_stream(last),
                     );
                     tick.body = Some(rp::change_event::Body::Tick(rp::TimeTick { leader_ts: self.node.clock.peek() }));
+                    tick.epoch_base = self.epoch_base;
                     out.push(tick);
                     self.last_tick = Some(Instant::now());
                 }

@@ -91,6 +91,9 @@ pub struct Node {
     stop_writes: std::sync::atomic::AtomicBool,
     pub fanout: Arc<dyn Fanout>,
     pub index_failures: AtomicU64,
+    /// Shards a follower reloaded because they held a change the leader's epoch never had (a
+    /// fenced leader's late export; `ChangeEvent.epoch_base`).
+    pub diverged_reloads: AtomicU64,
     /// The DDL log: creates, drops and index changes in order. The catalog is its checkpoint.
     ddl: Wal,
     /// Alternative: the last leader DDL position applied.
@@ -206,6 +209,7 @@ impl Node {
             stop_writes: Default::default(),
             fanout: Arc::new(LocalFanout::default()),
             index_failures: AtomicU64::new(0),
+            diverged_reloads: AtomicU64::new(0),
             ddl,
             ddl_applied: AtomicU64::new(ddl_last),
             ddl_source_lsn: AtomicU64::new(ddl_source_lsn),
@@ -398,6 +402,11 @@ impl Node {
                 self.opts.cluster_id
             )));
         }
+        for c in self.collections.read().values() {
+            for sh in c.shards() {
+                sh.resume_term();
+            }
+        }
         self.lead(epoch, self.clock.peek())?;
         tracing::info!(cluster = %self.opts.cluster_id, epoch, "leading");
         Ok(())
@@ -412,6 +421,11 @@ impl Node {
             )));
         }
         self.save_epochs(term::Epochs { seen: epoch.max(self.epoch()), led: epoch })?;
+        for c in self.collections.read().values() {
+            for sh in c.shards() {
+                sh.set_applied_epoch(epoch);
+            }
+        }
         self.clock.observe(floor_ts);
         self.set_leader(None);
         self.set_role(Role::Leading);
@@ -746,6 +760,9 @@ impl Node {
             source_lsn: 0,
         };
         let c = self.ddl_apply(&mut next_id, rec)?.expect("create returns the collection");
+        for sh in c.shards() {
+            sh.set_applied_epoch(self.led_epoch());
+        }
         Ok((c, ts))
     }
 

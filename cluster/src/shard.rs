@@ -142,6 +142,16 @@ pub struct Shard {
     exported: tokio::sync::watch::Sender<Lsn>,
     /// Where this node's leadership term starts in the shard's stream (see `term.rs`).
     term: parking_lot::RwLock<StreamTerm>,
+    /// Leading: the stream position this leadership started from (the term's base after a
+    /// promotion, the log's end when it resumed its own streams). Events carry it as
+    /// `epoch_base`. Not durable: every leadership sets it before its feeds start (`u64::MAX`
+    /// until then: unknown).
+    lead_base: std::sync::atomic::AtomicU64,
+    /// The epoch of the leader whose change this shard applied last (0: unknown, as after a
+    /// restart or a reload; this node's own epoch while it leads and after). Not durable: it
+    /// only serves to notice, within this process's life, a change applied from a fenced
+    /// leader at a position the next leader reused (see `ChangeEvent.epoch_base`).
+    applied_epoch: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Shard {
@@ -317,6 +327,8 @@ impl Shard {
             source_lsn: Default::default(),
             follow_ts: Default::default(),
             following: Default::default(),
+            lead_base: std::sync::atomic::AtomicU64::new(u64::MAX),
+            applied_epoch: Default::default(),
             leases: Mutex::new(HashMap::new()),
             lease_expiries: Default::default(),
             exported: tokio::sync::watch::Sender::new(0),
@@ -384,6 +396,7 @@ impl Shard {
         self.wal.truncate_before(self.wal.last_lsn() + 1)?;
         self.source_lsn.store(0, Ordering::Release);
         self.follow_ts.store(0, Ordering::Release);
+        self.applied_epoch.store(0, Ordering::Release);
         Ok(())
     }
 
@@ -425,7 +438,32 @@ impl Shard {
         let term = StreamTerm::new(self.wal.last_lsn(), self.source_lsn());
         term.save(&self.dir.join("term"))?;
         *self.term.write() = term;
+        self.lead_base.store(term.stream_base, Ordering::Release);
         Ok(term)
+    }
+
+    /// Leads on from where its own log ends (it led the newest epoch and nobody led since):
+    /// everything up to there is this node's and the stream's alike.
+    pub fn resume_term(&self) {
+        let _st = self.state.write();
+        self.lead_base.store(self.term().to_stream(self.wal.last_lsn()), Ordering::Release);
+    }
+
+    /// Leading: the stream position this leadership started from (`ChangeEvent.epoch_base`);
+    /// `None` before this process led.
+    pub fn lead_base(&self) -> Option<Lsn> {
+        Some(self.lead_base.load(Ordering::Acquire)).filter(|&b| b != u64::MAX)
+    }
+
+    /// The epoch of the leader whose change this shard applied last (0: unknown).
+    pub fn applied_epoch(&self) -> u64 {
+        self.applied_epoch.load(Ordering::Acquire)
+    }
+
+    /// Records the epoch of the leader whose change was applied last, or of this node's own
+    /// leadership once it leads.
+    pub fn set_applied_epoch(&self, epoch: u64) {
+        self.applied_epoch.store(epoch, Ordering::Release);
     }
 
     /// The stream position of the newest acknowledged record (the stream's end as this node

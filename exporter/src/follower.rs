@@ -400,6 +400,31 @@ impl Follower {
                     }
                 }
             };
+            if let Some(base) = ev.epoch_base {
+                // What this shard holds (or is about to apply) past the position this epoch's
+                // leader started from must be this epoch's. A change of an older epoch there
+                // is one the leader never had: a fenced leader's export that reached the broker
+                // after the next leader caught up, but before its first event. Skipping the
+                // new leader's change at that position would lose an acknowledged write; the
+                // shard is reloaded instead.
+                let (applied, epoch) = match batch.last() {
+                    Some(b) => (b.lsn, b.epoch),
+                    None => (sh.source_lsn(), sh.applied_epoch()),
+                };
+                if epoch > 0 && epoch < ev.epoch && applied > base {
+                    metrics::counter!("tandem_replication_diverged_total", "cluster" => self.cluster()).increment(1);
+                    tracing::error!(
+                        %stream_id, applied, applied_epoch = epoch, epoch = ev.epoch, epoch_base = base,
+                        "this shard applied changes of an older epoch past where the leader's epoch began (a fenced leader's late export): reloading it"
+                    );
+                    self.node.diverged_reloads.fetch_add(1, Ordering::Relaxed);
+                    if let Err(e) = self.bootstrap(c, shard, Bootstrap::Needed).await {
+                        tracing::warn!(error = %e, %stream_id, "bootstrap failed; retrying");
+                        tokio::time::sleep(BACKOFF).await;
+                    }
+                    return Flow::Resubscribe;
+                }
+            }
             let seen = match &ev.body {
                 Some(Body::Tick(t)) => t.leader_ts.max(ev.ts),
                 _ => ev.ts,
@@ -466,6 +491,7 @@ impl Follower {
                 }
             }
             let n = changes.len();
+            let before = c.shards()[shard].source_lsn();
             let (node, c2) = (self.node.clone(), c.clone());
             // Failpoint: applying the batch fails before anything is applied (`transient`: a
             // failure worth retrying; otherwise one that is not).
@@ -488,6 +514,10 @@ impl Follower {
                 Err(e) => (0, Err(ClusterError::Internal(e.to_string()))),
             };
             self.applied.fetch_add(handled as u64, Ordering::Relaxed);
+            // The epoch of the last change applied (not one stepped over as already applied).
+            if let Some(ev) = events[..handled.min(events.len())].iter().rev().find(|ev| ev.lsn > before) {
+                c.shards()[shard].set_applied_epoch(ev.epoch);
+            }
             metrics::counter!("tandem_replication_events_applied_total", "cluster" => self.cluster(), "collection" => c.schema().name.clone(), "shard" => shard.to_string())
                 .increment(handled as u64);
             let failed = match (result, bad) {

@@ -503,6 +503,10 @@ impl Controller {
             return Err(e);
         }
         self.led_lease = Some(lease);
+        // Failpoint: between the promotion (each stream's term begun, no replicated change
+        // lands any more) and this leader's first event (the test publishes a fenced leader's
+        // late export there).
+        let _ = tandem_cluster::failpoint::fired("ha::promoted");
         self.repl.stop();
         self.following = None;
         self.repl = replication::start_publisher_with(&self.node, &self.cfg, self.transport.clone());
@@ -663,17 +667,25 @@ async fn stream_holds(transport: &dyn Transport, stream: &StreamId, position: u6
         Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch && ev.ts == ts && is_data(&ev) => {}
         _ => return false,
     }
-    // What follows at the same position: this node's own ticks, then the next leader's
-    // first event. A change there means the position was reused (ours never reached the
-    // next leader); anything else of a newer epoch, or a later position, means it did.
-    // Bounded: an idle new leader ticks at this position for ever.
+    // What follows: this node's own ticks, then the next leader's first event, which tells
+    // where that leader started. It had our record only if it started at or after it: its
+    // `epoch_base`, or else a tick at our position or later, or a change past it. A newer
+    // epoch's tick at an earlier position means our record landed late, after the next leader
+    // caught up (seen in the docker fault campaign: a paused leader's export, sent on resume).
+    // Bounded: an idle new leader ticks at its position for ever.
     let until = tokio::time::Instant::now() + Duration::from_secs(2);
     loop {
         match tokio::time::timeout_at(until, events.next()).await {
-            Ok(Some(Ok(ev))) if ev.lsn == position && ev.epoch == epoch => {}
-            Ok(Some(Ok(ev))) if ev.lsn == position => return !is_data(&ev),
-            Ok(Some(Ok(_))) | Err(_) | Ok(None) => return true,
+            Ok(Some(Ok(ev))) if ev.epoch <= epoch => {}
+            Ok(Some(Ok(ev))) => {
+                return match ev.epoch_base {
+                    Some(base) => base >= position,
+                    None if is_data(&ev) => ev.lsn > position,
+                    None => ev.lsn >= position,
+                };
+            }
             Ok(Some(Err(_))) => return false,
+            Err(_) | Ok(None) => return true,
         }
     }
 }
@@ -698,6 +710,7 @@ mod tests {
             collection_id,
             shard,
             lsn,
+            epoch_base: None,
             body: Some(Body::Insert(RowBatch { ids: vec![lsn as i64], vectors: vec![1.0, 2.0], ..Default::default() })),
         }
     }
@@ -724,9 +737,16 @@ mod tests {
             // The old leader's record landed late, after the next leader had reused the position
             // (subscribers of the new epoch drop it): lost all the same.
             (3, vec![change(&stream(3), 3, 2, 400)]),
+            // The old leader's record landed late, after the next leader had caught up to 2 but
+            // before its first event: a tick at 2 (a change at 3 would follow).
+            (4, vec![tick(&stream(4), 2, 2, 400)]),
+            // The same, as a leader that says where its epoch began.
+            (5, vec![ChangeEvent { epoch_base: Some(2), ..tick(&stream(5), 3, 2, 400) }]),
+            // An idle next leader that had the record: it began at 3.
+            (6, vec![ChangeEvent { epoch_base: Some(3), ..tick(&stream(6), 3, 2, 400) }]),
         ] {
             let s = stream(shard);
-            t.ensure_stream(&s, 4).await.unwrap();
+            t.ensure_stream(&s, 7).await.unwrap();
             let mut events = vec![change(&s, 1, 1, 100), change(&s, 2, 1, 200)];
             // Stream 2 got the next leader's 3 instead of the old leader's.
             if shard != 2 {
@@ -740,6 +760,9 @@ mod tests {
         assert!(stream_holds(&t, &streams[1], 3, 1, ours).await, "the next leader went on after it");
         assert!(!stream_holds(&t, &streams[2], 3, 1, ours).await, "the position holds another leader's change");
         assert!(!stream_holds(&t, &streams[3], 3, 1, ours).await, "another leader's change follows at the same position");
+        assert!(!stream_holds(&t, &streams[4], 3, 1, ours).await, "the next leader began before the record");
+        assert!(!stream_holds(&t, &streams[5], 3, 1, ours).await, "the next leader says it began before the record");
+        assert!(stream_holds(&t, &streams[6], 3, 1, ours).await, "the next leader says it began at the record");
         assert!(!stream_holds(&t, &streams[0], 3, 1, other_ts).await, "another ts at that position is another change");
         assert!(!stream_holds(&t, &streams[0], 3, 2, ours).await, "another epoch at that position is another change");
         assert!(!stream_holds(&t, &streams[0], 2, 1, ours).await, "the record at 2 is not the one written last");

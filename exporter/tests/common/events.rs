@@ -39,6 +39,7 @@ pub fn change(stream: &StreamId, lsn: u64) -> ChangeEvent {
         collection_id,
         shard,
         lsn,
+        epoch_base: None,
         body: Some(Body::Insert(RowBatch { ids: vec![lsn as i64], vectors: vec![lsn as f32, 0.5], ..Default::default() })),
     }
 }
