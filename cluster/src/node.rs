@@ -761,6 +761,7 @@ impl Node {
         };
         let c = self.ddl_apply(&mut next_id, rec)?.expect("create returns the collection");
         for sh in c.shards() {
+            sh.begin_new_stream();
             sh.set_applied_epoch(self.led_epoch());
         }
         Ok((c, ts))

@@ -449,6 +449,11 @@ impl Shard {
         self.lead_base.store(self.term().to_stream(self.wal.last_lsn()), Ordering::Release);
     }
 
+    /// A collection created by this leader: its streams begin with this leadership.
+    pub fn begin_new_stream(&self) {
+        self.lead_base.store(0, Ordering::Release);
+    }
+
     /// Leading: the stream position this leadership started from (`ChangeEvent.epoch_base`);
     /// `None` before this process led.
     pub fn lead_base(&self) -> Option<Lsn> {
@@ -560,6 +565,12 @@ impl Shard {
             *v = (*v).max(lsn);
             changed
         });
+    }
+
+    /// Leader with a broker transport: the stream position up to which the transport has
+    /// acknowledged this node's records (this leadership's base before its first).
+    pub fn exported_stream_lsn(&self) -> Lsn {
+        self.term().to_stream(*self.exported.borrow())
     }
 
     pub fn exported_watch(&self) -> tokio::sync::watch::Receiver<Lsn> {
