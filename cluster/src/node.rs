@@ -98,6 +98,9 @@ pub struct Node {
     ddl: Wal,
     /// Alternative: the last leader DDL position applied.
     ddl_source_lsn: AtomicU64,
+    /// Leading: the DDL stream position this leadership started from (`u64::MAX` until this
+    /// process leads); the publisher never resumes past it and what it exported itself.
+    ddl_lead_base: AtomicU64,
     /// The last DDL record whose effect is in `collections`. Feeds read only up to it: a record
     /// is logged before it is applied, and a feed that saw it earlier would export a collection
     /// the node does not list yet.
@@ -213,6 +216,7 @@ impl Node {
             ddl,
             ddl_applied: AtomicU64::new(ddl_last),
             ddl_source_lsn: AtomicU64::new(ddl_source_lsn),
+            ddl_lead_base: AtomicU64::new(u64::MAX),
             leader: RwLock::new(None),
             tick_requests: tokio::sync::watch::Sender::new(0),
             leader_clock: RwLock::new(None),
@@ -381,6 +385,7 @@ impl Node {
         let ddl = StreamTerm::new(self.ddl.last_lsn(), self.ddl_source_lsn());
         ddl.save(&self.opts.data_dir.join("ddl-term"))?;
         *self.ddl_term.write() = ddl;
+        self.ddl_lead_base.store(ddl.stream_base, Ordering::Release);
         for c in self.collections.read().values() {
             for sh in c.shards() {
                 sh.begin_term()?;
@@ -407,6 +412,7 @@ impl Node {
                 sh.resume_term();
             }
         }
+        self.ddl_lead_base.store(self.ddl_stream_end(), Ordering::Release);
         self.lead(epoch, self.clock.peek())?;
         tracing::info!(cluster = %self.opts.cluster_id, epoch, "leading");
         Ok(())
@@ -618,6 +624,16 @@ impl Node {
     }
 
     /// The transport has acknowledged the DDL stream up to stream position `lsn`.
+    /// Leading: where the publisher may resume the DDL stream, given the transport's `end`:
+    /// never past this leadership's base and what the transport acknowledged to it (past
+    /// them, the stream can hold a fenced leader's late message; see `Shard::lead_base`).
+    pub fn ddl_resume_end(&self, end: Lsn) -> Lsn {
+        match self.ddl_lead_base.load(Ordering::Acquire) {
+            u64::MAX => end,
+            base => end.min(base.max(self.ddl_term().to_stream(*self.ddl_exported.borrow()))),
+        }
+    }
+
     pub fn set_ddl_exported(&self, lsn: Lsn) {
         let lsn = self.ddl_term().to_local(lsn);
         self.ddl_exported.send_if_modified(|v| {

@@ -65,6 +65,7 @@ impl Publisher {
             };
             match end {
                 Ok(l) => {
+                    let l = self.node.ddl_resume_end(l);
                     self.node.set_ddl_exported(l);
                     break l + 1;
                 }
