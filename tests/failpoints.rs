@@ -36,6 +36,28 @@ async fn converge(lead: &mut Client, alt: &mut Client) {
     sandbox::converge(lead, alt, C, CONVERGE).await
 }
 
+/// Leader `a` and alternatives `b` and `c` under the sandbox's arbiter, over Kafka, with the
+/// collection (`shards` shards) created and both alternatives serving; with `c_promotable`
+/// false, `b` is the only candidate.
+async fn three_on_kafka(broker: &tandem_harness::Tansu, shards: u32, c_promotable: bool) -> (Sandbox, Client) {
+    let sb = Sandbox::builder()
+        .transport(Backend::Kafka { brokers: broker.brokers() })
+        .ha()
+        .leading("a")
+        .alternative("b", "a")
+        .alternative_with("c", "a", move |c| c.ha.promotable = c_promotable)
+        .build()
+        .await;
+    let limit = Duration::from_secs(60);
+    sb.wait_role("a", pb::Role::Leading, limit).await;
+    let mut a = sb.client("a").await;
+    create(&mut a, 8, shards).await;
+    for n in ["b", "c"] {
+        sb.wait_role(n, pb::Role::Alternative, limit).await;
+    }
+    (sb, a)
+}
+
 /// A failed fsync: the write it was for is not acknowledged, the log takes nothing more (after
 /// a failed fsync the kernel may have dropped the pages, so a retry could "succeed" without
 /// the data on disk), the error says what happened, and after a restart every write
@@ -198,21 +220,7 @@ async fn a_failed_apply_retries_or_halts_but_never_diverges() {
 async fn a_lease_lost_while_promoting_loses_no_acknowledged_write() {
     let scenario = fail::FailScenario::setup();
     let broker = tandem_harness::Tansu::start(false);
-    let sb = Sandbox::builder()
-        .transport(Backend::Kafka { brokers: broker.brokers() })
-        .ha()
-        .leading("a")
-        .alternative("b", "a")
-        .alternative("c", "a")
-        .build()
-        .await;
-    let limit = Duration::from_secs(60);
-    sb.wait_role("a", pb::Role::Leading, limit).await;
-    let mut a = sb.client("a").await;
-    create(&mut a, 8, 2).await;
-    for n in ["b", "c"] {
-        sb.wait_role(n, pb::Role::Alternative, limit).await;
-    }
+    let (sb, mut a) = three_on_kafka(&broker, 2, true).await;
     insert(&mut a, 0..40, 8).await.unwrap();
 
     // At the first win: the candidates' renewals stop for 4 s (past the 2 s lease).
@@ -298,21 +306,8 @@ async fn a_fenced_leaders_late_export_is_not_kept_by_an_alternative() {
     use tandem_proto::replication::v1 as rp;
     let scenario = fail::FailScenario::setup();
     let broker = tandem_harness::Tansu::start(false);
-    let sb = Sandbox::builder()
-        .transport(Backend::Kafka { brokers: broker.brokers() })
-        .ha()
-        .leading("a")
-        .alternative("b", "a")
-        .alternative_with("c", "a", |c| c.ha.promotable = false)
-        .build()
-        .await;
-    let limit = Duration::from_secs(60);
-    sb.wait_role("a", pb::Role::Leading, limit).await;
-    let mut a = sb.client("a").await;
-    create(&mut a, 8, 1).await;
-    for n in ["b", "c"] {
-        sb.wait_role(n, pb::Role::Alternative, limit).await;
-    }
+    // c cannot be promoted: b is the next leader, c the alternative that meets the late change.
+    let (sb, mut a) = three_on_kafka(&broker, 1, false).await;
     insert(&mut a, 0..40, 8).await.unwrap();
     let (mut b, mut c) = (sb.client("b").await, sb.client("c").await);
     converge(&mut a, &mut b).await;
