@@ -812,16 +812,20 @@ impl Node {
         }
         self.clock.observe(rec.ts);
         rec.source_lsn = lsn;
-        if let Some(st::ddl_record::Op::Create(_)) = &rec.op
-            && let Some(existing) = self.collections.read().get(&rec.collection)
-            && existing.id != rec.collection_id
-        {
+        // The id is read into a local first: a read guard taken in the `if let` would live
+        // through its body, and the drop there takes the write lock (a deadlock the docker fault
+        // campaign found: a restarted alternative hung for good on a recreated collection).
+        let existing = match &rec.op {
+            Some(st::ddl_record::Op::Create(_)) => self.collections.read().get(&rec.collection).map(|c| c.id),
+            _ => None,
+        };
+        if let Some(existing) = existing.filter(|&id| id != rec.collection_id) {
             // The leader dropped and recreated it while we were away and its drop is not in
             // the stream any more: drop our copy first.
             let drop = st::DdlRecord {
                 ts: rec.ts,
                 collection: rec.collection.clone(),
-                collection_id: existing.id,
+                collection_id: existing,
                 op: Some(st::ddl_record::Op::Drop(st::DropOp {})),
                 source_lsn: 0,
             };
@@ -1091,6 +1095,39 @@ mod tests {
         let checks = watcher.join().expect("the watcher saw a position applied before its collection");
         assert!(checks > 0);
         assert_eq!(node.ddl_source_lsn(), 20);
+    }
+
+    /// A create of a name the alternative holds under another id (the leader dropped and
+    /// recreated it, and the drop is not in the stream any more) replaces the old collection.
+    /// It once hung for good: the read guard of the lookup lived on while the drop took the
+    /// write lock. Run on a thread, so a hang fails the test instead of stalling it.
+    #[test]
+    fn a_replicated_create_replaces_a_collection_of_the_same_name_and_another_id() {
+        let dir = tempfile::tempdir().unwrap();
+        let node = leader(dir.path());
+        node.set_role(Role::Alternative);
+        let create = |id: u64, dim: u32| st::DdlRecord {
+            ts: crate::ts::compose(1_700_000_000_000 + id, 0),
+            collection: "c".into(),
+            collection_id: id,
+            op: Some(st::ddl_record::Op::Create(pb::CollectionSchema {
+                name: "c".into(),
+                dim,
+                metric: pb::Metric::L2 as i32,
+                shards: 1,
+                ..Default::default()
+            })),
+            source_lsn: 0,
+        };
+        assert!(node.apply_replicated_ddl(1, create(1, 2)).unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        let n = node.clone();
+        std::thread::spawn(move || tx.send(n.apply_replicated_ddl(3, create(3, 4)).map_err(|e| e.to_string())));
+        let applied = rx.recv_timeout(std::time::Duration::from_secs(30)).expect("the create hung");
+        assert_eq!(applied, Ok(true));
+        let c = node.collection("c").unwrap();
+        assert_eq!((c.id, c.schema().dim), (3, 4), "the new incarnation replaced the old one");
+        assert_eq!(node.collections().len(), 1);
     }
 
     /// A rejoining old leader keeps the shards it was told to keep (the stream holds their last
