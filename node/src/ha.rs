@@ -141,6 +141,12 @@ struct Controller {
 
 impl Controller {
     async fn run(mut self, mut switchovers: tokio::sync::mpsc::Receiver<Switchover>) {
+        // Both counters exist from the start, at zero: a series that appears only at its first
+        // increment is missing from every process that has not failed over since it started
+        // (a dashboard shows "no data", and `increase()` misses the first one).
+        for name in ["tandem_ha_promotions_total", "tandem_ha_fenced_total"] {
+            metrics::counter!(name, "cluster" => self.cfg.cluster_id.clone()).increment(0);
+        }
         let mut view = self.session.view();
         let mut lease = self.session.lease();
         let mut report = tokio::time::interval(REPORT_EVERY);
