@@ -626,7 +626,7 @@ impl Node {
     /// The transport has acknowledged the DDL stream up to stream position `lsn`.
     /// Leading: where the publisher may resume the DDL stream, given the transport's `end`:
     /// never past this leadership's base and what the transport acknowledged to it (past
-    /// them, the stream can hold a fenced leader's late message; see `Shard::lead_base`).
+    /// them, the stream can hold a fenced leader's late message; see `Shard::resume_end`).
     pub fn ddl_resume_end(&self, end: Lsn) -> Lsn {
         match self.ddl_lead_base.load(Ordering::Acquire) {
             u64::MAX => end,

@@ -567,10 +567,19 @@ impl Shard {
         });
     }
 
-    /// Leader with a broker transport: the stream position up to which the transport has
-    /// acknowledged this node's records (this leadership's base before its first).
-    pub fn exported_stream_lsn(&self) -> Lsn {
-        self.term().to_stream(*self.exported.borrow())
+    /// Leading: where the publisher may resume, given the stream's `end` on the transport.
+    /// Past this leadership's base, the stream holds only what this node exported, and what a
+    /// fenced leader exported late (its queued messages, sent on resume: the docker fault
+    /// campaign saw one land before this leader's first event). Taking such a position as ours
+    /// would mark our own record there exported without publishing it: an acknowledged write
+    /// no subscriber ever gets. So the end is never taken past this leadership's base and what
+    /// the transport acknowledged to us; at worst the broker gets again what it has, and
+    /// subscribers skip positions they applied.
+    pub fn resume_end(&self, end: Lsn) -> Lsn {
+        match self.lead_base() {
+            Some(base) => end.min(base.max(self.term().to_stream(*self.exported.borrow()))),
+            None => end,
+        }
     }
 
     pub fn exported_watch(&self) -> tokio::sync::watch::Receiver<Lsn> {

@@ -186,17 +186,7 @@ impl Publisher {
                 Some(e) => e,
                 None => self.stream_end(&stream).await,
             };
-            // Past this leadership's base, the stream holds only what this node exported, and
-            // what a fenced leader exported late (its queued messages, sent on resume: the
-            // docker fault campaign saw one land before this leader's first event). Taking such
-            // a position as ours would mark our own record there exported without publishing
-            // it: an acknowledged write no subscriber ever gets. So the end is never taken past
-            // what the transport acknowledged to us; at worst we publish again what the broker
-            // already has, and subscribers skip positions they applied.
-            let end = match sh.lead_base() {
-                Some(base) if self.node.led_epoch() > 0 => end.min(base.max(sh.exported_stream_lsn())),
-                _ => end,
-            };
+            let end = sh.resume_end(end);
             // `end` and the events' positions are the stream's; the WAL's are local (they
             // differ on a promoted leader, see tandem_cluster::term).
             let term = sh.term();

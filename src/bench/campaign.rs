@@ -184,10 +184,7 @@ pub struct Report {
 }
 
 pub async fn run(a: CampaignArgs) -> anyhow::Result<()> {
-    if let Ok(filter) = std::env::var("TANDEM_BENCH_LOG") {
-        let _ =
-            tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).try_init();
-    }
+    super::log_if_asked();
     let report = campaign(&a).await?;
     println!("fault                   target      at s   held ms  leader before -> after  writes resumed ms  settled ms");
     for f in &report.faults {

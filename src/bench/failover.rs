@@ -127,11 +127,7 @@ pub struct Report {
 }
 
 pub async fn run(a: FailoverBenchArgs) -> anyhow::Result<()> {
-    // TANDEM_BENCH_LOG (a RUST_LOG filter) logs the bench's own steps too, beside the clusters'.
-    if let Ok(filter) = std::env::var("TANDEM_BENCH_LOG") {
-        let _ =
-            tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).try_init();
-    }
+    super::log_if_asked();
     let report = measure(&a).await?;
     println!("round  killed  new leader  epoch  failover ms  rejoin ms  converged  acked  lost  reads ok  reads failed");
     for (i, r) in report.rounds.iter().enumerate() {

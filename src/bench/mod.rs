@@ -29,6 +29,15 @@ impl From<WalSyncArg> for WalSync {
     }
 }
 
+/// TANDEM_BENCH_LOG (a RUST_LOG filter) logs a bench's own steps to stderr, beside the
+/// clusters' logs.
+pub(crate) fn log_if_asked() {
+    if let Ok(filter) = std::env::var("TANDEM_BENCH_LOG") {
+        let _ =
+            tracing_subscriber::fmt().with_env_filter(tracing_subscriber::EnvFilter::new(filter)).with_writer(std::io::stderr).try_init();
+    }
+}
+
 /// CPU time (user + system) this process has used so far, from /proc; None elsewhere.
 pub(crate) fn process_cpu_secs() -> Option<f64> {
     let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
