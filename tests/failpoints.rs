@@ -148,7 +148,8 @@ async fn an_interrupted_snapshot_leaves_no_divergence() {
     let coll = sb.node("lead").await.collection(C).unwrap();
     assert!(coll.shards().iter().all(|s| s.first_lsn() > 1), "precondition: the leader's WAL was truncated");
 
-    // The first chunk of the first shard is loaded, then the stream breaks.
+    // The first segment (with its index, in the manifest) or rows chunk of the first shard is
+    // loaded, then the stream breaks.
     fail::cfg("follower::snapshot_chunk", "1*return").unwrap();
     sb.add_alternative("alt", "lead").await;
     let mut a = sb.client("alt").await;
@@ -156,6 +157,7 @@ async fn an_interrupted_snapshot_leaves_no_divergence() {
     assert_eq!(hits("follower::snapshot_chunk"), 1, "the snapshot was never interrupted");
     let f = sb.follower("alt").await;
     assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards came from a snapshot in the end");
+    assert!(f.segments_loaded.load(Ordering::Relaxed) >= 2, "the flushed segments came with their index");
     scenario.teardown();
 }
 

@@ -151,6 +151,19 @@ async fn bootstrap_then_live_handoff(backend: Backend) {
         // starts from a snapshot depending on its length, racing the writer;
         // `a_long_topic_is_skipped_by_a_snapshot` and `replication_metrics` cover that choice.)
         assert!(f.bootstraps.load(Ordering::Relaxed) >= 2, "both shards bootstrapped from a snapshot");
+        // The leader's flushed segments came with their HNSW index: 10 000 rows in segments of
+        // 1 000 over 2 shards.
+        let loaded = f.segments_loaded.load(Ordering::Relaxed);
+        assert!(loaded >= 8, "{loaded} sealed segments were loaded with their index");
+        drop(f);
+        // What a snapshot installed (segments listed in the manifest, with the leader's
+        // deletes) survives a restart, which resumes without a new snapshot.
+        sb.restart("alt").await;
+        let mut a = sb.client("alt").await;
+        insert(&mut l, 200_000..200_100, 64).await;
+        converge(&mut l, &mut a).await;
+        let f = sb.follower("alt").await;
+        assert_eq!(f.bootstraps.load(Ordering::Relaxed), 0, "resumed from what it installed");
     }
 }
 
@@ -191,12 +204,16 @@ async fn a_long_topic_is_skipped_by_a_snapshot(backend: Backend) {
     }
     let ids: Vec<i64> = (0..10).collect();
     l.insert(pb::InsertRequest { ack: 0, collection: "tiny".into(), ids, vectors: vectors(10, DIM, 7), payloads: vec![] }).await.unwrap();
+    // Each shard of C now has one sealed, indexed segment: its snapshot sends it whole, with its
+    // index file, whatever the transport.
+    l.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
     sb.add_alternative("alt", "lead").await;
     let mut a = sb.client("alt").await;
     converge(&mut l, &mut a).await;
     sandbox::converge(&mut l, &mut a, "tiny", CONVERGE).await;
     let f = sb.follower("alt").await;
     assert_eq!(f.bootstraps.load(Ordering::Relaxed), 2, "the two shards of the long topic came from a snapshot, tiny's were replayed");
+    assert_eq!(f.segments_loaded.load(Ordering::Relaxed), 2, "each snapshot brought its sealed segment with its index");
 }
 
 /// Leader "lead" and alternative "alt", the collection created and visible on both.

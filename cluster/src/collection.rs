@@ -8,12 +8,14 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 use parking_lot::RwLock;
+use tandem_proto::storage::v1 as st;
 
 use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
-use crate::schema::Schema;
-use crate::segment::{Row, Sealed};
-use crate::shard::{LogMeta, Recovering, Shard, ShardOp, ShardOptions};
+use crate::replication::ReceivedSegment;
+use crate::schema::{IndexKind, Metric, Schema};
+use crate::segment::{LIVE, Row, Sealed};
+use crate::shard::{LogMeta, Recovering, Shard, ShardOp, ShardOptions, check_segment_rows, op_from_record};
 use crate::ts::{HybridClock, Ts, physical_ms};
 use crate::wal::Lsn;
 
@@ -294,6 +296,47 @@ impl Collection {
     /// snapshot is in. Blocking.
     pub fn load_snapshot_rows(&self, clock: &HybridClock, shard: usize, ts: Ts, op: ShardOp, jobs: &mut IndexJobs) -> Result<()> {
         self.append_replicated(clock, shard, None, ts, op, jobs).map(|_| ())
+    }
+
+    /// Alternative bootstrap: adds a sealed segment that a snapshot at `snapshot` brought with
+    /// its index file, without rebuilding the index (see `Shard::install_segment`). If this
+    /// collection's index is not the segment's (it changed on the leader since), the segment's
+    /// live rows are loaded as snapshot rows instead and indexed here. Returns whether the
+    /// index was loaded. Blocking.
+    pub fn install_snapshot_segment(
+        &self,
+        clock: &HybridClock,
+        shard: usize,
+        snapshot: Ts,
+        seg: ReceivedSegment,
+        jobs: &mut IndexJobs,
+    ) -> Result<bool> {
+        let ReceivedSegment { rows, delete_ts, index_file: index, spec } = seg;
+        let schema = self.schema();
+        let sh = self
+            .shards
+            .get(shard)
+            .ok_or_else(|| ClusterError::invalid(format!("shard {shard} of collection {:?} does not exist", schema.name)))?;
+        if !sh.is_following() {
+            return Err(not_following(&schema.name, shard));
+        }
+        check_segment_rows(&schema, &rows, &delete_ts)?;
+        clock.observe(snapshot);
+        let delete_ts: Vec<Ts> = delete_ts.into_iter().map(|ts| if ts == 0 { LIVE } else { ts }).collect();
+        if IndexKind::from_proto(Some(&spec))? == schema.index && Metric::from_proto(spec.metric)? == schema.metric {
+            return sh.install_segment(&schema, snapshot, rows, delete_ts, &index).map(|()| true);
+        }
+        let _ = std::fs::remove_file(&index);
+        let live: Vec<usize> = (0..rows.ids.len()).filter(|&i| delete_ts.get(i) == Some(&LIVE)).collect();
+        let dim = schema.dim;
+        let batch = st::RowBatch {
+            ids: live.iter().map(|&i| rows.ids[i]).collect(),
+            vectors: live.iter().flat_map(|&i| rows.vectors[i * dim..(i + 1) * dim].iter().copied()).collect(),
+            payloads: if rows.payloads.is_empty() { Vec::new() } else { live.iter().map(|&i| rows.payloads[i].clone()).collect() },
+            insert_ts: live.iter().map(|&i| rows.insert_ts[i]).collect(),
+        };
+        let op = op_from_record(&schema, st::wal_record::Op::Upsert(batch))?.expect("data op");
+        self.load_snapshot_rows(clock, shard, snapshot, op, jobs).map(|()| false)
     }
 
     /// Logs and applies a change from the leader with the leader's ts. With `source` (a stream

@@ -3,6 +3,8 @@
 //! Elasticsearch CCR pulls from its leader), shard snapshots for bootstrapping, and the leader's
 //! clock for STRONG reads on alternatives.
 
+use std::io::Read;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -15,9 +17,15 @@ use crate::error::ClusterError;
 use crate::feed::{DdlFeed, Feed, ShardFeed};
 use crate::node::Node;
 use crate::role::Role;
-use crate::schema::row_to_payload;
+use crate::schema::{Schema, row_to_payload};
+use crate::segment::Sealed;
+use crate::shard::Shard;
+use crate::ts::Ts;
 
 pub const SNAPSHOT_CHUNK_ROWS: usize = 1024;
+
+/// Bytes of an index file per snapshot message.
+const SNAPSHOT_INDEX_PIECE: usize = 1 << 20;
 
 /// How often the leader records its replication metrics (leases).
 const REPORT_EVERY: Duration = Duration::from_secs(1);
@@ -180,28 +188,40 @@ impl rp::replication_server::Replication for ReplicationService {
         let total_rows = shard.stats().live_rows;
         let position = shard.term().to_stream(lsn);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
+        let want_segments = r.segments;
         tokio::task::spawn_blocking(move || {
-            let with_payloads = !schema.fields.is_empty();
-            shard.snapshot_rows(snap, SNAPSHOT_CHUNK_ROWS, |ids, vectors, rows, insert_ts| {
-                let payloads = if with_payloads { rows.iter().map(|r| row_to_payload(&schema, r)).collect() } else { Vec::new() };
-                let chunk = rp::SnapshotChunk {
-                    snapshot_ts: snap,
-                    rows: Some(st::RowBatch { ids, vectors, payloads, insert_ts: Vec::new() }),
-                    insert_ts,
-                    done: false,
-                    lsn: position,
-                    total_rows,
-                };
-                let _ = tx.blocking_send(Ok(chunk));
-            });
-            let _ = tx.blocking_send(Ok(rp::SnapshotChunk {
+            let chunk = |rows, insert_ts, segment, done| rp::SnapshotChunk {
                 snapshot_ts: snap,
-                rows: None,
-                insert_ts: Vec::new(),
-                done: true,
+                rows,
+                insert_ts,
+                done,
                 lsn: position,
                 total_rows,
-            }));
+                segment,
+            };
+            let segments = if want_segments { shard.shippable_segments(&schema, snap) } else { Vec::new() };
+            for seg in &segments {
+                let sent = send_segment(&shard, &schema, seg, snap, |part| {
+                    tx.blocking_send(Ok(chunk(None, Vec::new(), Some(part), false))).is_ok()
+                });
+                match sent {
+                    Ok(true) => {}
+                    // The subscriber went away.
+                    Ok(false) => return,
+                    Err(e) => {
+                        let _ = tx.blocking_send(Err(e.into()));
+                        return;
+                    }
+                }
+            }
+            let skip = segments.iter().map(|s| s.id).collect();
+            let with_payloads = !schema.fields.is_empty();
+            shard.snapshot_rows(snap, &skip, SNAPSHOT_CHUNK_ROWS, |ids, vectors, rows, insert_ts| {
+                let payloads = if with_payloads { rows.iter().map(|r| row_to_payload(&schema, r)).collect() } else { Vec::new() };
+                let rows = st::RowBatch { ids, vectors, payloads, insert_ts: Vec::new() };
+                let _ = tx.blocking_send(Ok(chunk(Some(rows), insert_ts, None, false)));
+            });
+            let _ = tx.blocking_send(Ok(chunk(None, Vec::new(), None, true)));
         });
         Ok(Response::new(ReceiverStream::new(rx)))
     }
@@ -226,5 +246,295 @@ impl rp::replication_server::Replication for ReplicationService {
         self.node.request_ticks();
         self.start_reporter();
         Ok(Response::new(rp::LeaderTsResponse { ts, epoch: self.node.epoch() }))
+    }
+}
+
+/// Sends one sealed segment of a snapshot at `snap` as `SnapshotSegment` parts: its rows in
+/// offset order with their deletes at or below `snap`, then its index file in pieces, the last
+/// with the file's length and CRC-32. Returns false when `send` reports the subscriber gone.
+/// Blocking.
+fn send_segment(
+    shard: &Shard,
+    schema: &Schema,
+    seg: &Sealed,
+    snap: Ts,
+    mut send: impl FnMut(rp::SnapshotSegment) -> bool,
+) -> Result<bool, ClusterError> {
+    let part = |rows, delete_ts, index_bytes| rp::SnapshotSegment {
+        id: seg.id,
+        rows,
+        delete_ts,
+        index_bytes,
+        row_count: seg.len() as u64,
+        ..Default::default()
+    };
+    let with_payloads = !schema.fields.is_empty();
+    for lo in (0..seg.len()).step_by(SNAPSHOT_CHUNK_ROWS) {
+        let hi = (lo + SNAPSHOT_CHUNK_ROWS).min(seg.len());
+        let r = &seg.rows;
+        let rows = st::RowBatch {
+            ids: r.ids[lo..hi].to_vec(),
+            vectors: r.vectors[lo * schema.dim..hi * schema.dim].to_vec(),
+            payloads: if with_payloads { r.payloads[lo..hi].iter().map(|p| row_to_payload(schema, p)).collect() } else { Vec::new() },
+            insert_ts: r.insert_ts[lo..hi].to_vec(),
+        };
+        // A delete after the snapshot comes on the stream, after it.
+        let delete_ts = (lo..hi).map(|off| seg.delete_ts(off)).map(|ts| if ts <= snap { ts } else { 0 }).collect();
+        if !send(part(Some(rows), delete_ts, Vec::new())) {
+            return Ok(false);
+        }
+    }
+    let index = seg.index().ok_or_else(|| ClusterError::Internal(format!("segment {} lost its index", seg.id)))?;
+    let mut file = shard.index_file(seg)?;
+    let (mut len, mut crc) = (0u64, crc32fast::Hasher::new());
+    loop {
+        let mut piece = Vec::with_capacity(SNAPSHOT_INDEX_PIECE);
+        let n = (&mut file)
+            .take(SNAPSHOT_INDEX_PIECE as u64)
+            .read_to_end(&mut piece)
+            .map_err(|e| ClusterError::Internal(format!("reading segment {}'s index: {e}", seg.id)))?;
+        len += n as u64;
+        crc.update(&piece);
+        if n < SNAPSHOT_INDEX_PIECE {
+            let spec = tandem_proto::v1::IndexSpec { metric: index.metric().to_proto() as i32, ..index.kind().to_proto() };
+            let last = rp::SnapshotSegment {
+                index: Some(spec),
+                index_len: len,
+                index_crc32: crc.finalize(),
+                last: true,
+                ..part(None, Vec::new(), piece)
+            };
+            return Ok(send(last));
+        }
+        if !send(part(None, Vec::new(), piece)) {
+            return Ok(false);
+        }
+    }
+}
+
+/// A sealed segment received whole in a snapshot (see `send_segment`): its rows, one delete ts
+/// per row (0: live at the snapshot), and its index file, checked, in the shard's directory.
+#[derive(Debug)]
+pub struct ReceivedSegment {
+    pub rows: st::RowBatch,
+    pub delete_ts: Vec<u64>,
+    pub index_file: PathBuf,
+    pub spec: tandem_proto::v1::IndexSpec,
+}
+
+/// Puts a segment's `SnapshotSegment` parts back together: rows in memory, the index file
+/// written to `seg-incoming-*.tmp` in the shard's directory as it comes (a wipe removes what an
+/// interrupted snapshot left). Blocking.
+pub struct SegmentReceiver {
+    id: u64,
+    row_count: u64,
+    rows: st::RowBatch,
+    delete_ts: Vec<u64>,
+    path: PathBuf,
+    file: std::fs::File,
+    len: u64,
+    crc: crc32fast::Hasher,
+}
+
+impl SegmentReceiver {
+    pub fn new(dir: &Path, first: &rp::SnapshotSegment) -> Result<SegmentReceiver, ClusterError> {
+        let path = dir.join(format!("seg-incoming-{}.tmp", first.id));
+        let file = std::fs::File::create(&path).map_err(|e| ClusterError::io(&path, e))?;
+        Ok(SegmentReceiver {
+            id: first.id,
+            row_count: first.row_count,
+            rows: st::RowBatch::default(),
+            delete_ts: Vec::new(),
+            path,
+            file,
+            len: 0,
+            crc: crc32fast::Hasher::new(),
+        })
+    }
+
+    pub fn id(&self) -> u64 {
+        self.id
+    }
+
+    /// Takes the next part; the whole segment once its last part is in.
+    pub fn take(&mut self, part: rp::SnapshotSegment) -> Result<Option<ReceivedSegment>, ClusterError> {
+        use std::io::Write;
+        let bad = |what: String| ClusterError::invalid(format!("segment {} of the snapshot: {what}", part.id));
+        if part.id != self.id {
+            return Err(bad(format!("a part came while segment {} was incomplete", self.id)));
+        }
+        if let Some(r) = part.rows {
+            if r.insert_ts.len() != r.ids.len() || part.delete_ts.len() != r.ids.len() {
+                return Err(bad(format!(
+                    "{} ids, {} insert ts, {} delete ts in one part",
+                    r.ids.len(),
+                    r.insert_ts.len(),
+                    part.delete_ts.len()
+                )));
+            }
+            self.rows.ids.extend(r.ids);
+            self.rows.vectors.extend(r.vectors);
+            self.rows.payloads.extend(r.payloads);
+            self.rows.insert_ts.extend(r.insert_ts);
+            self.delete_ts.extend(part.delete_ts);
+        }
+        self.file.write_all(&part.index_bytes).map_err(|e| ClusterError::io(&self.path, e))?;
+        self.len += part.index_bytes.len() as u64;
+        self.crc.update(&part.index_bytes);
+        if !part.last {
+            return Ok(None);
+        }
+        if self.rows.ids.len() as u64 != self.row_count {
+            return Err(bad(format!("{} rows came, {} were announced", self.rows.ids.len(), self.row_count)));
+        }
+        let crc = std::mem::take(&mut self.crc).finalize();
+        if self.len != part.index_len || crc != part.index_crc32 {
+            return Err(bad(format!(
+                "its index file arrived as {} bytes with CRC-32 {crc:08x}, not {} bytes with {:08x}",
+                self.len, part.index_len, part.index_crc32
+            )));
+        }
+        self.file.sync_all().map_err(|e| ClusterError::io(&self.path, e))?;
+        let spec = part.index.ok_or_else(|| bad("its last part names no index".into()))?;
+        Ok(Some(ReceivedSegment {
+            rows: std::mem::take(&mut self.rows),
+            delete_ts: std::mem::take(&mut self.delete_ts),
+            index_file: self.path.clone(),
+            spec,
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ann::AnnIndex;
+    use crate::collection::{Collection, Write};
+    use crate::schema::{IndexKind, Metric};
+    use crate::shard::ShardOptions;
+    use crate::ts::HybridClock;
+    use crate::wal::{SyncPolicy, WalOptions};
+
+    const DIM: usize = 4;
+    const HNSW: IndexKind = IndexKind::Hnsw { m: 8, ef_construction: 40 };
+
+    fn open(dir: &Path, index: IndexKind, clock: &HybridClock) -> Collection {
+        let opts = ShardOptions { wal: WalOptions { sync: SyncPolicy::Always, segment_bytes: 1 << 20 }, seal_rows: 1_000_000 };
+        let schema = Schema::new("c".into(), DIM, Metric::L2, index, 1, vec![]).unwrap();
+        Collection::open(1, 1, schema, dir, &opts, clock).unwrap().0
+    }
+
+    fn live_ids(c: &Collection) -> Vec<i64> {
+        let mut out = Vec::new();
+        c.shards()[0].scan(Ts::MAX - 1, None, |rows, off| out.push(rows.ids[off]));
+        out.sort_unstable();
+        out
+    }
+
+    fn delete(c: &Collection, clock: &HybridClock, id: i64) {
+        c.write(clock, Write::DeleteIds(vec![id]), &mut Vec::new()).unwrap();
+    }
+
+    /// A leader's shard with one indexed sealed segment of ids 0..50 (3 deleted before the
+    /// snapshot, 4 after it), and the segment's parts as a snapshot at that point sends them.
+    fn leader_parts(dir: &Path) -> (Ts, Vec<rp::SnapshotSegment>) {
+        let clock = HybridClock::new();
+        let c = open(dir, HNSW, &clock);
+        let vectors: Vec<f32> = (0..50 * DIM).map(|i| (i as f32 * 0.37).sin()).collect();
+        c.write(&clock, Write::Insert { ids: (0..50).collect(), vectors, rows: vec![vec![]; 50] }, &mut Vec::new()).unwrap();
+        let shard = &c.shards()[0];
+        let seg = shard.seal_growing().unwrap();
+        seg.set_index(Arc::new(AnnIndex::build(HNSW, Metric::L2, DIM, &seg.rows.vectors).unwrap()));
+        delete(&c, &clock, 3);
+        let snap = c.serviceable_ts(&clock);
+        delete(&c, &clock, 4);
+        let schema = c.schema();
+        let segments = shard.shippable_segments(&schema, snap);
+        assert_eq!(segments.len(), 1);
+        let mut parts = Vec::new();
+        assert!(
+            send_segment(shard, &schema, &segments[0], snap, |p| {
+                parts.push(p);
+                true
+            })
+            .unwrap()
+        );
+        (snap, parts)
+    }
+
+    fn receive(dir: &Path, parts: Vec<rp::SnapshotSegment>) -> Result<ReceivedSegment, ClusterError> {
+        let mut receiver = SegmentReceiver::new(dir, &parts[0])?;
+        let n = parts.len();
+        for (i, p) in parts.into_iter().enumerate() {
+            if let Some(seg) = receiver.take(p)? {
+                assert_eq!(i, n - 1, "complete only at the last part");
+                return Ok(seg);
+            }
+        }
+        panic!("the segment never completed")
+    }
+
+    #[test]
+    fn a_sealed_segment_travels_with_its_index_and_its_deletes_survive_a_restart() {
+        let (lead, alt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (snap, parts) = leader_parts(lead.path());
+        assert!(parts.last().unwrap().index_len > 0);
+        let want: Vec<i64> = (0..50).filter(|&i| i != 3).collect();
+        {
+            let clock = HybridClock::new();
+            let c = open(alt.path(), HNSW, &clock);
+            let shard = &c.shards()[0];
+            shard.set_following(true);
+            let seg = receive(shard.dir(), parts).unwrap();
+            let mut jobs = Vec::new();
+            assert!(c.install_snapshot_segment(&clock, 0, snap, seg, &mut jobs).unwrap());
+            assert!(jobs.is_empty(), "the index came with the segment: nothing to build");
+            assert_eq!(live_ids(&c), want, "3 was deleted at the snapshot; 4's delete comes later, on the stream");
+            let segs = shard.sealed_segments();
+            assert!(segs.len() == 1 && segs[0].index().is_some());
+            let plan = crate::segment::SearchPlan {
+                queries: segs[0].rows.vector(DIM, 7),
+                dim: DIM,
+                k: 1,
+                metric: Metric::L2,
+                filter: None,
+                knobs: crate::ann::Knobs { nprobe: 8, ef_search: 16 },
+                snapshot: snap,
+            };
+            assert_eq!(shard.search(&plan).unwrap()[0][0].1, 7, "the shipped index answers");
+        }
+        // Nothing but the manifest and the segment's files hold it: the alternative's durable ts
+        // is still 0, yet the leader's delete of 3 must be kept across a restart.
+        let clock = HybridClock::new();
+        let c = open(alt.path(), HNSW, &clock);
+        assert_eq!(live_ids(&c), want);
+        assert!(c.shards()[0].sealed_segments()[0].index().is_some(), "the index file was loaded, not rebuilt");
+    }
+
+    #[test]
+    fn a_damaged_or_mismatched_segment_is_refused_or_indexed_here() {
+        let (lead, alt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (snap, parts) = leader_parts(lead.path());
+        let mut bad = parts.clone();
+        bad.last_mut().unwrap().index_crc32 ^= 1;
+        let e = receive(alt.path(), bad).unwrap_err().to_string();
+        assert!(e.contains("CRC-32"), "{e}");
+        let mut short = parts.clone();
+        short[0].row_count += 1;
+        let e = receive(alt.path(), short).unwrap_err().to_string();
+        assert!(e.contains("51 were announced"), "{e}");
+
+        // An alternative whose collection has another index (changed on the leader since):
+        // the rows load, and the segment is queued for an index build here.
+        let clock = HybridClock::new();
+        let c = open(alt.path(), IndexKind::Flat, &clock);
+        c.shards()[0].set_following(true);
+        let seg = receive(c.shards()[0].dir(), parts).unwrap();
+        let file = seg.index_file.clone();
+        let mut jobs = Vec::new();
+        assert!(!c.install_snapshot_segment(&clock, 0, snap, seg, &mut jobs).unwrap());
+        assert_eq!(jobs.len(), 0, "rows go to the growing segment (seal_rows is large here)");
+        assert_eq!(live_ids(&c), (0..50).filter(|&i| i != 3).collect::<Vec<_>>());
+        assert!(!file.exists(), "the unusable index file is removed");
     }
 }

@@ -152,6 +152,9 @@ pub struct Shard {
     /// only serves to notice, within this process's life, a change applied from a fenced
     /// leader at a position the next leader reused (see `ChangeEvent.epoch_base`).
     applied_epoch: std::sync::atomic::AtomicU64,
+    /// The newest snapshot ts whose segments `install_segment` added since the last wipe: their
+    /// tombstones, the leader's, are durable up to it (see `write_manifest`).
+    installed_upto: std::sync::atomic::AtomicU64,
 }
 
 impl std::fmt::Debug for Shard {
@@ -329,6 +332,7 @@ impl Shard {
             following: Default::default(),
             lead_base: std::sync::atomic::AtomicU64::new(u64::MAX),
             applied_epoch: Default::default(),
+            installed_upto: Default::default(),
             leases: Mutex::new(HashMap::new()),
             lease_expiries: Default::default(),
             exported: tokio::sync::watch::Sender::new(0),
@@ -397,6 +401,7 @@ impl Shard {
         self.source_lsn.store(0, Ordering::Release);
         self.follow_ts.store(0, Ordering::Release);
         self.applied_epoch.store(0, Ordering::Release);
+        self.installed_upto.store(0, Ordering::Release);
         Ok(())
     }
 
@@ -538,11 +543,17 @@ impl Shard {
         Some(p.recent[pos].0)
     }
 
-    /// Streams the rows visible at `snapshot` in chunks of up to `chunk` rows:
-    /// `f(ids, vectors, rows, insert_ts)`.
-    pub fn snapshot_rows(&self, snapshot: Ts, chunk: usize, mut f: impl FnMut(Vec<i64>, Vec<f32>, Vec<Row>, Vec<Ts>)) {
+    /// Streams the rows visible at `snapshot`, except those of the sealed segments in `skip`
+    /// (sent whole), in chunks of up to `chunk` rows: `f(ids, vectors, rows, insert_ts)`.
+    pub fn snapshot_rows(
+        &self,
+        snapshot: Ts,
+        skip: &HashSet<SegmentId>,
+        chunk: usize,
+        mut f: impl FnMut(Vec<i64>, Vec<f32>, Vec<Row>, Vec<Ts>),
+    ) {
         let (mut ids, mut vectors, mut rows, mut tss) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        self.scan(snapshot, None, |r, off| {
+        self.scan_except(snapshot, None, skip, |r, off| {
             let dim = r.vectors.len() / r.len();
             ids.push(r.ids[off]);
             vectors.extend_from_slice(r.vector(dim, off));
@@ -726,9 +737,13 @@ impl Shard {
     }
 
     /// Calls `f(rows, off)` for every row visible at `snapshot` that passes `filter`.
-    pub fn scan(&self, snapshot: Ts, filter: Option<&Filter>, mut f: impl FnMut(&Rows, usize)) {
+    pub fn scan(&self, snapshot: Ts, filter: Option<&Filter>, f: impl FnMut(&Rows, usize)) {
+        self.scan_except(snapshot, filter, &HashSet::new(), f)
+    }
+
+    fn scan_except(&self, snapshot: Ts, filter: Option<&Filter>, skip: &HashSet<SegmentId>, mut f: impl FnMut(&Rows, usize)) {
         let st = self.state.read();
-        for seg in st.sealed.values() {
+        for seg in st.sealed.values().filter(|s| !skip.contains(&s.id)) {
             for off in 0..seg.len() {
                 if seg.visible(off, snapshot) && filter.is_none_or(|fl| fl.matches(seg.rows.ids[off], &seg.rows.payloads[off])) {
                     f(&seg.rows, off);
@@ -803,7 +818,26 @@ impl Shard {
             return Ok(());
         }
         fsio::sync_dir(&self.dir)?;
+        let kinds = |id: SegmentId| written.iter().find(|(s, _)| s.id == id).map(|(_, k)| *k).or_else(|| manifest_index.get(&id).copied());
+        let manifest = self.write_manifest(kinds, source_lsn)?;
+        for (seg, kind) in written {
+            seg.set_persisted(true);
+            manifest_index.insert(seg.id, kind);
+        }
+        // Subscribers still reading older positions keep the files they need.
+        let keep_from = self.leases().into_iter().map(|(_, lsn)| lsn).fold(manifest.replay_from_lsn, Lsn::min);
+        self.wal.truncate_before(keep_from)?;
+        Ok(())
+    }
+
+    /// Writes a new manifest: every sealed segment `kinds` names an index file for (with its
+    /// tombstones that are durable), and the WAL position replay starts from. The caller holds
+    /// the checkpoint lock.
+    fn write_manifest(&self, kinds: impl Fn(SegmentId) -> Option<(IndexKind, Metric)>, source_lsn: Lsn) -> Result<st::ShardManifest> {
         let (durable_lsn, durable_ts) = self.pending.lock().durable;
+        // Tombstones a snapshot brought with its segments are the leader's, at or below the
+        // snapshot: durable there, and the bootstrap starts over if this one is interrupted.
+        let tombstones_upto = durable_ts.max(self.installed_upto.load(Ordering::Acquire));
         let manifest = {
             let st = self.state.read();
             let mut replay_from = durable_lsn + 1;
@@ -812,8 +846,7 @@ impl Shard {
             }
             let mut segments = Vec::new();
             for seg in st.sealed.values() {
-                let kind = written.iter().find(|(s, _)| s.id == seg.id).map(|(_, k)| *k).or_else(|| manifest_index.get(&seg.id).copied());
-                let Some(kind) = kind else {
+                let Some((kind, metric)) = kinds(seg.id) else {
                     replay_from = replay_from.min(seg.first_lsn);
                     continue;
                 };
@@ -822,10 +855,9 @@ impl Shard {
                         let ts = seg.delete_ts(off);
                         // Deletes not yet durable are left to WAL replay: a crash must not
                         // persist a delete that was never acknowledged.
-                        (ts != LIVE && ts <= durable_ts).then_some(st::Tombstone { offset: off as u32, ts })
+                        (ts != LIVE && ts <= tombstones_upto).then_some(st::Tombstone { offset: off as u32, ts })
                     })
                     .collect();
-                let (kind, metric) = kind;
                 let index = pb::IndexSpec { metric: metric.to_proto() as i32, ..kind.to_proto() };
                 segments.push(st::SegmentRef { id: seg.id, rows: seg.len() as u64, index: Some(index), tombstones });
             }
@@ -838,13 +870,82 @@ impl Shard {
             }
         };
         fsio::write_atomic(&self.dir.join("manifest"), &manifest.encode_to_vec())?;
-        for (seg, kind) in written {
-            seg.set_persisted(true);
-            manifest_index.insert(seg.id, kind);
+        Ok(manifest)
+    }
+
+    /// Sealed segments a snapshot at `snapshot` can send with their index: indexed as the schema
+    /// asks, every row inserted at or below `snapshot`, and some row live at it.
+    pub fn shippable_segments(&self, schema: &Schema, snapshot: Ts) -> Vec<Arc<Sealed>> {
+        self.sealed_segments()
+            .into_iter()
+            .filter(|seg| {
+                seg.index().is_some_and(|i| i.serves(schema.index, schema.metric))
+                    && seg.max_insert_ts() <= snapshot
+                    && (0..seg.len()).any(|off| seg.visible(off, snapshot))
+            })
+            .collect()
+    }
+
+    /// An open handle on the index file of `seg` (a sealed segment with an index), for a
+    /// snapshot to send: the checkpointed file when it holds the segment's index, else a
+    /// temporary copy written now (unlinked once open, so nothing is left behind).
+    pub fn index_file(&self, seg: &Sealed) -> Result<std::fs::File> {
+        let index = seg.index().ok_or_else(|| ClusterError::Internal(format!("segment {} has no index to send", seg.id)))?;
+        {
+            // Under the checkpoint lock: the file cannot be replaced between the check and the
+            // open, and once open the handle keeps what it read.
+            let manifest_index = self.checkpoint_lock.lock();
+            let path = seg_index_path(&self.dir, seg.id);
+            if manifest_index.get(&seg.id) == Some(&(index.kind(), index.metric())) {
+                return std::fs::File::open(&path).map_err(|e| ClusterError::io(&path, e));
+            }
         }
-        // Subscribers still reading older positions keep the files they need.
-        let keep_from = self.leases().into_iter().map(|(_, lsn)| lsn).fold(manifest.replay_from_lsn, Lsn::min);
-        self.wal.truncate_before(keep_from)?;
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let tmp = self.dir.join(format!("seg-{}.snapshot-{}.tmp", seg.id, NEXT.fetch_add(1, Ordering::Relaxed)));
+        let saved = index.save(&tmp).and_then(|()| std::fs::File::open(&tmp).map_err(|e| ClusterError::io(&tmp, e)));
+        let _ = std::fs::remove_file(&tmp);
+        saved
+    }
+
+    /// Alternative bootstrap: adds a sealed segment a snapshot at `snapshot` brought with its
+    /// index, which it takes from `index_file` (renamed into place, loaded without a rebuild).
+    /// `rows` are in offset order, `delete_ts` one per row (`LIVE` when live at the snapshot).
+    /// Its data and index files are written and listed in the manifest at once: nothing of it
+    /// depends on the WAL. Blocking.
+    pub fn install_segment(&self, schema: &Schema, snapshot: Ts, rows: st::RowBatch, delete_ts: Vec<Ts>, index_file: &Path) -> Result<()> {
+        check_segment_rows(schema, &rows, &delete_ts)?;
+        let (ids, vectors, payloads, insert_ts) = decode_batch(schema, rows)?;
+        let index = AnnIndex::load(index_file, schema.index, schema.metric)?;
+        if index.len() != ids.len() {
+            return Err(ClusterError::invalid(format!("an index of {} vectors for a segment of {} rows", index.len(), ids.len())));
+        }
+        let mut manifest_index = self.checkpoint_lock.lock();
+        let id = {
+            let mut st = self.state.write();
+            st.next_segment_id += 1;
+            st.next_segment_id - 1
+        };
+        let growing = Growing { id, first_lsn: 0, rows: Rows::new(ids, insert_ts, vectors, payloads, schema.dim), delete_ts };
+        let seg = Arc::new(Sealed::from_growing(growing));
+        write_segment(&self.dir, schema, &seg)?;
+        let path = seg_index_path(&self.dir, id);
+        std::fs::rename(index_file, &path).map_err(|e| ClusterError::io(&path, e))?;
+        fsio::sync_dir(&self.dir)?;
+        seg.set_index(Arc::new(index));
+        {
+            let mut st = self.state.write();
+            for off in 0..seg.len() {
+                if seg.delete_ts(off) == LIVE {
+                    st.locs.insert(seg.rows.ids[off], Loc { seg: id, off: off as u32 });
+                }
+            }
+            st.last_applied_ts = st.last_applied_ts.max(snapshot);
+            st.sealed.insert(id, seg.clone());
+        }
+        self.installed_upto.fetch_max(snapshot, Ordering::AcqRel);
+        manifest_index.insert(id, (schema.index, schema.metric));
+        self.write_manifest(|id| manifest_index.get(&id).copied(), self.source_lsn())?;
+        seg.set_persisted(true);
         Ok(())
     }
 
@@ -968,6 +1069,24 @@ fn decode_batch(schema: &Schema, b: st::RowBatch) -> Result<DecodedBatch> {
         b.payloads.iter().map(|p| schema.row_from_payload(Some(p))).collect::<Result<_>>()?
     };
     Ok((b.ids, b.vectors, rows, b.insert_ts))
+}
+
+/// Checks that a segment sent whole has one vector, insert ts, delete ts (and payload, if any)
+/// per id.
+pub fn check_segment_rows(schema: &Schema, rows: &st::RowBatch, delete_ts: &[Ts]) -> Result<()> {
+    let n = rows.ids.len();
+    let lens = [
+        ("vector floats", rows.vectors.len(), n * schema.dim),
+        ("insert timestamps", rows.insert_ts.len(), n),
+        ("delete timestamps", delete_ts.len(), n),
+    ];
+    if let Some((what, got, want)) = lens.into_iter().find(|&(_, got, want)| got != want) {
+        return Err(ClusterError::invalid(format!("a segment of {n} rows came with {got} {what}, not {want}")));
+    }
+    if !rows.payloads.is_empty() && rows.payloads.len() != n {
+        return Err(ClusterError::invalid(format!("a segment of {n} rows came with {} payloads", rows.payloads.len())));
+    }
+    Ok(())
 }
 
 /// (ts, operation, source lsn); `None` for an abort marker.

@@ -21,6 +21,7 @@ use futures::{FutureExt, StreamExt};
 use parking_lot::Mutex;
 use tandem_cluster::collection::Collection;
 use tandem_cluster::node::{LeaderClock, Node};
+use tandem_cluster::replication::SegmentReceiver;
 use tandem_cluster::shard::{ShardOp, op_from_record};
 use tandem_cluster::{ClusterError, ReplicationState, feed};
 use tandem_proto::replication::v1 as rp;
@@ -63,6 +64,8 @@ pub struct Follower {
     pub poisoned: AtomicU64,
     pub applied: AtomicU64,
     pub bootstraps: AtomicU64,
+    /// Sealed segments loaded from snapshots with their index (no rebuild here).
+    pub segments_loaded: AtomicU64,
     /// Per (collection id, shard): the newest leader ts the stream has shown (event ts, ticks'
     /// leader clock), for the ts lag.
     leader_seen: Mutex<HashMap<(u64, usize), u64>>,
@@ -119,6 +122,21 @@ fn snapshot_is_cheaper(rows: u64, position: u64) -> bool {
     rows >= SNAPSHOT_FIRST_MIN_ROWS || position >= SNAPSHOT_FIRST_MIN_POSITIONS
 }
 
+/// What a snapshot segment part led to.
+enum SegmentStep {
+    /// The segment is not complete yet.
+    More(SegmentReceiver),
+    /// It is in the shard: with the index it came with, or (the collection's index changed)
+    /// as rows to index here.
+    Installed { with_index: bool },
+}
+
+/// Bytes a snapshot segment part carries, as counted for progress: vectors, ids and ts, and the
+/// index file's piece.
+fn segment_part_bytes(part: &rp::SnapshotSegment) -> u64 {
+    part.index_bytes.len() as u64 + part.rows.as_ref().map_or(0, |r| r.vectors.len() as u64 * 4 + r.ids.len() as u64 * 16)
+}
+
 /// Why a shard loads the leader's snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Bootstrap {
@@ -165,6 +183,7 @@ impl Follower {
             poisoned: AtomicU64::new(0),
             applied: AtomicU64::new(0),
             bootstraps: AtomicU64::new(0),
+            segments_loaded: AtomicU64::new(0),
             leader_seen: Mutex::new(HashMap::new()),
             progress: Mutex::new(HashMap::new()),
         });
@@ -562,7 +581,7 @@ impl Follower {
     }
 
     async fn load_snapshot(&self, c: &Arc<Collection>, shard: usize, why: Bootstrap) -> Result<()> {
-        let req = rp::SnapshotRequest { collection_id: c.id, shard: shard as u32, subscriber: self.cfg.subscriber.clone() };
+        let req = rp::SnapshotRequest { collection_id: c.id, shard: shard as u32, subscriber: self.cfg.subscriber.clone(), segments: true };
         let idle = || ExportError::Unavailable { backend: "snapshot", message: format!("the leader sent nothing for {SNAPSHOT_IDLE:?}") };
         let mut stream = tokio::time::timeout(SNAPSHOT_IDLE, self.leader.clone().snapshot(req))
             .await
@@ -575,6 +594,17 @@ impl Follower {
         let labels = [("cluster", self.cluster()), ("collection", c.schema().name.clone()), ("shard", shard.to_string())];
         let bytes_total = metrics::counter!("tandem_replication_bootstrap_bytes_total", &labels);
         let mut wiped = false;
+        // A sealed segment arriving with its index, part by part.
+        let mut incoming: Option<SegmentReceiver> = None;
+        let mut account = |n: u64, total_rows: u64| {
+            bytes += n;
+            bytes_total.increment(n);
+            if let Some(p) = self.progress.lock().get_mut(&(c.id, shard)) {
+                p.bytes = bytes;
+                p.total = p.total.max(total_rows * row_bytes);
+            }
+            bytes
+        };
         while let Some(chunk) = tokio::time::timeout(SNAPSHOT_IDLE, stream.next()).await.map_err(|_| idle())? {
             let chunk = chunk.map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?;
             if !wiped {
@@ -588,11 +618,48 @@ impl Follower {
                     .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
                 wiped = true;
             }
+            if let Some(part) = chunk.segment {
+                account(segment_part_bytes(&part), chunk.total_rows);
+                let (node, c2, ts, dir) = (self.node.clone(), c.clone(), chunk.snapshot_ts, c.shards()[shard].dir().to_path_buf());
+                let receiver = incoming.take();
+                let step = tokio::task::spawn_blocking(move || -> Result<SegmentStep> {
+                    let mut receiver = match receiver {
+                        Some(r) => r,
+                        None => SegmentReceiver::new(&dir, &part)?,
+                    };
+                    let Some(seg) = receiver.take(part)? else { return Ok(SegmentStep::More(receiver)) };
+                    let mut jobs = Vec::new();
+                    let r = c2.install_snapshot_segment(&node.clock, shard, ts, seg, &mut jobs);
+                    node.enqueue(&c2, jobs);
+                    Ok(SegmentStep::Installed { with_index: r? })
+                })
+                .await
+                .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
+                match step {
+                    SegmentStep::More(receiver) => incoming = Some(receiver),
+                    SegmentStep::Installed { with_index: true } => {
+                        self.segments_loaded.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("tandem_replication_bootstrap_segments_total", &labels).increment(1);
+                    }
+                    SegmentStep::Installed { with_index: false } => {}
+                }
+                // Failpoint: the snapshot is cut off with a segment installed.
+                if incoming.is_none() && tandem_cluster::failpoint::fired("follower::snapshot_chunk").is_some() {
+                    return Err(ExportError::Unavailable { backend: "snapshot", message: "snapshot interrupted (failpoint)".into() });
+                }
+                continue;
+            }
+            if let Some(r) = &incoming {
+                return Err(ExportError::Unavailable {
+                    backend: "snapshot",
+                    message: format!("the snapshot went on before segment {} was complete", r.id()),
+                });
+            }
             if chunk.done {
                 if chunk.lsn == 0 {
                     // The leader's shard has never logged a change: nothing to load, and no
                     // position to record (the stream starts at 1).
-                    if bytes > 0 {
+                    if account(0, 0) > 0 {
                         return Err(ExportError::Unavailable {
                             backend: "snapshot",
                             message: "a snapshot with rows but no position".into(),
@@ -607,6 +674,7 @@ impl Follower {
                     .await
                     .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
+                let bytes = account(0, 0);
                 let rate = bytes as f64 / secs;
                 metrics::gauge!("tandem_replication_bootstrap_bytes_per_second", &labels).set(rate);
                 tracing::info!(collection = %c.schema().name, shard, rows_mb = bytes as f64 / 1e6, mb_per_s = rate / 1e6, "bootstrapped from a snapshot");
@@ -614,13 +682,7 @@ impl Follower {
                 return Ok(());
             }
             let Some(mut rows) = chunk.rows else { continue };
-            let chunk_bytes = rows.vectors.len() as u64 * 4 + rows.ids.len() as u64 * 16;
-            bytes += chunk_bytes;
-            bytes_total.increment(chunk_bytes);
-            if let Some(p) = self.progress.lock().get_mut(&(c.id, shard)) {
-                p.bytes = bytes;
-                p.total = p.total.max(chunk.total_rows * row_bytes);
-            }
+            account(rows.vectors.len() as u64 * 4 + rows.ids.len() as u64 * 16, chunk.total_rows);
             rows.insert_ts = chunk.insert_ts;
             let schema = c.schema();
             let op = op_from_record(&schema, st::wal_record::Op::Upsert(rows))?.expect("data op");

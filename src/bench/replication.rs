@@ -67,6 +67,8 @@ const TARGET_LAG_P99_KAFKA_MS: f64 = 20.0;
 const TARGET_LAG_P99_PULSAR_MS: f64 = 20.0;
 const TARGET_STRONG_ALT_P99_MS: f64 = 60.0;
 const TARGET_BOOTSTRAP_MB_S: f64 = 100.0;
+/// Issue 21 (item 4): a new alternative of 1M x 128 HNSW serves indexed searches within 30 s.
+const TARGET_SERVING_SECS: f64 = 30.0;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -153,6 +155,10 @@ pub struct ReplicationBenchArgs {
     /// Rows per Insert of the preload
     #[arg(long, default_value_t = 5000)]
     pub bootstrap_batch: usize,
+    /// Rows per second written to the leader (10 per Insert) while the new alternative
+    /// bootstraps, until it serves (0: none)
+    #[arg(long, default_value_t = 1000)]
+    pub bootstrap_write_rate: u32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Parent of the clusters' temporary data directories [default: the system temp dir]
@@ -183,6 +189,7 @@ impl ReplicationBenchArgs {
         ensure!(self.rtt_reads_per_sec >= 1, "--rtt-reads-per-sec 0 must be at least 1");
         ensure!((1..=60_000).contains(&self.tick_ms), "--tick-ms {} is out of range 1..=60000", self.tick_ms);
         ensure!((1..=100_000).contains(&self.bootstrap_batch), "--bootstrap-batch {} is out of range 1..=100000", self.bootstrap_batch);
+        ensure!(self.bootstrap_write_rate <= 100_000, "--bootstrap-write-rate {} is out of range 0..=100000", self.bootstrap_write_rate);
         ensure!(
             self.batch as f64 / self.rate as f64 >= 0.000_1,
             "--batch {} at --rate {} means a write every <100 µs: use larger batches",
@@ -339,8 +346,18 @@ struct BootstrapReport {
     /// Shards the alternative loaded from a `Replication.Snapshot` (0: it replayed the log, as
     /// it does from a Kafka topic that still holds every event).
     snapshot_bootstraps: u64,
+    /// Sealed segments the alternative loaded from snapshots with their built index.
+    segments_loaded: u64,
+    /// Rows written to the leader while the alternative bootstrapped (--bootstrap-write-rate).
+    written_during: u64,
     /// New alternative started -> its EVENTUALLY Count equals the leader's.
     secs: f64,
+    /// New alternative started -> it holds every row and every sealed segment has its index
+    /// (loaded from the snapshot or built here): searches are served by the index.
+    serving_secs: f64,
+    /// Then: of the leader's top-10 for `SERVING_QUERIES` queries, the share the alternative
+    /// returns too (1.0: the same answers; the same index files give the same graph).
+    recall_vs_leader: f64,
     mb_per_sec: f64,
     rows_per_sec: f64,
 }
@@ -363,6 +380,51 @@ impl Target {
     fn at_least(name: String, value: f64, bound: f64) -> Target {
         Target { name, value, op: ">=", bound, met: value >= bound }
     }
+}
+
+/// Queries compared between the leader and a new alternative once it serves.
+const SERVING_QUERIES: usize = 100;
+
+/// Waits, after the catch-up, until every sealed segment of the new alternative `alt` (started
+/// at `started`) has its index (loaded from the snapshot or built here); the seconds since
+/// `started`.
+async fn serving(alt: &Member, started: Instant) -> anyhow::Result<f64> {
+    let coll = alt.node().collection(COLLECTION).context("the new alternative's collection")?;
+    while !coll.shards().iter().all(|s| s.sealed_segments().iter().all(|g| g.index().is_some())) {
+        ensure!(started.elapsed() < BOOTSTRAP_TIMEOUT, "the new alternative did not index its segments within {BOOTSTRAP_TIMEOUT:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Of the leader's top-10 hits for `SERVING_QUERIES` STRONG queries, the share `alt` returns
+/// too. Run with no writes in flight: both then answer from the same rows.
+async fn recall_vs_leader(alt: &Member, leader: &Member, a: &ReplicationBenchArgs) -> anyhow::Result<f64> {
+    let queries = vectors(SERVING_QUERIES, a.dim, a.seed ^ 0x5EED);
+    let search = |c: &mut TandemClient<Channel>, q: &[f32]| {
+        let req = pb::SearchRequest {
+            collection: COLLECTION.into(),
+            vectors: q.to_vec(),
+            top_k: 10,
+            // Both answer at the leader's clock once the writer stopped: the same rows.
+            read: read(pb::ConsistencyLevel::Strong, ""),
+            ..Default::default()
+        };
+        let mut c = c.clone();
+        async move {
+            let r = c.search(timed(req, REQUEST_TIMEOUT)).await.context("search")?.into_inner();
+            anyhow::Ok(r.results.into_iter().flat_map(|h| h.hits.into_iter().map(|h| h.id)).collect::<std::collections::HashSet<i64>>())
+        }
+    };
+    let (mut on_leader, mut on_alt) = (client(leader).await?, client(alt).await?);
+    let (mut same, mut total) = (0usize, 0usize);
+    for q in queries.chunks(a.dim) {
+        let want = search(&mut on_leader, q).await?;
+        let got = search(&mut on_alt, q).await?;
+        same += want.intersection(&got).count();
+        total += want.len();
+    }
+    Ok(same as f64 / total.max(1) as f64)
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -974,6 +1036,25 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
     // bench's --wal-sync, as a production alternative would be.
     alt_cfg.wal.file_mib = tandem_cluster::config::WalConfig::default().file_mib;
     alt_cfg.wal.sync = a.wal_sync.into();
+    // Writes keep flowing while the alternative bootstraps, 10 rows per Insert, ids far from
+    // the preload's.
+    let writing = CancellationToken::new();
+    let writer = (a.bootstrap_write_rate > 0).then(|| {
+        let (stop, dim, seed) = (writing.clone(), a.dim, a.seed);
+        let every = Duration::from_secs_f64(10.0 / a.bootstrap_write_rate as f64);
+        let mut c = admin.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            let mut written = 0u64;
+            while !stop.is_cancelled() {
+                tick.tick().await;
+                let req = insert_request(WARMUP_ID_BASE * 2 + written as i64, 10, dim, seed.wrapping_add(written));
+                c.insert(timed(req, REQUEST_TIMEOUT)).await.context("insert while the alternative bootstraps")?;
+                written += 10;
+            }
+            anyhow::Ok(written)
+        })
+    });
     let t = Instant::now();
     let alt = start_member(alt_cfg).await?;
     let caught_up = async {
@@ -992,9 +1073,26 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
         }
     }
     .await;
+    let serving_secs = match caught_up {
+        Ok(_) => Some(serving(&alt, t).await),
+        Err(_) => None,
+    };
+    writing.cancel();
+    let written_during = match writer {
+        Some(w) => w.await.context("the bootstrap writer")?,
+        None => Ok(0),
+    };
+    let recall = match (&serving_secs, &written_during) {
+        (Some(Ok(_)), Ok(_)) => Some(recall_vs_leader(&alt, leader, a).await),
+        _ => None,
+    };
     let snapshot_bootstraps = alt.follower().map_or(0, |f| f.bootstraps.load(Ordering::Relaxed));
+    let segments_loaded = alt.follower().map_or(0, |f| f.segments_loaded.load(Ordering::Relaxed));
     let stopped = stop_member(alt).await;
     let secs = caught_up?;
+    let serving_secs = serving_secs.expect("measured once caught up")?;
+    let written_during = written_during?;
+    let recall_vs_leader = recall.expect("measured once serving")?;
     stopped?;
     let megabytes = (want as usize * a.dim * 4) as f64 / 1e6;
     Ok(BootstrapReport {
@@ -1006,7 +1104,11 @@ async fn bootstrap_measure(a: &ReplicationBenchArgs, leader: &Member, scratch: &
         flush_secs,
         leader_log_starts,
         snapshot_bootstraps,
+        segments_loaded,
+        written_during,
         secs,
+        serving_secs,
+        recall_vs_leader,
         mb_per_sec: megabytes / secs,
         rows_per_sec: want as f64 / secs,
     })
@@ -1195,6 +1297,7 @@ async fn bench(a: &ReplicationBenchArgs) -> anyhow::Result<Report> {
         ));
         if let Some(b) = &r.bootstrap {
             targets.push(Target::at_least(format!("{name}_bootstrap_mb_per_sec"), b.mb_per_sec, TARGET_BOOTSTRAP_MB_S));
+            targets.push(Target::at_most(format!("{name}_bootstrap_serving_secs"), b.serving_secs, TARGET_SERVING_SECS));
         }
     }
 
@@ -1310,12 +1413,14 @@ fn print_table(r: &Report) {
     }
     if r.backends.iter().any(|b| b.bootstrap.is_some()) {
         println!();
-        println!("bootstrap        rows       MB   preload s  flush s  log starts         path       secs      MB/s     rows/s");
+        println!(
+            "bootstrap        rows       MB   preload s  flush s  log starts         path       secs      MB/s     rows/s  segs+index  serving s  recall vs leader"
+        );
         for b in &r.backends {
             let Some(x) = &b.bootstrap else { continue };
             let path = if x.snapshot_bootstraps > 0 { format!("snapshot x{}", x.snapshot_bootstraps) } else { "log replay".into() };
             println!(
-                "{:<16} {:>7} {:>8.1} {:>11.1} {:>8.1}  {:<18} {:<10} {:>6.2} {:>9.1} {:>10.0}",
+                "{:<16} {:>7} {:>8.1} {:>11.1} {:>8.1}  {:<18} {:<10} {:>6.2} {:>9.1} {:>10.0} {:>11} {:>10.2} {:>17.4}",
                 b.backend.name(),
                 x.rows,
                 x.megabytes,
@@ -1326,6 +1431,9 @@ fn print_table(r: &Report) {
                 x.secs,
                 x.mb_per_sec,
                 x.rows_per_sec,
+                x.segments_loaded,
+                x.serving_secs,
+                x.recall_vs_leader,
             );
         }
     }
@@ -1430,6 +1538,8 @@ mod tests {
         let boot = &b["bootstrap"];
         assert_eq!(boot["rows"], 2000, "{boot}");
         assert!(boot["mb_per_sec"].as_f64().unwrap() > 0.0, "{boot}");
+        assert!(boot["serving_secs"].as_f64().unwrap() >= boot["secs"].as_f64().unwrap(), "{boot}");
+        assert_eq!(boot["recall_vs_leader"].as_f64(), Some(1.0), "the alternative answers as the leader does: {boot}");
         assert_eq!(v["machine"]["cores"].as_u64(), Some(std::thread::available_parallelism().unwrap().get() as u64));
         assert!(v["targets"].as_array().unwrap().iter().any(|t| t["name"] == "direct_lag_p99_ms"));
     }
