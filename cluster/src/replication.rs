@@ -284,8 +284,7 @@ fn send_segment(
             return Ok(false);
         }
     }
-    let index = seg.index().ok_or_else(|| ClusterError::Internal(format!("segment {} lost its index", seg.id)))?;
-    let mut file = shard.index_file(seg)?;
+    let (mut file, kind, metric) = shard.index_file(seg)?;
     let (mut len, mut crc) = (0u64, crc32fast::Hasher::new());
     loop {
         let mut piece = Vec::with_capacity(SNAPSHOT_INDEX_PIECE);
@@ -296,7 +295,7 @@ fn send_segment(
         len += n as u64;
         crc.update(&piece);
         if n < SNAPSHOT_INDEX_PIECE {
-            let spec = tandem_proto::v1::IndexSpec { metric: index.metric().to_proto() as i32, ..index.kind().to_proto() };
+            let spec = tandem_proto::v1::IndexSpec { metric: metric.to_proto() as i32, ..kind.to_proto() };
             let last = rp::SnapshotSegment {
                 index: Some(spec),
                 index_len: len,
@@ -504,9 +503,13 @@ mod tests {
             assert_eq!(shard.search(&plan).unwrap()[0][0].1, 7, "the shipped index answers");
         }
         // Nothing but the manifest and the segment's files hold it: the alternative's durable ts
-        // is still 0, yet the leader's delete of 3 must be kept across a restart.
+        // is still 0, yet the leader's delete of 3 must be kept across a restart. A file an
+        // interrupted snapshot left behind goes at the start.
+        let leftover = alt.path().join("shard-0").join("seg-incoming-9.tmp");
+        std::fs::write(&leftover, b"half an index").unwrap();
         let clock = HybridClock::new();
         let c = open(alt.path(), HNSW, &clock);
+        assert!(!leftover.exists(), "a leftover of an interrupted snapshot is removed");
         assert_eq!(live_ids(&c), want);
         assert!(c.shards()[0].sealed_segments()[0].index().is_some(), "the index file was loaded, not rebuilt");
     }

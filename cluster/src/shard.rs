@@ -273,6 +273,14 @@ impl Shard {
     /// replayed by `Recovering::replay`.
     pub fn load(index: u32, dir: &Path, schema: &Schema, opts: &ShardOptions) -> Result<Recovering> {
         fsio::create_dir(dir)?;
+        // Files a crash left half-written (an index being saved or received): no manifest
+        // names them.
+        for e in std::fs::read_dir(dir).map_err(|e| ClusterError::io(dir, e))?.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.starts_with("seg-") && name.ends_with(".tmp") {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
         let manifest = match fsio::read_checked(&dir.join("manifest"))? {
             Some(b) => st::ShardManifest::decode(b.as_slice())
                 .map_err(|e| ClusterError::Corrupt(format!("manifest of shard {}: {e}", dir.display())))?,
@@ -887,24 +895,27 @@ impl Shard {
     }
 
     /// An open handle on the index file of `seg` (a sealed segment with an index), for a
-    /// snapshot to send: the checkpointed file when it holds the segment's index, else a
-    /// temporary copy written now (unlinked once open, so nothing is left behind).
-    pub fn index_file(&self, seg: &Sealed) -> Result<std::fs::File> {
+    /// snapshot to send, and the index it holds: the checkpointed file when it holds the
+    /// segment's index, else a temporary copy written now (unlinked once open, so nothing is
+    /// left behind).
+    pub fn index_file(&self, seg: &Sealed) -> Result<(std::fs::File, IndexKind, Metric)> {
         let index = seg.index().ok_or_else(|| ClusterError::Internal(format!("segment {} has no index to send", seg.id)))?;
+        let (kind, metric) = (index.kind(), index.metric());
         {
             // Under the checkpoint lock: the file cannot be replaced between the check and the
             // open, and once open the handle keeps what it read.
             let manifest_index = self.checkpoint_lock.lock();
             let path = seg_index_path(&self.dir, seg.id);
-            if manifest_index.get(&seg.id) == Some(&(index.kind(), index.metric())) {
-                return std::fs::File::open(&path).map_err(|e| ClusterError::io(&path, e));
+            if manifest_index.get(&seg.id) == Some(&(kind, metric)) {
+                let file = std::fs::File::open(&path).map_err(|e| ClusterError::io(&path, e))?;
+                return Ok((file, kind, metric));
             }
         }
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = self.dir.join(format!("seg-{}.snapshot-{}.tmp", seg.id, NEXT.fetch_add(1, Ordering::Relaxed)));
         let saved = index.save(&tmp).and_then(|()| std::fs::File::open(&tmp).map_err(|e| ClusterError::io(&tmp, e)));
         let _ = std::fs::remove_file(&tmp);
-        saved
+        Ok((saved?, kind, metric))
     }
 
     /// Alternative bootstrap: adds a sealed segment a snapshot at `snapshot` brought with its

@@ -596,14 +596,14 @@ impl Follower {
         let mut wiped = false;
         // A sealed segment arriving with its index, part by part.
         let mut incoming: Option<SegmentReceiver> = None;
-        let mut account = |n: u64, total_rows: u64| {
-            bytes += n;
+        // Counts `n` more bytes loaded (progress and metrics).
+        let account = |bytes: &mut u64, n: u64, total_rows: u64| {
+            *bytes += n;
             bytes_total.increment(n);
             if let Some(p) = self.progress.lock().get_mut(&(c.id, shard)) {
-                p.bytes = bytes;
+                p.bytes = *bytes;
                 p.total = p.total.max(total_rows * row_bytes);
             }
-            bytes
         };
         while let Some(chunk) = tokio::time::timeout(SNAPSHOT_IDLE, stream.next()).await.map_err(|_| idle())? {
             let chunk = chunk.map_err(|s| ExportError::Unavailable { backend: "snapshot", message: s.message().to_string() })?;
@@ -619,7 +619,7 @@ impl Follower {
                 wiped = true;
             }
             if let Some(part) = chunk.segment {
-                account(segment_part_bytes(&part), chunk.total_rows);
+                account(&mut bytes, segment_part_bytes(&part), chunk.total_rows);
                 let (node, c2, ts, dir) = (self.node.clone(), c.clone(), chunk.snapshot_ts, c.shards()[shard].dir().to_path_buf());
                 let receiver = incoming.take();
                 let step = tokio::task::spawn_blocking(move || -> Result<SegmentStep> {
@@ -659,7 +659,7 @@ impl Follower {
                 if chunk.lsn == 0 {
                     // The leader's shard has never logged a change: nothing to load, and no
                     // position to record (the stream starts at 1).
-                    if account(0, 0) > 0 {
+                    if bytes > 0 {
                         return Err(ExportError::Unavailable {
                             backend: "snapshot",
                             message: "a snapshot with rows but no position".into(),
@@ -674,7 +674,6 @@ impl Follower {
                     .await
                     .map_err(|e| ExportError::Cluster(ClusterError::Internal(e.to_string())))??;
                 let secs = started.elapsed().as_secs_f64().max(1e-9);
-                let bytes = account(0, 0);
                 let rate = bytes as f64 / secs;
                 metrics::gauge!("tandem_replication_bootstrap_bytes_per_second", &labels).set(rate);
                 tracing::info!(collection = %c.schema().name, shard, rows_mb = bytes as f64 / 1e6, mb_per_s = rate / 1e6, "bootstrapped from a snapshot");
@@ -682,7 +681,7 @@ impl Follower {
                 return Ok(());
             }
             let Some(mut rows) = chunk.rows else { continue };
-            account(rows.vectors.len() as u64 * 4 + rows.ids.len() as u64 * 16, chunk.total_rows);
+            account(&mut bytes, rows.vectors.len() as u64 * 4 + rows.ids.len() as u64 * 16, chunk.total_rows);
             rows.insert_ts = chunk.insert_ts;
             let schema = c.schema();
             let op = op_from_record(&schema, st::wal_record::Op::Upsert(rows))?.expect("data op");
