@@ -15,7 +15,7 @@ use crate::filter::Filter;
 use crate::replication::ReceivedSegment;
 use crate::schema::{IndexKind, Metric, Schema};
 use crate::segment::{LIVE, Row, Sealed};
-use crate::shard::{LogMeta, Recovering, Shard, ShardOp, ShardOptions, check_segment_rows, op_from_record};
+use crate::shard::{LogMeta, Recovering, Shard, ShardOp, ShardOptions, live_segment_rows, op_from_record};
 use crate::ts::{HybridClock, Ts, physical_ms};
 use crate::wal::Lsn;
 
@@ -320,21 +320,13 @@ impl Collection {
         if !sh.is_following() {
             return Err(not_following(&schema.name, shard));
         }
-        check_segment_rows(&schema, &rows, &delete_ts)?;
         clock.observe(snapshot);
         let delete_ts: Vec<Ts> = delete_ts.into_iter().map(|ts| if ts == 0 { LIVE } else { ts }).collect();
         if IndexKind::from_proto(Some(&spec))? == schema.index && Metric::from_proto(spec.metric)? == schema.metric {
             return sh.install_segment(&schema, snapshot, rows, delete_ts, &index).map(|()| true);
         }
         let _ = std::fs::remove_file(&index);
-        let live: Vec<usize> = (0..rows.ids.len()).filter(|&i| delete_ts.get(i) == Some(&LIVE)).collect();
-        let dim = schema.dim;
-        let batch = st::RowBatch {
-            ids: live.iter().map(|&i| rows.ids[i]).collect(),
-            vectors: live.iter().flat_map(|&i| rows.vectors[i * dim..(i + 1) * dim].iter().copied()).collect(),
-            payloads: if rows.payloads.is_empty() { Vec::new() } else { live.iter().map(|&i| rows.payloads[i].clone()).collect() },
-            insert_ts: live.iter().map(|&i| rows.insert_ts[i]).collect(),
-        };
+        let batch = live_segment_rows(&schema, rows, &delete_ts)?;
         let op = op_from_record(&schema, st::wal_record::Op::Upsert(batch))?.expect("data op");
         self.load_snapshot_rows(clock, shard, snapshot, op, jobs).map(|()| false)
     }

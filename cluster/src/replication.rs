@@ -17,7 +17,7 @@ use crate::error::ClusterError;
 use crate::feed::{DdlFeed, Feed, ShardFeed};
 use crate::node::Node;
 use crate::role::Role;
-use crate::schema::{Schema, row_to_payload};
+use crate::schema::{Schema, rows_to_payloads};
 use crate::segment::Sealed;
 use crate::shard::Shard;
 use crate::ts::Ts;
@@ -215,10 +215,8 @@ impl rp::replication_server::Replication for ReplicationService {
                 }
             }
             let skip = segments.iter().map(|s| s.id).collect();
-            let with_payloads = !schema.fields.is_empty();
             shard.snapshot_rows(snap, &skip, SNAPSHOT_CHUNK_ROWS, |ids, vectors, rows, insert_ts| {
-                let payloads = if with_payloads { rows.iter().map(|r| row_to_payload(&schema, r)).collect() } else { Vec::new() };
-                let rows = st::RowBatch { ids, vectors, payloads, insert_ts: Vec::new() };
+                let rows = st::RowBatch { ids, vectors, payloads: rows_to_payloads(&schema, &rows), insert_ts: Vec::new() };
                 let _ = tx.blocking_send(Ok(chunk(Some(rows), insert_ts, None, false)));
             });
             let _ = tx.blocking_send(Ok(chunk(None, Vec::new(), None, true)));
@@ -268,14 +266,13 @@ fn send_segment(
         row_count: seg.len() as u64,
         ..Default::default()
     };
-    let with_payloads = !schema.fields.is_empty();
     for lo in (0..seg.len()).step_by(SNAPSHOT_CHUNK_ROWS) {
         let hi = (lo + SNAPSHOT_CHUNK_ROWS).min(seg.len());
         let r = &seg.rows;
         let rows = st::RowBatch {
             ids: r.ids[lo..hi].to_vec(),
             vectors: r.vectors[lo * schema.dim..hi * schema.dim].to_vec(),
-            payloads: if with_payloads { r.payloads[lo..hi].iter().map(|p| row_to_payload(schema, p)).collect() } else { Vec::new() },
+            payloads: rows_to_payloads(schema, &r.payloads[lo..hi]),
             insert_ts: r.insert_ts[lo..hi].to_vec(),
         };
         // A delete after the snapshot comes on the stream, after it.
@@ -539,5 +536,22 @@ mod tests {
         assert_eq!(jobs.len(), 0, "rows go to the growing segment (seal_rows is large here)");
         assert_eq!(live_ids(&c), (0..50).filter(|&i| i != 3).collect::<Vec<_>>());
         assert!(!file.exists(), "the unusable index file is removed");
+    }
+
+    #[test]
+    fn a_segment_whose_columns_disagree_changes_nothing() {
+        let (lead, alt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let (snap, parts) = leader_parts(lead.path());
+        // Its own index (installed whole) and another one (loaded as rows): both check.
+        for index in [HNSW, IndexKind::Flat] {
+            let clock = HybridClock::new();
+            let c = open(&alt.path().join(index.to_string()), index, &clock);
+            c.shards()[0].set_following(true);
+            let mut seg = receive(c.shards()[0].dir(), parts.clone()).unwrap();
+            seg.delete_ts.pop();
+            let e = c.install_snapshot_segment(&clock, 0, snap, seg, &mut Vec::new()).unwrap_err().to_string();
+            assert!(e.contains("a segment of 50 rows came with 49 delete timestamps, not 50"), "{index}: {e}");
+            assert!(live_ids(&c).is_empty() && c.shards()[0].sealed_segments().is_empty(), "{index}: nothing was loaded");
+        }
     }
 }

@@ -530,10 +530,16 @@ pub fn scalar_to_value(v: &Scalar) -> pb::Value {
     }
 }
 
-/// Stored rows back to API payloads (WAL and segment files keep the API form; see storage.proto).
-/// Dynamic fields come back as top-level keys, which [`Schema::row_from_payload`] gathers again.
-pub fn row_to_payload(schema: &Schema, row: &[Option<Scalar>]) -> pb::Payload {
-    schema.payload_of(row, &schema.output_fields(&["*".to_string()]).unwrap_or_default()).unwrap_or_default()
+/// Stored rows back to API payloads (WAL records, segment files and snapshots keep the API form;
+/// see storage.proto): one per row, or none when the schema has no fields (a `RowBatch` leaves
+/// them out then). Dynamic fields come back as top-level keys, which
+/// [`Schema::row_from_payload`] gathers again.
+pub fn rows_to_payloads(schema: &Schema, rows: &[Vec<Option<Scalar>>]) -> Vec<pb::Payload> {
+    if schema.fields.is_empty() {
+        return Vec::new();
+    }
+    let all = schema.output_fields(&["*".to_string()]).unwrap_or_default();
+    rows.iter().map(|row| schema.payload_of(row, &all).unwrap_or_default()).collect()
 }
 
 /// The type's name as the API spells it (`ScalarType` in tandem.proto).
@@ -625,7 +631,7 @@ mod tests {
         let row = s.row_from_payload(Some(&payload)).unwrap();
         assert_eq!(row[3], Some(Scalar::Float64(f64::from(0.1f32))), "FLOAT keeps what an f32 holds");
         // Stored and read back (the WAL's form) gives the same row.
-        assert_eq!(s.row_from_payload(Some(&row_to_payload(&s, &row))).unwrap(), row);
+        assert_eq!(s.row_from_payload(rows_to_payloads(&s, std::slice::from_ref(&row)).first()).unwrap(), row);
         let back = s.payload_of(&row, &s.output_fields(&["colour".into(), "small".into()]).unwrap()).unwrap();
         assert_eq!(back.fields.len(), 2);
         assert_eq!(back.fields["colour"], v(Kind::StringValue("red".into())));

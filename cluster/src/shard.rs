@@ -35,7 +35,7 @@ use crate::ann::AnnIndex;
 use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::fsio;
-use crate::schema::{IndexKind, Metric, Schema, row_to_payload};
+use crate::schema::{IndexKind, Metric, Schema, rows_to_payloads};
 use crate::segment::{Growing, LIVE, Row, Rows, Sealed, SearchPlan, SegmentId, TopK, merge_topk};
 use crate::term::StreamTerm;
 use crate::ts::{HybridClock, Ts};
@@ -1034,7 +1034,7 @@ fn encode_record(schema: &Schema, meta: &LogMeta<'_>, op: &ShardOp) -> Vec<u8> {
     let batch = |ids: &[i64], vectors: &[f32], rows: &[Row], row_ts: &[Ts]| st::RowBatch {
         ids: ids.to_vec(),
         vectors: vectors.to_vec(),
-        payloads: if schema.fields.is_empty() { Vec::new() } else { rows.iter().map(|r| row_to_payload(schema, r)).collect() },
+        payloads: rows_to_payloads(schema, rows),
         insert_ts: row_ts.to_vec(),
     };
     let op = match op {
@@ -1082,9 +1082,23 @@ fn decode_batch(schema: &Schema, b: st::RowBatch) -> Result<DecodedBatch> {
     Ok((b.ids, b.vectors, rows, b.insert_ts))
 }
 
+/// The rows of a segment sent whole that are live at its snapshot (`delete_ts` is `LIVE`), as
+/// one batch with their insert ts: what is loaded as rows when its index cannot be used.
+pub fn live_segment_rows(schema: &Schema, rows: st::RowBatch, delete_ts: &[Ts]) -> Result<st::RowBatch> {
+    check_segment_rows(schema, &rows, delete_ts)?;
+    let live: Vec<usize> = (0..rows.ids.len()).filter(|&i| delete_ts[i] == LIVE).collect();
+    let dim = schema.dim;
+    Ok(st::RowBatch {
+        ids: live.iter().map(|&i| rows.ids[i]).collect(),
+        vectors: live.iter().flat_map(|&i| rows.vectors[i * dim..(i + 1) * dim].iter().copied()).collect(),
+        payloads: if rows.payloads.is_empty() { Vec::new() } else { live.iter().map(|&i| rows.payloads[i].clone()).collect() },
+        insert_ts: live.iter().map(|&i| rows.insert_ts[i]).collect(),
+    })
+}
+
 /// Checks that a segment sent whole has one vector, insert ts, delete ts (and payload, if any)
 /// per id.
-pub fn check_segment_rows(schema: &Schema, rows: &st::RowBatch, delete_ts: &[Ts]) -> Result<()> {
+fn check_segment_rows(schema: &Schema, rows: &st::RowBatch, delete_ts: &[Ts]) -> Result<()> {
     let n = rows.ids.len();
     let lens = [
         ("vector floats", rows.vectors.len(), n * schema.dim),
@@ -1114,7 +1128,7 @@ fn write_segment(dir: &Path, schema: &Schema, seg: &Sealed) -> Result<()> {
         ids: seg.rows.ids.clone(),
         insert_ts: seg.rows.insert_ts.clone(),
         vectors: seg.rows.vectors.clone(),
-        payloads: if schema.fields.is_empty() { Vec::new() } else { seg.rows.payloads.iter().map(|r| row_to_payload(schema, r)).collect() },
+        payloads: rows_to_payloads(schema, &seg.rows.payloads),
     };
     fsio::write_atomic(&seg_data_path(dir, seg.id), &data.encode_to_vec())
 }
