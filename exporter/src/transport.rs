@@ -55,6 +55,15 @@ pub trait Transport: Send + Sync + 'static {
     /// they arrive. `ExportError::Truncated` when the log no longer holds `from_lsn`.
     async fn subscribe(&self, stream: &StreamId, from_lsn: u64) -> Result<EventStream>;
 
+    /// `subscribe`, for a subscriber that knows the ts of the change at `from_lsn` (an old
+    /// leader checking its last record): a broker that indexes its log by time can start
+    /// looking for the position there instead of searching the whole log. The stream is the
+    /// same; a wrong `ts` only costs the search its shortcut.
+    async fn subscribe_at(&self, stream: &StreamId, from_lsn: u64, ts: u64) -> Result<EventStream> {
+        let _ = ts;
+        self.subscribe(stream, from_lsn).await
+    }
+
     /// The position of the last change event in `stream` (0 when it holds none).
     async fn end_lsn(&self, stream: &StreamId) -> Result<u64>;
 }

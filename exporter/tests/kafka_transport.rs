@@ -78,6 +78,38 @@ async fn subscribe_from_a_middle_position_starts_exactly_there() {
 }
 
 #[tokio::test]
+async fn subscribe_at_a_known_ts_starts_there_in_one_fetch_and_a_wrong_ts_costs_only_fetches() {
+    let broker = Tansu::start(false);
+    let s = shard(0);
+    let writer = transport(&broker);
+    writer.ensure_stream(&s, 1).await.unwrap();
+    let mut log = Vec::new();
+    for lsn in 1..=60u64 {
+        log.push(change(&s, lsn));
+        for k in 1..=(lsn * 7 % 4) {
+            log.push(tick(&s, lsn, k));
+        }
+    }
+    writer.publish(&s, log.clone()).await.unwrap();
+    for from in [2u64, 17, 31, 45, 59, 60] {
+        let first = log.iter().position(|e| e.lsn == from && !is_tick(e)).unwrap();
+        let want = &log[first..];
+        // A new transport each time, as in a restarted process: no hint from earlier
+        // subscriptions, only the record's ts.
+        let t = transport(&broker);
+        let mut sub = t.subscribe_at(&s, from, ts(from, 0)).await.unwrap();
+        assert_eq!(take(&mut sub, want.len()).await, want, "subscribed at the ts of {from}");
+        assert_eq!(t.search_fetches(), 1, "from {from}: the time index gave the record's offset");
+        // The ts of another position, or one past every message: the same events.
+        for wrong in [ts(1, 0), ts(from / 2 + 1, 0), ts(from + 5, 0), ts(10_000, 0)] {
+            let t = transport(&broker);
+            let mut sub = t.subscribe_at(&s, from, wrong).await.unwrap();
+            assert_eq!(take(&mut sub, want.len()).await, want, "subscribed at {from} with the ts {wrong}");
+        }
+    }
+}
+
+#[tokio::test]
 async fn shards_are_independent_partitions() {
     let broker = Tansu::start(false);
     let t = transport(&broker);

@@ -665,7 +665,8 @@ async fn blocking<T: Send + 'static>(f: impl FnOnce() -> tandem_cluster::Result<
 /// other change at that position (a newer leader that reused it).
 async fn stream_holds(transport: &dyn Transport, stream: &StreamId, position: u64, epoch: u64, ts: u64) -> bool {
     use futures::StreamExt;
-    let Ok(Ok(mut events)) = tokio::time::timeout(Duration::from_secs(5), transport.subscribe(stream, position)).await else {
+    // The record's ts lets a broker with a time index find it without searching the stream.
+    let Ok(Ok(mut events)) = tokio::time::timeout(Duration::from_secs(5), transport.subscribe_at(stream, position, ts)).await else {
         return false;
     };
     let is_data = |ev: &tandem_proto::replication::v1::ChangeEvent| ev.body.is_some() && !tandem_exporter::transport::is_tick(ev);
