@@ -30,7 +30,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, ensure};
+use anyhow::{Context, bail, ensure};
 use serde::Serialize;
 use tandem_client::Channel;
 use tandem_cluster::ann::{AnnIndex, Knobs};
@@ -126,6 +126,13 @@ pub struct SearchBenchArgs {
     pub ef_construction: u32,
     #[arg(long, default_value_t = 64)]
     pub ef_search: u32,
+    /// HNSW efSearch values to measure after the main run: recall and QPS at each, on both
+    /// paths (a recall/QPS curve)
+    #[arg(long, value_delimiter = ',')]
+    pub ef_sweep: Vec<u32>,
+    /// IVF_FLAT nprobe values to measure after the main run, likewise
+    #[arg(long, value_delimiter = ',')]
+    pub nprobe_sweep: Vec<u32>,
     /// Rows per Insert request during ingest
     #[arg(long, default_value_t = 2000)]
     pub batch: usize,
@@ -196,6 +203,12 @@ impl SearchBenchArgs {
         ensure!((2..=128).contains(&self.hnsw_m), "--hnsw-m {} is out of range 2..=128", self.hnsw_m);
         ensure!((8..=4096).contains(&self.ef_construction), "--ef-construction {} is out of range 8..=4096", self.ef_construction);
         ensure!((1..=32_768).contains(&self.ef_search), "--ef-search {} is out of range 1..=32768", self.ef_search);
+        if let Some(v) = self.ef_sweep.iter().find(|v| !(1..=32_768).contains(*v)) {
+            bail!("--ef-sweep value {v} is out of range 1..=32768");
+        }
+        if let Some(v) = self.nprobe_sweep.iter().find(|v| !(1..=65_536).contains(*v)) {
+            bail!("--nprobe-sweep value {v} is out of range 1..=65536");
+        }
         ensure!((1..=100_000).contains(&self.batch), "--batch {} is out of range 1..=100000", self.batch);
         ensure!(self.ingest_streams >= 1, "--ingest-streams 0 must be at least 1");
         let mut seen = Vec::new();
@@ -293,6 +306,18 @@ struct IndexReport {
     /// saturate every core. On a machine shared with other work the QPS ratio drifts from it,
     /// because the gRPC path runs more threads and so wins a larger share of the CPU.
     cpu_ratio: Option<f64>,
+    /// `--ef-sweep` (HNSW) or `--nprobe-sweep` (IVF_FLAT), in the order given.
+    sweep: Vec<SweepPoint>,
+}
+
+/// One setting of a sweep: every query asked at least once on each path.
+#[derive(Debug, Serialize)]
+struct SweepPoint {
+    /// "ef_search" or "nprobe"
+    knob: &'static str,
+    value: u32,
+    grpc: RunReport,
+    raw: RunReport,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -849,6 +874,30 @@ async fn measure(a: &SearchBenchArgs, addr: std::net::SocketAddr, s: &Setup) -> 
         let grpc = grpc.summarize(grpc_concurrency, cores, truth, k);
         let grpc_matched = matched.then(|| grpc_matched.summarize(concurrency, cores, truth, k));
         let raw = raw.summarize(concurrency, cores, truth, k);
+
+        let (knob, values) = match which {
+            IndexArg::Hnsw => ("ef_search", &a.ef_sweep[..]),
+            IndexArg::IvfFlat => ("nprobe", &a.nprobe_sweep[..]),
+            IndexArg::Flat => ("", &[][..]),
+        };
+        let mut sweep = Vec::with_capacity(values.len());
+        for &value in values {
+            eprintln!("{kind}: {knob} {value}...");
+            let knobs = match which {
+                IndexArg::Hnsw => Knobs { ef_search: value as usize, ..knobs },
+                _ => Knobs { nprobe: value as usize, ..knobs },
+            };
+            // One round's length, and never before every query was asked (the recall).
+            let stop = StopRule { min_requests: nq, ..StopRule::round(a, 1, nq) };
+            let summarize = |run: Run, concurrency| {
+                let mut s = Sample::default();
+                s.add(run);
+                s.summarize(concurrency, cores, truth, k)
+            };
+            let g = summarize(grpc_run(grpc_clients, ds, k, knobs, stop).await?, grpc_concurrency);
+            let r = summarize(raw_run_blocking(&index, raw_vectors, k, knobs, concurrency, stop).await?, concurrency);
+            sweep.push(SweepPoint { knob, value, grpc: g, raw: r });
+        }
         let ratio = |g: &RunReport| if raw.qps > 0.0 { g.qps / raw.qps } else { 0.0 };
         reports.push(IndexReport {
             index: which,
@@ -861,6 +910,7 @@ async fn measure(a: &SearchBenchArgs, addr: std::net::SocketAddr, s: &Setup) -> 
             grpc,
             grpc_matched,
             raw,
+            sweep,
         });
     }
     Ok((ingest, reports))
@@ -916,6 +966,29 @@ fn print_table(r: &Report) {
     println!(
         "ratio = grpc qps / raw qps; cpu r = raw cpu per query / grpc cpu per query (the ratio to expect where both saturate every core)"
     );
+    if r.indexes.iter().any(|x| !x.sweep.is_empty()) {
+        println!();
+        println!(
+            "{:<9} {:<10} {:>6} {:>7} {:>9} {:>8}   {:>7} {:>9} {:>8}",
+            "sweep", "knob", "value", "recall", "grpc qps", "p50 ms", "recall", "raw qps", "p50 ms"
+        );
+        for x in &r.indexes {
+            for pt in &x.sweep {
+                println!(
+                    "{:<9} {:<10} {:>6} {:>7.4} {:>9.0} {:>8.3}   {:>7.4} {:>9.0} {:>8.3}",
+                    x.index.name(),
+                    pt.knob,
+                    pt.value,
+                    pt.grpc.recall,
+                    pt.grpc.qps,
+                    pt.grpc.p50_ms,
+                    pt.raw.recall,
+                    pt.raw.qps,
+                    pt.raw.p50_ms
+                );
+            }
+        }
+    }
     println!();
     for t in &r.targets {
         println!("target {:<28} {:>12.3} >= {:<10} {}", t.name, t.value, t.min, if t.met { "met" } else { "MISSED" });
@@ -993,6 +1066,8 @@ mod tests {
         a.grpc_concurrency = Some(3);
         a.data_dir = Some(dir.path().to_path_buf());
         a.json = Some(json.clone());
+        a.ef_sweep = vec![16, 64];
+        a.nprobe_sweep = vec![1, 16];
         run(a).await.unwrap();
 
         let v: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
@@ -1013,5 +1088,28 @@ mod tests {
         for path in ["grpc", "grpc_matched", "raw"] {
             assert_eq!(indexes[0][path]["recall"].as_f64(), Some(1.0), "flat {path}: {}", indexes[0]);
         }
+        // Each sweep point asked every query on both paths with its own setting: nprobe 16 of
+        // 16 lists is exhaustive, one list is not.
+        let sweep = |i: usize| indexes[i]["sweep"].as_array().unwrap().clone();
+        assert!(sweep(0).is_empty());
+        let knobs =
+            |i| sweep(i).iter().map(|p| (p["knob"].as_str().unwrap().to_string(), p["value"].as_u64().unwrap())).collect::<Vec<_>>();
+        assert_eq!(knobs(1), [("nprobe".to_string(), 1), ("nprobe".to_string(), 16)]);
+        assert_eq!(knobs(2), [("ef_search".to_string(), 16), ("ef_search".to_string(), 64)]);
+        for path in ["grpc", "raw"] {
+            let recall = |i: usize| sweep(1)[i][path]["recall"].as_f64().unwrap();
+            assert_eq!(recall(1), 1.0, "nprobe 16 on {path}");
+            assert!(recall(0) < 1.0, "nprobe 1 on {path} searched every list: {}", recall(0));
+            for p in sweep(1).iter().chain(&sweep(2)) {
+                assert_eq!(p[path]["recall_queries"], 50, "{p}");
+            }
+        }
+    }
+
+    #[test]
+    fn sweep_values_out_of_range_are_named() {
+        let err = |args: &[&str]| Cli::try_parse_from(args).unwrap().args.validate().unwrap_err().to_string();
+        assert!(err(&["bench", "--ef-sweep", "16,0"]).contains("--ef-sweep value 0"));
+        assert!(err(&["bench", "--nprobe-sweep", "8,70000"]).contains("--nprobe-sweep value 70000"));
     }
 }
