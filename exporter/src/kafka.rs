@@ -933,10 +933,7 @@ fn search(
             return Ok((b.lo, b.probes));
         }
     } else if let Some(g) = guess.map(|g| g.clamp(low, high - 1)) {
-        let (holds, exact) = b.probe(probe, g, from_lsn)?;
-        if exact && b.lo < b.hi {
-            b.probe(probe, g - 1, from_lsn)?;
-        } else if !holds && b.lo < b.hi {
+        if !b.probe_change(probe, g, from_lsn)? && b.lo < b.hi {
             b.walk(probe, from_lsn)?;
         }
         if b.lo >= b.hi {
@@ -957,12 +954,7 @@ fn search(
         let mut stride = 1i64;
         let mut moving_down = None;
         while b.lo < b.hi {
-            let (holds, exact) = b.probe(probe, mid, from_lsn)?;
-            if exact && b.lo < b.hi {
-                // The change itself: the start unless the message before it is still at or
-                // above from_lsn (a malformed one, which takes its value).
-                b.probe(probe, mid - 1, from_lsn)?;
-            }
+            let holds = b.probe_change(probe, mid, from_lsn)?;
             if b.lo >= b.hi || moving_down.is_some_and(|down| down != holds) {
                 break;
             }
@@ -1068,6 +1060,17 @@ impl Bracket {
             at = p.next_event(self.hi)?;
         }
         Ok(())
+    }
+
+    /// [`Bracket::probe`], and when `mid` holds the change `from_lsn` itself, the offset before
+    /// it too: the change is the start unless the message before it is still at or above
+    /// `from_lsn` (a malformed one, which takes its value). Whether pred(mid) holds.
+    fn probe_change(&mut self, p: &mut impl EventAt, mid: i64, from_lsn: u64) -> Result<bool> {
+        let (holds, exact) = self.probe(p, mid, from_lsn)?;
+        if exact && self.lo < self.hi {
+            self.probe(p, mid - 1, from_lsn)?;
+        }
+        Ok(holds)
     }
 
     /// Reads the first well-formed event at or after `mid` (`lo <= mid < hi`) and narrows the

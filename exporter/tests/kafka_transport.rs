@@ -55,13 +55,7 @@ async fn subscribe_from_a_middle_position_starts_exactly_there() {
     t.ensure_stream(&s, 1).await.unwrap();
     // Changes 1..=40 with a varying number of ticks after each, so that offsets and positions
     // drift apart irregularly.
-    let mut log = Vec::new();
-    for lsn in 1..=40u64 {
-        log.push(change(&s, lsn));
-        for k in 1..=(lsn * 7 % 5) {
-            log.push(tick(&s, lsn, k));
-        }
-    }
+    let log = log_with_ticks(&s, 40, |lsn| lsn * 7 % 5);
     t.publish(&s, log.clone()).await.unwrap();
     for from in 1..=40u64 {
         let mut sub = t.subscribe(&s, from).await.unwrap();
@@ -83,13 +77,7 @@ async fn subscribe_at_a_known_ts_starts_there_in_one_fetch_and_a_wrong_ts_costs_
     let s = shard(0);
     let writer = transport(&broker);
     writer.ensure_stream(&s, 1).await.unwrap();
-    let mut log = Vec::new();
-    for lsn in 1..=60u64 {
-        log.push(change(&s, lsn));
-        for k in 1..=(lsn * 7 % 4) {
-            log.push(tick(&s, lsn, k));
-        }
-    }
+    let log = log_with_ticks(&s, 60, |lsn| lsn * 7 % 4);
     writer.publish(&s, log.clone()).await.unwrap();
     for from in [2u64, 17, 31, 45, 59, 60] {
         let first = log.iter().position(|e| e.lsn == from && !is_tick(e)).unwrap();

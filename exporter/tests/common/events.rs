@@ -52,6 +52,17 @@ pub fn tick(stream: &StreamId, lsn: u64, k: u64) -> ChangeEvent {
     ev
 }
 
+/// Changes `1..=last`, each followed by `ticks(lsn)` ticks, so that offsets (or entry ids) and
+/// positions drift apart irregularly.
+pub fn log_with_ticks(stream: &StreamId, last: u64, ticks: impl Fn(u64) -> u64) -> Vec<ChangeEvent> {
+    let mut log = Vec::new();
+    for lsn in 1..=last {
+        log.push(change(stream, lsn));
+        log.extend((1..=ticks(lsn)).map(|k| tick(stream, lsn, k)));
+    }
+    log
+}
+
 pub async fn next(s: &mut EventStream) -> Result<ChangeEvent, ExportError> {
     tokio::time::timeout(GUARD, s.next()).await.expect("no event within the guard time").expect("stream ended")
 }
