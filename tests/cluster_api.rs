@@ -509,3 +509,74 @@ async fn restart_keeps_sealed_segments_growing_rows_and_deletes() {
     assert_eq!(got.entities.iter().map(|e| e.id).collect::<Vec<_>>(), vec![14, 1210]);
     let _ = Duration::from_secs(1);
 }
+
+/// Concurrent one-query searches that find the search pool busy go to faiss together
+/// (cluster/src/batch.rs): each still gets exactly the hits and payloads it gets alone, at every
+/// consistency level, and its reply's session token covers its own read. One search thread and
+/// eight clients, so searches wait and merge.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_searches_merge_and_each_gets_its_own_answer() {
+    let sb = Sandbox::builder().cluster_with("a", |c| c.search.threads = 1).build().await;
+    let mut c = sb.client("a").await;
+    let dim = 32;
+    let fields = vec![field("n", pb::ScalarType::Int64)];
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, dim, pb::Metric::L2, None, 1, fields)) }).await.unwrap();
+    let n = 20_000;
+    let v = vectors(n, dim as usize, 7);
+    let mut token = String::new();
+    for lo in (0..n).step_by(5000) {
+        let ids: Vec<i64> = (lo as i64..(lo + 5000) as i64).collect();
+        let payloads = ids.iter().map(|&i| payload(&[("n", int(i * 3))])).collect();
+        let vectors = v[lo * dim as usize..(lo + 5000) * dim as usize].to_vec();
+        let r = c.insert(pb::InsertRequest { collection: COLL.into(), ids, vectors, payloads, ..Default::default() }).await.unwrap();
+        token = r.into_inner().session_token;
+    }
+    let queries = vectors(64, dim as usize, 99);
+    let levels = [pb::ConsistencyLevel::Eventually, pb::ConsistencyLevel::Strong, pb::ConsistencyLevel::Session];
+    let request = {
+        let token = token.clone();
+        move |q: usize| pb::SearchRequest {
+            collection: COLL.into(),
+            vectors: queries[q * dim as usize..(q + 1) * dim as usize].to_vec(),
+            top_k: 5,
+            output_fields: if q.is_multiple_of(2) { vec!["n".into()] } else { vec![] },
+            read: read(levels[q % 3], &token),
+            ..Default::default()
+        }
+    };
+    // Alone: one search in flight at a time.
+    let mut alone = Vec::new();
+    for q in 0..64 {
+        alone.push(c.search(request(q)).await.unwrap().into_inner().results);
+    }
+    let node = sb.node("a").await;
+    let (batches, members) = node.batcher.stats();
+    assert_eq!(members - batches, 0, "searches one at a time never wait");
+
+    let written = tandem_proto::session::SessionToken::decode(&token).unwrap().unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..8 {
+        let mut c = sb.client("a").await;
+        let request = request.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            for round in 0..4 {
+                for q in (t..64).step_by(8) {
+                    let r = c.search(request(q)).await.unwrap().into_inner();
+                    let got = tandem_proto::session::SessionToken::decode(&r.session_token).unwrap().unwrap();
+                    assert!(got.ts >= written.ts, "round {round} query {q}: token {got:?} below the write's {written:?}");
+                    answers.push((q, r.results));
+                }
+            }
+            answers
+        }));
+    }
+    for t in tasks {
+        for (q, results) in t.await.unwrap() {
+            assert_eq!(results, alone[q], "query {q}");
+        }
+    }
+    let (b, m) = node.batcher.stats();
+    assert_eq!(m - members, 8 * 4 * 8, "every search went through the batcher");
+    assert!(m - members > b - batches, "no search merged: {} batches for {} searches", b - batches, m - members);
+}

@@ -104,7 +104,7 @@ pub fn faiss_threads_on_this_thread() -> usize {
 }
 
 /// Per-request search knobs (already defaulted and bounded by the caller).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Knobs {
     pub nprobe: usize,
     pub ef_search: usize,

@@ -341,6 +341,9 @@ pub struct SearchConfig {
     pub threads: usize,
     pub default_nprobe: u32,
     pub default_ef_search: u32,
+    /// Most queries searches merged while the pool is busy may hold together (batch.rs); 1 =
+    /// never merge.
+    pub max_batch_queries: usize,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -406,7 +409,7 @@ impl Default for SegmentConfig {
 
 impl Default for SearchConfig {
     fn default() -> Self {
-        SearchConfig { threads: 0, default_nprobe: 16, default_ef_search: 64 }
+        SearchConfig { threads: 0, default_nprobe: 16, default_ef_search: 64, max_batch_queries: crate::batch::MAX_BATCH_QUERIES }
     }
 }
 
@@ -466,6 +469,9 @@ impl ClusterConfig {
         }
         if !(1..=65_536).contains(&self.search.default_nprobe) {
             errs.push(format!("search.default_nprobe = {} is out of range 1..=65536", self.search.default_nprobe));
+        }
+        if !(1..=4096).contains(&self.search.max_batch_queries) {
+            errs.push(format!("search.max_batch_queries = {} is out of range 1..=4096 (1: never merge)", self.search.max_batch_queries));
         }
         if !(1..=32_768).contains(&self.search.default_ef_search) {
             errs.push(format!("search.default_ef_search = {} is out of range 1..=32768", self.search.default_ef_search));
@@ -554,6 +560,7 @@ impl ClusterConfig {
             role: self.role,
             shard: ShardOptions { wal: WalOptions { sync, segment_bytes: self.wal.file_mib << 20 }, seal_rows: self.segment.seal_rows },
             search_threads: if self.search.threads == 0 { cores } else { self.search.threads },
+            max_batch_queries: self.search.max_batch_queries,
             index_threads: self.index.threads,
         }
     }
@@ -568,8 +575,10 @@ mod tests {
         ClusterConfig::default().validate().unwrap();
         let mut c = ClusterConfig { listen: "nowhere".into(), cluster_id: "a b".into(), ..ClusterConfig::default() };
         c.segment.seal_rows = 0;
+        c.search.max_batch_queries = 0;
         let errs = c.validate().unwrap_err();
-        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("search.max_batch_queries = 0")));
         assert!(errs.iter().any(|e| e.contains("\"nowhere\"")));
         assert!(errs.iter().any(|e| e.contains("segment.seal_rows = 0")));
         assert!(errs.iter().any(|e| e.contains("\"a b\"")));

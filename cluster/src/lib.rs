@@ -12,6 +12,7 @@
 #![deny(unsafe_code)]
 
 pub mod ann;
+pub mod batch;
 pub mod collection;
 pub mod config;
 pub mod error;

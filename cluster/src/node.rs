@@ -18,6 +18,7 @@ use tandem_proto::storage::v1 as st;
 use tandem_proto::v1 as pb;
 
 use crate::ann::AnnIndex;
+use crate::batch::{Answer, Batch, Batcher, Search};
 use crate::collection::{Collection, IndexJobs, Write, WriteOutcome};
 use crate::error::{ClusterError, Result};
 use crate::fanout::{Fanout, LocalFanout};
@@ -62,6 +63,7 @@ pub struct NodeOptions {
     pub role: Role,
     pub shard: ShardOptions,
     pub search_threads: usize,
+    pub max_batch_queries: usize,
     pub index_threads: usize,
 }
 
@@ -82,6 +84,8 @@ pub struct Node {
     /// Serialises DDL and catalog rewrites; holds the next collection id.
     catalog: Mutex<u64>,
     search_pool: rayon::ThreadPool,
+    /// Admits searches to the pool, merging those that wait (`batch.rs`).
+    pub batcher: Arc<Batcher>,
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     builders: Mutex<Vec<std::thread::JoinHandle<()>>>,
     /// Set by [`Node::shutdown`]: index builds in progress give up (their segments are indexed
@@ -205,6 +209,7 @@ impl Node {
             switchover: Mutex::new(None),
             collections: RwLock::new(collections),
             catalog: Mutex::new(catalog.next_collection_id.max(1)),
+            batcher: Arc::new(Batcher::new(search_pool.current_num_threads(), opts.max_batch_queries)),
             search_pool,
             jobs: Mutex::new(None),
             builders: Mutex::new(Vec::new()),
@@ -949,13 +954,31 @@ impl Node {
         }
     }
 
-    /// Runs CPU-bound work on the search pool.
+    /// Searches on the pool, merged with others that wait for it (`batch.rs`).
+    pub async fn search(&self, search: Search) -> Result<Answer> {
+        let (batch, answer) = self.batcher.admit(search);
+        self.start_batches(batch);
+        answer.await.map_err(|_| ClusterError::Internal("a search task failed unexpectedly".into()))?
+    }
+
+    /// Runs CPU-bound work on the search pool, in its turn with the searches (`batch.rs`).
     pub async fn on_search_pool<T: Send + 'static>(&self, f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
         let (tx, rx) = tokio::sync::oneshot::channel();
-        self.search_pool.spawn(move || {
+        let batch = self.batcher.admit_job(Box::new(move || {
             let _ = tx.send(f());
-        });
+        }));
+        self.start_batches(batch);
         rx.await.map_err(|_| ClusterError::Internal("a search task failed unexpectedly".into()))?
+    }
+
+    /// A pool thread for work the batcher admitted at once: it goes on with what waits. It holds
+    /// the batcher and the fanout, not the node: a node stopped while the thread finishes is
+    /// dropped at once, and with it the data directory's lock (a restart takes it at once).
+    fn start_batches(&self, batch: Option<Batch>) {
+        if let Some(batch) = batch {
+            let (batcher, fanout) = (self.batcher.clone(), self.fanout.clone());
+            self.search_pool.spawn(move || batcher.drain(batch, &*fanout));
+        }
     }
 }
 
@@ -1052,6 +1075,7 @@ mod tests {
             role: Role::Leading,
             shard: ShardOptions { wal: WalOptions { sync: SyncPolicy::Never, segment_bytes: 1 << 20 }, seal_rows: 1000 },
             search_threads: 1,
+            max_batch_queries: crate::batch::MAX_BATCH_QUERIES,
             index_threads: 1,
         };
         Node::open(opts).unwrap()

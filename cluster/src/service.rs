@@ -10,6 +10,7 @@ use tandem_proto::wire;
 use tonic::{Request, Response, Status};
 
 use crate::ann::Knobs;
+use crate::batch::{Answer, Search};
 use crate::collection::{Collection, Write};
 use crate::config::{AckPolicy, ClusterConfig};
 use crate::error::{ClusterError, Result};
@@ -17,7 +18,7 @@ use crate::filter::Filter;
 use crate::node::Node;
 use crate::role::Role;
 use crate::schema::{Metric, Outputs, Schema};
-use crate::segment::{Row, SearchPlan};
+use crate::segment::Row;
 use crate::ts::{SessionToken, Ts, compose, wall_ms};
 
 #[derive(Clone)]
@@ -61,14 +62,16 @@ fn check_vectors(what: &str, schema: &Schema, ids: Option<&[i64]>, vectors: &mut
     }
     let n = vectors.len() / dim;
     for (i, v) in vectors.chunks_exact_mut(dim).enumerate() {
-        let label = ids.map_or(format!("query {i}"), |ids| format!("the vector of id {}", ids[i]));
+        // Only a refusal names the vector: formatting it for every row would cost an insert
+        // of thousands of rows as many allocations.
+        let label = || ids.map_or(format!("query {i}"), |ids| format!("the vector of id {}", ids[i]));
         if let Some(p) = v.iter().position(|x| !x.is_finite()) {
-            return Err(ClusterError::invalid(format!("{what}: {label} has a non-finite value ({}) at position {p}", v[p])));
+            return Err(ClusterError::invalid(format!("{what}: {} has a non-finite value ({}) at position {p}", label(), v[p])));
         }
         if schema.metric == Metric::Cosine {
             let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
             if norm == 0.0 || !norm.is_finite() {
-                return Err(ClusterError::invalid(format!("{what}: {label} has zero length; COSINE needs a non-zero vector")));
+                return Err(ClusterError::invalid(format!("{what}: {} has zero length; COSINE needs a non-zero vector", label())));
             }
             // Queries are normalised here; stored rows keep their vectors as inserted (the
             // distance and the index builds normalise them: see segment::distance).
@@ -483,34 +486,24 @@ impl ClusterService {
             nprobe: if params.nprobe == 0 { self.cfg.search.default_nprobe } else { params.nprobe.min(65_536) } as usize,
             ef_search: if params.ef_search == 0 { self.cfg.search.default_ef_search } else { params.ef_search.min(32_768) } as usize,
         };
-        let (snap, token) = self.snapshot(&c, r.read.as_ref(), deadline).await?;
-        let node = self.node.clone();
-        let c2 = c.clone();
-        let schema2 = schema.clone();
-        let k = r.top_k as usize;
-        let want_payloads = !outputs.is_empty();
-        let (topk, payloads) = self
-            .node
-            .on_search_pool(move || {
-                let plan = SearchPlan {
-                    queries: &r.vectors,
-                    dim: schema2.dim,
-                    k,
-                    metric: schema2.metric,
-                    filter: filter.as_ref(),
-                    knobs,
-                    snapshot: snap,
-                };
-                let topk = node.fanout.search(&c2, &plan)?;
-                let payloads = if !want_payloads {
-                    Default::default()
-                } else {
-                    let ids: Vec<i64> = topk.iter().flatten().map(|h| h.1).collect();
-                    c2.payloads(&ids, snap)
-                };
-                Ok((topk, payloads))
-            })
-            .await?;
+        let (snap, mut token) = self.snapshot(&c, r.read.as_ref(), deadline).await?;
+        let search = Search {
+            collection: c.clone(),
+            queries: r.vectors,
+            dim: schema.dim,
+            metric: schema.metric,
+            k: r.top_k as usize,
+            knobs,
+            filter,
+            filter_text: r.filter,
+            snapshot: snap,
+            payloads: !outputs.is_empty(),
+        };
+        let Answer { topk, payloads, snapshot } = self.node.search(search).await?;
+        if snapshot > snap {
+            // Merged with a search at a newer snapshot (batch.rs): the token covers what was read.
+            token = token.max(self.node.token(c.newest_change_visible_at(snapshot)));
+        }
         let results = topk
             .into_iter()
             .map(|hits| pb::Hits {
@@ -761,6 +754,14 @@ fn describe_metrics() {
     describe_gauge!("tandem_collection_disk_bytes", Unit::Bytes, "disk used by a collection (WAL, segments, indexes)");
     describe_gauge!("tandem_cluster_role", "1 for the cluster's current role, 0 for the others");
     describe_gauge!("tandem_cluster_epoch", "the cluster's leadership epoch");
+    describe_counter!(
+        "tandem_search_batches_total",
+        "batches of searches the search pool ran (batch.rs: searches that waited for a busy pool go together)"
+    );
+    describe_counter!(
+        "tandem_search_batch_members_total",
+        "searches those batches held: divided by tandem_search_batches_total, the mean batch"
+    );
 }
 
 impl ClusterService {
@@ -831,7 +832,10 @@ pub fn record_gauges(node: &Node) {
     for r in ROLES {
         metrics::gauge!("tandem_cluster_role", "cluster" => cluster.clone(), "role" => role_label(r)).set(f64::from(u8::from(r == role)));
     }
-    metrics::gauge!("tandem_cluster_epoch", "cluster" => cluster).set(node.epoch() as f64);
+    metrics::gauge!("tandem_cluster_epoch", "cluster" => cluster.clone()).set(node.epoch() as f64);
+    let (batches, members) = node.batcher.stats();
+    metrics::counter!("tandem_search_batches_total", "cluster" => cluster.clone()).absolute(batches);
+    metrics::counter!("tandem_search_batch_members_total", "cluster" => cluster).absolute(members);
 }
 
 #[cfg(test)]

@@ -24,7 +24,7 @@
 //! The measurements alternate in short rounds, so that background load on a shared machine hits
 //! every path alike instead of whichever ran last.
 
-use super::{WalSyncArg, process_cpu_secs};
+use super::{WalSyncArg, process_cpu_secs, threads_cpu_secs};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -47,6 +47,10 @@ const COLLECTION: &str = "bench";
 
 /// Requests in flight through gRPC per raw thread, unless `--grpc-concurrency` says otherwise.
 const GRPC_INFLIGHT_PER_THREAD: usize = 4;
+
+/// The name of the client runtime's threads: the gRPC path's CPU is split into theirs and the
+/// cluster's (everything else in the process) by it.
+const CLIENT_THREADS: &str = "bench-client";
 
 /// Each measurement is split into this many rounds; every round runs each path once.
 const ROUNDS: usize = 5;
@@ -133,6 +137,10 @@ pub struct SearchBenchArgs {
     /// IVF_FLAT nprobe values to measure after the main run, likewise
     #[arg(long, value_delimiter = ',')]
     pub nprobe_sweep: Vec<u32>,
+    /// The cluster's search.max_batch_queries: most queries of searches merged while its search
+    /// pool is busy (1: never merge)
+    #[arg(long, default_value_t = tandem_cluster::batch::MAX_BATCH_QUERIES)]
+    pub max_batch_queries: usize,
     /// Rows per Insert request during ingest
     #[arg(long, default_value_t = 2000)]
     pub batch: usize,
@@ -198,6 +206,11 @@ impl SearchBenchArgs {
         ensure!(self.grpc_concurrency != Some(0), "--grpc-concurrency 0 must be at least 1");
         ensure!(self.duration_secs.is_finite() && self.duration_secs > 0.0, "--duration-secs {} must be positive", self.duration_secs);
         ensure!(self.queries_per_run != Some(0), "--queries-per-run 0 must be at least 1");
+        ensure!(
+            (1..=4096).contains(&self.max_batch_queries),
+            "--max-batch-queries {} is out of range 1..=4096 (1: never merge)",
+            self.max_batch_queries
+        );
         ensure!((1..=65_536).contains(&self.ivf_nlist), "--ivf-nlist {} is out of range 1..=65536", self.ivf_nlist);
         ensure!((1..=65_536).contains(&self.nprobe), "--nprobe {} is out of range 1..=65536", self.nprobe);
         ensure!((2..=128).contains(&self.hnsw_m), "--hnsw-m {} is out of range 2..=128", self.hnsw_m);
@@ -270,6 +283,7 @@ struct Params {
     batch: usize,
     ingest_streams: usize,
     wal_sync: WalSyncArg,
+    max_batch_queries: usize,
     consistency: &'static str,
 }
 
@@ -306,6 +320,9 @@ struct IndexReport {
     /// saturate every core. On a machine shared with other work the QPS ratio drifts from it,
     /// because the gRPC path runs more threads and so wins a larger share of the CPU.
     cpu_ratio: Option<f64>,
+    /// raw.cpu_us_per_query / grpc.cluster_cpu_us_per_query: the same without the clients' cost,
+    /// which a deployment pays on other machines: what serving a search costs the cluster.
+    cluster_cpu_ratio: Option<f64>,
     /// `--ef-sweep` (HNSW) or `--nprobe-sweep` (IVF_FLAT), in the order given.
     sweep: Vec<SweepPoint>,
 }
@@ -339,6 +356,12 @@ struct RunReport {
     cpu_util: Option<f64>,
     /// Process CPU time per search, in microseconds (client, server and faiss together).
     cpu_us_per_query: Option<f64>,
+    /// gRPC path: the part of `cpu_us_per_query` spent on the clients' threads (encoding,
+    /// HTTP/2, decoding the answer), and the rest, the cluster's. Linux only.
+    client_cpu_us_per_query: Option<f64>,
+    cluster_cpu_us_per_query: Option<f64>,
+    /// gRPC path: searches per batch the cluster's search pool ran (1.0: none merged).
+    mean_batch: Option<f64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -391,12 +414,16 @@ struct WorkerLog {
     results: Vec<(usize, Vec<i64>)>,
 }
 
-/// One run of one path: what its workers saw, its wall time and the process's CPU time.
+/// One run of one path: what its workers saw, its wall time, the process's CPU time and (gRPC)
+/// its clients' part of it.
 #[derive(Debug)]
 struct Run {
     logs: Vec<WorkerLog>,
     secs: f64,
     cpu_secs: Option<f64>,
+    client_cpu_secs: Option<f64>,
+    /// gRPC: (batches, searches in them) the cluster's search pool ran.
+    batches: Option<(u64, u64)>,
 }
 
 /// Every run of one path, summed over the rounds.
@@ -405,6 +432,8 @@ struct Sample {
     logs: Vec<WorkerLog>,
     secs: f64,
     cpu_secs: Option<f64>,
+    client_cpu_secs: Option<f64>,
+    batches: Option<(u64, u64)>,
     runs: usize,
 }
 
@@ -412,12 +441,15 @@ impl Sample {
     fn add(&mut self, run: Run) {
         self.logs.extend(run.logs);
         self.secs += run.secs;
-        self.cpu_secs = if self.runs == 0 { run.cpu_secs } else { self.cpu_secs.zip(run.cpu_secs).map(|(a, b)| a + b) };
+        let sum = |total: Option<f64>, x: Option<f64>| if self.runs == 0 { x } else { total.zip(x).map(|(a, b)| a + b) };
+        self.cpu_secs = sum(self.cpu_secs, run.cpu_secs);
+        self.client_cpu_secs = sum(self.client_cpu_secs, run.client_cpu_secs);
+        self.batches = if self.runs == 0 { run.batches } else { self.batches.zip(run.batches).map(|(a, b)| (a.0 + b.0, a.1 + b.1)) };
         self.runs += 1;
     }
 
     fn summarize(self, concurrency: usize, cores: usize, truth: &[Vec<i64>], k: usize) -> RunReport {
-        let Sample { logs, secs, cpu_secs, .. } = self;
+        let Sample { logs, secs, cpu_secs, client_cpu_secs, batches, .. } = self;
         let mut lat: Vec<u64> = Vec::new();
         let mut answers: Vec<Option<Vec<i64>>> = vec![None; truth.len()];
         for log in logs {
@@ -438,6 +470,7 @@ impl Sample {
         let (results, truths): (Vec<Vec<i64>>, Vec<Vec<i64>>) =
             answers.into_iter().zip(truth).filter_map(|(a, t)| a.map(|a| (a, t.clone()))).unzip();
         let requests = lat.len();
+        let per_query = |secs: Option<f64>| secs.filter(|_| requests > 0).map(|c| c * 1e6 / requests as f64);
         RunReport {
             concurrency,
             requests,
@@ -450,21 +483,26 @@ impl Sample {
             recall: dataset::recall_at_k(&results, &truths, k),
             recall_queries: results.len(),
             cpu_util: cpu_secs.filter(|_| secs > 0.0).map(|c| c / (secs * cores as f64)),
-            cpu_us_per_query: cpu_secs.filter(|_| requests > 0).map(|c| c * 1e6 / requests as f64),
+            cpu_us_per_query: per_query(cpu_secs),
+            client_cpu_us_per_query: per_query(client_cpu_secs),
+            cluster_cpu_us_per_query: per_query(cpu_secs.zip(client_cpu_secs).map(|(all, client)| all - client)),
+            mean_batch: batches.filter(|b| b.0 > 0).map(|(batches, searches)| searches as f64 / batches as f64),
         }
     }
 }
 
-/// Searches through gRPC, one task per client, one query per request, until `stop`.
-async fn grpc_run(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, k: usize, knobs: Knobs, stop: StopRule) -> anyhow::Result<Run> {
+/// Searches through gRPC, one task per client on the clients' runtime, one query per request,
+/// until `stop`.
+async fn grpc_run(clients: &Clients<'_>, ds: &Arc<Dataset>, k: usize, knobs: Knobs, stop: StopRule) -> anyhow::Result<Run> {
     let next = Arc::new(AtomicUsize::new(0));
-    let cpu = process_cpu_secs();
+    let (cpu, client_cpu) = (process_cpu_secs(), threads_cpu_secs(CLIENT_THREADS));
+    let batches = clients.node.batcher.stats();
     let started = Instant::now();
-    let mut tasks = Vec::with_capacity(clients.len());
-    for client in clients {
+    let mut tasks = Vec::with_capacity(clients.clients.len());
+    for client in clients.clients {
         let mut client = client.clone();
         let (ds, next) = (ds.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
+        tasks.push(clients.rt.spawn(async move {
             let mut log = WorkerLog::default();
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -497,7 +535,30 @@ async fn grpc_run(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, k: usize
         logs.push(t.await.context("search task")??);
     }
     let secs = started.elapsed().as_secs_f64();
-    Ok(Run { logs, secs, cpu_secs: process_cpu_secs().zip(cpu).map(|(b, a)| b - a) })
+    let used = |before: Option<f64>, after: Option<f64>| after.zip(before).map(|(b, a)| b - a);
+    Ok(Run {
+        logs,
+        secs,
+        cpu_secs: used(cpu, process_cpu_secs()),
+        client_cpu_secs: used(client_cpu, threads_cpu_secs(CLIENT_THREADS)),
+        batches: Some(sub(clients.node.batcher.stats(), batches)),
+    })
+}
+
+/// `after - before` of two (batches, searches) counts.
+fn sub(after: (u64, u64), before: (u64, u64)) -> (u64, u64) {
+    (after.0 - before.0, after.1 - before.1)
+}
+
+/// Search clients and the runtime they run on, apart from the cluster's, so that the CPU of the
+/// gRPC path splits into theirs and the cluster's (`CLIENT_THREADS`). Their connections were
+/// made on that runtime too: a connection's task runs where it was made.
+#[derive(Clone, Copy)]
+struct Clients<'a> {
+    clients: &'a [TandemClient<Channel>],
+    rt: &'a tokio::runtime::Handle,
+    /// The cluster they search, for its batch counts.
+    node: &'a tandem_cluster::Node,
 }
 
 /// Searches `index` directly from `threads` threads, one query per call, until `stop`.
@@ -536,7 +597,7 @@ fn raw_run(index: &AnnIndex, queries: &[f32], dim: usize, k: usize, knobs: Knobs
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
     let secs = started.elapsed().as_secs_f64();
-    Ok(Run { logs, secs, cpu_secs: process_cpu_secs().zip(cpu).map(|(b, a)| b - a) })
+    Ok(Run { logs, secs, cpu_secs: process_cpu_secs().zip(cpu).map(|(b, a)| b - a), client_cpu_secs: None, batches: None })
 }
 
 async fn raw_run_blocking(
@@ -589,6 +650,34 @@ async fn connect(addr: std::net::SocketAddr) -> anyhow::Result<TandemClient<Chan
     let client =
         TandemClient::new(Channel::from(channel)).max_decoding_message_size(MAX_MESSAGE_BYTES).max_encoding_message_size(MAX_MESSAGE_BYTES);
     Ok(client)
+}
+
+/// The search clients' runtime (`CLIENT_THREADS`), shut down without blocking when dropped (an
+/// async context may not block).
+struct ClientRuntime(Option<tokio::runtime::Runtime>);
+
+impl ClientRuntime {
+    fn start(threads: usize) -> anyhow::Result<ClientRuntime> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(threads)
+            .thread_name(CLIENT_THREADS)
+            .enable_all()
+            .build()
+            .context("cannot start the search clients' runtime")?;
+        Ok(ClientRuntime(Some(rt)))
+    }
+
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("running until dropped").handle()
+    }
+}
+
+impl Drop for ClientRuntime {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
 }
 
 /// One connection each, as separate clients would have. (Sharing one HTTP/2 connection was
@@ -732,10 +821,11 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     cfg.wal.sync = a.wal_sync.into();
     cfg.limits.max_message_bytes = MAX_MESSAGE_BYTES;
     cfg.limits.max_write_rows = cfg.limits.max_write_rows.max(a.batch);
+    cfg.search.max_batch_queries = a.max_batch_queries;
     // A member as `tandem cluster` runs one (it validates the configuration first).
     let member = tandem_node::Member::start(cfg).await.context("cannot start the bench cluster")?;
     let setup = Setup { ds, raw_vectors, truth, k, cores, concurrency, grpc_concurrency };
-    let result = measure(a, member.addr(), &setup).await;
+    let result = measure(a, member.addr(), member.node(), &setup).await;
     let stopped = member.stop(crate::config::MEMBER_DRAIN).await;
     let (ingest, indexes) = result?;
     stopped.context("the bench cluster did not stop cleanly")?;
@@ -792,6 +882,7 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
             batch: a.batch,
             ingest_streams: a.ingest_streams,
             wal_sync: a.wal_sync,
+            max_batch_queries: a.max_batch_queries,
             consistency: "EVENTUALLY",
         },
         ground_truth_secs,
@@ -801,14 +892,21 @@ async fn bench(a: &SearchBenchArgs) -> anyhow::Result<Report> {
     })
 }
 
-async fn measure(a: &SearchBenchArgs, addr: std::net::SocketAddr, s: &Setup) -> anyhow::Result<(IngestReport, Vec<IndexReport>)> {
+async fn measure(
+    a: &SearchBenchArgs,
+    addr: std::net::SocketAddr,
+    node: &Arc<tandem_cluster::Node>,
+    s: &Setup,
+) -> anyhow::Result<(IngestReport, Vec<IndexReport>)> {
     let Setup { ds, raw_vectors, truth, k, cores, concurrency, grpc_concurrency } = s;
     let (k, cores, concurrency, grpc_concurrency) = (*k, *cores, *concurrency, *grpc_concurrency);
     let (n, nq, dim) = (ds.n(), ds.nq(), ds.dim);
     let metric = a.metric.engine();
     let knobs = a.knobs();
     let mut admin = connect(addr).await?;
-    let search_clients = connect_many(addr, grpc_concurrency.max(concurrency)).await?;
+    let client_rt = ClientRuntime::start(cores)?;
+    let rt = client_rt.handle();
+    let search_clients = rt.spawn(connect_many(addr, grpc_concurrency.max(concurrency))).await??;
 
     let schema = pb::CollectionSchema {
         name: COLLECTION.into(),
@@ -858,8 +956,8 @@ async fn measure(a: &SearchBenchArgs, addr: std::net::SocketAddr, s: &Setup) -> 
             "{kind}: searching in {ROUNDS} rounds: gRPC at {grpc_concurrency} in flight{}, raw faiss on {concurrency} threads...",
             if matched { format!(" and at {concurrency}") } else { String::new() }
         );
-        let grpc_clients = &search_clients[..grpc_concurrency];
-        let matched_clients = &search_clients[..concurrency];
+        let grpc_clients = &Clients { clients: &search_clients[..grpc_concurrency], rt, node };
+        let matched_clients = &Clients { clients: &search_clients[..concurrency], rt, node };
         grpc_run(grpc_clients, ds, k, knobs, StopRule::warmup(nq, grpc_concurrency)).await?;
         raw_run_blocking(&index, raw_vectors, k, knobs, concurrency, StopRule::warmup(nq, concurrency)).await?;
         let (mut grpc, mut grpc_matched, mut raw) = (Sample::default(), Sample::default(), Sample::default());
@@ -907,6 +1005,7 @@ async fn measure(a: &SearchBenchArgs, addr: std::net::SocketAddr, s: &Setup) -> 
             qps_ratio: ratio(&grpc),
             matched_qps_ratio: grpc_matched.as_ref().map(ratio),
             cpu_ratio: raw.cpu_us_per_query.zip(grpc.cpu_us_per_query).filter(|(_, g)| *g > 0.0).map(|(r, g)| r / g),
+            cluster_cpu_ratio: raw.cpu_us_per_query.zip(grpc.cluster_cpu_us_per_query).filter(|(_, g)| *g > 0.0).map(|(r, g)| r / g),
             grpc,
             grpc_matched,
             raw,
@@ -937,12 +1036,14 @@ fn print_table(r: &Report) {
     );
     println!();
     println!(
-        "{:<9} {:<10} {:>5} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>6} {:>6}",
-        "index", "path", "conc", "build s", "recall", "qps", "p50 ms", "p99 ms", "cpu us/q", "ratio", "cpu r"
+        "{:<9} {:<10} {:>5} {:>8} {:>7} {:>8} {:>8} {:>8} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6}",
+        "index", "path", "conc", "build s", "recall", "qps", "p50 ms", "p99 ms", "cpu us/q", "clu us/q", "ratio", "cpu r", "clu r", "batch"
     );
-    let row = |index: &str, path: &str, build: Option<f64>, x: &RunReport, ratio: Option<f64>, cpu_ratio: Option<f64>| {
+    let us = |x: Option<f64>| x.map_or_else(|| "-".into(), |c| format!("{c:.0}"));
+    let fraction = |x: Option<f64>| x.map_or_else(String::new, |r| format!("{r:.2}"));
+    let row = |index: &str, path: &str, build: Option<f64>, x: &RunReport, ratios: [Option<f64>; 3]| {
         println!(
-            "{:<9} {:<10} {:>5} {:>8} {:>7.4} {:>8.0} {:>8.3} {:>8.3} {:>9} {:>6} {:>6}",
+            "{:<9} {:<10} {:>5} {:>8} {:>7.4} {:>8.0} {:>8.3} {:>8.3} {:>9} {:>9} {:>6} {:>6} {:>6} {:>6}",
             index,
             path,
             x.concurrency,
@@ -951,21 +1052,24 @@ fn print_table(r: &Report) {
             x.qps,
             x.p50_ms,
             x.p99_ms,
-            x.cpu_us_per_query.map_or_else(|| "-".into(), |c| format!("{c:.0}")),
-            ratio.map_or_else(String::new, |r| format!("{r:.2}")),
-            cpu_ratio.map_or_else(String::new, |r| format!("{r:.2}")),
+            us(x.cpu_us_per_query),
+            us(x.cluster_cpu_us_per_query),
+            fraction(ratios[0]),
+            fraction(ratios[1]),
+            fraction(ratios[2]),
+            fraction(x.mean_batch),
         );
     };
     for x in &r.indexes {
-        row(x.index.name(), "grpc", Some(x.build_secs), &x.grpc, Some(x.qps_ratio), x.cpu_ratio);
+        row(x.index.name(), "grpc", Some(x.build_secs), &x.grpc, [Some(x.qps_ratio), x.cpu_ratio, x.cluster_cpu_ratio]);
         if let Some(m) = &x.grpc_matched {
-            row("", "grpc", None, m, x.matched_qps_ratio, None);
+            row("", "grpc", None, m, [x.matched_qps_ratio, None, None]);
         }
-        row("", "raw faiss", Some(x.raw_build_secs), &x.raw, None, None);
+        row("", "raw faiss", Some(x.raw_build_secs), &x.raw, [None; 3]);
     }
-    println!(
-        "ratio = grpc qps / raw qps; cpu r = raw cpu per query / grpc cpu per query (the ratio to expect where both saturate every core)"
-    );
+    println!("ratio = grpc qps / raw qps; cpu r = raw cpu per query / grpc cpu per query (the ratio to expect where both saturate");
+    println!("every core); clu us/q = the gRPC path's CPU less its clients' threads (the cluster's share); clu r = raw cpu / that;");
+    println!("batch = searches per batch the cluster's search pool ran (searches that wait for a busy pool go together)");
     if r.indexes.iter().any(|x| !x.sweep.is_empty()) {
         println!();
         println!(
@@ -1084,6 +1188,16 @@ mod tests {
                 assert!(x[path]["requests"].as_u64().unwrap() >= 50, "{path} {x}");
             }
             assert!(x["qps_ratio"].as_f64().unwrap() > 0.0, "{x}");
+            // The gRPC path's CPU splits into the clients' and the cluster's; raw faiss has no client.
+            for path in ["grpc", "grpc_matched"] {
+                let us = |field: &str| x[path][field].as_f64().unwrap_or_else(|| panic!("{path}.{field}: {x}"));
+                assert!(us("client_cpu_us_per_query") >= 0.0 && us("cluster_cpu_us_per_query") >= 0.0, "{path} {x}");
+                let parts = us("client_cpu_us_per_query") + us("cluster_cpu_us_per_query");
+                assert!((parts - us("cpu_us_per_query")).abs() < 1e-6 * parts.max(1.0), "{path} {x}");
+            }
+            assert!(x["raw"]["client_cpu_us_per_query"].is_null(), "{x}");
+            assert!(x["grpc"]["mean_batch"].as_f64().unwrap() >= 1.0, "{x}");
+            assert!(x["raw"]["mean_batch"].is_null(), "{x}");
         }
         for path in ["grpc", "grpc_matched", "raw"] {
             assert_eq!(indexes[0][path]["recall"].as_f64(), Some(1.0), "flat {path}: {}", indexes[0]);
@@ -1111,5 +1225,6 @@ mod tests {
         let err = |args: &[&str]| Cli::try_parse_from(args).unwrap().args.validate().unwrap_err().to_string();
         assert!(err(&["bench", "--ef-sweep", "16,0"]).contains("--ef-sweep value 0"));
         assert!(err(&["bench", "--nprobe-sweep", "8,70000"]).contains("--nprobe-sweep value 70000"));
+        assert!(err(&["bench", "--max-batch-queries", "0"]).contains("--max-batch-queries 0"));
     }
 }
