@@ -294,10 +294,14 @@ mod tests {
 
     const DIM: usize = 2;
 
-    fn collection(dir: &std::path::Path, clock: &HybridClock) -> Arc<Collection> {
+    /// A 2-shard FLAT collection in a temp dir (kept while the returned dir lives), and its clock.
+    fn collection() -> (tempfile::TempDir, HybridClock, Arc<Collection>) {
+        let dir = tempfile::tempdir().unwrap();
+        let clock = HybridClock::new();
         let schema = Schema::new("c".into(), DIM, Metric::L2, IndexKind::Flat, 2, vec![]).unwrap();
         let opts = ShardOptions { wal: WalOptions { sync: SyncPolicy::Never, segment_bytes: 1 << 20 }, seal_rows: 1000 };
-        Arc::new(Collection::open(1, 1, schema, dir, &opts, clock).unwrap().0)
+        let c = Arc::new(Collection::open(1, 1, schema, dir.path(), &opts, &clock).unwrap().0);
+        (dir, clock, c)
     }
 
     fn insert(c: &Collection, clock: &HybridClock, ids: std::ops::Range<i64>) {
@@ -334,9 +338,7 @@ mod tests {
     /// skipping searches whose caller is gone, and is released when nothing waits.
     #[test]
     fn searches_wait_only_while_every_thread_is_busy_and_merge_by_parameters() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = HybridClock::new();
-        let c = collection(dir.path(), &clock);
+        let (_dir, _, c) = collection();
         let b = Batcher::new(1, MAX_BATCH_QUERIES);
         let (first, _a1) = b.admit(search(&c, &[1.0, 0.0], 3, 1));
         assert_eq!(ids(&first.unwrap()), [1.0]);
@@ -361,9 +363,7 @@ mod tests {
     /// batch does not keep the pool from other work.
     #[test]
     fn jobs_wait_their_turn_and_run_alone() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = HybridClock::new();
-        let c = collection(dir.path(), &clock);
+        let (_dir, _, c) = collection();
         let b = Batcher::new(1, MAX_BATCH_QUERIES);
         let ran = Arc::new(AtomicU64::new(0));
         let job = |n: u64| -> Job {
@@ -389,9 +389,7 @@ mod tests {
     /// With two threads busy, a thread takes its half of what waits; the rest stays for the other.
     #[test]
     fn a_thread_takes_its_share_of_the_waiting_searches() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = HybridClock::new();
-        let c = collection(dir.path(), &clock);
+        let (_dir, _, c) = collection();
         let b = Batcher::new(2, MAX_BATCH_QUERIES);
         let mut answers = Vec::new();
         for q in 0..8 {
@@ -411,9 +409,7 @@ mod tests {
     /// own queries and the snapshot read; a search alone keeps its own snapshot.
     #[test]
     fn a_batch_reads_at_its_newest_snapshot_and_answers_each_member() {
-        let dir = tempfile::tempdir().unwrap();
-        let clock = HybridClock::new();
-        let c = collection(dir.path(), &clock);
+        let (_dir, clock, c) = collection();
         insert(&c, &clock, 0..50);
         let before = clock.now();
         insert(&c, &clock, 100..150);
@@ -450,9 +446,7 @@ mod tests {
                 self.0.search(collection, plan)
             }
         }
-        let dir = tempfile::tempdir().unwrap();
-        let clock = HybridClock::new();
-        let c = collection(dir.path(), &clock);
+        let (_dir, clock, c) = collection();
         insert(&c, &clock, 0..10);
         let now = clock.now();
         let fanout = OneQueryAtATime(LocalFanout::default());
