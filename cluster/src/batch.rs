@@ -64,6 +64,12 @@ impl Search {
         self.queries.len() / self.dim.max(1)
     }
 
+    /// The plan of `queries` (this search's, or a batch's laid end to end) at `snapshot`, with
+    /// this search's parameters.
+    fn plan<'a>(&'a self, queries: &'a [f32], snapshot: Ts) -> SearchPlan<'a> {
+        SearchPlan { queries, dim: self.dim, k: self.k, metric: self.metric, filter: self.filter.as_ref(), knobs: self.knobs, snapshot }
+    }
+
     fn merges_with(&self, other: &Search) -> bool {
         Arc::ptr_eq(&self.collection, &other.collection)
             && self.k == other.k
@@ -231,15 +237,7 @@ fn run(batch: Vec<Waiting>, fanout: &dyn Fanout) {
     let head = &batch[0].search;
     let snapshot = batch.iter().map(|w| w.search.snapshot).max().expect("non-empty");
     let queries: Vec<f32> = batch.iter().flat_map(|w| w.search.queries.iter().copied()).collect();
-    let plan = SearchPlan {
-        queries: &queries,
-        dim: head.dim,
-        k: head.k,
-        metric: head.metric,
-        filter: head.filter.as_ref(),
-        knobs: head.knobs,
-        snapshot,
-    };
+    let plan = head.plan(&queries, snapshot);
     match fanout.search(&head.collection, &plan) {
         Ok(topk) => {
             // One hit list per query, in the order the queries were laid end to end.
@@ -259,16 +257,7 @@ fn run(batch: Vec<Waiting>, fanout: &dyn Fanout) {
 }
 
 fn search_one(search: &Search, fanout: &dyn Fanout) -> Result<Answer> {
-    let plan = SearchPlan {
-        queries: &search.queries,
-        dim: search.dim,
-        k: search.k,
-        metric: search.metric,
-        filter: search.filter.as_ref(),
-        knobs: search.knobs,
-        snapshot: search.snapshot,
-    };
-    let topk = fanout.search(&search.collection, &plan)?;
+    let topk = fanout.search(&search.collection, &search.plan(&search.queries, search.snapshot))?;
     Ok(answer(search, topk, search.snapshot))
 }
 

@@ -535,14 +535,18 @@ async fn grpc_run(clients: &Clients<'_>, ds: &Arc<Dataset>, k: usize, knobs: Kno
         logs.push(t.await.context("search task")??);
     }
     let secs = started.elapsed().as_secs_f64();
-    let used = |before: Option<f64>, after: Option<f64>| after.zip(before).map(|(b, a)| b - a);
     Ok(Run {
         logs,
         secs,
-        cpu_secs: used(cpu, process_cpu_secs()),
-        client_cpu_secs: used(client_cpu, threads_cpu_secs(CLIENT_THREADS)),
+        cpu_secs: cpu_used(cpu, process_cpu_secs()),
+        client_cpu_secs: cpu_used(client_cpu, threads_cpu_secs(CLIENT_THREADS)),
         batches: Some(sub(clients.node.batcher.stats(), batches)),
     })
+}
+
+/// CPU seconds between two readings (None where /proc could not be read).
+fn cpu_used(before: Option<f64>, after: Option<f64>) -> Option<f64> {
+    after.zip(before).map(|(b, a)| b - a)
 }
 
 /// `after - before` of two (batches, searches) counts.
@@ -597,7 +601,7 @@ fn raw_run(index: &AnnIndex, queries: &[f32], dim: usize, k: usize, knobs: Knobs
             .collect::<anyhow::Result<Vec<_>>>()
     })?;
     let secs = started.elapsed().as_secs_f64();
-    Ok(Run { logs, secs, cpu_secs: process_cpu_secs().zip(cpu).map(|(b, a)| b - a), client_cpu_secs: None, batches: None })
+    Ok(Run { logs, secs, cpu_secs: cpu_used(cpu, process_cpu_secs()), client_cpu_secs: None, batches: None })
 }
 
 async fn raw_run_blocking(
