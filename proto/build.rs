@@ -9,6 +9,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/tandem/v1/errors.proto",
         "proto/tandem/storage/v1/storage.proto",
         "proto/tandem/replication/v1/events.proto",
+        "proto/tandem/cluster/v1/query_node.proto",
     ];
     for f in &files {
         println!("cargo:rerun-if-changed={f}");

@@ -31,6 +31,8 @@ struct Cli {
 enum Command {
     /// Run a cluster node until SIGTERM or Ctrl-C.
     Cluster(ClusterArgs),
+    /// Run a query node: in-memory replicas of a cluster's sealed segments (docs/scaling.md).
+    QueryNode(tandem::cli::query_node::QueryNodeArgs),
     /// Run the client-aware gateway in front of the clusters until SIGTERM or Ctrl-C.
     Gateway(tandem::cli::gateway::GatewayArgs),
     /// Create, list, describe or drop collections.
@@ -72,6 +74,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Cluster(a) => tandem::cli::cluster::run(a).await,
         Command::Gateway(a) => tandem::cli::gateway::run(a).await,
+        Command::QueryNode(a) => tandem::cli::query_node::run(a).await,
         Command::Collection(c) => tandem::cli::collection::run(c).await,
         Command::Insert(a) => tandem::cli::insert::run(a).await,
         Command::Search(a) => tandem::cli::search::run(a).await,

@@ -36,6 +36,26 @@ pub struct ClusterConfig {
     pub discovery: DiscoveryConfig,
     pub telemetry: TelemetryConfig,
     pub ha: HaConfig,
+    pub query_nodes: QueryNodesConfig,
+}
+
+/// Query nodes holding in-memory replicas of this cluster's sealed segments (`placement.rs`,
+/// docs/scaling.md). Empty: every search runs in this process.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct QueryNodesConfig {
+    /// One list of query node endpoints per replica group: every group holds a copy of every
+    /// sealed segment, spread over its nodes, and searches take turns over the groups.
+    pub groups: Vec<Vec<String>>,
+    /// How long a query node may wait for the shard's stream to reach a read's snapshot before
+    /// the proxy searches the part itself.
+    pub wait_ms: u64,
+}
+
+impl Default for QueryNodesConfig {
+    fn default() -> Self {
+        QueryNodesConfig { groups: Vec::new(), wait_ms: 1000 }
+    }
 }
 
 /// Automatic failover (docs/operations.md): an arbiter decides who leads; `role` is then only
@@ -391,6 +411,7 @@ impl Default for ClusterConfig {
             discovery: DiscoveryConfig::default(),
             telemetry: TelemetryConfig::default(),
             ha: HaConfig::default(),
+            query_nodes: QueryNodesConfig::default(),
         }
     }
 }
@@ -493,6 +514,30 @@ impl ClusterConfig {
                 errs.push(format!("{name} = 0 must be at least 1"));
             }
         }
+        let mut seen = std::collections::HashSet::new();
+        for (g, group) in self.query_nodes.groups.iter().enumerate() {
+            if group.is_empty() {
+                errs.push(format!("query_nodes.groups[{g}] is empty: a replica group needs a query node"));
+            }
+            for ep in group {
+                if !(ep.starts_with("http://") || ep.starts_with("https://"))
+                    || tonic::transport::Endpoint::from_shared(ep.clone()).is_err()
+                {
+                    errs.push(format!("query_nodes.groups[{g}]: {ep:?} is not an endpoint like http://10.0.0.5:19540"));
+                } else if !seen.insert(ep.as_str()) {
+                    errs.push(format!("query_nodes.groups[{g}]: {ep:?} is listed twice (a node holds one group's copies)"));
+                }
+            }
+        }
+        if !(1..=60_000).contains(&self.query_nodes.wait_ms) {
+            errs.push(format!("query_nodes.wait_ms = {} is out of range 1..=60000", self.query_nodes.wait_ms));
+        }
+        if !self.query_nodes.groups.is_empty() && self.role != Role::Leading {
+            errs.push(format!(
+                "query_nodes.groups is set on a cluster whose role is {}: query nodes load from a leading cluster only (for now)",
+                self.role
+            ));
+        }
         let r = &self.replication;
         if crate::schema::validate_name("replication.group", &r.group).is_err() {
             errs.push(format!("replication.group = {:?}: use letters, digits and _", r.group));
@@ -582,6 +627,25 @@ mod tests {
         assert!(errs.iter().any(|e| e.contains("\"nowhere\"")));
         assert!(errs.iter().any(|e| e.contains("segment.seal_rows = 0")));
         assert!(errs.iter().any(|e| e.contains("\"a b\"")));
+    }
+
+    #[test]
+    fn query_node_groups_are_checked_by_name() {
+        let mut c = ClusterConfig::default();
+        c.query_nodes.groups = vec![vec!["http://10.0.0.5:19540".into()], vec!["http://10.0.0.6:19540".into()]];
+        c.validate().unwrap();
+        c.query_nodes.groups =
+            vec![vec!["10.0.0.5:19540".into(), "http://10.0.0.6:19540".into()], vec![], vec!["http://10.0.0.6:19540".into()]];
+        c.query_nodes.wait_ms = 0;
+        c.role = Role::Alternative;
+        c.replication.leader = "http://10.0.0.1:19530".into();
+        let errs = c.validate().unwrap_err();
+        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert!(errs.iter().any(|e| e.contains("groups[0]: \"10.0.0.5:19540\" is not an endpoint")));
+        assert!(errs.iter().any(|e| e.contains("groups[1] is empty")));
+        assert!(errs.iter().any(|e| e.contains("groups[2]: \"http://10.0.0.6:19540\" is listed twice")));
+        assert!(errs.iter().any(|e| e.contains("query_nodes.wait_ms = 0")));
+        assert!(errs.iter().any(|e| e.contains("role is alternative")));
     }
 
     #[test]

@@ -22,6 +22,8 @@ pub mod feed;
 pub mod filter;
 pub mod fsio;
 pub mod node;
+pub mod placement;
+pub mod query_node;
 pub mod replication;
 pub mod role;
 pub mod schema;

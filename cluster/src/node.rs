@@ -93,7 +93,9 @@ pub struct Node {
     stop_builds: Arc<std::sync::atomic::AtomicBool>,
     /// Set by [`Node::stop_writes`]: a leader shutting down refuses new writes.
     stop_writes: std::sync::atomic::AtomicBool,
-    pub fanout: Arc<dyn Fanout>,
+    /// How searches reach segments: this process's shards, or a proxy's query nodes too
+    /// (`placement.rs`), set once a member has its query nodes.
+    fanout: RwLock<Arc<dyn Fanout>>,
     pub index_failures: AtomicU64,
     /// Shards a follower reloaded because they held a change the leader's epoch never had (a
     /// fenced leader's late export; `ChangeEvent.epoch_base`).
@@ -215,7 +217,7 @@ impl Node {
             builders: Mutex::new(Vec::new()),
             stop_builds: Default::default(),
             stop_writes: Default::default(),
-            fanout: Arc::new(LocalFanout::default()),
+            fanout: RwLock::new(Arc::new(LocalFanout::default())),
             index_failures: AtomicU64::new(0),
             diverged_reloads: AtomicU64::new(0),
             ddl,
@@ -666,6 +668,15 @@ impl Node {
     }
 
     /// Asks every shard feed for a time tick now rather than at its next interval.
+    pub fn fanout(&self) -> Arc<dyn Fanout> {
+        self.fanout.read().clone()
+    }
+
+    /// Searches from now on go through `fanout` (a member with query nodes sets its proxy's).
+    pub fn set_fanout(&self, fanout: Arc<dyn Fanout>) {
+        *self.fanout.write() = fanout;
+    }
+
     pub fn request_ticks(&self) {
         self.tick_requests.send_modify(|n| *n = n.wrapping_add(1));
     }
@@ -976,7 +987,7 @@ impl Node {
     /// dropped at once, and with it the data directory's lock (a restart takes it at once).
     fn start_batches(&self, batch: Option<Batch>) {
         if let Some(batch) = batch {
-            let (batcher, fanout) = (self.batcher.clone(), self.fanout.clone());
+            let (batcher, fanout) = (self.batcher.clone(), self.fanout());
             self.search_pool.spawn(move || batcher.drain(batch, &*fanout));
         }
     }
@@ -984,7 +995,7 @@ impl Node {
 
 /// The threads searches run on: one per core by default, each running faiss (and BLAS)
 /// single-threaded.
-fn search_pool(threads: usize) -> Result<rayon::ThreadPool> {
+pub(crate) fn search_pool(threads: usize) -> Result<rayon::ThreadPool> {
     crate::ann::blas_for_search();
     rayon::ThreadPoolBuilder::new()
         .num_threads(threads.max(1))
@@ -1207,7 +1218,7 @@ mod tests {
                 knobs: crate::ann::Knobs { nprobe: 1, ef_search: 16 },
                 snapshot: node.clock.peek(),
             };
-            node.fanout.search(c, &plan).unwrap().remove(0)
+            node.fanout().search(c, &plan).unwrap().remove(0)
         };
         let deadline = || Instant::now() + Duration::from_secs(30);
         {

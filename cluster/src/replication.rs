@@ -189,6 +189,7 @@ impl rp::replication_server::Replication for ReplicationService {
         let position = shard.term().to_stream(lsn);
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let want_segments = r.segments;
+        let only: std::collections::HashSet<u64> = r.only_segments.into_iter().collect();
         tokio::task::spawn_blocking(move || {
             let chunk = |rows, insert_ts, segment, done| rp::SnapshotChunk {
                 snapshot_ts: snap,
@@ -199,7 +200,10 @@ impl rp::replication_server::Replication for ReplicationService {
                 total_rows,
                 segment,
             };
-            let segments = if want_segments { shard.shippable_segments(&schema, snap) } else { Vec::new() };
+            let mut segments = if want_segments { shard.shippable_segments(&schema, snap) } else { Vec::new() };
+            if !only.is_empty() {
+                segments.retain(|s| only.contains(&s.id));
+            }
             for seg in &segments {
                 let sent = send_segment(&shard, &schema, seg, snap, |part| {
                     tx.blocking_send(Ok(chunk(None, Vec::new(), Some(part), false))).is_ok()
@@ -213,6 +217,11 @@ impl rp::replication_server::Replication for ReplicationService {
                         return;
                     }
                 }
+            }
+            if !only.is_empty() {
+                // A query node's load: the segments it asked for, no rows.
+                let _ = tx.blocking_send(Ok(chunk(None, Vec::new(), None, true)));
+                return;
             }
             let skip = segments.iter().map(|s| s.id).collect();
             shard.snapshot_rows(snap, &skip, SNAPSHOT_CHUNK_ROWS, |ids, vectors, rows, insert_ts| {

@@ -735,9 +735,17 @@ impl Shard {
     }
 
     pub fn search(&self, plan: &SearchPlan<'_>) -> Result<TopK> {
+        self.search_part(plan, true, |_| true)
+    }
+
+    /// Searches the growing segment (when `growing`) and the sealed segments `sealed` picks,
+    /// from one view of the shard: a proxy leaves out the sealed segments query nodes search
+    /// (`placement.rs`), and a segment sealed meanwhile is then searched here, not missed.
+    pub fn search_part(&self, plan: &SearchPlan<'_>, growing: bool, sealed: impl Fn(SegmentId) -> bool) -> Result<TopK> {
         let (growing, sealed) = {
             let st = self.state.read();
-            (st.growing.search(plan), st.sealed.values().cloned().collect::<Vec<_>>())
+            let g = if growing { st.growing.search(plan) } else { vec![Vec::new(); plan.nq()] };
+            (g, st.sealed.values().filter(|s| sealed(s.id)).cloned().collect::<Vec<_>>())
         };
         let mut parts: Vec<TopK> = sealed.par_iter().map(|s| s.search(plan)).collect::<Result<_>>()?;
         parts.push(growing);
@@ -924,25 +932,17 @@ impl Shard {
     /// Its data and index files are written and listed in the manifest at once: nothing of it
     /// depends on the WAL. Blocking.
     pub fn install_segment(&self, schema: &Schema, snapshot: Ts, rows: st::RowBatch, delete_ts: Vec<Ts>, index_file: &Path) -> Result<()> {
-        check_segment_rows(schema, &rows, &delete_ts)?;
-        let (ids, vectors, payloads, insert_ts) = decode_batch(schema, rows)?;
-        let index = AnnIndex::load(index_file, schema.index, schema.metric)?;
-        if index.len() != ids.len() {
-            return Err(ClusterError::invalid(format!("an index of {} vectors for a segment of {} rows", index.len(), ids.len())));
-        }
         let mut manifest_index = self.checkpoint_lock.lock();
         let id = {
             let mut st = self.state.write();
             st.next_segment_id += 1;
             st.next_segment_id - 1
         };
-        let growing = Growing { id, first_lsn: 0, rows: Rows::new(ids, insert_ts, vectors, payloads, schema.dim), delete_ts };
-        let seg = Arc::new(Sealed::from_growing(growing));
+        let seg = received_segment(schema, id, rows, delete_ts, index_file)?;
         write_segment(&self.dir, schema, &seg)?;
         let path = seg_index_path(&self.dir, id);
         std::fs::rename(index_file, &path).map_err(|e| ClusterError::io(&path, e))?;
         fsio::sync_dir(&self.dir)?;
-        seg.set_index(Arc::new(index));
         {
             let mut st = self.state.write();
             for off in 0..seg.len() {
@@ -1119,6 +1119,23 @@ fn decode_record(schema: &Schema, payload: &[u8]) -> Result<(Ts, Option<ShardOp>
     let rec = st::WalRecord::decode(payload).map_err(|e| ClusterError::Corrupt(e.to_string()))?;
     let op = rec.op.ok_or_else(|| ClusterError::Corrupt("record without an operation".into()))?;
     Ok((rec.ts, op_from_record(schema, op)?, rec.source_lsn))
+}
+
+/// A sealed segment `id` put together from a snapshot's parts (see `replication::send_segment`):
+/// `rows` in offset order, one delete ts per row (`LIVE`: live), and its index loaded from
+/// `index_file` without a rebuild. Refused, changing nothing, when the columns or the index
+/// disagree with the rows. Blocking.
+pub fn received_segment(schema: &Schema, id: SegmentId, rows: st::RowBatch, delete_ts: Vec<Ts>, index_file: &Path) -> Result<Arc<Sealed>> {
+    check_segment_rows(schema, &rows, &delete_ts)?;
+    let (ids, vectors, payloads, insert_ts) = decode_batch(schema, rows)?;
+    let index = AnnIndex::load(index_file, schema.index, schema.metric)?;
+    if index.len() != ids.len() {
+        return Err(ClusterError::invalid(format!("an index of {} vectors for a segment of {} rows", index.len(), ids.len())));
+    }
+    let growing = Growing { id, first_lsn: 0, rows: Rows::new(ids, insert_ts, vectors, payloads, schema.dim), delete_ts };
+    let seg = Arc::new(Sealed::from_growing(growing));
+    seg.set_index(Arc::new(index));
+    Ok(seg)
 }
 
 fn write_segment(dir: &Path, schema: &Schema, seg: &Sealed) -> Result<()> {

@@ -581,7 +581,13 @@ impl Follower {
     }
 
     async fn load_snapshot(&self, c: &Arc<Collection>, shard: usize, why: Bootstrap) -> Result<()> {
-        let req = rp::SnapshotRequest { collection_id: c.id, shard: shard as u32, subscriber: self.cfg.subscriber.clone(), segments: true };
+        let req = rp::SnapshotRequest {
+            collection_id: c.id,
+            shard: shard as u32,
+            subscriber: self.cfg.subscriber.clone(),
+            segments: true,
+            only_segments: Vec::new(),
+        };
         let idle = || ExportError::Unavailable { backend: "snapshot", message: format!("the leader sent nothing for {SNAPSHOT_IDLE:?}") };
         let mut stream = tokio::time::timeout(SNAPSHOT_IDLE, self.leader.clone().snapshot(req))
             .await

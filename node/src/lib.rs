@@ -25,6 +25,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_arbiter::{Arbiter, Session};
+use tandem_cluster::placement::Placement;
 use tandem_cluster::server::{self, Running};
 use tandem_cluster::{ClusterConfig, Node};
 use tandem_exporter::follower::Follower;
@@ -57,6 +58,8 @@ pub struct Member {
     ha: Option<ha::HaHandle>,
     registration: Registration,
     metrics: Option<(CancellationToken, MetricsServer)>,
+    /// The proxy's placement of sealed segments on query nodes (`query_nodes.groups`).
+    placement: Option<Arc<Placement>>,
     root: CancellationToken,
 }
 
@@ -84,6 +87,7 @@ impl Member {
             ha: None,
             registration: Registration::none(),
             metrics: None,
+            placement: None,
             root,
         };
         match member.start_parts(opts.arbiter, opts.metrics).await {
@@ -113,6 +117,14 @@ impl Member {
             self.ha = Some(ha);
         } else {
             self.replication = replication::start(&self.running, cfg).await?;
+        }
+        if !cfg.query_nodes.groups.is_empty() {
+            // Searches go through the proxy from here on; the loop places sealed segments.
+            let wait = Duration::from_millis(cfg.query_nodes.wait_ms);
+            let placement = Placement::new(self.endpoint(), &cfg.query_nodes.groups, wait)?;
+            self.running.node.set_fanout(placement.clone());
+            tokio::spawn(placement.clone().run(self.running.node.clone(), self.root.child_token()));
+            self.placement = Some(placement);
         }
         self.registration = registration::register(cfg, self.running.addr, &self.endpoint(), self.root.child_token()).await?;
         Ok(())
@@ -155,6 +167,11 @@ impl Member {
         self.ha.as_ref().map(ha::HaHandle::session)
     }
 
+    /// Where sealed segments have copies on query nodes, when the member has any.
+    pub fn placement(&self) -> Option<&Arc<Placement>> {
+        self.placement.as_ref()
+    }
+
     /// The root token: cancelling it stops every part at once (a second signal does).
     pub fn root(&self) -> CancellationToken {
         self.root.clone()
@@ -165,7 +182,7 @@ impl Member {
     /// `drain` the root token cancels what is still running and [`NodeError::DrainTimeout`]
     /// says so; the metrics endpoint stops last either way.
     pub async fn stop(self, drain: Duration) -> Result<()> {
-        let Member { cfg, running, replication, ha, registration, metrics, root } = self;
+        let Member { cfg, running, replication, ha, registration, metrics, placement: _, root } = self;
         let flush_deadline = std::time::Instant::now() + drain / 2;
         let orderly = async move {
             // 1. Stop taking writes. Under an arbiter a leader fences itself and resigns, so

@@ -29,5 +29,13 @@ pub mod replication {
     }
 }
 
+pub mod cluster {
+    /// Inside one cluster: the query nodes' service (`tandem query-node`).
+    pub mod v1 {
+        #![allow(clippy::all, missing_docs)]
+        tonic::include_proto!("tandem.cluster.v1");
+    }
+}
+
 /// Encoded `FileDescriptorSet` of every tandem .proto, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/tandem_descriptor.bin"));

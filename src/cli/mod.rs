@@ -12,6 +12,7 @@ pub mod failover;
 pub mod gateway;
 pub mod info;
 pub mod insert;
+pub mod query_node;
 pub mod search;
 
 use std::time::Duration;

@@ -265,6 +265,11 @@ impl Sandbox {
         self.member(name).lock().await.running.as_ref().expect("cluster is running").node().clone()
     }
 
+    /// The proxy's placement of sealed segments on query nodes, when `name` has query nodes.
+    pub async fn placement(&self, name: &str) -> Option<Arc<tandem_cluster::placement::Placement>> {
+        self.member(name).lock().await.running.as_ref().and_then(|r| r.placement().cloned())
+    }
+
     pub async fn follower(&self, name: &str) -> Arc<tandem_exporter::follower::Follower> {
         self.member(name).lock().await.running.as_ref().and_then(|r| r.follower().cloned()).expect("an alternative")
     }

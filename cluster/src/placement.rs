@@ -1,0 +1,365 @@
+//! The proxy's side of a cluster with query nodes: which query node holds a copy of which sealed
+//! segment, keeping every segment copied once in each replica group, and a [`Fanout`] that
+//! scatters a search over those copies and gathers the top-k (seeds: in-memory replica, MEP 23,
+//! Mishards).
+//!
+//! ```text
+//!  search ─► Placement::search ─┬─ per shard: the growing segment and sealed segments no query
+//!                               │  node holds yet, searched here (LocalFanout's way)
+//!                               ├─ per (query node, shard): the segments one replica group's
+//!                               │  copies hold, sent as one sub-search at the read's snapshot
+//!                               └─ merge_topk
+//! ```
+//!
+//! Groups take turns per search, so R groups share the load. A sub-search that fails, or names
+//! segments its node no longer holds (a restarted node), is searched here instead, at the same
+//! snapshot: the writer still holds every segment, so a lost query node costs no search. The
+//! node's copies are forgotten and the placement loop gives them to the group's other nodes.
+//!
+//! The placement loop runs every [`PLACE_EVERY`]: every sealed segment with its index built is
+//! loaded on the least-loaded live node of each group; copies of segments that are gone
+//! (dropped collections) are released; a node that failed is probed and, once it answers, given
+//! segments again after it released what it still held.
+//!
+//! What this does not do yet (issue 19): the cache lives in this process only (not in the
+//! arbiter's store); growing data is searched on the writer, not on per-group shard leaders;
+//! the writer keeps its own copy of every sealed segment in memory; no long-tail stealing.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use parking_lot::RwLock;
+use tandem_proto::cluster::v1 as qn;
+use tandem_proto::cluster::v1::query_node_client::QueryNodeClient;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+use crate::collection::Collection;
+use crate::error::{ClusterError, Result};
+use crate::fanout::{Fanout, LocalFanout};
+use crate::node::Node;
+use crate::segment::{SearchPlan, SegmentId, TopK, merge_topk};
+
+/// How often segments are placed and failed nodes probed.
+pub const PLACE_EVERY: Duration = Duration::from_millis(300);
+
+/// A sealed segment of a shard of a collection (by collection id).
+type SegKey = (u64, u32, SegmentId);
+
+/// One query node as the proxy sees it.
+pub struct QueryNodeHandle {
+    pub endpoint: String,
+    client: QueryNodeClient<Channel>,
+    up: AtomicBool,
+    /// Sub-searches it answered.
+    pub searches: AtomicU64,
+}
+
+impl QueryNodeHandle {
+    pub fn is_up(&self) -> bool {
+        self.up.load(Ordering::Acquire)
+    }
+}
+
+pub struct Placement {
+    /// The writer's own endpoint, where query nodes load segments and follow streams from.
+    source: String,
+    groups: Vec<Vec<Arc<QueryNodeHandle>>>,
+    /// Per segment, per group: the node (index in the group) holding its copy.
+    copies: RwLock<HashMap<SegKey, Vec<Option<usize>>>>,
+    next_group: AtomicUsize,
+    runtime: tokio::runtime::Handle,
+    /// How long a query node may wait for its stream to reach a read's snapshot.
+    wait: Duration,
+    local: LocalFanout,
+    /// Sub-searches answered here instead (their node failed or no longer held the segments).
+    pub rerouted: AtomicU64,
+}
+
+impl Placement {
+    /// Query nodes in `groups` (one list of endpoints per replica group), loading from `source`.
+    /// Call from within a tokio runtime: sub-searches run on it.
+    pub fn new(source: String, groups: &[Vec<String>], wait: Duration) -> Result<Arc<Placement>> {
+        let groups = groups
+            .iter()
+            .map(|g| {
+                g.iter()
+                    .map(|ep| {
+                        let channel = Channel::from_shared(ep.clone())
+                            .map_err(|e| ClusterError::invalid(format!("query node endpoint {ep:?}: {e}")))?
+                            .connect_lazy();
+                        Ok(Arc::new(QueryNodeHandle {
+                            endpoint: ep.clone(),
+                            client: QueryNodeClient::new(channel).max_decoding_message_size(64 << 20),
+                            up: AtomicBool::new(true),
+                            searches: AtomicU64::new(0),
+                        }))
+                    })
+                    .collect::<Result<Vec<_>>>()
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Arc::new(Placement {
+            source,
+            groups,
+            copies: RwLock::new(HashMap::new()),
+            next_group: AtomicUsize::new(0),
+            runtime: tokio::runtime::Handle::current(),
+            wait,
+            local: LocalFanout::default(),
+            rerouted: AtomicU64::new(0),
+        }))
+    }
+
+    pub fn groups(&self) -> &[Vec<Arc<QueryNodeHandle>>] {
+        &self.groups
+    }
+
+    /// Per group, how many segments have a copy there.
+    pub fn copies_per_group(&self) -> Vec<usize> {
+        let copies = self.copies.read();
+        (0..self.groups.len()).map(|g| copies.values().filter(|c| c[g].is_some()).count()).collect()
+    }
+
+    /// Forgets every copy on node `n` of group `g` and marks it down (the loop probes it).
+    fn node_failed(&self, g: usize, n: usize, why: &str) {
+        let node = &self.groups[g][n];
+        if node.up.swap(false, Ordering::AcqRel) {
+            tracing::warn!(endpoint = %node.endpoint, error = why, "query node failed; its segments go to the other nodes of its group");
+        }
+        for c in self.copies.write().values_mut() {
+            if c[g] == Some(n) {
+                c[g] = None;
+            }
+        }
+    }
+
+    fn forget(&self, g: usize, keys: impl IntoIterator<Item = SegKey>) {
+        let mut copies = self.copies.write();
+        for k in keys {
+            if let Some(c) = copies.get_mut(&k) {
+                c[g] = None;
+            }
+        }
+    }
+
+    /// Places segments until `stop` fires.
+    pub async fn run(self: Arc<Self>, node: Arc<Node>, stop: CancellationToken) {
+        let mut every = tokio::time::interval(PLACE_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                _ = every.tick() => {}
+            }
+            self.place(&node).await;
+        }
+    }
+
+    /// One round of the placement loop (see the module's comment).
+    pub async fn place(&self, node: &Node) {
+        // What should have copies: every sealed segment a snapshot could ship now.
+        let mut wanted: HashMap<(u64, u32), (Arc<Collection>, Vec<SegmentId>)> = HashMap::new();
+        for c in node.collections() {
+            let schema = c.schema();
+            let snap = c.serviceable_ts(&node.clock);
+            for (i, sh) in c.shards().iter().enumerate() {
+                let ids: Vec<SegmentId> = sh.shippable_segments(&schema, snap).iter().map(|s| s.id).collect();
+                if !ids.is_empty() {
+                    wanted.insert((c.id, i as u32), (c.clone(), ids));
+                }
+            }
+        }
+        let is_wanted = |k: &SegKey| wanted.get(&(k.0, k.1)).is_some_and(|(_, ids)| ids.contains(&k.2));
+        // Copies of segments that are gone.
+        let gone: Vec<(SegKey, Vec<Option<usize>>)> = {
+            let mut copies = self.copies.write();
+            let keys: Vec<SegKey> = copies.keys().filter(|k| !is_wanted(k)).copied().collect();
+            keys.into_iter().filter_map(|k| copies.remove(&k).map(|c| (k, c))).collect()
+        };
+        for ((cid, shard, seg), c) in gone {
+            for (g, n) in c.iter().enumerate().filter_map(|(g, n)| n.map(|n| (g, n))) {
+                let req = qn::ReleaseRequest { collection_id: cid, shard, segments: vec![seg] };
+                let _ = self.groups[g][n].client.clone().release(req).await;
+            }
+        }
+        self.probe_down_nodes().await;
+        // Loads: per group, each segment without a copy there goes to its least-loaded live node.
+        for g in 0..self.groups.len() {
+            let mut load: HashMap<(usize, u64, u32), Vec<SegmentId>> = HashMap::new();
+            {
+                let mut copies = self.copies.write();
+                let mut held = vec![0usize; self.groups[g].len()];
+                for c in copies.values() {
+                    if let Some(n) = c[g] {
+                        held[n] += 1;
+                    }
+                }
+                for (&(cid, shard), (_, ids)) in &wanted {
+                    for &seg in ids {
+                        let c = copies.entry((cid, shard, seg)).or_insert_with(|| vec![None; self.groups.len()]);
+                        if c[g].is_some() {
+                            continue;
+                        }
+                        let Some(n) = (0..held.len()).filter(|&n| self.groups[g][n].is_up()).min_by_key(|&n| held[n]) else { break };
+                        held[n] += 1;
+                        load.entry((n, cid, shard)).or_default().push(seg);
+                    }
+                }
+            }
+            for ((n, cid, shard), segs) in load {
+                let (c, _) = &wanted[&(cid, shard)];
+                let req = qn::LoadRequest {
+                    source: self.source.clone(),
+                    collection_id: cid,
+                    schema: Some(c.schema().to_proto()),
+                    shard,
+                    segments: segs,
+                };
+                match self.groups[g][n].client.clone().load(req).await {
+                    Ok(resp) => {
+                        let mut copies = self.copies.write();
+                        for seg in resp.into_inner().held {
+                            if let Some(c) = copies.get_mut(&(cid, shard, seg)) {
+                                c[g] = Some(n);
+                            }
+                        }
+                    }
+                    Err(s) if is_node_failure(&s) => self.node_failed(g, n, s.message()),
+                    Err(s) => tracing::warn!(endpoint = %self.groups[g][n].endpoint, error = %s.message(), "query node refused a load"),
+                }
+            }
+        }
+    }
+
+    /// A node marked down that answers again releases what it still holds (its copies were
+    /// forgotten when it failed) and is live again.
+    async fn probe_down_nodes(&self) {
+        for group in &self.groups {
+            for node in group.iter().filter(|n| !n.is_up()) {
+                let Ok(status) = node.client.clone().status(qn::StatusRequest {}).await else { continue };
+                for s in status.into_inner().shards {
+                    let req = qn::ReleaseRequest { collection_id: s.collection_id, shard: s.shard, segments: Vec::new() };
+                    let _ = node.client.clone().release(req).await;
+                }
+                node.up.store(true, Ordering::Release);
+                tracing::info!(endpoint = %node.endpoint, "query node is back");
+            }
+        }
+    }
+
+    /// Where each sealed segment of `collection` is searched: per (group, node, shard), the
+    /// segments of one sub-search. Groups take turns; a segment without a copy in this search's
+    /// group goes to another group's copy, else stays here.
+    fn route(&self, collection: &Collection) -> HashMap<(usize, usize, u32), Vec<SegmentId>> {
+        let first = self.next_group.fetch_add(1, Ordering::Relaxed);
+        let copies = self.copies.read();
+        let mut remote: HashMap<(usize, usize, u32), Vec<SegmentId>> = HashMap::new();
+        for (si, sh) in collection.shards().iter().enumerate() {
+            for seg in sh.sealed_segments() {
+                let Some(c) = copies.get(&(collection.id, si as u32, seg.id)) else { continue };
+                let copy = (0..c.len()).map(|i| (first + i) % c.len()).find_map(|g| c[g].map(|n| (g, n)));
+                if let Some((g, n)) = copy.filter(|&(g, n)| self.groups[g][n].is_up()) {
+                    remote.entry((g, n, si as u32)).or_default().push(seg.id);
+                }
+            }
+        }
+        remote
+    }
+}
+
+/// A failure that says the node (or the way to it) is gone, not a refusal it answered: the
+/// client's own transport error (it carries its cause), or a connection cut mid-call.
+fn is_node_failure(s: &tonic::Status) -> bool {
+    std::error::Error::source(s).is_some() || matches!(s.code(), tonic::Code::Unknown | tonic::Code::Cancelled)
+}
+
+impl Fanout for Placement {
+    fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
+        let remote = self.route(collection);
+        if remote.is_empty() {
+            return self.local.search(collection, plan);
+        }
+        let filter = plan.filter.map(|f| f.to_string()).unwrap_or_default();
+        let calls: Vec<_> = remote
+            .iter()
+            .map(|(&(g, n, shard), segs)| {
+                let req = qn::SegmentSearchRequest {
+                    collection_id: collection.id,
+                    shard,
+                    segments: segs.clone(),
+                    queries: plan.queries.to_vec(),
+                    dim: plan.dim as u32,
+                    k: plan.k as u32,
+                    metric: plan.metric.to_proto() as i32,
+                    nprobe: plan.knobs.nprobe as u32,
+                    ef_search: plan.knobs.ef_search as u32,
+                    filter: filter.clone(),
+                    snapshot: plan.snapshot,
+                    wait_ms: self.wait.as_millis() as u32,
+                };
+                let mut client = self.groups[g][n].client.clone();
+                ((g, n, shard), self.runtime.spawn(async move { client.search(req).await.map(|r| r.into_inner()) }))
+            })
+            .collect();
+        // Meanwhile, what stays here: every growing segment and the sealed ones no copy took.
+        let mut sent: Vec<HashSet<SegmentId>> = vec![HashSet::new(); collection.shards().len()];
+        for (&(_, _, shard), segs) in &remote {
+            sent[shard as usize].extend(segs);
+        }
+        let mut parts = Vec::with_capacity(collection.shards().len() + calls.len());
+        for (si, sh) in collection.shards().iter().enumerate() {
+            parts.push(sh.search_part(plan, true, |id| !sent[si].contains(&id))?);
+        }
+        for ((g, n, shard), call) in calls {
+            let segs = &remote[&(g, n, shard)];
+            let answered = self.runtime.block_on(call).map_err(|e| tonic::Status::internal(e.to_string())).and_then(|r| r);
+            let again: HashSet<SegmentId> = match answered {
+                Ok(resp) => {
+                    self.groups[g][n].searches.fetch_add(1, Ordering::Relaxed);
+                    parts.push(decode(&resp, plan.nq())?);
+                    if !resp.missing.is_empty() {
+                        self.forget(g, resp.missing.iter().map(|&s| (collection.id, shard, s)));
+                    }
+                    resp.missing.into_iter().collect()
+                }
+                Err(s) => {
+                    if is_node_failure(&s) {
+                        self.node_failed(g, n, s.message());
+                    } else {
+                        tracing::debug!(endpoint = %self.groups[g][n].endpoint, error = %s.message(), "a sub-search was refused; searching here");
+                    }
+                    segs.iter().copied().collect()
+                }
+            };
+            if !again.is_empty() {
+                self.rerouted.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("tandem_proxy_rerouted_total").increment(1);
+                parts.push(collection.shards()[shard as usize].search_part(plan, false, |id| again.contains(&id))?);
+            }
+        }
+        Ok(merge_topk(plan.metric, plan.k, plan.nq(), parts))
+    }
+}
+
+/// A sub-search's answer as a `TopK` of `nq` lists.
+fn decode(resp: &qn::SegmentSearchResponse, nq: usize) -> Result<TopK> {
+    let total: usize = resp.counts.iter().map(|&c| c as usize).sum();
+    if resp.counts.len() != nq || resp.ids.len() != total || resp.distances.len() != total {
+        return Err(ClusterError::Internal(format!(
+            "a query node answered {} lists of {total} hits ({} ids, {} distances) for {nq} queries",
+            resp.counts.len(),
+            resp.ids.len(),
+            resp.distances.len()
+        )));
+    }
+    let mut out = Vec::with_capacity(nq);
+    let mut at = 0;
+    for &c in &resp.counts {
+        let c = c as usize;
+        out.push(resp.distances[at..at + c].iter().copied().zip(resp.ids[at..at + c].iter().copied()).collect());
+        at += c;
+    }
+    Ok(out)
+}

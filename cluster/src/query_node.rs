@@ -1,0 +1,571 @@
+//! A query node (`tandem query-node`): in-memory replicas of a cluster's sealed segments (seeds:
+//! in-memory replica, MEP 23).
+//!
+//! The cluster's proxy (`placement.rs`) assigns sealed segments to query nodes. A node loads
+//! each from the writer as a snapshot of exactly those segments: their rows and their built
+//! index file (CRC-checked, loaded without a rebuild), with their deletes up to the snapshot.
+//! Then it follows the shard's change stream from the snapshot's position and applies to its
+//! segments every later change that ends one of their rows: a delete, or an insert or upsert of
+//! the same id, which replaces the older version. A sealed segment changes in nothing else, so
+//! once the stream is applied up to ts T a node's copy answers at T exactly as the writer's
+//! would; a search waits for that (its `snapshot`), as a read on an alternative waits for its
+//! stream.
+//!
+//! A segment can arrive with a snapshot older than where the shard's stream already is (the
+//! stream ran on while the segment travelled). The stream is then read again from the
+//! snapshot's position: applying a change twice changes nothing (a row keeps its first delete
+//! ts), and until the stream is back the shard's applied ts is the snapshot's, so no search
+//! sees the new segment without its deletes.
+//!
+//! Nothing is kept on disk: a restarted node holds nothing, and the proxy loads it again.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use parking_lot::{Mutex, RwLock};
+use rayon::prelude::*;
+use tandem_proto::cluster::v1 as qn;
+use tandem_proto::replication::v1 as rp;
+use tandem_proto::replication::v1::replication_client::ReplicationClient;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+use tonic::{Request, Response, Status};
+
+use crate::ann::Knobs;
+use crate::error::{ClusterError, Result};
+use crate::filter::Filter;
+use crate::replication::SegmentReceiver;
+use crate::schema::{Metric, Schema};
+use crate::segment::{LIVE, Sealed, SearchPlan, SegmentId, TopK, merge_topk};
+use crate::shard::received_segment;
+use crate::ts::Ts;
+
+/// Pause before a shard's stream is subscribed again after it failed.
+const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(200);
+
+/// The most hits a sub-search may ask for per query (as the public API's limit).
+const MAX_K: u32 = 16_384;
+
+#[derive(Debug, Clone)]
+pub struct QueryNodeOptions {
+    /// Names the node in the writer's retention leases and in errors.
+    pub name: String,
+    /// Where index files are put while they arrive (removed once loaded).
+    pub scratch_dir: PathBuf,
+    pub search_threads: usize,
+}
+
+/// The segments one node holds of one shard, and the shard's stream it follows for them.
+struct HeldShard {
+    collection_id: u64,
+    shard: u32,
+    schema: Schema,
+    source: ReplicationClient<Channel>,
+    state: Mutex<Held>,
+    /// The ts up to which every change of the stream is applied (`Held::applied_ts`), for
+    /// searches to wait on.
+    applied: tokio::sync::watch::Sender<Ts>,
+    /// Wakes the stream's task when a load asks it to read again from an earlier position.
+    rewind: tokio::sync::Notify,
+    /// One load at a time per shard: they share the scratch directory and the stream.
+    loading: tokio::sync::Mutex<()>,
+    /// Ends the stream's task when the shard is released.
+    stop: CancellationToken,
+}
+
+#[derive(Default)]
+struct Held {
+    segments: BTreeMap<SegmentId, Arc<Sealed>>,
+    /// Where each id has a row live in a held segment (usually one place; two while a newer
+    /// segment's snapshot is ahead of the stream that will end the older row).
+    live: HashMap<i64, Vec<(SegmentId, u32)>>,
+    /// The stream position to read next; 0 until the first segment arrives.
+    next: u64,
+    /// A position to read the stream again from (a segment arrived with an older snapshot).
+    rewind_to: Option<u64>,
+    applied_ts: Ts,
+}
+
+impl Held {
+    /// A change at `ts` wrote `id`: every held row of `id` inserted before it is ended at `ts`.
+    fn supersede(&mut self, id: i64, ts: Ts) {
+        let Some(places) = self.live.get_mut(&id) else { return };
+        let segments = &self.segments;
+        places.retain(|&(seg, off)| match segments.get(&seg) {
+            Some(s) if s.rows.insert_ts[off as usize] < ts => {
+                s.delete(off as usize, ts);
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+        if places.is_empty() {
+            self.live.remove(&id);
+        }
+    }
+
+    fn add(&mut self, seg: Arc<Sealed>) {
+        for off in 0..seg.len() {
+            if seg.delete_ts(off) == LIVE {
+                self.live.entry(seg.rows.ids[off]).or_default().push((seg.id, off as u32));
+            }
+        }
+        self.segments.insert(seg.id, seg);
+    }
+
+    fn remove(&mut self, ids: &HashSet<SegmentId>) {
+        self.segments.retain(|id, _| !ids.contains(id));
+        self.live.retain(|_, places| {
+            places.retain(|(seg, _)| !ids.contains(seg));
+            !places.is_empty()
+        });
+    }
+}
+
+pub struct QueryNode {
+    opts: QueryNodeOptions,
+    shards: RwLock<HashMap<(u64, u32), Arc<HeldShard>>>,
+    pool: rayon::ThreadPool,
+    searches: AtomicU64,
+    root: CancellationToken,
+}
+
+impl QueryNode {
+    pub fn new(opts: QueryNodeOptions, root: CancellationToken) -> Result<Arc<QueryNode>> {
+        crate::fsio::create_dir(&opts.scratch_dir)?;
+        let pool = crate::node::search_pool(opts.search_threads)?;
+        Ok(Arc::new(QueryNode { opts, shards: RwLock::new(HashMap::new()), pool, searches: AtomicU64::new(0), root }))
+    }
+
+    /// Segment searches answered so far.
+    pub fn searches(&self) -> u64 {
+        self.searches.load(Ordering::Relaxed)
+    }
+
+    /// (collection id, shard) -> held segment ids.
+    pub fn held(&self) -> BTreeMap<(u64, u32), Vec<SegmentId>> {
+        self.shards.read().iter().map(|(k, h)| (*k, h.state.lock().segments.keys().copied().collect())).collect()
+    }
+
+    fn held_shard(&self, req: &qn::LoadRequest) -> Result<Arc<HeldShard>> {
+        let key = (req.collection_id, req.shard);
+        if let Some(h) = self.shards.read().get(&key) {
+            return Ok(h.clone());
+        }
+        let schema = Schema::from_proto(req.schema.as_ref().ok_or_else(|| ClusterError::invalid("a load names no schema"))?)?;
+        if req.shard >= schema.shards {
+            return Err(ClusterError::invalid(format!(
+                "collection {:?} has {} shards, not a shard {}",
+                schema.name, schema.shards, req.shard
+            )));
+        }
+        let channel = Channel::from_shared(req.source.clone())
+            .map_err(|e| ClusterError::invalid(format!("source {:?} is not an endpoint: {e}", req.source)))?
+            .connect_lazy();
+        let source = ReplicationClient::new(channel).max_decoding_message_size(usize::MAX >> 1);
+        let held = Arc::new(HeldShard {
+            collection_id: req.collection_id,
+            shard: req.shard,
+            schema,
+            source,
+            state: Mutex::new(Held::default()),
+            applied: tokio::sync::watch::Sender::new(0),
+            rewind: tokio::sync::Notify::new(),
+            loading: tokio::sync::Mutex::new(()),
+            stop: self.root.child_token(),
+        });
+        Ok(self.shards.write().entry(key).or_insert(held).clone())
+    }
+
+    /// Loads the segments of `req` not held yet; returns those held afterwards.
+    pub async fn load(self: &Arc<Self>, req: qn::LoadRequest) -> Result<Vec<SegmentId>> {
+        if req.source.trim().is_empty() {
+            return Err(ClusterError::invalid("a load names no source (the writer's endpoint)"));
+        }
+        let held = self.held_shard(&req)?;
+        let _one = held.loading.lock().await;
+        let want: Vec<SegmentId> = {
+            let h = held.state.lock();
+            req.segments.iter().copied().filter(|id| !h.segments.contains_key(id)).collect()
+        };
+        if !want.is_empty() {
+            self.fetch(&held, want).await?;
+        }
+        let h = held.state.lock();
+        Ok(req.segments.iter().copied().filter(|id| h.segments.contains_key(id)).collect())
+    }
+
+    /// Fetches `want` from the writer as one snapshot and adds them.
+    async fn fetch(self: &Arc<Self>, held: &Arc<HeldShard>, want: Vec<SegmentId>) -> Result<()> {
+        let unavailable = |s: Status| ClusterError::Unavailable(format!("loading segments from {}: {}", self.opts.name, s.message()));
+        let req = rp::SnapshotRequest {
+            collection_id: held.collection_id,
+            shard: held.shard,
+            subscriber: self.opts.name.clone(),
+            segments: true,
+            only_segments: want,
+        };
+        let mut stream = held.source.clone().snapshot(req).await.map_err(unavailable)?.into_inner();
+        let dir = self.opts.scratch_dir.join(format!("c{}-s{}", held.collection_id, held.shard));
+        crate::fsio::create_dir(&dir)?;
+        let mut receiver: Option<SegmentReceiver> = None;
+        let mut got = Vec::new();
+        while let Some(chunk) = stream.message().await.map_err(unavailable)? {
+            if let Some(part) = chunk.segment {
+                let (dir, schema, r) = (dir.clone(), held.schema.clone(), receiver.take());
+                let step = tokio::task::spawn_blocking(move || -> Result<(Option<SegmentReceiver>, Option<Arc<Sealed>>)> {
+                    let mut r = match r {
+                        Some(r) => r,
+                        None => SegmentReceiver::new(&dir, &part)?,
+                    };
+                    let id = r.id();
+                    let Some(seg) = r.take(part)? else { return Ok((Some(r), None)) };
+                    let delete_ts = seg.delete_ts.iter().map(|&ts| if ts == 0 { LIVE } else { ts }).collect();
+                    let sealed = received_segment(&schema, id, seg.rows, delete_ts, &seg.index_file);
+                    let _ = std::fs::remove_file(&seg.index_file);
+                    Ok((None, Some(sealed?)))
+                })
+                .await
+                .map_err(|e| ClusterError::Internal(e.to_string()))??;
+                receiver = step.0;
+                got.extend(step.1);
+                continue;
+            }
+            if chunk.done {
+                if receiver.is_some() {
+                    return Err(ClusterError::Unavailable("the writer ended a load with a segment incomplete".into()));
+                }
+                self.install(held, got, chunk.snapshot_ts, chunk.lsn);
+                return Ok(());
+            }
+        }
+        Err(ClusterError::Unavailable("the writer ended a load before it was done".into()))
+    }
+
+    /// Adds segments a snapshot at (`ts`, stream position `pos`) brought, and makes the stream
+    /// cover them from `pos + 1` (see the module's comment).
+    fn install(self: &Arc<Self>, held: &Arc<HeldShard>, segments: Vec<Arc<Sealed>>, ts: Ts, pos: u64) {
+        let mut h = held.state.lock();
+        let first = h.next == 0;
+        for seg in segments {
+            if !h.segments.contains_key(&seg.id) {
+                h.add(seg);
+            }
+        }
+        if first {
+            h.next = pos + 1;
+            h.applied_ts = ts;
+            held.applied.send_replace(ts);
+            drop(h);
+            tokio::spawn(follow(held.clone(), self.opts.name.clone()));
+        } else if pos + 1 < h.next {
+            h.rewind_to = Some(h.rewind_to.map_or(pos + 1, |r| r.min(pos + 1)));
+            h.applied_ts = h.applied_ts.min(ts);
+            held.applied.send_replace(h.applied_ts);
+            held.rewind.notify_one();
+        }
+    }
+
+    pub fn release(&self, collection_id: u64, shard: u32, segments: &[SegmentId]) {
+        let key = (collection_id, shard);
+        if segments.is_empty() {
+            if let Some(h) = self.shards.write().remove(&key) {
+                h.stop.cancel();
+            }
+            return;
+        }
+        if let Some(h) = self.shards.read().get(&key) {
+            h.state.lock().remove(&segments.iter().copied().collect());
+        }
+    }
+
+    pub async fn search(&self, req: qn::SegmentSearchRequest) -> Result<qn::SegmentSearchResponse> {
+        let (dim, k) = (req.dim as usize, req.k as usize);
+        if dim == 0 || req.queries.is_empty() || req.queries.len() % dim != 0 {
+            return Err(ClusterError::invalid(format!("{} query values do not make vectors of dim {}", req.queries.len(), req.dim)));
+        }
+        if req.k == 0 || req.k > MAX_K {
+            return Err(ClusterError::invalid(format!("k {} is out of range 1..={MAX_K}", req.k)));
+        }
+        let metric = Metric::from_proto(req.metric)?;
+        let held = self.shards.read().get(&(req.collection_id, req.shard)).cloned();
+        let Some(held) = held else {
+            return Ok(qn::SegmentSearchResponse { missing: req.segments, ..Default::default() });
+        };
+        if dim != held.schema.dim {
+            return Err(ClusterError::invalid(format!(
+                "queries of dim {dim} for collection {:?} of dim {}",
+                held.schema.name, held.schema.dim
+            )));
+        }
+        wait_applied(&held, req.snapshot, Duration::from_millis(req.wait_ms.into()), &self.opts.name).await?;
+        let filter = if req.filter.is_empty() { None } else { Some(Filter::compile_in(&req.filter, held.schema.filter_scope())?) };
+        let (segments, missing) = {
+            let h = held.state.lock();
+            let mut missing = Vec::new();
+            let segments: Vec<Arc<Sealed>> = req
+                .segments
+                .iter()
+                .filter_map(|id| {
+                    let s = h.segments.get(id).cloned();
+                    if s.is_none() {
+                        missing.push(*id);
+                    }
+                    s
+                })
+                .collect();
+            (segments, missing)
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let (queries, snapshot, knobs) =
+            (req.queries, req.snapshot, Knobs { nprobe: req.nprobe as usize, ef_search: req.ef_search as usize });
+        // faiss runs on the node's search pool, off the async runtime.
+        self.pool.spawn(move || {
+            let plan = SearchPlan { queries: &queries, dim, k, metric, filter: filter.as_ref(), knobs, snapshot };
+            let parts = segments.par_iter().map(|s| s.search(&plan)).collect::<Result<Vec<TopK>>>();
+            let _ = tx.send(parts.map(|p| merge_topk(metric, k, plan.nq(), p)));
+        });
+        let topk = rx.await.map_err(|_| ClusterError::Internal("a segment search was dropped".into()))??;
+        self.searches.fetch_add(1, Ordering::Relaxed);
+        let mut resp = qn::SegmentSearchResponse { missing, ..Default::default() };
+        for hits in topk {
+            resp.counts.push(hits.len() as u32);
+            for (d, id) in hits {
+                resp.distances.push(d);
+                resp.ids.push(id);
+            }
+        }
+        Ok(resp)
+    }
+
+    pub fn status(&self) -> qn::StatusResponse {
+        let shards = self
+            .shards
+            .read()
+            .values()
+            .map(|h| {
+                let st = h.state.lock();
+                qn::HeldShard {
+                    collection_id: h.collection_id,
+                    shard: h.shard,
+                    segments: st.segments.keys().copied().collect(),
+                    applied_ts: st.applied_ts,
+                }
+            })
+            .collect();
+        qn::StatusResponse { shards, searches: self.searches() }
+    }
+}
+
+/// Waits until `held`'s stream is applied up to `snapshot`, at most `wait`.
+async fn wait_applied(held: &HeldShard, snapshot: Ts, wait: Duration, name: &str) -> Result<()> {
+    let mut rx = held.applied.subscribe();
+    if *rx.borrow_and_update() >= snapshot {
+        return Ok(());
+    }
+    // Asking the writer for its clock makes its idle streams send a time tick now instead of at
+    // their next interval (see `Replication.LeaderTs`), as a STRONG read on an alternative does.
+    let mut source = held.source.clone();
+    tokio::spawn(async move {
+        let _ = source.leader_ts(rp::LeaderTsRequest {}).await;
+    });
+    match tokio::time::timeout(wait, rx.wait_for(|&t| t >= snapshot)).await {
+        Ok(Ok(_)) => Ok(()),
+        _ => {
+            let applied = *held.applied.borrow();
+            Err(ClusterError::Lagging {
+                message: format!(
+                    "query node {name}: shard {} of collection {:?} has its changes applied up to ts {applied}, not yet the read's {snapshot}",
+                    held.shard, held.schema.name
+                ),
+                lag_ms: crate::ts::physical_ms(snapshot).saturating_sub(crate::ts::physical_ms(applied)),
+            })
+        }
+    }
+}
+
+/// Follows `held`'s shard stream until the shard is released, reading it again from an earlier
+/// position when a load asks (see the module's comment).
+async fn follow(held: Arc<HeldShard>, subscriber: String) {
+    loop {
+        let from = {
+            let mut h = held.state.lock();
+            if let Some(r) = h.rewind_to.take() {
+                h.next = r;
+            }
+            h.next
+        };
+        let req = rp::SubscribeRequest {
+            collection_id: held.collection_id,
+            shard: held.shard,
+            ddl: false,
+            from_lsn: from,
+            subscriber: subscriber.clone(),
+        };
+        let mut source = held.source.clone();
+        let subscribed = tokio::select! {
+            _ = held.stop.cancelled() => return,
+            r = source.subscribe(req) => r,
+        };
+        match subscribed {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    tokio::select! {
+                        _ = held.stop.cancelled() => return,
+                        _ = held.rewind.notified() => break,
+                        m = stream.message() => match m {
+                            Ok(Some(ev)) => if !apply(&held, ev) { break },
+                            Ok(None) => break,
+                            Err(s) => {
+                                tracing::warn!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the shard's stream failed; subscribing again");
+                                break;
+                            }
+                        },
+                    }
+                }
+            }
+            Err(s) => {
+                tracing::warn!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: cannot subscribe to the shard's stream")
+            }
+        }
+        if held.state.lock().rewind_to.is_some() {
+            continue;
+        }
+        tokio::select! {
+            _ = held.stop.cancelled() => return,
+            _ = tokio::time::sleep(RESUBSCRIBE_AFTER) => {}
+        }
+    }
+}
+
+/// Applies one change event; false when a rewind is pending (the event is left for the read
+/// from the earlier position).
+fn apply(held: &HeldShard, ev: rp::ChangeEvent) -> bool {
+    use rp::change_event::Body;
+    let mut h = held.state.lock();
+    if h.rewind_to.is_some() {
+        return false;
+    }
+    match &ev.body {
+        Some(Body::Insert(b)) | Some(Body::Upsert(b)) => {
+            for (i, &id) in b.ids.iter().enumerate() {
+                h.supersede(id, b.insert_ts.get(i).copied().unwrap_or(ev.ts));
+            }
+        }
+        Some(Body::Delete(d)) => {
+            for &id in &d.ids {
+                h.supersede(id, ev.ts);
+            }
+        }
+        _ => {}
+    }
+    h.next = h.next.max(ev.lsn + 1);
+    if ev.ts > h.applied_ts {
+        h.applied_ts = ev.ts;
+        held.applied.send_replace(ev.ts);
+    }
+    true
+}
+
+/// The gRPC face of a [`QueryNode`].
+#[derive(Clone)]
+pub struct QueryNodeService(pub Arc<QueryNode>);
+
+#[tonic::async_trait]
+impl qn::query_node_server::QueryNode for QueryNodeService {
+    async fn load(&self, req: Request<qn::LoadRequest>) -> std::result::Result<Response<qn::LoadResponse>, Status> {
+        let held = self.0.load(req.into_inner()).await?;
+        Ok(Response::new(qn::LoadResponse { held }))
+    }
+
+    async fn release(&self, req: Request<qn::ReleaseRequest>) -> std::result::Result<Response<qn::ReleaseResponse>, Status> {
+        let r = req.into_inner();
+        self.0.release(r.collection_id, r.shard, &r.segments);
+        Ok(Response::new(qn::ReleaseResponse {}))
+    }
+
+    async fn search(&self, req: Request<qn::SegmentSearchRequest>) -> std::result::Result<Response<qn::SegmentSearchResponse>, Status> {
+        Ok(Response::new(self.0.search(req.into_inner()).await?))
+    }
+
+    async fn status(&self, _req: Request<qn::StatusRequest>) -> std::result::Result<Response<qn::StatusResponse>, Status> {
+        Ok(Response::new(self.0.status()))
+    }
+}
+
+/// A query node being served.
+pub struct RunningQueryNode {
+    pub addr: SocketAddr,
+    pub node: Arc<QueryNode>,
+    pub task: tokio::task::JoinHandle<Result<()>>,
+}
+
+/// Serves a query node on `listen` (port 0 picks one) until `shutdown` fires.
+pub async fn serve(listen: &str, opts: QueryNodeOptions, shutdown: CancellationToken) -> Result<RunningQueryNode> {
+    let listener = TcpListener::bind(listen).await.map_err(|e| ClusterError::Unavailable(format!("cannot listen on {listen}: {e}")))?;
+    let addr = listener.local_addr().map_err(|e| ClusterError::Internal(e.to_string()))?;
+    let node = QueryNode::new(opts, shutdown.clone())?;
+    let service = qn::query_node_server::QueryNodeServer::new(QueryNodeService(node.clone()))
+        .max_decoding_message_size(64 << 20)
+        .max_encoding_message_size(64 << 20);
+    let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+    let stop = shutdown.clone();
+    let task = tokio::spawn(async move {
+        tonic::transport::Server::builder()
+            .add_service(service)
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await
+            .map_err(|e| ClusterError::Internal(format!("query node server: {e}")))
+    });
+    tracing::info!(%addr, name = %node.opts.name, "query node serving");
+    Ok(RunningQueryNode { addr, node, task })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::segment::{Growing, Rows};
+
+    /// A sealed segment `id` of rows `ids`, inserted at ts 10 + offset.
+    fn segment(id: SegmentId, ids: &[i64]) -> Arc<Sealed> {
+        let n = ids.len();
+        let rows = Rows::new(ids.to_vec(), (0..n as u64).map(|o| 10 + o).collect(), vec![0.0; n * 2], vec![vec![]; n], 2);
+        Arc::new(Sealed::from_growing(Growing { id, first_lsn: 0, rows, delete_ts: vec![LIVE; n] }))
+    }
+
+    /// A change ends the held rows of its ids written before it, once (a replay keeps the
+    /// first ts), and never a row written at or after it.
+    #[test]
+    fn a_change_ends_only_older_rows_of_its_ids_and_replays_change_nothing() {
+        let mut h = Held::default();
+        let (a, b) = (segment(1, &[7, 8, 9]), segment(2, &[7, 20]));
+        h.add(a.clone());
+        // Segment 2 holds a newer row of id 7 (inserted at 10, after segment 1's at 10: equal
+        // ts here), as when a segment's snapshot is ahead of the stream.
+        h.add(b.clone());
+        assert_eq!(h.live[&7].len(), 2);
+        // A delete of 8 at ts 100 ends it; replayed at 100 or seen again later, nothing moves.
+        h.supersede(8, 100);
+        h.supersede(8, 100);
+        h.supersede(8, 200);
+        assert_eq!(a.delete_ts(1), 100);
+        assert_eq!(a.deleted(), 1);
+        // A write of 9 at ts 11 (segment 1 inserted it at 12): the row is newer, so it stays.
+        h.supersede(9, 11);
+        assert_eq!(a.delete_ts(2), LIVE);
+        // A write of 7 at ts 50 ends both older rows.
+        h.supersede(7, 50);
+        assert_eq!((a.delete_ts(0), b.delete_ts(0)), (50, 50));
+        assert!(!h.live.contains_key(&7));
+        // Releasing a segment forgets its rows.
+        h.remove(&HashSet::from([2]));
+        assert!(!h.live.contains_key(&20));
+        assert_eq!(h.segments.keys().copied().collect::<Vec<_>>(), vec![1]);
+    }
+}
