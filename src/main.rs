@@ -66,6 +66,9 @@ enum BenchCmd {
     /// Fault campaign against the two-datacenter docker deployment (docker/, docs/deploy.md):
     /// partitions, kills, pauses; checks lost writes, session guarantees and convergence.
     Campaign(tandem::bench::campaign::CampaignArgs),
+    /// Query nodes (docs/scaling.md): QPS over 1-3 replica groups of CPU-capped nodes, the
+    /// proxy's overhead, and kill -9 of a query node under load.
+    Replicas(tandem::bench::replicas::ReplicasBenchArgs),
     /// The same pymilvus workload on the real Milvus 2.3.5 and on tandem, side by side.
     Milvus(tandem::bench::milvus::MilvusBenchArgs),
 }
@@ -87,6 +90,7 @@ async fn dispatch(command: Command) -> anyhow::Result<()> {
         Command::Bench(BenchCmd::Gateway(a)) => tandem::bench::gateway::run(a).await,
         Command::Bench(BenchCmd::Failover(a)) => tandem::bench::failover::run(a).await,
         Command::Bench(BenchCmd::Campaign(a)) => tandem::bench::campaign::run(a).await,
+        Command::Bench(BenchCmd::Replicas(a)) => tandem::bench::replicas::run(a).await,
         // Blocking: it waits for the Python driver, which starts and stops both servers.
         Command::Bench(BenchCmd::Milvus(a)) => tokio::task::spawn_blocking(move || tandem::bench::milvus::run(a)).await?,
     }

@@ -210,3 +210,23 @@ async fn a_query_node_lost_under_load_fails_no_search_and_its_copies_move_to_its
     let req = search(vectors(8, DIM, 3), 10);
     assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
 }
+
+/// A restarted cluster (a new address) stops without waiting on the query nodes' streams, and
+/// its query nodes drop what they held of the old one and load from the new one: answers come
+/// from them again, none is answered by the cluster itself for want of a stream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_cluster_loads_its_query_nodes_again() {
+    let (sb, nodes, mut c) = cluster_with_query_nodes().await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    sb.restart("a").await;
+    let mut c = sb.client("a").await;
+    assert_eq!(wait_placed(&sb, &mut c, 2).await, segments);
+    let before = nodes.iter().map(QueryNode::searches).sum::<u64>();
+    let req = search(vectors(8, DIM, 11), 10);
+    for _ in 0..4 {
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
+    }
+    assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 4);
+    assert_eq!(sb.placement("a").await.unwrap().rerouted.load(Ordering::Relaxed), 0);
+}

@@ -26,8 +26,8 @@
 //! the writer keeps its own copy of every sealed segment in memory; no long-tail stealing.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::RwLock;
@@ -74,6 +74,9 @@ pub struct Placement {
     /// How long a query node may wait for its stream to reach a read's snapshot.
     wait: Duration,
     local: LocalFanout,
+    /// The writer's node, once the loop runs: a search makes its streams tick, so the query
+    /// nodes reach the read's snapshot without waiting for the tick interval.
+    node: std::sync::OnceLock<Weak<Node>>,
     /// Sub-searches answered here instead (their node failed or no longer held the segments).
     pub rerouted: AtomicU64,
 }
@@ -108,6 +111,7 @@ impl Placement {
             runtime: tokio::runtime::Handle::current(),
             wait,
             local: LocalFanout::default(),
+            node: std::sync::OnceLock::new(),
             rerouted: AtomicU64::new(0),
         }))
     }
@@ -144,8 +148,11 @@ impl Placement {
         }
     }
 
-    /// Places segments until `stop` fires.
-    pub async fn run(self: Arc<Self>, node: Arc<Node>, stop: CancellationToken) {
+    /// Places segments until `stop` fires or the node is gone. Holds the node only during a
+    /// round, and a round ends at once when `stop` fires: a stopped node's data directory is
+    /// free for the next start as soon as the member has stopped.
+    pub async fn run(self: Arc<Self>, node: Weak<Node>, stop: CancellationToken) {
+        let _ = self.node.set(node.clone());
         let mut every = tokio::time::interval(PLACE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -153,7 +160,11 @@ impl Placement {
                 _ = stop.cancelled() => return,
                 _ = every.tick() => {}
             }
-            self.place(&node).await;
+            let Some(node) = node.upgrade() else { return };
+            tokio::select! {
+                _ = stop.cancelled() => return,
+                () = self.place(&node) => {}
+            }
         }
     }
 
@@ -280,6 +291,11 @@ impl Fanout for Placement {
         let remote = self.route(collection);
         if remote.is_empty() {
             return self.local.search(collection, plan);
+        }
+        // The query nodes answer once their streams reach the snapshot: on an idle shard that
+        // is the next time tick, so ask for one now.
+        if let Some(node) = self.node.get().and_then(Weak::upgrade) {
+            node.request_ticks();
         }
         let filter = plan.filter.map(|f| f.to_string()).unwrap_or_default();
         let calls: Vec<_> = remote

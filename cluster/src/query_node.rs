@@ -48,6 +48,9 @@ use crate::ts::Ts;
 /// Pause before a shard's stream is subscribed again after it failed.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(200);
 
+/// How long a search waits for the shard's stream before it asks the writer for a tick.
+const ASK_FOR_TICK_AFTER: Duration = Duration::from_millis(20);
+
 /// The most hits a sub-search may ask for per query (as the public API's limit).
 const MAX_K: u32 = 16_384;
 
@@ -65,6 +68,8 @@ struct HeldShard {
     collection_id: u64,
     shard: u32,
     schema: Schema,
+    /// The writer's endpoint, and a client of its Replication service.
+    endpoint: String,
     source: ReplicationClient<Channel>,
     state: Mutex<Held>,
     /// The ts up to which every change of the stream is applied (`Held::applied_ts`), for
@@ -155,8 +160,13 @@ impl QueryNode {
     fn held_shard(&self, req: &qn::LoadRequest) -> Result<Arc<HeldShard>> {
         let key = (req.collection_id, req.shard);
         if let Some(h) = self.shards.read().get(&key) {
-            return Ok(h.clone());
+            if h.endpoint == req.source {
+                return Ok(h.clone());
+            }
         }
+        // Another writer (the cluster restarted elsewhere, or another cluster): what this node
+        // holds of the shard follows a stream that is gone, so it starts over.
+        self.release(req.collection_id, req.shard, &[]);
         let schema = Schema::from_proto(req.schema.as_ref().ok_or_else(|| ClusterError::invalid("a load names no schema"))?)?;
         if req.shard >= schema.shards {
             return Err(ClusterError::invalid(format!(
@@ -172,6 +182,7 @@ impl QueryNode {
             collection_id: req.collection_id,
             shard: req.shard,
             schema,
+            endpoint: req.source.clone(),
             source,
             state: Mutex::new(Held::default()),
             applied: tokio::sync::watch::Sender::new(0),
@@ -368,13 +379,20 @@ async fn wait_applied(held: &HeldShard, snapshot: Ts, wait: Duration, name: &str
     if *rx.borrow_and_update() >= snapshot {
         return Ok(());
     }
-    // Asking the writer for its clock makes its idle streams send a time tick now instead of at
-    // their next interval (see `Replication.LeaderTs`), as a STRONG read on an alternative does.
+    // The proxy made the writer's streams tick as it sent the search (`Placement`): the tick
+    // usually arrives within a millisecond.
+    let first = wait.min(ASK_FOR_TICK_AFTER);
+    if tokio::time::timeout(first, rx.wait_for(|&t| t >= snapshot)).await.is_ok_and(|r| r.is_ok()) {
+        return Ok(());
+    }
+    // Else asking the writer for its clock makes its idle streams send a time tick now instead
+    // of at their next interval (see `Replication.LeaderTs`), as a STRONG read on an
+    // alternative does.
     let mut source = held.source.clone();
     tokio::spawn(async move {
         let _ = source.leader_ts(rp::LeaderTsRequest {}).await;
     });
-    match tokio::time::timeout(wait, rx.wait_for(|&t| t >= snapshot)).await {
+    match tokio::time::timeout(wait.saturating_sub(first), rx.wait_for(|&t| t >= snapshot)).await {
         Ok(Ok(_)) => Ok(()),
         _ => {
             let applied = *held.applied.borrow();

@@ -11,6 +11,7 @@ use std::time::Duration;
 use tandem_proto::replication::v1 as rp;
 use tandem_proto::storage::v1 as st;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::ClusterError;
@@ -36,11 +37,14 @@ pub struct ReplicationService {
     group: String,
     tick: Duration,
     reporting: Arc<std::sync::atomic::AtomicBool>,
+    /// The server's shutdown: change streams end then, so a graceful stop does not wait on
+    /// subscribers that never hang up (alternatives, query nodes).
+    stop: CancellationToken,
 }
 
 impl ReplicationService {
-    pub fn new(node: Arc<Node>, group: String, tick: Duration) -> Self {
-        ReplicationService { node, group, tick, reporting: Default::default() }
+    pub fn new(node: Arc<Node>, group: String, tick: Duration, stop: CancellationToken) -> Self {
+        ReplicationService { node, group, tick, reporting: Default::default(), stop }
     }
 
     /// Records the leader's replication metrics every second from the first subscription on
@@ -72,11 +76,12 @@ impl ReplicationService {
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
 
-/// Streams a feed into a channel until the receiver goes away or the feed fails (the error is
-/// the stream's last item). `before` runs before each wait with the next position; `sent`
-/// after each batch with the highest ts in it.
+/// Streams a feed into a channel until the receiver goes away, the feed fails or `stop` fires
+/// (the error is the stream's last item). `before` runs before each wait with the next
+/// position; `sent` after each batch with the highest ts in it.
 fn pump(
     mut feed: impl Feed,
+    stop: CancellationToken,
     mut before: impl FnMut(u64) + Send + 'static,
     mut sent: impl FnMut(u64) + Send + 'static,
 ) -> tokio::sync::mpsc::Receiver<Result<rp::ChangeEvent, Status>> {
@@ -84,7 +89,10 @@ fn pump(
     tokio::spawn(async move {
         loop {
             before(feed.next_lsn());
-            let batch = feed.next_batch().await;
+            let batch = tokio::select! {
+                batch = feed.next_batch() => batch,
+                () = stop.cancelled() => Err(ClusterError::Unavailable("the cluster is shutting down; subscribe again later".into())),
+            };
             let stop = batch.is_err();
             let top_ts = batch.as_ref().map_or(0, |evs| evs.iter().map(|e| e.ts).max().unwrap_or(0));
             for item in batch.map_or_else(|e| vec![Err(Status::from(e))], |evs| evs.into_iter().map(Ok).collect()) {
@@ -131,7 +139,7 @@ impl rp::replication_server::Replication for ReplicationService {
     async fn subscribe(&self, req: Request<rp::SubscribeRequest>) -> Result<Response<Self::SubscribeStream>, Status> {
         let r = req.into_inner();
         let rx = if r.ddl {
-            pump(DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50))?, |_| {}, |_| {})
+            pump(DdlFeed::new(self.node.clone(), r.from_lsn, &self.group, Duration::from_millis(50))?, self.stop.clone(), |_| {}, |_| {})
         } else {
             let c = self
                 .node
@@ -143,7 +151,12 @@ impl rp::replication_server::Replication for ReplicationService {
             self.start_reporter();
             let (cluster, name, index) = (self.node.opts.cluster_id.clone(), c.schema().name.clone(), r.shard as usize);
             // The lease keeps the WAL from where this subscriber is.
-            pump(feed, move |next| shard.hold(&subscriber, next), move |ts| record_exported_ts(&cluster, &name, index, ts))
+            pump(
+                feed,
+                self.stop.clone(),
+                move |next| shard.hold(&subscriber, next),
+                move |ts| record_exported_ts(&cluster, &name, index, ts),
+            )
         };
         Ok(Response::new(ReceiverStream::new(rx)))
     }

@@ -122,6 +122,7 @@ pub async fn serve(
             node.clone(),
             cfg.replication.group.clone(),
             std::time::Duration::from_millis(cfg.replication.tick_ms),
+            shutdown.clone(),
         ))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);

@@ -9,7 +9,7 @@
 //! start:  validate ─► open data, serve gRPC (Recovering under an arbiter: nothing served until
 //!         the controller decides) ─► metrics ─► replication, or join the arbiter and start the
 //!         controller ─► register in etcd
-//! stop:   1 stop taking writes (under an arbiter: fence and resign) ─► 2 flush the exporter
+//! stop:   0 stop placing segments on query nodes ─► 1 stop taking writes (under an arbiter: fence and resign) ─► 2 flush the exporter
 //!         (at most half the drain time) ─► 3 deregister ─► 4 drain gRPC ─► 5 cancel index
 //!         builds ─► 6 stop metrics.  Past the drain time the root token cancels what is left.
 //! ```
@@ -58,8 +58,9 @@ pub struct Member {
     ha: Option<ha::HaHandle>,
     registration: Registration,
     metrics: Option<(CancellationToken, MetricsServer)>,
-    /// The proxy's placement of sealed segments on query nodes (`query_nodes.groups`).
-    placement: Option<Arc<Placement>>,
+    /// The proxy's placement of sealed segments on query nodes (`query_nodes.groups`), and its
+    /// loop's stop and task.
+    placement: Option<(Arc<Placement>, CancellationToken, tokio::task::JoinHandle<()>)>,
     root: CancellationToken,
 }
 
@@ -123,8 +124,9 @@ impl Member {
             let wait = Duration::from_millis(cfg.query_nodes.wait_ms);
             let placement = Placement::new(self.endpoint(), &cfg.query_nodes.groups, wait)?;
             self.running.node.set_fanout(placement.clone());
-            tokio::spawn(placement.clone().run(self.running.node.clone(), self.root.child_token()));
-            self.placement = Some(placement);
+            let stop = self.root.child_token();
+            let task = tokio::spawn(placement.clone().run(Arc::downgrade(&self.running.node), stop.clone()));
+            self.placement = Some((placement, stop, task));
         }
         self.registration = registration::register(cfg, self.running.addr, &self.endpoint(), self.root.child_token()).await?;
         Ok(())
@@ -169,7 +171,7 @@ impl Member {
 
     /// Where sealed segments have copies on query nodes, when the member has any.
     pub fn placement(&self) -> Option<&Arc<Placement>> {
-        self.placement.as_ref()
+        self.placement.as_ref().map(|(p, _, _)| p)
     }
 
     /// The root token: cancelling it stops every part at once (a second signal does).
@@ -182,9 +184,14 @@ impl Member {
     /// `drain` the root token cancels what is still running and [`NodeError::DrainTimeout`]
     /// says so; the metrics endpoint stops last either way.
     pub async fn stop(self, drain: Duration) -> Result<()> {
-        let Member { cfg, running, replication, ha, registration, metrics, placement: _, root } = self;
+        let Member { cfg, running, replication, ha, registration, metrics, placement, root } = self;
         let flush_deadline = std::time::Instant::now() + drain / 2;
         let orderly = async move {
+            // 0. No more segment placement (the loop holds the node while a round runs).
+            if let Some((_, stop, task)) = placement {
+                stop.cancel();
+                let _ = task.await;
+            }
             // 1. Stop taking writes. Under an arbiter a leader fences itself and resigns, so
             // another cluster is promoted at once; without one, new writes are refused
             // (`Stopping`: a gateway holds them) while writes in flight finish and export.

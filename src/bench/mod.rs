@@ -3,6 +3,7 @@ pub mod campaign;
 pub mod failover;
 pub mod gateway;
 pub mod milvus;
+pub mod replicas;
 pub mod replication;
 pub mod search;
 

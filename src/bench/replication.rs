@@ -286,12 +286,12 @@ struct BackendReport {
 
 /// Latencies in milliseconds (nearest-rank percentiles).
 #[derive(Debug, Clone, Default, Serialize)]
-struct Latency {
-    count: usize,
-    mean_ms: f64,
-    p50_ms: f64,
-    p99_ms: f64,
-    max_ms: f64,
+pub(crate) struct Latency {
+    pub count: usize,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -459,7 +459,7 @@ impl Recorder {
     }
 }
 
-fn summarize(mut ns: Vec<u64>) -> Latency {
+pub(crate) fn summarize(mut ns: Vec<u64>) -> Latency {
     if ns.is_empty() {
         return Latency::default();
     }

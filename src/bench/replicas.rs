@@ -1,0 +1,534 @@
+//! `tandem bench replicas`: a cluster whose sealed segments are searched on query nodes
+//! (docs/scaling.md), each query node a `tandem query-node` process capped to the same CPU share
+//! (a cgroup: v2 `cpu.max` or v1 `cpu.cfs_quota_us`), so that scale-out means something on a
+//! machine of 2 cores.
+//!
+//! Phases, on one data set loaded once:
+//! 1. **Scale-out**: R = 1..=--max-groups (at least 2) replica groups of one node each; closed-loop QPS at
+//!    --concurrency, recall against exact neighbours. Goal: QPS(R) >= 0.9 x R x QPS(1).
+//! 2. **Proxy overhead**: p50 at one search in flight, one group vs every segment searched in
+//!    the cluster's own process.
+//! 3. **Node loss**: group 0 of two nodes, group 1 of one; kill -9 of a group-0 node under load:
+//!    failed searches (goal 0), p99 after the kill, time until group 0 has every copy again.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail, ensure};
+use parking_lot::Mutex;
+use serde::Serialize;
+use tandem_cluster::fanout::LocalFanout;
+use tandem_cluster::schema::Metric;
+use tandem_node::Member;
+use tandem_proto::v1 as pb;
+
+use super::replication::{Latency, summarize};
+use crate::dataset::{self, Dataset};
+
+const COLLECTION: &str = "bench_replicas";
+
+/// Scale-out goal: QPS with R groups over R x the QPS of one.
+const TARGET_SCALE: f64 = 0.9;
+
+#[derive(Debug, clap::Args)]
+pub struct ReplicasBenchArgs {
+    /// Base vectors (synthetic gaussian mixture)
+    #[arg(long, default_value_t = 50_000)]
+    pub n: usize,
+    #[arg(long, default_value_t = 128)]
+    pub dim: usize,
+    /// Query vectors (recall is measured on them; the load cycles through them)
+    #[arg(long, default_value_t = 200)]
+    pub queries: usize,
+    #[arg(long, default_value_t = 10)]
+    pub k: usize,
+    /// Sealed segments the data is cut into (segment.seal_rows = n / segments)
+    #[arg(long, default_value_t = 8)]
+    pub segments: usize,
+    /// Scale-out is measured for 1..=this many replica groups
+    #[arg(long, default_value_t = 3)]
+    pub max_groups: usize,
+    /// Searches in flight
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    #[arg(long, default_value_t = 8.0)]
+    pub duration_secs: f64,
+    /// CPU share of each query node (0.25: a quarter of one core)
+    #[arg(long, default_value_t = 0.25)]
+    pub node_cpus: f64,
+    #[arg(long, default_value_t = 64)]
+    pub ef_search: u32,
+    /// Write the report as JSON here
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+#[derive(Debug, Serialize)]
+struct Report {
+    params: Params,
+    scale_out: Vec<ScalePoint>,
+    proxy_overhead: ProxyOverhead,
+    node_loss: NodeLoss,
+    targets: Vec<Target>,
+}
+
+#[derive(Debug, Serialize)]
+struct Params {
+    n: usize,
+    dim: usize,
+    k: usize,
+    segments: usize,
+    concurrency: usize,
+    duration_secs: f64,
+    node_cpus: f64,
+    ef_search: u32,
+    cgroup: String,
+}
+
+#[derive(Debug, Serialize)]
+struct ScalePoint {
+    groups: usize,
+    qps: f64,
+    /// QPS over groups x the QPS of one group.
+    scale: f64,
+    recall: f64,
+    latency: Latency,
+    /// Sub-searches each node answered.
+    node_searches: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct ProxyOverhead {
+    p50_one_group_ms: f64,
+    p50_in_process_ms: f64,
+    added_p50_ms: f64,
+    recall_one_group: f64,
+    recall_in_process: f64,
+}
+
+#[derive(Debug, Serialize)]
+struct NodeLoss {
+    searches: u64,
+    failed: u64,
+    first_error: Option<String>,
+    /// Searches sent after the kill.
+    after_kill: Latency,
+    /// From the kill until group 0 holds a copy of every segment again.
+    restored_ms: f64,
+    rerouted: u64,
+}
+
+#[derive(Debug, Serialize)]
+struct Target {
+    name: String,
+    value: f64,
+    goal: String,
+    met: bool,
+}
+
+/// Query node processes, killed when dropped; their cgroups removed.
+struct Nodes {
+    children: Vec<std::process::Child>,
+    endpoints: Vec<String>,
+    cgroups: Vec<PathBuf>,
+}
+
+impl Drop for Nodes {
+    fn drop(&mut self) {
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for g in &self.cgroups {
+            let _ = std::fs::remove_dir(g);
+        }
+    }
+}
+
+/// Puts `pid` in a new cgroup limited to `cpus` cores; returns the cgroup's directory.
+fn cap_cpu(pid: u32, cpus: f64, name: &str) -> anyhow::Result<(PathBuf, &'static str)> {
+    let period = 100_000u64;
+    let quota = ((cpus * period as f64).round() as u64).max(1000);
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
+    if std::fs::read_to_string(v2).is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu")) {
+        let dir = Path::new("/sys/fs/cgroup").join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cgroup {}", dir.display()))?;
+        std::fs::write(dir.join("cpu.max"), format!("{quota} {period}")).context("cpu.max")?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).context("cgroup.procs")?;
+        return Ok((dir, "v2 cpu.max"));
+    }
+    let v1 = Path::new("/sys/fs/cgroup/cpu");
+    if v1.join("cpu.cfs_quota_us").exists() {
+        let dir = v1.join(name);
+        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cgroup {}", dir.display()))?;
+        std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()).context("cpu.cfs_period_us")?;
+        std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()).context("cpu.cfs_quota_us")?;
+        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).context("cgroup.procs")?;
+        return Ok((dir, "v1 cpu.cfs_quota_us"));
+    }
+    bail!("no cgroup cpu controller at /sys/fs/cgroup (v2) or /sys/fs/cgroup/cpu (v1): the query nodes cannot be capped")
+}
+
+fn start_nodes(count: usize, cpus: f64, scratch: &Path) -> anyhow::Result<(Nodes, String)> {
+    let exe = std::env::current_exe().context("the tandem binary")?;
+    let mut nodes = Nodes { children: Vec::new(), endpoints: Vec::new(), cgroups: Vec::new() };
+    let mut kind = "";
+    for i in 0..count {
+        let mut cmd = std::process::Command::new(&exe);
+        cmd.args(["query-node", "--listen", "127.0.0.1:0", "--search-threads", "1", "--name", &format!("bench-qn{i}")])
+            .arg("--scratch-dir")
+            .arg(scratch.join(format!("qn{i}")))
+            .env("RUST_LOG", "warn");
+        let (child, addr) = crate::cli::cluster::spawn_listening(&mut cmd).context("starting a query node")?;
+        let pid = child.id();
+        nodes.children.push(child);
+        nodes.endpoints.push(format!("http://{addr}"));
+        let (dir, k) = cap_cpu(pid, cpus, &format!("tandem-bench-qn{i}-{}", std::process::id()))?;
+        nodes.cgroups.push(dir);
+        kind = k;
+    }
+    Ok((nodes, kind.to_string()))
+}
+
+pub async fn run(a: ReplicasBenchArgs) -> anyhow::Result<()> {
+    validate(&a)?;
+    super::log_if_asked();
+    let report = bench(&a).await?;
+    print(&report);
+    if let Some(path) = &a.json {
+        std::fs::write(path, serde_json::to_string_pretty(&report)?).with_context(|| format!("cannot write {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn validate(a: &ReplicasBenchArgs) -> anyhow::Result<()> {
+    ensure!(a.n >= 1000, "--n {} is too small: at least 1000 base vectors", a.n);
+    ensure!((1..=4096).contains(&a.dim), "--dim {} is out of range 1..=4096", a.dim);
+    ensure!(a.queries >= 1, "--queries 0: at least one query");
+    ensure!((1..=1024).contains(&a.k), "--k {} is out of range 1..=1024", a.k);
+    ensure!((1..=a.n / 100).contains(&a.segments), "--segments {} is out of range 1..={} (100 rows each at least)", a.segments, a.n / 100);
+    ensure!((2..=8).contains(&a.max_groups), "--max-groups {} is out of range 2..=8", a.max_groups);
+    ensure!((1..=1024).contains(&a.concurrency), "--concurrency {} is out of range 1..=1024", a.concurrency);
+    ensure!(a.duration_secs > 0.0 && a.duration_secs <= 3600.0, "--duration-secs {} is out of range (0, 3600]", a.duration_secs);
+    ensure!(a.node_cpus >= 0.01 && a.node_cpus <= 64.0, "--node-cpus {} is out of range 0.01..=64", a.node_cpus);
+    Ok(())
+}
+
+/// The writer's configuration for query nodes in `groups`.
+fn writer_config(dir: &Path, a: &ReplicasBenchArgs, groups: Vec<Vec<String>>) -> tandem_cluster::ClusterConfig {
+    let mut cfg = tandem_cluster::ClusterConfig {
+        cluster_id: "bench".into(),
+        listen: "127.0.0.1:0".into(),
+        data_dir: dir.to_path_buf(),
+        ..Default::default()
+    };
+    cfg.segment.seal_rows = a.n.div_ceil(a.segments);
+    cfg.limits.max_message_bytes = crate::cli::MAX_MESSAGE_BYTES;
+    cfg.query_nodes.groups = groups;
+    cfg
+}
+
+async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
+    let ds = Arc::new(dataset::gaussian_mixture(a.n, a.queries, a.dim, 100, 42));
+    let truth = {
+        let (ds, k) = (ds.clone(), a.k);
+        Arc::new(tokio::task::spawn_blocking(move || dataset::ground_truth(&ds, k, Metric::L2)).await?)
+    };
+    let scratch = tempfile::Builder::new().prefix("tandem-bench-replicas-").tempdir()?;
+    let data = scratch.path().join("data");
+    // max_groups nodes for scale-out, one more: group 0's second node in the node-loss phase.
+    let (mut nodes, cgroup) = start_nodes(a.max_groups + 1, a.node_cpus, scratch.path())?;
+    let ep = nodes.endpoints.clone();
+
+    let mut scale_out = Vec::new();
+    let mut proxy_overhead = None;
+    for r in 1..=a.max_groups {
+        let member = Member::start(writer_config(&data, a, (0..r).map(|g| vec![ep[g].clone()]).collect())).await?;
+        let endpoint = member.endpoint();
+        if r == 1 {
+            load(&endpoint, &ds).await?;
+        }
+        let segments = wait_placed(&member, r).await?;
+        ensure!(segments >= a.segments, "only {segments} sealed segments are indexed, expected {}", a.segments);
+        let before: Vec<u64> = member.placement().unwrap().groups().iter().map(|g| g[0].searches.load(Ordering::Relaxed)).collect();
+        let run = closed_loop(&endpoint, &ds, &truth, a, a.concurrency, Duration::from_secs_f64(a.duration_secs), None).await?;
+        let after: Vec<u64> = member.placement().unwrap().groups().iter().map(|g| g[0].searches.load(Ordering::Relaxed)).collect();
+        let qps1 = scale_out.first().map_or(run.qps, |p: &ScalePoint| p.qps);
+        scale_out.push(ScalePoint {
+            groups: r,
+            qps: run.qps,
+            scale: run.qps / (r as f64 * qps1),
+            recall: run.recall,
+            latency: run.latency,
+            node_searches: after.iter().zip(&before).map(|(x, y)| x - y).collect(),
+        });
+        if r == 1 {
+            let half = Duration::from_secs_f64(a.duration_secs / 2.0);
+            let one = closed_loop(&endpoint, &ds, &truth, a, 1, half, None).await?;
+            let placement = member.placement().unwrap().clone();
+            member.node().set_fanout(Arc::new(LocalFanout::default()));
+            let local = closed_loop(&endpoint, &ds, &truth, a, 1, half, None).await;
+            member.node().set_fanout(placement);
+            let local = local?;
+            proxy_overhead = Some(ProxyOverhead {
+                p50_one_group_ms: one.latency.p50_ms,
+                p50_in_process_ms: local.latency.p50_ms,
+                added_p50_ms: one.latency.p50_ms - local.latency.p50_ms,
+                recall_one_group: one.recall,
+                recall_in_process: local.recall,
+            });
+        }
+        member.stop(crate::config::MEMBER_DRAIN).await?;
+    }
+
+    // Node loss: group 0 = the first node and the spare, group 1 = the second node.
+    let groups = vec![vec![ep[0].clone(), ep[a.max_groups].clone()], vec![ep[1].clone()]];
+    let member = Member::start(writer_config(&data, a, groups)).await?;
+    let segments = wait_placed(&member, 2).await?;
+    let placement = member.placement().unwrap().clone();
+    let killed = Arc::new(Mutex::new(None::<Instant>));
+    let run = {
+        let endpoint = member.endpoint();
+        let killed = killed.clone();
+        let load =
+            closed_loop(&endpoint, &ds, &truth, a, a.concurrency, Duration::from_secs_f64(a.duration_secs + 2.0), Some(killed.clone()));
+        let kill = async {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            // kill -9: no goodbye, its connections just die.
+            nodes.children[0].kill().context("kill -9 of a query node")?;
+            let at = Instant::now();
+            *killed.lock() = Some(at);
+            loop {
+                let copies = placement.copies_per_group();
+                if copies == [segments, segments] && !placement.groups()[0][0].is_up() {
+                    return anyhow::Ok(at.elapsed());
+                }
+                ensure!(at.elapsed() < Duration::from_secs(120), "group 0's copies were not restored in 120 s: {copies:?}");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        let (run, restored) = tokio::join!(load, kill);
+        (run?, restored?)
+    };
+    let rerouted = placement.rerouted.load(Ordering::Relaxed);
+    member.stop(crate::config::MEMBER_DRAIN).await?;
+    let (run, restored) = run;
+    let node_loss = NodeLoss {
+        searches: run.searches,
+        failed: run.failed,
+        first_error: run.first_error,
+        after_kill: run.after_kill,
+        restored_ms: restored.as_secs_f64() * 1e3,
+        rerouted,
+    };
+
+    let mut targets = Vec::new();
+    for p in scale_out.iter().skip(1) {
+        targets.push(Target {
+            name: format!("scale_out_{}_groups", p.groups),
+            value: p.scale,
+            goal: format!(">= {TARGET_SCALE} (QPS >= {TARGET_SCALE} x {} x one group's)", p.groups),
+            met: p.scale >= TARGET_SCALE,
+        });
+    }
+    targets.push(Target {
+        name: "failed_searches_on_node_loss".into(),
+        value: node_loss.failed as f64,
+        goal: "0".into(),
+        met: node_loss.failed == 0,
+    });
+    let po = proxy_overhead.context("no proxy overhead measured")?;
+    targets.push(Target {
+        name: "recall_unchanged".into(),
+        value: po.recall_one_group - po.recall_in_process,
+        goal: "0 (the query nodes load the cluster's own index files)".into(),
+        met: po.recall_one_group == po.recall_in_process,
+    });
+    drop(nodes);
+    Ok(Report {
+        params: Params {
+            n: a.n,
+            dim: a.dim,
+            k: a.k,
+            segments: a.segments,
+            concurrency: a.concurrency,
+            duration_secs: a.duration_secs,
+            node_cpus: a.node_cpus,
+            ef_search: a.ef_search,
+            cgroup,
+        },
+        scale_out,
+        proxy_overhead: po,
+        node_loss,
+        targets,
+    })
+}
+
+/// Creates the collection, inserts every base row and flushes (which seals and indexes).
+async fn load(endpoint: &str, ds: &Dataset) -> anyhow::Result<()> {
+    let mut c = crate::cli::connect(endpoint).await?;
+    let index = pb::IndexSpec { kind: Some(pb::index_spec::Kind::Hnsw(pb::HnswIndex { m: 16, ef_construction: 100 })), metric: 0 };
+    let schema = pb::CollectionSchema {
+        name: COLLECTION.into(),
+        dim: ds.dim as u32,
+        metric: pb::Metric::L2 as i32,
+        index: Some(index),
+        shards: 1,
+        ..Default::default()
+    };
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.context("create collection")?;
+    for lo in (0..ds.n()).step_by(5000) {
+        let hi = (lo + 5000).min(ds.n());
+        let req = pb::InsertRequest {
+            ack: 0,
+            collection: COLLECTION.into(),
+            ids: (lo as i64..hi as i64).collect(),
+            vectors: ds.base[lo * ds.dim..hi * ds.dim].to_vec(),
+            payloads: Vec::new(),
+        };
+        c.insert(req).await.with_context(|| format!("insert of rows {lo}..{hi}"))?;
+    }
+    c.flush(pb::FlushRequest { collection: COLLECTION.into() }).await.context("flush")?;
+    Ok(())
+}
+
+/// Waits until every indexed sealed segment has a copy in each of `groups` groups; returns
+/// their number.
+async fn wait_placed(member: &Member, groups: usize) -> anyhow::Result<usize> {
+    let placement = member.placement().context("the bench cluster has no query nodes")?;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let indexed: usize = member
+            .node()
+            .collections()
+            .iter()
+            .flat_map(|c| c.shards().iter().map(|s| s.sealed_segments().iter().filter(|g| g.index().is_some()).count()).collect::<Vec<_>>())
+            .sum();
+        let copies = placement.copies_per_group();
+        if indexed > 0 && copies.len() == groups && copies.iter().all(|&c| c == indexed) {
+            return Ok(indexed);
+        }
+        ensure!(Instant::now() < deadline, "segments not placed in 600 s: {indexed} indexed, copies per group {copies:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+struct LoopRun {
+    qps: f64,
+    recall: f64,
+    latency: Latency,
+    searches: u64,
+    failed: u64,
+    first_error: Option<String>,
+    after_kill: Latency,
+}
+
+/// `concurrency` clients, each searching one query after another for `length`. Recall is over
+/// the first answer to each query. With `since`, latencies of searches sent after the instant
+/// it holds are also reported apart.
+async fn closed_loop(
+    endpoint: &str,
+    ds: &Arc<Dataset>,
+    truth: &Arc<Vec<Vec<i64>>>,
+    a: &ReplicasBenchArgs,
+    concurrency: usize,
+    length: Duration,
+    since: Option<Arc<Mutex<Option<Instant>>>>,
+) -> anyhow::Result<LoopRun> {
+    let next = Arc::new(AtomicU64::new(0));
+    let failed = Arc::new(AtomicU64::new(0));
+    let first_error = Arc::new(Mutex::new(None::<String>));
+    let answers = Arc::new(Mutex::new(vec![None::<Vec<i64>>; ds.nq()]));
+    let stop = Arc::new(AtomicBool::new(false));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..concurrency {
+        let mut c = crate::cli::connect(endpoint).await?;
+        let (ds, next, failed, first_error, answers, stop, since) =
+            (ds.clone(), next.clone(), failed.clone(), first_error.clone(), answers.clone(), stop.clone(), since.clone());
+        let (k, ef) = (a.k as u32, a.ef_search);
+        tasks.push(tokio::spawn(async move {
+            let (mut ns, mut after) = (Vec::new(), Vec::new());
+            while !stop.load(Ordering::Relaxed) {
+                let i = next.fetch_add(1, Ordering::Relaxed) as usize % ds.nq();
+                let req = pb::SearchRequest {
+                    collection: COLLECTION.into(),
+                    vectors: ds.queries[i * ds.dim..(i + 1) * ds.dim].to_vec(),
+                    top_k: k,
+                    params: Some(pb::SearchParams { nprobe: 0, ef_search: ef }),
+                    read: Some(pb::ReadOptions { consistency: pb::ConsistencyLevel::Eventually as i32, ..Default::default() }),
+                    ..Default::default()
+                };
+                let t = Instant::now();
+                let late = since.as_ref().and_then(|s| *s.lock()).is_some_and(|k| t >= k);
+                match c.search(req).await {
+                    Ok(r) => {
+                        let d = t.elapsed().as_nanos() as u64;
+                        ns.push(d);
+                        if late {
+                            after.push(d);
+                        }
+                        let ids = r.into_inner().results.first().map(|h| h.hits.iter().map(|x| x.id).collect()).unwrap_or_default();
+                        answers.lock()[i].get_or_insert(ids);
+                    }
+                    Err(e) => {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        first_error.lock().get_or_insert_with(|| e.message().to_string());
+                    }
+                }
+            }
+            (ns, after)
+        }));
+    }
+    tokio::time::sleep(length).await;
+    stop.store(true, Ordering::Relaxed);
+    let (mut ns, mut after) = (Vec::new(), Vec::new());
+    for t in tasks {
+        let (n, a) = t.await?;
+        ns.extend(n);
+        after.extend(a);
+    }
+    let secs = started.elapsed().as_secs_f64();
+    let answers = std::mem::take(&mut *answers.lock());
+    let (found, asked): (Vec<Vec<i64>>, Vec<Vec<i64>>) =
+        answers.into_iter().zip(truth.iter()).filter_map(|(a, t)| a.map(|a| (a, t.clone()))).unzip();
+    let searches = ns.len() as u64;
+    Ok(LoopRun {
+        qps: searches as f64 / secs,
+        recall: dataset::recall_at_k(&found, &asked, a.k),
+        latency: summarize(ns),
+        searches: searches + failed.load(Ordering::Relaxed),
+        failed: failed.load(Ordering::Relaxed),
+        first_error: first_error.lock().take(),
+        after_kill: summarize(after),
+    })
+}
+
+fn print(r: &Report) {
+    println!(
+        "tandem bench replicas: {} x {}, {} segments, {} in flight, query nodes capped at {} CPU ({})",
+        r.params.n, r.params.dim, r.params.segments, r.params.concurrency, r.params.node_cpus, r.params.cgroup
+    );
+    println!("groups      qps   scale  recall  p50 ms  p99 ms  sub-searches per node");
+    for p in &r.scale_out {
+        println!(
+            "{:>6} {:>8.0} {:>7.2} {:>7.4} {:>7.2} {:>7.2}  {:?}",
+            p.groups, p.qps, p.scale, p.recall, p.latency.p50_ms, p.latency.p99_ms, p.node_searches
+        );
+    }
+    let po = &r.proxy_overhead;
+    println!(
+        "proxy overhead at 1 in flight: p50 {:.3} ms with one query node vs {:.3} ms in process (+{:.3} ms); recall {:.4} vs {:.4}",
+        po.p50_one_group_ms, po.p50_in_process_ms, po.added_p50_ms, po.recall_one_group, po.recall_in_process
+    );
+    let nl = &r.node_loss;
+    println!(
+        "node loss (kill -9): {} searches, {} failed; after the kill p50 {:.2} ms p99 {:.2} ms max {:.2} ms; copies restored in {:.0} ms; {} sub-searches answered by the cluster itself",
+        nl.searches, nl.failed, nl.after_kill.p50_ms, nl.after_kill.p99_ms, nl.after_kill.max_ms, nl.restored_ms, nl.rerouted
+    );
+    for t in &r.targets {
+        println!("target {:<32} {:>8.3}  goal {:<50} {}", t.name, t.value, t.goal, if t.met { "met" } else { "MISSED" });
+    }
+}
