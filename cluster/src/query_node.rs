@@ -159,10 +159,10 @@ impl QueryNode {
 
     fn held_shard(&self, req: &qn::LoadRequest) -> Result<Arc<HeldShard>> {
         let key = (req.collection_id, req.shard);
-        if let Some(h) = self.shards.read().get(&key) {
-            if h.endpoint == req.source {
-                return Ok(h.clone());
-            }
+        if let Some(h) = self.shards.read().get(&key)
+            && h.endpoint == req.source
+        {
+            return Ok(h.clone());
         }
         // Another writer (the cluster restarted elsewhere, or another cluster): what this node
         // holds of the shard follows a stream that is gone, so it starts over.
@@ -297,7 +297,7 @@ impl QueryNode {
 
     pub async fn search(&self, req: qn::SegmentSearchRequest) -> Result<qn::SegmentSearchResponse> {
         let (dim, k) = (req.dim as usize, req.k as usize);
-        if dim == 0 || req.queries.is_empty() || req.queries.len() % dim != 0 {
+        if dim == 0 || req.queries.is_empty() || !req.queries.len().is_multiple_of(dim) {
             return Err(ClusterError::invalid(format!("{} query values do not make vectors of dim {}", req.queries.len(), req.dim)));
         }
         if req.k == 0 || req.k > MAX_K {

@@ -6,8 +6,8 @@
 //! Phases, on one data set loaded once:
 //! 1. **Scale-out**: R = 1..=--max-groups (at least 2) replica groups of one node each; closed-loop QPS at
 //!    --concurrency, recall against exact neighbours. Goal: QPS(R) >= 0.9 x R x QPS(1).
-//! 2. **Proxy overhead**: p50 at one search in flight, one group vs every segment searched in
-//!    the cluster's own process.
+//! 2. **Proxy overhead**: p50 at one search in flight, one group (its node uncapped for this)
+//!    vs every segment searched in the cluster's own process.
 //! 3. **Node loss**: group 0 of two nodes, group 1 of one; kill -9 of a group-0 node under load:
 //!    failed searches (goal 0), p99 after the kill, time until group 0 has every copy again.
 
@@ -147,28 +147,35 @@ impl Drop for Nodes {
     }
 }
 
+/// A short CFS period (10 ms): with the default 100 ms a node that spends its quota early waits
+/// up to 75 ms, and that throttling, not the search, would set the percentiles.
+const CFS_PERIOD_US: u64 = 10_000;
+
 /// Puts `pid` in a new cgroup limited to `cpus` cores; returns the cgroup's directory.
 fn cap_cpu(pid: u32, cpus: f64, name: &str) -> anyhow::Result<(PathBuf, &'static str)> {
-    let period = 100_000u64;
-    let quota = ((cpus * period as f64).round() as u64).max(1000);
     let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers");
-    if std::fs::read_to_string(v2).is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu")) {
-        let dir = Path::new("/sys/fs/cgroup").join(name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cgroup {}", dir.display()))?;
-        std::fs::write(dir.join("cpu.max"), format!("{quota} {period}")).context("cpu.max")?;
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).context("cgroup.procs")?;
-        return Ok((dir, "v2 cpu.max"));
+    let (dir, kind) = if std::fs::read_to_string(v2).is_ok_and(|c| c.split_whitespace().any(|x| x == "cpu")) {
+        (Path::new("/sys/fs/cgroup").join(name), "v2 cpu.max")
+    } else if Path::new("/sys/fs/cgroup/cpu/cpu.cfs_quota_us").exists() {
+        (Path::new("/sys/fs/cgroup/cpu").join(name), "v1 cpu.cfs_quota_us")
+    } else {
+        bail!("no cgroup cpu controller at /sys/fs/cgroup (v2) or /sys/fs/cgroup/cpu (v1): the query nodes cannot be capped")
+    };
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cgroup {}", dir.display()))?;
+    set_cap(&dir, Some(cpus))?;
+    std::fs::write(dir.join("cgroup.procs"), pid.to_string()).context("cgroup.procs")?;
+    Ok((dir, kind))
+}
+
+/// Limits the cgroup at `dir` to `cpus` cores, or lifts the limit.
+fn set_cap(dir: &Path, cpus: Option<f64>) -> anyhow::Result<()> {
+    let quota = cpus.map(|c| ((c * CFS_PERIOD_US as f64).round() as u64).max(1000));
+    if dir.join("cpu.max").exists() {
+        let q = quota.map_or("max".to_string(), |q| q.to_string());
+        return std::fs::write(dir.join("cpu.max"), format!("{q} {CFS_PERIOD_US}")).context("cpu.max");
     }
-    let v1 = Path::new("/sys/fs/cgroup/cpu");
-    if v1.join("cpu.cfs_quota_us").exists() {
-        let dir = v1.join(name);
-        std::fs::create_dir_all(&dir).with_context(|| format!("cannot create cgroup {}", dir.display()))?;
-        std::fs::write(dir.join("cpu.cfs_period_us"), period.to_string()).context("cpu.cfs_period_us")?;
-        std::fs::write(dir.join("cpu.cfs_quota_us"), quota.to_string()).context("cpu.cfs_quota_us")?;
-        std::fs::write(dir.join("cgroup.procs"), pid.to_string()).context("cgroup.procs")?;
-        return Ok((dir, "v1 cpu.cfs_quota_us"));
-    }
-    bail!("no cgroup cpu controller at /sys/fs/cgroup (v2) or /sys/fs/cgroup/cpu (v1): the query nodes cannot be capped")
+    std::fs::write(dir.join("cpu.cfs_period_us"), CFS_PERIOD_US.to_string()).context("cpu.cfs_period_us")?;
+    std::fs::write(dir.join("cpu.cfs_quota_us"), quota.map_or("-1".to_string(), |q| q.to_string())).context("cpu.cfs_quota_us")
 }
 
 fn start_nodes(count: usize, cpus: f64, scratch: &Path) -> anyhow::Result<(Nodes, String)> {
@@ -265,8 +272,12 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
             node_searches: after.iter().zip(&before).map(|(x, y)| x - y).collect(),
         });
         if r == 1 {
+            // The proxy's own cost: the query node uncapped, as the in-process path is.
             let half = Duration::from_secs_f64(a.duration_secs / 2.0);
-            let one = closed_loop(&endpoint, &ds, &truth, a, 1, half, None).await?;
+            set_cap(&nodes.cgroups[0], None)?;
+            let one = closed_loop(&endpoint, &ds, &truth, a, 1, half, None).await;
+            set_cap(&nodes.cgroups[0], Some(a.node_cpus))?;
+            let one = one?;
             let placement = member.placement().unwrap().clone();
             member.node().set_fanout(Arc::new(LocalFanout::default()));
             let local = closed_loop(&endpoint, &ds, &truth, a, 1, half, None).await;
