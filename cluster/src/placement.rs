@@ -332,14 +332,21 @@ impl Fanout for Placement {
             let segs = &remote[&(g, n, shard)];
             let answered = self.runtime.block_on(call).map_err(|e| tonic::Status::internal(e.to_string())).and_then(|r| r);
             let again: HashSet<SegmentId> = match answered {
-                Ok(resp) => {
-                    self.groups[g][n].searches.fetch_add(1, Ordering::Relaxed);
-                    parts.push(decode(&resp, plan.nq())?);
-                    if !resp.missing.is_empty() {
-                        self.forget(g, resp.missing.iter().map(|&s| (collection.id, shard, s)));
+                Ok(resp) => match decode(&resp, plan.nq()) {
+                    Ok(hits) => {
+                        self.groups[g][n].searches.fetch_add(1, Ordering::Relaxed);
+                        parts.push(hits);
+                        if !resp.missing.is_empty() {
+                            self.forget(g, resp.missing.iter().map(|&s| (collection.id, shard, s)));
+                        }
+                        resp.missing.into_iter().collect()
                     }
-                    resp.missing.into_iter().collect()
-                }
+                    // A malformed answer (a node of another version?): its part is searched here.
+                    Err(e) => {
+                        tracing::warn!(endpoint = %self.groups[g][n].endpoint, error = %e, "a query node's answer does not parse; searching its part here");
+                        segs.iter().copied().collect()
+                    }
+                },
                 Err(s) => {
                     if is_node_failure(&s) {
                         self.node_failed(g, n, s.message());
@@ -378,4 +385,20 @@ fn decode(resp: &qn::SegmentSearchResponse, nq: usize) -> Result<TopK> {
         at += c;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_sub_search_answer_splits_into_lists_or_is_refused_when_its_lengths_disagree() {
+        let resp = qn::SegmentSearchResponse { counts: vec![2, 0, 1], distances: vec![0.5, 1.0, 2.0], ids: vec![7, 3, 9], missing: vec![] };
+        assert_eq!(decode(&resp, 3).unwrap(), vec![vec![(0.5, 7), (1.0, 3)], vec![], vec![(2.0, 9)]]);
+        // One list short, or a count that runs past the hits: refused, naming the lengths.
+        let e = decode(&resp, 4).unwrap_err().to_string();
+        assert!(e.contains("answered 3 lists of 3 hits (3 ids, 3 distances) for 4 queries"), "{e}");
+        let bad = qn::SegmentSearchResponse { counts: vec![4], ..resp };
+        assert!(decode(&bad, 1).is_err());
+    }
 }

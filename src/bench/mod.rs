@@ -9,6 +9,20 @@ pub mod search;
 
 use serde::Serialize;
 use tandem_cluster::config::WalSync;
+use tandem_proto::v1 as pb;
+
+use crate::dataset::Dataset;
+
+/// An insert of base rows `lo..hi` of `ds` into `collection`, each row's id its row number.
+pub(crate) fn insert_rows(collection: &str, ds: &Dataset, lo: usize, hi: usize) -> pb::InsertRequest {
+    pb::InsertRequest {
+        ack: 0,
+        collection: collection.into(),
+        ids: (lo as i64..hi as i64).collect(),
+        vectors: ds.base[lo * ds.dim..hi * ds.dim].to_vec(),
+        payloads: Vec::new(),
+    }
+}
 
 /// `--wal-sync` of the benchmarks.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]

@@ -392,14 +392,7 @@ async fn load(endpoint: &str, ds: &Dataset) -> anyhow::Result<()> {
     c.create_collection(pb::CreateCollectionRequest { schema: Some(schema) }).await.context("create collection")?;
     for lo in (0..ds.n()).step_by(5000) {
         let hi = (lo + 5000).min(ds.n());
-        let req = pb::InsertRequest {
-            ack: 0,
-            collection: COLLECTION.into(),
-            ids: (lo as i64..hi as i64).collect(),
-            vectors: ds.base[lo * ds.dim..hi * ds.dim].to_vec(),
-            payloads: Vec::new(),
-        };
-        c.insert(req).await.with_context(|| format!("insert of rows {lo}..{hi}"))?;
+        c.insert(super::insert_rows(COLLECTION, ds, lo, hi)).await.with_context(|| format!("insert of rows {lo}..{hi}"))?;
     }
     c.flush(pb::FlushRequest { collection: COLLECTION.into() }).await.context("flush")?;
     Ok(())

@@ -711,14 +711,7 @@ async fn ingest(clients: &[TandemClient<Channel>], ds: &Arc<Dataset>, batch: usi
                     return anyhow::Ok(());
                 }
                 let (lo, hi) = (b * batch, ((b + 1) * batch).min(ds.n()));
-                let req = pb::InsertRequest {
-                    ack: 0,
-                    collection: COLLECTION.into(),
-                    ids: (lo as i64..hi as i64).collect(),
-                    vectors: ds.base[lo * ds.dim..hi * ds.dim].to_vec(),
-                    payloads: Vec::new(),
-                };
-                client.insert(req).await.with_context(|| format!("insert of rows {lo}..{hi}"))?;
+                client.insert(super::insert_rows(COLLECTION, &ds, lo, hi)).await.with_context(|| format!("insert of rows {lo}..{hi}"))?;
             }
         }));
     }
