@@ -207,6 +207,12 @@ async fn a_query_node_lost_under_load_fails_no_search_and_its_copies_move_to_its
     assert!(ok.load(Ordering::Relaxed) > 20, "too few searches ran to show anything: {}", ok.load(Ordering::Relaxed));
     assert!(nodes[0].searches() > searches_then, "qa2 answers group 0's searches after the loss");
     assert!(!placement.groups()[0][0].is_up());
+    // GetClusterInfo (`tandem info`) shows it: the lost node down with nothing, qa2 with group
+    // 0's copies, qb1 with group 1's.
+    let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+    let seen: Vec<(u32, bool, u64)> = info.query_nodes.iter().map(|q| (q.group, q.up, q.segments)).collect();
+    assert_eq!(seen, vec![(0, false, 0), (0, true, segments as u64), (1, true, segments as u64)]);
+    assert!(info.query_nodes[1].searches > 0);
     let req = search(vectors(8, DIM, 3), 10);
     assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
 }

@@ -36,7 +36,7 @@ pub use error::{ClientError, Refusal, Result, is_connection_cancel};
 pub use retry::{RetryEvent, RetryPolicy};
 pub use types::{
     Ack, ClusterInfo, ClusterView, CollectionInfo, CollectionSpec, CollectionStatus, Consistency, Entity, Field, FieldType, Health, Hit,
-    Index, Metric, Payload, Role, Row, Rows, SegmentInfo, SegmentState, Topology, Value, WriteResult,
+    Index, Metric, Payload, QueryNodeStatus, Role, Row, Rows, SegmentInfo, SegmentState, Topology, Value, WriteResult,
 };
 
 /// The generated protobuf types, for [`Client::raw`] and conversions.

@@ -673,6 +673,34 @@ pub struct ClusterInfo {
     pub version: String,
     /// On an alternative: where the leader is.
     pub leader: String,
+    /// The query nodes holding copies of the cluster's sealed segments (docs/scaling.md).
+    pub query_nodes: Vec<QueryNodeStatus>,
+}
+
+/// One query node as its cluster sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueryNodeStatus {
+    /// The replica group.
+    pub group: u32,
+    pub endpoint: String,
+    /// False from a failed call until the node answers a probe again.
+    pub up: bool,
+    /// Sealed segments whose copy in the group it holds.
+    pub segments: u64,
+    /// Sub-searches it answered.
+    pub searches: u64,
+}
+
+impl From<pb::QueryNodeStatus> for QueryNodeStatus {
+    fn from(q: pb::QueryNodeStatus) -> Self {
+        QueryNodeStatus { group: q.group, endpoint: q.endpoint, up: q.up, segments: q.segments, searches: q.searches }
+    }
+}
+
+impl From<&QueryNodeStatus> for pb::QueryNodeStatus {
+    fn from(q: &QueryNodeStatus) -> Self {
+        pb::QueryNodeStatus { group: q.group, endpoint: q.endpoint.clone(), up: q.up, segments: q.segments, searches: q.searches }
+    }
 }
 
 impl From<pb::GetClusterInfoResponse> for ClusterInfo {
@@ -685,6 +713,7 @@ impl From<pb::GetClusterInfoResponse> for ClusterInfo {
             collections: r.collections.into_iter().map(Into::into).collect(),
             version: r.version,
             leader: r.leader,
+            query_nodes: r.query_nodes.into_iter().map(Into::into).collect(),
         }
     }
 }
@@ -701,6 +730,7 @@ impl From<&ClusterInfo> for pb::GetClusterInfoResponse {
             collections: c.collections.iter().map(Into::into).collect(),
             version: c.version.clone(),
             leader: c.leader.clone(),
+            query_nodes: c.query_nodes.iter().map(Into::into).collect(),
             // Fields this SDK does not model yet keep their defaults.
             ..Default::default()
         }

@@ -21,6 +21,11 @@ const MIN_QUERIES_PER_PART: usize = 4;
 pub trait Fanout: Send + Sync + 'static {
     /// Runs on the search pool (blocking, CPU-bound).
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK>;
+
+    /// The query nodes searches also go to, for GetClusterInfo (none for this process alone).
+    fn query_nodes(&self) -> Vec<tandem_proto::v1::QueryNodeStatus> {
+        Vec::new()
+    }
 }
 
 #[derive(Debug, Default)]

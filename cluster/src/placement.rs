@@ -287,6 +287,23 @@ fn is_node_failure(s: &tonic::Status) -> bool {
 }
 
 impl Fanout for Placement {
+    fn query_nodes(&self) -> Vec<tandem_proto::v1::QueryNodeStatus> {
+        let copies = self.copies.read();
+        let mut out = Vec::new();
+        for (g, group) in self.groups.iter().enumerate() {
+            for (n, node) in group.iter().enumerate() {
+                out.push(tandem_proto::v1::QueryNodeStatus {
+                    group: g as u32,
+                    endpoint: node.endpoint.clone(),
+                    up: node.is_up(),
+                    segments: copies.values().filter(|c| c[g] == Some(n)).count() as u64,
+                    searches: node.searches.load(Ordering::Relaxed),
+                });
+            }
+        }
+        out
+    }
+
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
         let remote = self.route(collection);
         if remote.is_empty() {

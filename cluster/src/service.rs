@@ -607,6 +607,7 @@ impl ClusterService {
             version: env!("CARGO_PKG_VERSION").to_string(),
             leader: self.node.leader().unwrap_or_default(),
             datacenter: self.cfg.datacenter.clone(),
+            query_nodes: self.node.fanout().query_nodes(),
         }))
     }
 }
