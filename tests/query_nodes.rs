@@ -26,10 +26,14 @@ struct QueryNode {
 
 impl QueryNode {
     async fn start(name: &str) -> QueryNode {
+        QueryNode::start_at("127.0.0.1:0", name).await
+    }
+
+    async fn start_at(listen: &str, name: &str) -> QueryNode {
         let scratch = tempfile::tempdir().unwrap();
         let stop = CancellationToken::new();
         let opts = QueryNodeOptions { name: name.into(), scratch_dir: scratch.path().to_path_buf(), search_threads: 1 };
-        let running = serve("127.0.0.1:0", opts, stop.clone()).await.unwrap();
+        let running = serve(listen, opts, stop.clone()).await.unwrap();
         QueryNode { running, stop, _scratch: scratch }
     }
 
@@ -235,4 +239,38 @@ async fn a_restarted_cluster_loads_its_query_nodes_again() {
     }
     assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 4);
     assert_eq!(sb.placement("a").await.unwrap().rerouted.load(Ordering::Relaxed), 0);
+}
+
+/// A query node that comes back at its address, empty (a restart): the cluster marked it down
+/// when its calls failed, probes it, finds it answering and loads it again; its group's copies
+/// are on it once more and it answers searches as the writer would.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_node_back_at_its_address_is_probed_and_loaded_again() {
+    let (sb, mut nodes, mut c) = cluster_with_query_nodes().await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    let placement = sb.placement("a").await.unwrap();
+    let addr = nodes[2].running.addr;
+    let gone = nodes.remove(2);
+    gone.stop.cancel();
+    let _ = gone.running.task.await;
+    // Searches go on; group 1's calls fail and its only node is marked down.
+    let req = search(vectors(8, DIM, 5), 10);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while placement.groups()[1][0].is_up() {
+        c.search(req.clone()).await.unwrap();
+        assert!(Instant::now() < deadline, "qb1 was never marked down");
+    }
+    assert_eq!(placement.copies_per_group()[1], 0);
+    let back = QueryNode::start_at(&addr.to_string(), "qb1-again").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while back.held() != segments || placement.copies_per_group() != vec![segments, segments] || !placement.groups()[1][0].is_up() {
+        assert!(Instant::now() < deadline, "qb1 not loaded again: holds {}, per group {:?}", back.held(), placement.copies_per_group());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let before = back.searches();
+    for _ in 0..4 {
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
+    }
+    assert!(back.searches() > before, "the node back at its address answers group 1's searches");
 }
