@@ -129,6 +129,18 @@ async fn sealed_segments_are_searched_on_query_nodes_with_the_writers_deletes_an
     assert_eq!(nodes[0].held() + nodes[1].held(), segments);
     assert!(nodes[0].held() > 0 && nodes[1].held() > 0, "group 0's copies are not spread: {} and {}", nodes[0].held(), nodes[1].held());
     assert_eq!(nodes[2].held(), segments);
+    // A load that names another writer but is bad (no schema) is refused and drops nothing.
+    let (&(cid, shard), _) = nodes[2].running.node.held().iter().next().unwrap();
+    let bad = tandem_proto::cluster::v1::LoadRequest {
+        source: "http://127.0.0.1:9".into(),
+        collection_id: cid,
+        schema: None,
+        shard,
+        segments: vec![1],
+    };
+    let e = nodes[2].running.node.load(bad).await.unwrap_err().to_string();
+    assert!(e.contains("names no schema"), "{e}");
+    assert_eq!(nodes[2].held(), segments);
 
     let req = search(vectors(8, DIM, 99), 10);
     for _ in 0..4 {

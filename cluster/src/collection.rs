@@ -14,7 +14,7 @@ use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::replication::ReceivedSegment;
 use crate::schema::{IndexKind, Metric, Schema};
-use crate::segment::{LIVE, Row, Sealed};
+use crate::segment::{Row, Sealed};
 use crate::shard::{LogMeta, Recovering, Shard, ShardOp, ShardOptions, live_segment_rows, op_from_record};
 use crate::ts::{HybridClock, Ts, physical_ms};
 use crate::wal::Lsn;
@@ -321,7 +321,6 @@ impl Collection {
             return Err(not_following(&schema.name, shard));
         }
         clock.observe(snapshot);
-        let delete_ts: Vec<Ts> = delete_ts.into_iter().map(|ts| if ts == 0 { LIVE } else { ts }).collect();
         if IndexKind::from_proto(Some(&spec))? == schema.index && Metric::from_proto(spec.metric)? == schema.metric {
             return sh.install_segment(&schema, snapshot, rows, delete_ts, &index).map(|()| true);
         }

@@ -667,7 +667,6 @@ impl Node {
         }
     }
 
-    /// Asks every shard feed for a time tick now rather than at its next interval.
     pub fn fanout(&self) -> Arc<dyn Fanout> {
         self.fanout.read().clone()
     }
@@ -677,6 +676,7 @@ impl Node {
         *self.fanout.write() = fanout;
     }
 
+    /// Asks every shard feed for a time tick now rather than at its next interval.
     pub fn request_ticks(&self) {
         self.tick_requests.send_modify(|n| *n = n.wrapping_add(1));
     }

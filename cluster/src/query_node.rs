@@ -164,9 +164,6 @@ impl QueryNode {
         {
             return Ok(h.clone());
         }
-        // Another writer (the cluster restarted elsewhere, or another cluster): what this node
-        // holds of the shard follows a stream that is gone, so it starts over.
-        self.release(req.collection_id, req.shard, &[]);
         let schema = Schema::from_proto(req.schema.as_ref().ok_or_else(|| ClusterError::invalid("a load names no schema"))?)?;
         if req.shard >= schema.shards {
             return Err(ClusterError::invalid(format!(
@@ -190,6 +187,10 @@ impl QueryNode {
             loading: tokio::sync::Mutex::new(()),
             stop: self.root.child_token(),
         });
+        // Another writer (the cluster restarted elsewhere, or another cluster): what this node
+        // holds of the shard follows a stream that is gone, so it starts over. Only now, with
+        // the request checked: a bad one changes nothing.
+        self.release(req.collection_id, req.shard, &[]);
         Ok(self.shards.write().entry(key).or_insert(held).clone())
     }
 
@@ -236,8 +237,7 @@ impl QueryNode {
                     };
                     let id = r.id();
                     let Some(seg) = r.take(part)? else { return Ok((Some(r), None)) };
-                    let delete_ts = seg.delete_ts.iter().map(|&ts| if ts == 0 { LIVE } else { ts }).collect();
-                    let sealed = received_segment(&schema, id, seg.rows, delete_ts, &seg.index_file);
+                    let sealed = received_segment(&schema, id, seg.rows, seg.delete_ts, &seg.index_file);
                     let _ = std::fs::remove_file(&seg.index_file);
                     Ok((None, Some(sealed?)))
                 })

@@ -19,7 +19,7 @@ use crate::feed::{DdlFeed, Feed, ShardFeed};
 use crate::node::Node;
 use crate::role::Role;
 use crate::schema::{Schema, rows_to_payloads};
-use crate::segment::Sealed;
+use crate::segment::{LIVE, Sealed};
 use crate::shard::Shard;
 use crate::ts::Ts;
 
@@ -331,11 +331,12 @@ fn send_segment(
 }
 
 /// A sealed segment received whole in a snapshot (see `send_segment`): its rows, one delete ts
-/// per row (0: live at the snapshot), and its index file, checked, in the shard's directory.
+/// per row (`LIVE`: live at the snapshot; the wire's 0), and its index file, checked, in the
+/// shard's directory.
 #[derive(Debug)]
 pub struct ReceivedSegment {
     pub rows: st::RowBatch,
-    pub delete_ts: Vec<u64>,
+    pub delete_ts: Vec<Ts>,
     pub index_file: PathBuf,
     pub spec: tandem_proto::v1::IndexSpec,
 }
@@ -394,7 +395,7 @@ impl SegmentReceiver {
             self.rows.vectors.extend(r.vectors);
             self.rows.payloads.extend(r.payloads);
             self.rows.insert_ts.extend(r.insert_ts);
-            self.delete_ts.extend(part.delete_ts);
+            self.delete_ts.extend(part.delete_ts.into_iter().map(|ts| if ts == 0 { LIVE } else { ts }));
         }
         self.file.write_all(&part.index_bytes).map_err(|e| ClusterError::io(&self.path, e))?;
         self.len += part.index_bytes.len() as u64;

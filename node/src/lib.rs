@@ -9,9 +9,10 @@
 //! start:  validate ─► open data, serve gRPC (Recovering under an arbiter: nothing served until
 //!         the controller decides) ─► metrics ─► replication, or join the arbiter and start the
 //!         controller ─► register in etcd
-//! stop:   0 stop placing segments on query nodes ─► 1 stop taking writes (under an arbiter: fence and resign) ─► 2 flush the exporter
-//!         (at most half the drain time) ─► 3 deregister ─► 4 drain gRPC ─► 5 cancel index
-//!         builds ─► 6 stop metrics.  Past the drain time the root token cancels what is left.
+//! stop:   0 stop placing segments on query nodes ─► 1 stop taking writes (under an arbiter:
+//!         fence and resign) ─► 2 flush the exporter (at most half the drain time) ─► 3 deregister
+//!         ─► 4 drain gRPC ─► 5 cancel index builds ─► 6 stop metrics.  Past the drain time the
+//!         root token cancels what is left.
 //! ```
 #![forbid(unsafe_code)]
 
