@@ -266,9 +266,8 @@ async fn sigterm_of_a_leader_mid_load_loses_no_acknowledged_write() {
     loop {
         missing = Vec::new();
         for chunk in want.iter().copied().collect::<Vec<_>>().chunks(5000) {
-            let got = b
-                .get(pb::GetRequest { collection: COLL.into(), ids: chunk.to_vec(), read: eventually_read(), ..Default::default() })
-                .await;
+            let got =
+                b.get(pb::GetRequest { collection: COLL.into(), ids: chunk.to_vec(), read: eventually_read(), ..Default::default() }).await;
             // On a busy machine the alternative may still be installing the collection from the
             // broker's log (its snapshot source, the leader, is gone): not there yet.
             let got = match got {

@@ -55,7 +55,13 @@ impl QueryNode {
 /// `nodes[0]` and `nodes[1]` make group 0, `nodes[2]` group 1. 1800 rows inserted and flushed.
 async fn cluster_with_query_nodes() -> (Sandbox, Vec<QueryNode>, Client) {
     let nodes = vec![QueryNode::start("qa1").await, QueryNode::start("qa2").await, QueryNode::start("qb1").await];
-    let groups = vec![vec![nodes[0].endpoint(), nodes[1].endpoint()], vec![nodes[2].endpoint()]];
+    let (sb, c) = cluster_over(nodes.iter().map(QueryNode::endpoint).collect()).await;
+    (sb, nodes, c)
+}
+
+/// [`cluster_with_query_nodes`]'s cluster, reaching its query nodes at `endpoints`.
+async fn cluster_over(endpoints: Vec<String>) -> (Sandbox, Client) {
+    let groups = vec![endpoints[..2].to_vec(), endpoints[2..].to_vec()];
     let sb = Sandbox::builder()
         .cluster_with("a", move |c| {
             c.segment.seal_rows = 300;
@@ -73,7 +79,7 @@ async fn cluster_with_query_nodes() -> (Sandbox, Vec<QueryNode>, Client) {
     let payloads = (0..1800).map(|i| payload(&[("n", int(i))])).collect();
     c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: (0..1800).collect(), vectors: v, payloads }).await.unwrap();
     c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
-    (sb, nodes, c)
+    (sb, c)
 }
 
 /// Sealed segments of the collection with their index built, as DescribeCollection lists them.
@@ -171,6 +177,12 @@ async fn sealed_segments_are_searched_on_query_nodes_with_the_writers_deletes_an
     let req = search(vectors(8, DIM, 7), 20);
     assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
     assert_eq!(placement.rerouted.load(Ordering::Relaxed), 0);
+
+    // A gateway in front lists the cluster's query nodes in its Topology.
+    let gw = sb.gateway(&["a"], |_| {}).await;
+    gateway_ready(&gw, 1, Some(COLL)).await;
+    let listed: Vec<(u32, u64)> = topology(&gw).await.clusters[0].query_nodes.iter().map(|q| (q.group, q.segments)).collect();
+    assert_eq!(listed, [(0, nodes[0].held() as u64), (0, nodes[1].held() as u64), (1, segments as u64)]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -285,4 +297,121 @@ async fn a_query_node_back_at_its_address_is_probed_and_loaded_again() {
         assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
     }
     assert!(back.searches() > before, "the node back at its address answers group 1's searches");
+}
+
+/// A TCP relay to `to` that holds every chunk the server sends back for `delay`: to the proxy,
+/// a query node on a slow machine or link.
+async fn slow_relay(to: std::net::SocketAddr, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(to).await else { continue };
+            let ((mut from_client, mut to_client), (mut from_node, mut to_node)) = (inbound.into_split(), outbound.into_split());
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_client, &mut to_node).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = from_node.read(&mut buf).await {
+                    tokio::time::sleep(delay).await;
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
+/// Long-tail stealing: group 1's only node answers 40 ms late, so a queue forms behind it; the
+/// idle copies in group 0 take its turns (counted per node as `stolen`), and every answer is
+/// still the writer's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_query_nodes_turns_are_stolen_by_idle_copies_in_another_group() {
+    let nodes = [QueryNode::start("qa1").await, QueryNode::start("qa2").await, QueryNode::start("qb1").await];
+    let slow = slow_relay(nodes[2].running.addr, Duration::from_millis(40)).await;
+    let (sb, mut c) = cluster_over(vec![nodes[0].endpoint(), nodes[1].endpoint(), slow]).await;
+    wait_placed(&sb, &mut c, 2).await;
+    let placement = sb.placement("a").await.unwrap();
+    let stolen = |g: usize| placement.groups()[g].iter().map(|n| n.stolen.load(Ordering::Relaxed)).sum::<u64>();
+    assert_eq!(stolen(0) + stolen(1), 0, "nothing is stolen before searches run");
+
+    // 4 clients search at once for 2 s.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    let mut clients = Vec::new();
+    for i in 0..4u64 {
+        let mut c = sb.client("a").await;
+        clients.push(tokio::spawn(async move {
+            let mut n = 0u64;
+            while Instant::now() < deadline {
+                c.search(search(vectors(1, DIM, 2000 + i * 1000 + n), 10)).await.expect("a search failed");
+                n += 1;
+            }
+            n
+        }));
+    }
+    let mut searches = 0;
+    for t in clients {
+        searches += t.await.unwrap();
+    }
+    let (took, gave) = (stolen(0), stolen(1));
+    eprintln!("{searches} searches; sub-searches stolen by group 0: {took}, by group 1: {gave}; qb1 answered {}", nodes[2].searches());
+    assert!(took > 0, "no sub-search of the slow node's turns went to group 0 ({searches} searches)");
+    assert!(took > gave, "the slow node stole more ({gave}) than the fast group ({took})");
+    // Stolen or not, every answer is the writer's own.
+    let req = search(vectors(8, DIM, 11), 10);
+    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
+    assert_eq!(placement.rerouted.load(Ordering::Relaxed), 0, "a slow node is not a failed one");
+    let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+    assert_eq!(info.query_nodes.iter().map(|q| q.stolen).sum::<u64>(), took + gave, "GetClusterInfo reports the per-node counts");
+}
+
+/// The reliable segment list: the proxy routes from each shard's own list of segments at the
+/// read, so a stale cache of copies is corrected both ways. Copies a node dropped behind the
+/// proxy's back come back `missing`: they are searched in the cluster at the same snapshot,
+/// forgotten, and placed again. Segments sealed since the last placement round (not in the
+/// cache yet) are searched in the cluster. Every answer is the writer's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_cache_of_copies_is_corrected_from_the_shards_own_segment_list() {
+    let (sb, nodes, mut c) = cluster_with_query_nodes().await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    let placement = sb.placement("a").await.unwrap();
+    // qb1, group 1's only node, drops its copies of one shard without telling the proxy.
+    let held = nodes[2].running.node.held();
+    let (&(cid, shard), dropped) = held.iter().next().unwrap();
+    nodes[2].running.node.release(cid, shard, dropped);
+    assert_eq!(nodes[2].held(), segments - dropped.len());
+    let req = search(vectors(8, DIM, 21), 10);
+    for _ in 0..4 {
+        // Two searches are enough for group 1 to have had a turn.
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
+    }
+    assert!(placement.rerouted.load(Ordering::Relaxed) > 0, "the copies qb1 dropped were not reported missing");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes[2].held() != segments || placement.copies_per_group() != vec![segments, segments] {
+        assert!(Instant::now() < deadline, "qb1's dropped copies not placed again: holds {} of {segments}", nodes[2].held());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // New rows, sealed by the flush, searched before any placement round could copy them.
+    let rerouted = placement.rerouted.load(Ordering::Relaxed);
+    let v = vectors(600, DIM, 6);
+    let payloads = (0..600).map(|i| payload(&[("n", int(1800 + i))])).collect();
+    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: (1800..2400).collect(), vectors: v.clone(), payloads })
+        .await
+        .unwrap();
+    c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
+    for id in [1800i64, 2000, 2399] {
+        let own = v[(id as usize - 1800) * DIM..(id as usize - 1799) * DIM].to_vec();
+        let got = c.search(search(own, 1)).await.unwrap().into_inner().results;
+        assert_eq!(got[0].hits.iter().map(|h| h.id).collect::<Vec<_>>(), [id], "a row sealed since the last placement round was missed");
+    }
+    let req = search(vectors(8, DIM, 22), 20);
+    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
+    // Unplaced segments are not a node's failure: nothing was rerouted for them.
+    assert_eq!(placement.rerouted.load(Ordering::Relaxed), rerouted);
 }

@@ -689,17 +689,26 @@ pub struct QueryNodeStatus {
     pub segments: u64,
     /// Sub-searches it answered.
     pub searches: u64,
+    /// Sub-searches it took, while idle, from a busy node whose turn it was (long-tail stealing).
+    pub stolen: u64,
 }
 
 impl From<pb::QueryNodeStatus> for QueryNodeStatus {
     fn from(q: pb::QueryNodeStatus) -> Self {
-        QueryNodeStatus { group: q.group, endpoint: q.endpoint, up: q.up, segments: q.segments, searches: q.searches }
+        QueryNodeStatus { group: q.group, endpoint: q.endpoint, up: q.up, segments: q.segments, searches: q.searches, stolen: q.stolen }
     }
 }
 
 impl From<&QueryNodeStatus> for pb::QueryNodeStatus {
     fn from(q: &QueryNodeStatus) -> Self {
-        pb::QueryNodeStatus { group: q.group, endpoint: q.endpoint.clone(), up: q.up, segments: q.segments, searches: q.searches }
+        pb::QueryNodeStatus {
+            group: q.group,
+            endpoint: q.endpoint.clone(),
+            up: q.up,
+            segments: q.segments,
+            searches: q.searches,
+            stolen: q.stolen,
+        }
     }
 }
 
@@ -765,6 +774,8 @@ pub struct ClusterView {
     pub last_error: String,
     /// Since the last successful health check (`None`: never).
     pub checked_ago: Option<Duration>,
+    /// Its query nodes, as last reported (empty for a cluster of one process).
+    pub query_nodes: Vec<QueryNodeStatus>,
 }
 
 /// Every cluster a gateway knows, and which one leads.
@@ -805,6 +816,7 @@ impl From<pb::TopologyResponse> for Topology {
                 collections: c.collections.into_iter().map(Into::into).collect(),
                 last_error: c.last_error,
                 checked_ago: (c.checked_ms_ago > 0).then(|| Duration::from_millis(c.checked_ms_ago)),
+                query_nodes: c.query_nodes.into_iter().map(Into::into).collect(),
             })
             .collect();
         Topology { clusters, leader: (!t.leader.is_empty()).then_some(t.leader), epoch: t.epoch }

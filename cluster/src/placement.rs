@@ -11,7 +11,9 @@
 //!                               └─ merge_topk
 //! ```
 //!
-//! Groups take turns per search, so R groups share the load. A sub-search that fails, or names
+//! Groups take turns per search, so R groups share the load, and a node still busy with an
+//! earlier search (a slow machine, a long search) has its turn taken by an idle copy in another
+//! group (long-tail stealing, decided when a sub-search is sent). A sub-search that fails, or names
 //! segments its node no longer holds (a restarted node), is searched here instead, at the same
 //! snapshot: the writer still holds every segment, so a lost query node costs no search. The
 //! node's copies are forgotten and the placement loop gives them to the group's other nodes.
@@ -23,7 +25,8 @@
 //!
 //! What this does not do yet (issue 19): the cache lives in this process only (not in the
 //! arbiter's store); growing data is searched on the writer, not on per-group shard leaders;
-//! the writer keeps its own copy of every sealed segment in memory; no long-tail stealing.
+//! the writer keeps its own copy of every sealed segment in memory; a sub-search once sent is not
+//! taken back from a node that turns slow.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -55,11 +58,38 @@ pub struct QueryNodeHandle {
     up: AtomicBool,
     /// Sub-searches it answered.
     pub searches: AtomicU64,
+    /// Searches with a sub-search sent to it and not answered yet: how long its queue is, as
+    /// the proxy sees it (per search, not per shard: a node holding every shard's copies is
+    /// not busier for it).
+    in_flight: AtomicUsize,
+    /// Sub-searches it took over from a node whose queue was longer (long-tail stealing).
+    pub stolen: AtomicU64,
 }
 
 impl QueryNodeHandle {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::Relaxed)
+    }
+}
+
+/// Counts one search in its node's queue while it is alive: shared by the search's sub-searches
+/// on that node, and dropped when the last of their calls ends, however it ends.
+struct InFlight(Arc<QueryNodeHandle>);
+
+impl InFlight {
+    fn new(node: &Arc<QueryNodeHandle>) -> InFlight {
+        node.in_flight.fetch_add(1, Ordering::Relaxed);
+        InFlight(node.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -98,6 +128,8 @@ impl Placement {
                             client: QueryNodeClient::new(channel).max_decoding_message_size(64 << 20),
                             up: AtomicBool::new(true),
                             searches: AtomicU64::new(0),
+                            in_flight: AtomicUsize::new(0),
+                            stolen: AtomicU64::new(0),
                         }))
                     })
                     .collect::<Result<Vec<_>>>()
@@ -261,23 +293,42 @@ impl Placement {
     }
 
     /// Where each sealed segment of `collection` is searched: per (group, node, shard), the
-    /// segments of one sub-search. Groups take turns; a segment without a copy in this search's
-    /// group goes to another group's copy, else stays here.
-    fn route(&self, collection: &Collection) -> HashMap<(usize, usize, u32), Vec<SegmentId>> {
+    /// segments of one sub-search. Groups take turns: a segment goes to the copy in this
+    /// search's group, else to the next group's, among live nodes; a segment without a live
+    /// copy stays here. Long-tail stealing (MEP 23): when the turn's node is busy (a search of
+    /// ours outstanding there) and another copy's node is idle (none), the idle one takes the
+    /// segment. Busy against busy keeps the turn: turns already share a steady load evenly, and
+    /// stealing is for the node a queue forms behind.
+    fn route(&self, collection: &Collection) -> HashMap<(usize, usize, u32), Route> {
         let first = self.next_group.fetch_add(1, Ordering::Relaxed);
         let copies = self.copies.read();
-        let mut remote: HashMap<(usize, usize, u32), Vec<SegmentId>> = HashMap::new();
+        let queue = |(g, n): (usize, usize)| self.groups[g][n].in_flight();
+        let mut remote: HashMap<(usize, usize, u32), Route> = HashMap::new();
         for (si, sh) in collection.shards().iter().enumerate() {
             for seg in sh.sealed_segments() {
                 let Some(c) = copies.get(&(collection.id, si as u32, seg.id)) else { continue };
-                let copy = (0..c.len()).map(|i| (first + i) % c.len()).find_map(|g| c[g].map(|n| (g, n)));
-                if let Some((g, n)) = copy.filter(|&(g, n)| self.groups[g][n].is_up()) {
-                    remote.entry((g, n, si as u32)).or_default().push(seg.id);
-                }
+                let mut holders = (0..c.len())
+                    .map(|i| (first + i) % c.len())
+                    .filter_map(|g| c[g].map(|n| (g, n)))
+                    .filter(|&(g, n)| self.groups[g][n].is_up());
+                let Some(turn) = holders.next() else { continue };
+                let idle = holders.find(|&h| queue(h) == 0).filter(|_| queue(turn) > 0);
+                let (g, n) = idle.unwrap_or(turn);
+                let route = remote.entry((g, n, si as u32)).or_default();
+                route.segments.push(seg.id);
+                route.stolen |= idle.is_some();
             }
         }
         remote
     }
+}
+
+/// One sub-search: the segments a node searches for one shard.
+#[derive(Default)]
+struct Route {
+    segments: Vec<SegmentId>,
+    /// Some of them were the turn of a busy node.
+    stolen: bool,
 }
 
 /// A failure that says the node (or the way to it) is gone, not a refusal it answered: the
@@ -298,6 +349,7 @@ impl Fanout for Placement {
                     up: node.is_up(),
                     segments: copies.values().filter(|c| c[g] == Some(n)).count() as u64,
                     searches: node.searches.load(Ordering::Relaxed),
+                    stolen: node.stolen.load(Ordering::Relaxed),
                 });
             }
         }
@@ -315,13 +367,19 @@ impl Fanout for Placement {
             node.request_ticks();
         }
         let filter = plan.filter.map(|f| f.to_string()).unwrap_or_default();
+        let mut queued: HashMap<(usize, usize), Arc<InFlight>> = HashMap::new();
         let calls: Vec<_> = remote
             .iter()
-            .map(|(&(g, n, shard), segs)| {
+            .map(|(&(g, n, shard), route)| {
+                let node = &self.groups[g][n];
+                if route.stolen {
+                    node.stolen.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("tandem_proxy_stolen_total").increment(1);
+                }
                 let req = qn::SegmentSearchRequest {
                     collection_id: collection.id,
                     shard,
-                    segments: segs.clone(),
+                    segments: route.segments.clone(),
                     queries: plan.queries.to_vec(),
                     dim: plan.dim as u32,
                     k: plan.k as u32,
@@ -332,21 +390,29 @@ impl Fanout for Placement {
                     snapshot: plan.snapshot,
                     wait_ms: self.wait.as_millis() as u32,
                 };
-                let mut client = self.groups[g][n].client.clone();
-                ((g, n, shard), self.runtime.spawn(async move { client.search(req).await.map(|r| r.into_inner()) }))
+                let mut client = node.client.clone();
+                let queued = queued.entry((g, n)).or_insert_with(|| Arc::new(InFlight::new(node))).clone();
+                let call = async move {
+                    let answer = client.search(req).await.map(|r| r.into_inner());
+                    drop(queued);
+                    answer
+                };
+                ((g, n, shard), self.runtime.spawn(call))
             })
             .collect();
+        // From here on only the calls hold their node's count.
+        drop(queued);
         // Meanwhile, what stays here: every growing segment and the sealed ones no copy took.
         let mut sent: Vec<HashSet<SegmentId>> = vec![HashSet::new(); collection.shards().len()];
-        for (&(_, _, shard), segs) in &remote {
-            sent[shard as usize].extend(segs);
+        for (&(_, _, shard), route) in &remote {
+            sent[shard as usize].extend(&route.segments);
         }
         let mut parts = Vec::with_capacity(collection.shards().len() + calls.len());
         for (si, sh) in collection.shards().iter().enumerate() {
             parts.push(sh.search_part(plan, true, |id| !sent[si].contains(&id))?);
         }
         for ((g, n, shard), call) in calls {
-            let segs = &remote[&(g, n, shard)];
+            let segs = &remote[&(g, n, shard)].segments;
             let answered = self.runtime.block_on(call).map_err(|e| tonic::Status::internal(e.to_string())).and_then(|r| r);
             let again: HashSet<SegmentId> = match answered {
                 Ok(resp) => match decode(&resp, plan.nq()) {

@@ -61,6 +61,8 @@ pub struct Info {
     /// Per collection: (serviceable ts, lag ms) as reported.
     pub collections: HashMap<String, (u64, u64)>,
     pub raw: Vec<pb::CollectionStatus>,
+    /// Its query nodes as reported, for Topology to show.
+    pub query_nodes: Vec<pb::QueryNodeStatus>,
     pub at: Instant,
 }
 
@@ -258,6 +260,7 @@ impl Cluster {
                     datacenter: r.datacenter,
                     collections,
                     raw: r.collections,
+                    query_nodes: r.query_nodes,
                     at: Instant::now(),
                 }))
             }
@@ -497,7 +500,8 @@ impl Topology {
         for c in self.clusters().values() {
             let dc = c.datacenter();
             let s = c.status.read();
-            let (role, epoch, collections) = s.info.as_ref().map(|i| (i.role, i.epoch, i.raw.clone())).unwrap_or((None, 0, Vec::new()));
+            let (role, epoch, collections, query_nodes) =
+                s.info.as_ref().map(|i| (i.role, i.epoch, i.raw.clone(), i.query_nodes.clone())).unwrap_or_default();
             out.epoch = out.epoch.max(epoch);
             let serviceable_ts = collections.iter().map(|c| c.serviceable_ts).min().unwrap_or(0);
             let lag_ms = collections.iter().map(|c| c.lag_ms).max().unwrap_or(0);
@@ -519,6 +523,7 @@ impl Topology {
                 merged_searches: c.coalescer.merged_searches.load(Ordering::Relaxed),
                 merged_requests: c.coalescer.merged_requests.load(Ordering::Relaxed),
                 latency_us: (c.latency.estimate_ns() / 1e3) as u64,
+                query_nodes,
             });
         }
         out
@@ -559,8 +564,15 @@ mod tests {
     fn add(t: &Arc<Topology>, id: &str, role: Role, epoch: u64) -> Arc<Cluster> {
         let reg = Registration { id: id.into(), datacenter: String::new(), endpoint: format!("http://127.0.0.1:1/{id}") };
         let c = t.up_with(reg, false).unwrap_or_else(|| t.clusters()[id].clone());
-        let info =
-            Info { role: Some(role), epoch, datacenter: "dc".into(), collections: HashMap::new(), raw: Vec::new(), at: Instant::now() };
+        let info = Info {
+            role: Some(role),
+            epoch,
+            datacenter: "dc".into(),
+            collections: HashMap::new(),
+            raw: Vec::new(),
+            query_nodes: Vec::new(),
+            at: Instant::now(),
+        };
         c.record(Ok(Some(info)), &t.health, Instant::now());
         t.publish();
         c

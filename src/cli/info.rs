@@ -74,11 +74,18 @@ pub fn info_text(info: &pb::GetClusterInfoResponse) -> String {
             .iter()
             .map(|q| {
                 let state = if q.up { "up" } else { "down" };
-                vec![q.endpoint.clone(), q.group.to_string(), state.into(), q.segments.to_string(), q.searches.to_string()]
+                vec![
+                    q.endpoint.clone(),
+                    q.group.to_string(),
+                    state.into(),
+                    q.segments.to_string(),
+                    q.searches.to_string(),
+                    q.stolen.to_string(),
+                ]
             })
             .collect();
         out.push_str("\n\n");
-        out.push_str(&table(&["query node", "group", "state", "segments", "sub-searches"], &rows));
+        out.push_str(&table(&["query node", "group", "state", "segments", "sub-searches", "stolen"], &rows));
     }
     out
 }
@@ -105,6 +112,7 @@ pub fn info_json(info: &pb::GetClusterInfoResponse) -> serde_json::Value {
             "up": q.up,
             "segments": q.segments,
             "searches": q.searches,
+            "stolen": q.stolen,
         })).collect::<Vec<_>>(),
     })
 }
@@ -115,17 +123,25 @@ mod tests {
 
     #[test]
     fn query_nodes_are_listed_with_their_group_state_and_copies() {
-        let q = |group, endpoint: &str, up, segments| pb::QueryNodeStatus { group, endpoint: endpoint.into(), up, segments, searches: 7 };
+        let q = |group, endpoint: &str, up, segments| pb::QueryNodeStatus {
+            group,
+            endpoint: endpoint.into(),
+            up,
+            segments,
+            searches: 7,
+            stolen: 2,
+        };
         let mut info = pb::GetClusterInfoResponse { cluster_id: "a".into(), role: pb::Role::Leading as i32, ..Default::default() };
         assert!(!info_text(&info).contains("query node"), "a cluster without query nodes lists none");
         info.query_nodes = vec![q(0, "http://10.0.0.11:19540", false, 0), q(1, "http://10.0.0.13:19540", true, 8)];
         let text = info_text(&info);
         let line = |ep: &str| text.lines().find(|l| l.contains(ep)).unwrap_or_else(|| panic!("{ep} not listed:\n{text}")).to_string();
         let words = |l: String| l.split_whitespace().map(String::from).collect::<Vec<_>>();
-        assert_eq!(words(line("10.0.0.11")), ["http://10.0.0.11:19540", "0", "down", "0", "7"]);
-        assert_eq!(words(line("10.0.0.13")), ["http://10.0.0.13:19540", "1", "up", "8", "7"]);
+        assert_eq!(words(line("10.0.0.11")), ["http://10.0.0.11:19540", "0", "down", "0", "7", "2"]);
+        assert_eq!(words(line("10.0.0.13")), ["http://10.0.0.13:19540", "1", "up", "8", "7", "2"]);
         let json = info_json(&info);
         assert_eq!(json["query_nodes"][1]["segments"], 8);
         assert_eq!(json["query_nodes"][0]["up"], false);
+        assert_eq!(json["query_nodes"][0]["stolen"], 2);
     }
 }
