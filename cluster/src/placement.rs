@@ -34,6 +34,7 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use parking_lot::RwLock;
+use rayon::prelude::*;
 use tandem_proto::cluster::v1 as qn;
 use tandem_proto::cluster::v1::query_node_client::QueryNodeClient;
 use tokio_util::sync::CancellationToken;
@@ -407,10 +408,10 @@ impl Fanout for Placement {
         for (&(_, _, shard), route) in &remote {
             sent[shard as usize].extend(&route.segments);
         }
-        let mut parts = Vec::with_capacity(collection.shards().len() + calls.len());
-        for (si, sh) in collection.shards().iter().enumerate() {
-            parts.push(sh.search_part(plan, true, |id| !sent[si].contains(&id))?);
-        }
+        // The shards in parallel on the pool, as LocalFanout searches them.
+        let mut parts = (collection.shards().par_iter().enumerate())
+            .map(|(si, sh)| sh.search_part(plan, true, |id| !sent[si].contains(&id)))
+            .collect::<Result<Vec<_>>>()?;
         for ((g, n, shard), call) in calls {
             let segs = &remote[&(g, n, shard)].segments;
             let answered = self.runtime.block_on(call).map_err(|e| tonic::Status::internal(e.to_string())).and_then(|r| r);
