@@ -55,17 +55,19 @@ impl QueryNode {
 /// `nodes[0]` and `nodes[1]` make group 0, `nodes[2]` group 1. 1800 rows inserted and flushed.
 async fn cluster_with_query_nodes() -> (Sandbox, Vec<QueryNode>, Client) {
     let nodes = vec![QueryNode::start("qa1").await, QueryNode::start("qa2").await, QueryNode::start("qb1").await];
-    let (sb, c) = cluster_over(nodes.iter().map(QueryNode::endpoint).collect()).await;
+    let (sb, c) = cluster_over(nodes.iter().map(QueryNode::endpoint).collect(), true).await;
     (sb, nodes, c)
 }
 
-/// [`cluster_with_query_nodes`]'s cluster, reaching its query nodes at `endpoints`.
-async fn cluster_over(endpoints: Vec<String>) -> (Sandbox, Client) {
+/// [`cluster_with_query_nodes`]'s cluster, reaching its query nodes at `endpoints`, with
+/// long-tail stealing on or off.
+async fn cluster_over(endpoints: Vec<String>, steal: bool) -> (Sandbox, Client) {
     let groups = vec![endpoints[..2].to_vec(), endpoints[2..].to_vec()];
     let sb = Sandbox::builder()
         .cluster_with("a", move |c| {
             c.segment.seal_rows = 300;
             c.query_nodes.groups = groups.clone();
+            c.query_nodes.steal = steal;
         })
         .build()
         .await;
@@ -326,25 +328,23 @@ async fn slow_relay(to: std::net::SocketAddr, delay: Duration) -> String {
     format!("http://{addr}")
 }
 
-/// Long-tail stealing: group 1's only node answers 40 ms late, so a queue forms behind it; the
-/// idle copies in group 0 take its turns (counted per node as `stolen`), and every answer is
-/// still the writer's own.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_slow_query_nodes_turns_are_stolen_by_idle_copies_in_another_group() {
+/// [`cluster_with_query_nodes`], with group 1's only node reached through a [`slow_relay`] of
+/// 40 ms; every segment placed.
+async fn cluster_with_a_slow_node(steal: bool) -> (Sandbox, [QueryNode; 3], Client) {
     let nodes = [QueryNode::start("qa1").await, QueryNode::start("qa2").await, QueryNode::start("qb1").await];
     let slow = slow_relay(nodes[2].running.addr, Duration::from_millis(40)).await;
-    let (sb, mut c) = cluster_over(vec![nodes[0].endpoint(), nodes[1].endpoint(), slow]).await;
+    let (sb, mut c) = cluster_over(vec![nodes[0].endpoint(), nodes[1].endpoint(), slow], steal).await;
     wait_placed(&sb, &mut c, 2).await;
-    let placement = sb.placement("a").await.unwrap();
-    let stolen = |g: usize| placement.groups()[g].iter().map(|n| n.stolen.load(Ordering::Relaxed)).sum::<u64>();
-    assert_eq!(stolen(0) + stolen(1), 0, "nothing is stolen before searches run");
+    (sb, nodes, c)
+}
 
-    // 4 clients search at once for 2 s.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    let mut clients = Vec::new();
-    for i in 0..4u64 {
+/// `clients` clients searching one after another for `length`, all at once; the searches done.
+async fn search_at_once(sb: &Sandbox, clients: u64, length: Duration) -> u64 {
+    let deadline = Instant::now() + length;
+    let mut tasks = Vec::new();
+    for i in 0..clients {
         let mut c = sb.client("a").await;
-        clients.push(tokio::spawn(async move {
+        tasks.push(tokio::spawn(async move {
             let mut n = 0u64;
             while Instant::now() < deadline {
                 c.search(search(vectors(1, DIM, 2000 + i * 1000 + n), 10)).await.expect("a search failed");
@@ -354,9 +354,22 @@ async fn a_slow_query_nodes_turns_are_stolen_by_idle_copies_in_another_group() {
         }));
     }
     let mut searches = 0;
-    for t in clients {
+    for t in tasks {
         searches += t.await.unwrap();
     }
+    searches
+}
+
+/// Long-tail stealing: group 1's only node answers 40 ms late, so a queue forms behind it; the
+/// idle copies in group 0 take its turns (counted per node as `stolen`), and every answer is
+/// still the writer's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_query_nodes_turns_are_stolen_by_idle_copies_in_another_group() {
+    let (sb, nodes, mut c) = cluster_with_a_slow_node(true).await;
+    let placement = sb.placement("a").await.unwrap();
+    let stolen = |g: usize| placement.groups()[g].iter().map(|n| n.stolen.load(Ordering::Relaxed)).sum::<u64>();
+    assert_eq!(stolen(0) + stolen(1), 0, "nothing is stolen before searches run");
+    let searches = search_at_once(&sb, 4, Duration::from_secs(2)).await;
     let (took, gave) = (stolen(0), stolen(1));
     eprintln!("{searches} searches; sub-searches stolen by group 0: {took}, by group 1: {gave}; qb1 answered {}", nodes[2].searches());
     assert!(took > 0, "no sub-search of the slow node's turns went to group 0 ({searches} searches)");
@@ -414,4 +427,16 @@ async fn a_stale_cache_of_copies_is_corrected_from_the_shards_own_segment_list()
     assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
     // Unplaced segments are not a node's failure: nothing was rerouted for them.
     assert_eq!(placement.rerouted.load(Ordering::Relaxed), rerouted);
+}
+
+/// `query_nodes.steal = false`: the slow node keeps every one of its turns, and nothing is stolen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_stealing_off_a_slow_node_keeps_its_turns() {
+    let (sb, nodes, _c) = cluster_with_a_slow_node(false).await;
+    let placement = sb.placement("a").await.unwrap();
+    let searches = search_at_once(&sb, 4, Duration::from_secs(1)).await;
+    let stolen: u64 = placement.groups().iter().flatten().map(|n| n.stolen.load(Ordering::Relaxed)).sum();
+    assert_eq!(stolen, 0, "{searches} searches with stealing off");
+    // Group 1's turns (a sub-search per shard each) all went to the slow node.
+    assert!(nodes[2].searches() > 0, "the slow node lost its turns with stealing off");
 }

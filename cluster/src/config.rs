@@ -50,11 +50,15 @@ pub struct QueryNodesConfig {
     /// How long a query node may wait for the shard's stream to reach a read's snapshot before
     /// the proxy searches the part itself.
     pub wait_ms: u64,
+    /// Long-tail stealing: an idle node holding a copy of a segment in another group takes the
+    /// turn of a node still busy with an earlier search. Off: every search stays with the group
+    /// whose turn it is (a slow node then sets the pace of its turns).
+    pub steal: bool,
 }
 
 impl Default for QueryNodesConfig {
     fn default() -> Self {
-        QueryNodesConfig { groups: Vec::new(), wait_ms: 1000 }
+        QueryNodesConfig { groups: Vec::new(), wait_ms: 1000, steal: true }
     }
 }
 

@@ -41,6 +41,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Channel;
 
 use crate::collection::Collection;
+use crate::config::QueryNodesConfig;
 use crate::error::{ClusterError, Result};
 use crate::fanout::{Fanout, LocalFanout};
 use crate::node::Node;
@@ -104,6 +105,8 @@ pub struct Placement {
     runtime: tokio::runtime::Handle,
     /// How long a query node may wait for its stream to reach a read's snapshot.
     wait: Duration,
+    /// Long-tail stealing on (`query_nodes.steal`).
+    steal: bool,
     local: LocalFanout,
     /// The writer's node, once the loop runs: a search makes its streams tick, so the query
     /// nodes reach the read's snapshot without waiting for the tick interval.
@@ -113,10 +116,11 @@ pub struct Placement {
 }
 
 impl Placement {
-    /// Query nodes in `groups` (one list of endpoints per replica group), loading from `source`.
-    /// Call from within a tokio runtime: sub-searches run on it.
-    pub fn new(source: String, groups: &[Vec<String>], wait: Duration) -> Result<Arc<Placement>> {
-        let groups = groups
+    /// The query nodes of `cfg` (one list of endpoints per replica group), loading from
+    /// `source`. Call from within a tokio runtime: sub-searches run on it.
+    pub fn new(source: String, cfg: &QueryNodesConfig) -> Result<Arc<Placement>> {
+        let groups = cfg
+            .groups
             .iter()
             .map(|g| {
                 g.iter()
@@ -142,7 +146,8 @@ impl Placement {
             copies: RwLock::new(HashMap::new()),
             next_group: AtomicUsize::new(0),
             runtime: tokio::runtime::Handle::current(),
-            wait,
+            wait: Duration::from_millis(cfg.wait_ms),
+            steal: cfg.steal,
             local: LocalFanout::default(),
             node: std::sync::OnceLock::new(),
             rerouted: AtomicU64::new(0),
@@ -313,7 +318,7 @@ impl Placement {
                     .filter_map(|g| c[g].map(|n| (g, n)))
                     .filter(|&(g, n)| self.groups[g][n].is_up());
                 let Some(turn) = holders.next() else { continue };
-                let idle = holders.find(|&h| queue(h) == 0).filter(|_| queue(turn) > 0);
+                let idle = holders.find(|&h| queue(h) == 0).filter(|_| self.steal && queue(turn) > 0);
                 let (g, n) = idle.unwrap_or(turn);
                 let route = remote.entry((g, n, si as u32)).or_default();
                 route.segments.push(seg.id);

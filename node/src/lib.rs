@@ -122,8 +122,7 @@ impl Member {
         }
         if !cfg.query_nodes.groups.is_empty() {
             // Searches go through the proxy from here on; the loop places sealed segments.
-            let wait = Duration::from_millis(cfg.query_nodes.wait_ms);
-            let placement = Placement::new(self.endpoint(), &cfg.query_nodes.groups, wait)?;
+            let placement = Placement::new(self.endpoint(), &cfg.query_nodes)?;
             self.running.node.set_fanout(placement.clone());
             let stop = self.root.child_token();
             let task = tokio::spawn(placement.clone().run(Arc::downgrade(&self.running.node), stop.clone()));

@@ -8,7 +8,11 @@
 //!    --concurrency, recall against exact neighbours. Goal: QPS(R) >= 0.9 x R x QPS(1).
 //! 2. **Proxy overhead**: p50 at one search in flight, one group (its node uncapped for this)
 //!    vs every segment searched in the cluster's own process.
-//! 3. **Node loss**: group 0 of two nodes, group 1 of one; kill -9 of a group-0 node under load:
+//! 3. **A slow node**: two groups, one node each, the second capped at --slow-factor times less
+//!    CPU: closed-loop QPS against one (fast) group's, and the sub-searches the fast node stole
+//!    (long-tail stealing); then the same with `query_nodes.steal` off (strict turns, where the
+//!    slow node sets the pace of its turns). Goal, with stealing: >= 0.9 x one group's QPS.
+//! 4. **Node loss**: group 0 of two nodes, group 1 of one; kill -9 of a group-0 node under load:
 //!    failed searches (goal 0), p99 after the kill, time until group 0 has every copy again.
 
 use std::path::{Path, PathBuf};
@@ -31,6 +35,9 @@ const COLLECTION: &str = "bench_replicas";
 
 /// Scale-out goal: QPS with R groups over R x the QPS of one.
 const TARGET_SCALE: f64 = 0.9;
+
+/// Slow-node goal: QPS of a fast and a slow group over one fast group's.
+const TARGET_SLOW_NODE: f64 = 0.9;
 
 #[derive(Debug, clap::Args)]
 pub struct ReplicasBenchArgs {
@@ -58,6 +65,9 @@ pub struct ReplicasBenchArgs {
     /// CPU share of each query node (0.25: a quarter of one core)
     #[arg(long, default_value_t = 0.25)]
     pub node_cpus: f64,
+    /// The slow-node phase caps one node at --node-cpus / this (at least 0.1 CPU)
+    #[arg(long, default_value_t = 4.0)]
+    pub slow_factor: f64,
     #[arg(long, default_value_t = 64)]
     pub ef_search: u32,
     /// Write the report as JSON here
@@ -70,6 +80,7 @@ struct Report {
     params: Params,
     scale_out: Vec<ScalePoint>,
     proxy_overhead: ProxyOverhead,
+    slow_node: SlowNode,
     node_loss: NodeLoss,
     targets: Vec<Target>,
 }
@@ -95,8 +106,31 @@ struct ScalePoint {
     scale: f64,
     recall: f64,
     latency: Latency,
-    /// Sub-searches each node answered.
+    /// Sub-searches each node answered, and of those, how many it stole from a busy node.
     node_searches: Vec<u64>,
+    node_stolen: Vec<u64>,
+}
+
+#[derive(Debug, Serialize)]
+struct SlowNode {
+    fast_cpus: f64,
+    slow_cpus: f64,
+    /// `query_nodes.steal` on (the default), and off: every search with the group whose turn
+    /// it is.
+    stealing: SlowRun,
+    strict_turns: SlowRun,
+}
+
+#[derive(Debug, Serialize)]
+struct SlowRun {
+    qps: f64,
+    /// QPS over one fast group's (the scale-out phase's R = 1).
+    ratio: f64,
+    recall: f64,
+    latency: Latency,
+    /// [fast, slow]: sub-searches answered, and stolen.
+    node_searches: Vec<u64>,
+    node_stolen: Vec<u64>,
 }
 
 #[derive(Debug, Serialize)]
@@ -126,6 +160,17 @@ struct Target {
     value: f64,
     goal: String,
     met: bool,
+}
+
+/// Per group, its first node's (answered, stolen) sub-searches so far.
+fn node_counts(member: &Member) -> Vec<(u64, u64)> {
+    let groups = member.placement().map(|p| p.groups()).unwrap_or_default();
+    groups.iter().map(|g| (g[0].searches.load(Ordering::Relaxed), g[0].stolen.load(Ordering::Relaxed))).collect()
+}
+
+/// `after - before` of [`node_counts`], as (answered, stolen) lists.
+fn counts_since(before: &[(u64, u64)], after: &[(u64, u64)]) -> (Vec<u64>, Vec<u64>) {
+    after.iter().zip(before).map(|(a, b)| (a.0 - b.0, a.1 - b.1)).unzip()
 }
 
 /// Query node processes, killed when dropped; their cgroups removed.
@@ -220,6 +265,7 @@ fn validate(a: &ReplicasBenchArgs) -> anyhow::Result<()> {
     ensure!((1..=1024).contains(&a.concurrency), "--concurrency {} is out of range 1..=1024", a.concurrency);
     ensure!(a.duration_secs > 0.0 && a.duration_secs <= 3600.0, "--duration-secs {} is out of range (0, 3600]", a.duration_secs);
     ensure!(a.node_cpus >= 0.01 && a.node_cpus <= 64.0, "--node-cpus {} is out of range 0.01..=64", a.node_cpus);
+    ensure!(a.slow_factor >= 1.0 && a.slow_factor <= 100.0, "--slow-factor {} is out of range 1..=100", a.slow_factor);
     Ok(())
 }
 
@@ -259,9 +305,9 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         }
         let segments = wait_placed(&member, r).await?;
         ensure!(segments >= a.segments, "only {segments} sealed segments are indexed, expected {}", a.segments);
-        let before: Vec<u64> = member.placement().unwrap().groups().iter().map(|g| g[0].searches.load(Ordering::Relaxed)).collect();
+        let before = node_counts(&member);
         let run = closed_loop(&endpoint, &ds, &truth, a, a.concurrency, Duration::from_secs_f64(a.duration_secs), None).await?;
-        let after: Vec<u64> = member.placement().unwrap().groups().iter().map(|g| g[0].searches.load(Ordering::Relaxed)).collect();
+        let (node_searches, node_stolen) = counts_since(&before, &node_counts(&member));
         let qps1 = scale_out.first().map_or(run.qps, |p: &ScalePoint| p.qps);
         scale_out.push(ScalePoint {
             groups: r,
@@ -269,7 +315,8 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
             scale: run.qps / (r as f64 * qps1),
             recall: run.recall,
             latency: run.latency,
-            node_searches: after.iter().zip(&before).map(|(x, y)| x - y).collect(),
+            node_searches,
+            node_stolen,
         });
         if r == 1 {
             // The proxy's own cost: the query node uncapped, as the in-process path is.
@@ -293,6 +340,33 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         }
         member.stop(crate::config::MEMBER_DRAIN).await?;
     }
+
+    // A slow node: group 1's node gets a fraction of group 0's CPU; with stealing, and without.
+    let slow_cpus = (a.node_cpus / a.slow_factor).max(0.1);
+    let mut slow_runs = Vec::new();
+    for steal in [true, false] {
+        let mut cfg = writer_config(&data, a, vec![vec![ep[0].clone()], vec![ep[1].clone()]]);
+        cfg.query_nodes.steal = steal;
+        let member = Member::start(cfg).await?;
+        wait_placed(&member, 2).await?;
+        set_cap(&nodes.cgroups[1], Some(slow_cpus))?;
+        let before = node_counts(&member);
+        let run = closed_loop(&member.endpoint(), &ds, &truth, a, a.concurrency, Duration::from_secs_f64(a.duration_secs), None).await;
+        let (node_searches, node_stolen) = counts_since(&before, &node_counts(&member));
+        set_cap(&nodes.cgroups[1], Some(a.node_cpus))?;
+        member.stop(crate::config::MEMBER_DRAIN).await?;
+        let run = run?;
+        slow_runs.push(SlowRun {
+            qps: run.qps,
+            ratio: run.qps / scale_out[0].qps,
+            recall: run.recall,
+            latency: run.latency,
+            node_searches,
+            node_stolen,
+        });
+    }
+    let (strict_turns, stealing) = (slow_runs.pop().context("no slow-node run")?, slow_runs.pop().context("no slow-node run")?);
+    let slow_node = SlowNode { fast_cpus: a.node_cpus, slow_cpus, stealing, strict_turns };
 
     // Node loss: group 0 = the first node and the spare, group 1 = the second node.
     let groups = vec![vec![ep[0].clone(), ep[a.max_groups].clone()], vec![ep[1].clone()]];
@@ -345,6 +419,12 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         });
     }
     targets.push(Target {
+        name: "slow_node_qps_vs_one_group".into(),
+        value: slow_node.stealing.ratio,
+        goal: format!(">= {TARGET_SLOW_NODE} (a fast and a slow group vs one fast group)"),
+        met: slow_node.stealing.ratio >= TARGET_SLOW_NODE,
+    });
+    targets.push(Target {
         name: "failed_searches_on_node_loss".into(),
         value: node_loss.failed as f64,
         goal: "0".into(),
@@ -372,6 +452,7 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         },
         scale_out,
         proxy_overhead: po,
+        slow_node,
         node_loss,
         targets,
     })
@@ -515,11 +596,18 @@ fn print(r: &Report) {
         "tandem bench replicas: {} x {}, {} segments, {} in flight, query nodes capped at {} CPU ({})",
         r.params.n, r.params.dim, r.params.segments, r.params.concurrency, r.params.node_cpus, r.params.cgroup
     );
-    println!("groups      qps   scale  recall  p50 ms  p99 ms  sub-searches per node");
+    println!("groups      qps   scale  recall  p50 ms  p99 ms  sub-searches per node (stolen)");
     for p in &r.scale_out {
         println!(
-            "{:>6} {:>8.0} {:>7.2} {:>7.4} {:>7.2} {:>7.2}  {:?}",
-            p.groups, p.qps, p.scale, p.recall, p.latency.p50_ms, p.latency.p99_ms, p.node_searches
+            "{:>6} {:>8.0} {:>7.2} {:>7.4} {:>7.2} {:>7.2}  {:?} ({:?})",
+            p.groups, p.qps, p.scale, p.recall, p.latency.p50_ms, p.latency.p99_ms, p.node_searches, p.node_stolen
+        );
+    }
+    let sn = &r.slow_node;
+    for (how, run) in [("stealing", &sn.stealing), ("strict turns", &sn.strict_turns)] {
+        println!(
+            "slow node ({} CPU beside {}), {how}: {:.0} qps = {:.2} x one group's; p50 {:.2} ms p99 {:.2} ms; sub-searches [fast, slow] {:?}, stolen {:?}",
+            sn.slow_cpus, sn.fast_cpus, run.qps, run.ratio, run.latency.p50_ms, run.latency.p99_ms, run.node_searches, run.node_stolen
         );
     }
     let po = &r.proxy_overhead;
@@ -534,5 +622,35 @@ fn print(r: &Report) {
     );
     for t in &r.targets {
         println!("target {:<32} {:>8.3}  goal {:<50} {}", t.name, t.value, t.goal, if t.met { "met" } else { "MISSED" });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        a: super::ReplicasBenchArgs,
+    }
+
+    fn check(args: &[&str]) -> Result<(), String> {
+        let cli = Cli::parse_from(std::iter::once("replicas").chain(args.iter().copied()));
+        super::validate(&cli.a).map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn arguments_out_of_range_are_refused_naming_the_value() {
+        assert_eq!(check(&[]), Ok(()));
+        for (args, says) in [
+            (&["--slow-factor", "0.5"][..], "--slow-factor 0.5 is out of range"),
+            (&["--max-groups", "1"], "--max-groups 1 is out of range"),
+            (&["--node-cpus", "0"], "--node-cpus 0 is out of range"),
+            (&["--n", "10", "--segments", "1"], "--n 10 is too small"),
+        ] {
+            let e = check(args).unwrap_err();
+            assert!(e.contains(says), "{args:?}: {e}");
+        }
     }
 }

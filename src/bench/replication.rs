@@ -65,7 +65,8 @@ const BOOTSTRAP_TIMEOUT: Duration = Duration::from_secs(1800);
 const TARGET_LAG_P99_DIRECT_MS: f64 = 5.0;
 const TARGET_LAG_P99_KAFKA_MS: f64 = 20.0;
 const TARGET_LAG_P99_PULSAR_MS: f64 = 20.0;
-const TARGET_STRONG_ALT_P99_MS: f64 = 60.0;
+/// Issue 21 (item 2): 40 ms, in three runs in a row, one of them with `--noise`.
+const TARGET_STRONG_ALT_P99_MS: f64 = 40.0;
 const TARGET_BOOTSTRAP_MB_S: f64 = 100.0;
 /// Issue 21 (item 4): a new alternative of 1M x 128 HNSW serves indexed searches within 30 s.
 const TARGET_SERVING_SECS: f64 = 30.0;
@@ -161,6 +162,10 @@ pub struct ReplicationBenchArgs {
     pub bootstrap_write_rate: u32,
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
+    /// A CPU-bound neighbour during each live run: a process of its own spinning on one core
+    /// (`sh -c 'while :; do :; done'`), as another tenant of the machine would
+    #[arg(long)]
+    pub noise: bool,
     /// Parent of the clusters' temporary data directories [default: the system temp dir]
     #[arg(long)]
     pub data_dir: Option<PathBuf>,
@@ -266,6 +271,8 @@ struct Params {
     kafka_brokers: Option<String>,
     kafka_properties: std::collections::BTreeMap<String, String>,
     pulsar_url: Option<String>,
+    /// A CPU-bound neighbour process ran during the live runs.
+    noise: bool,
 }
 
 #[derive(Debug, Serialize)]
@@ -790,12 +797,35 @@ async fn live_run(a: &ReplicationBenchArgs, transport: &Transport, scratch: &Pat
             return Err(e);
         }
     };
+    let noise = if a.noise { Some(Neighbour::start()?) } else { None };
     let result = live_measure(a, &leader, &alt).await;
+    drop(noise);
     let stopped = (stop_member(alt).await, stop_member(leader).await);
     let report = result?;
     stopped.0?;
     stopped.1?;
     Ok(report)
+}
+
+/// A CPU-bound neighbour process (`--noise`), killed when dropped.
+struct Neighbour(std::process::Child);
+
+impl Neighbour {
+    fn start() -> anyhow::Result<Neighbour> {
+        let child = std::process::Command::new("sh")
+            .args(["-c", "while :; do :; done"])
+            .stdin(std::process::Stdio::null())
+            .spawn()
+            .context("--noise: cannot start sh as a CPU-bound neighbour")?;
+        Ok(Neighbour(child))
+    }
+}
+
+impl Drop for Neighbour {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
 }
 
 async fn live_measure(a: &ReplicationBenchArgs, leader: &Member, alt: &Member) -> anyhow::Result<LiveReport> {
@@ -1323,6 +1353,7 @@ async fn bench(a: &ReplicationBenchArgs) -> anyhow::Result<Report> {
             kafka_brokers: a.kafka_brokers.clone(),
             pulsar_url: a.pulsar_url.clone(),
             kafka_properties: a.kafka_properties.iter().cloned().collect(),
+            noise: a.noise,
         },
         backends: reports,
         skipped,
@@ -1346,7 +1377,7 @@ pub async fn run(args: ReplicationBenchArgs) -> anyhow::Result<()> {
 fn print_table(r: &Report) {
     let p = &r.params;
     println!(
-        "tandem bench replication {}{}: {} shards, dim {}, {}, {} vectors/s in batches of {} for {} s, wal sync {:?}, tick {} ms, {} cores{}",
+        "tandem bench replication {}{}: {} shards, dim {}, {}, {} vectors/s in batches of {} for {} s, wal sync {:?}, tick {} ms, {} cores{}{}",
         r.version,
         if r.machine.debug_build { " (DEBUG build)" } else { "" },
         p.shards,
@@ -1359,6 +1390,7 @@ fn print_table(r: &Report) {
         p.tick_ms,
         r.machine.cores,
         r.machine.loadavg_1m.map_or_else(String::new, |l| format!(" (load {l:.1})")),
+        if p.noise { ", a CPU-bound neighbour running" } else { "" },
     );
     println!();
     println!(
