@@ -520,8 +520,30 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
 
     async fn load_collection(&self, req: Request<mm::LoadCollectionRequest>) -> Reply<mc::Status> {
         let (md, _, r) = req.into_parts();
-        // A tandem collection is always in memory and searchable: loading only checks it exists.
-        done(self.known(&md, &r.db_name, &r.collection_name, &[]).await.map(drop))
+        // A tandem collection is always in memory and searchable: loading checks it exists, and
+        // that the replicas asked for exist. Replica groups are the cluster's (query_nodes.groups,
+        // docs/scaling.md) and every one holds every collection; a cluster without query nodes
+        // is one replica.
+        done(
+            async {
+                self.known(&md, &r.db_name, &r.collection_name, &[]).await?;
+                if r.replica_number < 0 {
+                    return Err(MilvusError::invalid(format!("replica_number {} is negative", r.replica_number)));
+                }
+                if r.replica_number > 1 {
+                    let info = self.inner.get_cluster_info(inner(&md, t::GetClusterInfoRequest {})).await?.into_inner();
+                    let groups = info.query_nodes.iter().map(|q| q.group).collect::<std::collections::BTreeSet<_>>().len().max(1);
+                    if r.replica_number as usize > groups {
+                        return Err(MilvusError::invalid(format!(
+                            "replica_number {} is more than the {groups} replica group(s) the cluster has (query_nodes.groups; docs/scaling.md)",
+                            r.replica_number
+                        )));
+                    }
+                }
+                Ok(())
+            }
+            .await,
+        )
     }
 
     async fn release_collection(&self, req: Request<mm::ReleaseCollectionRequest>) -> Reply<mc::Status> {

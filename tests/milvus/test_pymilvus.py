@@ -225,6 +225,9 @@ class Endpoint:
         self.assertEqual(int(c.get_collection_stats(name)["row_count"]), 300)
         c.release_collection(name)
         c.load_collection(name)
+        # Replicas are the cluster's replica groups; this one has no query nodes: one replica.
+        c.load_collection(name, replica_number=1)
+        self.assertMilvusError(1100, "replica_number 2", c.load_collection, name, replica_number=2)
         c.drop_index(name, index_name="vector")
         self.assertEqual(c.describe_index(name, index_name="vector")["index_type"], "FLAT")
         # An index on a field that does not exist names it.
