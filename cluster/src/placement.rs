@@ -64,7 +64,7 @@ pub struct QueryNodeHandle {
     /// the proxy sees it (per search, not per shard: a node holding every shard's copies is
     /// not busier for it).
     in_flight: AtomicUsize,
-    /// Sub-searches it took over from a node whose queue was longer (long-tail stealing).
+    /// Sub-searches it took, while idle, from a busy node whose turn it was (long-tail stealing).
     pub stolen: AtomicU64,
 }
 
@@ -318,7 +318,7 @@ impl Placement {
                     .filter_map(|g| c[g].map(|n| (g, n)))
                     .filter(|&(g, n)| self.groups[g][n].is_up());
                 let Some(turn) = holders.next() else { continue };
-                let idle = holders.find(|&h| queue(h) == 0).filter(|_| self.steal && queue(turn) > 0);
+                let idle = if self.steal && queue(turn) > 0 { holders.find(|&h| queue(h) == 0) } else { None };
                 let (g, n) = idle.unwrap_or(turn);
                 let route = remote.entry((g, n, si as u32)).or_default();
                 route.segments.push(seg.id);
