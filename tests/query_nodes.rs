@@ -440,3 +440,41 @@ async fn with_stealing_off_a_slow_node_keeps_its_turns() {
     // Group 1's turns (a sub-search per shard each) all went to the slow node.
     assert!(nodes[2].searches() > 0, "the slow node lost its turns with stealing off");
 }
+
+/// Rebalancing: a node that was lost comes back at its address, empty, while its group's other
+/// node holds every copy; the placement loop moves copies to it until the two differ by one at
+/// most, and searches keep the writer's answers throughout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_back_in_its_group_gets_its_share_of_copies_again() {
+    let (sb, mut nodes, mut c) = cluster_with_query_nodes().await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    let placement = sb.placement("a").await.unwrap();
+    let addr = nodes[0].running.addr;
+    let gone = nodes.remove(0);
+    gone.stop.cancel();
+    let _ = gone.running.task.await;
+    // Searches mark qa1 down; qa2 then gets all of group 0's copies.
+    let req = search(vectors(8, DIM, 31), 10);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while nodes[0].held() != segments || placement.copies_per_group() != vec![segments, segments] {
+        c.search(req.clone()).await.unwrap();
+        assert!(Instant::now() < deadline, "qa2 did not take group 0's copies: holds {} of {segments}", nodes[0].held());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let back = QueryNode::start_at(&addr.to_string(), "qa1-again").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (a, b) = (back.held(), nodes[0].held());
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await, "an answer changed while copies moved");
+        if a + b == segments && a.abs_diff(b) <= 1 && placement.copies_per_group() == vec![segments, segments] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "group 0 not rebalanced: qa1 holds {a}, qa2 {b} of {segments}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+    let group0: Vec<u64> = info.query_nodes.iter().filter(|q| q.group == 0).map(|q| q.segments).collect();
+    assert_eq!(group0.iter().sum::<u64>(), segments as u64);
+    assert!(group0.iter().all(|&n| n > 0), "copies per node of group 0: {group0:?}");
+}

@@ -21,7 +21,8 @@
 //! The placement loop runs every [`PLACE_EVERY`]: every sealed segment with its index built is
 //! loaded on the least-loaded live node of each group; copies of segments that are gone
 //! (dropped collections) are released; a node that failed is probed and, once it answers, given
-//! segments again after it released what it still held.
+//! segments again after it released what it still held; a group whose nodes hold uneven numbers
+//! of copies is evened out (a node back from a failure gets its share).
 //!
 //! What this does not do yet (issue 19): the cache lives in this process only (not in the
 //! arbiter's store); growing data is searched on the writer, not on per-group shard leaders;
@@ -52,6 +53,9 @@ pub const PLACE_EVERY: Duration = Duration::from_millis(300);
 
 /// A sealed segment of a shard of a collection (by collection id).
 type SegKey = (u64, u32, SegmentId);
+
+/// Per (collection id, shard): the collection, and the sealed segments that should have copies.
+type Wanted = HashMap<(u64, u32), (Arc<Collection>, Vec<SegmentId>)>;
 
 /// One query node as the proxy sees it.
 pub struct QueryNodeHandle {
@@ -177,10 +181,12 @@ impl Placement {
         }
     }
 
-    fn forget(&self, g: usize, keys: impl IntoIterator<Item = SegKey>) {
+    /// Forgets the copies `keys` on node `n` of group `g` (a copy that moved to another node
+    /// meanwhile, by a rebalance, is kept).
+    fn forget(&self, g: usize, n: usize, keys: impl IntoIterator<Item = SegKey>) {
         let mut copies = self.copies.write();
         for k in keys {
-            if let Some(c) = copies.get_mut(&k) {
+            if let Some(c) = copies.get_mut(&k).filter(|c| c[g] == Some(n)) {
                 c[g] = None;
             }
         }
@@ -209,7 +215,7 @@ impl Placement {
     /// One round of the placement loop (see the module's comment).
     pub async fn place(&self, node: &Node) {
         // What should have copies: every sealed segment a snapshot could ship now.
-        let mut wanted: HashMap<(u64, u32), (Arc<Collection>, Vec<SegmentId>)> = HashMap::new();
+        let mut wanted: Wanted = HashMap::new();
         for c in node.collections() {
             let schema = c.schema();
             let snap = c.serviceable_ts(&node.clock);
@@ -259,25 +265,82 @@ impl Placement {
             }
             for ((n, cid, shard), segs) in load {
                 let (c, _) = &wanted[&(cid, shard)];
-                let req = qn::LoadRequest {
-                    source: self.source.clone(),
-                    collection_id: cid,
-                    schema: Some(c.schema().to_proto()),
-                    shard,
-                    segments: segs,
-                };
-                match self.groups[g][n].client.clone().load(req).await {
-                    Ok(resp) => {
-                        let mut copies = self.copies.write();
-                        for seg in resp.into_inner().held {
-                            if let Some(c) = copies.get_mut(&(cid, shard, seg)) {
-                                c[g] = Some(n);
-                            }
-                        }
+                let Some(held) = self.load_on(g, n, c, shard, segs).await else { continue };
+                let mut copies = self.copies.write();
+                for seg in held {
+                    if let Some(c) = copies.get_mut(&(cid, shard, seg)) {
+                        c[g] = Some(n);
                     }
-                    Err(s) if is_node_failure(&s) => self.node_failed(g, n, s.message()),
-                    Err(s) => tracing::warn!(endpoint = %self.groups[g][n].endpoint, error = %s.message(), "query node refused a load"),
                 }
+            }
+            self.rebalance(g, &wanted).await;
+        }
+    }
+
+    /// Evens out group `g`: while its live node with the most copies holds two or more more than
+    /// the one with the fewest, copies move from the one to the other (a node that came back, or
+    /// was added, gets its share). A move loads the copy on the new node first and releases the
+    /// old one only once the cache points at the new one, so searches always find a copy.
+    async fn rebalance(&self, g: usize, wanted: &Wanted) {
+        let moves = {
+            let copies = self.copies.read();
+            let live: Vec<usize> = (0..self.groups[g].len()).filter(|&n| self.groups[g][n].is_up()).collect();
+            let mut held: HashMap<usize, Vec<SegKey>> = live.iter().map(|&n| (n, Vec::new())).collect();
+            for (k, c) in copies.iter() {
+                if let Some(keys) = c[g].and_then(|n| held.get_mut(&n)) {
+                    keys.push(*k);
+                }
+            }
+            held.values_mut().for_each(|keys| keys.sort_unstable());
+            let mut moves: HashMap<(usize, usize, u64, u32), Vec<SegmentId>> = HashMap::new();
+            while let (Some(&from), Some(&to)) = (live.iter().max_by_key(|n| held[n].len()), live.iter().min_by_key(|n| held[n].len())) {
+                if held[&from].len() <= held[&to].len() + 1 {
+                    break;
+                }
+                let Some(k) = held.get_mut(&from).and_then(Vec::pop) else { break };
+                if let Some(keys) = held.get_mut(&to) {
+                    keys.push(k);
+                }
+                moves.entry((from, to, k.0, k.1)).or_default().push(k.2);
+            }
+            moves
+        };
+        for ((from, to, cid, shard), segs) in moves {
+            let Some((c, _)) = wanted.get(&(cid, shard)) else { continue };
+            let Some(loaded) = self.load_on(g, to, c, shard, segs).await else { continue };
+            let moved: Vec<SegmentId> = {
+                let mut copies = self.copies.write();
+                let mut moved = Vec::new();
+                for seg in loaded {
+                    if let Some(c) = copies.get_mut(&(cid, shard, seg)).filter(|c| c[g] == Some(from)) {
+                        c[g] = Some(to);
+                        moved.push(seg);
+                    }
+                }
+                moved
+            };
+            if !moved.is_empty() {
+                tracing::info!(from = %self.groups[g][from].endpoint, to = %self.groups[g][to].endpoint, segments = moved.len(), "copies rebalanced");
+                let req = qn::ReleaseRequest { collection_id: cid, shard, segments: moved };
+                let _ = self.groups[g][from].client.clone().release(req).await;
+            }
+        }
+    }
+
+    /// Loads `segments` of `c`'s `shard` on node `n` of group `g`: the segments it now holds, or
+    /// `None` when it failed (a transport failure marks the node down).
+    async fn load_on(&self, g: usize, n: usize, c: &Collection, shard: u32, segments: Vec<SegmentId>) -> Option<Vec<SegmentId>> {
+        let req =
+            qn::LoadRequest { source: self.source.clone(), collection_id: c.id, schema: Some(c.schema().to_proto()), shard, segments };
+        match self.groups[g][n].client.clone().load(req).await {
+            Ok(resp) => Some(resp.into_inner().held),
+            Err(s) if is_node_failure(&s) => {
+                self.node_failed(g, n, s.message());
+                None
+            }
+            Err(s) => {
+                tracing::warn!(endpoint = %self.groups[g][n].endpoint, error = %s.message(), "query node refused a load");
+                None
             }
         }
     }
@@ -426,7 +489,7 @@ impl Fanout for Placement {
                         self.groups[g][n].searches.fetch_add(1, Ordering::Relaxed);
                         parts.push(hits);
                         if !resp.missing.is_empty() {
-                            self.forget(g, resp.missing.iter().map(|&s| (collection.id, shard, s)));
+                            self.forget(g, n, resp.missing.iter().map(|&s| (collection.id, shard, s)));
                         }
                         resp.missing.into_iter().collect()
                     }
