@@ -131,6 +131,19 @@ impl<T: Tandem> MilvusApi<T> {
         self.describe(md, name).await
     }
 
+    /// The collection whose id is `id` (a request that names no collection).
+    async fn by_id(&self, md: &tonic::metadata::MetadataMap, db: &str, id: i64) -> Result<Arc<t::CollectionInfo>, MilvusError> {
+        check_db(db)?;
+        let names = self.inner.list_collections(inner(md, t::ListCollectionsRequest {})).await?.into_inner().names;
+        for name in names {
+            let info = self.describe(md, &name).await?;
+            if info.collection_id as i64 == id {
+                return Ok(info);
+            }
+        }
+        Err(MilvusError::collection_not_found(&format!("id {id}")))
+    }
+
     async fn write_rows(&self, md: &tonic::metadata::MetadataMap, w: RowsWrite) -> Result<mm::MutationResult, MilvusError> {
         let schema = schema_of(&*self.known(md, &w.db, &w.collection, std::slice::from_ref(&w.partition)).await?);
         let rows = convert::rows_from_fields(&schema, &w.columns, w.num_rows)?;
@@ -258,6 +271,7 @@ with_status!(
     mm::CheckHealthResponse,
     mm::AllocTimestampResponse,
     mm::ConnectResponse,
+    mm::GetReplicasResponse,
 );
 
 fn reply<R: WithStatus>(r: Result<R, MilvusError>) -> Reply<R> {
@@ -950,6 +964,62 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
         let known = self.known(&md, &r.db_name, &r.collection_name, &r.partition_names).await;
         reply(known.map(|_| mm::GetLoadStateResponse { status: None, state: mc::LoadState::Loaded as i32 }))
     }
+
+    /// The cluster's replica groups (docs/milvus.md): one replica without query nodes, else one
+    /// per `query_nodes.groups` entry. pymilvus asks by collection id only.
+    async fn get_replicas(&self, req: Request<mm::GetReplicasRequest>) -> Reply<mm::GetReplicasResponse> {
+        let (md, _, r) = req.into_parts();
+        reply(
+            async {
+                let info = if r.collection_name.is_empty() {
+                    self.by_id(&md, &r.db_name, r.collection_id).await?
+                } else {
+                    self.known(&md, &r.db_name, &r.collection_name, &[]).await?
+                };
+                let cluster = self.inner.get_cluster_info(inner(&md, t::GetClusterInfoRequest {})).await?.into_inner();
+                Ok(mm::GetReplicasResponse { status: None, replicas: replicas_of(&schema_of(&info), info.collection_id as i64, &cluster) })
+            }
+            .await,
+        )
+    }
+}
+
+/// Node ids as GetReplicas shows them: tandem has no numeric node ids, so the cluster's own
+/// process (the proxy, and the leader of every shard) is 1, and the query nodes are numbered
+/// from 2 in the order `query_nodes.groups` lists them. Replica ids are the group's index + 1.
+fn replicas_of(s: &t::CollectionSchema, collection_id: i64, cluster: &t::GetClusterInfoResponse) -> Vec<mm::ReplicaInfo> {
+    const CLUSTER_NODE: i64 = 1;
+    let mut groups: std::collections::BTreeMap<u32, Vec<i64>> = std::collections::BTreeMap::new();
+    for (i, q) in cluster.query_nodes.iter().enumerate() {
+        let nodes = groups.entry(q.group).or_default();
+        if q.up {
+            nodes.push(i as i64 + 2);
+        }
+    }
+    if groups.is_empty() {
+        groups.insert(0, Vec::new());
+    }
+    groups
+        .into_iter()
+        .map(|(g, nodes)| {
+            let node_ids: Vec<i64> = std::iter::once(CLUSTER_NODE).chain(nodes).collect();
+            mm::ReplicaInfo {
+                replica_id: i64::from(g) + 1,
+                collection_id,
+                shard_replicas: (0..s.shards)
+                    .map(|i| mm::ShardReplica {
+                        leader_id: CLUSTER_NODE,
+                        leader_addr: String::new(),
+                        dm_channel_name: format!("{}_shard{i}", s.name),
+                        node_ids: node_ids.clone(),
+                    })
+                    .collect(),
+                node_ids,
+                resource_group_name: "__default_resource_group".into(),
+                ..Default::default()
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -958,6 +1028,24 @@ mod tests {
 
     fn kvs(pairs: &[(&str, &str)]) -> Vec<mc::KeyValuePair> {
         pairs.iter().map(|(k, v)| mc::KeyValuePair { key: (*k).into(), value: (*v).into() }).collect()
+    }
+
+    #[test]
+    fn replicas_are_the_clusters_groups_led_by_its_own_process() {
+        let s = t::CollectionSchema { name: "docs".into(), shards: 2, ..Default::default() };
+        let q = |group, up| t::QueryNodeStatus { group, up, ..Default::default() };
+        // No query nodes: one replica, the cluster's process alone.
+        let one = replicas_of(&s, 7, &t::GetClusterInfoResponse::default());
+        assert_eq!(one.len(), 1);
+        assert_eq!((one[0].replica_id, one[0].collection_id, one[0].node_ids.clone()), (1, 7, vec![1]));
+        let channels: Vec<&str> = one[0].shard_replicas.iter().map(|r| r.dm_channel_name.as_str()).collect();
+        assert_eq!(channels, ["docs_shard0", "docs_shard1"]);
+        // Two groups; a node that is down is not listed.
+        let info = t::GetClusterInfoResponse { query_nodes: vec![q(0, true), q(0, false), q(1, true)], ..Default::default() };
+        let two = replicas_of(&s, 7, &info);
+        let nodes: Vec<(i64, Vec<i64>)> = two.iter().map(|r| (r.replica_id, r.node_ids.clone())).collect();
+        assert_eq!(nodes, [(1, vec![1, 2]), (2, vec![1, 4])]);
+        assert!(two.iter().flat_map(|r| &r.shard_replicas).all(|sr| sr.leader_id == 1));
     }
 
     #[test]

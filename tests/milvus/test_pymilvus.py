@@ -228,6 +228,11 @@ class Endpoint:
         # Replicas are the cluster's replica groups; this one has no query nodes: one replica.
         c.load_collection(name, replica_number=1)
         self.assertMilvusError(1100, "replica_number 2", c.load_collection, name, replica_number=2)
+        # That replica: the cluster's own process (node 1) leads the collection's shards.
+        (replica,) = c.describe_replica(name)
+        self.assertEqual((replica.id, tuple(replica.group_nodes)), (1, (1,)))
+        self.assertEqual(len(replica.shards), c.describe_collection(name)["num_shards"])
+        self.assertTrue(all(s.shard_leader == 1 for s in replica.shards), replica)
         c.drop_index(name, index_name="vector")
         self.assertEqual(c.describe_index(name, index_name="vector")["index_type"], "FLAT")
         # An index on a field that does not exist names it.
