@@ -37,6 +37,14 @@ impl QueryNode {
         QueryNode { running, stop, _scratch: scratch }
     }
 
+    /// Stops the node: its server and its streams end, and its address refuses connections.
+    /// Returns that address, for a node started again at it.
+    async fn stop(self) -> std::net::SocketAddr {
+        self.stop.cancel();
+        let _ = self.running.task.await;
+        self.running.addr
+    }
+
     fn endpoint(&self) -> String {
         format!("http://{}", self.running.addr)
     }
@@ -214,9 +222,7 @@ async fn a_query_node_lost_under_load_fails_no_search_and_its_copies_move_to_its
     };
     tokio::time::sleep(Duration::from_millis(500)).await;
     // qa1 goes away: its server and its streams stop, and its address refuses connections.
-    let lost = nodes.remove(0);
-    lost.stop.cancel();
-    let _ = lost.running.task.await;
+    nodes.remove(0).stop().await;
 
     // Group 0's copies are restored on qa2, without anyone asking.
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -275,10 +281,7 @@ async fn a_query_node_back_at_its_address_is_probed_and_loaded_again() {
     let (sb, mut nodes, mut c) = cluster_with_query_nodes().await;
     let segments = wait_placed(&sb, &mut c, 2).await;
     let placement = sb.placement("a").await.unwrap();
-    let addr = nodes[2].running.addr;
-    let gone = nodes.remove(2);
-    gone.stop.cancel();
-    let _ = gone.running.task.await;
+    let addr = nodes.remove(2).stop().await;
     // Searches go on; group 1's calls fail and its only node is marked down.
     let req = search(vectors(8, DIM, 5), 10);
     let deadline = Instant::now() + Duration::from_secs(30);
@@ -449,10 +452,7 @@ async fn a_node_back_in_its_group_gets_its_share_of_copies_again() {
     let (sb, mut nodes, mut c) = cluster_with_query_nodes().await;
     let segments = wait_placed(&sb, &mut c, 2).await;
     let placement = sb.placement("a").await.unwrap();
-    let addr = nodes[0].running.addr;
-    let gone = nodes.remove(0);
-    gone.stop.cancel();
-    let _ = gone.running.task.await;
+    let addr = nodes.remove(0).stop().await;
     // Searches mark qa1 down; qa2 then gets all of group 0's copies.
     let req = search(vectors(8, DIM, 31), 10);
     let deadline = Instant::now() + Duration::from_secs(60);
