@@ -545,8 +545,8 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                     return Err(MilvusError::invalid(format!("replica_number {} is negative", r.replica_number)));
                 }
                 if r.replica_number > 1 {
-                    let info = self.inner.get_cluster_info(inner(&md, t::GetClusterInfoRequest {})).await?.into_inner();
-                    let groups = info.query_nodes.iter().map(|q| q.group).collect::<std::collections::BTreeSet<_>>().len().max(1);
+                    let cluster = self.inner.get_cluster_info(inner(&md, t::GetClusterInfoRequest {})).await?.into_inner();
+                    let groups = replica_groups(&cluster).len();
                     if r.replica_number as usize > groups {
                         return Err(MilvusError::invalid(format!(
                             "replica_number {} is more than the {groups} replica group(s) the cluster has (query_nodes.groups; docs/scaling.md)",
@@ -977,18 +977,22 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                     self.known(&md, &r.db_name, &r.collection_name, &[]).await?
                 };
                 let cluster = self.inner.get_cluster_info(inner(&md, t::GetClusterInfoRequest {})).await?.into_inner();
-                Ok(mm::GetReplicasResponse { status: None, replicas: replicas_of(&schema_of(&info), info.collection_id as i64, &cluster) })
+                let replicas = replicas_of(&schema_of(&info), info.collection_id as i64, replica_groups(&cluster));
+                Ok(mm::GetReplicasResponse { status: None, replicas })
             }
             .await,
         )
     }
 }
 
-/// Node ids as GetReplicas shows them: tandem has no numeric node ids, so the cluster's own
-/// process (the proxy, and the leader of every shard) is 1, and the query nodes are numbered
-/// from 2 in the order `query_nodes.groups` lists them. Replica ids are the group's index + 1.
-fn replicas_of(s: &t::CollectionSchema, collection_id: i64, cluster: &t::GetClusterInfoResponse) -> Vec<mm::ReplicaInfo> {
-    const CLUSTER_NODE: i64 = 1;
+/// The cluster's own process as a node id: the proxy, and the leader of every shard.
+const CLUSTER_NODE: i64 = 1;
+
+/// The cluster's replica groups as Milvus counts replicas (LoadCollection's `replica_number`,
+/// GetReplicas): per group, the node ids of its live query nodes. tandem has no numeric node
+/// ids, so query nodes are numbered from 2 in the order `query_nodes.groups` lists them. A
+/// cluster without query nodes is one replica, of the cluster's process alone.
+fn replica_groups(cluster: &t::GetClusterInfoResponse) -> std::collections::BTreeMap<u32, Vec<i64>> {
     let mut groups: std::collections::BTreeMap<u32, Vec<i64>> = std::collections::BTreeMap::new();
     for (i, q) in cluster.query_nodes.iter().enumerate() {
         let nodes = groups.entry(q.group).or_default();
@@ -999,6 +1003,12 @@ fn replicas_of(s: &t::CollectionSchema, collection_id: i64, cluster: &t::GetClus
     if groups.is_empty() {
         groups.insert(0, Vec::new());
     }
+    groups
+}
+
+/// GetReplicas' answer for the collection: one replica per group of [`replica_groups`], replica
+/// ids the group's index + 1, every shard led by [`CLUSTER_NODE`].
+fn replicas_of(s: &t::CollectionSchema, collection_id: i64, groups: std::collections::BTreeMap<u32, Vec<i64>>) -> Vec<mm::ReplicaInfo> {
     groups
         .into_iter()
         .map(|(g, nodes)| {
@@ -1035,14 +1045,14 @@ mod tests {
         let s = t::CollectionSchema { name: "docs".into(), shards: 2, ..Default::default() };
         let q = |group, up| t::QueryNodeStatus { group, up, ..Default::default() };
         // No query nodes: one replica, the cluster's process alone.
-        let one = replicas_of(&s, 7, &t::GetClusterInfoResponse::default());
+        let one = replicas_of(&s, 7, replica_groups(&t::GetClusterInfoResponse::default()));
         assert_eq!(one.len(), 1);
         assert_eq!((one[0].replica_id, one[0].collection_id, one[0].node_ids.clone()), (1, 7, vec![1]));
         let channels: Vec<&str> = one[0].shard_replicas.iter().map(|r| r.dm_channel_name.as_str()).collect();
         assert_eq!(channels, ["docs_shard0", "docs_shard1"]);
         // Two groups; a node that is down is not listed.
         let info = t::GetClusterInfoResponse { query_nodes: vec![q(0, true), q(0, false), q(1, true)], ..Default::default() };
-        let two = replicas_of(&s, 7, &info);
+        let two = replicas_of(&s, 7, replica_groups(&info));
         let nodes: Vec<(i64, Vec<i64>)> = two.iter().map(|r| (r.replica_id, r.node_ids.clone())).collect();
         assert_eq!(nodes, [(1, vec![1, 2]), (2, vec![1, 4])]);
         assert!(two.iter().flat_map(|r| &r.shard_replicas).all(|sr| sr.leader_id == 1));
