@@ -98,9 +98,15 @@ async fn indexed_segments(c: &mut Client) -> usize {
     info.segments.iter().filter(|s| s.state == pb::segment_info::State::Indexed as i32).count()
 }
 
-/// Waits until every indexed segment has a copy in every group.
+/// Waits until every indexed segment of `a` has a copy in every group.
 async fn wait_placed(sb: &Sandbox, c: &mut Client, groups: usize) -> usize {
-    let placement = sb.placement("a").await.expect("a has query nodes");
+    wait_placed_on(sb, "a", c, groups).await
+}
+
+/// Waits until every indexed segment of cluster `name` (`c` is its client) has a copy in every
+/// group.
+async fn wait_placed_on(sb: &Sandbox, name: &str, c: &mut Client, groups: usize) -> usize {
+    let placement = sb.placement(name).await.expect("the cluster has query nodes");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let indexed = indexed_segments(c).await;
@@ -128,8 +134,13 @@ fn search(queries: Vec<f32>, k: u32) -> pb::SearchRequest {
 /// The answer to `req` with every segment searched in the writer's own process, for comparison
 /// (the query nodes loaded the writer's index files, so the answers must be identical).
 async fn answer_without_query_nodes(sb: &Sandbox, c: &mut Client, req: pb::SearchRequest) -> Vec<pb::Hits> {
-    let node = sb.node("a").await;
-    let placement = sb.placement("a").await.unwrap();
+    answer_without_query_nodes_of(sb, "a", c, req).await
+}
+
+/// [`answer_without_query_nodes`] of cluster `name` (`c` is its client).
+async fn answer_without_query_nodes_of(sb: &Sandbox, name: &str, c: &mut Client, req: pb::SearchRequest) -> Vec<pb::Hits> {
+    let node = sb.node(name).await;
+    let placement = sb.placement(name).await.unwrap();
     node.set_fanout(Arc::new(LocalFanout::default()));
     let r = c.search(req).await.map(|r| r.into_inner().results);
     node.set_fanout(placement);
@@ -256,13 +267,17 @@ async fn a_query_node_lost_under_load_fails_no_search_and_its_copies_move_to_its
 /// A restarted cluster (a new address) stops without waiting on the query nodes' streams, and
 /// its query nodes drop what they held of the old one and load from the new one: answers come
 /// from them again, none is answered by the cluster itself for want of a stream.
+/// A cluster restarted at another address: its query nodes follow the old one, so the placement
+/// it kept is not used, and every copy is loaded again from the new address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restarted_cluster_loads_its_query_nodes_again() {
     let (sb, nodes, mut c) = cluster_with_query_nodes().await;
     let segments = wait_placed(&sb, &mut c, 2).await;
+    let loaded = nodes.iter().map(|n| n.running.node.loaded()).sum::<u64>();
     sb.restart("a").await;
     let mut c = sb.client("a").await;
     assert_eq!(wait_placed(&sb, &mut c, 2).await, segments);
+    assert!(nodes.iter().map(|n| n.running.node.loaded()).sum::<u64>() >= loaded + 2 * segments as u64, "the copies were not loaded again");
     let before = nodes.iter().map(QueryNode::searches).sum::<u64>();
     let req = search(vectors(8, DIM, 11), 10);
     for _ in 0..4 {
@@ -270,7 +285,50 @@ async fn a_restarted_cluster_loads_its_query_nodes_again() {
         assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
     }
     assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 4);
-    assert_eq!(sb.placement("a").await.unwrap().rerouted.load(Ordering::Relaxed), 0);
+}
+
+/// A restarted cluster starts from the placement it kept (coordinator state, in its data
+/// directory without an arbiter): it knows its copies at once, loads none again, and its first
+/// searches go to the query nodes. A copy dropped behind its back meanwhile (a node that
+/// restarted too) comes back `missing`, is searched in the cluster and placed again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_cluster_starts_from_the_placement_it_kept() {
+    let (sb, nodes, mut c) = cluster_with_query_nodes().await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    let loaded: Vec<u64> = nodes.iter().map(|n| n.running.node.loaded()).collect();
+    assert_eq!(loaded.iter().sum::<u64>(), 2 * segments as u64);
+    let asked: Vec<u64> = nodes.iter().map(|n| n.running.node.load_requests()).collect();
+    let addr = sb.addr("a").await;
+    sb.stop("a").await;
+    sb.start_again_at("a", addr).await;
+    assert_eq!(sb.placement("a").await.unwrap().copies_per_group(), vec![segments, segments], "the placement was not restored");
+    let mut c = sb.client("a").await;
+    assert_eq!(wait_placed(&sb, &mut c, 2).await, segments);
+    // Drop one copy behind the cluster's back.
+    let held = nodes[2].running.node.held();
+    let (&(cid, shard), segs) = held.iter().next().unwrap();
+    nodes[2].running.node.release(cid, shard, &segs[..1]);
+    let before = nodes.iter().map(QueryNode::searches).sum::<u64>();
+    let req = search(vectors(8, DIM, 11), 10);
+    for _ in 0..4 {
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
+    }
+    assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 4);
+    // Not even asked: a Load of a copy a node holds is a no-op, but a proxy that knew nothing
+    // would have sent one for every copy.
+    let now: Vec<u64> = nodes.iter().map(|n| n.running.node.load_requests()).collect();
+    assert_eq!(now[..2], asked[..2], "the restarted cluster asked group 0's nodes to load copies they hold");
+    assert_eq!(nodes.iter().map(|n| n.running.node.loaded()).collect::<Vec<_>>()[..2], loaded[..2], "copies were loaded again");
+    // The dropped copy was searched in the cluster once and is placed again.
+    let placement = sb.placement("a").await.unwrap();
+    assert!(placement.rerouted.load(Ordering::Relaxed) >= 1);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes[2].held() != segments {
+        assert!(Instant::now() < deadline, "the dropped copy was not placed again: qb1 holds {} of {segments}", nodes[2].held());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(nodes[2].running.node.loaded(), loaded[2] + 1);
 }
 
 /// A query node that comes back at its address, empty (a restart): the cluster marked it down
@@ -477,4 +535,106 @@ async fn a_node_back_in_its_group_gets_its_share_of_copies_again() {
     let group0: Vec<u64> = info.query_nodes.iter().filter(|q| q.group == 0).map(|q| q.segments).collect();
     assert_eq!(group0.iter().sum::<u64>(), segments as u64);
     assert!(group0.iter().all(|&n| n > 0), "copies per node of group 0: {group0:?}");
+}
+
+/// `a` leads (no query nodes); `b` follows it through `builder`'s transport with two query nodes,
+/// one per group. 1800 rows are inserted on `a` and flushed; returns once `b` has them and its
+/// own sealed segments (b seals and indexes what it applies) have a copy in both groups.
+async fn alternative_with_query_nodes(builder: SandboxBuilder) -> (Sandbox, Vec<QueryNode>, Client, Client, usize) {
+    let nodes = vec![QueryNode::start("qalt1").await, QueryNode::start("qalt2").await];
+    let groups = vec![vec![nodes[0].endpoint()], vec![nodes[1].endpoint()]];
+    let sb = builder
+        .cluster_with("a", |c| c.segment.seal_rows = 300)
+        .alternative_with("b", "a", move |c| {
+            c.segment.seal_rows = 300;
+            c.query_nodes.groups = groups.clone();
+        })
+        .build()
+        .await;
+    sb.wait_role("a", pb::Role::Leading, Duration::from_secs(60)).await;
+    sb.wait_role("b", pb::Role::Alternative, Duration::from_secs(60)).await;
+    let mut ca = sb.client("a").await;
+    ca.create_collection(pb::CreateCollectionRequest {
+        schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, hnsw(16, 64), 2, vec![field("n", pb::ScalarType::Int64)])),
+    })
+    .await
+    .unwrap();
+    let payloads = (0..1800).map(|i| payload(&[("n", int(i))])).collect();
+    let insert = pb::InsertRequest { ack: 0, collection: COLL.into(), ids: (0..1800).collect(), vectors: vectors(1800, DIM, 5), payloads };
+    ca.insert(insert).await.unwrap();
+    ca.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
+    let mut cb = sb.client("b").await;
+    converge(&mut ca, &mut cb, COLL, Duration::from_secs(60)).await;
+    let segments = wait_placed_on(&sb, "b", &mut cb, 2).await;
+    assert!(segments >= 4, "expected b to seal segments on both shards, got {segments}");
+    assert_eq!((nodes[0].held(), nodes[1].held()), (segments, segments));
+    (sb, nodes, ca, cb, segments)
+}
+
+/// Deletes and upserts on `lead` of rows the query nodes hold copies of: a STRONG read on
+/// `read` (the cluster with the query nodes) sees them at once, through the query nodes, and
+/// answers as its own process would.
+async fn leaders_changes_reach_the_copies(sb: &Sandbox, nodes: &[QueryNode], lead: &mut Client, read: (&str, &mut Client), salt: i64) {
+    let (name, c) = read;
+    let placement = sb.placement(name).await.unwrap();
+    let v = vectors(1800, DIM, 5);
+    let deleted: Vec<i64> = (salt..900).step_by(13).collect();
+    lead.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: deleted.clone(), filter: String::new() }).await.unwrap();
+    let moved: Vec<i64> = (salt + 1..900).step_by(17).collect();
+    let far: Vec<f32> = moved.iter().flat_map(|_| vec![50.0f32; DIM]).collect();
+    lead.upsert(pb::UpsertRequest { ack: 0, collection: COLL.into(), ids: moved.clone(), vectors: far, payloads: vec![] }).await.unwrap();
+    let before = nodes.iter().map(QueryNode::searches).sum::<u64>();
+    for id in deleted.iter().chain(&moved).take(40) {
+        let own = v[*id as usize * DIM..(*id as usize + 1) * DIM].to_vec();
+        let got = c.search(search(own, 3)).await.unwrap().into_inner().results;
+        let ids: Vec<i64> = got[0].hits.iter().map(|h| h.id).collect();
+        assert!(!ids.contains(id), "row {id} was deleted or moved away on the leader but a STRONG search on {name} found it: {ids:?}");
+    }
+    assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 40, "the reads did not go to {name}'s query nodes");
+    let req = search(vectors(8, DIM, 7), 20);
+    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes_of(sb, name, c, req).await);
+    assert_eq!(placement.rerouted.load(Ordering::Relaxed), 0, "{name} searched parts of its query nodes' share itself");
+}
+
+/// An alternative cluster that is itself multi-node (issue 19): its query nodes load its own
+/// sealed segments and follow its own log, so a read on the alternative at any level is served
+/// from the copies with every change of the leader's it covers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alternative_serves_from_its_own_query_nodes_with_the_leaders_changes() {
+    let (sb, nodes, mut ca, mut cb, _) = alternative_with_query_nodes(Sandbox::builder()).await;
+    let req = search(vectors(8, DIM, 99), 10);
+    for _ in 0..4 {
+        let got = cb.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes_of(&sb, "b", &mut cb, req.clone()).await);
+    }
+    assert!(nodes.iter().all(|n| n.searches() > 0), "searches per node: {:?}", nodes.iter().map(QueryNode::searches).collect::<Vec<_>>());
+    leaders_changes_reach_the_copies(&sb, &nodes, &mut ca, ("b", &mut cb), 0).await;
+    // A SESSION read with the token of a write on the leader, as the gateway sends it.
+    let token = ca
+        .delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: vec![1001], filter: String::new() })
+        .await
+        .unwrap()
+        .into_inner()
+        .session_token;
+    let own = vectors(1800, DIM, 5)[1001 * DIM..1002 * DIM].to_vec();
+    let got = cb.search(pb::SearchRequest { read: read(pb::ConsistencyLevel::Session, &token), ..search(own, 3) }).await.unwrap();
+    assert!(got.into_inner().results[0].hits.iter().all(|h| h.id != 1001), "a SESSION read on b missed the write its token names");
+}
+
+/// A promoted alternative keeps its query nodes: they follow its log by the log's own
+/// positions, which go on unchanged when it starts to lead (stream positions start a new term),
+/// so no copy is loaded again and the new leader's own writes reach them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_promoted_alternative_keeps_its_query_nodes_and_their_copies() {
+    let broker = tandem_harness::Tansu::start(false);
+    let builder = Sandbox::builder().transport(Backend::Kafka { brokers: broker.brokers() }).ha();
+    let (sb, nodes, mut ca, mut cb, _) = alternative_with_query_nodes(builder).await;
+    leaders_changes_reach_the_copies(&sb, &nodes, &mut ca, ("b", &mut cb), 0).await;
+    let held: Vec<_> = nodes.iter().map(|n| n.running.node.held()).collect();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    sb.node("a").await.switchover("b", deadline).await.unwrap();
+    sb.wait_role("b", pb::Role::Leading, Duration::from_secs(60)).await;
+    let mut cb2 = sb.client("b").await;
+    leaders_changes_reach_the_copies(&sb, &nodes, &mut cb, ("b", &mut cb2), 2).await;
+    assert_eq!(nodes.iter().map(|n| n.running.node.held()).collect::<Vec<_>>(), held, "copies were loaded again after the promotion");
 }

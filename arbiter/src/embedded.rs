@@ -19,7 +19,7 @@ use tracing::{debug, info};
 
 use crate::{
     Arbiter, ArbiterError, Candidate, HANDOVER_TTL, Leadership, LeaseState, MemberStatus, Result, Session, View, check_candidate,
-    check_hand_over, check_report, lease_seconds,
+    check_hand_over, check_report, check_state_name, lease_seconds,
 };
 
 type LeaseId = u64;
@@ -53,6 +53,8 @@ struct State {
     members: BTreeMap<String, (MemberStatus, LeaseId)>,
     leases: HashMap<LeaseId, LeaseEntry>,
     sessions: HashMap<SessionId, SessionRec>,
+    /// Coordinator state per (cluster, name): no lease.
+    states: HashMap<(String, String), Vec<u8>>,
     /// Clusters whose sessions stopped renewing (test hook).
     paused: HashSet<String>,
     next_id: u64,
@@ -339,6 +341,23 @@ impl Session for EmbeddedSession {
             return Err(ArbiterError::Closed);
         }
         Ok(self.shared.state.lock().members.values().map(|(m, _)| m.clone()).collect())
+    }
+
+    async fn put_state(&self, name: &str, value: Vec<u8>) -> Result<()> {
+        check_state_name(name)?;
+        if self.cancel.is_cancelled() {
+            return Err(ArbiterError::Closed);
+        }
+        self.shared.state.lock().states.insert((self.me.cluster.clone(), name.to_string()), value);
+        Ok(())
+    }
+
+    async fn get_state(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_state_name(name)?;
+        if self.cancel.is_cancelled() {
+            return Err(ArbiterError::Closed);
+        }
+        Ok(self.shared.state.lock().states.get(&(self.me.cluster.clone(), name.to_string())).cloned())
     }
 
     async fn campaign(&self, expected_epoch: u64) -> Result<Option<Leadership>> {

@@ -25,7 +25,7 @@ use tracing::{debug, error, info, warn};
 
 use crate::{
     Arbiter, ArbiterError, Candidate, HANDOVER_TTL, Leadership, LeaseState, MemberStatus, Result, Session, View, check_candidate,
-    check_hand_over, check_report, lease_seconds,
+    check_hand_over, check_report, check_state_name, lease_seconds,
 };
 
 /// The arbiter in etcd, under `prefix` (see [`crate::default_prefix`]). Cheap to clone; the
@@ -67,6 +67,11 @@ impl Keys {
     }
     fn member(&self, cluster: &str) -> String {
         format!("{}members/{cluster}", self.prefix)
+    }
+
+    /// A member's coordinator state: outside `members/`, and no lease.
+    fn state(&self, cluster: &str, name: &str) -> String {
+        format!("{}state/{cluster}/{name}", self.prefix)
     }
 }
 
@@ -547,6 +552,21 @@ impl Session for EtcdSession {
             }
         }
         Ok(out)
+    }
+
+    async fn put_state(&self, name: &str, value: Vec<u8>) -> Result<()> {
+        check_state_name(name)?;
+        let inner = self.open()?;
+        let mut kv = inner.client.clone();
+        inner.call("put state", kv.put(inner.keys.state(&inner.me.cluster, name), value, None)).await.map(|_| ())
+    }
+
+    async fn get_state(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        check_state_name(name)?;
+        let inner = self.open()?;
+        let mut kv = inner.client.clone();
+        let resp = inner.call("get state", kv.get(inner.keys.state(&inner.me.cluster, name), None)).await?;
+        Ok(resp.kvs().first().map(|kv| kv.value().to_vec()))
     }
 
     async fn campaign(&self, expected_epoch: u64) -> Result<Option<Leadership>> {

@@ -204,6 +204,14 @@ pub trait Session: Send + Sync {
     /// at `epoch`.
     async fn hand_over(&self, epoch: u64, to: &str) -> Result<()>;
 
+    /// Puts this member's coordinator state `name` (`state/<cluster>/<name>`): not under the
+    /// lease, so it outlives the session and a restarted member reads it back. Used for a
+    /// proxy's placement of segment copies on its query nodes. Cancel-safe.
+    async fn put_state(&self, name: &str, value: Vec<u8>) -> Result<()>;
+
+    /// This member's coordinator state `name`, if it was ever put.
+    async fn get_state(&self, name: &str) -> Result<Option<Vec<u8>>>;
+
     /// Revokes the lease: the member key and, if held, the leader key disappear at once. The
     /// session stops (later calls fail with [`ArbiterError::Closed`]). With etcd unreachable the
     /// revoke gives up after a few seconds and the keys expire with the lease. Dropping the
@@ -278,6 +286,14 @@ fn check_candidate(me: &Candidate) -> Result<()> {
 fn check_cluster(cluster: &str) -> Result<()> {
     if cluster.is_empty() || cluster.contains('/') {
         return Err(ArbiterError::InvalidArgument(format!("cluster id {cluster:?} cannot be an arbiter key suffix")));
+    }
+    Ok(())
+}
+
+/// A state name is one key segment of letters, digits, `-` and `_`.
+fn check_state_name(name: &str) -> Result<()> {
+    if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') {
+        return Err(ArbiterError::InvalidArgument(format!("state name {name:?}: use letters, digits, - and _")));
     }
     Ok(())
 }

@@ -295,6 +295,24 @@ async fn bad_members_cannot_join(b: Backend) {
     assert!(e.to_string().contains("endpoint"), "{e}");
 }
 
+/// Coordinator state is per member and outlives its session: a member that joins again reads
+/// back what it put; another member's state is its own. A bad name is refused by name.
+async fn state_outlives_the_session(b: Backend) {
+    let a = b.join("a").await;
+    assert_eq!(a.get_state("placement").await.unwrap(), None);
+    a.put_state("placement", b"one".to_vec()).await.unwrap();
+    a.put_state("placement", b"two".to_vec()).await.unwrap();
+    let c = b.join("b").await;
+    assert_eq!(c.get_state("placement").await.unwrap(), None, "b reads its own state, not a's");
+    a.close().await;
+    let again = b.join("a").await;
+    assert_eq!(again.get_state("placement").await.unwrap(), Some(b"two".to_vec()));
+    let e = again.put_state("a/b", vec![]).await.unwrap_err();
+    assert!(matches!(e, ArbiterError::InvalidArgument(_)) && e.to_string().contains("\"a/b\""), "{e}");
+    // The view ignores state keys: nobody leads because of one.
+    assert_eq!(again.view().borrow().leader, None);
+}
+
 macro_rules! on_both_backends {
     ($($name:ident $(($handover:expr))?),* $(,)?) => {
         $(
@@ -332,6 +350,7 @@ on_both_backends!(
     members_lists_reports,
     leases_are_renewed,
     bad_members_cannot_join,
+    state_outlives_the_session,
 );
 
 // ---- etcd only -------------------------------------------------------------------------------

@@ -382,6 +382,12 @@ impl Collection {
         self.shards.iter().map(|s| s.serviceable_ts(clock)).min().unwrap_or_else(|| clock.peek())
     }
 
+    /// Every change with ts <= the returned value is in every shard's own log (see
+    /// `Shard::logged_ts`): the bound of local feeds and of query nodes' loads.
+    pub fn logged_ts(&self, clock: &HybridClock) -> Ts {
+        self.shards.iter().map(|s| s.logged_ts(clock)).min().unwrap_or_else(|| clock.peek())
+    }
+
     /// Waits until the collection can serve a read at `guarantee`, then returns the snapshot to
     /// read at (>= guarantee). Cancel-safe: it only waits.
     pub async fn wait_serviceable(&self, clock: &HybridClock, guarantee: Ts, deadline: Instant) -> Result<Ts> {

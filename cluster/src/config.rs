@@ -536,12 +536,6 @@ impl ClusterConfig {
         if !(1..=60_000).contains(&self.query_nodes.wait_ms) {
             errs.push(format!("query_nodes.wait_ms = {} is out of range 1..=60000", self.query_nodes.wait_ms));
         }
-        if !self.query_nodes.groups.is_empty() && self.role != Role::Leading {
-            errs.push(format!(
-                "query_nodes.groups is set on a cluster whose role is {}: query nodes load from a leading cluster only (for now)",
-                self.role
-            ));
-        }
         let r = &self.replication;
         if crate::schema::validate_name("replication.group", &r.group).is_err() {
             errs.push(format!("replication.group = {:?}: use letters, digits and _", r.group));
@@ -638,18 +632,19 @@ mod tests {
         let mut c = ClusterConfig::default();
         c.query_nodes.groups = vec![vec!["http://10.0.0.5:19540".into()], vec!["http://10.0.0.6:19540".into()]];
         c.validate().unwrap();
+        // An alternative has query nodes as a leader does (they follow its own log).
+        c.role = Role::Alternative;
+        c.replication.leader = "http://10.0.0.1:19530".into();
+        c.validate().unwrap();
         c.query_nodes.groups =
             vec![vec!["10.0.0.5:19540".into(), "http://10.0.0.6:19540".into()], vec![], vec!["http://10.0.0.6:19540".into()]];
         c.query_nodes.wait_ms = 0;
-        c.role = Role::Alternative;
-        c.replication.leader = "http://10.0.0.1:19530".into();
         let errs = c.validate().unwrap_err();
-        assert_eq!(errs.len(), 5, "{errs:?}");
+        assert_eq!(errs.len(), 4, "{errs:?}");
         assert!(errs.iter().any(|e| e.contains("groups[0]: \"10.0.0.5:19540\" is not an endpoint")));
         assert!(errs.iter().any(|e| e.contains("groups[1] is empty")));
         assert!(errs.iter().any(|e| e.contains("groups[2]: \"http://10.0.0.6:19540\" is listed twice")));
         assert!(errs.iter().any(|e| e.contains("query_nodes.wait_ms = 0")));
-        assert!(errs.iter().any(|e| e.contains("role is alternative")));
     }
 
     #[test]

@@ -71,6 +71,9 @@ pub struct ShardFeed {
     tick_requests: tokio::sync::watch::Receiver<u64>,
     /// A tick request seen while waiting.
     tick_wanted: bool,
+    /// Positions are this node's own log's, and ticks go as far as that log covers
+    /// (`SubscribeRequest.local`: a query node following the cluster it loaded from).
+    local: bool,
 }
 
 impl ShardFeed {
@@ -84,12 +87,40 @@ impl ShardFeed {
         group: &str,
         tick_every: Duration,
     ) -> Result<ShardFeed> {
+        ShardFeed::open(node, collection, shard, from, group, tick_every, false)
+    }
+
+    /// A feed of `shard` from position `from` of this node's own log, whatever its role: its
+    /// positions go on unchanged when a term begins (an alternative promoted), and its ticks
+    /// never pass what the local log holds acknowledged (`Shard::logged_ts`), which on an
+    /// alternative can trail the serviceable ts by a local fsync.
+    pub fn local(
+        node: Arc<Node>,
+        collection: Arc<Collection>,
+        shard: usize,
+        from: Lsn,
+        group: &str,
+        tick_every: Duration,
+    ) -> Result<ShardFeed> {
+        ShardFeed::open(node, collection, shard, from, group, tick_every, true)
+    }
+
+    fn open(
+        node: Arc<Node>,
+        collection: Arc<Collection>,
+        shard: usize,
+        from: Lsn,
+        group: &str,
+        tick_every: Duration,
+        local: bool,
+    ) -> Result<ShardFeed> {
         let sh = collection
             .shards()
             .get(shard)
             .ok_or_else(|| ClusterError::invalid(format!("collection {:?} has no shard {shard}", collection.schema().name)))?;
         // `from` is a stream position; this node's log serves only its own term of the stream.
-        let term = sh.term();
+        // A local feed's positions are the log's own: the identity term.
+        let term = if local { crate::term::StreamTerm::default() } else { sh.term() };
         term.check_servable(from).map_err(|first| ClusterError::Truncated { from, first })?;
         let (from, first) = (term.to_local(from.max(1)), sh.first_lsn());
         if from < first && from <= sh.last_lsn() {
@@ -97,7 +128,7 @@ impl ShardFeed {
         }
         let acked = sh.acked_watch();
         let tick_requests = node.tick_requests();
-        let epoch_base = sh.lead_base().filter(|_| node.led_epoch() > 0);
+        let epoch_base = sh.lead_base().filter(|_| !local && node.led_epoch() > 0);
         Ok(ShardFeed {
             node,
             collection,
@@ -111,6 +142,7 @@ impl ShardFeed {
             acked,
             tick_requests,
             tick_wanted: false,
+            local,
         })
     }
 }
@@ -128,7 +160,8 @@ impl Feed for ShardFeed {
             // Taken before `upto`: a request made after this is seen on the next round.
             let requested = std::mem::take(&mut self.tick_wanted) || self.tick_requests.has_changed().unwrap_or(false);
             self.tick_requests.borrow_and_update();
-            let upto = self.collection.serviceable_ts(&self.node.clock);
+            let upto =
+                if self.local { self.collection.logged_ts(&self.node.clock) } else { self.collection.serviceable_ts(&self.node.clock) };
             let (events, last, full) = {
                 let node = self.node.clone();
                 let c = self.collection.clone();
@@ -187,8 +220,13 @@ impl Feed for ShardFeed {
                 // shard's part of a multi-shard write is still being fsynced, and this shard's
                 // own watch will not fire for it. Wait for the collection instead.
                 let now = self.node.clock.peek();
+                // A local feed of a following shard waits for another shard's local fsync,
+                // which its serviceable ts (the leader's stream) does not wait for: look again
+                // shortly instead.
+                let short = self.local && self.collection.shards()[self.shard].is_following();
                 tokio::select! {
-                    _ = self.collection.wait_serviceable(&self.node.clock, now, Instant::now() + wait) => {}
+                    _ = self.collection.wait_serviceable(&self.node.clock, now, Instant::now() + wait), if !short => {}
+                    _ = tokio::time::sleep(wait.min(Duration::from_millis(2))), if short => {}
                     r = self.tick_requests.changed() => self.tick_wanted = r.is_ok(),
                 }
             } else {

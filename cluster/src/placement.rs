@@ -22,19 +22,21 @@
 //! loaded on the least-loaded live node of each group; copies of segments that are gone
 //! (dropped collections) are released; a node that failed is probed and, once it answers, given
 //! segments again after it released what it still held; a group whose nodes hold uneven numbers
-//! of copies is evened out (a node back from a failure gets its share).
+//! of copies is evened out (a node back from a failure gets its share). A round that changed the
+//! placement puts it in its [`StateStore`] (coordinator state), which a restarted proxy starts
+//! from.
 //!
-//! What this does not do yet (issue 19): the cache lives in this process only (not in the
-//! arbiter's store); growing data is searched on the writer, not on per-group shard leaders;
-//! the writer keeps its own copy of every sealed segment in memory; a sub-search once sent is not
-//! taken back from a node that turns slow.
+//! What this does not do yet (issue 19): growing data is searched on the writer, not on
+//! per-group shard leaders; the writer keeps its own copy of every sealed segment in memory; a
+//! sub-search once sent is not taken back from a node that turns slow.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
+use prost::Message;
 use rayon::prelude::*;
 use tandem_proto::cluster::v1 as qn;
 use tandem_proto::cluster::v1::query_node_client::QueryNodeClient;
@@ -56,6 +58,40 @@ type SegKey = (u64, u32, SegmentId);
 
 /// Per (collection id, shard): the collection, and the sealed segments that should have copies.
 type Wanted = HashMap<(u64, u32), (Arc<Collection>, Vec<SegmentId>)>;
+
+/// Where the proxy keeps its placement (coordinator state), so a restarted proxy starts from it:
+/// the arbiter's store under an arbiter (the member assembles that one, `tandem-node`), else
+/// [`FileState`] in the data directory.
+#[tonic::async_trait]
+pub trait StateStore: Send + Sync {
+    async fn get(&self) -> Result<Option<Vec<u8>>>;
+    async fn put(&self, value: Vec<u8>) -> Result<()>;
+    /// Where, for logs and errors.
+    fn describe(&self) -> String;
+}
+
+/// A file, CRC-checked and replaced atomically. On one machine without etcd: the embedded
+/// arbiter keeps its keys in the process's memory, which the restart this state is for empties.
+pub struct FileState(pub std::path::PathBuf);
+
+#[tonic::async_trait]
+impl StateStore for FileState {
+    async fn get(&self) -> Result<Option<Vec<u8>>> {
+        let path = self.0.clone();
+        tokio::task::spawn_blocking(move || crate::fsio::read_checked(&path)).await.map_err(|e| ClusterError::Internal(e.to_string()))?
+    }
+
+    async fn put(&self, value: Vec<u8>) -> Result<()> {
+        let path = self.0.clone();
+        tokio::task::spawn_blocking(move || crate::fsio::write_atomic(&path, &value))
+            .await
+            .map_err(|e| ClusterError::Internal(e.to_string()))?
+    }
+
+    fn describe(&self) -> String {
+        self.0.display().to_string()
+    }
+}
 
 /// One query node as the proxy sees it.
 pub struct QueryNodeHandle {
@@ -117,6 +153,9 @@ pub struct Placement {
     node: std::sync::OnceLock<Weak<Node>>,
     /// Sub-searches answered here instead (their node failed or no longer held the segments).
     pub rerouted: AtomicU64,
+    /// Where the placement is kept (`restore`), and what was last put there.
+    store: std::sync::OnceLock<Arc<dyn StateStore>>,
+    saved: Mutex<Vec<u8>>,
 }
 
 impl Placement {
@@ -155,7 +194,81 @@ impl Placement {
             local: LocalFanout::default(),
             node: std::sync::OnceLock::new(),
             rerouted: AtomicU64::new(0),
+            store: std::sync::OnceLock::new(),
+            saved: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Starts from the placement `store` holds (what this proxy saved before a restart) and keeps
+    /// it there from now on, after every round that changed it. Returns how many copies were
+    /// restored. A copy on an endpoint no longer configured is dropped, and so is the whole state
+    /// when the cluster's own endpoint (`source`) changed. The state is a cache:
+    /// a copy its node no longer holds (the node restarted meanwhile) comes back `missing`
+    /// from the first search that sends it there, is searched here and placed again (the
+    /// reliable segment list), so a stale state costs reroutes, never an answer. Unreadable
+    /// state is an error, and the placement starts empty.
+    pub async fn restore(&self, store: Arc<dyn StateStore>) -> Result<usize> {
+        let _ = self.store.set(store.clone());
+        let Some(bytes) = store.get().await? else { return Ok(0) };
+        let state = qn::PlacementState::decode(&bytes[..])
+            .map_err(|e| ClusterError::Corrupt(format!("the placement state in {} does not parse: {e}", store.describe())))?;
+        if state.source != self.source {
+            // The nodes follow the cluster at its old endpoint: every copy is loaded anew from
+            // this one (a Load naming another source makes a node start that shard over).
+            tracing::info!(was = %state.source, now = %self.source, "the cluster's endpoint changed; placing its segments anew");
+            return Ok(0);
+        }
+        let at: HashMap<&str, (usize, usize)> = (self.groups.iter().enumerate())
+            .flat_map(|(g, group)| group.iter().enumerate().map(move |(n, node)| (node.endpoint.as_str(), (g, n))))
+            .collect();
+        let restored = {
+            let mut copies = self.copies.write();
+            for p in state.copies {
+                let mut c = vec![None; self.groups.len()];
+                for &(g, n) in p.nodes.iter().filter_map(|ep| at.get(ep.as_str())) {
+                    c[g] = Some(n);
+                }
+                if c.iter().any(Option::is_some) {
+                    copies.insert((p.collection_id, p.shard, p.segment), c);
+                }
+            }
+            copies.len()
+        };
+        *self.saved.lock() = self.encode();
+        Ok(restored)
+    }
+
+    /// The copies as coordinator state, in a stable order (so an unchanged placement encodes
+    /// the same and is not put again).
+    fn encode(&self) -> Vec<u8> {
+        let copies = self.copies.read();
+        let mut list: Vec<qn::PlacedCopy> = copies
+            .iter()
+            .filter(|(_, c)| c.iter().any(Option::is_some))
+            .map(|(&(collection_id, shard, segment), c)| qn::PlacedCopy {
+                collection_id,
+                shard,
+                segment,
+                nodes: c.iter().enumerate().filter_map(|(g, n)| n.map(|n| self.groups[g][n].endpoint.clone())).collect(),
+            })
+            .collect();
+        list.sort_unstable_by_key(|c| (c.collection_id, c.shard, c.segment));
+        qn::PlacementState { copies: list, source: self.source.clone() }.encode_to_vec()
+    }
+
+    /// Puts the placement in its store when it changed since it was last put there.
+    async fn save(&self) {
+        let Some(store) = self.store.get() else { return };
+        let bytes = self.encode();
+        if *self.saved.lock() == bytes {
+            return;
+        }
+        match store.put(bytes.clone()).await {
+            Ok(()) => *self.saved.lock() = bytes,
+            // Retried after the next round; meanwhile a restart starts from an older state,
+            // which costs reroutes only (see `restore`).
+            Err(e) => tracing::warn!(store = %store.describe(), error = %e, "cannot keep the placement of segment copies"),
+        }
     }
 
     pub fn groups(&self) -> &[Vec<Arc<QueryNodeHandle>>] {
@@ -218,7 +331,8 @@ impl Placement {
         let mut wanted: Wanted = HashMap::new();
         for c in node.collections() {
             let schema = c.schema();
-            let snap = c.serviceable_ts(&node.clock);
+            // What a load's snapshot (at the local log's bound) can ship.
+            let snap = c.logged_ts(&node.clock);
             for (i, sh) in c.shards().iter().enumerate() {
                 let ids: Vec<SegmentId> = sh.shippable_segments(&schema, snap).iter().map(|s| s.id).collect();
                 if !ids.is_empty() {
@@ -275,6 +389,7 @@ impl Placement {
             }
             self.rebalance(g, &wanted).await;
         }
+        self.save().await;
     }
 
     /// Evens out group `g`: while its live node with the most copies holds two or more more than

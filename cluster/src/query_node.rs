@@ -4,9 +4,11 @@
 //! The cluster's proxy (`placement.rs`) assigns sealed segments to query nodes. A node loads
 //! each from the writer as a snapshot of exactly those segments: their rows and their built
 //! index file (CRC-checked, loaded without a rebuild), with their deletes up to the snapshot.
-//! Then it follows the shard's change stream from the snapshot's position and applies to its
-//! segments every later change that ends one of their rows: a delete, or an insert or upsert of
-//! the same id, which replaces the older version. A sealed segment changes in nothing else, so
+//! Then it follows the shard's log in that cluster from the snapshot's position (by the log's own
+//! positions, `local`: a leader and an alternative alike, unchanged when an alternative is
+//! promoted; see `ShardFeed::local`) and applies to its segments every later change that ends
+//! one of their rows: a delete, or an insert or upsert of the same id, which replaces the older
+//! version. A sealed segment changes in nothing else, so
 //! once the stream is applied up to ts T a node's copy answers at T exactly as the writer's
 //! would; a search waits for that (its `snapshot`), as a read on an alternative waits for its
 //! stream.
@@ -137,6 +139,10 @@ pub struct QueryNode {
     shards: RwLock<HashMap<(u64, u32), Arc<HeldShard>>>,
     pool: rayon::ThreadPool,
     searches: AtomicU64,
+    /// Segments loaded so far (fetched from a cluster).
+    loaded: AtomicU64,
+    /// Load requests answered or refused so far.
+    load_requests: AtomicU64,
     root: CancellationToken,
 }
 
@@ -144,12 +150,30 @@ impl QueryNode {
     pub fn new(opts: QueryNodeOptions, root: CancellationToken) -> Result<Arc<QueryNode>> {
         crate::fsio::create_dir(&opts.scratch_dir)?;
         let pool = crate::node::search_pool(opts.search_threads)?;
-        Ok(Arc::new(QueryNode { opts, shards: RwLock::new(HashMap::new()), pool, searches: AtomicU64::new(0), root }))
+        Ok(Arc::new(QueryNode {
+            opts,
+            shards: RwLock::new(HashMap::new()),
+            pool,
+            searches: AtomicU64::new(0),
+            loaded: AtomicU64::new(0),
+            load_requests: AtomicU64::new(0),
+            root,
+        }))
     }
 
     /// Segment searches answered so far.
     pub fn searches(&self) -> u64 {
         self.searches.load(Ordering::Relaxed)
+    }
+
+    /// Segments loaded so far: a Load of a segment already held loads nothing.
+    pub fn loaded(&self) -> u64 {
+        self.loaded.load(Ordering::Relaxed)
+    }
+
+    /// Load requests so far, those that loaded nothing (all held) included.
+    pub fn load_requests(&self) -> u64 {
+        self.load_requests.load(Ordering::Relaxed)
     }
 
     /// (collection id, shard) -> held segment ids.
@@ -196,6 +220,7 @@ impl QueryNode {
 
     /// Loads the segments of `req` not held yet; returns those held afterwards.
     pub async fn load(self: &Arc<Self>, req: qn::LoadRequest) -> Result<Vec<SegmentId>> {
+        self.load_requests.fetch_add(1, Ordering::Relaxed);
         if req.source.trim().is_empty() {
             return Err(ClusterError::invalid("a load names no source (the writer's endpoint)"));
         }
@@ -221,6 +246,9 @@ impl QueryNode {
             subscriber: self.opts.name.clone(),
             segments: true,
             only_segments: want,
+            // The writer's own log positions: they go on unchanged when an alternative
+            // cluster is promoted, where stream positions start a new term.
+            local: true,
         };
         let mut stream = held.source.clone().snapshot(req).await.map_err(unavailable)?.into_inner();
         let dir = self.opts.scratch_dir.join(format!("c{}-s{}", held.collection_id, held.shard));
@@ -251,6 +279,7 @@ impl QueryNode {
                 if receiver.is_some() {
                     return Err(ClusterError::Unavailable("the writer ended a load with a segment incomplete".into()));
                 }
+                self.loaded.fetch_add(got.len() as u64, Ordering::Relaxed);
                 self.install(held, got, chunk.snapshot_ts, chunk.lsn);
                 return Ok(());
             }
@@ -424,6 +453,7 @@ async fn follow(held: Arc<HeldShard>, subscriber: String) {
             ddl: false,
             from_lsn: from,
             subscriber: subscriber.clone(),
+            local: true,
         };
         let mut source = held.source.clone();
         let subscribed = tokio::select! {
@@ -447,6 +477,15 @@ async fn follow(held: Arc<HeldShard>, subscriber: String) {
                         },
                     }
                 }
+            }
+            // The writer's log no longer holds the position (it bootstrapped again, or the
+            // lease expired): the copies cannot be kept current, so they go. Their searches
+            // answer `missing`, and the proxy places them again from a new snapshot.
+            Err(s) if s.code() == tonic::Code::OutOfRange => {
+                tracing::warn!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the shard's log moved past this node's position; dropping its copies");
+                *held.state.lock() = Held::default();
+                held.applied.send_replace(0);
+                return;
             }
             Err(s) => {
                 tracing::warn!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: cannot subscribe to the shard's stream")

@@ -64,6 +64,21 @@ impl ReplicationService {
         });
     }
 
+    /// Local feeds and snapshots (query nodes) are served by a cluster that serves reads: not
+    /// while it recovers (its log may still be replaced) or stands by.
+    fn readable(&self) -> Result<(), Status> {
+        let role = self.node.role();
+        if role.is_readable() {
+            Ok(())
+        } else {
+            Err(ClusterError::Unavailable(format!(
+                "cluster {} is {role}: it feeds its query nodes once it serves reads",
+                self.node.opts.cluster_id
+            ))
+            .into())
+        }
+    }
+
     fn leading(&self) -> Result<(), Status> {
         let role = self.node.role();
         if role == Role::Leading {
@@ -145,17 +160,28 @@ impl rp::replication_server::Replication for ReplicationService {
                 .node
                 .collection_by_id(r.collection_id)
                 .ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
-            let feed = ShardFeed::new(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?;
+            let feed = if r.local {
+                self.readable()?;
+                ShardFeed::local(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?
+            } else {
+                ShardFeed::new(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?
+            };
             let subscriber = if r.subscriber.is_empty() { "anonymous".to_string() } else { r.subscriber.clone() };
             let shard = c.shards()[r.shard as usize].clone();
             self.start_reporter();
             let (cluster, name, index) = (self.node.opts.cluster_id.clone(), c.schema().name.clone(), r.shard as usize);
+            // What a query node reads is not exported: the figure is the replication stream's.
+            let exported = !r.local;
             // The lease keeps the WAL from where this subscriber is.
             pump(
                 feed,
                 self.stop.clone(),
                 move |next| shard.hold(&subscriber, next),
-                move |ts| record_exported_ts(&cluster, &name, index, ts),
+                move |ts| {
+                    if exported {
+                        record_exported_ts(&cluster, &name, index, ts)
+                    }
+                },
             )
         };
         Ok(Response::new(ReceiverStream::new(rx)))
@@ -177,8 +203,12 @@ impl rp::replication_server::Replication for ReplicationService {
     }
 
     async fn snapshot(&self, req: Request<rp::SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
-        self.leading()?;
         let r = req.into_inner();
+        if r.local {
+            self.readable()?;
+        } else {
+            self.leading()?;
+        }
         let c = self
             .node
             .collection_by_id(r.collection_id)
@@ -190,7 +220,16 @@ impl rp::replication_server::Replication for ReplicationService {
             .ok_or_else(|| ClusterError::invalid(format!("collection {:?} has no shard {}", c.schema().name, r.shard)))?;
         // The collection-wide serviceable ts: every part of every write at or below it is durable
         // on every shard (see feed.rs), and the position matching it is known.
-        let snap = c.serviceable_ts(&self.node.clock);
+        // A local snapshot (a query node's load) stops where the local log does: its stream
+        // goes on from there (see `Shard::logged_ts`).
+        let snap = if r.local { c.logged_ts(&self.node.clock) } else { c.serviceable_ts(&self.node.clock) };
+        if r.local && snap == 0 {
+            return Err(ClusterError::Unavailable(format!(
+                "collection {:?} has applied nothing yet (still bootstrapping); retry",
+                c.schema().name
+            ))
+            .into());
+        }
         let lsn = shard
             .lsn_at(snap)
             .ok_or_else(|| ClusterError::Unavailable("the shard is too busy to pick a snapshot position; retry".into()))?;
@@ -199,7 +238,7 @@ impl rp::replication_server::Replication for ReplicationService {
         self.start_reporter();
         let schema = c.schema();
         let total_rows = shard.stats().live_rows;
-        let position = shard.term().to_stream(lsn);
+        let position = if r.local { lsn } else { shard.term().to_stream(lsn) };
         let (tx, rx) = tokio::sync::mpsc::channel(4);
         let want_segments = r.segments;
         let only: std::collections::HashSet<u64> = r.only_segments.into_iter().collect();
@@ -258,7 +297,12 @@ impl rp::replication_server::Replication for ReplicationService {
     }
 
     async fn leader_ts(&self, _req: Request<rp::LeaderTsRequest>) -> Result<Response<rp::LeaderTsResponse>, Status> {
-        self.leading()?;
+        if let Err(refused) = self.leading() {
+            // A query node of an alternative asks through this for its local feeds' ticks:
+            // they tick, and it is answered NotLeader.
+            self.node.request_ticks();
+            return Err(refused);
+        }
         let ts = self.node.clock.peek();
         // The caller waits for its stream to reach `ts`: on an idle shard that takes a tick, so
         // make the feeds tick now instead of at their next interval. After `peek`, so every

@@ -508,7 +508,10 @@ impl Shard {
     /// Records of aborted writes and abort markers are skipped. Returns the last LSN examined
     /// (passed to `f` or skipped), or `from - 1` if none.
     pub fn read_changes(&self, from: Lsn, upto_ts: Ts, max: usize, mut f: impl FnMut(Lsn, st::WalRecord) -> bool) -> Result<Lsn> {
-        let acked = *self.acked.borrow();
+        // The pending queue's durable position, not only the watch: `advance` pops the queue
+        // (moving the serviceable ts a feed reads as its bound) before it sends the watch, and a
+        // feed reading in between must still see every record its bound covers.
+        let acked = (*self.acked.borrow()).max(self.pending.lock().durable.0);
         let mut last = from.saturating_sub(1);
         let mut sent = 0;
         let mut failure = None;
@@ -700,6 +703,21 @@ impl Shard {
             // its push, so every ts this shard will still apply is above `peek()`.
             None => clock.peek(),
         }
+    }
+
+    /// Every change with ts <= the returned value is in this shard's own log and acknowledged
+    /// there: how far a feed of the local log (`SubscribeRequest.local`) may tick. On a leader
+    /// that is the serviceable ts. A following shard's serviceable ts runs ahead of its local
+    /// fsync (see `serviceable_ts`), so its local log covers only the changes before the first
+    /// one still waiting for it.
+    pub fn logged_ts(&self, clock: &HybridClock) -> Ts {
+        let p = self.pending.lock();
+        let waiting = p.queue.front().map(|&(_, ts)| ts - 1);
+        if self.following.load(Ordering::Acquire) {
+            let follow = self.follow_ts.load(Ordering::Acquire);
+            return waiting.map_or(follow, |w| w.min(follow));
+        }
+        waiting.unwrap_or_else(|| clock.peek())
     }
 
     fn apply(&self, st: &mut ShardState, dim: usize, lsn: Lsn, ts: Ts, op: ShardOp, needs_index: &mut NeedsIndex) -> u64 {

@@ -48,7 +48,7 @@ impl DirectTransport {
         match *stream {
             StreamId::Ddl => rp::SubscribeRequest { ddl: true, from_lsn, subscriber: self.subscriber.clone(), ..Default::default() },
             StreamId::Shard { collection_id, shard } => {
-                rp::SubscribeRequest { collection_id, shard, ddl: false, from_lsn, subscriber: self.subscriber.clone() }
+                rp::SubscribeRequest { collection_id, shard, ddl: false, from_lsn, subscriber: self.subscriber.clone(), local: false }
             }
         }
     }

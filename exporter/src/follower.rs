@@ -587,6 +587,7 @@ impl Follower {
             subscriber: self.cfg.subscriber.clone(),
             segments: true,
             only_segments: Vec::new(),
+            local: false,
         };
         let idle = || ExportError::Unavailable { backend: "snapshot", message: format!("the leader sent nothing for {SNAPSHOT_IDLE:?}") };
         let mut stream = tokio::time::timeout(SNAPSHOT_IDLE, self.leader.clone().snapshot(req))

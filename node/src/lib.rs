@@ -20,13 +20,14 @@ pub mod error;
 pub mod ha;
 mod registration;
 pub mod replication;
+mod state;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use tandem_arbiter::{Arbiter, Session};
-use tandem_cluster::placement::Placement;
+use tandem_cluster::placement::{FileState, Placement, StateStore};
 use tandem_cluster::server::{self, Running};
 use tandem_cluster::{ClusterConfig, Node};
 use tandem_exporter::follower::Follower;
@@ -123,6 +124,17 @@ impl Member {
         if !cfg.query_nodes.groups.is_empty() {
             // Searches go through the proxy from here on; the loop places sealed segments.
             let placement = Placement::new(self.endpoint(), &cfg.query_nodes)?;
+            // Coordinator state: the arbiter's store under an arbiter, else the data directory.
+            let store: Arc<dyn StateStore> = match &self.ha {
+                Some(ha) => Arc::new(state::ArbiterState { session: ha.session().clone(), name: "placement" }),
+                None => Arc::new(FileState(cfg.data_dir.join("placement"))),
+            };
+            let what = store.describe();
+            match placement.restore(store).await {
+                Ok(copies) => tracing::info!(from = %what, copies, "placement of segment copies restored"),
+                // A cache: the loop places every segment again.
+                Err(e) => tracing::warn!(from = %what, error = %e, "placement of segment copies not restored; placing anew"),
+            }
             self.running.node.set_fanout(placement.clone());
             let stop = self.root.child_token();
             let task = tokio::spawn(placement.clone().run(Arc::downgrade(&self.running.node), stop.clone()));

@@ -233,6 +233,16 @@ impl Session for FaultySession {
         self.inner.resign(epoch).await
     }
 
+    async fn put_state(&self, name: &str, value: Vec<u8>) -> Result<()> {
+        self.reach().await?;
+        self.inner.put_state(name, value).await
+    }
+
+    async fn get_state(&self, name: &str) -> Result<Option<Vec<u8>>> {
+        self.reach().await?;
+        self.inner.get_state(name).await
+    }
+
     async fn hand_over(&self, epoch: u64, to: &str) -> Result<()> {
         self.reach().await?;
         self.inner.hand_over(epoch, to).await
