@@ -327,6 +327,11 @@ impl Placement {
 
     /// One round of the placement loop (see the module's comment).
     pub async fn place(&self, node: &Node) {
+        // A cluster that serves no reads (recovering, standing by) feeds no query node: their
+        // loads would be refused until it does.
+        if !node.role().is_readable() {
+            return;
+        }
         // What should have copies: every sealed segment a snapshot could ship now.
         let mut wanted: Wanted = HashMap::new();
         for c in node.collections() {
