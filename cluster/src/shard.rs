@@ -511,7 +511,8 @@ impl Shard {
         // The pending queue's durable position, not only the watch: `advance` pops the queue
         // (moving the serviceable ts a feed reads as its bound) before it sends the watch, and a
         // feed reading in between must still see every record its bound covers.
-        let acked = (*self.acked.borrow()).max(self.pending.lock().durable.0);
+        let watched = *self.acked.borrow();
+        let acked = watched.max(self.pending.lock().durable.0);
         let mut last = from.saturating_sub(1);
         let mut sent = 0;
         let mut failure = None;
