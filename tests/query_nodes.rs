@@ -181,23 +181,8 @@ async fn sealed_segments_are_searched_on_query_nodes_with_the_writers_deletes_an
 
     // Deletes and upserts of rows in sealed segments: the query nodes learn them from the stream
     // and a STRONG read sees them at once.
-    let v = vectors(1800, DIM, 5);
-    let deleted: Vec<i64> = (0..600).step_by(7).collect();
-    c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: deleted.clone(), filter: String::new() }).await.unwrap();
-    let moved: Vec<i64> = (1..600).step_by(11).collect();
-    let far: Vec<f32> = moved.iter().flat_map(|_| vec![50.0f32; DIM]).collect();
-    c.upsert(pb::UpsertRequest { ack: 0, collection: COLL.into(), ids: moved.clone(), vectors: far, payloads: vec![] }).await.unwrap();
-    let before = nodes.iter().map(QueryNode::searches).sum::<u64>();
-    for id in deleted.iter().chain(&moved).take(40) {
-        let own = v[*id as usize * DIM..(*id as usize + 1) * DIM].to_vec();
-        let got = c.search(search(own, 3)).await.unwrap().into_inner().results;
-        let ids: Vec<i64> = got[0].hits.iter().map(|h| h.id).collect();
-        assert!(!ids.contains(id), "row {id} was deleted or moved away but a search for its old vector found it: {ids:?}");
-    }
-    assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() > before, "the reads did not go to the query nodes");
-    let req = search(vectors(8, DIM, 7), 20);
-    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
-    assert_eq!(placement.rerouted.load(Ordering::Relaxed), 0);
+    let mut lead = sb.client("a").await;
+    leaders_changes_reach_the_copies(&sb, &nodes, &mut lead, ("a", &mut c), 0).await;
 
     // A gateway in front lists the cluster's query nodes in its Topology.
     let gw = sb.gateway(&["a"], |_| {}).await;

@@ -52,6 +52,19 @@ fn base_event(node: &Node, group: &str, c_name: &str, c_id: u64, shard: u32, ts:
     }
 }
 
+/// Whose positions a shard feed counts in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Positions {
+    /// The replication stream's (alternatives, broker publishers): a term maps this node's log
+    /// onto them, and only this node's own term can be served.
+    Stream,
+    /// This node's own log's, whatever its role (`SubscribeRequest.local`: query nodes). They go
+    /// on unchanged when a term begins (an alternative promoted), and ticks never pass what the
+    /// local log holds acknowledged (`Shard::logged_ts`), which on an alternative can trail the
+    /// serviceable ts by a local fsync.
+    Local,
+}
+
 pub struct ShardFeed {
     node: Arc<Node>,
     collection: Arc<Collection>,
@@ -77,8 +90,9 @@ pub struct ShardFeed {
 }
 
 impl ShardFeed {
-    /// A feed of `shard` from position `from`. `ClusterError::InvalidArgument` naming the
-    /// retained range when the WAL no longer holds `from` (the subscriber must bootstrap).
+    /// A feed of `shard` from position `from`, in `positions`. `ClusterError::InvalidArgument`
+    /// naming the retained range when the WAL no longer holds `from` (the subscriber must
+    /// bootstrap).
     pub fn new(
         node: Arc<Node>,
         collection: Arc<Collection>,
@@ -86,34 +100,9 @@ impl ShardFeed {
         from: Lsn,
         group: &str,
         tick_every: Duration,
+        positions: Positions,
     ) -> Result<ShardFeed> {
-        ShardFeed::open(node, collection, shard, from, group, tick_every, false)
-    }
-
-    /// A feed of `shard` from position `from` of this node's own log, whatever its role: its
-    /// positions go on unchanged when a term begins (an alternative promoted), and its ticks
-    /// never pass what the local log holds acknowledged (`Shard::logged_ts`), which on an
-    /// alternative can trail the serviceable ts by a local fsync.
-    pub fn local(
-        node: Arc<Node>,
-        collection: Arc<Collection>,
-        shard: usize,
-        from: Lsn,
-        group: &str,
-        tick_every: Duration,
-    ) -> Result<ShardFeed> {
-        ShardFeed::open(node, collection, shard, from, group, tick_every, true)
-    }
-
-    fn open(
-        node: Arc<Node>,
-        collection: Arc<Collection>,
-        shard: usize,
-        from: Lsn,
-        group: &str,
-        tick_every: Duration,
-        local: bool,
-    ) -> Result<ShardFeed> {
+        let local = positions == Positions::Local;
         let sh = collection
             .shards()
             .get(shard)

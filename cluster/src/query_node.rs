@@ -6,7 +6,7 @@
 //! index file (CRC-checked, loaded without a rebuild), with their deletes up to the snapshot.
 //! Then it follows the shard's log in that cluster from the snapshot's position (by the log's own
 //! positions, `local`: a leader and an alternative alike, unchanged when an alternative is
-//! promoted; see `ShardFeed::local`) and applies to its segments every later change that ends
+//! promoted; see `feed::Positions::Local`) and applies to its segments every later change that ends
 //! one of their rows: a delete, or an insert or upsert of the same id, which replaces the older
 //! version. A sealed segment changes in nothing else, so
 //! once the stream is applied up to ts T a node's copy answers at T exactly as the writer's

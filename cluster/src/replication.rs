@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::ClusterError;
-use crate::feed::{DdlFeed, Feed, ShardFeed};
+use crate::feed::{DdlFeed, Feed, Positions, ShardFeed};
 use crate::node::Node;
 use crate::role::Role;
 use crate::schema::{Schema, rows_to_payloads};
@@ -160,12 +160,13 @@ impl rp::replication_server::Replication for ReplicationService {
                 .node
                 .collection_by_id(r.collection_id)
                 .ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
-            let feed = if r.local {
+            let positions = if r.local {
                 self.readable()?;
-                ShardFeed::local(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?
+                Positions::Local
             } else {
-                ShardFeed::new(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick)?
+                Positions::Stream
             };
+            let feed = ShardFeed::new(self.node.clone(), c.clone(), r.shard as usize, r.from_lsn, &self.group, self.tick, positions)?;
             let subscriber = if r.subscriber.is_empty() { "anonymous".to_string() } else { r.subscriber.clone() };
             let shard = c.shards()[r.shard as usize].clone();
             self.start_reporter();

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use parking_lot::Mutex;
 use tandem_cluster::collection::Collection;
-use tandem_cluster::feed::{DdlFeed, Feed, ShardFeed};
+use tandem_cluster::feed::{DdlFeed, Feed, Positions, ShardFeed};
 use tandem_cluster::node::Node;
 use tandem_proto::replication::v1 as rp;
 use tokio_util::sync::CancellationToken;
@@ -197,7 +197,7 @@ impl Publisher {
             // publisher away past retention): publish from what is there; subscribers that need
             // older changes bootstrap from a snapshot.
             let from = (end + 1).max(term.to_stream(sh.first_lsn()).min(term.to_stream(sh.last_lsn()) + 1));
-            let mut feed = match ShardFeed::new(self.node.clone(), c.clone(), shard, from, &self.group, self.tick) {
+            let mut feed = match ShardFeed::new(self.node.clone(), c.clone(), shard, from, &self.group, self.tick, Positions::Stream) {
                 Ok(f) => f,
                 Err(e) => {
                     tracing::error!(error = %e, %stream, "cannot read the shard's changes");
