@@ -252,6 +252,18 @@ async fn a_query_node_lost_under_load_fails_no_search_and_its_copies_move_to_its
 /// A restarted cluster (a new address) stops without waiting on the query nodes' streams, and
 /// its query nodes drop what they held of the old one and load from the new one: answers come
 /// from them again, none is answered by the cluster itself for want of a stream.
+/// Four searches of `a`, each answered as the writer alone answers it, and each sent to the
+/// query nodes.
+async fn four_searches_answered_by_the_nodes_as_by_the_writer(sb: &Sandbox, nodes: &[QueryNode], c: &mut Client) {
+    let before = nodes.iter().map(QueryNode::searches).sum::<u64>();
+    let req = search(vectors(8, DIM, 11), 10);
+    for _ in 0..4 {
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes(sb, c, req.clone()).await);
+    }
+    assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 4, "the searches did not go to the query nodes");
+}
+
 /// A cluster restarted at another address: its query nodes follow the old one, so the placement
 /// it kept is not used, and every copy is loaded again from the new address.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -263,13 +275,7 @@ async fn a_restarted_cluster_loads_its_query_nodes_again() {
     let mut c = sb.client("a").await;
     assert_eq!(wait_placed(&sb, &mut c, 2).await, segments);
     assert!(nodes.iter().map(|n| n.running.node.loaded()).sum::<u64>() >= loaded + 2 * segments as u64, "the copies were not loaded again");
-    let before = nodes.iter().map(QueryNode::searches).sum::<u64>();
-    let req = search(vectors(8, DIM, 11), 10);
-    for _ in 0..4 {
-        let got = c.search(req.clone()).await.unwrap().into_inner().results;
-        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
-    }
-    assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 4);
+    four_searches_answered_by_the_nodes_as_by_the_writer(&sb, &nodes, &mut c).await;
 }
 
 /// A restarted cluster starts from the placement it kept (coordinator state, in its data
@@ -293,13 +299,7 @@ async fn a_restarted_cluster_starts_from_the_placement_it_kept() {
     let held = nodes[2].running.node.held();
     let (&(cid, shard), segs) = held.iter().next().unwrap();
     nodes[2].running.node.release(cid, shard, &segs[..1]);
-    let before = nodes.iter().map(QueryNode::searches).sum::<u64>();
-    let req = search(vectors(8, DIM, 11), 10);
-    for _ in 0..4 {
-        let got = c.search(req.clone()).await.unwrap().into_inner().results;
-        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
-    }
-    assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 4);
+    four_searches_answered_by_the_nodes_as_by_the_writer(&sb, &nodes, &mut c).await;
     // Not even asked: a Load of a copy a node holds is a no-op, but a proxy that knew nothing
     // would have sent one for every copy.
     let now: Vec<u64> = nodes.iter().map(|n| n.running.node.load_requests()).collect();
