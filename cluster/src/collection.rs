@@ -581,6 +581,31 @@ mod tests {
         assert_eq!(ids(&c), vec![ids0[1]]);
     }
 
+    /// A following shard's local log covers only what its own fsync acknowledged: a change
+    /// applied and visible (the serviceable ts moves with the leader's stream) but not yet
+    /// durable here holds the local bound (what query nodes are fed up to) just below it.
+    #[test]
+    fn a_following_shards_local_log_bound_waits_for_its_fsync() {
+        let dir = tempfile::tempdir().unwrap();
+        let c = open(dir.path());
+        let (sh, clock, schema) = (&c.shards()[0], HybridClock::new(), c.schema());
+        sh.set_following(true);
+        let base = clock.now() + 1000;
+        sh.follow_to(base);
+        assert_eq!((sh.serviceable_ts(&clock), sh.logged_ts(&clock)), (base, base));
+        let op = ShardOp::Insert { ids: vec![0], vectors: vec![0.5; 2], rows: vec![vec![]], row_ts: vec![] };
+        let lsn = {
+            let (mut st, mut pending) = (sh.lock_state(), sh.lock_pending());
+            let meta = LogMeta { ts: base + 10, participants: &[], source_lsn: 1 };
+            sh.append_and_apply(&mut st, &mut pending, &schema, meta, op, &mut Vec::new()).unwrap().0
+        };
+        sh.follow_to(base + 20);
+        assert_eq!(sh.serviceable_ts(&clock), base + 20, "visible before the local fsync");
+        assert_eq!(sh.logged_ts(&clock), base + 9, "the local log does not hold the change at base + 10 yet");
+        sh.finish(lsn).unwrap();
+        assert_eq!(sh.logged_ts(&clock), base + 20);
+    }
+
     #[test]
     fn shard_of_spreads_sequential_ids() {
         let mut counts = [0usize; 4];
