@@ -335,13 +335,20 @@ impl QueryNode {
         let metric = Metric::from_proto(req.metric)?;
         let held = self.shards.read().get(&(req.collection_id, req.shard)).cloned();
         let Some(held) = held else {
-            return Ok(qn::SegmentSearchResponse { missing: req.segments, ..Default::default() });
+            return Ok(qn::SegmentSearchResponse { counts: vec![0; req.queries.len() / dim], missing: req.segments, ..Default::default() });
         };
         if dim != held.schema.dim {
             return Err(ClusterError::invalid(format!(
                 "queries of dim {dim} for collection {:?} of dim {}",
                 held.schema.name, held.schema.dim
             )));
+        }
+        // Holding none of them (released, or dropped with a position the cluster's log no longer
+        // has): `missing` at once, so the proxy places them again instead of waiting for a
+        // stream that may never come.
+        if !req.segments.iter().any(|id| held.state.lock().segments.contains_key(id)) {
+            let nq = req.queries.len() / dim;
+            return Ok(qn::SegmentSearchResponse { counts: vec![0; nq], missing: req.segments, ..Default::default() });
         }
         wait_applied(&held, req.snapshot, Duration::from_millis(req.wait_ms.into()), &self.opts.name).await?;
         let filter = if req.filter.is_empty() { None } else { Some(Filter::compile_in(&req.filter, held.schema.filter_scope())?) };
