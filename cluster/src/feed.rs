@@ -84,9 +84,8 @@ pub struct ShardFeed {
     tick_requests: tokio::sync::watch::Receiver<u64>,
     /// A tick request seen while waiting.
     tick_wanted: bool,
-    /// Positions are this node's own log's, and ticks go as far as that log covers
-    /// (`SubscribeRequest.local`: a query node following the cluster it loaded from).
-    local: bool,
+    /// Whose positions it counts in, and so how far it ticks (see [`Positions`]).
+    positions: Positions,
 }
 
 impl ShardFeed {
@@ -102,14 +101,16 @@ impl ShardFeed {
         tick_every: Duration,
         positions: Positions,
     ) -> Result<ShardFeed> {
-        let local = positions == Positions::Local;
         let sh = collection
             .shards()
             .get(shard)
             .ok_or_else(|| ClusterError::invalid(format!("collection {:?} has no shard {shard}", collection.schema().name)))?;
         // `from` is a stream position; this node's log serves only its own term of the stream.
         // A local feed's positions are the log's own: the identity term.
-        let term = if local { crate::term::StreamTerm::default() } else { sh.term() };
+        let term = match positions {
+            Positions::Stream => sh.term(),
+            Positions::Local => crate::term::StreamTerm::default(),
+        };
         term.check_servable(from).map_err(|first| ClusterError::Truncated { from, first })?;
         let (from, first) = (term.to_local(from.max(1)), sh.first_lsn());
         if from < first && from <= sh.last_lsn() {
@@ -117,7 +118,7 @@ impl ShardFeed {
         }
         let acked = sh.acked_watch();
         let tick_requests = node.tick_requests();
-        let epoch_base = sh.lead_base().filter(|_| !local && node.led_epoch() > 0);
+        let epoch_base = sh.lead_base().filter(|_| positions == Positions::Stream && node.led_epoch() > 0);
         Ok(ShardFeed {
             node,
             collection,
@@ -131,7 +132,7 @@ impl ShardFeed {
             acked,
             tick_requests,
             tick_wanted: false,
-            local,
+            positions,
         })
     }
 }
@@ -149,8 +150,10 @@ impl Feed for ShardFeed {
             // Taken before `upto`: a request made after this is seen on the next round.
             let requested = std::mem::take(&mut self.tick_wanted) || self.tick_requests.has_changed().unwrap_or(false);
             self.tick_requests.borrow_and_update();
-            let upto =
-                if self.local { self.collection.logged_ts(&self.node.clock) } else { self.collection.serviceable_ts(&self.node.clock) };
+            let upto = match self.positions {
+                Positions::Stream => self.collection.serviceable_ts(&self.node.clock),
+                Positions::Local => self.collection.logged_ts(&self.node.clock),
+            };
             let (events, last, full) = {
                 let node = self.node.clone();
                 let c = self.collection.clone();
@@ -212,7 +215,7 @@ impl Feed for ShardFeed {
                 // A local feed of a following shard waits for another shard's local fsync,
                 // which its serviceable ts (the leader's stream) does not wait for: look again
                 // shortly instead.
-                let short = self.local && self.collection.shards()[self.shard].is_following();
+                let short = self.positions == Positions::Local && self.collection.shards()[self.shard].is_following();
                 tokio::select! {
                     _ = self.collection.wait_serviceable(&self.node.clock, now, Instant::now() + wait), if !short => {}
                     _ = tokio::time::sleep(wait.min(Duration::from_millis(2))), if short => {}

@@ -335,7 +335,7 @@ impl QueryNode {
         let metric = Metric::from_proto(req.metric)?;
         let held = self.shards.read().get(&(req.collection_id, req.shard)).cloned();
         let Some(held) = held else {
-            return Ok(qn::SegmentSearchResponse { counts: vec![0; req.queries.len() / dim], missing: req.segments, ..Default::default() });
+            return Ok(all_missing(req, dim));
         };
         if dim != held.schema.dim {
             return Err(ClusterError::invalid(format!(
@@ -346,9 +346,12 @@ impl QueryNode {
         // Holding none of them (released, or dropped with a position the cluster's log no longer
         // has): `missing` at once, so the proxy places them again instead of waiting for a
         // stream that may never come.
-        if !req.segments.iter().any(|id| held.state.lock().segments.contains_key(id)) {
-            let nq = req.queries.len() / dim;
-            return Ok(qn::SegmentSearchResponse { counts: vec![0; nq], missing: req.segments, ..Default::default() });
+        let holds_any = {
+            let h = held.state.lock();
+            req.segments.iter().any(|id| h.segments.contains_key(id))
+        };
+        if !holds_any {
+            return Ok(all_missing(req, dim));
         }
         wait_applied(&held, req.snapshot, Duration::from_millis(req.wait_ms.into()), &self.opts.name).await?;
         let filter = if req.filter.is_empty() { None } else { Some(Filter::compile_in(&req.filter, held.schema.filter_scope())?) };
@@ -407,6 +410,12 @@ impl QueryNode {
             .collect();
         qn::StatusResponse { shards, searches: self.searches() }
     }
+}
+
+/// The answer to `req` from a node that holds none of its segments: every one `missing`, and an
+/// empty list per query (the proxy parses one list per query).
+fn all_missing(req: qn::SegmentSearchRequest, dim: usize) -> qn::SegmentSearchResponse {
+    qn::SegmentSearchResponse { counts: vec![0; req.queries.len() / dim], missing: req.segments, ..Default::default() }
 }
 
 /// Waits until `held`'s stream is applied up to `snapshot`, at most `wait`.

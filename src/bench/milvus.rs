@@ -65,7 +65,7 @@ impl MilvusBenchArgs {
         Ok(efs)
     }
 
-    fn check(&self) -> anyhow::Result<()> {
+    fn validate(&self) -> anyhow::Result<()> {
         self.efs()?;
         ensure!(self.n >= 1, "--n 0: at least one row is needed");
         ensure!((1..=100_000).contains(&self.queries), "--queries {} is out of range 1..=100000", self.queries);
@@ -79,7 +79,7 @@ impl MilvusBenchArgs {
 }
 
 pub fn run(a: MilvusBenchArgs) -> anyhow::Result<()> {
-    a.check()?;
+    a.validate()?;
     let python = match &a.python {
         Some(p) => p.clone(),
         None => PathBuf::from(std::env::var("HOME").context("HOME")?).join(".cache/tandem/tools/milvus-2.3.5/bin/python"),
@@ -175,17 +175,17 @@ mod tests {
     #[test]
     fn arguments_are_checked_by_name() {
         assert_eq!(args(&["--ef", "16, 64,256"]).efs().unwrap(), vec![16, 64, 256]);
-        let e = args(&["--ef", "16,x"]).check().unwrap_err().to_string();
+        let e = args(&["--ef", "16,x"]).validate().unwrap_err().to_string();
         assert!(e.contains("--ef \"x\""), "{e}");
-        let e = args(&["--ef", "0"]).check().unwrap_err().to_string();
+        let e = args(&["--ef", "0"]).validate().unwrap_err().to_string();
         assert!(e.contains("--ef \"0\""), "{e}");
-        let e = args(&["--file", "/nonexistent/vectors.npy"]).check().unwrap_err().to_string();
+        let e = args(&["--file", "/nonexistent/vectors.npy"]).validate().unwrap_err().to_string();
         assert!(e.contains("/nonexistent/vectors.npy does not exist"), "{e}");
-        let e = args(&["--file", "vectors.fvecs"]).check().unwrap_err().to_string();
+        let e = args(&["--file", "vectors.fvecs"]).validate().unwrap_err().to_string();
         assert!(e.contains("only .npy"), "{e}");
-        let e = args(&["--clients", "0"]).check().unwrap_err().to_string();
+        let e = args(&["--clients", "0"]).validate().unwrap_err().to_string();
         assert!(e.contains("--clients 0"), "{e}");
         assert_eq!(metric_name(args(&["--metric", "cosine"]).metric), "COSINE");
-        args(&[]).check().unwrap();
+        args(&[]).validate().unwrap();
     }
 }
