@@ -249,6 +249,107 @@ async fn a_query_node_lost_under_load_fails_no_search_and_its_copies_move_to_its
     assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
 }
 
+/// Per sealed segment of `a`'s collection, by (shard, segment id): whether the writer released
+/// its index (it holds it on disk only).
+async fn released(sb: &Sandbox) -> std::collections::BTreeMap<(u32, u64), bool> {
+    let node = sb.node("a").await;
+    let c = node.collections().into_iter().find(|c| c.schema().name == COLL).unwrap();
+    let mut out = std::collections::BTreeMap::new();
+    for (i, sh) in c.shards().iter().enumerate() {
+        for seg in sh.sealed_segments() {
+            assert!(seg.indexed_as().is_some(), "segment {} lost its index", seg.id);
+            out.insert((i as u32, seg.id), seg.is_released());
+        }
+    }
+    out
+}
+
+/// The collection's memory as GetClusterInfo (`tandem info`) reports it.
+async fn memory_bytes(c: &mut Client) -> u64 {
+    let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+    info.collections.iter().find(|s| s.name == COLL).unwrap().memory_bytes
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_writer_releases_the_indexes_every_group_holds_and_reads_back_those_a_lost_node_held() {
+    let (sb, mut nodes, mut c) = cluster_with_query_nodes().await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while released(&sb).await.values().any(|r| !r) {
+        assert!(Instant::now() < deadline, "indexes not released: {:?}", released(&sb).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(released(&sb).await.len(), segments);
+    let lean = memory_bytes(&mut c).await;
+    // Searches run on the copies, so nothing is read back.
+    let req = search(vectors(8, DIM, 31), 10);
+    let answer = c.search(req.clone()).await.unwrap().into_inner().results;
+    assert!(released(&sb).await.values().all(|&r| r), "a search answered by the copies read an index back");
+
+    // qa1 goes away: the segments it held are no longer in every group, so their indexes are
+    // read back; the others stay released.
+    let lost: Vec<(u32, u64)> =
+        nodes[0].running.node.held().iter().flat_map(|(&(_, shard), segs)| segs.iter().map(move |&s| (shard, s))).collect();
+    assert!(!lost.is_empty());
+    nodes.remove(0).stop().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    for seed in 100.. {
+        // A search finds the node gone (its sub-search fails, and is answered here).
+        c.search(search(vectors(1, DIM, seed), 10)).await.unwrap();
+        let now = released(&sb).await;
+        let read_back: Vec<(u32, u64)> = now.iter().filter(|&(_, &r)| !r).map(|(&k, _)| k).collect();
+        if read_back == lost {
+            break;
+        }
+        assert!(Instant::now() < deadline, "read back {read_back:?}, the lost node held {lost:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Read back, they stay in memory for a while even once group 0 holds them again on qa2.
+    wait_placed(&sb, &mut c, 2).await;
+    tokio::time::sleep(tandem_cluster::placement::PLACE_EVERY * 3).await;
+    assert_eq!(released(&sb).await.values().filter(|&&r| !r).count(), lost.len());
+    assert!(memory_bytes(&mut c).await > lean, "read-back indexes count in the collection's memory again");
+    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer);
+    // The writer alone (every segment searched here, released ones read back first) answers
+    // the same.
+    assert_eq!(answer_without_query_nodes(&sb, &mut c, req).await, answer);
+    assert!(released(&sb).await.values().all(|&r| !r));
+}
+
+/// `query_nodes.release_indexes = false`: the writer keeps every index in memory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_release_off_the_writer_keeps_its_indexes() {
+    let nodes = [QueryNode::start("qa1").await, QueryNode::start("qb1").await];
+    let groups = vec![vec![nodes[0].endpoint()], vec![nodes[1].endpoint()]];
+    let sb = Sandbox::builder()
+        .cluster_with("a", move |c| {
+            c.segment.seal_rows = 300;
+            c.query_nodes.groups = groups.clone();
+            c.query_nodes.release_indexes = false;
+        })
+        .build()
+        .await;
+    let mut c = sb.client("a").await;
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, hnsw(16, 64), 1, vec![])) })
+        .await
+        .unwrap();
+    c.insert(pb::InsertRequest {
+        ack: 0,
+        collection: COLL.into(),
+        ids: (0..900).collect(),
+        vectors: vectors(900, DIM, 5),
+        payloads: vec![],
+    })
+    .await
+    .unwrap();
+    c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    tokio::time::sleep(tandem_cluster::placement::PLACE_EVERY * 3).await;
+    let kept = released(&sb).await;
+    assert_eq!(kept.len(), segments);
+    assert!(kept.values().all(|&r| !r), "released with release_indexes off: {kept:?}");
+}
+
 /// A restarted cluster (a new address) stops without waiting on the query nodes' streams, and
 /// its query nodes drop what they held of the old one and load from the new one: answers come
 /// from them again, none is answered by the cluster itself for want of a stream.

@@ -54,11 +54,15 @@ pub struct QueryNodesConfig {
     /// turn of a node still busy with an earlier search. Off: every search stays with the group
     /// whose turn it is (a slow node then sets the pace of its turns).
     pub steal: bool,
+    /// This process drops from memory the index of a sealed segment that every replica group
+    /// holds on a live query node (its file stays, and a search that has to run here after all
+    /// reads it back). Off: it keeps every index in memory, as without query nodes.
+    pub release_indexes: bool,
 }
 
 impl Default for QueryNodesConfig {
     fn default() -> Self {
-        QueryNodesConfig { groups: Vec::new(), wait_ms: 1000, steal: true }
+        QueryNodesConfig { groups: Vec::new(), wait_ms: 1000, steal: true, release_indexes: true }
     }
 }
 

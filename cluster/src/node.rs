@@ -947,11 +947,10 @@ impl Node {
         let ts = self.clock.now();
         loop {
             let schema = c.schema();
-            let done = c.shards().iter().all(|s| {
-                s.sealed_segments()
-                    .iter()
-                    .all(|seg| seg.is_persisted() && seg.index().is_some_and(|i| i.serves(schema.index, schema.metric)))
-            });
+            let done = c
+                .shards()
+                .iter()
+                .all(|s| s.sealed_segments().iter().all(|seg| seg.is_persisted() && seg.is_indexed_as(schema.index, schema.metric)));
             if done {
                 return Ok((n, ts));
             }
@@ -1057,7 +1056,7 @@ fn build_index(job: Job, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
     }
     let schema = c.schema();
     let seg = &job.segment;
-    if seg.index().is_none_or(|i| !i.serves(schema.index, schema.metric)) {
+    if !seg.is_indexed_as(schema.index, schema.metric) {
         let started = Instant::now();
         let Some(index) = AnnIndex::build_until(schema.index, schema.metric, schema.dim, &seg.rows.vectors, stop)? else {
             tracing::debug!(collection = %schema.name, segment = seg.id, "index build stopped: the node is shutting down");

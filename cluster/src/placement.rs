@@ -26,9 +26,13 @@
 //! placement puts it in its [`StateStore`] (coordinator state), which a restarted proxy starts
 //! from.
 //!
+//! Once every group holds a segment on a live node, the writer drops that segment's index from
+//! memory ([`Placement::release_covered`]) and reads it back when a group loses its copy.
+//!
 //! What this does not do yet (issue 19): growing data is searched on the writer, not on
-//! per-group shard leaders; the writer keeps its own copy of every sealed segment in memory; a
-//! sub-search once sent is not taken back from a node that turns slow.
+//! per-group shard leaders; the writer keeps the rows of every sealed segment in memory (gets,
+//! queries and snapshots read them); a sub-search once sent is not taken back from a node that
+//! turns slow.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -147,6 +151,8 @@ pub struct Placement {
     wait: Duration,
     /// Long-tail stealing on (`query_nodes.steal`).
     steal: bool,
+    /// `query_nodes.release_indexes`: see [`Placement::release_covered`].
+    release_indexes: bool,
     local: LocalFanout,
     /// The writer's node, once the loop runs: a search makes its streams tick, so the query
     /// nodes reach the read's snapshot without waiting for the tick interval.
@@ -191,6 +197,7 @@ impl Placement {
             runtime: tokio::runtime::Handle::current(),
             wait: Duration::from_millis(cfg.wait_ms),
             steal: cfg.steal,
+            release_indexes: cfg.release_indexes,
             local: LocalFanout::default(),
             node: std::sync::OnceLock::new(),
             rerouted: AtomicU64::new(0),
@@ -394,7 +401,55 @@ impl Placement {
             }
             self.rebalance(g, &wanted).await;
         }
+        if self.release_indexes {
+            self.release_covered(node).await;
+        }
         self.save().await;
+    }
+
+    /// The writer's memory (seed: in-memory replica; query nodes hold the segments): the index
+    /// of a sealed segment that every replica group holds on a live node is dropped from memory
+    /// here, while its file stays (`Shard::release_index`). Once a group has lost its copy, the
+    /// index is read back, so the searches this process takes over until the copy is placed
+    /// again run on faiss; a search that reaches a released index before that reads it back
+    /// itself. Every group, not one: the loss of one node then costs no read-back, as
+    /// searches go to another group's copy.
+    async fn release_covered(&self, node: &Node) {
+        let mut release = Vec::new();
+        let mut read_back = Vec::new();
+        {
+            let copies = self.copies.read();
+            for c in node.collections() {
+                for (i, sh) in c.shards().iter().enumerate() {
+                    for seg in sh.sealed_segments() {
+                        let covered = copies
+                            .get(&(c.id, i as u32, seg.id))
+                            .is_some_and(|c| c.iter().enumerate().all(|(g, n)| n.is_some_and(|n| self.groups[g][n].is_up())));
+                        if covered && seg.index().is_some() {
+                            release.push((sh.clone(), seg.id));
+                        } else if !covered && seg.is_released() {
+                            read_back.push(seg);
+                        }
+                    }
+                }
+            }
+        }
+        if release.is_empty() && read_back.is_empty() {
+            return;
+        }
+        // Off the runtime: a release waits for a checkpoint writing index files, and a read-back
+        // reads one.
+        let released = tokio::task::spawn_blocking(move || {
+            for seg in &read_back {
+                seg.searchable_index();
+            }
+            release.iter().filter(|(sh, id)| sh.release_index(*id)).count()
+        })
+        .await
+        .unwrap_or(0);
+        if released > 0 {
+            tracing::debug!(segments = released, "indexes released: every replica group holds the segments");
+        }
     }
 
     /// Evens out group `g`: while its live node with the most copies holds two or more more than

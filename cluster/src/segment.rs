@@ -11,15 +11,17 @@
 //! the same ts, so a read at any snapshot sees exactly one version. Snapshots only ever cover
 //! durable writes (see `shard.rs`), so no read can observe a write that a crash could still lose.
 
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
 
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::ann::{AnnIndex, Bitmap, Knobs};
 use crate::error::Result;
 use crate::filter::{Filter, Scalar};
-use crate::schema::Metric;
+use crate::schema::{IndexKind, Metric};
 use crate::ts::Ts;
 use crate::wal::Lsn;
 
@@ -28,6 +30,10 @@ pub type Row = Vec<Option<Scalar>>;
 
 /// `delete_ts` of a row that is not deleted.
 pub const LIVE: Ts = Ts::MAX;
+
+/// How long an index read back from its file stays in memory at least (see
+/// [`Sealed::release_index`]).
+pub const KEEP_READ_BACK: Duration = Duration::from_secs(30);
 
 /// Below this many passing rows (or 1/32 of the segment), a filtered search over a sealed
 /// segment computes exact distances for the passing rows instead of asking faiss: it is faster
@@ -287,6 +293,22 @@ fn passes(filter: Option<&Filter>, rows: &Rows, off: usize) -> bool {
     filter.is_none_or(|f| f.matches(rows.ids[off], &rows.payloads[off]))
 }
 
+/// Where a sealed segment's index is.
+#[derive(Debug)]
+enum IndexSlot {
+    /// Not built yet: searches are exact.
+    Unbuilt,
+    Loaded(Arc<AnnIndex>),
+    /// Dropped from memory while every replica group's query nodes hold a copy of the segment
+    /// (`placement.rs`): the checkpointed file at `path` holds it, and a search that has to run
+    /// here after all (a node failed) loads it back.
+    Released {
+        kind: IndexKind,
+        metric: Metric,
+        path: PathBuf,
+    },
+}
+
 /// An immutable segment. Only its tombstones and its index change, both safely shared: searches
 /// run without the shard lock.
 #[derive(Debug)]
@@ -298,7 +320,10 @@ pub struct Sealed {
     delete_ts: Vec<AtomicU64>,
     min_delete_ts: AtomicU64,
     deleted: AtomicUsize,
-    index: RwLock<Option<Arc<AnnIndex>>>,
+    index: RwLock<IndexSlot>,
+    /// When a released index was last read back. Held while one is, so concurrent searches
+    /// read it once.
+    read_back: Mutex<Option<Instant>>,
     /// Data and index files written and listed in the shard manifest.
     persisted: AtomicBool,
 }
@@ -315,7 +340,8 @@ impl Sealed {
             rows: g.rows,
             min_delete_ts: AtomicU64::new(min_delete),
             deleted: AtomicUsize::new(deleted),
-            index: RwLock::new(None),
+            index: RwLock::new(IndexSlot::Unbuilt),
+            read_back: Mutex::new(None),
             persisted: AtomicBool::new(false),
         }
     }
@@ -355,12 +381,93 @@ impl Sealed {
         self.rows.insert_ts[off] <= snapshot && snapshot < self.delete_ts(off)
     }
 
+    /// The index, when it is in memory (not when it is released: see [`Sealed::indexed_as`]).
     pub fn index(&self) -> Option<Arc<AnnIndex>> {
-        self.index.read().clone()
+        match &*self.index.read() {
+            IndexSlot::Loaded(i) => Some(i.clone()),
+            IndexSlot::Unbuilt | IndexSlot::Released { .. } => None,
+        }
+    }
+
+    /// What the segment is indexed with, in memory or released to its file.
+    pub fn indexed_as(&self) -> Option<(IndexKind, Metric)> {
+        match &*self.index.read() {
+            IndexSlot::Unbuilt => None,
+            IndexSlot::Loaded(i) => Some((i.kind(), i.metric())),
+            IndexSlot::Released { kind, metric, .. } => Some((*kind, *metric)),
+        }
+    }
+
+    /// Whether the segment has the index a schema with `kind` and `metric` asks for, in memory
+    /// or released.
+    pub fn is_indexed_as(&self, kind: IndexKind, metric: Metric) -> bool {
+        self.indexed_as() == Some((kind, metric))
+    }
+
+    pub fn is_released(&self) -> bool {
+        matches!(&*self.index.read(), IndexSlot::Released { .. })
     }
 
     pub fn set_index(&self, index: Arc<AnnIndex>) {
-        *self.index.write() = Some(index);
+        *self.index.write() = IndexSlot::Loaded(index);
+    }
+
+    /// Drops the index from memory when it is `on_disk`, the index the file at `path` holds
+    /// (the shard checks its manifest). A search already running with it keeps it until it
+    /// ends. False when it was not in memory, was another one (rebuilt meanwhile), or was read
+    /// back less than [`KEEP_READ_BACK`] ago: searches that keep coming here (a query node
+    /// that lags) would otherwise read it back every placement round.
+    pub fn release_index(&self, path: PathBuf, on_disk: (IndexKind, Metric)) -> bool {
+        if self.read_back.lock().is_some_and(|at| at.elapsed() < KEEP_READ_BACK) {
+            return false;
+        }
+        let mut slot = self.index.write();
+        let (kind, metric) = match &*slot {
+            IndexSlot::Loaded(i) if (i.kind(), i.metric()) == on_disk => on_disk,
+            IndexSlot::Unbuilt | IndexSlot::Loaded(_) | IndexSlot::Released { .. } => return false,
+        };
+        *slot = IndexSlot::Released { kind, metric, path };
+        metrics::counter!("tandem_segment_index_releases_total").increment(1);
+        true
+    }
+
+    /// The index to search with: the one in memory, or a released one read back from its file
+    /// (blocking: call off the async runtime). A file that cannot be read leaves the index
+    /// released, and the search exact: slower, never wrong.
+    pub fn searchable_index(&self) -> Option<Arc<AnnIndex>> {
+        if let Some(i) = self.index() {
+            return Some(i);
+        }
+        let mut read_back = self.read_back.lock();
+        let (kind, metric, path) = match &*self.index.read() {
+            IndexSlot::Unbuilt => return None,
+            IndexSlot::Loaded(i) => return Some(i.clone()),
+            IndexSlot::Released { kind, metric, path } => (*kind, *metric, path.clone()),
+        };
+        let started = Instant::now();
+        match AnnIndex::load(&path, kind, metric) {
+            Ok(index) => {
+                let index = Arc::new(index);
+                let mut slot = self.index.write();
+                match &*slot {
+                    // Released still: nothing built a new index meanwhile, so the file held the
+                    // released one (a checkpoint writes a new index only after it is set here).
+                    IndexSlot::Released { .. } => *slot = IndexSlot::Loaded(index.clone()),
+                    // A new index was set meanwhile, and its file may be what was just read:
+                    // search with the one set.
+                    IndexSlot::Loaded(set) => return Some(set.clone()),
+                    IndexSlot::Unbuilt => return None,
+                }
+                *read_back = Some(Instant::now());
+                metrics::counter!("tandem_segment_index_reloads_total").increment(1);
+                tracing::debug!(segment = self.id, ms = started.elapsed().as_millis() as u64, "released index read back");
+                Some(index)
+            }
+            Err(e) => {
+                tracing::warn!(segment = self.id, error = %e, "a released index could not be read back: searching the segment exactly");
+                None
+            }
+        }
     }
 
     pub fn is_persisted(&self) -> bool {
@@ -391,13 +498,15 @@ impl Sealed {
         };
         // An index built for another metric (the collection's changed; its rebuild is queued)
         // answers nothing right: search exactly until the new one is swapped in.
-        let index = self.index().filter(|i| i.metric() == plan.metric);
-        let exact = match (&allow, &index) {
-            (_, None) => true,
-            (Some(bm), Some(_)) => bm.count() <= BRUTE_FORCE_ROWS.max(n / 32),
-            (None, Some(_)) => false,
+        let indexed = self.indexed_as().is_some_and(|(_, m)| m == plan.metric);
+        let exact = match (&allow, indexed) {
+            (_, false) => true,
+            (Some(bm), true) => bm.count() <= BRUTE_FORCE_ROWS.max(n / 32),
+            (None, true) => false,
         };
-        if exact {
+        // Only now, where faiss answers: a released index is read back for it.
+        let index = if exact { None } else { self.searchable_index().filter(|i| i.metric() == plan.metric) };
+        if exact || index.is_none() {
             let candidates: Vec<usize> = match &allow {
                 Some(bm) => (0..n).filter(|&i| bm.get(i)).collect(),
                 None => (0..n).collect(),
@@ -462,6 +571,58 @@ mod tests {
         assert!(!s.delete(10, 800), "second tombstone must not move the first");
         assert_eq!(s.delete_ts(10), 700);
         assert_eq!(s.deleted(), 2);
+    }
+
+    #[test]
+    fn a_released_index_is_read_back_for_a_search_and_answers_the_same() {
+        let dim = 8;
+        // Distinct rows (`growing`'s repeat every 97), so each query row is its own nearest.
+        let mut g = Growing::new(1);
+        let mut x = 12345u64;
+        for i in 0..3000u64 {
+            let v: Vec<f32> = (0..dim)
+                .map(|_| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (x >> 40) as f32 / (1u64 << 24) as f32
+                })
+                .collect();
+            g.push(1 + i, i as i64, 10 + i, &v, vec![]);
+        }
+        let s = Sealed::from_growing(g);
+        let hnsw = IndexKind::Hnsw { m: 8, ef_construction: 40 };
+        s.set_index(Arc::new(AnnIndex::build(hnsw, Metric::L2, dim, &s.rows.vectors).unwrap()));
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("seg.index");
+        s.index().unwrap().save(&path).unwrap();
+        let q: Vec<f32> = (0..3).flat_map(|i| s.rows.vector(dim, i * 700).to_vec()).collect();
+        let before = s.search(&plan(&q, dim, 10, Ts::MAX - 1)).unwrap();
+
+        assert!(!s.release_index(path.clone(), (IndexKind::Flat, Metric::L2)), "the file holds another index: kept");
+        assert!(s.release_index(path.clone(), (hnsw, Metric::L2)));
+        assert!(s.is_released() && s.index().is_none());
+        assert_eq!(s.indexed_as(), Some((hnsw, Metric::L2)), "still indexed, on disk");
+        assert_eq!(s.memory_bytes(), s.rows.memory_bytes() + s.len() * 8, "the index no longer counts");
+
+        // A filter that leaves few rows is answered exactly: nothing is read back for it.
+        let few = Filter::compile("id < 5", &[]).unwrap();
+        let exact = s.search(&SearchPlan { filter: Some(&few), ..plan(&q, dim, 3, Ts::MAX - 1) }).unwrap();
+        assert!(exact.iter().flatten().all(|&(_, id)| id < 5));
+        assert!(s.is_released());
+
+        assert_eq!(s.search(&plan(&q, dim, 10, Ts::MAX - 1)).unwrap(), before, "read back, it answers as before");
+        assert!(!s.is_released() && s.index().is_some());
+        assert!(!s.release_index(path.clone(), (hnsw, Metric::L2)), "read back a moment ago: kept for a while");
+        *s.read_back.lock() = None;
+        assert!(s.release_index(path.clone(), (hnsw, Metric::L2)));
+
+        // A file gone (a dropped collection's, under a search already running) leaves the
+        // segment exact, not failed.
+        std::fs::remove_file(&path).unwrap();
+        let exact = s.search(&plan(&q, dim, 10, Ts::MAX - 1)).unwrap();
+        assert!(s.is_released());
+        for (q, hits) in exact.iter().enumerate() {
+            assert_eq!(hits[0].1, (q * 700) as i64, "a stored row is its own nearest neighbour");
+        }
     }
 
     #[test]

@@ -291,7 +291,7 @@ impl ClusterService {
             for seg in &s.sealed {
                 // Indexed: with the collection's current index (a segment still searched by its
                 // previous one while the new one builds counts as sealed).
-                let current = seg.index().is_some_and(|i| i.serves(schema.index, schema.metric));
+                let current = seg.is_indexed_as(schema.index, schema.metric);
                 let state = if current { pb::segment_info::State::Indexed } else { pb::segment_info::State::Sealed };
                 segments.push(pb::SegmentInfo {
                     id: seg.id,
@@ -753,6 +753,14 @@ fn describe_metrics() {
     );
     describe_gauge!("tandem_collection_memory_bytes", Unit::Bytes, "memory held by a collection's segments");
     describe_gauge!("tandem_collection_disk_bytes", Unit::Bytes, "disk used by a collection (WAL, segments, indexes)");
+    describe_counter!(
+        "tandem_segment_index_releases_total",
+        "indexes of sealed segments this process dropped from memory because every replica group's query nodes hold the segment"
+    );
+    describe_counter!(
+        "tandem_segment_index_reloads_total",
+        "released indexes this process read back from their files (a group lost its copy, or a search had to run here)"
+    );
     describe_gauge!("tandem_cluster_role", "1 for the cluster's current role, 0 for the others");
     describe_gauge!("tandem_cluster_epoch", "the cluster's leadership epoch");
     describe_counter!(

@@ -914,7 +914,7 @@ impl Shard {
         self.sealed_segments()
             .into_iter()
             .filter(|seg| {
-                seg.index().is_some_and(|i| i.serves(schema.index, schema.metric))
+                seg.is_indexed_as(schema.index, schema.metric)
                     && seg.max_insert_ts() <= snapshot
                     && (0..seg.len()).any(|off| seg.visible(off, snapshot))
             })
@@ -926,8 +926,8 @@ impl Shard {
     /// segment's index, else a temporary copy written now (unlinked once open, so nothing is
     /// left behind).
     pub fn index_file(&self, seg: &Sealed) -> Result<(std::fs::File, IndexKind, Metric)> {
-        let index = seg.index().ok_or_else(|| ClusterError::Internal(format!("segment {} has no index to send", seg.id)))?;
-        let (kind, metric) = (index.kind(), index.metric());
+        let no_index = || ClusterError::Internal(format!("segment {} has no index to send", seg.id));
+        let (kind, metric) = seg.indexed_as().ok_or_else(no_index)?;
         {
             // Under the checkpoint lock: the file cannot be replaced between the check and the
             // open, and once open the handle keeps what it read.
@@ -938,11 +938,27 @@ impl Shard {
                 return Ok((file, kind, metric));
             }
         }
+        // Not checkpointed yet, so in memory (an index is released only once its file is).
+        let index = seg.searchable_index().ok_or_else(no_index)?;
+        let (kind, metric) = (index.kind(), index.metric());
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let tmp = self.dir.join(format!("seg-{}.snapshot-{}.tmp", seg.id, NEXT.fetch_add(1, Ordering::Relaxed)));
         let saved = index.save(&tmp).and_then(|()| std::fs::File::open(&tmp).map_err(|e| ClusterError::io(&tmp, e)));
         let _ = std::fs::remove_file(&tmp);
         Ok((saved?, kind, metric))
+    }
+
+    /// Drops the index of sealed segment `id` from memory when the checkpointed file holds it
+    /// (`Sealed::release_index`; query nodes hold copies of the segment). Returns whether it
+    /// did.
+    pub fn release_index(&self, id: SegmentId) -> bool {
+        let Some(seg) = self.state.read().sealed.get(&id).cloned() else { return false };
+        // Under the checkpoint lock: the file cannot be replaced between the check and the
+        // release, and a checkpoint never rewrites a released index's file (it writes only
+        // indexes in memory that its manifest does not list).
+        let manifest_index = self.checkpoint_lock.lock();
+        let Some(&on_disk) = manifest_index.get(&id) else { return false };
+        seg.is_persisted() && seg.release_index(seg_index_path(&self.dir, id), on_disk)
     }
 
     /// Alternative bootstrap: adds a sealed segment a snapshot at `snapshot` brought with its

@@ -14,6 +14,10 @@
 //!    slow node sets the pace of its turns). Goal, with stealing: >= 0.9 x one group's QPS.
 //! 4. **Node loss**: group 0 of two nodes, group 1 of one; kill -9 of a group-0 node under load:
 //!    failed searches (goal 0), p99 after the kill, time until group 0 has every copy again.
+//!
+//! The writer's memory is reported too (phase 1, R = 1): its segments' bytes and this process's
+//! RSS once every group holds every segment and the writer released their indexes
+//! (`query_nodes.release_indexes`), and again after phase 2's in-process searches read them back.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -82,7 +86,23 @@ struct Report {
     proxy_overhead: ProxyOverhead,
     slow_node: SlowNode,
     node_loss: NodeLoss,
+    writer_memory: WriterMemory,
     targets: Vec<Target>,
+}
+
+/// The writer's memory with one replica group holding every segment.
+#[derive(Debug, Serialize)]
+struct WriterMemory {
+    segments: usize,
+    /// Indexes the writer released (`query_nodes.release_indexes`).
+    indexes_released: usize,
+    /// The writer's own accounting of its segments (`memory_bytes` of GetCollection: rows,
+    /// tombstones, and the vectors an index in memory holds; not HNSW's links).
+    segments_mb_released: f64,
+    segments_mb_all_in_memory: f64,
+    /// RSS of this process (the writer and the bench's clients and data set).
+    rss_mb_released: f64,
+    rss_mb_all_in_memory: f64,
 }
 
 #[derive(Debug, Serialize)]
@@ -297,6 +317,7 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
 
     let mut scale_out = Vec::new();
     let mut proxy_overhead = None;
+    let mut writer_memory = None;
     for r in 1..=a.max_groups {
         let member = Member::start(writer_config(&data, a, (0..r).map(|g| vec![ep[g].clone()]).collect())).await?;
         let endpoint = member.endpoint();
@@ -305,6 +326,7 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         }
         let segments = wait_placed(&member, r).await?;
         ensure!(segments >= a.segments, "only {segments} sealed segments are indexed, expected {}", a.segments);
+        let (lean, released) = if r == 1 { (wait_released(&member, segments).await?, rss_mb()?) } else { ((0, 0), 0.0) };
         let before = node_counts(&member);
         let run = closed_loop(&endpoint, &ds, &truth, a, a.concurrency, Duration::from_secs_f64(a.duration_secs), None).await?;
         let (node_searches, node_stolen) = counts_since(&before, &node_counts(&member));
@@ -330,6 +352,16 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
             let local = closed_loop(&endpoint, &ds, &truth, a, 1, half, None).await;
             member.node().set_fanout(placement);
             let local = local?;
+            // The in-process searches read every released index back.
+            let (all, _) = writer_segments(&member);
+            writer_memory = Some(WriterMemory {
+                segments,
+                indexes_released: lean.1,
+                segments_mb_released: lean.0 as f64 / 1048576.0,
+                segments_mb_all_in_memory: all as f64 / 1048576.0,
+                rss_mb_released: released,
+                rss_mb_all_in_memory: rss_mb()?,
+            });
             proxy_overhead = Some(ProxyOverhead {
                 p50_one_group_ms: one.latency.p50_ms,
                 p50_in_process_ms: local.latency.p50_ms,
@@ -454,8 +486,46 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         proxy_overhead: po,
         slow_node,
         node_loss,
+        writer_memory: writer_memory.context("no writer memory measured")?,
         targets,
     })
+}
+
+/// The writer's segment bytes (its own accounting) and how many indexes it has released.
+fn writer_segments(member: &Member) -> (u64, usize) {
+    let (mut bytes, mut released) = (0, 0);
+    for c in member.node().collections() {
+        for sh in c.shards() {
+            bytes += sh.stats().memory_bytes;
+            released += sh.sealed_segments().iter().filter(|s| s.is_released()).count();
+        }
+    }
+    (bytes, released)
+}
+
+/// Waits (up to 10 s) until the writer released the index of each of `segments` segments;
+/// returns [`writer_segments`] then, whether or not it did.
+async fn wait_released(member: &Member, segments: usize) -> anyhow::Result<(u64, usize)> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let now = writer_segments(member);
+        if now.1 >= segments || Instant::now() >= deadline {
+            return Ok(now);
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// This process's resident set, MB.
+fn rss_mb() -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").context("reading /proc/self/status")?;
+    let kb = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse::<f64>().ok())
+        .context("no VmRSS in /proc/self/status")?;
+    Ok(kb / 1024.0)
 }
 
 /// Creates the collection, inserts every base row and flushes (which seals and indexes).
@@ -489,7 +559,9 @@ async fn wait_placed(member: &Member, groups: usize) -> anyhow::Result<usize> {
             .node()
             .collections()
             .iter()
-            .flat_map(|c| c.shards().iter().map(|s| s.sealed_segments().iter().filter(|g| g.index().is_some()).count()).collect::<Vec<_>>())
+            .flat_map(|c| {
+                c.shards().iter().map(|s| s.sealed_segments().iter().filter(|g| g.indexed_as().is_some()).count()).collect::<Vec<_>>()
+            })
             .sum();
         let copies = placement.copies_per_group();
         if indexed > 0 && copies.len() == groups && copies.iter().all(|&c| c == indexed) {
@@ -619,6 +691,16 @@ fn print(r: &Report) {
     println!(
         "node loss (kill -9): {} searches, {} failed; after the kill p50 {:.2} ms p99 {:.2} ms max {:.2} ms; copies restored in {:.0} ms; {} sub-searches answered by the cluster itself",
         nl.searches, nl.failed, nl.after_kill.p50_ms, nl.after_kill.p99_ms, nl.after_kill.max_ms, nl.restored_ms, nl.rerouted
+    );
+    let wm = &r.writer_memory;
+    println!(
+        "writer memory, one group holding every segment: {} of {} indexes released; segments {:.1} MB released vs {:.1} MB all in memory; process RSS {:.0} MB vs {:.0} MB",
+        wm.indexes_released,
+        wm.segments,
+        wm.segments_mb_released,
+        wm.segments_mb_all_in_memory,
+        wm.rss_mb_released,
+        wm.rss_mb_all_in_memory
     );
     for t in &r.targets {
         println!("target {:<32} {:>8.3}  goal {:<50} {}", t.name, t.value, t.goal, if t.met { "met" } else { "MISSED" });

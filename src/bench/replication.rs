@@ -397,7 +397,7 @@ const SERVING_QUERIES: usize = 100;
 /// `started`.
 async fn serving(alt: &Member, started: Instant) -> anyhow::Result<f64> {
     let coll = alt.node().collection(COLLECTION).context("the new alternative's collection")?;
-    while !coll.shards().iter().all(|s| s.sealed_segments().iter().all(|g| g.index().is_some())) {
+    while !coll.shards().iter().all(|s| s.sealed_segments().iter().all(|g| g.indexed_as().is_some())) {
         ensure!(started.elapsed() < BOOTSTRAP_TIMEOUT, "the new alternative did not index its segments within {BOOTSTRAP_TIMEOUT:?}");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
