@@ -7,7 +7,9 @@
 //! Points: `wal::fsync`, `publisher::publish` (arg `before` | `after`: fail before the batch is
 //! sent, or after the broker took it), `follower::snapshot_chunk`, `follower::apply` (arg
 //! `transient` for a retryable failure), `ha::won` (between winning an election and promoting),
-//! `ha::promoted` (between promoting and the new leader's first event).
+//! `ha::promoted` (between promoting and the new leader's first event),
+//! `replication::local_subscribe` (a query node's subscription finds its position gone from the
+//! cluster's log).
 //! `tests/failpoints.rs` has one test per point.
 
 /// `Some(arg)` when the point `name` fires (`arg` is the action's argument, "" without one);

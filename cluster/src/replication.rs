@@ -162,6 +162,11 @@ impl rp::replication_server::Replication for ReplicationService {
                 .ok_or_else(|| ClusterError::CollectionNotFound(format!("id {}", r.collection_id)))?;
             let positions = if r.local {
                 self.readable()?;
+                // As if the log no longer held the query node's position (this cluster
+                // bootstrapped again past it, or its lease expired while it was away).
+                if crate::failpoint::fired("replication::local_subscribe").is_some() {
+                    return Err(ClusterError::Truncated { from: r.from_lsn, first: r.from_lsn + 1 }.into());
+                }
                 Positions::Local
             } else {
                 Positions::Stream
