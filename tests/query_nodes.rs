@@ -71,11 +71,20 @@ async fn cluster_with_query_nodes() -> (Sandbox, Vec<QueryNode>, Client) {
 /// long-tail stealing on or off.
 async fn cluster_over(endpoints: Vec<String>, steal: bool) -> (Sandbox, Client) {
     let groups = vec![endpoints[..2].to_vec(), endpoints[2..].to_vec()];
+    cluster_of_groups(groups, move |c| c.query_nodes.steal = steal).await
+}
+
+/// [`cluster_with_query_nodes`]'s cluster and data, with query node groups `groups` and its
+/// configuration adjusted by `adjust`.
+async fn cluster_of_groups(
+    groups: Vec<Vec<String>>,
+    adjust: impl Fn(&mut tandem_cluster::ClusterConfig) + Send + 'static,
+) -> (Sandbox, Client) {
     let sb = Sandbox::builder()
         .cluster_with("a", move |c| {
             c.segment.seal_rows = 300;
             c.query_nodes.groups = groups.clone();
-            c.query_nodes.steal = steal;
+            adjust(c);
         })
         .build()
         .await;
@@ -321,28 +330,7 @@ async fn the_writer_releases_the_indexes_every_group_holds_and_reads_back_those_
 async fn with_release_off_the_writer_keeps_its_indexes() {
     let nodes = [QueryNode::start("qa1").await, QueryNode::start("qb1").await];
     let groups = vec![vec![nodes[0].endpoint()], vec![nodes[1].endpoint()]];
-    let sb = Sandbox::builder()
-        .cluster_with("a", move |c| {
-            c.segment.seal_rows = 300;
-            c.query_nodes.groups = groups.clone();
-            c.query_nodes.release_indexes = false;
-        })
-        .build()
-        .await;
-    let mut c = sb.client("a").await;
-    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, hnsw(16, 64), 1, vec![])) })
-        .await
-        .unwrap();
-    c.insert(pb::InsertRequest {
-        ack: 0,
-        collection: COLL.into(),
-        ids: (0..900).collect(),
-        vectors: vectors(900, DIM, 5),
-        payloads: vec![],
-    })
-    .await
-    .unwrap();
-    c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
+    let (sb, mut c) = cluster_of_groups(groups, |c| c.query_nodes.release_indexes = false).await;
     let segments = wait_placed(&sb, &mut c, 2).await;
     tokio::time::sleep(tandem_cluster::placement::PLACE_EVERY * 3).await;
     let kept = released(&sb).await;
@@ -350,9 +338,6 @@ async fn with_release_off_the_writer_keeps_its_indexes() {
     assert!(kept.values().all(|&r| !r), "released with release_indexes off: {kept:?}");
 }
 
-/// A restarted cluster (a new address) stops without waiting on the query nodes' streams, and
-/// its query nodes drop what they held of the old one and load from the new one: answers come
-/// from them again, none is answered by the cluster itself for want of a stream.
 /// Four searches of `a`, each answered as the writer alone answers it, and each sent to the
 /// query nodes.
 async fn four_searches_answered_by_the_nodes_as_by_the_writer(sb: &Sandbox, nodes: &[QueryNode], c: &mut Client) {
