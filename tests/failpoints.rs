@@ -388,16 +388,11 @@ async fn a_fenced_leaders_late_export_is_not_kept_by_an_alternative() {
 /// forgets the copies, and the next placement round loads them again from a new snapshot.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them_again() {
-    use tandem_cluster::query_node::{QueryNodeOptions, serve};
     let scenario = fail::FailScenario::setup();
-    let scratch = tempfile::tempdir().unwrap();
-    let stop = tokio_util::sync::CancellationToken::new();
-    let opts = QueryNodeOptions { name: "q1".into(), scratch_dir: scratch.path().to_path_buf(), search_threads: 1 };
-    let qn = serve("127.0.0.1:0", opts, stop.clone()).await.unwrap();
-    let held = || qn.node.held().values().map(Vec::len).sum::<usize>();
+    let qn = QueryNode::start("q1").await;
     // The node's first subscription is refused as out of range.
     fail::cfg("replication::local_subscribe", "1*return").unwrap();
-    let endpoint = format!("http://{}", qn.addr);
+    let endpoint = qn.endpoint();
     let sb = Sandbox::builder()
         .cluster_with("a", move |c| {
             c.segment.seal_rows = 300;
@@ -411,11 +406,11 @@ async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them
     a.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while hits("replication::local_subscribe") == 0 || held() != 0 {
+    while hits("replication::local_subscribe") == 0 || qn.held() != 0 {
         assert!(
             Instant::now() < deadline,
             "the node did not drop its copies: holds {}, refusals {}",
-            held(),
+            qn.held(),
             hits("replication::local_subscribe")
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -435,29 +430,25 @@ async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them
     };
     let answer = a.search(req.clone()).await.unwrap().into_inner().results;
     assert!(placement.rerouted.load(Ordering::Relaxed) > 0, "the dropped copies were not reported missing");
-    let node = sb.node("a").await;
-    node.set_fanout(Arc::new(tandem_cluster::fanout::LocalFanout::default()));
-    let own = a.search(req.clone()).await.unwrap().into_inner().results;
-    node.set_fanout(placement.clone());
-    assert_eq!(answer, own);
+    assert_eq!(answer, sb.answer_in_process("a", &mut a, req.clone()).await);
 
     // Placed again, from a new snapshot, and followed this time.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while held() != segments || placement.copies_per_group() != [segments] {
+    while qn.held() != segments || placement.copies_per_group() != [segments] {
         assert!(
             Instant::now() < deadline,
             "copies not placed again: the node holds {}, the proxy counts {:?}",
-            held(),
+            qn.held(),
             placement.copies_per_group()
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let (rerouted, searched) = (placement.rerouted.load(Ordering::Relaxed), qn.node.searches());
+    let (rerouted, searched) = (placement.rerouted.load(Ordering::Relaxed), qn.searches());
     assert_eq!(a.search(req.clone()).await.unwrap().into_inner().results, answer);
-    assert!(qn.node.searches() > searched, "the node does not answer again");
+    assert!(qn.searches() > searched, "the node does not answer again");
     assert_eq!(placement.rerouted.load(Ordering::Relaxed), rerouted, "the node's answers are refused again");
     assert_eq!(hits("replication::local_subscribe"), 1);
-    stop.cancel();
     drop(sb);
+    qn.stop().await;
     scenario.teardown();
 }

@@ -10,54 +10,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use sandbox::*;
-use tandem_cluster::fanout::LocalFanout;
-use tandem_cluster::query_node::{QueryNodeOptions, RunningQueryNode, serve};
 use tandem_proto::v1 as pb;
 use tokio_util::sync::CancellationToken;
 
 const COLL: &str = "docs";
 const DIM: usize = 16;
-
-struct QueryNode {
-    running: RunningQueryNode,
-    stop: CancellationToken,
-    _scratch: tempfile::TempDir,
-}
-
-impl QueryNode {
-    async fn start(name: &str) -> QueryNode {
-        QueryNode::start_at("127.0.0.1:0", name).await
-    }
-
-    async fn start_at(listen: &str, name: &str) -> QueryNode {
-        let scratch = tempfile::tempdir().unwrap();
-        let stop = CancellationToken::new();
-        let opts = QueryNodeOptions { name: name.into(), scratch_dir: scratch.path().to_path_buf(), search_threads: 1 };
-        let running = serve(listen, opts, stop.clone()).await.unwrap();
-        QueryNode { running, stop, _scratch: scratch }
-    }
-
-    /// Stops the node: its server and its streams end, and its address refuses connections.
-    /// Returns that address, for a node started again at it.
-    async fn stop(self) -> std::net::SocketAddr {
-        self.stop.cancel();
-        let _ = self.running.task.await;
-        self.running.addr
-    }
-
-    fn endpoint(&self) -> String {
-        format!("http://{}", self.running.addr)
-    }
-
-    fn searches(&self) -> u64 {
-        self.running.node.searches()
-    }
-
-    /// Segments held, over every shard.
-    fn held(&self) -> usize {
-        self.running.node.held().values().map(Vec::len).sum()
-    }
-}
 
 /// A cluster `a` (300 rows per sealed segment, HNSW, 2 shards) whose query nodes are two groups:
 /// `nodes[0]` and `nodes[1]` make group 0, `nodes[2]` group 1. 1800 rows inserted and flushed.
@@ -143,17 +100,7 @@ fn search(queries: Vec<f32>, k: u32) -> pb::SearchRequest {
 /// The answer to `req` with every segment searched in the writer's own process, for comparison
 /// (the query nodes loaded the writer's index files, so the answers must be identical).
 async fn answer_without_query_nodes(sb: &Sandbox, c: &mut Client, req: pb::SearchRequest) -> Vec<pb::Hits> {
-    answer_without_query_nodes_of(sb, "a", c, req).await
-}
-
-/// [`answer_without_query_nodes`] of cluster `name` (`c` is its client).
-async fn answer_without_query_nodes_of(sb: &Sandbox, name: &str, c: &mut Client, req: pb::SearchRequest) -> Vec<pb::Hits> {
-    let node = sb.node(name).await;
-    let placement = sb.placement(name).await.unwrap();
-    node.set_fanout(Arc::new(LocalFanout::default()));
-    let r = c.search(req).await.map(|r| r.into_inner().results);
-    node.set_fanout(placement);
-    r.unwrap()
+    sb.answer_in_process("a", c, req).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -666,7 +613,7 @@ async fn leaders_changes_reach_the_copies(sb: &Sandbox, nodes: &[QueryNode], lea
     }
     assert!(nodes.iter().map(QueryNode::searches).sum::<u64>() >= before + 40, "the reads did not go to {name}'s query nodes");
     let req = search(vectors(8, DIM, 7), 20);
-    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes_of(sb, name, c, req).await);
+    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, sb.answer_in_process(name, c, req).await);
     assert_eq!(placement.rerouted.load(Ordering::Relaxed), 0, "{name} searched parts of its query nodes' share itself");
 }
 
@@ -679,7 +626,7 @@ async fn an_alternative_serves_from_its_own_query_nodes_with_the_leaders_changes
     let req = search(vectors(8, DIM, 99), 10);
     for _ in 0..4 {
         let got = cb.search(req.clone()).await.unwrap().into_inner().results;
-        assert_eq!(got, answer_without_query_nodes_of(&sb, "b", &mut cb, req.clone()).await);
+        assert_eq!(got, sb.answer_in_process("b", &mut cb, req.clone()).await);
     }
     assert!(nodes.iter().all(|n| n.searches() > 0), "searches per node: {:?}", nodes.iter().map(QueryNode::searches).collect::<Vec<_>>());
     leaders_changes_reach_the_copies(&sb, &nodes, &mut ca, ("b", &mut cb), 0).await;

@@ -270,6 +270,17 @@ impl Sandbox {
         self.member(name).lock().await.running.as_ref().and_then(|r| r.placement().cloned())
     }
 
+    /// The answer to `req` from cluster `name` (`c` is its client) with every segment searched in
+    /// its own process, not on its query nodes: what their answers must equal.
+    pub async fn answer_in_process(&self, name: &str, c: &mut Client, req: pb::SearchRequest) -> Vec<pb::Hits> {
+        let node = self.node(name).await;
+        let placement = self.placement(name).await.expect("the cluster has query nodes");
+        node.set_fanout(Arc::new(tandem_cluster::fanout::LocalFanout::default()));
+        let r = c.search(req).await.map(|r| r.into_inner().results);
+        node.set_fanout(placement);
+        r.unwrap()
+    }
+
     pub async fn follower(&self, name: &str) -> Arc<tandem_exporter::follower::Follower> {
         self.member(name).lock().await.running.as_ref().and_then(|r| r.follower().cloned()).expect("an alternative")
     }
@@ -644,4 +655,48 @@ pub async fn gateway_ready(gw: &tandem_gateway::Running, clusters: usize, collec
             && t.clusters.iter().all(|c| c.readable && collection.is_none_or(|n| c.collections.iter().any(|s| s.name == n)))
     })
     .await;
+}
+
+/// A query node (`tandem query-node`) served in the test's process, with a scratch directory of
+/// its own.
+pub struct QueryNode {
+    pub running: tandem_cluster::query_node::RunningQueryNode,
+    stop: tokio_util::sync::CancellationToken,
+    _scratch: tempfile::TempDir,
+}
+
+impl QueryNode {
+    pub async fn start(name: &str) -> QueryNode {
+        QueryNode::start_at("127.0.0.1:0", name).await
+    }
+
+    pub async fn start_at(listen: &str, name: &str) -> QueryNode {
+        use tandem_cluster::query_node::{QueryNodeOptions, serve};
+        let scratch = tempfile::tempdir().unwrap();
+        let stop = tokio_util::sync::CancellationToken::new();
+        let opts = QueryNodeOptions { name: name.into(), scratch_dir: scratch.path().to_path_buf(), search_threads: 1 };
+        let running = serve(listen, opts, stop.clone()).await.unwrap();
+        QueryNode { running, stop, _scratch: scratch }
+    }
+
+    /// Stops the node: its server and its streams end, and its address refuses connections.
+    /// Returns that address, for a node started again at it.
+    pub async fn stop(self) -> SocketAddr {
+        self.stop.cancel();
+        let _ = self.running.task.await;
+        self.running.addr
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.running.addr)
+    }
+
+    pub fn searches(&self) -> u64 {
+        self.running.node.searches()
+    }
+
+    /// Segments held, over every shard.
+    pub fn held(&self) -> usize {
+        self.running.node.held().values().map(Vec::len).sum()
+    }
 }
