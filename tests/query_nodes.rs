@@ -285,6 +285,124 @@ async fn with_release_off_the_writer_keeps_its_indexes() {
     assert!(kept.values().all(|&r| !r), "released with release_indexes off: {kept:?}");
 }
 
+/// The replica groups GetClusterInfo (`tandem info`) lists as holding the collection.
+async fn replica_groups(c: &mut Client) -> Vec<u32> {
+    let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+    info.collections.iter().find(|s| s.name == COLL).unwrap().replica_groups.clone()
+}
+
+/// Waits until the query nodes hold `want` copies each (the placement loop loaded or released
+/// them) and the placement's cache says the same per group.
+async fn wait_held(sb: &Sandbox, nodes: &[QueryNode], want: &[usize]) {
+    let placement = sb.placement("a").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let held: Vec<usize> = nodes.iter().map(QueryNode::held).collect();
+        if held == want && placement.copies_per_group() == want {
+            return;
+        }
+        assert!(Instant::now() < deadline, "copies held {held:?}, cached {:?}, want {want:?}", placement.copies_per_group());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Searches that reach only `to` of `nodes` (by index), and answer as the writer alone does.
+async fn searches_reach_only(sb: &Sandbox, nodes: &[QueryNode], c: &mut Client, to: &[usize]) {
+    let before: Vec<u64> = nodes.iter().map(QueryNode::searches).collect();
+    let req = search(vectors(8, DIM, 41), 10);
+    for _ in 0..4 {
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes(sb, c, req.clone()).await);
+    }
+    for (i, n) in nodes.iter().enumerate() {
+        let sent = n.searches() - before[i];
+        assert_eq!(sent > 0, to.contains(&i), "node {i} answered {sent} sub-searches; expected only nodes {to:?} to answer");
+    }
+}
+
+/// LoadCollection with fewer replicas than the cluster has groups (Milvus's
+/// `load_collection(replica_number=R)` maps onto it): only the groups chosen hold copies, only
+/// they are searched, the writer releases the indexes they cover, and the setting outlives a
+/// restart. With 0 the writer serves the collection alone, and with none every group again.
+/// A number over the groups is refused, naming it, and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_collection_loaded_with_fewer_replicas_is_held_and_searched_by_those_groups_only() {
+    let nodes = [QueryNode::start("qa1").await, QueryNode::start("qb1").await];
+    let groups = vec![vec![nodes[0].endpoint()], vec![nodes[1].endpoint()]];
+    let (sb, mut c) = cluster_of_groups(groups, |_| {}).await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    assert_eq!(replica_groups(&mut c).await, [0, 1], "a collection never loaded is held by every group");
+    let load = |replicas: Option<u32>| pb::LoadCollectionRequest { name: COLL.into(), replicas };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while released(&sb).await.values().any(|r| !r) {
+        assert!(Instant::now() < deadline, "indexes not released: {:?}", released(&sb).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // One replica: the groups hold as many copies, so the lower one keeps it; group 1 lets go.
+    let got = c.load_collection(load(Some(1))).await.unwrap().into_inner().groups;
+    assert_eq!(got, [0]);
+    wait_held(&sb, &nodes, &[segments, 0]).await;
+    assert_eq!(replica_groups(&mut c).await, [0]);
+    // Group 0 is every group holding it now, so no index is read back for group 1's loss.
+    tokio::time::sleep(tandem_cluster::placement::PLACE_EVERY * 3).await;
+    let now = released(&sb).await;
+    assert!(now.values().all(|&r| r), "indexes read back though the one group holding the collection holds them: {now:?}");
+    searches_reach_only(&sb, &nodes, &mut c, &[0]).await;
+
+    // Bad input changes nothing: more replicas than groups, an unknown collection.
+    let e = c.load_collection(load(Some(3))).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("replicas 3") && e.message().contains("2 replica group(s)"), "{}", e.message());
+    let e = c.load_collection(pb::LoadCollectionRequest { name: "nope".into(), replicas: Some(1) }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound);
+    assert!(e.message().contains("nope"), "{}", e.message());
+    assert_eq!(replica_groups(&mut c).await, [0]);
+
+    // A restart keeps the setting (coordinator state): group 1 is not loaded again.
+    let addr = sb.addr("a").await;
+    sb.stop("a").await;
+    sb.start_again_at("a", addr).await;
+    let mut c = sb.client("a").await;
+    assert_eq!(replica_groups(&mut c).await, [0], "the setting did not outlive a restart");
+    tokio::time::sleep(tandem_cluster::placement::PLACE_EVERY * 3).await;
+    wait_held(&sb, &nodes, &[segments, 0]).await;
+
+    // None: the writer alone, with every index read back; then every group again.
+    assert!(c.load_collection(load(Some(0))).await.unwrap().into_inner().groups.is_empty());
+    wait_held(&sb, &nodes, &[0, 0]).await;
+    assert!(replica_groups(&mut c).await.is_empty());
+    searches_reach_only(&sb, &nodes, &mut c, &[]).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while released(&sb).await.values().any(|&r| r) {
+        assert!(Instant::now() < deadline, "indexes not read back with no replica: {:?}", released(&sb).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.load_collection(load(None)).await.unwrap().into_inner().groups, [0, 1]);
+    wait_held(&sb, &nodes, &[segments, segments]).await;
+    assert_eq!(replica_groups(&mut c).await, [0, 1]);
+    searches_reach_only(&sb, &nodes, &mut c, &[0, 1]).await;
+}
+
+/// A cluster without query nodes is one replica, itself: LoadCollection takes 0 and 1 (and
+/// unset), lists no group, and refuses more, naming the number.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_without_query_nodes_is_one_replica() {
+    let sb = Sandbox::builder().cluster("a").build().await;
+    let mut c = sb.client("a").await;
+    c.create_collection(pb::CreateCollectionRequest { schema: Some(schema(COLL, DIM as u32, pb::Metric::L2, hnsw(16, 64), 1, vec![])) })
+        .await
+        .unwrap();
+    for replicas in [None, Some(0), Some(1)] {
+        let groups = c.load_collection(pb::LoadCollectionRequest { name: COLL.into(), replicas }).await.unwrap().into_inner().groups;
+        assert!(groups.is_empty(), "{replicas:?}: {groups:?}");
+    }
+    let e = c.load_collection(pb::LoadCollectionRequest { name: COLL.into(), replicas: Some(2) }).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument);
+    assert!(e.message().contains("replicas 2"), "{}", e.message());
+    assert!(replica_groups(&mut c).await.is_empty());
+}
+
 /// Four searches of `a`, each answered as the writer alone answers it, and each sent to the
 /// query nodes.
 async fn four_searches_answered_by_the_nodes_as_by_the_writer(sb: &Sandbox, nodes: &[QueryNode], c: &mut Client) {
@@ -511,6 +629,33 @@ async fn a_stale_cache_of_copies_is_corrected_from_the_shards_own_segment_list()
     assert_eq!(placement.rerouted.load(Ordering::Relaxed), rerouted);
 }
 
+/// Long-tail stealing mid-search (MEP 23): searches come one at a time, so group 1's slow node
+/// is idle whenever its turn comes and keeps it when the sub-search is sent. Its sub-searches then
+/// straggle behind the fast nodes' usual answer time, and the idle copies in group 0 are asked
+/// for the same segments at the same snapshot and answer first. Every answer is still the
+/// writer's own, and nothing is counted as a failure.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_straggling_sub_search_is_answered_by_idle_copies_in_another_group() {
+    let (sb, nodes, mut c) = cluster_with_a_slow_node(true).await;
+    let placement = sb.placement("a").await.unwrap();
+    let stolen = |g: usize| placement.groups()[g].iter().map(|n| n.stolen.load(Ordering::Relaxed)).sum::<u64>();
+    for seed in 0..12 {
+        let req = search(vectors(4, DIM, 300 + seed), 10);
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req).await, "search {seed}");
+    }
+    let mid = placement.stolen_mid_search.load(Ordering::Relaxed);
+    eprintln!(
+        "straggling sub-searches taken over: {mid}; stolen by group 0: {}, by group 1: {}; qb1 answered {}",
+        stolen(0),
+        stolen(1),
+        nodes[2].searches()
+    );
+    assert!(mid > 0, "no straggling sub-search of the slow node was taken over");
+    assert!(stolen(0) >= mid, "group 0's copies took them ({} counted)", stolen(0));
+    assert_eq!(placement.rerouted.load(Ordering::Relaxed), 0, "a straggler is not a failed node");
+}
+
 /// `query_nodes.steal = false`: the slow node keeps every one of its turns, and nothing is stolen.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_stealing_off_a_slow_node_keeps_its_turns() {
@@ -519,6 +664,7 @@ async fn with_stealing_off_a_slow_node_keeps_its_turns() {
     let searches = search_at_once(&sb, 4, Duration::from_secs(1)).await;
     let stolen: u64 = placement.groups().iter().flatten().map(|n| n.stolen.load(Ordering::Relaxed)).sum();
     assert_eq!(stolen, 0, "{searches} searches with stealing off");
+    assert_eq!(placement.stolen_mid_search.load(Ordering::Relaxed), 0, "a straggler was taken over with stealing off");
     // Group 1's turns (a sub-search per shard each) all went to the slow node.
     assert!(nodes[2].searches() > 0, "the slow node lost its turns with stealing off");
 }

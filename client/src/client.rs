@@ -341,6 +341,15 @@ impl Client {
         r.collection.unwrap_or_default().try_into()
     }
 
+    /// Sets how many of the cluster's replica groups hold copies of the collection's sealed
+    /// segments, `None` for every group (the default), `Some(0)` for none; returns the groups
+    /// that now do (docs/scaling.md). Through a gateway, the leading cluster's.
+    pub async fn load_collection(&self, name: &str, replicas: Option<u32>) -> Result<Vec<u32>> {
+        let req = pb::LoadCollectionRequest { name: name.into(), replicas };
+        let r = self.idempotent("LoadCollection", req, None, rpc!(self.tandem, load_collection)).await?;
+        Ok(r.groups)
+    }
+
     /// The identity, role and collections of the cluster that answers.
     pub async fn cluster_info(&self) -> Result<ClusterInfo> {
         let r = self.idempotent("GetClusterInfo", pb::GetClusterInfoRequest {}, None, rpc!(self.tandem, get_cluster_info)).await?;

@@ -623,6 +623,9 @@ pub struct CollectionStatus {
     pub lag_ms: u64,
     /// On an alternative: "following", "bootstrapping", `"halted: <reason>"`; empty on a leader.
     pub replication: String,
+    /// The replica groups holding copies of its sealed segments
+    /// ([`Client::load_collection`](crate::Client::load_collection)); empty without query nodes.
+    pub replica_groups: Vec<u32>,
 }
 
 impl From<pb::CollectionStatus> for CollectionStatus {
@@ -637,6 +640,7 @@ impl From<pb::CollectionStatus> for CollectionStatus {
             disk_bytes: c.disk_bytes,
             lag_ms: c.lag_ms,
             replication: c.replication,
+            replica_groups: c.replica_groups,
         }
     }
 }
@@ -655,6 +659,7 @@ impl From<&CollectionStatus> for pb::CollectionStatus {
             disk_bytes: c.disk_bytes,
             lag_ms: c.lag_ms,
             replication: c.replication.clone(),
+            replica_groups: c.replica_groups.clone(),
             ..Default::default()
         }
     }

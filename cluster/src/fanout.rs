@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use rayon::prelude::*;
 
 use crate::collection::Collection;
-use crate::error::Result;
+use crate::error::{ClusterError, Result};
 use crate::segment::{SearchPlan, TopK, merge_topk};
 
 /// Queries per part when a batch is split over the search pool: below this, splitting costs
@@ -24,6 +24,33 @@ pub trait Fanout: Send + Sync + 'static {
 
     /// The query nodes searches also go to, for GetClusterInfo (none for this process alone).
     fn query_nodes(&self) -> Vec<tandem_proto::v1::QueryNodeStatus> {
+        Vec::new()
+    }
+
+    /// Refuses a number of replicas the cluster cannot hold, naming it. A process alone is one
+    /// replica: it takes 0 and 1.
+    fn check_replicas(&self, replicas: u32) -> Result<()> {
+        if replicas > 1 {
+            return Err(ClusterError::invalid(format!(
+                "replicas {replicas} is more than this cluster has: it has no query nodes, and is one replica itself (query_nodes.groups; docs/scaling.md)"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Sets how many replica groups hold copies of the collection's sealed segments (`None`:
+    /// every group), and returns the groups that now do; a number [`Fanout::check_replicas`]
+    /// refuses changes nothing.
+    fn set_replicas(&self, collection_id: u64, replicas: Option<u32>) -> Result<Vec<u32>> {
+        let _ = collection_id;
+        replicas.map_or(Ok(()), |n| self.check_replicas(n))?;
+        Ok(Vec::new())
+    }
+
+    /// The replica groups holding copies of the collection's sealed segments (none for this
+    /// process alone).
+    fn replica_groups(&self, collection_id: u64) -> Vec<u32> {
+        let _ = collection_id;
         Vec::new()
     }
 }

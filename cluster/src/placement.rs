@@ -13,7 +13,9 @@
 //!
 //! Groups take turns per search, so R groups share the load, and a node still busy with an
 //! earlier search (a slow machine, a long search) has its turn taken by an idle copy in another
-//! group (long-tail stealing, decided when a sub-search is sent). A sub-search that fails, or names
+//! group (long-tail stealing, decided when a sub-search is sent). A sub-search that straggles
+//! once sent (well past the fastest node's usual answer time) is asked of idle copies too, and
+//! the first full answer is taken (mid-search, [`Placement::gather`]). A sub-search that fails, or names
 //! segments its node no longer holds (a restarted node), is searched here instead, at the same
 //! snapshot: the writer still holds every segment, so a lost query node costs no search. The
 //! node's copies are forgotten and the placement loop gives them to the group's other nodes.
@@ -29,10 +31,14 @@
 //! Once every group holds a segment on a live node, the writer drops that segment's index from
 //! memory ([`Placement::release_covered`]) and reads it back when a group loses its copy.
 //!
+//! A collection is held by every group unless LoadCollection set how many
+//! ([`Fanout::set_replicas`], Milvus's `replica_number`): then only by the groups chosen, which
+//! are kept in the coordinator state beside the copies. "Every group" above means every group
+//! holding the collection; a collection held by none is served by this process alone.
+//!
 //! What this does not do yet (issue 19): growing data is searched on the writer, not on
 //! per-group shard leaders; the writer keeps the rows of every sealed segment in memory (gets,
-//! queries and snapshots read them); a sub-search once sent is not taken back from a node that
-//! turns slow.
+//! queries and snapshots read them).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -110,11 +116,26 @@ pub struct QueryNodeHandle {
     in_flight: AtomicUsize,
     /// Sub-searches it took, while idle, from a busy node whose turn it was (long-tail stealing).
     pub stolen: AtomicU64,
+    /// How long its sub-searches usually take to answer, in microseconds (a moving average;
+    /// 0 until it answered one): what tells a straggler (mid-search stealing).
+    usual_us: AtomicU64,
 }
 
 impl QueryNodeHandle {
     pub fn is_up(&self) -> bool {
         self.up.load(Ordering::Acquire)
+    }
+
+    /// Counts an answer that took `took` in its usual answer time (a fifth of the weight goes to
+    /// the newest, so a node that turns slow or fast shows it within a few answers).
+    fn answered_in(&self, took: Duration) {
+        let now = (took.as_micros() as u64).max(1);
+        let was = self.usual_us.load(Ordering::Relaxed);
+        self.usual_us.store(if was == 0 { now } else { (was * 4 + now) / 5 }, Ordering::Relaxed);
+    }
+
+    fn usual_answer(&self) -> Option<Duration> {
+        Some(self.usual_us.load(Ordering::Relaxed)).filter(|&us| us > 0).map(Duration::from_micros)
     }
 
     fn in_flight(&self) -> usize {
@@ -145,6 +166,9 @@ pub struct Placement {
     groups: Vec<Vec<Arc<QueryNodeHandle>>>,
     /// Per segment, per group: the node (index in the group) holding its copy.
     copies: RwLock<HashMap<SegKey, Vec<Option<usize>>>>,
+    /// Per collection id, the groups holding its copies, sorted, when `LoadCollection` set
+    /// them; a collection not here is held by every group.
+    replicas: RwLock<HashMap<u64, Vec<usize>>>,
     next_group: AtomicUsize,
     runtime: tokio::runtime::Handle,
     /// How long a query node may wait for its stream to reach a read's snapshot.
@@ -159,6 +183,8 @@ pub struct Placement {
     node: std::sync::OnceLock<Weak<Node>>,
     /// Sub-searches answered here instead (their node failed or no longer held the segments).
     pub rerouted: AtomicU64,
+    /// Straggling sub-searches whose segments idle copies answered first (mid-search stealing).
+    pub stolen_mid_search: AtomicU64,
     /// Where the placement is kept (`restore`), and what was last put there.
     store: std::sync::OnceLock<Arc<dyn StateStore>>,
     saved: Mutex<Vec<u8>>,
@@ -184,6 +210,7 @@ impl Placement {
                             searches: AtomicU64::new(0),
                             in_flight: AtomicUsize::new(0),
                             stolen: AtomicU64::new(0),
+                            usual_us: AtomicU64::new(0),
                         }))
                     })
                     .collect::<Result<Vec<_>>>()
@@ -193,6 +220,7 @@ impl Placement {
             source,
             groups,
             copies: RwLock::new(HashMap::new()),
+            replicas: RwLock::new(HashMap::new()),
             next_group: AtomicUsize::new(0),
             runtime: tokio::runtime::Handle::current(),
             wait: Duration::from_millis(cfg.wait_ms),
@@ -201,6 +229,7 @@ impl Placement {
             local: LocalFanout::default(),
             node: std::sync::OnceLock::new(),
             rerouted: AtomicU64::new(0),
+            stolen_mid_search: AtomicU64::new(0),
             store: std::sync::OnceLock::new(),
             saved: Mutex::new(Vec::new()),
         }))
@@ -219,6 +248,13 @@ impl Placement {
         let Some(bytes) = store.get().await? else { return Ok(0) };
         let state = qn::PlacementState::decode(&bytes[..])
             .map_err(|e| ClusterError::Corrupt(format!("the placement state in {} does not parse: {e}", store.describe())))?;
+        // The user's setting, whatever became of the copies. A group no longer configured is
+        // left out (the collection has fewer replicas until it is loaded again).
+        *self.replicas.write() = state
+            .replicas
+            .iter()
+            .map(|r| (r.collection_id, r.groups.iter().map(|&g| g as usize).filter(|&g| g < self.groups.len()).collect()))
+            .collect();
         if state.source != self.source {
             // The nodes follow the cluster at its old endpoint: every copy is loaded anew from
             // this one (a Load naming another source makes a node start that shard over).
@@ -260,7 +296,11 @@ impl Placement {
             })
             .collect();
         list.sort_unstable_by_key(|c| (c.collection_id, c.shard, c.segment));
-        qn::PlacementState { copies: list, source: self.source.clone() }.encode_to_vec()
+        let mut replicas: Vec<qn::CollectionGroups> = (self.replicas.read().iter())
+            .map(|(&collection_id, groups)| qn::CollectionGroups { collection_id, groups: groups.iter().map(|&g| g as u32).collect() })
+            .collect();
+        replicas.sort_unstable_by_key(|r| r.collection_id);
+        qn::PlacementState { copies: list, source: self.source.clone(), replicas }.encode_to_vec()
     }
 
     /// Puts the placement in its store when it changed since it was last put there.
@@ -280,6 +320,14 @@ impl Placement {
 
     pub fn groups(&self) -> &[Vec<Arc<QueryNodeHandle>>] {
         &self.groups
+    }
+
+    /// Per group, whether it holds copies of collection `cid`'s segments.
+    fn holding(&self, cid: u64) -> Vec<bool> {
+        match self.replicas.read().get(&cid) {
+            None => vec![true; self.groups.len()],
+            Some(groups) => (0..self.groups.len()).map(|g| groups.contains(&g)).collect(),
+        }
     }
 
     /// Per group, how many segments have a copy there.
@@ -352,18 +400,34 @@ impl Placement {
                 }
             }
         }
-        let is_wanted = |k: &SegKey| wanted.get(&(k.0, k.1)).is_some_and(|(_, ids)| ids.contains(&k.2));
-        // Copies of segments that are gone.
-        let gone: Vec<(SegKey, Vec<Option<usize>>)> = {
-            let mut copies = self.copies.write();
-            let keys: Vec<SegKey> = copies.keys().filter(|k| !is_wanted(k)).copied().collect();
-            keys.into_iter().filter_map(|k| copies.remove(&k).map(|c| (k, c))).collect()
-        };
-        for ((cid, shard, seg), c) in gone {
-            for (g, n) in c.iter().enumerate().filter_map(|(g, n)| n.map(|n| (g, n))) {
-                let req = qn::ReleaseRequest { collection_id: cid, shard, segments: vec![seg] };
-                let _ = self.groups[g][n].client.clone().release(req).await;
+        {
+            // The setting of a dropped collection goes with it. The list is read under the lock:
+            // a LoadCollection right after a create then finds its collection in it.
+            let mut replicas = self.replicas.write();
+            if !replicas.is_empty() {
+                let ids: HashSet<u64> = node.collections().iter().map(|c| c.id).collect();
+                replicas.retain(|cid, _| ids.contains(cid));
             }
+        }
+        let holding: HashMap<u64, Vec<bool>> = wanted.keys().map(|&(cid, _)| (cid, self.holding(cid))).collect();
+        let is_wanted = |k: &SegKey| wanted.get(&(k.0, k.1)).is_some_and(|(_, ids)| ids.contains(&k.2));
+        // Copies of segments that are gone, and copies in groups that no longer hold their
+        // collection (it was loaded with fewer replicas): released per node and shard.
+        let mut gone: HashMap<(usize, usize, u64, u32), Vec<SegmentId>> = HashMap::new();
+        self.copies.write().retain(|&(cid, shard, seg), c| {
+            let held = if is_wanted(&(cid, shard, seg)) { holding.get(&cid) } else { None };
+            for (g, n) in c.iter_mut().enumerate() {
+                if held.is_none_or(|h| !h[g])
+                    && let Some(n) = n.take()
+                {
+                    gone.entry((g, n, cid, shard)).or_default().push(seg);
+                }
+            }
+            held.is_some()
+        });
+        for ((g, n, collection_id, shard), segments) in gone {
+            let req = qn::ReleaseRequest { collection_id, shard, segments };
+            let _ = self.groups[g][n].client.clone().release(req).await;
         }
         self.probe_down_nodes().await;
         // Loads: per group, each segment without a copy there goes to its least-loaded live node.
@@ -377,7 +441,7 @@ impl Placement {
                         held[n] += 1;
                     }
                 }
-                for (&(cid, shard), (_, ids)) in &wanted {
+                for (&(cid, shard), (_, ids)) in wanted.iter().filter(|((cid, _), _)| holding[cid][g]) {
                     for &seg in ids {
                         let c = copies.entry((cid, shard, seg)).or_insert_with(|| vec![None; self.groups.len()]);
                         if c[g].is_some() {
@@ -418,13 +482,16 @@ impl Placement {
         let mut release = Vec::new();
         let mut read_back = Vec::new();
         {
-            let copies = self.copies.read();
             for c in node.collections() {
+                // The groups that hold the collection; none: this process alone serves it.
+                let holding = self.holding(c.id);
+                let copies = self.copies.read();
                 for (i, sh) in c.shards().iter().enumerate() {
                     for seg in sh.sealed_segments() {
-                        let covered = copies
-                            .get(&(c.id, i as u32, seg.id))
-                            .is_some_and(|c| c.iter().enumerate().all(|(g, n)| n.is_some_and(|n| self.groups[g][n].is_up())));
+                        let covered = holding.contains(&true)
+                            && copies.get(&(c.id, i as u32, seg.id)).is_some_and(|c| {
+                                (c.iter().enumerate()).all(|(g, n)| !holding[g] || n.is_some_and(|n| self.groups[g][n].is_up()))
+                            });
                         if covered && seg.index().is_some() {
                             release.push((sh.clone(), seg.id));
                         } else if !covered && seg.is_released() {
@@ -545,6 +612,9 @@ impl Placement {
     /// stealing is for the node a queue forms behind.
     fn route(&self, collection: &Collection) -> HashMap<(usize, usize, u32), Route> {
         let first = self.next_group.fetch_add(1, Ordering::Relaxed);
+        // A group that no longer holds the collection keeps its copies until the next round
+        // releases them: not sent there meanwhile, so a search does not race the release.
+        let holding = self.holding(collection.id);
         let copies = self.copies.read();
         let queue = |(g, n): (usize, usize)| self.groups[g][n].in_flight();
         let mut remote: HashMap<(usize, usize, u32), Route> = HashMap::new();
@@ -553,6 +623,7 @@ impl Placement {
                 let Some(c) = copies.get(&(collection.id, si as u32, seg.id)) else { continue };
                 let mut holders = (0..c.len())
                     .map(|i| (first + i) % c.len())
+                    .filter(|&g| holding[g])
                     .filter_map(|g| c[g].map(|n| (g, n)))
                     .filter(|&(g, n)| self.groups[g][n].is_up());
                 let Some(turn) = holders.next() else { continue };
@@ -600,11 +671,65 @@ impl Fanout for Placement {
         out
     }
 
+    fn check_replicas(&self, replicas: u32) -> Result<()> {
+        if replicas as usize > self.groups.len() {
+            return Err(ClusterError::invalid(format!(
+                "replicas {replicas} is more than the {} replica group(s) this cluster has (query_nodes.groups; docs/scaling.md)",
+                self.groups.len()
+            )));
+        }
+        Ok(())
+    }
+
+    fn set_replicas(&self, collection_id: u64, replicas: Option<u32>) -> Result<Vec<u32>> {
+        let total = self.groups.len();
+        let chosen = match replicas {
+            None => None,
+            Some(n) => {
+                self.check_replicas(n)?;
+                // The groups that hold it now stay when the number allows (no copy moves for
+                // nothing); the rest, to keep or to add, go by fewest copies, so collections
+                // loaded with fewer replicas spread over the groups. A group with no live node
+                // comes last: it holds few copies because it cannot hold any.
+                let load = self.copies_per_group();
+                let dead = |g: usize| !self.groups[g].iter().any(|n| n.is_up());
+                let by_load = |gs: &mut Vec<usize>| gs.sort_unstable_by_key(|&g| (dead(g), load[g], g));
+                let holding = self.holding(collection_id);
+                let mut kept: Vec<usize> = (0..total).filter(|&g| holding[g]).collect();
+                by_load(&mut kept);
+                kept.truncate(n as usize);
+                let mut others: Vec<usize> = (0..total).filter(|g| !kept.contains(g)).collect();
+                by_load(&mut others);
+                kept.extend(others.into_iter().take(n as usize - kept.len()));
+                kept.sort_unstable();
+                Some(kept)
+            }
+        };
+        let mut map = self.replicas.write();
+        let groups = match chosen {
+            None => {
+                map.remove(&collection_id);
+                (0..total).collect()
+            }
+            Some(groups) => {
+                map.insert(collection_id, groups.clone());
+                groups
+            }
+        };
+        tracing::info!(collection_id, groups = ?groups, "replica groups set");
+        Ok(groups.into_iter().map(|g| g as u32).collect())
+    }
+
+    fn replica_groups(&self, collection_id: u64) -> Vec<u32> {
+        (self.holding(collection_id).into_iter().enumerate()).filter(|&(_, h)| h).map(|(g, _)| g as u32).collect()
+    }
+
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
         let remote = self.route(collection);
         if remote.is_empty() {
             return self.local.search(collection, plan);
         }
+        let started = std::time::Instant::now();
         // The query nodes answer once their streams reach the snapshot: on an idle shard that
         // is the next time tick, so ask for one now.
         if let Some(node) = self.node.get().and_then(Weak::upgrade) {
@@ -612,52 +737,47 @@ impl Fanout for Placement {
         }
         let filter = plan.filter.map(|f| f.to_string()).unwrap_or_default();
         let mut queued: HashMap<(usize, usize), Arc<InFlight>> = HashMap::new();
-        let calls: Vec<_> = remote
-            .iter()
-            .map(|(&(g, n, shard), route)| {
-                let node = &self.groups[g][n];
-                if route.stolen {
-                    node.stolen.fetch_add(1, Ordering::Relaxed);
-                    metrics::counter!("tandem_proxy_stolen_total").increment(1);
-                }
-                let req = qn::SegmentSearchRequest {
-                    collection_id: collection.id,
-                    shard,
-                    segments: route.segments.clone(),
-                    queries: plan.queries.to_vec(),
-                    dim: plan.dim as u32,
-                    k: plan.k as u32,
-                    metric: plan.metric.to_proto() as i32,
-                    nprobe: plan.knobs.nprobe as u32,
-                    ef_search: plan.knobs.ef_search as u32,
-                    filter: filter.clone(),
-                    snapshot: plan.snapshot,
-                    wait_ms: self.wait.as_millis() as u32,
-                };
-                let mut client = node.client.clone();
-                let queued = queued.entry((g, n)).or_insert_with(|| Arc::new(InFlight::new(node))).clone();
-                let call = async move {
-                    let answer = client.search(req).await.map(|r| r.into_inner());
-                    drop(queued);
-                    answer
-                };
-                ((g, n, shard), self.runtime.spawn(call))
-            })
-            .collect();
+        let mut calls = tokio::task::JoinSet::new();
+        let mut sent = Vec::with_capacity(remote.len());
+        for (&(g, n, shard), route) in &remote {
+            let node = &self.groups[g][n];
+            if route.stolen {
+                node.stolen.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("tandem_proxy_stolen_total").increment(1);
+            }
+            let req = qn::SegmentSearchRequest {
+                collection_id: collection.id,
+                shard,
+                segments: route.segments.clone(),
+                queries: plan.queries.to_vec(),
+                dim: plan.dim as u32,
+                k: plan.k as u32,
+                metric: plan.metric.to_proto() as i32,
+                nprobe: plan.knobs.nprobe as u32,
+                ef_search: plan.knobs.ef_search as u32,
+                filter: filter.clone(),
+                snapshot: plan.snapshot,
+                wait_ms: self.wait.as_millis() as u32,
+            };
+            let queued = queued.entry((g, n)).or_insert_with(|| Arc::new(InFlight::new(node))).clone();
+            let abort = self.send(&mut calls, Sent { g, n, req: req.clone() }, queued, Done::Own(sent.len()));
+            sent.push((Sent { g, n, req }, abort));
+        }
         // From here on only the calls hold their node's count.
         drop(queued);
         // Meanwhile, what stays here: every growing segment and the sealed ones no copy took.
-        let mut sent: Vec<HashSet<SegmentId>> = vec![HashSet::new(); collection.shards().len()];
+        let mut here: Vec<HashSet<SegmentId>> = vec![HashSet::new(); collection.shards().len()];
         for (&(_, _, shard), route) in &remote {
-            sent[shard as usize].extend(&route.segments);
+            here[shard as usize].extend(&route.segments);
         }
         // The shards in parallel on the pool, as LocalFanout searches them.
         let mut parts = (collection.shards().par_iter().enumerate())
-            .map(|(si, sh)| sh.search_part(plan, true, |id| !sent[si].contains(&id)))
+            .map(|(si, sh)| sh.search_part(plan, true, |id| !here[si].contains(&id)))
             .collect::<Result<Vec<_>>>()?;
-        for ((g, n, shard), call) in calls {
-            let segs = &remote[&(g, n, shard)].segments;
-            let answered = self.runtime.block_on(call).map_err(|e| tonic::Status::internal(e.to_string())).and_then(|r| r);
+        let answers = self.runtime.block_on(self.gather(collection.id, sent, calls, started));
+        for (sent, answered) in answers {
+            let (g, n, shard) = (sent.g, sent.n, sent.req.shard);
+            let segs = &sent.req.segments;
             let again: HashSet<SegmentId> = match answered {
                 Ok(resp) => match decode(&resp, plan.nq()) {
                     Ok(hits) => {
@@ -690,6 +810,185 @@ impl Fanout for Placement {
             }
         }
         Ok(merge_topk(plan.metric, plan.k, plan.nq(), parts))
+    }
+}
+
+/// A sub-search: the node (group, index) and the request.
+#[derive(Clone)]
+struct Sent {
+    g: usize,
+    n: usize,
+    req: qn::SegmentSearchRequest,
+}
+
+type Answer = std::result::Result<qn::SegmentSearchResponse, tonic::Status>;
+
+/// Which sub-search a finished call was: a search's own (by its index), or one of the copies
+/// that took a straggler's segments over (the straggler's index, the copy's index).
+#[derive(Clone, Copy)]
+enum Done {
+    Own(usize),
+    Stolen(usize, usize),
+}
+
+/// Mid-search stealing waits this long past twice the fastest node's usual answer: a sub-search
+/// of a few milliseconds that hiccups (a scheduler's slice on a busy machine) is not worth asking
+/// twice for.
+const STEAL_SLACK: Duration = Duration::from_millis(5);
+
+impl Placement {
+    /// Sends `sent` on the runtime, counted in its node's queue while `queued` lives; the call
+    /// ends in `calls`, tagged `done`.
+    fn send(
+        &self,
+        calls: &mut tokio::task::JoinSet<(Done, Answer)>,
+        sent: Sent,
+        queued: Arc<InFlight>,
+        done: Done,
+    ) -> tokio::task::AbortHandle {
+        let node = self.groups[sent.g][sent.n].clone();
+        let began = std::time::Instant::now();
+        calls.spawn_on(
+            async move {
+                let answer = node.client.clone().search(sent.req).await.map(|r| r.into_inner());
+                drop(queued);
+                if answer.is_ok() {
+                    node.answered_in(began.elapsed());
+                }
+                (done, answer)
+            },
+            &self.runtime,
+        )
+    }
+
+    /// Waits for every sub-search of a search begun at `started`, and returns each answer with
+    /// what was asked. Long-tail stealing, mid-search (MEP 23): a sub-search still out when
+    /// twice the fastest live node's usual answer time has passed is a straggler, and when
+    /// every segment it holds has a copy on an idle node in another group holding the
+    /// collection, those copies are asked too, at the same snapshot. Whichever side answers in
+    /// full first is taken and the other's calls are dropped; copies answer exactly as the
+    /// straggler would (the same index files, the same deletes at the snapshot), so the search's
+    /// answer does not depend on who won. A copy that fails leaves the straggler to answer.
+    async fn gather(
+        &self,
+        collection_id: u64,
+        sent: Vec<(Sent, tokio::task::AbortHandle)>,
+        mut calls: tokio::task::JoinSet<(Done, Answer)>,
+        started: std::time::Instant,
+    ) -> Vec<(Sent, Answer)> {
+        let mut resolved = vec![false; sent.len()];
+        // Per sub-search: None until stealing was tried; then the copies asked, with their
+        // answers as they come (empty: none was asked, or one failed).
+        type Copies = Vec<(Sent, tokio::task::AbortHandle, Option<Answer>)>;
+        let mut stolen: Vec<Option<Copies>> = (0..sent.len()).map(|_| None).collect();
+        let mut out = Vec::with_capacity(sent.len());
+        while resolved.contains(&false) {
+            let usual = self.fastest_answer();
+            let steal = self.steal && usual.is_some() && (0..sent.len()).any(|i| !resolved[i] && stolen[i].is_none());
+            let at = started + usual.unwrap_or_default() * 2 + STEAL_SLACK;
+            let next = tokio::select! {
+                next = calls.join_next() => next,
+                () = tokio::time::sleep_until(at.into()), if steal => {
+                    // Idle as the stragglers are found: a node asked for one straggler's
+                    // segments may take another's too (a slow node's shards straggle together).
+                    let idle: HashSet<(usize, usize)> = (self.groups.iter().enumerate())
+                        .flat_map(|(g, group)| group.iter().enumerate().map(move |(n, node)| ((g, n), node)))
+                        .filter(|(_, node)| node.is_up() && node.in_flight() == 0)
+                        .map(|(at, _)| at)
+                        .collect();
+                    for i in 0..sent.len() {
+                        if !resolved[i] && stolen[i].is_none() {
+                            stolen[i] = Some(self.steal_from(collection_id, i, &sent[i].0, &idle, &mut calls));
+                        }
+                    }
+                    continue;
+                }
+            };
+            // Empty once every call ended; a call that ended without its answer is caught below.
+            let Some(next) = next else { break };
+            // A dropped call (the other side won) ends as cancelled: nothing to do.
+            let Ok((done, answer)) = next else { continue };
+            match done {
+                Done::Own(i) if !resolved[i] => {
+                    resolved[i] = true;
+                    for (_, abort, _) in stolen[i].take().unwrap_or_default() {
+                        abort.abort();
+                    }
+                    out.push((sent[i].0.clone(), answer));
+                }
+                Done::Stolen(i, j) if !resolved[i] => {
+                    let Some(copies) = stolen[i].as_mut() else { continue };
+                    if answer.is_err() {
+                        for (_, abort, _) in copies.drain(..) {
+                            abort.abort();
+                        }
+                        continue;
+                    }
+                    let Some(slot) = copies.get_mut(j) else { continue };
+                    slot.2 = Some(answer);
+                    if copies.iter().all(|(_, _, a)| a.is_some()) {
+                        resolved[i] = true;
+                        sent[i].1.abort();
+                        self.stolen_mid_search.fetch_add(1, Ordering::Relaxed);
+                        metrics::counter!("tandem_proxy_stolen_mid_search_total").increment(1);
+                        for (s, _, a) in stolen[i].take().unwrap_or_default() {
+                            out.extend(a.map(|a| (s, a)));
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        // Only a call that panicked ends without an answer: its part is searched here.
+        for (i, _) in resolved.iter().enumerate().filter(|(_, r)| !**r) {
+            out.push((sent[i].0.clone(), Err(tonic::Status::internal("a sub-search ended without an answer"))));
+        }
+        out
+    }
+
+    /// Asks copies on `idle` nodes of other groups for the segments of sub-search `i`,
+    /// `straggler`: one call per node, tagged as its copies. Nothing is asked unless every
+    /// segment has one.
+    fn steal_from(
+        &self,
+        collection_id: u64,
+        i: usize,
+        straggler: &Sent,
+        idle: &HashSet<(usize, usize)>,
+        calls: &mut tokio::task::JoinSet<(Done, Answer)>,
+    ) -> Vec<(Sent, tokio::task::AbortHandle, Option<Answer>)> {
+        let holding = self.holding(collection_id);
+        let shard = straggler.req.shard;
+        let mut by_node: HashMap<(usize, usize), Vec<SegmentId>> = HashMap::new();
+        {
+            let copies = self.copies.read();
+            for &seg in &straggler.req.segments {
+                let copy = copies.get(&(collection_id, shard, seg)).and_then(|c| {
+                    (0..c.len())
+                        .filter(|&g| g != straggler.g && holding[g])
+                        .filter_map(|g| c[g].map(|n| (g, n)))
+                        .find(|at| idle.contains(at))
+                });
+                let Some(at) = copy else { return Vec::new() };
+                by_node.entry(at).or_default().push(seg);
+            }
+        }
+        let mut asked = Vec::new();
+        for ((g, n), segments) in by_node {
+            let node = &self.groups[g][n];
+            node.stolen.fetch_add(1, Ordering::Relaxed);
+            metrics::counter!("tandem_proxy_stolen_total").increment(1);
+            let sent = Sent { g, n, req: qn::SegmentSearchRequest { segments, ..straggler.req.clone() } };
+            let abort = self.send(calls, sent.clone(), Arc::new(InFlight::new(node)), Done::Stolen(i, asked.len()));
+            asked.push((sent, abort, None));
+        }
+        tracing::debug!(endpoint = %self.groups[straggler.g][straggler.n].endpoint, copies = asked.len(), "a straggling sub-search's segments asked of idle copies");
+        asked
+    }
+
+    /// The usual answer time of the fastest live node that has answered.
+    fn fastest_answer(&self) -> Option<Duration> {
+        (self.groups.iter().flatten()).filter(|n| n.is_up()).filter_map(|n| n.usual_answer()).min()
     }
 }
 

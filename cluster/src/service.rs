@@ -367,6 +367,15 @@ impl ClusterService {
         Ok(Response::new(pb::DescribeCollectionResponse { collection: Some(self.collection_info(&c)) }))
     }
 
+    /// Not a write: the replicas are this cluster's placement (coordinator state), so any
+    /// cluster that serves reads takes it, alternatives included, and no epoch applies.
+    async fn handle_load_collection(&self, req: Request<pb::LoadCollectionRequest>) -> Reply<pb::LoadCollectionResponse> {
+        let r = req.into_inner();
+        let c = self.node.collection(&r.name)?;
+        let groups = self.node.fanout().set_replicas(c.id, r.replicas)?;
+        Ok(Response::new(pb::LoadCollectionResponse { groups }))
+    }
+
     async fn handle_create_index(&self, req: Request<pb::CreateIndexRequest>) -> Reply<pb::CreateIndexResponse> {
         check_epoch(&req, &self.node)?;
         let deadline = deadline(&req, self.max_wait());
@@ -673,6 +682,10 @@ impl pb::tandem_server::Tandem for ClusterService {
     async fn get_cluster_info(&self, req: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
         self.observed("get_cluster_info", NO_CONSISTENCY, self.handle_get_cluster_info(req)).await
     }
+
+    async fn load_collection(&self, req: Request<pb::LoadCollectionRequest>) -> Reply<pb::LoadCollectionResponse> {
+        self.observed("load_collection", NO_CONSISTENCY, self.handle_load_collection(req)).await
+    }
 }
 
 /// What GetClusterInfo reports per collection, also the source of the collection gauges.
@@ -688,6 +701,7 @@ pub fn collection_statuses(node: &Node) -> Vec<pb::CollectionStatus> {
             serviceable_ts,
             lag_ms,
             replication: node.replication_state(c.id).map(|s| s.to_string()).unwrap_or_default(),
+            replica_groups: node.fanout().replica_groups(c.id),
             ..Default::default()
         };
         for shard in c.shards() {

@@ -109,7 +109,7 @@ macro_rules! untokened {
         }
     )*};
 }
-untokened!(pb::ListCollectionsResponse, pb::DescribeCollectionResponse, pb::GetClusterInfoResponse);
+untokened!(pb::ListCollectionsResponse, pb::DescribeCollectionResponse, pb::GetClusterInfoResponse, pb::LoadCollectionResponse);
 
 struct Inner {
     cfg: Arc<GatewayConfig>,
@@ -554,6 +554,11 @@ impl pb::tandem_server::Tandem for Gateway {
     }
     async fn get_cluster_info(&self, r: Request<pb::GetClusterInfoRequest>) -> Reply<pb::GetClusterInfoResponse> {
         self.read("GetClusterInfo", r, |c, r| async move { c.reader().get_cluster_info(r).await }).await
+    }
+    /// To the leader, as writes go: the setting is each cluster's own (docs/scaling.md), and the
+    /// leader is the one cluster a gateway always has. Setting it twice sets the same groups.
+    async fn load_collection(&self, r: Request<pb::LoadCollectionRequest>) -> Reply<pb::LoadCollectionResponse> {
+        self.write("LoadCollection", Replay::Idempotent, r, |mut c, r| async move { c.load_collection(r).await }).await
     }
 }
 

@@ -534,26 +534,29 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
 
     async fn load_collection(&self, req: Request<mm::LoadCollectionRequest>) -> Reply<mc::Status> {
         let (md, _, r) = req.into_parts();
-        // A tandem collection is always in memory and searchable: loading checks it exists, and
-        // that the replicas asked for exist. Replica groups are the cluster's (query_nodes.groups,
-        // docs/scaling.md) and every one holds every collection; a cluster without query nodes
-        // is one replica.
+        // A tandem collection is always in memory and searchable: loading sets how many of the
+        // cluster's replica groups (query_nodes.groups, docs/scaling.md) hold copies of it,
+        // `replica_number` of them (0 is Milvus's default, 1). A cluster without query nodes is
+        // one replica.
         done(
             async {
                 self.known(&md, &r.db_name, &r.collection_name, &[]).await?;
                 if r.replica_number < 0 {
                     return Err(MilvusError::invalid(format!("replica_number {} is negative", r.replica_number)));
                 }
-                if r.replica_number > 1 {
+                let replicas = r.replica_number.max(1) as u32;
+                if replicas > 1 {
+                    // Checked here too, to name Milvus's parameter; the cluster checks again.
                     let cluster = self.inner.get_cluster_info(inner(&md, t::GetClusterInfoRequest {})).await?.into_inner();
-                    let groups = replica_groups(&cluster).len();
-                    if r.replica_number as usize > groups {
+                    let groups = replica_groups(&cluster, None).len();
+                    if replicas as usize > groups {
                         return Err(MilvusError::invalid(format!(
-                            "replica_number {} is more than the {groups} replica group(s) the cluster has (query_nodes.groups; docs/scaling.md)",
-                            r.replica_number
+                            "replica_number {replicas} is more than the {groups} replica group(s) the cluster has (query_nodes.groups; docs/scaling.md)"
                         )));
                     }
                 }
+                let req = t::LoadCollectionRequest { name: r.collection_name.clone(), replicas: Some(replicas) };
+                self.inner.load_collection(inner(&md, req)).await?;
                 Ok(())
             }
             .await,
@@ -562,8 +565,17 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
 
     async fn release_collection(&self, req: Request<mm::ReleaseCollectionRequest>) -> Reply<mc::Status> {
         let (md, _, r) = req.into_parts();
-        // Nothing to release: tandem keeps every collection in memory (docs/milvus.md).
-        done(self.known(&md, &r.db_name, &r.collection_name, &[]).await.map(drop))
+        // The query nodes release their copies; the collection stays searchable, served by the
+        // cluster's own process, which holds every segment (docs/milvus.md).
+        done(
+            async {
+                self.known(&md, &r.db_name, &r.collection_name, &[]).await?;
+                let req = t::LoadCollectionRequest { name: r.collection_name.clone(), replicas: Some(0) };
+                self.inner.load_collection(inner(&md, req)).await?;
+                Ok(())
+            }
+            .await,
+        )
     }
 
     async fn describe_collection(&self, req: Request<mm::DescribeCollectionRequest>) -> Reply<mm::DescribeCollectionResponse> {
@@ -977,7 +989,8 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
                     self.known(&md, &r.db_name, &r.collection_name, &[]).await?
                 };
                 let cluster = self.inner.get_cluster_info(inner(&md, t::GetClusterInfoRequest {})).await?.into_inner();
-                let replicas = replicas_of(&schema_of(&info), info.collection_id as i64, replica_groups(&cluster));
+                let name = info.schema.as_ref().map_or("", |s| s.name.as_str());
+                let replicas = replicas_of(&schema_of(&info), info.collection_id as i64, replica_groups(&cluster, Some(name)));
                 Ok(mm::GetReplicasResponse { status: None, replicas })
             }
             .await,
@@ -989,12 +1002,18 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
 const CLUSTER_NODE: i64 = 1;
 
 /// The cluster's replica groups as Milvus counts replicas (LoadCollection's `replica_number`,
-/// GetReplicas): per group, the node ids of its live query nodes. tandem has no numeric node
-/// ids, so query nodes are numbered from 2 in the order `query_nodes.groups` lists them. A
-/// cluster without query nodes is one replica, of the cluster's process alone.
-fn replica_groups(cluster: &t::GetClusterInfoResponse) -> std::collections::BTreeMap<u32, Vec<i64>> {
+/// GetReplicas): per group, the node ids of its live query nodes; with `collection`, only the
+/// groups holding it (LoadCollection set them). tandem has no numeric node ids, so query nodes
+/// are numbered from 2 in the order `query_nodes.groups` lists them. A cluster without query
+/// nodes, or a collection no group holds, is one replica, of the cluster's process alone.
+fn replica_groups(cluster: &t::GetClusterInfoResponse, collection: Option<&str>) -> std::collections::BTreeMap<u32, Vec<i64>> {
+    // Not listed (a cluster that does not have the collection yet): every group, the default.
+    let held = collection.and_then(|name| cluster.collections.iter().find(|c| c.name == name)).map(|c| &c.replica_groups);
     let mut groups: std::collections::BTreeMap<u32, Vec<i64>> = std::collections::BTreeMap::new();
     for (i, q) in cluster.query_nodes.iter().enumerate() {
+        if held.is_some_and(|h| !h.contains(&q.group)) {
+            continue;
+        }
         let nodes = groups.entry(q.group).or_default();
         if q.up {
             nodes.push(i as i64 + 2);
@@ -1045,17 +1064,28 @@ mod tests {
         let s = t::CollectionSchema { name: "docs".into(), shards: 2, ..Default::default() };
         let q = |group, up| t::QueryNodeStatus { group, up, ..Default::default() };
         // No query nodes: one replica, the cluster's process alone.
-        let one = replicas_of(&s, 7, replica_groups(&t::GetClusterInfoResponse::default()));
+        let one = replicas_of(&s, 7, replica_groups(&t::GetClusterInfoResponse::default(), Some("docs")));
         assert_eq!(one.len(), 1);
         assert_eq!((one[0].replica_id, one[0].collection_id, one[0].node_ids.clone()), (1, 7, vec![1]));
         let channels: Vec<&str> = one[0].shard_replicas.iter().map(|r| r.dm_channel_name.as_str()).collect();
         assert_eq!(channels, ["docs_shard0", "docs_shard1"]);
         // Two groups; a node that is down is not listed.
-        let info = t::GetClusterInfoResponse { query_nodes: vec![q(0, true), q(0, false), q(1, true)], ..Default::default() };
-        let two = replicas_of(&s, 7, replica_groups(&info));
+        let mut info = t::GetClusterInfoResponse { query_nodes: vec![q(0, true), q(0, false), q(1, true)], ..Default::default() };
+        let two = replicas_of(&s, 7, replica_groups(&info, Some("docs")));
         let nodes: Vec<(i64, Vec<i64>)> = two.iter().map(|r| (r.replica_id, r.node_ids.clone())).collect();
         assert_eq!(nodes, [(1, vec![1, 2]), (2, vec![1, 4])]);
         assert!(two.iter().flat_map(|r| &r.shard_replicas).all(|sr| sr.leader_id == 1));
+        // Loaded with one replica, in group 1: that group alone; with none, the process alone.
+        let status = |groups: Vec<u32>| t::CollectionStatus { name: "docs".into(), replica_groups: groups, ..Default::default() };
+        info.collections = vec![status(vec![1])];
+        let nodes: Vec<(i64, Vec<i64>)> =
+            replicas_of(&s, 7, replica_groups(&info, Some("docs"))).iter().map(|r| (r.replica_id, r.node_ids.clone())).collect();
+        assert_eq!(nodes, [(2, vec![1, 4])]);
+        assert_eq!(replica_groups(&info, None).len(), 2, "the cluster's groups, for LoadCollection's check");
+        info.collections = vec![status(vec![])];
+        let nodes: Vec<(i64, Vec<i64>)> =
+            replicas_of(&s, 7, replica_groups(&info, Some("docs"))).iter().map(|r| (r.replica_id, r.node_ids.clone())).collect();
+        assert_eq!(nodes, [(1, vec![1])]);
     }
 
     #[test]

@@ -151,6 +151,8 @@ struct SlowRun {
     /// [fast, slow]: sub-searches answered, and stolen.
     node_searches: Vec<u64>,
     node_stolen: Vec<u64>,
+    /// Straggling sub-searches whose segments the other group's copy answered first.
+    stolen_mid_search: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -383,8 +385,11 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         wait_placed(&member, 2).await?;
         set_cap(&nodes.cgroups[1], Some(slow_cpus))?;
         let before = node_counts(&member);
+        let mid = || member.placement().map_or(0, |p| p.stolen_mid_search.load(Ordering::Relaxed));
+        let mid_before = mid();
         let run = closed_loop(&member.endpoint(), &ds, &truth, a, a.concurrency, Duration::from_secs_f64(a.duration_secs), None).await;
         let (node_searches, node_stolen) = counts_since(&before, &node_counts(&member));
+        let stolen_mid_search = mid() - mid_before;
         set_cap(&nodes.cgroups[1], Some(a.node_cpus))?;
         member.stop(crate::config::MEMBER_DRAIN).await?;
         let run = run?;
@@ -395,6 +400,7 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
             latency: run.latency,
             node_searches,
             node_stolen,
+            stolen_mid_search,
         });
     }
     let (strict_turns, stealing) = (slow_runs.pop().context("no slow-node run")?, slow_runs.pop().context("no slow-node run")?);
@@ -678,8 +684,8 @@ fn print(r: &Report) {
     let sn = &r.slow_node;
     for (how, run) in [("stealing", &sn.stealing), ("strict turns", &sn.strict_turns)] {
         println!(
-            "slow node ({} CPU beside {}), {how}: {:.0} qps = {:.2} x one group's; p50 {:.2} ms p99 {:.2} ms; sub-searches [fast, slow] {:?}, stolen {:?}",
-            sn.slow_cpus, sn.fast_cpus, run.qps, run.ratio, run.latency.p50_ms, run.latency.p99_ms, run.node_searches, run.node_stolen
+            "slow node ({} CPU beside {}), {how}: {:.0} qps = {:.2} x one group's; p50 {:.2} ms p99 {:.2} ms; sub-searches [fast, slow] {:?}, stolen {:?} ({} mid-search)",
+            sn.slow_cpus, sn.fast_cpus, run.qps, run.ratio, run.latency.p50_ms, run.latency.p99_ms, run.node_searches, run.node_stolen, run.stolen_mid_search
         );
     }
     let po = &r.proxy_overhead;

@@ -16,6 +16,8 @@ pub enum CollectionCmd {
     Describe(DescribeArgs),
     /// Drop a collection and delete its data.
     Drop(DropArgs),
+    /// Set how many replica groups of query nodes hold the collection (docs/scaling.md).
+    Load(LoadArgs),
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -132,6 +134,17 @@ pub struct DropArgs {
     pub conn: ConnectArgs,
 }
 
+#[derive(Debug, clap::Args)]
+pub struct LoadArgs {
+    pub name: String,
+    /// Replica groups to hold copies, 0 for none (the cluster's own process serves it alone);
+    /// without it, every group (the default).
+    #[arg(long)]
+    pub replicas: Option<u32>,
+    #[command(flatten)]
+    pub conn: ConnectArgs,
+}
+
 pub async fn run(cmd: CollectionCmd) -> anyhow::Result<()> {
     match cmd {
         CollectionCmd::Create(a) => create(a).await,
@@ -159,6 +172,15 @@ pub async fn run(cmd: CollectionCmd) -> anyhow::Result<()> {
         CollectionCmd::Drop(a) => {
             client(&a.conn.endpoint).await?.drop_collection(&a.name).await?;
             println!("dropped collection {:?}", a.name);
+            Ok(())
+        }
+        CollectionCmd::Load(a) => {
+            let groups = client(&a.conn.endpoint).await?.load_collection(&a.name, a.replicas).await?;
+            let list: Vec<String> = groups.iter().map(u32::to_string).collect();
+            match list.len() {
+                0 => println!("collection {:?}: no replica group holds it; the cluster serves it alone", a.name),
+                _ => println!("collection {:?}: held by replica group(s) {}", a.name, list.join(", ")),
+            }
             Ok(())
         }
     }

@@ -50,11 +50,13 @@ pub fn info_text(info: &pb::GetClusterInfoResponse) -> String {
         ],
     );
     if !info.collections.is_empty() {
+        // With query nodes, which replica groups hold each collection (LoadCollection).
+        let groups = !info.query_nodes.is_empty();
         let rows: Vec<Vec<String>> = info
             .collections
             .iter()
             .map(|c| {
-                vec![
+                let mut row = vec![
                     c.name.clone(),
                     c.rows.to_string(),
                     c.growing_segments.to_string(),
@@ -62,11 +64,20 @@ pub fn info_text(info: &pb::GetClusterInfoResponse) -> String {
                     fmt_bytes(c.memory_bytes),
                     fmt_bytes(c.disk_bytes),
                     format!("ts {} ({} ms behind)", c.serviceable_ts, lag_ms(info.current_ts, c.serviceable_ts)),
-                ]
+                ];
+                if groups {
+                    let list: Vec<String> = c.replica_groups.iter().map(u32::to_string).collect();
+                    row.push(if list.is_empty() { "none".into() } else { list.join(",") });
+                }
+                row
             })
             .collect();
+        let mut head = vec!["collection", "rows", "growing", "sealed", "memory", "disk", "serviceable"];
+        if groups {
+            head.push("groups");
+        }
         out.push_str("\n\n");
-        out.push_str(&table(&["collection", "rows", "growing", "sealed", "memory", "disk", "serviceable"], &rows));
+        out.push_str(&table(&head, &rows));
     }
     if !info.query_nodes.is_empty() {
         let rows: Vec<Vec<String>> = info
@@ -105,6 +116,7 @@ pub fn info_json(info: &pb::GetClusterInfoResponse) -> serde_json::Value {
             "memory_bytes": c.memory_bytes,
             "disk_bytes": c.disk_bytes,
             "serviceable_ts": c.serviceable_ts,
+            "replica_groups": c.replica_groups,
         })).collect::<Vec<_>>(),
         "query_nodes": info.query_nodes.iter().map(|q| serde_json::json!({
             "group": q.group,
@@ -134,14 +146,20 @@ mod tests {
         let mut info = pb::GetClusterInfoResponse { cluster_id: "a".into(), role: pb::Role::Leading as i32, ..Default::default() };
         assert!(!info_text(&info).contains("query node"), "a cluster without query nodes lists none");
         info.query_nodes = vec![q(0, "http://10.0.0.11:19540", false, 0), q(1, "http://10.0.0.13:19540", true, 8)];
+        let status =
+            |name: &str, groups: Vec<u32>| pb::CollectionStatus { name: name.into(), replica_groups: groups, ..Default::default() };
+        info.collections = vec![status("docs", vec![0, 1]), status("logs", vec![])];
         let text = info_text(&info);
         let line = |ep: &str| text.lines().find(|l| l.contains(ep)).unwrap_or_else(|| panic!("{ep} not listed:\n{text}")).to_string();
         let words = |l: String| l.split_whitespace().map(String::from).collect::<Vec<_>>();
         assert_eq!(words(line("10.0.0.11")), ["http://10.0.0.11:19540", "0", "down", "0", "7", "2"]);
         assert_eq!(words(line("10.0.0.13")), ["http://10.0.0.13:19540", "1", "up", "8", "7", "2"]);
+        assert_eq!(words(line("docs")).last().map(String::as_str), Some("0,1"), "{text}");
+        assert_eq!(words(line("logs")).last().map(String::as_str), Some("none"), "{text}");
         let json = info_json(&info);
         assert_eq!(json["query_nodes"][1]["segments"], 8);
         assert_eq!(json["query_nodes"][0]["up"], false);
         assert_eq!(json["query_nodes"][0]["stolen"], 2);
+        assert_eq!(json["collections"][0]["replica_groups"], serde_json::json!([0, 1]));
     }
 }

@@ -2,6 +2,7 @@
 follows it (direct transport), and a gateway in front of both, each on a free port, stopped by
 PID. The binary comes from TANDEM_BIN (scripts/test sets it)."""
 
+import json
 import os
 import shutil
 import signal
@@ -87,3 +88,31 @@ class Deployment:
                     print(f"--- {n} log ---\n" + f.read().decode(errors="replace")[-4000:])
         shutil.rmtree(self.dir, ignore_errors=True)
         return failed
+
+
+class ReplicatedDeployment(Deployment):
+    """One cluster with two replica groups of one query node each (docs/scaling.md), sealing
+    every 200 rows so a small collection has sealed segments to place."""
+
+    def __init__(self):
+        super().__init__()
+        self.node_ports = [free_port(), free_port()]
+
+    def start(self):
+        for i, port in enumerate(self.node_ports):
+            scratch = os.path.join(self.dir, f"query-node-{i}")
+            self._spawn(f"query-node-{i}", ["query-node", "--listen", f"127.0.0.1:{port}", "--scratch-dir", scratch], port)
+        config = os.path.join(self.dir, "cluster.toml")
+        groups = ", ".join(f'["http://127.0.0.1:{p}"]' for p in self.node_ports)
+        with open(config, "w") as f:
+            f.write(f"[segment]\nseal_rows = 200\n\n[query_nodes]\ngroups = [{groups}]\n")
+        leader = f"127.0.0.1:{self.leader_port}"
+        args = ["cluster", "--config", config, "--listen", leader, "--data-dir", os.path.join(self.dir, "leader"), "--cluster-id", "dc1"]
+        self._spawn("leader", args, self.leader_port)
+        return self
+
+    def info(self):
+        """`tandem info --json` of the cluster: its collections' replica groups and the copies
+        each query node holds."""
+        out = subprocess.run([self.bin, "info", "--json", "--endpoint", self.uri("leader")], check=True, capture_output=True, timeout=30)
+        return json.loads(out.stdout)

@@ -15,7 +15,7 @@ import unittest
 import pymilvus
 from pymilvus import DataType, MilvusClient, MilvusException
 
-from harness import Deployment
+from harness import Deployment, ReplicatedDeployment
 
 DEPLOYMENT = None
 
@@ -40,7 +40,18 @@ def rand_vectors(n, dim, seed):
     return [[r.uniform(-1, 1) for _ in range(dim)] for _ in range(n)]
 
 
-class Endpoint:
+class MilvusAsserts:
+    def assertMilvusError(self, code, needle, fn, *args, **kwargs):
+        with self.assertRaises(MilvusException) as cm:
+            fn(*args, **kwargs)
+        e = cm.exception
+        if code is not None:
+            self.assertEqual(e.code, code, e)
+        self.assertIn(needle, e.message)
+        return e
+
+
+class Endpoint(MilvusAsserts):
     """Every test runs against each endpoint: a subclass names it."""
 
     which = None
@@ -54,15 +65,6 @@ class Endpoint:
     def tearDown(self):
         self.c.drop_collection(self.name)
         self.c.close()
-
-    def assertMilvusError(self, code, needle, fn, *args, **kwargs):
-        with self.assertRaises(MilvusException) as cm:
-            fn(*args, **kwargs)
-        e = cm.exception
-        if code is not None:
-            self.assertEqual(e.code, code, e)
-        self.assertIn(needle, e.message)
-        return e
 
     # ---- the quick-start flow ---------------------------------------------------------------
 
@@ -382,6 +384,82 @@ class OnTheAlternative(unittest.TestCase):
         with self.assertRaises(MilvusException):
             alt.insert(name, [{"id": 2, "vector": [1.0, 0.0, 0.0]}])
         leader.drop_collection(name)
+
+
+class WithQueryNodes(MilvusAsserts, unittest.TestCase):
+    """load_collection's replica_number on a cluster with two replica groups: that many groups
+    hold the collection's copies; release lets the query nodes go, and the cluster serves it."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.deployment = ReplicatedDeployment().start()
+
+    @classmethod
+    def tearDownClass(cls):
+        failed = cls.deployment.stop()
+        if failed:
+            raise RuntimeError(f"processes ended badly: {failed}")
+
+    def wait_copies(self, name, groups, per_node):
+        """Until the collection's replica groups are `groups` and the nodes hold `per_node`."""
+        deadline = time.time() + 60
+        while True:
+            info = self.deployment.info()
+            (coll,) = [c for c in info["collections"] if c["name"] == name]
+            held = [q["segments"] for q in info["query_nodes"]]
+            if coll["replica_groups"] == groups and held == per_node:
+                return
+            self.assertLess(time.time(), deadline, f"groups {coll['replica_groups']}, copies {held}; want {groups}, {per_node}")
+            time.sleep(0.1)
+
+    def test_replica_number_chooses_the_groups_that_hold_the_collection(self):
+        c = MilvusClient(self.deployment.uri("leader"))
+        name = "replicated"
+        s = c.create_schema(auto_id=False)
+        s.add_field("id", DataType.INT64, is_primary=True)
+        s.add_field("vector", DataType.FLOAT_VECTOR, dim=8)
+        c.create_collection(collection_name=name, schema=s)
+        idx = c.prepare_index_params()
+        idx.add_index(field_name="vector", index_type="HNSW", metric_type="L2", params={"M": 8, "efConstruction": 64})
+        c.create_index(name, idx)
+        vecs = rand_vectors(800, 8, 7)
+        c.insert(name, [{"id": i, "vector": v} for i, v in enumerate(vecs)])
+        c.flush(name)
+        # Never loaded: every group holds it.
+        deadline = time.time() + 60
+        while True:
+            info = self.deployment.info()
+            (coll,) = [x for x in info["collections"] if x["name"] == name]
+            held = [q["segments"] for q in info["query_nodes"]]
+            if coll["sealed_segments"] > 0 and held == [coll["sealed_segments"]] * 2:
+                sealed = coll["sealed_segments"]
+                break
+            self.assertLess(time.time(), deadline, f"copies {held}")
+            time.sleep(0.1)
+        self.assertEqual(len(c.describe_replica(name)), 2)
+
+        def nearest(i):
+            return c.search(name, data=[vecs[i]], limit=1, consistency_level="Strong")[0][0]["id"]
+
+        # One replica: group 0 (query node 2, beside the cluster's own process, node 1).
+        c.load_collection(name, replica_number=1)
+        self.wait_copies(name, [0], [sealed, 0])
+        self.assertEqual([(r.id, tuple(r.group_nodes)) for r in c.describe_replica(name)], [(1, (1, 2))])
+        self.assertEqual(nearest(5), 5)
+        # Two: both groups again.
+        c.load_collection(name, replica_number=2)
+        self.wait_copies(name, [0, 1], [sealed, sealed])
+        self.assertEqual([(r.id, tuple(r.group_nodes)) for r in c.describe_replica(name)], [(1, (1, 2)), (2, (1, 3))])
+        # More than the groups: refused, naming it, and nothing changes.
+        self.assertMilvusError(1100, "replica_number 3", c.load_collection, name, replica_number=3)
+        self.assertEqual(len(c.describe_replica(name)), 2)
+        # Released: the query nodes let go, and the cluster's process serves the collection.
+        c.release_collection(name)
+        self.wait_copies(name, [], [0, 0])
+        self.assertEqual([(r.id, tuple(r.group_nodes)) for r in c.describe_replica(name)], [(1, (1,))])
+        self.assertEqual(nearest(700), 700)
+        c.drop_collection(name)
+        c.close()
 
 
 if __name__ == "__main__":
