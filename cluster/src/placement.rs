@@ -831,6 +831,10 @@ enum Done {
     Stolen(usize, usize),
 }
 
+/// How long a sub-search the search no longer waits for may still hold its node's place in the
+/// queue (a node that never answers must not look busy for ever).
+const ABANDONED_LIMIT: Duration = Duration::from_secs(10);
+
 /// Mid-search stealing waits this long past twice the fastest node's usual answer: a sub-search
 /// of a few milliseconds that hiccups (a scheduler's slice on a busy machine) is not worth asking
 /// twice for.
@@ -848,17 +852,32 @@ impl Placement {
     ) -> tokio::task::AbortHandle {
         let node = self.groups[sent.g][sent.n].clone();
         let began = std::time::Instant::now();
-        calls.spawn_on(
-            async move {
-                let answer = node.client.clone().search(sent.req).await.map(|r| r.into_inner());
-                drop(queued);
+        // The call runs on its own, and goes on when the search stops waiting for it (the other
+        // side of a steal won): the node is still working on it, so it stays counted in the
+        // node's queue (send-time stealing then passes it over) until it answers, and its answer
+        // time still counts in its usual one. Abandoned, it is given ABANDONED_LIMIT at most.
+        let (mut tx, rx) = tokio::sync::oneshot::channel();
+        self.runtime.spawn(async move {
+            let mut client = node.client.clone();
+            let call = client.search(sent.req);
+            let abandoned = async {
+                tx.closed().await;
+                tokio::time::sleep(ABANDONED_LIMIT).await;
+            };
+            let answer = tokio::select! {
+                answer = call => Some(answer.map(|r| r.into_inner())),
+                () = abandoned => None,
+            };
+            drop(queued);
+            if let Some(answer) = answer {
                 if answer.is_ok() {
                     node.answered_in(began.elapsed());
                 }
-                (done, answer)
-            },
-            &self.runtime,
-        )
+                let _ = tx.send(answer);
+            }
+        });
+        let lost = || tonic::Status::internal("a sub-search ended without an answer");
+        calls.spawn_on(async move { (done, rx.await.unwrap_or_else(|_| Err(lost()))) }, &self.runtime)
     }
 
     /// Waits for every sub-search of a search begun at `started`, and returns each answer with
@@ -866,7 +885,7 @@ impl Placement {
     /// twice the fastest live node's usual answer time has passed is a straggler, and when
     /// every segment it holds has a copy on an idle node in another group holding the
     /// collection, those copies are asked too, at the same snapshot. Whichever side answers in
-    /// full first is taken and the other's calls are dropped; copies answer exactly as the
+    /// full first is taken and the other's calls are no longer waited for; copies answer exactly as the
     /// straggler would (the same index files, the same deletes at the snapshot), so the search's
     /// answer does not depend on who won. A copy that fails leaves the straggler to answer.
     async fn gather(

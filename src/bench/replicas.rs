@@ -685,7 +685,15 @@ fn print(r: &Report) {
     for (how, run) in [("stealing", &sn.stealing), ("strict turns", &sn.strict_turns)] {
         println!(
             "slow node ({} CPU beside {}), {how}: {:.0} qps = {:.2} x one group's; p50 {:.2} ms p99 {:.2} ms; sub-searches [fast, slow] {:?}, stolen {:?} ({} mid-search)",
-            sn.slow_cpus, sn.fast_cpus, run.qps, run.ratio, run.latency.p50_ms, run.latency.p99_ms, run.node_searches, run.node_stolen, run.stolen_mid_search
+            sn.slow_cpus,
+            sn.fast_cpus,
+            run.qps,
+            run.ratio,
+            run.latency.p50_ms,
+            run.latency.p99_ms,
+            run.node_searches,
+            run.node_stolen,
+            run.stolen_mid_search
         );
     }
     let po = &r.proxy_overhead;

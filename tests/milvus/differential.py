@@ -87,6 +87,14 @@ def scenario(alias):
     out["after upsert"] = sorted((r["pk"], r["cat"], r["price"], r["name"]) for r in got)
     out["count after upsert"] = c.query("pk >= 0", output_fields=["count(*)"])[0]["count(*)"]
 
+    # Replicas: one on a server with one query node (Milvus standalone; tandem without query
+    # nodes), and two refused. (Release is not compared: tandem keeps serving a released
+    # collection from the cluster's process, docs/milvus.md.)
+    c.load(replica_number=1)
+    out["replicas after load(1)"] = len(c.get_replicas().groups)
+    out["error: load 2 replicas on one node"] = error_code(lambda: c.load(replica_number=2))
+    out["replicas after the refused load"] = len(c.get_replicas().groups)
+
     out["has missing"] = utility.has_collection("d_missing", using=alias)
     out["error: describe missing"] = error_code(lambda: Collection("d_missing", using=alias))
     out["error: search wrong dim"] = error_code(lambda: c.search([[0.0] * (DIM - 1)], "vec", {"metric_type": "L2"}, limit=3))
