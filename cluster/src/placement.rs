@@ -885,9 +885,10 @@ impl Placement {
     /// twice the fastest live node's usual answer time has passed is a straggler, and when
     /// every segment it holds has a copy on an idle node in another group holding the
     /// collection, those copies are asked too, at the same snapshot. Whichever side answers in
-    /// full first is taken and the other's calls are no longer waited for; copies answer exactly as the
-    /// straggler would (the same index files, the same deletes at the snapshot), so the search's
-    /// answer does not depend on who won. A copy that fails leaves the straggler to answer.
+    /// full first is taken and the other's calls are no longer waited for; copies answer
+    /// exactly as the straggler would (the same index files, the same deletes at the
+    /// snapshot), so the search's answer does not depend on who won. A copy that fails leaves
+    /// the straggler to answer.
     async fn gather(
         &self,
         collection_id: u64,
