@@ -61,6 +61,18 @@ async fn cluster_of_groups(
     (sb, c)
 }
 
+/// [`cluster_of_groups`] over two groups of one query node each (`qa1`, `qb1`), once every
+/// indexed segment has a copy in both; the segments placed.
+async fn two_groups_of_one(
+    adjust: impl Fn(&mut tandem_cluster::ClusterConfig) + Send + 'static,
+) -> (Sandbox, [QueryNode; 2], Client, usize) {
+    let nodes = [QueryNode::start("qa1").await, QueryNode::start("qb1").await];
+    let groups = vec![vec![nodes[0].endpoint()], vec![nodes[1].endpoint()]];
+    let (sb, mut c) = cluster_of_groups(groups, adjust).await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    (sb, nodes, c, segments)
+}
+
 /// Sealed segments of the collection with their index built, as DescribeCollection lists them.
 async fn indexed_segments(c: &mut Client) -> usize {
     let info = c.describe_collection(pb::DescribeCollectionRequest { name: COLL.into() }).await.unwrap().into_inner().collection.unwrap();
@@ -278,10 +290,7 @@ async fn the_writer_releases_the_indexes_every_group_holds_and_reads_back_those_
 /// `query_nodes.release_indexes = false`: the writer keeps every index in memory.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_release_off_the_writer_keeps_its_indexes() {
-    let nodes = [QueryNode::start("qa1").await, QueryNode::start("qb1").await];
-    let groups = vec![vec![nodes[0].endpoint()], vec![nodes[1].endpoint()]];
-    let (sb, mut c) = cluster_of_groups(groups, |c| c.query_nodes.release_indexes = false).await;
-    let segments = wait_placed(&sb, &mut c, 2).await;
+    let (sb, _nodes, _c, segments) = two_groups_of_one(|c| c.query_nodes.release_indexes = false).await;
     tokio::time::sleep(tandem_cluster::placement::PLACE_EVERY * 3).await;
     let kept = released(&sb).await;
     assert_eq!(kept.len(), segments);
@@ -330,11 +339,8 @@ async fn searches_reach_only(sb: &Sandbox, nodes: &[QueryNode], c: &mut Client, 
 /// A number over the groups is refused, naming it, and changes nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_collection_loaded_with_fewer_replicas_is_held_and_searched_by_those_groups_only() {
-    let nodes = [QueryNode::start("qa1").await, QueryNode::start("qb1").await];
-    let groups = vec![vec![nodes[0].endpoint()], vec![nodes[1].endpoint()]];
     // Stealing off: the test checks which groups answer.
-    let (sb, mut c) = cluster_of_groups(groups, |c| c.query_nodes.steal = false).await;
-    let segments = wait_placed(&sb, &mut c, 2).await;
+    let (sb, nodes, mut c, segments) = two_groups_of_one(|c| c.query_nodes.steal = false).await;
     assert_eq!(replica_groups(&mut c).await, [0, 1], "a collection never loaded is held by every group");
     let load = |replicas: Option<u32>| pb::LoadCollectionRequest { name: COLL.into(), replicas };
     let deadline = Instant::now() + Duration::from_secs(30);

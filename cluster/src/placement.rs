@@ -735,7 +735,21 @@ impl Fanout for Placement {
         if let Some(node) = self.node.get().and_then(Weak::upgrade) {
             node.request_ticks();
         }
-        let filter = plan.filter.map(|f| f.to_string()).unwrap_or_default();
+        // Every sub-search asks this, of its own shard and segments.
+        let template = qn::SegmentSearchRequest {
+            collection_id: collection.id,
+            shard: 0,
+            segments: Vec::new(),
+            queries: plan.queries.to_vec(),
+            dim: plan.dim as u32,
+            k: plan.k as u32,
+            metric: plan.metric.to_proto() as i32,
+            nprobe: plan.knobs.nprobe as u32,
+            ef_search: plan.knobs.ef_search as u32,
+            filter: plan.filter.map(|f| f.to_string()).unwrap_or_default(),
+            snapshot: plan.snapshot,
+            wait_ms: self.wait.as_millis() as u32,
+        };
         let mut queued: HashMap<(usize, usize), Arc<InFlight>> = HashMap::new();
         let mut calls = tokio::task::JoinSet::new();
         let mut sent = Vec::with_capacity(remote.len());
@@ -745,39 +759,26 @@ impl Fanout for Placement {
                 node.stolen.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("tandem_proxy_stolen_total").increment(1);
             }
-            let req = qn::SegmentSearchRequest {
-                collection_id: collection.id,
-                shard,
-                segments: route.segments.clone(),
-                queries: plan.queries.to_vec(),
-                dim: plan.dim as u32,
-                k: plan.k as u32,
-                metric: plan.metric.to_proto() as i32,
-                nprobe: plan.knobs.nprobe as u32,
-                ef_search: plan.knobs.ef_search as u32,
-                filter: filter.clone(),
-                snapshot: plan.snapshot,
-                wait_ms: self.wait.as_millis() as u32,
-            };
+            let part = Sent { g, n, shard, segments: route.segments.clone() };
             let queued = queued.entry((g, n)).or_insert_with(|| Arc::new(InFlight::new(node))).clone();
-            let abort = self.send(&mut calls, Sent { g, n, req: req.clone() }, queued, Done::Own(sent.len()));
-            sent.push((Sent { g, n, req }, abort));
+            let abort = self.send(&mut calls, &template, &part, queued, Done::Own(sent.len()));
+            sent.push((part, abort));
         }
         // From here on only the calls hold their node's count.
         drop(queued);
         // Meanwhile, what stays here: every growing segment and the sealed ones no copy took.
-        let mut here: Vec<HashSet<SegmentId>> = vec![HashSet::new(); collection.shards().len()];
+        let mut away: Vec<HashSet<SegmentId>> = vec![HashSet::new(); collection.shards().len()];
         for (&(_, _, shard), route) in &remote {
-            here[shard as usize].extend(&route.segments);
+            away[shard as usize].extend(&route.segments);
         }
         // The shards in parallel on the pool, as LocalFanout searches them.
         let mut parts = (collection.shards().par_iter().enumerate())
-            .map(|(si, sh)| sh.search_part(plan, true, |id| !here[si].contains(&id)))
+            .map(|(si, sh)| sh.search_part(plan, true, |id| !away[si].contains(&id)))
             .collect::<Result<Vec<_>>>()?;
-        let answers = self.runtime.block_on(self.gather(collection.id, sent, calls, started));
+        let answers = self.runtime.block_on(self.gather(&template, sent, calls, started));
         for (sent, answered) in answers {
-            let (g, n, shard) = (sent.g, sent.n, sent.req.shard);
-            let segs = &sent.req.segments;
+            let (g, n, shard) = (sent.g, sent.n, sent.shard);
+            let segs = &sent.segments;
             let again: HashSet<SegmentId> = match answered {
                 Ok(resp) => match decode(&resp, plan.nq()) {
                     Ok(hits) => {
@@ -813,12 +814,14 @@ impl Fanout for Placement {
     }
 }
 
-/// A sub-search: the node (group, index) and the request.
+/// A sub-search: the node (group, index), and the shard and segments it asks for (the rest of
+/// the request is the search's, the same for every sub-search).
 #[derive(Clone)]
 struct Sent {
     g: usize,
     n: usize,
-    req: qn::SegmentSearchRequest,
+    shard: u32,
+    segments: Vec<SegmentId>,
 }
 
 type Answer = std::result::Result<qn::SegmentSearchResponse, tonic::Status>;
@@ -841,16 +844,18 @@ const ABANDONED_LIMIT: Duration = Duration::from_secs(10);
 const STEAL_SLACK: Duration = Duration::from_millis(5);
 
 impl Placement {
-    /// Sends `sent` on the runtime, counted in its node's queue while `queued` lives; the call
-    /// ends in `calls`, tagged `done`.
+    /// Sends `sent` (`template` of its shard and segments) on the runtime, counted in its node's
+    /// queue while `queued` lives; the call ends in `calls`, tagged `done`.
     fn send(
         &self,
         calls: &mut tokio::task::JoinSet<(Done, Answer)>,
-        sent: Sent,
+        template: &qn::SegmentSearchRequest,
+        sent: &Sent,
         queued: Arc<InFlight>,
         done: Done,
     ) -> tokio::task::AbortHandle {
         let node = self.groups[sent.g][sent.n].clone();
+        let req = qn::SegmentSearchRequest { shard: sent.shard, segments: sent.segments.clone(), ..template.clone() };
         let began = std::time::Instant::now();
         // The call runs on its own, and goes on when the search stops waiting for it (the other
         // side of a steal won): the node is still working on it, so it stays counted in the
@@ -859,7 +864,7 @@ impl Placement {
         let (mut tx, rx) = tokio::sync::oneshot::channel();
         self.runtime.spawn(async move {
             let mut client = node.client.clone();
-            let call = client.search(sent.req);
+            let call = client.search(req);
             let abandoned = async {
                 tx.closed().await;
                 tokio::time::sleep(ABANDONED_LIMIT).await;
@@ -891,7 +896,7 @@ impl Placement {
     /// the straggler to answer.
     async fn gather(
         &self,
-        collection_id: u64,
+        template: &qn::SegmentSearchRequest,
         sent: Vec<(Sent, tokio::task::AbortHandle)>,
         mut calls: tokio::task::JoinSet<(Done, Answer)>,
         started: std::time::Instant,
@@ -918,7 +923,7 @@ impl Placement {
                         .collect();
                     for i in 0..sent.len() {
                         if !resolved[i] && stolen[i].is_none() {
-                            stolen[i] = Some(self.steal_from(collection_id, i, &sent[i].0, &idle, &mut calls));
+                            stolen[i] = Some(self.steal_from(template, i, &sent[i].0, &idle, &mut calls));
                         }
                     }
                     continue;
@@ -971,18 +976,18 @@ impl Placement {
     /// segment has one.
     fn steal_from(
         &self,
-        collection_id: u64,
+        template: &qn::SegmentSearchRequest,
         i: usize,
         straggler: &Sent,
         idle: &HashSet<(usize, usize)>,
         calls: &mut tokio::task::JoinSet<(Done, Answer)>,
     ) -> Vec<(Sent, tokio::task::AbortHandle, Option<Answer>)> {
+        let (collection_id, shard) = (template.collection_id, straggler.shard);
         let holding = self.holding(collection_id);
-        let shard = straggler.req.shard;
         let mut by_node: HashMap<(usize, usize), Vec<SegmentId>> = HashMap::new();
         {
             let copies = self.copies.read();
-            for &seg in &straggler.req.segments {
+            for &seg in &straggler.segments {
                 let copy = copies.get(&(collection_id, shard, seg)).and_then(|c| {
                     (0..c.len())
                         .filter(|&g| g != straggler.g && holding[g])
@@ -998,8 +1003,8 @@ impl Placement {
             let node = &self.groups[g][n];
             node.stolen.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("tandem_proxy_stolen_total").increment(1);
-            let sent = Sent { g, n, req: qn::SegmentSearchRequest { segments, ..straggler.req.clone() } };
-            let abort = self.send(calls, sent.clone(), Arc::new(InFlight::new(node)), Done::Stolen(i, asked.len()));
+            let sent = Sent { g, n, shard, segments };
+            let abort = self.send(calls, template, &sent, Arc::new(InFlight::new(node)), Done::Stolen(i, asked.len()));
             asked.push((sent, abort, None));
         }
         tracing::debug!(endpoint = %self.groups[straggler.g][straggler.n].endpoint, copies = asked.len(), "a straggling sub-search's segments asked of idle copies");
