@@ -390,13 +390,18 @@ async fn a_fenced_leaders_late_export_is_not_kept_by_an_alternative() {
 async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them_again() {
     let scenario = fail::FailScenario::setup();
     let qn = QueryNode::start("q1").await;
-    // The node's first subscription is refused as out of range.
+    // The node's first subscription is refused as out of range. (The count of refusals is the
+    // process's: other tests refuse too.)
+    let before = hits("replication::local_subscribe");
     fail::cfg("replication::local_subscribe", "1*return").unwrap();
     let endpoint = qn.endpoint();
     let sb = Sandbox::builder()
         .cluster_with("a", move |c| {
             c.segment.seal_rows = 300;
             c.query_nodes.groups = vec![vec![endpoint.clone()]];
+            // The refused subscription must be the copies' own: a shard leader's would be
+            // refused first (the next test).
+            c.query_nodes.shard_leaders = false;
         })
         .build()
         .await;
@@ -406,12 +411,12 @@ async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them
     a.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
 
     let deadline = Instant::now() + Duration::from_secs(30);
-    while hits("replication::local_subscribe") == 0 || qn.held() != 0 {
+    while hits("replication::local_subscribe") == before || qn.held() != 0 {
         assert!(
             Instant::now() < deadline,
             "the node did not drop its copies: holds {}, refusals {}",
             qn.held(),
-            hits("replication::local_subscribe")
+            hits("replication::local_subscribe") - before
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -447,7 +452,62 @@ async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them
     assert_eq!(a.search(req.clone()).await.unwrap().into_inner().results, answer);
     assert!(qn.searches() > searched, "the node does not answer again");
     assert_eq!(placement.rerouted.load(Ordering::Relaxed), rerouted, "the node's answers are refused again");
-    assert_eq!(hits("replication::local_subscribe"), 1);
+    assert_eq!(hits("replication::local_subscribe"), before + 1);
+    drop(sb);
+    qn.stop().await;
+    scenario.teardown();
+}
+
+/// A shard leader whose growing rows' start the log no longer holds when its stream gets there
+/// (a checkpoint cut it meanwhile) stops leading: the cluster searches the growing rows itself
+/// until the next placement round says where they begin, and the node leads again from there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_leader_whose_start_left_the_log_stops_leading_until_told_again() {
+    let scenario = fail::FailScenario::setup();
+    let qn = QueryNode::start("q1").await;
+    // The node's first subscription is refused as out of range. (The count of refusals is the
+    // process's: other tests refuse too.)
+    let before = hits("replication::local_subscribe");
+    fail::cfg("replication::local_subscribe", "1*return").unwrap();
+    let endpoint = qn.endpoint();
+    let sb = Sandbox::builder()
+        .cluster_with("a", move |c| {
+            c.segment.seal_rows = 300;
+            c.query_nodes.groups = vec![vec![endpoint.clone()]];
+        })
+        .build()
+        .await;
+    let mut a = sb.client("a").await;
+    a.create_collection(pb::CreateCollectionRequest { schema: Some(schema(C, 8, pb::Metric::L2, hnsw(16, 64), 1, vec![])) }).await.unwrap();
+    // No segment exists yet, so the only subscription is the leader's: refused.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while hits("replication::local_subscribe") == before {
+        assert!(Instant::now() < deadline, "the shard leader never subscribed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let placement = sb.placement("a").await.unwrap();
+    let led = || placement.groups()[0][0].led.load(Ordering::Relaxed);
+    let growing_rows = || qn.running.node.status().shards.iter().map(|s| s.growing_rows).sum::<u64>();
+    // Rows that stay growing: the next round makes the node lead again, and it holds them.
+    insert(&mut a, 0..100, 8).await.unwrap();
+    let req = pb::SearchRequest {
+        collection: C.into(),
+        vectors: vectors(4, 8, 77),
+        top_k: 10,
+        params: Some(pb::SearchParams { nprobe: 0, ef_search: 64 }),
+        read: read(pb::ConsistencyLevel::Strong, ""),
+        ..Default::default()
+    };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while led() == 0 {
+        assert!(Instant::now() < deadline, "the node does not lead again: it holds {} growing rows", growing_rows());
+        let answer = a.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(answer, sb.answer_in_process("a", &mut a, req.clone()).await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(growing_rows(), 100);
+    assert_eq!(a.search(req.clone()).await.unwrap().into_inner().results, sb.answer_in_process("a", &mut a, req).await);
+    assert_eq!(hits("replication::local_subscribe"), before + 1);
     drop(sb);
     qn.stop().await;
     scenario.teardown();

@@ -135,6 +135,7 @@ async fn sealed_segments_are_searched_on_query_nodes_with_the_writers_deletes_an
         schema: None,
         shard,
         segments: vec![1],
+        lead_from: None,
     };
     let e = nodes[2].running.node.load(bad).await.unwrap_err().to_string();
     assert!(e.contains("names no schema"), "{e}");
@@ -818,4 +819,105 @@ async fn a_promoted_alternative_keeps_its_query_nodes_and_their_copies() {
     let mut cb2 = sb.client("b").await;
     leaders_changes_reach_the_copies(&sb, &nodes, &mut cb, ("b", &mut cb2), 2).await;
     assert_eq!(nodes.iter().map(|n| n.running.node.held()).collect::<Vec<_>>(), held, "copies were loaded again after the promotion");
+}
+
+/// Per node: (shard, where its growing rows begin, how many) for each shard it leads.
+fn led_shards(node: &QueryNode) -> Vec<(u32, u64, u64)> {
+    let mut led: Vec<_> =
+        (node.running.node.status().shards.into_iter()).filter_map(|s| s.growing_from.map(|p| (s.shard, p.lsn, s.growing_rows))).collect();
+    led.sort_unstable();
+    led
+}
+
+/// Waits until every node of `nodes` leads both shards holding at least `rows` growing rows in
+/// all (one node per group leads every shard of its group).
+async fn wait_led(nodes: &[QueryNode], rows: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let led: Vec<_> = nodes.iter().map(led_shards).collect();
+        if led.iter().all(|l| l.len() == 2 && l.iter().map(|s| s.2).sum::<u64>() >= rows) {
+            return;
+        }
+        assert!(Instant::now() < deadline, "the nodes do not lead both shards with {rows} growing rows: {led:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Shard leaders (issue 19, seeds: the streaming replica): in each group one node leads each
+/// shard. It follows the shard's stream and keeps the rows the writer has not sealed, and
+/// searches them, so the writer searches no row. Deletes and upserts of growing rows reach the
+/// leaders before they answer at a read's ts. A seal moves rows from the leaders' growing rows
+/// to sealed copies, and the leaders drop them. A leader that fails leaves its rows to be
+/// searched in the writer, and no search fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn growing_rows_are_searched_on_the_shard_leaders_of_each_group() {
+    let (sb, nodes, mut c, segments) = two_groups_of_one(|c| c.query_nodes.steal = false).await;
+    let placement = sb.placement("a").await.unwrap();
+    // 200 rows that stay growing (300 seal a segment; the 2 shards take about 100 each).
+    let fresh = vectors(200, DIM, 77);
+    let ids: Vec<i64> = (5000..5200).collect();
+    let payloads = ids.iter().map(|&i| payload(&[("n", int(i))])).collect();
+    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: ids.clone(), vectors: fresh.clone(), payloads }).await.unwrap();
+    wait_led(&nodes, 200).await;
+    let led = |n: usize| placement.groups()[n][0].led.load(Ordering::Relaxed);
+
+    // Each growing row is found by its own vector, as the writer alone finds it; the groups'
+    // leaders take turns, and the writer searched no growing row.
+    for (i, id) in ids.iter().enumerate().step_by(20) {
+        let req = search(fresh[i * DIM..(i + 1) * DIM].to_vec(), 3);
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got[0].hits[0].id, *id, "growing row {id} not found first");
+        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req).await);
+    }
+    assert!(led(0) > 0 && led(1) > 0, "both groups' leaders search growing rows: {} and {}", led(0), led(1));
+    assert_eq!(placement.growing_here.load(Ordering::Relaxed), 0, "growing rows were searched in the writer");
+    let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+    let listed: Vec<(u32, u64)> = info.query_nodes.iter().map(|q| (q.shards_led, q.growing_searches)).collect();
+    assert_eq!(listed, [(2, led(0)), (2, led(1))], "GetClusterInfo lists the shards each node leads");
+
+    // Deletes and upserts of growing rows: a STRONG read right after finds neither.
+    let deleted: Vec<i64> = ids.iter().copied().step_by(7).collect();
+    c.delete(pb::DeleteRequest { ack: 0, collection: COLL.into(), ids: deleted.clone(), filter: String::new() }).await.unwrap();
+    let moved: Vec<i64> = ids.iter().copied().skip(3).step_by(11).collect();
+    let far: Vec<f32> = moved.iter().flat_map(|_| vec![50.0f32; DIM]).collect();
+    c.upsert(pb::UpsertRequest { ack: 0, collection: COLL.into(), ids: moved.clone(), vectors: far, payloads: vec![] }).await.unwrap();
+    for id in deleted.iter().chain(&moved) {
+        let i = (*id - 5000) as usize;
+        let got = c.search(search(fresh[i * DIM..(i + 1) * DIM].to_vec(), 3)).await.unwrap().into_inner().results;
+        let found: Vec<i64> = got[0].hits.iter().map(|h| h.id).collect();
+        assert!(!found.contains(id), "growing row {id} was deleted or moved away but a STRONG search found it: {found:?}");
+    }
+    let req = search(vectors(8, DIM, 7), 20);
+    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
+    assert_eq!(placement.growing_here.load(Ordering::Relaxed), 0, "growing rows were searched in the writer");
+
+    // A flush seals the growing rows: the copies take them over and the leaders let them go.
+    c.flush(pb::FlushRequest { collection: COLL.into() }).await.unwrap();
+    let sealed = wait_placed(&sb, &mut c, 2).await;
+    assert!(sealed > segments, "the flush sealed no segment: {sealed} against {segments}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while nodes.iter().flat_map(led_shards).map(|s| s.2).sum::<u64>() > 0 {
+        assert!(Instant::now() < deadline, "the leaders kept sealed rows: {:?}", nodes.iter().map(led_shards).collect::<Vec<_>>());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req.clone()).await);
+
+    // New growing rows, then group 1's node stops: the searches whose turn is group 1's find
+    // its leader gone, and the writer searches those rows, at the same snapshot.
+    let more = vectors(40, DIM, 78);
+    let more_ids: Vec<i64> = (6000..6040).collect();
+    c.insert(pb::InsertRequest { ack: 0, collection: COLL.into(), ids: more_ids.clone(), vectors: more.clone(), payloads: vec![] })
+        .await
+        .unwrap();
+    wait_led(&nodes, 40).await;
+    let [_qa1, qb1] = nodes;
+    qb1.stop().await;
+    for (i, id) in more_ids.iter().enumerate().step_by(5) {
+        let req = search(more[i * DIM..(i + 1) * DIM].to_vec(), 3);
+        let got = c.search(req.clone()).await.unwrap().into_inner().results;
+        assert_eq!(got[0].hits[0].id, *id, "growing row {id} not found first with a leader gone");
+        assert_eq!(got, answer_without_query_nodes(&sb, &mut c, req).await);
+    }
+    assert!(placement.growing_here.load(Ordering::Relaxed) > 0, "the lost leader's growing rows were not searched in the writer");
+    assert!(!placement.groups()[1][0].is_up(), "the lost leader is marked down");
 }

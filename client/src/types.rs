@@ -696,11 +696,24 @@ pub struct QueryNodeStatus {
     pub searches: u64,
     /// Sub-searches it took, while idle, from a busy node whose turn it was (long-tail stealing).
     pub stolen: u64,
+    /// Shards it leads in its group: it keeps their growing rows and searches them.
+    pub shards_led: u32,
+    /// Sub-searches in which it searched a shard's growing rows, as the shard's leader.
+    pub growing_searches: u64,
 }
 
 impl From<pb::QueryNodeStatus> for QueryNodeStatus {
     fn from(q: pb::QueryNodeStatus) -> Self {
-        QueryNodeStatus { group: q.group, endpoint: q.endpoint, up: q.up, segments: q.segments, searches: q.searches, stolen: q.stolen }
+        QueryNodeStatus {
+            group: q.group,
+            endpoint: q.endpoint,
+            up: q.up,
+            segments: q.segments,
+            searches: q.searches,
+            stolen: q.stolen,
+            shards_led: q.shards_led,
+            growing_searches: q.growing_searches,
+        }
     }
 }
 
@@ -713,6 +726,8 @@ impl From<&QueryNodeStatus> for pb::QueryNodeStatus {
             segments: q.segments,
             searches: q.searches,
             stolen: q.stolen,
+            shards_led: q.shards_led,
+            growing_searches: q.growing_searches,
         }
     }
 }

@@ -58,11 +58,15 @@ pub struct QueryNodesConfig {
     /// holds on a live query node (its file stays, and a search that has to run here after all
     /// reads it back). Off: it keeps every index in memory, as without query nodes.
     pub release_indexes: bool,
+    /// Shard leaders: one node per replica group keeps each shard's growing rows, following the
+    /// shard's stream, and searches them, so this process searches no row a query node can.
+    /// Off: the growing rows are searched here.
+    pub shard_leaders: bool,
 }
 
 impl Default for QueryNodesConfig {
     fn default() -> Self {
-        QueryNodesConfig { groups: Vec::new(), wait_ms: 1000, steal: true, release_indexes: true }
+        QueryNodesConfig { groups: Vec::new(), wait_ms: 1000, steal: true, release_indexes: true, shard_leaders: true }
     }
 }
 

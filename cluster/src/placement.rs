@@ -4,12 +4,24 @@
 //! Mishards).
 //!
 //! ```text
-//!  search ─► Placement::search ─┬─ per shard: the growing segment and sealed segments no query
-//!                               │  node holds yet, searched here (LocalFanout's way)
+//!  search ─► Placement::search ─┬─ per shard: sealed segments no query node holds yet (and the
+//!                               │  growing rows when no shard leader is live), searched here
 //!                               ├─ per (query node, shard): the segments one replica group's
-//!                               │  copies hold, sent as one sub-search at the read's snapshot
+//!                               │  copies hold, and the growing rows when the node leads the
+//!                               │  shard, sent as one sub-search at the read's snapshot
 //!                               └─ merge_topk
 //! ```
+//!
+//! **Shard leaders** (seeds: the streaming replica). In every group holding a collection, one
+//! live node leads each shard ([`Placement::leader`]): each round tells it where the writer's
+//! growing rows begin (`LoadRequest.lead_from`), and it keeps every row the shard's stream
+//! inserts from there (query_node.rs). A search reads, in one view of the shard, the sealed
+//! segments and where the growing rows begin (`Shard::view`), and asks the leader of its turn's
+//! group for the rows from there; this process searches only the sealed segments of that view
+//! that no copy took. A segment sealed after the view holds rows past that position, so the
+//! leader answers for it. A leader that cannot (new, or restarted: it answers
+//! `growing_searched = false`) or fails leaves those rows to be searched here, with every
+//! segment sealed since the view.
 //!
 //! Groups take turns per search, so R groups share the load, and a node still busy with an
 //! earlier search (a slow machine, a long search) has its turn taken by an idle copy in another
@@ -36,9 +48,9 @@
 //! are kept in the coordinator state beside the copies. "Every group" above means every group
 //! holding the collection; a collection held by none is served by this process alone.
 //!
-//! What this does not do yet (issue 19): growing data is searched on the writer, not on
-//! per-group shard leaders; the writer keeps the rows of every sealed segment in memory (gets,
-//! queries and snapshots read them).
+//! What this does not do yet (issue 19): the writer keeps the rows of every sealed segment in
+//! memory (gets, queries and snapshots read them), and its growing rows too (writes, gets and
+//! queries).
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -58,6 +70,7 @@ use crate::config::QueryNodesConfig;
 use crate::error::{ClusterError, Result};
 use crate::fanout::{Fanout, LocalFanout};
 use crate::node::Node;
+use crate::query_node::RowPos;
 use crate::segment::{SearchPlan, SegmentId, TopK, merge_topk};
 
 /// How often segments are placed and failed nodes probed.
@@ -116,6 +129,8 @@ pub struct QueryNodeHandle {
     in_flight: AtomicUsize,
     /// Sub-searches it took, while idle, from a busy node whose turn it was (long-tail stealing).
     pub stolen: AtomicU64,
+    /// Sub-searches in which it searched a shard's growing rows, as the shard's leader.
+    pub led: AtomicU64,
     /// How long its sub-searches usually take to answer, in microseconds (a moving average;
     /// 0 until it answered one): what tells a straggler (mid-search stealing).
     usual_us: AtomicU64,
@@ -177,6 +192,8 @@ pub struct Placement {
     steal: bool,
     /// `query_nodes.release_indexes`: see [`Placement::release_covered`].
     release_indexes: bool,
+    /// `query_nodes.shard_leaders`: growing rows searched on a shard leader per group.
+    shard_leaders: bool,
     local: LocalFanout,
     /// The writer's node, once the loop runs: a search makes its streams tick, so the query
     /// nodes reach the read's snapshot without waiting for the tick interval.
@@ -185,6 +202,9 @@ pub struct Placement {
     pub rerouted: AtomicU64,
     /// Straggling sub-searches whose segments idle copies answered first (mid-search stealing).
     pub stolen_mid_search: AtomicU64,
+    /// Growing rows searched here after all: their leader could not (not leading yet, its rows
+    /// begin later) or failed.
+    pub growing_here: AtomicU64,
     /// Where the placement is kept (`restore`), and what was last put there.
     store: std::sync::OnceLock<Arc<dyn StateStore>>,
     saved: Mutex<Vec<u8>>,
@@ -210,6 +230,7 @@ impl Placement {
                             searches: AtomicU64::new(0),
                             in_flight: AtomicUsize::new(0),
                             stolen: AtomicU64::new(0),
+                            led: AtomicU64::new(0),
                             usual_us: AtomicU64::new(0),
                         }))
                     })
@@ -226,10 +247,12 @@ impl Placement {
             wait: Duration::from_millis(cfg.wait_ms),
             steal: cfg.steal,
             release_indexes: cfg.release_indexes,
+            shard_leaders: cfg.shard_leaders,
             local: LocalFanout::default(),
             node: std::sync::OnceLock::new(),
             rerouted: AtomicU64::new(0),
             stolen_mid_search: AtomicU64::new(0),
+            growing_here: AtomicU64::new(0),
             store: std::sync::OnceLock::new(),
             saved: Mutex::new(Vec::new()),
         }))
@@ -455,7 +478,7 @@ impl Placement {
             }
             for ((n, cid, shard), segs) in load {
                 let (c, _) = &wanted[&(cid, shard)];
-                let Some(held) = self.load_on(g, n, c, shard, segs).await else { continue };
+                let Some(held) = self.load_on(g, n, c, shard, segs, None).await else { continue };
                 let mut copies = self.copies.write();
                 for seg in held {
                     if let Some(c) = copies.get_mut(&(cid, shard, seg)) {
@@ -464,6 +487,9 @@ impl Placement {
                 }
             }
             self.rebalance(g, &wanted).await;
+        }
+        if self.shard_leaders {
+            self.lead(node).await;
         }
         if self.release_indexes {
             self.release_covered(node).await;
@@ -549,7 +575,7 @@ impl Placement {
         };
         for ((from, to, cid, shard), segs) in moves {
             let Some((c, _)) = wanted.get(&(cid, shard)) else { continue };
-            let Some(loaded) = self.load_on(g, to, c, shard, segs).await else { continue };
+            let Some(loaded) = self.load_on(g, to, c, shard, segs, None).await else { continue };
             let moved: Vec<SegmentId> = {
                 let mut copies = self.copies.write();
                 let mut moved = Vec::new();
@@ -569,11 +595,52 @@ impl Placement {
         }
     }
 
-    /// Loads `segments` of `c`'s `shard` on node `n` of group `g`: the segments it now holds, or
-    /// `None` when it failed (a transport failure marks the node down).
-    async fn load_on(&self, g: usize, n: usize, c: &Collection, shard: u32, segments: Vec<SegmentId>) -> Option<Vec<SegmentId>> {
-        let req =
-            qn::LoadRequest { source: self.source.clone(), collection_id: c.id, schema: Some(c.schema().to_proto()), shard, segments };
+    /// The node of group `g` that leads `shard` of collection `cid`: its live nodes take the
+    /// shards in turn, so a group's leaders spread over its nodes, and a node's death moves its
+    /// shards to the others at once (their first searches are answered here until the next round
+    /// makes them lead).
+    fn leader(&self, g: usize, cid: u64, shard: u32) -> Option<usize> {
+        let live: Vec<usize> = (0..self.groups[g].len()).filter(|&n| self.groups[g][n].is_up()).collect();
+        (!live.is_empty()).then(|| live[(cid as usize).wrapping_add(shard as usize) % live.len()])
+    }
+
+    /// Tells each shard's leader, in every group holding its collection, where the writer's
+    /// growing rows begin: a new leader starts keeping them, the others drop the rows sealed
+    /// since. Every collection, not only those with sealed segments: the growing rows of a
+    /// young collection are all it has.
+    async fn lead(&self, node: &Node) {
+        for c in node.collections() {
+            let holding = self.holding(c.id);
+            for (si, sh) in c.shards().iter().enumerate() {
+                let from = sh.growing_start();
+                for g in (0..self.groups.len()).filter(|&g| holding[g]) {
+                    let Some(n) = self.leader(g, c.id, si as u32) else { continue };
+                    self.load_on(g, n, &c, si as u32, Vec::new(), Some(from)).await;
+                }
+            }
+        }
+    }
+
+    /// Loads `segments` of `c`'s `shard` on node `n` of group `g` (and makes it lead the shard
+    /// from `lead_from`): the segments it now holds, or `None` when it failed (a transport
+    /// failure marks the node down).
+    async fn load_on(
+        &self,
+        g: usize,
+        n: usize,
+        c: &Collection,
+        shard: u32,
+        segments: Vec<SegmentId>,
+        lead_from: Option<RowPos>,
+    ) -> Option<Vec<SegmentId>> {
+        let req = qn::LoadRequest {
+            source: self.source.clone(),
+            collection_id: c.id,
+            schema: Some(c.schema().to_proto()),
+            shard,
+            segments,
+            lead_from: lead_from.map(|(lsn, row)| qn::RowPosition { lsn, row }),
+        };
         match self.groups[g][n].client.clone().load(req).await {
             Ok(resp) => Some(resp.into_inner().held),
             Err(s) if is_node_failure(&s) => {
@@ -609,17 +676,33 @@ impl Placement {
     /// copy stays here. Long-tail stealing (MEP 23): when the turn's node is busy (a search of
     /// ours outstanding there) and another copy's node is idle (none), the idle one takes the
     /// segment. Busy against busy keeps the turn: turns already share a steady load evenly, and
-    /// stealing is for the node a queue forms behind.
-    fn route(&self, collection: &Collection) -> HashMap<(usize, usize, u32), Route> {
+    /// stealing is for the node a queue forms behind. A shard's growing rows go to its leader
+    /// in the first group, in turn order, that has a live one.
+    fn route(&self, collection: &Collection) -> Routed {
         let first = self.next_group.fetch_add(1, Ordering::Relaxed);
         // A group that no longer holds the collection keeps its copies until the next round
         // releases them: not sent there meanwhile, so a search does not race the release.
         let holding = self.holding(collection.id);
         let copies = self.copies.read();
         let queue = |(g, n): (usize, usize)| self.groups[g][n].in_flight();
+        let groups = self.groups.len();
         let mut remote: HashMap<(usize, usize, u32), Route> = HashMap::new();
+        let mut known = Vec::with_capacity(collection.shards().len());
+        let mut led = vec![false; collection.shards().len()];
         for (si, sh) in collection.shards().iter().enumerate() {
-            for seg in sh.sealed_segments() {
+            let (sealed, growing) = sh.view();
+            known.push(sealed.iter().map(|s| s.id).collect::<HashSet<_>>());
+            if self.shard_leaders
+                && let Some(from) = growing
+                && let Some((g, n)) = (0..groups)
+                    .map(|i| (first + i) % groups)
+                    .filter(|&g| holding[g])
+                    .find_map(|g| self.leader(g, collection.id, si as u32).map(|n| (g, n)))
+            {
+                remote.entry((g, n, si as u32)).or_default().growing = Some(from);
+                led[si] = true;
+            }
+            for seg in sealed {
                 let Some(c) = copies.get(&(collection.id, si as u32, seg.id)) else { continue };
                 let mut holders = (0..c.len())
                     .map(|i| (first + i) % c.len())
@@ -634,15 +717,27 @@ impl Placement {
                 route.stolen |= idle.is_some();
             }
         }
-        remote
+        Routed { remote, known, led }
     }
 }
 
-/// One sub-search: the segments a node searches for one shard.
+/// Where a search goes ([`Placement::route`]).
+struct Routed {
+    /// Per (group, node, shard): one sub-search.
+    remote: HashMap<(usize, usize, u32), Route>,
+    /// Per shard, the sealed segments of the view the search was routed from.
+    known: Vec<HashSet<SegmentId>>,
+    /// Per shard: its growing rows were sent to a leader.
+    led: Vec<bool>,
+}
+
+/// One sub-search: the segments a node searches for one shard, and the growing rows from a
+/// position when it leads the shard.
 #[derive(Default)]
 struct Route {
     segments: Vec<SegmentId>,
-    /// Some of them were the turn of a busy node.
+    growing: Option<RowPos>,
+    /// Some of the segments were the turn of a busy node.
     stolen: bool,
 }
 
@@ -654,6 +749,22 @@ fn is_node_failure(s: &tonic::Status) -> bool {
 
 impl Fanout for Placement {
     fn query_nodes(&self) -> Vec<tandem_proto::v1::QueryNodeStatus> {
+        // Per (group, node): the shards it leads.
+        let mut leads: HashMap<(usize, usize), u32> = HashMap::new();
+        if self.shard_leaders
+            && let Some(node) = self.node.get().and_then(Weak::upgrade)
+        {
+            for c in node.collections() {
+                let holding = self.holding(c.id);
+                for si in 0..c.shards().len() as u32 {
+                    for g in (0..self.groups.len()).filter(|&g| holding[g]) {
+                        if let Some(n) = self.leader(g, c.id, si) {
+                            *leads.entry((g, n)).or_default() += 1;
+                        }
+                    }
+                }
+            }
+        }
         let copies = self.copies.read();
         let mut out = Vec::new();
         for (g, group) in self.groups.iter().enumerate() {
@@ -665,6 +776,8 @@ impl Fanout for Placement {
                     segments: copies.values().filter(|c| c[g] == Some(n)).count() as u64,
                     searches: node.searches.load(Ordering::Relaxed),
                     stolen: node.stolen.load(Ordering::Relaxed),
+                    shards_led: leads.get(&(g, n)).copied().unwrap_or(0),
+                    growing_searches: node.led.load(Ordering::Relaxed),
                 });
             }
         }
@@ -725,7 +838,7 @@ impl Fanout for Placement {
     }
 
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
-        let remote = self.route(collection);
+        let Routed { remote, known, led } = self.route(collection);
         if remote.is_empty() {
             return self.local.search(collection, plan);
         }
@@ -749,6 +862,7 @@ impl Fanout for Placement {
             filter: plan.filter.map(|f| f.to_string()).unwrap_or_default(),
             snapshot: plan.snapshot,
             wait_ms: self.wait.as_millis() as u32,
+            growing_from: None,
         };
         let mut queued: HashMap<(usize, usize), Arc<InFlight>> = HashMap::new();
         let mut calls = tokio::task::JoinSet::new();
@@ -759,40 +873,54 @@ impl Fanout for Placement {
                 node.stolen.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("tandem_proxy_stolen_total").increment(1);
             }
-            let part = Sent { g, n, shard, segments: route.segments.clone() };
+            let part = Sent { g, n, shard, segments: route.segments.clone(), growing: route.growing };
             let queued = queued.entry((g, n)).or_insert_with(|| Arc::new(InFlight::new(node))).clone();
             let abort = self.send(&mut calls, &template, &part, queued, Done::Own(sent.len()));
             sent.push((part, abort));
         }
         // From here on only the calls hold their node's count.
         drop(queued);
-        // Meanwhile, what stays here: every growing segment and the sealed ones no copy took.
+        // Meanwhile, what stays here: the sealed segments no copy took, and the growing rows no
+        // leader took. Where a leader took them, only the sealed segments of the routed view: a
+        // segment sealed since holds rows the leader searches.
         let mut away: Vec<HashSet<SegmentId>> = vec![HashSet::new(); collection.shards().len()];
         for (&(_, _, shard), route) in &remote {
             away[shard as usize].extend(&route.segments);
         }
         // The shards in parallel on the pool, as LocalFanout searches them.
         let mut parts = (collection.shards().par_iter().enumerate())
-            .map(|(si, sh)| sh.search_part(plan, true, |id| !away[si].contains(&id)))
+            .map(|(si, sh)| {
+                let (away, known) = (&away[si], &known[si]);
+                match led[si] {
+                    true => sh.search_part(plan, false, |id| known.contains(&id) && !away.contains(&id)),
+                    false => sh.search_part(plan, true, |id| !away.contains(&id)),
+                }
+            })
             .collect::<Result<Vec<_>>>()?;
         let answers = self.runtime.block_on(self.gather(&template, sent, calls, started));
         for (sent, answered) in answers {
             let (g, n, shard) = (sent.g, sent.n, sent.shard);
             let segs = &sent.segments;
-            let again: HashSet<SegmentId> = match answered {
+            let asked_growing = sent.growing.is_some();
+            // The segments to search here after all, and whether the growing rows are too.
+            let (again, growing_again): (HashSet<SegmentId>, bool) = match answered {
                 Ok(resp) => match decode(&resp, plan.nq()) {
                     Ok(hits) => {
-                        self.groups[g][n].searches.fetch_add(1, Ordering::Relaxed);
+                        let node = &self.groups[g][n];
+                        node.searches.fetch_add(1, Ordering::Relaxed);
+                        if asked_growing && resp.growing_searched {
+                            node.led.fetch_add(1, Ordering::Relaxed);
+                        }
                         parts.push(hits);
                         if !resp.missing.is_empty() {
                             self.forget(g, n, resp.missing.iter().map(|&s| (collection.id, shard, s)));
                         }
-                        resp.missing.into_iter().collect()
+                        (resp.missing.into_iter().collect(), asked_growing && !resp.growing_searched)
                     }
                     // A malformed answer (a node of another version?): its part is searched here.
                     Err(e) => {
                         tracing::warn!(endpoint = %self.groups[g][n].endpoint, error = %e, "a query node's answer does not parse; searching its part here");
-                        segs.iter().copied().collect()
+                        (segs.iter().copied().collect(), asked_growing)
                     }
                 },
                 Err(s) => {
@@ -801,13 +929,23 @@ impl Fanout for Placement {
                     } else {
                         tracing::debug!(endpoint = %self.groups[g][n].endpoint, error = %s.message(), "a sub-search was refused; searching here");
                     }
-                    segs.iter().copied().collect()
+                    (segs.iter().copied().collect(), asked_growing)
                 }
             };
             if !again.is_empty() {
                 self.rerouted.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("tandem_proxy_rerouted_total").increment(1);
-                parts.push(collection.shards()[shard as usize].search_part(plan, false, |id| again.contains(&id))?);
+            }
+            if growing_again {
+                self.growing_here.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!("tandem_proxy_growing_here_total").increment(1);
+            }
+            if !again.is_empty() || growing_again {
+                // The growing rows from the routed view on: those still growing, and those in
+                // segments sealed since (not in the view).
+                let known = &known[shard as usize];
+                let sh = &collection.shards()[shard as usize];
+                parts.push(sh.search_part(plan, growing_again, |id| again.contains(&id) || (growing_again && !known.contains(&id)))?);
             }
         }
         Ok(merge_topk(plan.metric, plan.k, plan.nq(), parts))
@@ -822,6 +960,8 @@ struct Sent {
     n: usize,
     shard: u32,
     segments: Vec<SegmentId>,
+    /// The shard's growing rows from here on, asked of its leader.
+    growing: Option<RowPos>,
 }
 
 type Answer = std::result::Result<qn::SegmentSearchResponse, tonic::Status>;
@@ -855,7 +995,12 @@ impl Placement {
         done: Done,
     ) -> tokio::task::AbortHandle {
         let node = self.groups[sent.g][sent.n].clone();
-        let req = qn::SegmentSearchRequest { shard: sent.shard, segments: sent.segments.clone(), ..template.clone() };
+        let req = qn::SegmentSearchRequest {
+            shard: sent.shard,
+            segments: sent.segments.clone(),
+            growing_from: sent.growing.map(|(lsn, row)| qn::RowPosition { lsn, row }),
+            ..template.clone()
+        };
         let began = std::time::Instant::now();
         // The call runs on its own, and goes on when the search stops waiting for it (the other
         // side of a steal won): the node is still working on it, so it stays counted in the
@@ -973,7 +1118,8 @@ impl Placement {
 
     /// Asks copies on `idle` nodes of other groups for the segments of sub-search `i`,
     /// `straggler`: one call per node, tagged as its copies. Nothing is asked unless every
-    /// segment has one.
+    /// segment has one, and, when the straggler leads the shard, an idle leader of another group
+    /// takes the growing rows.
     fn steal_from(
         &self,
         template: &qn::SegmentSearchRequest,
@@ -998,12 +1144,23 @@ impl Placement {
                 by_node.entry(at).or_default().push(seg);
             }
         }
+        let mut growing = None;
+        if let Some(from) = straggler.growing {
+            let leader = (0..self.groups.len())
+                .filter(|&g| g != straggler.g && holding[g])
+                .filter_map(|g| self.leader(g, collection_id, shard).map(|n| (g, n)))
+                .find(|at| idle.contains(at));
+            let Some(at) = leader else { return Vec::new() };
+            by_node.entry(at).or_default();
+            growing = Some((at, from));
+        }
         let mut asked = Vec::new();
         for ((g, n), segments) in by_node {
             let node = &self.groups[g][n];
             node.stolen.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("tandem_proxy_stolen_total").increment(1);
-            let sent = Sent { g, n, shard, segments };
+            let growing = growing.filter(|&(at, _)| at == (g, n)).map(|(_, from)| from);
+            let sent = Sent { g, n, shard, segments, growing };
             let abort = self.send(calls, template, &sent, Arc::new(InFlight::new(node)), Done::Stolen(i, asked.len()));
             asked.push((sent, abort, None));
         }
@@ -1044,7 +1201,13 @@ mod tests {
 
     #[test]
     fn a_sub_search_answer_splits_into_lists_or_is_refused_when_its_lengths_disagree() {
-        let resp = qn::SegmentSearchResponse { counts: vec![2, 0, 1], distances: vec![0.5, 1.0, 2.0], ids: vec![7, 3, 9], missing: vec![] };
+        let resp = qn::SegmentSearchResponse {
+            counts: vec![2, 0, 1],
+            distances: vec![0.5, 1.0, 2.0],
+            ids: vec![7, 3, 9],
+            missing: vec![],
+            growing_searched: false,
+        };
         assert_eq!(decode(&resp, 3).unwrap(), vec![vec![(0.5, 7), (1.0, 3)], vec![], vec![(2.0, 9)]]);
         // One list short, or a count that runs past the hits: refused, naming the lengths.
         let e = decode(&resp, 4).unwrap_err().to_string();

@@ -19,6 +19,16 @@
 //! ts), and until the stream is back the shard's applied ts is the snapshot's, so no search
 //! sees the new segment without its deletes.
 //!
+//! **Shard leaders** (seeds: the streaming replica). The proxy makes one node per replica group
+//! lead each shard (`LoadRequest.lead_from`). The leader keeps the shard's growing rows: every row
+//! the stream inserts from the position where the writer's growing segment begins, with the
+//! stream's later deletes and upserts ending them as on the writer. A search then sends the
+//! growing rows to the leader (`SegmentSearchRequest.growing_from`) instead of searching them in
+//! the writer. Positions count rows, not records, because a seal can split one record's rows
+//! between the sealed segment and the next growing one. Rows before a newer start are dropped when
+//! the proxy next says where the growing rows begin; a node that is no longer asked to lead lets
+//! them go after `LEAD_EXPIRES`.
+//!
 //! Nothing is kept on disk: a restarted node holds nothing, and the proxy loads it again.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -26,7 +36,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use rayon::prelude::*;
@@ -43,9 +53,10 @@ use crate::error::{ClusterError, Result};
 use crate::filter::Filter;
 use crate::replication::SegmentReceiver;
 use crate::schema::{Metric, Schema};
-use crate::segment::{LIVE, Sealed, SearchPlan, SegmentId, TopK, merge_topk};
-use crate::shard::received_segment;
+use crate::segment::{Growing, LIVE, Sealed, SearchPlan, SegmentId, TopK, brute_force, merge_topk, passes};
+use crate::shard::{ShardOp, op_from_record, received_segment};
 use crate::ts::Ts;
+use crate::wal::Lsn;
 
 /// Pause before a shard's stream is subscribed again after it failed.
 const RESUBSCRIBE_AFTER: Duration = Duration::from_millis(200);
@@ -55,6 +66,14 @@ const ASK_FOR_TICK_AFTER: Duration = Duration::from_millis(20);
 
 /// The most hits a sub-search may ask for per query (as the public API's limit).
 const MAX_K: u32 = 16_384;
+
+/// How long a shard leader keeps its growing rows without being asked to lead again. The proxy
+/// asks every placement round (`PLACE_EVERY`, 300 ms), so a node it stopped asking (another
+/// node leads the shard now) lets them go.
+const LEAD_EXPIRES: Duration = Duration::from_secs(10);
+
+/// A row's place in the shard's log: its record's position, and its index in the record.
+pub type RowPos = (Lsn, u32);
 
 #[derive(Debug, Clone)]
 pub struct QueryNodeOptions {
@@ -96,6 +115,105 @@ struct Held {
     /// A position to read the stream again from (a segment arrived with an older snapshot).
     rewind_to: Option<u64>,
     applied_ts: Ts,
+    /// The shard's growing rows, while this node leads the shard in its group.
+    tail: Option<Tail>,
+    /// Where the stream was when leading made it read again from the growing rows' start: if
+    /// the log no longer holds that start (a checkpoint cut it meanwhile), the rows go and the
+    /// held segments' stream goes on from here.
+    resume_at: Option<u64>,
+}
+
+/// A shard leader's growing rows (see the module's comment): every row the shard's stream
+/// inserted at `from` or later, ended by the stream's later writes of the same ids, as the
+/// writer's growing segment's rows are.
+struct Tail {
+    from: RowPos,
+    /// The stream position to take rows from next: reading positions again (a rewind) adds
+    /// nothing twice.
+    next: Lsn,
+    rows: Growing,
+    /// Each row's place in the log, ascending.
+    pos: Vec<RowPos>,
+    /// Where each id has its live row.
+    live: HashMap<i64, u32>,
+    /// When the proxy last asked this node to lead the shard.
+    renewed: Instant,
+}
+
+impl Tail {
+    fn new(from: RowPos) -> Tail {
+        Tail { from, next: from.0, rows: Growing::new(0), pos: Vec::new(), live: HashMap::new(), renewed: Instant::now() }
+    }
+
+    /// A write at `ts` ended the live row of `id` inserted before it.
+    fn supersede(&mut self, id: i64, ts: Ts) {
+        if let Some(&off) = self.live.get(&id)
+            && self.rows.rows.insert_ts[off as usize] < ts
+        {
+            self.rows.delete_ts[off as usize] = ts;
+            self.live.remove(&id);
+        }
+    }
+
+    /// Adds the rows of the record at `lsn` (`ts`: the record's; a row may carry its own).
+    fn add(&mut self, lsn: Lsn, ts: Ts, dim: usize, op: ShardOp) {
+        let (ShardOp::Insert { ids, vectors, rows, row_ts } | ShardOp::Upsert { ids, vectors, rows, row_ts }) = op else {
+            return;
+        };
+        for (i, (id, row)) in ids.into_iter().zip(rows).enumerate() {
+            let ts = row_ts.get(i).copied().unwrap_or(ts);
+            // An id twice in one record: the later row replaces the earlier, as on the writer.
+            if let Some(&off) = self.live.get(&id)
+                && self.rows.rows.insert_ts[off as usize] <= ts
+            {
+                self.rows.delete_ts[off as usize] = ts;
+            }
+            let off = self.rows.push(lsn, i as u32, id, ts, &vectors[i * dim..(i + 1) * dim], row);
+            self.pos.push((lsn, i as u32));
+            self.live.insert(id, off);
+        }
+        self.next = lsn + 1;
+    }
+
+    /// Drops the rows before `from` (the writer sealed them); an earlier `from` changes nothing.
+    fn trim(&mut self, from: RowPos, dim: usize) {
+        if from <= self.from {
+            return;
+        }
+        self.from = from;
+        let keep = self.pos.partition_point(|&p| p < from);
+        if keep == 0 {
+            return;
+        }
+        let old = std::mem::replace(&mut self.rows, Growing::new(0));
+        let r = old.rows;
+        let rows = crate::segment::Rows::new(
+            r.ids[keep..].to_vec(),
+            r.insert_ts[keep..].to_vec(),
+            r.vectors[keep * dim..].to_vec(),
+            r.payloads[keep..].to_vec(),
+            dim,
+        );
+        self.rows = Growing { id: 0, first_lsn: 0, first_row: 0, rows, delete_ts: old.delete_ts[keep..].to_vec() };
+        self.pos.drain(..keep);
+        self.live = (0..self.rows.rows.len())
+            .filter(|&off| self.rows.delete_ts[off] == LIVE)
+            .map(|off| (self.rows.rows.ids[off], off as u32))
+            .collect();
+    }
+
+    /// The rows at `from` or later searched at the plan's snapshot; `None` when rows before
+    /// `from` this node no longer holds are asked for.
+    fn search(&self, plan: &SearchPlan<'_>, from: RowPos) -> Option<TopK> {
+        if from < self.from {
+            return None;
+        }
+        let start = self.pos.partition_point(|&p| p < from);
+        let candidates: Vec<usize> = (start..self.rows.rows.len())
+            .filter(|&off| self.rows.visible(off, plan.snapshot) && passes(plan.filter, &self.rows.rows, off))
+            .collect();
+        Some(brute_force(plan, &self.rows.rows, &candidates))
+    }
 }
 
 impl Held {
@@ -113,6 +231,14 @@ impl Held {
         });
         if places.is_empty() {
             self.live.remove(&id);
+        }
+    }
+
+    /// Ends the older rows of `id` in the held segments and in the growing rows.
+    fn supersede_everywhere(&mut self, id: i64, ts: Ts) {
+        self.supersede(id, ts);
+        if let Some(t) = self.tail.as_mut() {
+            t.supersede(id, ts);
         }
     }
 
@@ -171,7 +297,7 @@ impl QueryNode {
         self.loaded.load(Ordering::Relaxed)
     }
 
-    /// Load requests so far, those that loaded nothing (all held) included.
+    /// Load requests of segments so far, those that loaded nothing (all held) included.
     pub fn load_requests(&self) -> u64 {
         self.load_requests.load(Ordering::Relaxed)
     }
@@ -220,7 +346,11 @@ impl QueryNode {
 
     /// Loads the segments of `req` not held yet; returns those held afterwards.
     pub async fn load(self: &Arc<Self>, req: qn::LoadRequest) -> Result<Vec<SegmentId>> {
-        self.load_requests.fetch_add(1, Ordering::Relaxed);
+        // A Load that only says where the growing rows begin (every round, to each leader) is
+        // not a load of segments.
+        if !req.segments.is_empty() || req.lead_from.is_none() {
+            self.load_requests.fetch_add(1, Ordering::Relaxed);
+        }
         if req.source.trim().is_empty() {
             return Err(ClusterError::invalid("a load names no source (the writer's endpoint)"));
         }
@@ -232,6 +362,9 @@ impl QueryNode {
         };
         if !want.is_empty() {
             self.fetch(&held, want).await?;
+        }
+        if let Some(p) = &req.lead_from {
+            self.lead(&held, (p.lsn, p.row));
         }
         let h = held.state.lock();
         Ok(req.segments.iter().copied().filter(|id| h.segments.contains_key(id)).collect())
@@ -311,6 +444,33 @@ impl QueryNode {
         }
     }
 
+    /// Leads `held`'s shard: keeps its growing rows from `from` (see the module's comment).
+    fn lead(self: &Arc<Self>, held: &Arc<HeldShard>, from: RowPos) {
+        let mut h = held.state.lock();
+        if let Some(t) = h.tail.as_mut() {
+            t.renewed = Instant::now();
+            t.trim(from, held.schema.dim);
+            return;
+        }
+        h.tail = Some(Tail::new(from));
+        tracing::info!(collection = held.collection_id, shard = held.shard, from = ?from, "query node: leading the shard");
+        // The stream must be read from `from`. Until it is back where it was, no change is known
+        // to be in the growing rows, so the shard's applied ts starts over.
+        if h.next == 0 {
+            h.next = from.0.max(1);
+            h.applied_ts = 0;
+            held.applied.send_replace(0);
+            drop(h);
+            tokio::spawn(follow(held.clone(), self.opts.name.clone()));
+        } else if from.0 < h.next {
+            h.resume_at = Some(h.next);
+            h.rewind_to = Some(h.rewind_to.map_or(from.0, |r| r.min(from.0)));
+            h.applied_ts = 0;
+            held.applied.send_replace(0);
+            held.rewind.notify_one();
+        }
+    }
+
     pub fn release(&self, collection_id: u64, shard: u32, segments: &[SegmentId]) {
         let key = (collection_id, shard);
         if segments.is_empty() {
@@ -333,6 +493,7 @@ impl QueryNode {
             return Err(ClusterError::invalid(format!("k {} is out of range 1..={MAX_K}", req.k)));
         }
         let metric = Metric::from_proto(req.metric)?;
+        let growing_from: Option<RowPos> = req.growing_from.as_ref().map(|p| (p.lsn, p.row));
         let held = self.shards.read().get(&(req.collection_id, req.shard)).cloned();
         let Some(held) = held else {
             return Ok(all_missing(req, dim));
@@ -349,6 +510,7 @@ impl QueryNode {
         let holds_any = {
             let h = held.state.lock();
             req.segments.iter().any(|id| h.segments.contains_key(id))
+                || growing_from.is_some_and(|f| h.tail.as_ref().is_some_and(|t| t.from <= f))
         };
         if !holds_any {
             return Ok(all_missing(req, dim));
@@ -378,11 +540,17 @@ impl QueryNode {
         self.pool.spawn(move || {
             let plan = SearchPlan { queries: &queries, dim, k, metric, filter: filter.as_ref(), knobs, snapshot };
             let parts = segments.par_iter().map(|s| s.search(&plan)).collect::<Result<Vec<TopK>>>();
-            let _ = tx.send(parts.map(|p| merge_topk(metric, k, plan.nq(), p)));
+            // The growing rows under the shard's lock: the stream appends to them meanwhile.
+            let growing = growing_from.and_then(|f| held.state.lock().tail.as_ref().and_then(|t| t.search(&plan, f)));
+            let searched = growing.is_some();
+            let _ = tx.send(parts.map(|mut p| {
+                p.extend(growing);
+                (merge_topk(metric, k, plan.nq(), p), searched)
+            }));
         });
-        let topk = rx.await.map_err(|_| ClusterError::Internal("a segment search was dropped".into()))??;
+        let (topk, growing_searched) = rx.await.map_err(|_| ClusterError::Internal("a segment search was dropped".into()))??;
         self.searches.fetch_add(1, Ordering::Relaxed);
-        let mut resp = qn::SegmentSearchResponse { missing, ..Default::default() };
+        let mut resp = qn::SegmentSearchResponse { missing, growing_searched, ..Default::default() };
         for hits in topk {
             resp.counts.push(hits.len() as u32);
             for (d, id) in hits {
@@ -405,6 +573,8 @@ impl QueryNode {
                     shard: h.shard,
                     segments: st.segments.keys().copied().collect(),
                     applied_ts: st.applied_ts,
+                    growing_from: st.tail.as_ref().map(|t| qn::RowPosition { lsn: t.from.0, row: t.from.1 }),
+                    growing_rows: st.tail.as_ref().map_or(0, |t| t.rows.rows.len() as u64),
                 }
             })
             .collect();
@@ -494,6 +664,35 @@ async fn follow(held: Arc<HeldShard>, subscriber: String) {
                     }
                 }
             }
+            // The growing rows' start was cut from the log before the stream got there: the
+            // rows go (the proxy searches them in the writer until the next round says where
+            // they begin now), and the held segments' stream goes on where it was.
+            // (A match guard is a temporary scope: its lock is released before the arm runs.)
+            Err(s) if s.code() == tonic::Code::OutOfRange && held.state.lock().tail.is_some() => {
+                tracing::info!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the growing rows' start is no longer in the log; not leading the shard until told again");
+                let mut h = held.state.lock();
+                h.tail = None;
+                match h.resume_at.take() {
+                    Some(at) => {
+                        h.next = at;
+                        continue;
+                    }
+                    // Nothing else needs the stream: it starts over with the next lead.
+                    None if h.segments.is_empty() => {
+                        *h = Held::default();
+                        held.applied.send_replace(0);
+                        return;
+                    }
+                    None => {}
+                }
+            }
+            // The collection was dropped: nothing of the shard is wanted any more.
+            Err(s) if s.code() == tonic::Code::NotFound => {
+                tracing::info!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the shard is gone; dropping what it held");
+                *held.state.lock() = Held::default();
+                held.applied.send_replace(0);
+                return;
+            }
             // The writer's log no longer holds the position (it bootstrapped again, or the
             // lease expired): the copies cannot be kept current, so they go. Their searches
             // answer `missing`, and the proxy places them again from a new snapshot.
@@ -521,27 +720,56 @@ async fn follow(held: Arc<HeldShard>, subscriber: String) {
 /// from the earlier position).
 fn apply(held: &HeldShard, ev: rp::ChangeEvent) -> bool {
     use rp::change_event::Body;
+    use tandem_proto::storage::v1::wal_record::Op;
     let mut h = held.state.lock();
     if h.rewind_to.is_some() {
         return false;
     }
-    match &ev.body {
+    if h.tail.as_ref().is_some_and(|t| t.renewed.elapsed() > LEAD_EXPIRES) {
+        tracing::info!(
+            collection = held.collection_id,
+            shard = held.shard,
+            "query node: no longer asked to lead the shard; its growing rows go"
+        );
+        h.tail = None;
+    }
+    let (lsn, ts) = (ev.lsn, ev.ts);
+    match ev.body {
         Some(Body::Insert(b)) | Some(Body::Upsert(b)) => {
             for (i, &id) in b.ids.iter().enumerate() {
-                h.supersede(id, b.insert_ts.get(i).copied().unwrap_or(ev.ts));
+                h.supersede_everywhere(id, b.insert_ts.get(i).copied().unwrap_or(ts));
+            }
+            if h.tail.as_ref().is_some_and(|t| lsn >= t.next) {
+                match op_from_record(&held.schema, Op::Insert(b)) {
+                    Ok(Some(op)) => {
+                        if let Some(t) = h.tail.as_mut() {
+                            t.add(lsn, ts, held.schema.dim, op);
+                        }
+                    }
+                    Ok(None) => {}
+                    // Its rows cannot be kept, so the growing rows would be incomplete: they go,
+                    // and the proxy searches them in the writer.
+                    Err(e) => {
+                        tracing::warn!(collection = held.collection_id, shard = held.shard, error = %e, "query node: a change does not decode; no longer leading the shard");
+                        h.tail = None;
+                    }
+                }
             }
         }
         Some(Body::Delete(d)) => {
             for &id in &d.ids {
-                h.supersede(id, ev.ts);
+                h.supersede_everywhere(id, ts);
             }
         }
         _ => {}
     }
-    h.next = h.next.max(ev.lsn + 1);
-    if ev.ts > h.applied_ts {
-        h.applied_ts = ev.ts;
-        held.applied.send_replace(ev.ts);
+    h.next = h.next.max(lsn + 1);
+    if h.resume_at.is_some_and(|r| h.next >= r) {
+        h.resume_at = None;
+    }
+    if ts > h.applied_ts {
+        h.applied_ts = ts;
+        held.applied.send_replace(ts);
     }
     true
 }
@@ -609,7 +837,7 @@ mod tests {
     fn segment(id: SegmentId, ids: &[i64]) -> Arc<Sealed> {
         let n = ids.len();
         let rows = Rows::new(ids.to_vec(), (0..n as u64).map(|o| 10 + o).collect(), vec![0.0; n * 2], vec![vec![]; n], 2);
-        Arc::new(Sealed::from_growing(Growing { id, first_lsn: 0, rows, delete_ts: vec![LIVE; n] }))
+        Arc::new(Sealed::from_growing(Growing { id, first_lsn: 0, first_row: 0, rows, delete_ts: vec![LIVE; n] }))
     }
 
     /// A change ends the held rows of its ids written before it, once (a replay keeps the
@@ -640,5 +868,59 @@ mod tests {
         h.remove(&HashSet::from([2]));
         assert!(!h.live.contains_key(&20));
         assert_eq!(h.segments.keys().copied().collect::<Vec<_>>(), vec![1]);
+    }
+
+    /// A shard leader's growing rows: a record a seal split is searched from the row where the
+    /// growing segment begins; a write ends only older rows of its id; a later start drops the
+    /// rows before it (and a search from before it is refused), an earlier start changes nothing.
+    #[test]
+    fn growing_rows_begin_at_a_row_and_a_later_start_drops_those_before() {
+        let dim = 2;
+        let insert = |ids: &[i64]| ShardOp::Insert {
+            ids: ids.to_vec(),
+            vectors: ids.iter().flat_map(|&i| [i as f32, 0.0]).collect(),
+            rows: vec![vec![]; ids.len()],
+            row_ts: vec![],
+        };
+        let q = [2.0f32, 0.0];
+        let plan = |snapshot| SearchPlan {
+            queries: &q,
+            dim,
+            k: 10,
+            metric: Metric::L2,
+            filter: None,
+            knobs: Knobs { nprobe: 1, ef_search: 16 },
+            snapshot,
+        };
+        let found = |t: &Tail, from: RowPos, snapshot: Ts| {
+            t.search(&plan(snapshot), from).map(|hits| {
+                let mut ids: Vec<i64> = hits[0].iter().map(|h| h.1).collect();
+                ids.sort_unstable();
+                ids
+            })
+        };
+        let mut t = Tail::new((5, 0));
+        t.add(5, 100, dim, insert(&[1, 2, 3]));
+        t.add(6, 110, dim, insert(&[4]));
+        // The seal kept rows 0 and 1 of record 5 (ids 1 and 2): the growing rows begin at row 2.
+        assert_eq!(found(&t, (5, 2), 200), Some(vec![3, 4]));
+        assert_eq!(found(&t, (5, 0), 105), Some(vec![1, 2, 3]), "a snapshot before record 6");
+        // A write of 3 at 120 ends its row; a write of 4 at its own ts (a record read again)
+        // does not.
+        t.supersede(3, 120);
+        t.supersede(4, 110);
+        assert_eq!(found(&t, (5, 0), 200), Some(vec![1, 2, 4]));
+        assert_eq!(found(&t, (5, 0), 115), Some(vec![1, 2, 3, 4]), "before the write of 3");
+        // The writer sealed up to (5, 2): the rows before go; a search from before is refused.
+        t.trim((5, 2), dim);
+        assert_eq!(t.rows.rows.len(), 2);
+        assert_eq!(found(&t, (5, 0), 200), None);
+        assert_eq!(found(&t, (5, 2), 115), Some(vec![3, 4]));
+        t.trim((4, 0), dim);
+        assert_eq!(t.from, (5, 2), "an earlier start changes nothing");
+        // The live rows are still known after the trim: a delete of 4 ends it.
+        t.supersede(4, 300);
+        assert_eq!(found(&t, (5, 2), 400), Some(vec![]));
+        assert_eq!(found(&t, (5, 2), 299), Some(vec![4]));
     }
 }

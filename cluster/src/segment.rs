@@ -252,18 +252,24 @@ pub struct Growing {
     /// LSN of the first record that put a row here (0 while empty): the WAL must be kept from
     /// here until the segment is persisted.
     pub first_lsn: Lsn,
+    /// The index of the first row in its record: a seal can split a record's rows between two
+    /// segments, so (`first_lsn`, `first_row`) is where this segment's rows begin in the log
+    /// (a shard leader on a query node searches the growing rows from there; `placement.rs`).
+    pub first_row: u32,
     pub rows: Rows,
     pub delete_ts: Vec<Ts>,
 }
 
 impl Growing {
     pub fn new(id: SegmentId) -> Growing {
-        Growing { id, first_lsn: 0, rows: Rows::default(), delete_ts: Vec::new() }
+        Growing { id, first_lsn: 0, first_row: 0, rows: Rows::default(), delete_ts: Vec::new() }
     }
 
-    pub fn push(&mut self, lsn: Lsn, id: i64, ts: Ts, vector: &[f32], row: Row) -> u32 {
+    /// Appends row `row_in_record` of the record at `lsn`.
+    pub fn push(&mut self, lsn: Lsn, row_in_record: u32, id: i64, ts: Ts, vector: &[f32], row: Row) -> u32 {
         if self.rows.is_empty() {
             self.first_lsn = lsn;
+            self.first_row = row_in_record;
         }
         self.rows.ids.push(id);
         self.rows.insert_ts.push(ts);
@@ -289,7 +295,7 @@ impl Growing {
     }
 }
 
-fn passes(filter: Option<&Filter>, rows: &Rows, off: usize) -> bool {
+pub(crate) fn passes(filter: Option<&Filter>, rows: &Rows, off: usize) -> bool {
     filter.is_none_or(|f| f.matches(rows.ids[off], &rows.payloads[off]))
 }
 
@@ -542,7 +548,7 @@ mod tests {
         let mut g = Growing::new(1);
         for i in 0..n {
             let v: Vec<f32> = (0..dim).map(|j| ((i * 31 + j * 7) % 97) as f32).collect();
-            g.push(1 + i as u64, i as i64, 10 + i as u64, &v, vec![]);
+            g.push(1 + i as u64, 0, i as i64, 10 + i as u64, &v, vec![]);
         }
         g
     }
@@ -586,7 +592,7 @@ mod tests {
                     (x >> 40) as f32 / (1u64 << 24) as f32
                 })
                 .collect();
-            g.push(1 + i, i as i64, 10 + i, &v, vec![]);
+            g.push(1 + i, 0, i as i64, 10 + i, &v, vec![]);
         }
         let s = Sealed::from_growing(g);
         let hnsw = IndexKind::Hnsw { m: 8, ef_construction: 40 };

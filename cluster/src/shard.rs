@@ -731,7 +731,7 @@ impl Shard {
                     // Insert was validated to hit no live id; on replay an insert may meet the
                     // version a manifest already holds, and replaces it like an upsert.
                     st.tombstone(id, ts);
-                    let off = st.growing.push(lsn, id, ts, &vectors[i * dim..(i + 1) * dim], row);
+                    let off = st.growing.push(lsn, i as u32, id, ts, &vectors[i * dim..(i + 1) * dim], row);
                     st.locs.insert(id, Loc { seg: st.growing.id, off });
                     if st.growing.rows.len() >= self.seal_rows {
                         needs_index.push(st.seal());
@@ -751,6 +751,26 @@ impl Shard {
 
     pub fn sealed_segments(&self) -> Vec<Arc<Sealed>> {
         self.state.read().sealed.values().cloned().collect()
+    }
+
+    /// The sealed segments, and where the growing rows begin in the log (`None`: there are
+    /// none), from one view. A proxy that sends the growing rows to a shard leader on a query
+    /// node (`placement.rs`) searches exactly these sealed segments elsewhere: every row after
+    /// them, in a segment sealed since or still growing, is at that position or later.
+    pub fn view(&self) -> (Vec<Arc<Sealed>>, Option<(Lsn, u32)>) {
+        let st = self.state.read();
+        let growing = (!st.growing.rows.is_empty()).then_some((st.growing.first_lsn, st.growing.first_row));
+        (st.sealed.values().cloned().collect(), growing)
+    }
+
+    /// Where a shard leader's growing rows must begin to cover every later search's growing
+    /// rows: where they begin now, or without any, the next record's position. A record is
+    /// logged and applied under the state lock held here, so every record up to the log's last
+    /// is in a sealed segment then. Never a position a checkpoint may have cut from the log
+    /// (the one before the growing rows would be).
+    pub fn growing_start(&self) -> (Lsn, u32) {
+        let st = self.state.read();
+        if st.growing.rows.is_empty() { (self.wal.last_lsn() + 1, 0) } else { (st.growing.first_lsn, st.growing.first_row) }
     }
 
     pub fn search(&self, plan: &SearchPlan<'_>) -> Result<TopK> {
@@ -1167,7 +1187,7 @@ pub fn received_segment(schema: &Schema, id: SegmentId, rows: st::RowBatch, dele
     if index.len() != ids.len() {
         return Err(ClusterError::invalid(format!("an index of {} vectors for a segment of {} rows", index.len(), ids.len())));
     }
-    let growing = Growing { id, first_lsn: 0, rows: Rows::new(ids, insert_ts, vectors, payloads, schema.dim), delete_ts };
+    let growing = Growing { id, first_lsn: 0, first_row: 0, rows: Rows::new(ids, insert_ts, vectors, payloads, schema.dim), delete_ts };
     let seg = Arc::new(Sealed::from_growing(growing));
     seg.set_index(Arc::new(index));
     Ok(seg)
@@ -1199,8 +1219,13 @@ fn load_segment(dir: &Path, schema: &Schema, r: &st::SegmentRef) -> Result<Arc<S
     } else {
         d.payloads.iter().map(|p| schema.row_from_payload(Some(p))).collect::<Result<_>>()?
     };
-    let g =
-        Growing { id: d.id, first_lsn: 0, rows: Rows::new(d.ids, d.insert_ts, d.vectors, payloads, schema.dim), delete_ts: vec![LIVE; n] };
+    let g = Growing {
+        id: d.id,
+        first_lsn: 0,
+        first_row: 0,
+        rows: Rows::new(d.ids, d.insert_ts, d.vectors, payloads, schema.dim),
+        delete_ts: vec![LIVE; n],
+    };
     let seg = Arc::new(Sealed::from_growing(g));
     for t in &r.tombstones {
         if (t.offset as usize) < n {

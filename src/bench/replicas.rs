@@ -14,6 +14,10 @@
 //!    slow node sets the pace of its turns). Goal, with stealing: >= 0.9 x one group's QPS.
 //! 4. **Node loss**: group 0 of two nodes, group 1 of one; kill -9 of a group-0 node under load:
 //!    failed searches (goal 0), p99 after the kill, time until group 0 has every copy again.
+//! 5. **Growing rows**: --growing-rows rows inserted and left unsealed; one group of one node
+//!    (uncapped, as the writer is), one search in flight, with the shard's leader on the node
+//!    searching them (`query_nodes.shard_leaders`) and with the writer searching them: p50, and
+//!    the CPU the writer's search threads spend per search. The answers must be the same.
 //!
 //! The writer's memory is reported too (phase 1, R = 1): its segments' bytes and this process's
 //! RSS once every group holds every segment and the writer released their indexes
@@ -74,6 +78,9 @@ pub struct ReplicasBenchArgs {
     pub slow_factor: f64,
     #[arg(long, default_value_t = 64)]
     pub ef_search: u32,
+    /// Rows left growing (unsealed) for the growing-rows phase; fewer than a segment's rows
+    #[arg(long, default_value_t = 4000)]
+    pub growing_rows: usize,
     /// Write the report as JSON here
     #[arg(long)]
     pub json: Option<PathBuf>,
@@ -87,7 +94,32 @@ struct Report {
     slow_node: SlowNode,
     node_loss: NodeLoss,
     writer_memory: WriterMemory,
+    growing: GrowingRows,
     targets: Vec<Target>,
+}
+
+/// Phase 5: growing rows searched by the shard's leader on a query node, and by the writer.
+#[derive(Debug, Serialize)]
+struct GrowingRows {
+    rows: usize,
+    on_leader: GrowingRun,
+    in_writer: GrowingRun,
+}
+
+#[derive(Debug, Serialize)]
+struct GrowingRun {
+    qps: f64,
+    latency: Latency,
+    recall: f64,
+    /// CPU of the writer's search threads (`tandem-search-*`) per search, microseconds.
+    writer_search_cpu_us: f64,
+    /// Sub-searches in which the node searched the growing rows as the shard's leader.
+    growing_searched_on_node: u64,
+    /// Searches whose growing rows the writer searched after all.
+    growing_here: u64,
+    /// The first answer to each query, to compare the two runs.
+    #[serde(skip)]
+    answers: Vec<Option<Vec<i64>>>,
 }
 
 /// The writer's memory with one replica group holding every segment.
@@ -288,6 +320,8 @@ fn validate(a: &ReplicasBenchArgs) -> anyhow::Result<()> {
     ensure!(a.duration_secs > 0.0 && a.duration_secs <= 3600.0, "--duration-secs {} is out of range (0, 3600]", a.duration_secs);
     ensure!(a.node_cpus >= 0.01 && a.node_cpus <= 64.0, "--node-cpus {} is out of range 0.01..=64", a.node_cpus);
     ensure!(a.slow_factor >= 1.0 && a.slow_factor <= 100.0, "--slow-factor {} is out of range 1..=100", a.slow_factor);
+    let seal = a.n.div_ceil(a.segments);
+    ensure!((1..seal).contains(&a.growing_rows), "--growing-rows {} is out of range 1..{seal} (they must stay unsealed)", a.growing_rows);
     Ok(())
 }
 
@@ -438,6 +472,8 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
     let rerouted = placement.rerouted.load(Ordering::Relaxed);
     member.stop(crate::config::MEMBER_DRAIN).await?;
     let (run, restored) = run;
+    // The killed node was ep[0]: ep[1] serves the growing-rows phase.
+    let growing = growing_rows(&data, a, &ds, &truth, &ep[1], &nodes.cgroups[1]).await?;
     let node_loss = NodeLoss {
         searches: run.searches,
         failed: run.failed,
@@ -468,6 +504,16 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         goal: "0".into(),
         met: node_loss.failed == 0,
     });
+    // Queries both runs asked: every answer the same.
+    let both: Vec<bool> =
+        (growing.on_leader.answers.iter().zip(&growing.in_writer.answers)).filter_map(|(x, y)| Some(x.as_ref()? == y.as_ref()?)).collect();
+    let differ = both.iter().filter(|&&same| !same).count();
+    targets.push(Target {
+        name: "growing_rows_answers_differing".into(),
+        value: differ as f64,
+        goal: format!("0 of the {} queries both runs asked (growing rows on the shard's leader vs in the writer)", both.len()),
+        met: differ == 0 && !both.is_empty(),
+    });
     let po = proxy_overhead.context("no proxy overhead measured")?;
     targets.push(Target {
         name: "recall_unchanged".into(),
@@ -493,8 +539,73 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         slow_node,
         node_loss,
         writer_memory: writer_memory.context("no writer memory measured")?,
+        growing,
         targets,
     })
+}
+
+/// Phase 5 (see the module's comment): `--growing-rows` rows inserted after the base rows and
+/// left unsealed, searched at one in flight with the shard's leader on `endpoint`'s node (its
+/// cgroup at `cgroup` uncapped for it) and without.
+async fn growing_rows(
+    data: &Path,
+    a: &ReplicasBenchArgs,
+    ds: &Arc<Dataset>,
+    truth: &Arc<Vec<Vec<i64>>>,
+    endpoint: &str,
+    cgroup: &Path,
+) -> anyhow::Result<GrowingRows> {
+    set_cap(cgroup, None)?;
+    let extra = dataset::gaussian_mixture(a.growing_rows, 0, a.dim, 100, 43);
+    let mut runs = Vec::new();
+    for leaders in [true, false] {
+        let mut cfg = writer_config(data, a, vec![vec![endpoint.to_string()]]);
+        cfg.query_nodes.shard_leaders = leaders;
+        let member = Member::start(cfg).await?;
+        if leaders {
+            let mut c = crate::cli::connect(&member.endpoint()).await?;
+            let n = ds.n() as i64;
+            let req = pb::InsertRequest {
+                ack: 0,
+                collection: COLLECTION.into(),
+                ids: (n..n + a.growing_rows as i64).collect(),
+                vectors: extra.base.clone(),
+                payloads: Vec::new(),
+            };
+            c.insert(req).await.context("insert of the growing rows")?;
+        }
+        wait_placed(&member, 1).await?;
+        let placement = member.placement().context("no placement")?.clone();
+        let node = placement.groups()[0][0].clone();
+        if leaders {
+            // Until the node leads the shard, the writer searches the growing rows.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while node.led.load(Ordering::Relaxed) == 0 {
+                ensure!(Instant::now() < deadline, "the query node did not lead the shard in 30 s");
+                closed_loop(&member.endpoint(), ds, truth, a, 1, Duration::from_millis(100), None).await?;
+            }
+        }
+        let (led, here) = (node.led.load(Ordering::Relaxed), placement.growing_here.load(Ordering::Relaxed));
+        let cpu = super::threads_cpu_secs("tandem-search");
+        let run = closed_loop(&member.endpoint(), ds, truth, a, 1, Duration::from_secs_f64(a.duration_secs / 2.0), None).await;
+        let cpu = super::threads_cpu_secs("tandem-search").zip(cpu).map_or(0.0, |(after, before)| after - before);
+        let growing_searched_on_node = node.led.load(Ordering::Relaxed) - led;
+        let growing_here = placement.growing_here.load(Ordering::Relaxed) - here;
+        member.stop(crate::config::MEMBER_DRAIN).await?;
+        let run = run?;
+        runs.push(GrowingRun {
+            qps: run.qps,
+            writer_search_cpu_us: cpu * 1e6 / run.searches.max(1) as f64,
+            recall: run.recall,
+            latency: run.latency,
+            growing_searched_on_node,
+            growing_here,
+            answers: run.answers,
+        });
+    }
+    set_cap(cgroup, Some(a.node_cpus))?;
+    let (in_writer, on_leader) = (runs.pop().context("no growing-rows run")?, runs.pop().context("no growing-rows run")?);
+    Ok(GrowingRows { rows: a.growing_rows, on_leader, in_writer })
 }
 
 /// The writer's segment bytes (its own accounting) and how many indexes it has released.
@@ -586,6 +697,8 @@ struct LoopRun {
     failed: u64,
     first_error: Option<String>,
     after_kill: Latency,
+    /// The first answer to each query (`None`: never asked).
+    answers: Vec<Option<Vec<i64>>>,
 }
 
 /// `concurrency` clients, each searching one query after another for `length`. Recall is over
@@ -655,6 +768,7 @@ async fn closed_loop(
     }
     let secs = started.elapsed().as_secs_f64();
     let answers = std::mem::take(&mut *answers.lock());
+    let answers_kept = answers.clone();
     let (found, asked): (Vec<Vec<i64>>, Vec<Vec<i64>>) =
         answers.into_iter().zip(truth.iter()).filter_map(|(a, t)| a.map(|a| (a, t.clone()))).unzip();
     let searches = ns.len() as u64;
@@ -666,6 +780,7 @@ async fn closed_loop(
         failed: failed.load(Ordering::Relaxed),
         first_error: first_error.lock().take(),
         after_kill: summarize(after),
+        answers: answers_kept,
     })
 }
 
@@ -716,6 +831,20 @@ fn print(r: &Report) {
         wm.rss_mb_released,
         wm.rss_mb_all_in_memory
     );
+    let g = &r.growing;
+    for (how, run) in [("on the shard's leader", &g.on_leader), ("in the writer", &g.in_writer)] {
+        println!(
+            "{} growing rows searched {how}, 1 in flight: {:.0} qps, p50 {:.3} ms p99 {:.3} ms, recall {:.4}; writer search CPU {:.0} us/search; growing searched on the node {}, in the writer {}",
+            g.rows,
+            run.qps,
+            run.latency.p50_ms,
+            run.latency.p99_ms,
+            run.recall,
+            run.writer_search_cpu_us,
+            run.growing_searched_on_node,
+            run.growing_here
+        );
+    }
     for t in &r.targets {
         println!("target {:<32} {:>8.3}  goal {:<50} {}", t.name, t.value, t.goal, if t.met { "met" } else { "MISSED" });
     }

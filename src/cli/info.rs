@@ -92,11 +92,13 @@ pub fn info_text(info: &pb::GetClusterInfoResponse) -> String {
                     q.segments.to_string(),
                     q.searches.to_string(),
                     q.stolen.to_string(),
+                    q.shards_led.to_string(),
+                    q.growing_searches.to_string(),
                 ]
             })
             .collect();
         out.push_str("\n\n");
-        out.push_str(&table(&["query node", "group", "state", "segments", "sub-searches", "stolen"], &rows));
+        out.push_str(&table(&["query node", "group", "state", "segments", "sub-searches", "stolen", "leads", "growing searched"], &rows));
     }
     out
 }
@@ -125,6 +127,8 @@ pub fn info_json(info: &pb::GetClusterInfoResponse) -> serde_json::Value {
             "segments": q.segments,
             "searches": q.searches,
             "stolen": q.stolen,
+            "shards_led": q.shards_led,
+            "growing_searches": q.growing_searches,
         })).collect::<Vec<_>>(),
     })
 }
@@ -142,6 +146,8 @@ mod tests {
             segments,
             searches: 7,
             stolen: 2,
+            shards_led: 3,
+            growing_searches: 5,
         };
         let mut info = pb::GetClusterInfoResponse { cluster_id: "a".into(), role: pb::Role::Leading as i32, ..Default::default() };
         assert!(!info_text(&info).contains("query node"), "a cluster without query nodes lists none");
@@ -152,14 +158,16 @@ mod tests {
         let text = info_text(&info);
         let line = |ep: &str| text.lines().find(|l| l.contains(ep)).unwrap_or_else(|| panic!("{ep} not listed:\n{text}")).to_string();
         let words = |l: String| l.split_whitespace().map(String::from).collect::<Vec<_>>();
-        assert_eq!(words(line("10.0.0.11")), ["http://10.0.0.11:19540", "0", "down", "0", "7", "2"]);
-        assert_eq!(words(line("10.0.0.13")), ["http://10.0.0.13:19540", "1", "up", "8", "7", "2"]);
+        assert_eq!(words(line("10.0.0.11")), ["http://10.0.0.11:19540", "0", "down", "0", "7", "2", "3", "5"]);
+        assert_eq!(words(line("10.0.0.13")), ["http://10.0.0.13:19540", "1", "up", "8", "7", "2", "3", "5"]);
         assert_eq!(words(line("docs")).last().map(String::as_str), Some("0,1"), "{text}");
         assert_eq!(words(line("logs")).last().map(String::as_str), Some("none"), "{text}");
         let json = info_json(&info);
         assert_eq!(json["query_nodes"][1]["segments"], 8);
         assert_eq!(json["query_nodes"][0]["up"], false);
         assert_eq!(json["query_nodes"][0]["stolen"], 2);
+        assert_eq!(json["query_nodes"][0]["shards_led"], 3);
+        assert_eq!(json["query_nodes"][0]["growing_searches"], 5);
         assert_eq!(json["collections"][0]["replica_groups"], serde_json::json!([0, 1]));
     }
 }
