@@ -389,24 +389,9 @@ async fn a_fenced_leaders_late_export_is_not_kept_by_an_alternative() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them_again() {
     let scenario = fail::FailScenario::setup();
-    let qn = QueryNode::start("q1").await;
-    // The node's first subscription is refused as out of range. (The count of refusals is the
-    // process's: other tests refuse too.)
-    let before = hits("replication::local_subscribe");
-    fail::cfg("replication::local_subscribe", "1*return").unwrap();
-    let endpoint = qn.endpoint();
-    let sb = Sandbox::builder()
-        .cluster_with("a", move |c| {
-            c.segment.seal_rows = 300;
-            c.query_nodes.groups = vec![vec![endpoint.clone()]];
-            // The refused subscription must be the copies' own: a shard leader's would be
-            // refused first (the next test).
-            c.query_nodes.shard_leaders = false;
-        })
-        .build()
-        .await;
-    let mut a = sb.client("a").await;
-    a.create_collection(pb::CreateCollectionRequest { schema: Some(schema(C, 8, pb::Metric::L2, hnsw(16, 64), 1, vec![])) }).await.unwrap();
+    // The refused subscription must be the copies' own: a shard leader's would be refused first
+    // (the next test).
+    let (qn, sb, mut a, before) = cluster_whose_node_is_refused_once(false).await;
     insert(&mut a, 0..900, 8).await.unwrap();
     a.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
 
@@ -425,14 +410,7 @@ async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them
     assert!(segments >= 3, "the proxy placed {segments} copies");
     // The proxy still thinks the node holds them: the search finds them missing, searches them
     // here, and answers as the cluster alone does.
-    let req = pb::SearchRequest {
-        collection: C.into(),
-        vectors: vectors(4, 8, 77),
-        top_k: 10,
-        params: Some(pb::SearchParams { nprobe: 0, ef_search: 64 }),
-        read: read(pb::ConsistencyLevel::Strong, ""),
-        ..Default::default()
-    };
+    let req = strong_search();
     let answer = a.search(req.clone()).await.unwrap().into_inner().results;
     assert!(placement.rerouted.load(Ordering::Relaxed) > 0, "the dropped copies were not reported missing");
     assert_eq!(answer, sb.answer_in_process("a", &mut a, req.clone()).await);
@@ -464,21 +442,7 @@ async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_leader_whose_start_left_the_log_stops_leading_until_told_again() {
     let scenario = fail::FailScenario::setup();
-    let qn = QueryNode::start("q1").await;
-    // The node's first subscription is refused as out of range. (The count of refusals is the
-    // process's: other tests refuse too.)
-    let before = hits("replication::local_subscribe");
-    fail::cfg("replication::local_subscribe", "1*return").unwrap();
-    let endpoint = qn.endpoint();
-    let sb = Sandbox::builder()
-        .cluster_with("a", move |c| {
-            c.segment.seal_rows = 300;
-            c.query_nodes.groups = vec![vec![endpoint.clone()]];
-        })
-        .build()
-        .await;
-    let mut a = sb.client("a").await;
-    a.create_collection(pb::CreateCollectionRequest { schema: Some(schema(C, 8, pb::Metric::L2, hnsw(16, 64), 1, vec![])) }).await.unwrap();
+    let (qn, sb, mut a, before) = cluster_whose_node_is_refused_once(true).await;
     // No segment exists yet, so the only subscription is the leader's: refused.
     let deadline = Instant::now() + Duration::from_secs(30);
     while hits("replication::local_subscribe") == before {
@@ -490,14 +454,7 @@ async fn a_shard_leader_whose_start_left_the_log_stops_leading_until_told_again(
     let growing_rows = || qn.running.node.status().shards.iter().map(|s| s.growing_rows).sum::<u64>();
     // Rows that stay growing: the next round makes the node lead again, and it holds them.
     insert(&mut a, 0..100, 8).await.unwrap();
-    let req = pb::SearchRequest {
-        collection: C.into(),
-        vectors: vectors(4, 8, 77),
-        top_k: 10,
-        params: Some(pb::SearchParams { nprobe: 0, ef_search: 64 }),
-        read: read(pb::ConsistencyLevel::Strong, ""),
-        ..Default::default()
-    };
+    let req = strong_search();
     let deadline = Instant::now() + Duration::from_secs(30);
     while led() == 0 {
         assert!(Instant::now() < deadline, "the node does not lead again: it holds {} growing rows", growing_rows());
@@ -511,4 +468,37 @@ async fn a_shard_leader_whose_start_left_the_log_stops_leading_until_told_again(
     drop(sb);
     qn.stop().await;
     scenario.teardown();
+}
+
+/// A cluster `a` with one query node (`q1`) whose first subscription is refused as out of range,
+/// and collection `C` created (1 shard, 300 rows a segment); with the refusals counted before
+/// (the count is the process's: other tests refuse too).
+async fn cluster_whose_node_is_refused_once(shard_leaders: bool) -> (QueryNode, Sandbox, Client, u64) {
+    let qn = QueryNode::start("q1").await;
+    let before = hits("replication::local_subscribe");
+    fail::cfg("replication::local_subscribe", "1*return").unwrap();
+    let endpoint = qn.endpoint();
+    let sb = Sandbox::builder()
+        .cluster_with("a", move |c| {
+            c.segment.seal_rows = 300;
+            c.query_nodes.groups = vec![vec![endpoint.clone()]];
+            c.query_nodes.shard_leaders = shard_leaders;
+        })
+        .build()
+        .await;
+    let mut a = sb.client("a").await;
+    a.create_collection(pb::CreateCollectionRequest { schema: Some(schema(C, 8, pb::Metric::L2, hnsw(16, 64), 1, vec![])) }).await.unwrap();
+    (qn, sb, a, before)
+}
+
+/// A STRONG search of 4 queries, k 10.
+fn strong_search() -> pb::SearchRequest {
+    pb::SearchRequest {
+        collection: C.into(),
+        vectors: vectors(4, 8, 77),
+        top_k: 10,
+        params: Some(pb::SearchParams { nprobe: 0, ef_search: 64 }),
+        read: read(pb::ConsistencyLevel::Strong, ""),
+        ..Default::default()
+    }
 }
