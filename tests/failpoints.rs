@@ -436,11 +436,11 @@ async fn a_query_node_whose_position_left_the_log_drops_its_copies_and_gets_them
     scenario.teardown();
 }
 
-/// A shard leader whose growing rows' start the log no longer holds when its stream gets there
-/// (a checkpoint cut it meanwhile) stops leading: the cluster searches the growing rows itself
-/// until the next placement round says where they begin, and the node leads again from there.
+/// A shard leader whose position the cluster's log no longer holds (the cluster bootstrapped
+/// again past it) stops leading: the cluster searches the growing rows itself until the next
+/// placement round says where they begin, and the node leads again from there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_shard_leader_whose_start_left_the_log_stops_leading_until_told_again() {
+async fn a_shard_leader_whose_position_left_the_log_stops_leading_until_told_again() {
     let scenario = fail::FailScenario::setup();
     let (qn, sb, mut a, before) = cluster_whose_node_is_refused_once(true).await;
     // No segment exists yet, so the only subscription is the leader's: refused.

@@ -117,10 +117,6 @@ struct Held {
     applied_ts: Ts,
     /// The shard's growing rows, while this node leads the shard in its group.
     tail: Option<Tail>,
-    /// Where the stream was when leading made it read again from the growing rows' start: if
-    /// the log no longer holds that start (a checkpoint cut it meanwhile), the rows go and the
-    /// held segments' stream goes on from here.
-    resume_at: Option<u64>,
 }
 
 /// A shard leader's growing rows (see the module's comment): every row the shard's stream
@@ -463,7 +459,6 @@ impl QueryNode {
             drop(h);
             tokio::spawn(follow(held.clone(), self.opts.name.clone()));
         } else if from.0 < h.next {
-            h.resume_at = Some(h.next);
             h.rewind_to = Some(h.rewind_to.map_or(from.0, |r| r.min(from.0)));
             h.applied_ts = 0;
             held.applied.send_replace(0);
@@ -664,28 +659,6 @@ async fn follow(held: Arc<HeldShard>, subscriber: String) {
                     }
                 }
             }
-            // The growing rows' start was cut from the log before the stream got there: the
-            // rows go (the proxy searches them in the writer until the next round says where
-            // they begin now), and the held segments' stream goes on where it was.
-            // (A match guard is a temporary scope: its lock is released before the arm runs.)
-            Err(s) if s.code() == tonic::Code::OutOfRange && held.state.lock().tail.is_some() => {
-                tracing::info!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the growing rows' start is no longer in the log; not leading the shard until told again");
-                let mut h = held.state.lock();
-                h.tail = None;
-                match h.resume_at.take() {
-                    Some(at) => {
-                        h.next = at;
-                        continue;
-                    }
-                    // Nothing else needs the stream: it starts over with the next lead.
-                    None if h.segments.is_empty() => {
-                        *h = Held::default();
-                        held.applied.send_replace(0);
-                        return;
-                    }
-                    None => {}
-                }
-            }
             // The collection was dropped: nothing of the shard is wanted any more.
             Err(s) if s.code() == tonic::Code::NotFound => {
                 tracing::info!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the shard is gone; dropping what it held");
@@ -695,7 +668,10 @@ async fn follow(held: Arc<HeldShard>, subscriber: String) {
             }
             // The writer's log no longer holds the position (it bootstrapped again, or the
             // lease expired): the copies cannot be kept current, so they go. Their searches
-            // answer `missing`, and the proxy places them again from a new snapshot.
+            // answer `missing`, and the proxy places them again from a new snapshot. Growing
+            // rows go too: the next round makes the node lead from where they begin now. (A
+            // leader's start is never cut from the log: the writer keeps its growing rows'
+            // records, and a start past the last record is not in the log yet.)
             Err(s) if s.code() == tonic::Code::OutOfRange => {
                 tracing::warn!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the shard's log moved past this node's position; dropping its copies");
                 *held.state.lock() = Held::default();
@@ -764,9 +740,6 @@ fn apply(held: &HeldShard, ev: rp::ChangeEvent) -> bool {
         _ => {}
     }
     h.next = h.next.max(lsn + 1);
-    if h.resume_at.is_some_and(|r| h.next >= r) {
-        h.resume_at = None;
-    }
     if ts > h.applied_ts {
         h.applied_ts = ts;
         held.applied.send_replace(ts);
