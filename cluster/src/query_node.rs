@@ -669,9 +669,11 @@ async fn follow(held: Arc<HeldShard>, subscriber: String) {
             // The writer's log no longer holds the position (it bootstrapped again, or the
             // lease expired): the copies cannot be kept current, so they go. Their searches
             // answer `missing`, and the proxy places them again from a new snapshot. Growing
-            // rows go too: the next round makes the node lead from where they begin now. (A
-            // leader's start is never cut from the log: the writer keeps its growing rows'
-            // records, and a start past the last record is not in the log yet.)
+            // rows go too: the next round makes the node lead from where they begin now. (The
+            // writer keeps the records of its growing rows, and a start past its last record
+            // is not cut, so a leader's start leaves the log only in a race: the rows it was
+            // told of sealed, persisted and their log file deleted before it subscribed. Its
+            // copies are then loaded again, a cost, never a wrong answer.)
             Err(s) if s.code() == tonic::Code::OutOfRange => {
                 tracing::warn!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the shard's log moved past this node's position; dropping its copies");
                 *held.state.lock() = Held::default();
