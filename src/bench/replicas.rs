@@ -834,7 +834,7 @@ fn print(r: &Report) {
     let g = &r.growing;
     for (how, run) in [("on the shard's leader", &g.on_leader), ("in the writer", &g.in_writer)] {
         println!(
-            "{} growing rows searched {how}, 1 in flight: {:.0} qps, p50 {:.3} ms p99 {:.3} ms, recall {:.4}; writer search CPU {:.0} us/search; growing searched on the node {}, in the writer {}",
+            "{} growing rows searched {how}, 1 in flight: {:.0} qps, p50 {:.3} ms p99 {:.3} ms, recall {:.4}; writer search CPU {:.0} us/search; sub-searches with growing rows on the node {}, fallen back to the writer {}",
             g.rows,
             run.qps,
             run.latency.p50_ms,
