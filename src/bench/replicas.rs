@@ -873,6 +873,7 @@ mod tests {
             (&["--max-groups", "1"], "--max-groups 1 is out of range"),
             (&["--node-cpus", "0"], "--node-cpus 0 is out of range"),
             (&["--n", "10", "--segments", "1"], "--n 10 is too small"),
+            (&["--growing-rows", "6250"], "--growing-rows 6250 is out of range 1..6250"),
         ] {
             let e = check(args).unwrap_err();
             assert!(e.contains(says), "{args:?}: {e}");
