@@ -600,8 +600,27 @@ impl Placement {
     /// shards to the others at once (their first searches are answered here until the next round
     /// makes them lead).
     fn leader(&self, g: usize, cid: u64, shard: u32) -> Option<usize> {
-        let live: Vec<usize> = (0..self.groups[g].len()).filter(|&n| self.groups[g][n].is_up()).collect();
-        (!live.is_empty()).then(|| live[(cid as usize).wrapping_add(shard as usize) % live.len()])
+        // On every search's path: counted, not collected.
+        let live = || (0..self.groups[g].len()).filter(|&n| self.groups[g][n].is_up());
+        let count = live().count();
+        (count > 0).then(|| live().nth((cid as usize).wrapping_add(shard as usize) % count)).flatten()
+    }
+
+    /// Every (group, node, collection, shard) where the node leads the shard of the collection
+    /// in a group holding it.
+    fn leaders(&self, node: &Node) -> Vec<(usize, usize, Arc<Collection>, u32)> {
+        let mut out = Vec::new();
+        for c in node.collections() {
+            let holding = self.holding(c.id);
+            for shard in 0..c.shards().len() as u32 {
+                for g in (0..self.groups.len()).filter(|&g| holding[g]) {
+                    if let Some(n) = self.leader(g, c.id, shard) {
+                        out.push((g, n, c.clone(), shard));
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// Tells each shard's leader, in every group holding its collection, where the writer's
@@ -609,15 +628,9 @@ impl Placement {
     /// since. Every collection, not only those with sealed segments: the growing rows of a
     /// young collection are all it has.
     async fn lead(&self, node: &Node) {
-        for c in node.collections() {
-            let holding = self.holding(c.id);
-            for (si, sh) in c.shards().iter().enumerate() {
-                let from = sh.growing_start();
-                for g in (0..self.groups.len()).filter(|&g| holding[g]) {
-                    let Some(n) = self.leader(g, c.id, si as u32) else { continue };
-                    self.load_on(g, n, &c, si as u32, Vec::new(), Some(from)).await;
-                }
-            }
+        for (g, n, c, shard) in self.leaders(node) {
+            let from = c.shards()[shard as usize].growing_start();
+            self.load_on(g, n, &c, shard, Vec::new(), Some(from)).await;
         }
     }
 
@@ -754,15 +767,8 @@ impl Fanout for Placement {
         if self.shard_leaders
             && let Some(node) = self.node.get().and_then(Weak::upgrade)
         {
-            for c in node.collections() {
-                let holding = self.holding(c.id);
-                for si in 0..c.shards().len() as u32 {
-                    for g in (0..self.groups.len()).filter(|&g| holding[g]) {
-                        if let Some(n) = self.leader(g, c.id, si) {
-                            *leads.entry((g, n)).or_default() += 1;
-                        }
-                    }
-                }
+            for (g, n, _, _) in self.leaders(&node) {
+                *leads.entry((g, n)).or_default() += 1;
             }
         }
         let copies = self.copies.read();

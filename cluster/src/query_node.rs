@@ -659,23 +659,19 @@ async fn follow(held: Arc<HeldShard>, subscriber: String) {
                     }
                 }
             }
-            // The collection was dropped: nothing of the shard is wanted any more.
-            Err(s) if s.code() == tonic::Code::NotFound => {
-                tracing::info!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the shard is gone; dropping what it held");
-                *held.state.lock() = Held::default();
-                held.applied.send_replace(0);
-                return;
-            }
-            // The writer's log no longer holds the position (it bootstrapped again, or the
-            // lease expired): the copies cannot be kept current, so they go. Their searches
-            // answer `missing`, and the proxy places them again from a new snapshot. Growing
-            // rows go too: the next round makes the node lead from where they begin now. (The
-            // writer keeps the records of its growing rows, and a start past its last record
-            // is not cut, so a leader's start leaves the log only in a race: the rows it was
-            // told of sealed, persisted and their log file deleted before it subscribed. Its
-            // copies are then loaded again, a cost, never a wrong answer.)
-            Err(s) if s.code() == tonic::Code::OutOfRange => {
-                tracing::warn!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: the shard's log moved past this node's position; dropping its copies");
+            // The collection was dropped (NotFound): nothing of the shard is wanted any more.
+            // Or the writer's log no longer holds the position (OutOfRange: it bootstrapped
+            // again, or the lease expired): the copies cannot be kept current. Either way they
+            // go. Their searches answer `missing`, and the proxy places them again from a new
+            // snapshot. Growing rows go too: the next round makes the node lead from where they
+            // begin now. (The writer keeps the records of its growing rows, and a start past its
+            // last record is not cut, so a leader's start leaves the log only in a race: the
+            // rows it was told of sealed, persisted and their log file deleted before it
+            // subscribed. Its copies are then loaded again, a cost, never a wrong answer.)
+            Err(s) if matches!(s.code(), tonic::Code::NotFound | tonic::Code::OutOfRange) => {
+                let why =
+                    if s.code() == tonic::Code::NotFound { "the shard is gone" } else { "the shard's log moved past this node's position" };
+                tracing::warn!(collection = held.collection_id, shard = held.shard, error = %s.message(), "query node: {why}; dropping what it held of the shard");
                 *held.state.lock() = Held::default();
                 held.applied.send_replace(0);
                 return;
