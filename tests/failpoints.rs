@@ -470,6 +470,132 @@ async fn a_shard_leader_whose_position_left_the_log_stops_leading_until_told_aga
     scenario.teardown();
 }
 
+/// Mid-search stealing whose copies fail (`placement::stolen_call`): group 1's only node answers
+/// 40 ms late, so its sub-searches straggle and group 0's idle copies are asked for the same
+/// segments, and those calls fail. The straggler's own answer is taken: every search answers as
+/// the cluster alone does, nothing is searched in the cluster, and no takeover is counted. With
+/// the point off, the same stragglers are taken over (so the searches above did straggle).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_that_fails_mid_search_leaves_the_straggler_to_answer() {
+    let scenario = fail::FailScenario::setup();
+    let (fast, slow) = (QueryNode::start("qa1").await, QueryNode::start("qb1").await);
+    let groups = vec![vec![fast.endpoint()], vec![slow_relay(slow.running.addr, Duration::from_millis(40)).await]];
+    let sb = Sandbox::builder()
+        .cluster_with("a", move |c| {
+            c.segment.seal_rows = 300;
+            c.query_nodes.groups = groups.clone();
+        })
+        .build()
+        .await;
+    let mut a = sb.client("a").await;
+    create(&mut a, 8, 2).await;
+    insert(&mut a, 0..1800, 8).await.unwrap();
+    a.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
+    let placement = sb.placement("a").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let per_group = placement.copies_per_group();
+        if per_group[0] >= 4 && per_group[0] == per_group[1] && fast.held() == per_group[0] && slow.held() == per_group[1] {
+            break;
+        }
+        assert!(Instant::now() < deadline, "copies not placed: {per_group:?}, held {} and {}", fast.held(), slow.held());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let searches = |seeds: std::ops::Range<u64>| {
+        let (sb, mut a) = (&sb, a.clone());
+        async move {
+            for seed in seeds {
+                let req = pb::SearchRequest { vectors: vectors(4, 8, 300 + seed), ..strong_search() };
+                let got = a.search(req.clone()).await.unwrap().into_inner().results;
+                assert_eq!(got, sb.answer_in_process("a", &mut a, req).await, "search {seed}");
+            }
+        }
+    };
+
+    let before = hits("placement::stolen_call");
+    fail::cfg("placement::stolen_call", "return").unwrap();
+    searches(0..12).await;
+    assert!(hits("placement::stolen_call") > before, "no straggler's segments were asked of a copy");
+    assert_eq!(placement.stolen_mid_search.load(Ordering::Relaxed), 0, "a failed copy was taken as the straggler's answer");
+    assert_eq!(placement.rerouted.load(Ordering::Relaxed), 0, "the straggler's own answer was not taken");
+
+    fail::remove("placement::stolen_call");
+    searches(12..24).await;
+    assert!(placement.stolen_mid_search.load(Ordering::Relaxed) > 0, "with the point off, no straggler was taken over");
+    drop(sb);
+    fast.stop().await;
+    slow.stop().await;
+    scenario.teardown();
+}
+
+/// A search whose view predates a seal (`placement::routed` holds it after routing): its shard
+/// leader was asked for the growing rows from a position that the seal and the next placement
+/// round trimmed away meanwhile. The leader says it did not search them, the cluster searches
+/// them itself at the read's snapshot, and the answer is the cluster's own, with those rows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_search_routed_before_its_growing_rows_were_trimmed_finds_them() {
+    let scenario = fail::FailScenario::setup();
+    let qn = QueryNode::start("q1").await;
+    let endpoint = qn.endpoint();
+    let sb = Sandbox::builder()
+        .cluster_with("a", move |c| {
+            c.segment.seal_rows = 300;
+            c.query_nodes.groups = vec![vec![endpoint.clone()]];
+        })
+        .build()
+        .await;
+    let mut a = sb.client("a").await;
+    create(&mut a, 8, 1).await;
+    insert(&mut a, 0..100, 8).await.unwrap();
+    let placement = sb.placement("a").await.unwrap();
+    let led = || placement.groups()[0][0].led.load(Ordering::Relaxed);
+    let growing =
+        || qn.running.node.status().shards.iter().map(|s| (s.growing_from.as_ref().map(|p| p.lsn), s.growing_rows)).collect::<Vec<_>>();
+    // The rows' own vectors: a search that missed them would answer otherwise.
+    let req = pb::SearchRequest { vectors: vectors(100, 8, 1)[8 * 40..8 * 44].to_vec(), ..strong_search() };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while led() == 0 {
+        assert!(Instant::now() < deadline, "the node never searched the growing rows as their leader: {:?}", growing());
+        a.search(req.clone()).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let answer = sb.answer_in_process("a", &mut a, req.clone()).await;
+    assert_eq!(answer[0].hits[0].id, 40);
+    let (before, here) = (hits("placement::routed"), placement.growing_here.load(Ordering::Relaxed));
+
+    fail::cfg("placement::routed", "1*return(5000)").unwrap();
+    let search = tokio::spawn({
+        let mut a = a.clone();
+        let req = req.clone();
+        async move { a.search(req).await.map(|r| r.into_inner().results) }
+    });
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while hits("placement::routed") == before {
+        assert!(Instant::now() < deadline, "the search never reached the point");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // Sealed, and trimmed from the leader's growing rows by the next round, while it waits.
+    a.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while growing().iter().any(|&(_, rows)| rows > 0) {
+        assert!(Instant::now() < deadline, "the leader kept the sealed rows: {:?}", growing());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(!search.is_finished(), "the search went on before the trim: the race was not made");
+    let got = search.await.unwrap().unwrap();
+    // The rows were found in the segment sealed since the view (faiss's distances there differ
+    // from the growing rows' exact ones in the last bits).
+    let ids = |h: &[pb::Hits]| h.iter().map(|l| l.hits.iter().map(|x| x.id).collect::<Vec<_>>()).collect::<Vec<_>>();
+    assert_eq!(ids(&got), ids(&answer), "the search routed before the trim answers as the cluster does");
+    let close =
+        got.iter().flat_map(|l| &l.hits).zip(answer.iter().flat_map(|l| &l.hits)).all(|(a, b)| (a.distance - b.distance).abs() < 1e-3);
+    assert!(close, "distances differ: {got:?} against {answer:?}");
+    assert_eq!(placement.growing_here.load(Ordering::Relaxed), here + 1, "the growing rows were not searched in the cluster");
+    drop(sb);
+    qn.stop().await;
+    scenario.teardown();
+}
+
 /// A cluster `a` with one query node (`q1`) whose first subscription is refused as out of range,
 /// and collection `C` created (1 shard, 300 rows a segment); with the refusals counted before
 /// (the count is the process's: other tests refuse too).

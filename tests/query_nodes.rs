@@ -509,33 +509,6 @@ async fn a_query_node_back_at_its_address_is_probed_and_loaded_again() {
     assert!(back.searches() > before, "the node back at its address answers group 1's searches");
 }
 
-/// A TCP relay to `to` that holds every chunk the server sends back for `delay`: to the proxy,
-/// a query node on a slow machine or link.
-async fn slow_relay(to: std::net::SocketAddr, delay: Duration) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    tokio::spawn(async move {
-        while let Ok((inbound, _)) = listener.accept().await {
-            let Ok(outbound) = tokio::net::TcpStream::connect(to).await else { continue };
-            let ((mut from_client, mut to_client), (mut from_node, mut to_node)) = (inbound.into_split(), outbound.into_split());
-            tokio::spawn(async move {
-                let _ = tokio::io::copy(&mut from_client, &mut to_node).await;
-            });
-            tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 << 10];
-                while let Ok(n @ 1..) = from_node.read(&mut buf).await {
-                    tokio::time::sleep(delay).await;
-                    if to_client.write_all(&buf[..n]).await.is_err() {
-                        return;
-                    }
-                }
-            });
-        }
-    });
-    format!("http://{addr}")
-}
-
 /// [`cluster_with_query_nodes`], with group 1's only node reached through a [`slow_relay`] of
 /// 40 ms; every segment placed.
 async fn cluster_with_a_slow_node(steal: bool) -> (Sandbox, [QueryNode; 3], Client) {
@@ -874,6 +847,9 @@ async fn growing_rows_are_searched_on_the_shard_leaders_of_each_group() {
     let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
     let listed: Vec<(u32, u64)> = info.query_nodes.iter().map(|q| (q.shards_led, q.growing_searches)).collect();
     assert_eq!(listed, [(2, led(0)), (2, led(1))], "GetClusterInfo lists the shards each node leads");
+    let named: Vec<Vec<(&str, u32)>> =
+        info.query_nodes.iter().map(|q| q.led_shards.iter().map(|l| (l.collection.as_str(), l.shard)).collect()).collect();
+    assert_eq!(named, [[(COLL, 0), (COLL, 1)], [(COLL, 0), (COLL, 1)]], "GetClusterInfo names the shards each node leads");
 
     // Deletes and upserts of growing rows: a STRONG read right after finds neither.
     let deleted: Vec<i64> = ids.iter().copied().step_by(7).collect();
@@ -920,4 +896,91 @@ async fn growing_rows_are_searched_on_the_shard_leaders_of_each_group() {
     }
     assert!(placement.growing_here.load(Ordering::Relaxed) > 0, "the lost leader's growing rows were not searched in the writer");
     assert!(!placement.groups()[1][0].is_up(), "the lost leader is marked down");
+}
+
+/// Query nodes that enter a replica group themselves (`tandem query-node --join`): a node
+/// joining a group whose one listed node holds every copy gets its share (a rebalance), answers
+/// that group's searches, and is listed by GetClusterInfo. A join naming a group the cluster
+/// lacks, a node of another group, or no URL is refused naming the value, and changes nothing;
+/// a node started to join a group the cluster lacks stops. The joined node is kept in the
+/// coordinator state: a restarted cluster knows it and its copies at once, and loads none again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_query_node_that_joins_a_group_gets_its_share_and_is_kept_across_a_restart() {
+    use tandem_proto::cluster::v1 as qn;
+    let listed = [QueryNode::start("qa1").await, QueryNode::start("qb1").await];
+    let groups = vec![vec![listed[0].endpoint()], vec![listed[1].endpoint()]];
+    let (sb, mut c) = cluster_of_groups(groups, |c| c.query_nodes.steal = false).await;
+    let segments = wait_placed(&sb, &mut c, 2).await;
+    assert!(segments >= 4, "{segments} segments");
+    let cluster = format!("http://{}", sb.addr("a").await);
+    let joined = QueryNode::start_joining("qa2", &cluster, 0, "").await.unwrap();
+    let placement = sb.placement("a").await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (a, b) = (listed[0].held(), joined.held());
+        if placement.groups()[0].len() == 2
+            && a + b == segments
+            && a.abs_diff(b) <= 1
+            && placement.copies_per_group() == [segments, segments]
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "group 0 not evened out: qa1 holds {a}, qa2 {b} of {segments}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for seed in 0..4 {
+        let req = search(vectors(8, DIM, 500 + seed), 10);
+        assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
+    }
+    assert!(joined.searches() > 0, "the joined node answers none of its group's searches");
+    let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
+    let nodes: Vec<(u32, String)> = info.query_nodes.iter().map(|q| (q.group, q.endpoint.clone())).collect();
+    assert_eq!(nodes, [(0, listed[0].endpoint()), (0, joined.endpoint()), (1, listed[1].endpoint())]);
+
+    // Refused, naming the value; nothing changes.
+    let mut coordinator = qn::coordinator_client::CoordinatorClient::connect(cluster.clone()).await.unwrap();
+    for (endpoint, group, why) in [
+        (joined.endpoint(), 5, "group 5 is not a replica group of this cluster: it has 2"),
+        (listed[1].endpoint(), 0, "is in group 1 already and cannot join group 0"),
+        ("10.0.0.9:19540".to_string(), 0, "\"10.0.0.9:19540\" is not a URL"),
+    ] {
+        let e = coordinator.join(qn::JoinRequest { endpoint, group }).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        assert!(e.message().contains(why), "{}", e.message());
+    }
+    let again = coordinator.join(qn::JoinRequest { endpoint: joined.endpoint(), group: 0 }).await.unwrap().into_inner();
+    assert!(!again.added, "a node in its group already is added again");
+    let e = QueryNode::start_joining("qx", &cluster, 7, "").await.err().expect("a node joining group 7 of 2 started");
+    assert!(e.to_string().contains("group 7"), "{e}");
+    // The command the same way: it exits 1 naming the group (and 2 for --group without --join).
+    let scratch = tempfile::tempdir().unwrap();
+    let run = |args: Vec<String>| {
+        let scratch = scratch.path().to_path_buf();
+        async move {
+            let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_tandem"));
+            cmd.args(["query-node", "--listen", "127.0.0.1:0", "--scratch-dir"]).arg(scratch).args(args);
+            cmd.output().await.unwrap()
+        }
+    };
+    let out = run(vec!["--join".into(), cluster.clone(), "--group".into(), "7".into()]).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("group 7 is not a replica group of this cluster"), "{stderr}");
+    let out = run(vec!["--group".into(), "1".into()]).await;
+    assert_eq!(out.status.code(), Some(2), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(placement.groups().iter().map(Vec::len).collect::<Vec<_>>(), [2, 1], "a refused join changed the groups");
+
+    // Restarted at its address: the joined node and its copies are known at once.
+    let asked = joined.running.node.load_requests();
+    let addr = sb.addr("a").await;
+    sb.stop("a").await;
+    sb.start_again_at("a", addr).await;
+    let placement = sb.placement("a").await.unwrap();
+    assert_eq!(placement.copies_per_group(), vec![segments, segments], "the joined node's copies were not restored");
+    let mut c = sb.client("a").await;
+    for seed in 0..4 {
+        let req = search(vectors(8, DIM, 600 + seed), 10);
+        assert_eq!(c.search(req.clone()).await.unwrap().into_inner().results, answer_without_query_nodes(&sb, &mut c, req).await);
+    }
+    assert_eq!(joined.running.node.load_requests(), asked, "the restarted cluster asked the joined node to load copies it holds");
 }

@@ -700,6 +700,8 @@ pub struct QueryNodeStatus {
     pub shards_led: u32,
     /// Sub-searches in which it searched a shard's growing rows, as the shard's leader.
     pub growing_searches: u64,
+    /// The shards it leads: (collection, shard number).
+    pub led_shards: Vec<(String, u32)>,
 }
 
 impl From<pb::QueryNodeStatus> for QueryNodeStatus {
@@ -713,6 +715,7 @@ impl From<pb::QueryNodeStatus> for QueryNodeStatus {
             stolen: q.stolen,
             shards_led: q.shards_led,
             growing_searches: q.growing_searches,
+            led_shards: q.led_shards.into_iter().map(|l| (l.collection, l.shard)).collect(),
         }
     }
 }
@@ -728,6 +731,11 @@ impl From<&QueryNodeStatus> for pb::QueryNodeStatus {
             stolen: q.stolen,
             shards_led: q.shards_led,
             growing_searches: q.growing_searches,
+            led_shards: q
+                .led_shards
+                .iter()
+                .map(|(collection, shard)| pb::LedShard { collection: collection.clone(), shard: *shard })
+                .collect(),
         }
     }
 }

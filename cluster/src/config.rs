@@ -45,7 +45,8 @@ pub struct ClusterConfig {
 #[serde(default, deny_unknown_fields)]
 pub struct QueryNodesConfig {
     /// One list of query node endpoints per replica group: every group holds a copy of every
-    /// sealed segment, spread over its nodes, and searches take turns over the groups.
+    /// sealed segment, spread over its nodes, and searches take turns over the groups. A list
+    /// may be empty: nodes started with `--join` enter a group themselves.
     pub groups: Vec<Vec<String>>,
     /// How long a query node may wait for the shard's stream to reach a read's snapshot before
     /// the proxy searches the part itself.
@@ -528,9 +529,7 @@ impl ClusterConfig {
         }
         let mut seen = std::collections::HashSet::new();
         for (g, group) in self.query_nodes.groups.iter().enumerate() {
-            if group.is_empty() {
-                errs.push(format!("query_nodes.groups[{g}] is empty: a replica group needs a query node"));
-            }
+            // An empty group is filled by nodes that join it (`tandem query-node --join`).
             for ep in group {
                 if !(ep.starts_with("http://") || ep.starts_with("https://"))
                     || tonic::transport::Endpoint::from_shared(ep.clone()).is_err()
@@ -644,13 +643,15 @@ mod tests {
         c.role = Role::Alternative;
         c.replication.leader = "http://10.0.0.1:19530".into();
         c.validate().unwrap();
+        // Groups the nodes join themselves (`tandem query-node --join`) start empty.
+        c.query_nodes.groups = vec![vec![], vec![]];
+        c.validate().unwrap();
         c.query_nodes.groups =
             vec![vec!["10.0.0.5:19540".into(), "http://10.0.0.6:19540".into()], vec![], vec!["http://10.0.0.6:19540".into()]];
         c.query_nodes.wait_ms = 0;
         let errs = c.validate().unwrap_err();
-        assert_eq!(errs.len(), 4, "{errs:?}");
+        assert_eq!(errs.len(), 3, "{errs:?}");
         assert!(errs.iter().any(|e| e.contains("groups[0]: \"10.0.0.5:19540\" is not an endpoint")));
-        assert!(errs.iter().any(|e| e.contains("groups[1] is empty")));
         assert!(errs.iter().any(|e| e.contains("groups[2]: \"http://10.0.0.6:19540\" is listed twice")));
         assert!(errs.iter().any(|e| e.contains("query_nodes.wait_ms = 0")));
     }

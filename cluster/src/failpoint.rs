@@ -9,7 +9,8 @@
 //! `transient` for a retryable failure), `ha::won` (between winning an election and promoting),
 //! `ha::promoted` (between promoting and the new leader's first event),
 //! `replication::local_subscribe` (a query node's subscription finds its position gone from the
-//! cluster's log).
+//! cluster's log), `placement::stolen_call` (a copy asked for a straggler's segments
+//! mid-search fails), `placement::routed` (arg: ms; a search waits with its view taken).
 //! `tests/failpoints.rs` has one test per point.
 
 /// `Some(arg)` when the point `name` fires (`arg` is the action's argument, "" without one);

@@ -53,6 +53,14 @@ pub trait Fanout: Send + Sync + 'static {
         let _ = collection_id;
         Vec::new()
     }
+
+    /// A query node at `endpoint` enters replica group `group` (`Coordinator.Join`): true when
+    /// it was not in it yet. A process alone has no groups to join.
+    fn join(&self, endpoint: &str, group: u32) -> Result<bool> {
+        Err(ClusterError::FailedPrecondition(format!(
+            "query node {endpoint:?} cannot join group {group}: this cluster has no replica groups (query_nodes.groups; docs/scaling.md)"
+        )))
+    }
 }
 
 #[derive(Debug, Default)]

@@ -55,7 +55,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use parking_lot::{Mutex, RwLock};
 use prost::Message;
@@ -75,6 +75,10 @@ use crate::segment::{SearchPlan, SegmentId, TopK, merge_topk};
 
 /// How often segments are placed and failed nodes probed.
 pub const PLACE_EVERY: Duration = Duration::from_millis(300);
+
+/// A joined query node that is down and has not joined again for this long has left its group
+/// (it tells the cluster every 2 s while it runs): it is no longer probed, listed or kept.
+pub const JOIN_EXPIRES: Duration = Duration::from_secs(30);
 
 /// A sealed segment of a shard of a collection (by collection id).
 type SegKey = (u64, u32, SegmentId);
@@ -134,11 +138,41 @@ pub struct QueryNodeHandle {
     /// How long its sub-searches usually take to answer, in microseconds (a moving average;
     /// 0 until it answered one): what tells a straggler (mid-search stealing).
     usual_us: AtomicU64,
+    /// A node that joined (`Coordinator.Join`): when it last said so. `None`: a listed node.
+    last_join: Mutex<Option<Instant>>,
+    /// A joined node that stayed down and silent for [`JOIN_EXPIRES`]: it has left its group.
+    /// It keeps its place in the list (indexes stay valid), counts as down, is no longer probed,
+    /// listed or kept in the state, and a join brings it back.
+    left: AtomicBool,
 }
 
 impl QueryNodeHandle {
+    /// A node at `endpoint`, up until a call fails; connected on its first call.
+    fn new(endpoint: &str) -> Result<Arc<QueryNodeHandle>> {
+        let channel = Channel::from_shared(endpoint.to_string())
+            .map_err(|e| ClusterError::invalid(format!("query node endpoint {endpoint:?}: {e}")))?
+            .connect_lazy();
+        Ok(Arc::new(QueryNodeHandle {
+            endpoint: endpoint.to_string(),
+            client: QueryNodeClient::new(channel).max_decoding_message_size(64 << 20),
+            up: AtomicBool::new(true),
+            searches: AtomicU64::new(0),
+            in_flight: AtomicUsize::new(0),
+            stolen: AtomicU64::new(0),
+            led: AtomicU64::new(0),
+            usual_us: AtomicU64::new(0),
+            last_join: Mutex::new(None),
+            left: AtomicBool::new(false),
+        }))
+    }
+
     pub fn is_up(&self) -> bool {
-        self.up.load(Ordering::Acquire)
+        self.up.load(Ordering::Acquire) && !self.has_left()
+    }
+
+    /// A joined node gone for good (see `left`).
+    pub fn has_left(&self) -> bool {
+        self.left.load(Ordering::Acquire)
     }
 
     /// Counts an answer that took `took` in its usual answer time (a fifth of the weight goes to
@@ -175,10 +209,18 @@ impl Drop for InFlight {
     }
 }
 
+/// The query nodes of each replica group.
+pub type Groups = Vec<Vec<Arc<QueryNodeHandle>>>;
+
 pub struct Placement {
     /// The writer's own endpoint, where query nodes load segments and follow streams from.
     source: String,
-    groups: Vec<Vec<Arc<QueryNodeHandle>>>,
+    /// Per replica group, its nodes: those `query_nodes.groups` lists, then those that joined
+    /// (`Coordinator.Join`). Nodes are only ever added, so a node's index in its group, which
+    /// `copies` and a search's routes hold, stays valid in every later list.
+    groups: RwLock<Arc<Groups>>,
+    /// The endpoints `query_nodes.groups` lists: the others joined, and are kept in the state.
+    listed: HashSet<String>,
     /// Per segment, per group: the node (index in the group) holding its copy.
     copies: RwLock<HashMap<SegKey, Vec<Option<usize>>>>,
     /// Per collection id, the groups holding its copies, sorted, when `LoadCollection` set
@@ -214,32 +256,13 @@ impl Placement {
     /// The query nodes of `cfg` (one list of endpoints per replica group), loading from
     /// `source`. Call from within a tokio runtime: sub-searches run on it.
     pub fn new(source: String, cfg: &QueryNodesConfig) -> Result<Arc<Placement>> {
-        let groups = cfg
-            .groups
-            .iter()
-            .map(|g| {
-                g.iter()
-                    .map(|ep| {
-                        let channel = Channel::from_shared(ep.clone())
-                            .map_err(|e| ClusterError::invalid(format!("query node endpoint {ep:?}: {e}")))?
-                            .connect_lazy();
-                        Ok(Arc::new(QueryNodeHandle {
-                            endpoint: ep.clone(),
-                            client: QueryNodeClient::new(channel).max_decoding_message_size(64 << 20),
-                            up: AtomicBool::new(true),
-                            searches: AtomicU64::new(0),
-                            in_flight: AtomicUsize::new(0),
-                            stolen: AtomicU64::new(0),
-                            led: AtomicU64::new(0),
-                            usual_us: AtomicU64::new(0),
-                        }))
-                    })
-                    .collect::<Result<Vec<_>>>()
-            })
+        let groups = (cfg.groups.iter())
+            .map(|g| g.iter().map(|ep| QueryNodeHandle::new(ep)).collect::<Result<Vec<_>>>())
             .collect::<Result<Vec<_>>>()?;
         Ok(Arc::new(Placement {
             source,
-            groups,
+            groups: RwLock::new(Arc::new(groups)),
+            listed: cfg.groups.iter().flatten().cloned().collect(),
             copies: RwLock::new(HashMap::new()),
             replicas: RwLock::new(HashMap::new()),
             next_group: AtomicUsize::new(0),
@@ -276,21 +299,28 @@ impl Placement {
         *self.replicas.write() = state
             .replicas
             .iter()
-            .map(|r| (r.collection_id, r.groups.iter().map(|&g| g as usize).filter(|&g| g < self.groups.len()).collect()))
+            .map(|r| (r.collection_id, r.groups.iter().map(|&g| g as usize).filter(|&g| g < self.groups().len()).collect()))
             .collect();
+        // The nodes that joined, before the copies they hold are mapped.
+        for j in &state.joined {
+            if let Err(e) = self.add_node(&j.endpoint, j.group) {
+                tracing::warn!(endpoint = %j.endpoint, group = j.group, error = %e, "a query node that joined is not restored");
+            }
+        }
+        let groups = self.groups();
         if state.source != self.source {
             // The nodes follow the cluster at its old endpoint: every copy is loaded anew from
             // this one (a Load naming another source makes a node start that shard over).
             tracing::info!(was = %state.source, now = %self.source, "the cluster's endpoint changed; placing its segments anew");
             return Ok(0);
         }
-        let at: HashMap<&str, (usize, usize)> = (self.groups.iter().enumerate())
+        let at: HashMap<&str, (usize, usize)> = (groups.iter().enumerate())
             .flat_map(|(g, group)| group.iter().enumerate().map(move |(n, node)| (node.endpoint.as_str(), (g, n))))
             .collect();
         let restored = {
             let mut copies = self.copies.write();
             for p in state.copies {
-                let mut c = vec![None; self.groups.len()];
+                let mut c = vec![None; groups.len()];
                 for &(g, n) in p.nodes.iter().filter_map(|ep| at.get(ep.as_str())) {
                     c[g] = Some(n);
                 }
@@ -308,6 +338,8 @@ impl Placement {
     /// the same and is not put again).
     fn encode(&self) -> Vec<u8> {
         let copies = self.copies.read();
+        // After the copies, so it has every node they name (see `route`).
+        let groups = self.groups();
         let mut list: Vec<qn::PlacedCopy> = copies
             .iter()
             .filter(|(_, c)| c.iter().any(Option::is_some))
@@ -315,7 +347,7 @@ impl Placement {
                 collection_id,
                 shard,
                 segment,
-                nodes: c.iter().enumerate().filter_map(|(g, n)| n.map(|n| self.groups[g][n].endpoint.clone())).collect(),
+                nodes: c.iter().enumerate().filter_map(|(g, n)| n.map(|n| groups[g][n].endpoint.clone())).collect(),
             })
             .collect();
         list.sort_unstable_by_key(|c| (c.collection_id, c.shard, c.segment));
@@ -323,7 +355,12 @@ impl Placement {
             .map(|(&collection_id, groups)| qn::CollectionGroups { collection_id, groups: groups.iter().map(|&g| g as u32).collect() })
             .collect();
         replicas.sort_unstable_by_key(|r| r.collection_id);
-        qn::PlacementState { copies: list, source: self.source.clone(), replicas }.encode_to_vec()
+        let joined = (groups.iter().enumerate())
+            .flat_map(|(g, nodes)| nodes.iter().map(move |n| (g, n)))
+            .filter(|(_, n)| !self.listed.contains(&n.endpoint) && !n.has_left())
+            .map(|(g, n)| qn::JoinedNode { endpoint: n.endpoint.clone(), group: g as u32 })
+            .collect();
+        qn::PlacementState { copies: list, source: self.source.clone(), replicas, joined }.encode_to_vec()
     }
 
     /// Puts the placement in its store when it changed since it was last put there.
@@ -341,27 +378,80 @@ impl Placement {
         }
     }
 
-    pub fn groups(&self) -> &[Vec<Arc<QueryNodeHandle>>] {
-        &self.groups
+    /// The groups' nodes now (a node that joins later is in the next list, not this one).
+    pub fn groups(&self) -> Arc<Groups> {
+        self.groups.read().clone()
+    }
+
+    /// Adds `endpoint` to `group` unless it is there already; an endpoint in another group, or
+    /// a group the cluster does not have, is refused naming it, and changes nothing.
+    fn add_node(&self, endpoint: &str, group: u32) -> Result<bool> {
+        let mut groups = self.groups.write();
+        let g = group as usize;
+        if g >= groups.len() {
+            return Err(ClusterError::invalid(format!(
+                "group {group} is not a replica group of this cluster: it has {} (query_nodes.groups; docs/scaling.md)",
+                groups.len()
+            )));
+        }
+        let uri = endpoint.parse::<tonic::codegen::http::Uri>().ok();
+        if !matches!(uri.as_ref().and_then(|u| u.scheme_str()), Some("http" | "https"))
+            || uri.and_then(|u| u.authority().cloned()).is_none()
+        {
+            return Err(ClusterError::invalid(format!("query node endpoint {endpoint:?} is not a URL like http://10.0.0.5:19540")));
+        }
+        let renew = |node: &QueryNodeHandle| {
+            let mut last = node.last_join.lock();
+            if last.is_some() {
+                *last = Some(Instant::now());
+            }
+        };
+        let live = (groups.iter().enumerate())
+            .find_map(|(at, nodes)| nodes.iter().find(|n| n.endpoint == endpoint && !n.has_left()).map(|n| (at, n)));
+        if let Some((other, node)) = live {
+            if other != g {
+                return Err(ClusterError::invalid(format!(
+                    "query node {endpoint:?} is in group {other} already and cannot join group {group}: a node holds one group's copies"
+                )));
+            }
+            renew(node);
+            return Ok(false);
+        }
+        // Back in the group it left: its old place, down until a probe finds it (its copies were
+        // forgotten when it failed). Back in another group: a new place there.
+        if let Some(node) = groups[g].iter().find(|n| n.endpoint == endpoint) {
+            renew(node);
+            node.left.store(false, Ordering::Release);
+            return Ok(true);
+        }
+        let node = QueryNodeHandle::new(endpoint)?;
+        *node.last_join.lock() = Some(Instant::now());
+        let mut next = (**groups).clone();
+        next[g].push(node);
+        *groups = Arc::new(next);
+        Ok(true)
     }
 
     /// Per group, whether it holds copies of collection `cid`'s segments.
     fn holding(&self, cid: u64) -> Vec<bool> {
+        let total = self.groups.read().len();
         match self.replicas.read().get(&cid) {
-            None => vec![true; self.groups.len()],
-            Some(groups) => (0..self.groups.len()).map(|g| groups.contains(&g)).collect(),
+            None => vec![true; total],
+            Some(groups) => (0..total).map(|g| groups.contains(&g)).collect(),
         }
     }
 
     /// Per group, how many segments have a copy there.
     pub fn copies_per_group(&self) -> Vec<usize> {
+        let groups = self.groups();
         let copies = self.copies.read();
-        (0..self.groups.len()).map(|g| copies.values().filter(|c| c[g].is_some()).count()).collect()
+        (0..groups.len()).map(|g| copies.values().filter(|c| c[g].is_some()).count()).collect()
     }
 
     /// Forgets every copy on node `n` of group `g` and marks it down (the loop probes it).
     fn node_failed(&self, g: usize, n: usize, why: &str) {
-        let node = &self.groups[g][n];
+        let groups = self.groups();
+        let node = &groups[g][n];
         if node.up.swap(false, Ordering::AcqRel) {
             tracing::warn!(endpoint = %node.endpoint, error = why, "query node failed; its segments go to the other nodes of its group");
         }
@@ -405,6 +495,7 @@ impl Placement {
 
     /// One round of the placement loop (see the module's comment).
     pub async fn place(&self, node: &Node) {
+        let groups = self.groups();
         // A cluster that serves no reads (recovering, standing by) feeds no query node: their
         // loads would be refused until it does.
         if !node.role().is_readable() {
@@ -450,27 +541,27 @@ impl Placement {
         });
         for ((g, n, collection_id, shard), segments) in gone {
             let req = qn::ReleaseRequest { collection_id, shard, segments };
-            let _ = self.groups[g][n].client.clone().release(req).await;
+            let _ = groups[g][n].client.clone().release(req).await;
         }
         self.probe_down_nodes().await;
         // Loads: per group, each segment without a copy there goes to its least-loaded live node.
-        for g in 0..self.groups.len() {
+        for g in 0..groups.len() {
             let mut load: HashMap<(usize, u64, u32), Vec<SegmentId>> = HashMap::new();
             {
                 let mut copies = self.copies.write();
-                let mut held = vec![0usize; self.groups[g].len()];
+                let mut held = vec![0usize; groups[g].len()];
                 for c in copies.values() {
-                    if let Some(n) = c[g] {
-                        held[n] += 1;
+                    if let Some(h) = c[g].and_then(|n| held.get_mut(n)) {
+                        *h += 1;
                     }
                 }
                 for (&(cid, shard), (_, ids)) in wanted.iter().filter(|((cid, _), _)| holding[cid][g]) {
                     for &seg in ids {
-                        let c = copies.entry((cid, shard, seg)).or_insert_with(|| vec![None; self.groups.len()]);
+                        let c = copies.entry((cid, shard, seg)).or_insert_with(|| vec![None; groups.len()]);
                         if c[g].is_some() {
                             continue;
                         }
-                        let Some(n) = (0..held.len()).filter(|&n| self.groups[g][n].is_up()).min_by_key(|&n| held[n]) else { break };
+                        let Some(n) = (0..held.len()).filter(|&n| groups[g][n].is_up()).min_by_key(|&n| held[n]) else { break };
                         held[n] += 1;
                         load.entry((n, cid, shard)).or_default().push(seg);
                     }
@@ -505,6 +596,7 @@ impl Placement {
     /// itself. Every group, not one: the loss of one node then costs no read-back, as
     /// searches go to another group's copy.
     async fn release_covered(&self, node: &Node) {
+        let groups = self.groups();
         let mut release = Vec::new();
         let mut read_back = Vec::new();
         {
@@ -516,7 +608,7 @@ impl Placement {
                     for seg in sh.sealed_segments() {
                         let covered = holding.contains(&true)
                             && copies.get(&(c.id, i as u32, seg.id)).is_some_and(|c| {
-                                (c.iter().enumerate()).all(|(g, n)| !holding[g] || n.is_some_and(|n| self.groups[g][n].is_up()))
+                                (c.iter().enumerate()).all(|(g, n)| !holding[g] || n.is_some_and(|n| groups[g][n].is_up()))
                             });
                         if covered && seg.index().is_some() {
                             release.push((sh.clone(), seg.id));
@@ -550,9 +642,10 @@ impl Placement {
     /// was added, gets its share). A move loads the copy on the new node first and releases the
     /// old one only once the cache points at the new one, so searches always find a copy.
     async fn rebalance(&self, g: usize, wanted: &Wanted) {
+        let groups = self.groups();
         let moves = {
             let copies = self.copies.read();
-            let live: Vec<usize> = (0..self.groups[g].len()).filter(|&n| self.groups[g][n].is_up()).collect();
+            let live: Vec<usize> = (0..groups[g].len()).filter(|&n| groups[g][n].is_up()).collect();
             let mut held: HashMap<usize, Vec<SegKey>> = live.iter().map(|&n| (n, Vec::new())).collect();
             for (k, c) in copies.iter() {
                 if let Some(keys) = c[g].and_then(|n| held.get_mut(&n)) {
@@ -588,33 +681,23 @@ impl Placement {
                 moved
             };
             if !moved.is_empty() {
-                tracing::info!(from = %self.groups[g][from].endpoint, to = %self.groups[g][to].endpoint, segments = moved.len(), "copies rebalanced");
+                tracing::info!(from = %groups[g][from].endpoint, to = %groups[g][to].endpoint, segments = moved.len(), "copies rebalanced");
                 let req = qn::ReleaseRequest { collection_id: cid, shard, segments: moved };
-                let _ = self.groups[g][from].client.clone().release(req).await;
+                let _ = groups[g][from].client.clone().release(req).await;
             }
         }
-    }
-
-    /// The node of group `g` that leads `shard` of collection `cid`: its live nodes take the
-    /// shards in turn, so a group's leaders spread over its nodes, and a node's death moves its
-    /// shards to the others at once (their first searches are answered here until the next round
-    /// makes them lead).
-    fn leader(&self, g: usize, cid: u64, shard: u32) -> Option<usize> {
-        // On every search's path: counted, not collected.
-        let live = || (0..self.groups[g].len()).filter(|&n| self.groups[g][n].is_up());
-        let count = live().count();
-        (count > 0).then(|| live().nth((cid as usize).wrapping_add(shard as usize) % count)).flatten()
     }
 
     /// Every (group, node, collection, shard) where the node leads the shard of the collection
     /// in a group holding it.
     fn leaders(&self, node: &Node) -> Vec<(usize, usize, Arc<Collection>, u32)> {
+        let groups = self.groups();
         let mut out = Vec::new();
         for c in node.collections() {
             let holding = self.holding(c.id);
             for shard in 0..c.shards().len() as u32 {
-                for g in (0..self.groups.len()).filter(|&g| holding[g]) {
-                    if let Some(n) = self.leader(g, c.id, shard) {
+                for g in (0..groups.len()).filter(|&g| holding[g]) {
+                    if let Some(n) = leader(&groups[g], c.id, shard) {
                         out.push((g, n, c.clone(), shard));
                     }
                 }
@@ -646,6 +729,7 @@ impl Placement {
         segments: Vec<SegmentId>,
         lead_from: Option<RowPos>,
     ) -> Option<Vec<SegmentId>> {
+        let groups = self.groups();
         let req = qn::LoadRequest {
             source: self.source.clone(),
             collection_id: c.id,
@@ -654,14 +738,14 @@ impl Placement {
             segments,
             lead_from: lead_from.map(|(lsn, row)| qn::RowPosition { lsn, row }),
         };
-        match self.groups[g][n].client.clone().load(req).await {
+        match groups[g][n].client.clone().load(req).await {
             Ok(resp) => Some(resp.into_inner().held),
             Err(s) if is_node_failure(&s) => {
                 self.node_failed(g, n, s.message());
                 None
             }
             Err(s) => {
-                tracing::warn!(endpoint = %self.groups[g][n].endpoint, error = %s.message(), "query node refused a load");
+                tracing::warn!(endpoint = %groups[g][n].endpoint, error = %s.message(), "query node refused a load");
                 None
             }
         }
@@ -670,8 +754,15 @@ impl Placement {
     /// A node marked down that answers again releases what it still holds (its copies were
     /// forgotten when it failed) and is live again.
     async fn probe_down_nodes(&self) {
-        for group in &self.groups {
-            for node in group.iter().filter(|n| !n.is_up()) {
+        let groups = self.groups();
+        for group in groups.iter() {
+            for node in group.iter().filter(|n| !n.is_up() && !n.has_left()) {
+                let silent = node.last_join.lock().is_some_and(|at| at.elapsed() >= JOIN_EXPIRES);
+                if silent {
+                    node.left.store(true, Ordering::Release);
+                    tracing::info!(endpoint = %node.endpoint, "a joined query node stayed down and silent; it has left its group");
+                    continue;
+                }
                 let Ok(status) = node.client.clone().status(qn::StatusRequest {}).await else { continue };
                 for s in status.into_inner().shards {
                     let req = qn::ReleaseRequest { collection_id: s.collection_id, shard: s.shard, segments: Vec::new() };
@@ -697,8 +788,11 @@ impl Placement {
         // releases them: not sent there meanwhile, so a search does not race the release.
         let holding = self.holding(collection.id);
         let copies = self.copies.read();
-        let queue = |(g, n): (usize, usize)| self.groups[g][n].in_flight();
-        let groups = self.groups.len();
+        // Read after the copies: a node is in the list before any copy is placed on it, so
+        // every node the copies name is in this one.
+        let groups = self.groups();
+        let queue = |(g, n): (usize, usize)| groups[g][n].in_flight();
+        let count = groups.len();
         let mut remote: HashMap<(usize, usize, u32), Route> = HashMap::new();
         let mut known = Vec::with_capacity(collection.shards().len());
         let mut led = vec![false; collection.shards().len()];
@@ -707,10 +801,10 @@ impl Placement {
             known.push(sealed.iter().map(|s| s.id).collect::<HashSet<_>>());
             if self.shard_leaders
                 && let Some(from) = growing
-                && let Some((g, n)) = (0..groups)
-                    .map(|i| (first + i) % groups)
+                && let Some((g, n)) = (0..count)
+                    .map(|i| (first + i) % count)
                     .filter(|&g| holding[g])
-                    .find_map(|g| self.leader(g, collection.id, si as u32).map(|n| (g, n)))
+                    .find_map(|g| leader(&groups[g], collection.id, si as u32).map(|n| (g, n)))
             {
                 remote.entry((g, n, si as u32)).or_default().growing = Some(from);
                 led[si] = true;
@@ -721,7 +815,7 @@ impl Placement {
                     .map(|i| (first + i) % c.len())
                     .filter(|&g| holding[g])
                     .filter_map(|g| c[g].map(|n| (g, n)))
-                    .filter(|&(g, n)| self.groups[g][n].is_up());
+                    .filter(|&(g, n)| groups[g][n].is_up());
                 let Some(turn) = holders.next() else { continue };
                 let idle = if self.steal && queue(turn) > 0 { holders.find(|&h| queue(h) == 0) } else { None };
                 let (g, n) = idle.unwrap_or(turn);
@@ -754,6 +848,31 @@ struct Route {
     stolen: bool,
 }
 
+/// The node of `group` that leads `shard` of collection `cid`: its live nodes take the shards in
+/// turn, so a group's leaders spread over its nodes, and a node's death moves its shards to the
+/// others at once (their first searches are answered here until the next round makes them
+/// lead).
+fn leader(group: &[Arc<QueryNodeHandle>], cid: u64, shard: u32) -> Option<usize> {
+    // On every search's path: counted, not collected.
+    let live = || (0..group.len()).filter(|&n| group[n].is_up());
+    let count = live().count();
+    (count > 0).then(|| live().nth((cid as usize).wrapping_add(shard as usize) % count)).flatten()
+}
+
+/// `Coordinator`, served by a cluster beside its API: query nodes that enter a replica group
+/// themselves (`tandem query-node --join`), beside those `query_nodes.groups` lists. A cluster
+/// without query nodes refuses (its fanout has no groups).
+pub struct CoordinatorService(pub Arc<Node>);
+
+#[tonic::async_trait]
+impl qn::coordinator_server::Coordinator for CoordinatorService {
+    async fn join(&self, req: tonic::Request<qn::JoinRequest>) -> std::result::Result<tonic::Response<qn::JoinResponse>, tonic::Status> {
+        let r = req.into_inner();
+        let added = self.0.fanout().join(&r.endpoint, r.group)?;
+        Ok(tonic::Response::new(qn::JoinResponse { added }))
+    }
+}
+
 /// A failure that says the node (or the way to it) is gone, not a refusal it answered: the
 /// client's own transport error (it carries its cause), or a connection cut mid-call.
 fn is_node_failure(s: &tonic::Status) -> bool {
@@ -762,19 +881,23 @@ fn is_node_failure(s: &tonic::Status) -> bool {
 
 impl Fanout for Placement {
     fn query_nodes(&self) -> Vec<tandem_proto::v1::QueryNodeStatus> {
-        // Per (group, node): the shards it leads.
-        let mut leads: HashMap<(usize, usize), u32> = HashMap::new();
+        let groups = self.groups();
+        // Per (group, node): the shards it leads, by collection name and shard number.
+        let mut leads: HashMap<(usize, usize), Vec<tandem_proto::v1::LedShard>> = HashMap::new();
         if self.shard_leaders
             && let Some(node) = self.node.get().and_then(Weak::upgrade)
         {
-            for (g, n, _, _) in self.leaders(&node) {
-                *leads.entry((g, n)).or_default() += 1;
+            for (g, n, c, shard) in self.leaders(&node) {
+                let collection = c.schema().name.clone();
+                leads.entry((g, n)).or_default().push(tandem_proto::v1::LedShard { collection, shard });
             }
         }
         let copies = self.copies.read();
         let mut out = Vec::new();
-        for (g, group) in self.groups.iter().enumerate() {
-            for (n, node) in group.iter().enumerate() {
+        for (g, group) in groups.iter().enumerate() {
+            for (n, node) in group.iter().enumerate().filter(|(_, node)| !node.has_left()) {
+                let mut led_shards = leads.remove(&(g, n)).unwrap_or_default();
+                led_shards.sort_unstable_by(|a, b| (&a.collection, a.shard).cmp(&(&b.collection, b.shard)));
                 out.push(tandem_proto::v1::QueryNodeStatus {
                     group: g as u32,
                     endpoint: node.endpoint.clone(),
@@ -782,8 +905,9 @@ impl Fanout for Placement {
                     segments: copies.values().filter(|c| c[g] == Some(n)).count() as u64,
                     searches: node.searches.load(Ordering::Relaxed),
                     stolen: node.stolen.load(Ordering::Relaxed),
-                    shards_led: leads.get(&(g, n)).copied().unwrap_or(0),
+                    shards_led: led_shards.len() as u32,
                     growing_searches: node.led.load(Ordering::Relaxed),
+                    led_shards,
                 });
             }
         }
@@ -791,17 +915,19 @@ impl Fanout for Placement {
     }
 
     fn check_replicas(&self, replicas: u32) -> Result<()> {
-        if replicas as usize > self.groups.len() {
+        let groups = self.groups();
+        if replicas as usize > groups.len() {
             return Err(ClusterError::invalid(format!(
                 "replicas {replicas} is more than the {} replica group(s) this cluster has (query_nodes.groups; docs/scaling.md)",
-                self.groups.len()
+                groups.len()
             )));
         }
         Ok(())
     }
 
     fn set_replicas(&self, collection_id: u64, replicas: Option<u32>) -> Result<Vec<u32>> {
-        let total = self.groups.len();
+        let groups = self.groups();
+        let total = groups.len();
         let chosen = match replicas {
             None => None,
             Some(n) => {
@@ -811,7 +937,7 @@ impl Fanout for Placement {
                 // loaded with fewer replicas spread over the groups. A group with no live node
                 // comes last: it holds few copies because it cannot hold any.
                 let load = self.copies_per_group();
-                let dead = |g: usize| !self.groups[g].iter().any(|n| n.is_up());
+                let dead = |g: usize| !groups[g].iter().any(|n| n.is_up());
                 let by_load = |gs: &mut Vec<usize>| gs.sort_unstable_by_key(|&g| (dead(g), load[g], g));
                 let holding = self.holding(collection_id);
                 let mut kept: Vec<usize> = (0..total).filter(|&g| holding[g]).collect();
@@ -839,12 +965,29 @@ impl Fanout for Placement {
         Ok(groups.into_iter().map(|g| g as u32).collect())
     }
 
+    fn join(&self, endpoint: &str, group: u32) -> Result<bool> {
+        let added = self.add_node(endpoint, group)?;
+        if added {
+            // The next round places copies on it (a rebalance evens its group out) and keeps
+            // it in the coordinator state.
+            tracing::info!(endpoint, group, "query node joined its replica group");
+        }
+        Ok(added)
+    }
+
     fn replica_groups(&self, collection_id: u64) -> Vec<u32> {
         (self.holding(collection_id).into_iter().enumerate()).filter(|&(_, h)| h).map(|(g, _)| g as u32).collect()
     }
 
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
         let Routed { remote, known, led } = self.route(collection);
+        // After routing: it has every node the routes name.
+        let groups = self.groups();
+        // Failpoint: the search waits here (the argument, in ms) with its view taken, while the
+        // cluster may seal rows and its leaders trim them. On the search pool, so a plain sleep.
+        if let Some(ms) = crate::failpoint::fired("placement::routed") {
+            std::thread::sleep(Duration::from_millis(ms.parse().unwrap_or(0)));
+        }
         if remote.is_empty() {
             return self.local.search(collection, plan);
         }
@@ -874,7 +1017,7 @@ impl Fanout for Placement {
         let mut calls = tokio::task::JoinSet::new();
         let mut sent = Vec::with_capacity(remote.len());
         for (&(g, n, shard), route) in &remote {
-            let node = &self.groups[g][n];
+            let node = &groups[g][n];
             if route.stolen {
                 node.stolen.fetch_add(1, Ordering::Relaxed);
                 metrics::counter!("tandem_proxy_stolen_total").increment(1);
@@ -912,7 +1055,7 @@ impl Fanout for Placement {
             let (again, growing_again): (HashSet<SegmentId>, bool) = match answered {
                 Ok(resp) => match decode(&resp, plan.nq()) {
                     Ok(hits) => {
-                        let node = &self.groups[g][n];
+                        let node = &groups[g][n];
                         node.searches.fetch_add(1, Ordering::Relaxed);
                         if asked_growing && resp.growing_searched {
                             node.led.fetch_add(1, Ordering::Relaxed);
@@ -925,7 +1068,7 @@ impl Fanout for Placement {
                     }
                     // A malformed answer (a node of another version?): its part is searched here.
                     Err(e) => {
-                        tracing::warn!(endpoint = %self.groups[g][n].endpoint, error = %e, "a query node's answer does not parse; searching its part here");
+                        tracing::warn!(endpoint = %groups[g][n].endpoint, error = %e, "a query node's answer does not parse; searching its part here");
                         (segs.iter().copied().collect(), asked_growing)
                     }
                 },
@@ -933,7 +1076,7 @@ impl Fanout for Placement {
                     if is_node_failure(&s) {
                         self.node_failed(g, n, s.message());
                     } else {
-                        tracing::debug!(endpoint = %self.groups[g][n].endpoint, error = %s.message(), "a sub-search was refused; searching here");
+                        tracing::debug!(endpoint = %groups[g][n].endpoint, error = %s.message(), "a sub-search was refused; searching here");
                     }
                     (segs.iter().copied().collect(), asked_growing)
                 }
@@ -1000,13 +1143,15 @@ impl Placement {
         queued: Arc<InFlight>,
         done: Done,
     ) -> tokio::task::AbortHandle {
-        let node = self.groups[sent.g][sent.n].clone();
+        let node = self.groups.read()[sent.g][sent.n].clone();
         let req = qn::SegmentSearchRequest {
             shard: sent.shard,
             segments: sent.segments.clone(),
             growing_from: sent.growing.map(|(lsn, row)| qn::RowPosition { lsn, row }),
             ..template.clone()
         };
+        // Failpoint: a copy asked mid-search fails as a node that went away does.
+        let refused = matches!(done, Done::Stolen(..)) && crate::failpoint::fired("placement::stolen_call").is_some();
         let began = std::time::Instant::now();
         // The call runs on its own, and goes on when the search stops waiting for it (the other
         // side of a steal won): the node is still working on it, so it stays counted in the
@@ -1015,7 +1160,12 @@ impl Placement {
         let (mut tx, rx) = tokio::sync::oneshot::channel();
         self.runtime.spawn(async move {
             let mut client = node.client.clone();
-            let call = client.search(req);
+            let call = async move {
+                if refused {
+                    return Err(tonic::Status::unavailable("failpoint placement::stolen_call"));
+                }
+                client.search(req).await
+            };
             let abandoned = async {
                 tx.closed().await;
                 tokio::time::sleep(ABANDONED_LIMIT).await;
@@ -1052,6 +1202,7 @@ impl Placement {
         mut calls: tokio::task::JoinSet<(Done, Answer)>,
         started: std::time::Instant,
     ) -> Vec<(Sent, Answer)> {
+        let groups = self.groups();
         let mut resolved = vec![false; sent.len()];
         // Per sub-search: None until stealing was tried; then the copies asked, with their
         // answers as they come (empty: none was asked, or one failed).
@@ -1067,7 +1218,7 @@ impl Placement {
                 () = tokio::time::sleep_until(at.into()), if steal => {
                     // Idle as the stragglers are found: a node asked for one straggler's
                     // segments may take another's too (a slow node's shards straggle together).
-                    let idle: HashSet<(usize, usize)> = (self.groups.iter().enumerate())
+                    let idle: HashSet<(usize, usize)> = (groups.iter().enumerate())
                         .flat_map(|(g, group)| group.iter().enumerate().map(move |(n, node)| ((g, n), node)))
                         .filter(|(_, node)| node.is_up() && node.in_flight() == 0)
                         .map(|(at, _)| at)
@@ -1134,6 +1285,7 @@ impl Placement {
         idle: &HashSet<(usize, usize)>,
         calls: &mut tokio::task::JoinSet<(Done, Answer)>,
     ) -> Vec<(Sent, tokio::task::AbortHandle, Option<Answer>)> {
+        let groups = self.groups();
         let (collection_id, shard) = (template.collection_id, straggler.shard);
         let holding = self.holding(collection_id);
         let mut by_node: HashMap<(usize, usize), Vec<SegmentId>> = HashMap::new();
@@ -1152,17 +1304,17 @@ impl Placement {
         }
         let mut growing = None;
         if let Some(from) = straggler.growing {
-            let leader = (0..self.groups.len())
+            let idle_leader = (0..groups.len())
                 .filter(|&g| g != straggler.g && holding[g])
-                .filter_map(|g| self.leader(g, collection_id, shard).map(|n| (g, n)))
+                .filter_map(|g| leader(&groups[g], collection_id, shard).map(|n| (g, n)))
                 .find(|at| idle.contains(at));
-            let Some(at) = leader else { return Vec::new() };
+            let Some(at) = idle_leader else { return Vec::new() };
             by_node.entry(at).or_default();
             growing = Some((at, from));
         }
         let mut asked = Vec::new();
         for ((g, n), segments) in by_node {
-            let node = &self.groups[g][n];
+            let node = &groups[g][n];
             node.stolen.fetch_add(1, Ordering::Relaxed);
             metrics::counter!("tandem_proxy_stolen_total").increment(1);
             let growing = growing.filter(|&(at, _)| at == (g, n)).map(|(_, from)| from);
@@ -1170,13 +1322,14 @@ impl Placement {
             let abort = self.send(calls, template, &sent, Arc::new(InFlight::new(node)), Done::Stolen(i, asked.len()));
             asked.push((sent, abort, None));
         }
-        tracing::debug!(endpoint = %self.groups[straggler.g][straggler.n].endpoint, copies = asked.len(), "a straggling sub-search's segments asked of idle copies");
+        tracing::debug!(endpoint = %groups[straggler.g][straggler.n].endpoint, copies = asked.len(), "a straggling sub-search's segments asked of idle copies");
         asked
     }
 
     /// The usual answer time of the fastest live node that has answered.
     fn fastest_answer(&self) -> Option<Duration> {
-        (self.groups.iter().flatten()).filter(|n| n.is_up()).filter_map(|n| n.usual_answer()).min()
+        let groups = self.groups();
+        (groups.iter().flatten()).filter(|n| n.is_up()).filter_map(|n| n.usual_answer()).min()
     }
 }
 
@@ -1220,5 +1373,51 @@ mod tests {
         assert!(e.contains("answered 3 lists of 3 hits (3 ids, 3 distances) for 4 queries"), "{e}");
         let bad = qn::SegmentSearchResponse { counts: vec![4], ..resp };
         assert!(decode(&bad, 1).is_err());
+    }
+
+    /// Nodes join a group once (again: no change), and a join that names a group the cluster
+    /// lacks, a node of another group or no URL is refused naming it. Joined nodes, and not the
+    /// listed ones, are kept in the state, and a placement restored from it has them again.
+    #[tokio::test]
+    async fn joined_nodes_are_checked_counted_once_and_kept_in_the_state() {
+        let cfg = QueryNodesConfig { groups: vec![vec!["http://10.0.0.1:19540".into()], vec![]], ..Default::default() };
+        let dir = tempfile::tempdir().unwrap();
+        let store: Arc<dyn StateStore> = Arc::new(FileState(dir.path().join("placement")));
+        let p = Placement::new("http://10.0.0.9:19530".into(), &cfg).unwrap();
+        assert_eq!(p.restore(store.clone()).await.unwrap(), 0);
+        assert!(p.join("http://10.0.0.2:19540", 1).unwrap());
+        assert!(!p.join("http://10.0.0.2:19540", 1).unwrap(), "joined twice");
+        assert!(!p.join("http://10.0.0.1:19540", 0).unwrap(), "a listed node is in its group already");
+        for (endpoint, group, why) in [
+            ("http://10.0.0.3:19540", 2, "group 2 is not a replica group of this cluster: it has 2"),
+            ("http://10.0.0.1:19540", 1, "\"http://10.0.0.1:19540\" is in group 0 already and cannot join group 1"),
+            ("10.0.0.3:19540", 0, "\"10.0.0.3:19540\" is not a URL"),
+            ("http://", 0, "is not a URL"),
+        ] {
+            let e = p.join(endpoint, group).unwrap_err();
+            assert!(matches!(e, ClusterError::InvalidArgument(_)) && e.to_string().contains(why), "{endpoint} {group}: {e}");
+        }
+        let endpoints =
+            |p: &Placement| -> Vec<Vec<String>> { p.groups().iter().map(|g| g.iter().map(|n| n.endpoint.clone()).collect()).collect() };
+        assert_eq!(endpoints(&p), [vec!["http://10.0.0.1:19540"], vec!["http://10.0.0.2:19540"]]);
+        let state = qn::PlacementState::decode(&p.encode()[..]).unwrap();
+        assert_eq!(state.joined, [qn::JoinedNode { endpoint: "http://10.0.0.2:19540".into(), group: 1 }]);
+        p.save().await;
+        let again = Placement::new("http://10.0.0.9:19530".into(), &cfg).unwrap();
+        again.restore(store).await.unwrap();
+        assert_eq!(endpoints(&again), endpoints(&p));
+
+        // Down and silent for JOIN_EXPIRES: it has left (not listed, not kept); a join brings it
+        // back to its place.
+        let listed = |p: &Placement| p.query_nodes().into_iter().map(|q| (q.group, q.endpoint, q.up)).collect::<Vec<_>>();
+        // (No probe before it expires: the node's address is not reachable from a test.)
+        p.node_failed(1, 0, "gone");
+        *p.groups()[1][0].last_join.lock() = Instant::now().checked_sub(JOIN_EXPIRES);
+        p.probe_down_nodes().await;
+        assert_eq!(listed(&p), [(0, "http://10.0.0.1:19540".to_string(), true)]);
+        assert!(qn::PlacementState::decode(&p.encode()[..]).unwrap().joined.is_empty(), "a node that left is kept");
+        assert!(p.join("http://10.0.0.2:19540", 1).unwrap(), "back after it left");
+        assert_eq!(p.groups()[1].len(), 1, "back in its old place");
+        assert_eq!(listed(&p)[1], (1, "http://10.0.0.2:19540".to_string(), false), "down until a probe finds it");
     }
 }

@@ -82,7 +82,26 @@ pub struct QueryNodeOptions {
     /// Where index files are put while they arrive (removed once loaded).
     pub scratch_dir: PathBuf,
     pub search_threads: usize,
+    /// The replica group the node enters itself (`--join`); `None`: a cluster's
+    /// `query_nodes.groups` lists it.
+    pub join: Option<JoinOptions>,
 }
+
+/// A replica group a query node enters itself (`Coordinator.Join`), beside the nodes a cluster's
+/// `query_nodes.groups` lists.
+#[derive(Debug, Clone)]
+pub struct JoinOptions {
+    /// The cluster's endpoint (its proxy), e.g. http://10.0.0.2:19530.
+    pub cluster: String,
+    /// The replica group: an index in the cluster's `query_nodes.groups`.
+    pub group: u32,
+    /// How the cluster reaches this node; http:// + the bound address when empty.
+    pub advertise: String,
+}
+
+/// How often a joined node tells the cluster it is in its group: a proxy that restarted
+/// without its state (or lost it) learns it again within this.
+const JOIN_EVERY: Duration = Duration::from_secs(2);
 
 /// The segments one node holds of one shard, and the shard's stream it follows for them.
 struct HeldShard {
@@ -786,17 +805,93 @@ pub async fn serve(listen: &str, opts: QueryNodeOptions, shutdown: CancellationT
     let service = qn::query_node_server::QueryNodeServer::new(QueryNodeService(node.clone()))
         .max_decoding_message_size(64 << 20)
         .max_encoding_message_size(64 << 20);
+    let join = match &node.opts.join {
+        Some(j) => Some(join_request(j, addr)?),
+        None => None,
+    };
     let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
-    let stop = shutdown.clone();
+    // Its own token: a join the cluster refuses stops this server alone.
+    let stop = shutdown.child_token();
+    let server_stop = stop.clone();
     let task = tokio::spawn(async move {
         tonic::transport::Server::builder()
             .add_service(service)
-            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .serve_with_incoming_shutdown(incoming, server_stop.cancelled_owned())
             .await
             .map_err(|e| ClusterError::Internal(format!("query node server: {e}")))
     });
     tracing::info!(%addr, name = %node.opts.name, "query node serving");
+    if let Some((mut cluster, req)) = join {
+        // Served first: the cluster loads copies on the node as soon as it joined.
+        match join_once(&mut cluster, &req).await {
+            // A refusal names the bad value (a group the cluster lacks, an endpoint in another
+            // group): starting anyway would serve nothing.
+            Err(s) if s.code() == tonic::Code::InvalidArgument => {
+                stop.cancel();
+                return Err(ClusterError::invalid(format!("the cluster refused the join: {}", s.message())));
+            }
+            Err(s) => tracing::warn!(error = %s.message(), "cannot join the cluster yet; trying again every {JOIN_EVERY:?}"),
+            Ok(r) => tracing::info!(group = req.group, added = r.into_inner().added, "joined the cluster's replica group"),
+        }
+        tokio::spawn(keep_joined(cluster, req, stop));
+    }
     Ok(RunningQueryNode { addr, node, task })
+}
+
+/// The join `j` asks of its cluster, for a node bound at `addr`, and the client asking it.
+fn join_request(j: &JoinOptions, addr: SocketAddr) -> Result<(qn::coordinator_client::CoordinatorClient<Channel>, qn::JoinRequest)> {
+    let endpoint = if !j.advertise.is_empty() {
+        j.advertise.clone()
+    } else if addr.ip().is_unspecified() {
+        return Err(ClusterError::invalid(format!(
+            "joining needs an advertised endpoint: the node listens on {addr}, which the cluster cannot reach (--advertise)"
+        )));
+    } else {
+        format!("http://{addr}")
+    };
+    let channel = Channel::from_shared(j.cluster.clone())
+        .map_err(|e| ClusterError::invalid(format!("cluster endpoint {:?} to join: {e}", j.cluster)))?
+        .connect_lazy();
+    Ok((qn::coordinator_client::CoordinatorClient::new(channel), qn::JoinRequest { endpoint, group: j.group }))
+}
+
+/// One join, given [`JOIN_EVERY`] at most (a cluster whose address does not answer would hold
+/// a connect for minutes).
+async fn join_once(
+    cluster: &mut qn::coordinator_client::CoordinatorClient<Channel>,
+    req: &qn::JoinRequest,
+) -> std::result::Result<Response<qn::JoinResponse>, Status> {
+    let mut call = Request::new(req.clone());
+    call.set_timeout(JOIN_EVERY);
+    tokio::time::timeout(JOIN_EVERY, cluster.join(call))
+        .await
+        .unwrap_or_else(|_| Err(Status::deadline_exceeded("the cluster did not answer the join")))
+}
+
+/// Tells the cluster every [`JOIN_EVERY`] that the node is in its group, until `stop` fires.
+/// Failures are logged when they begin and end, not every time.
+async fn keep_joined(mut cluster: qn::coordinator_client::CoordinatorClient<Channel>, req: qn::JoinRequest, stop: CancellationToken) {
+    let mut failing = false;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            () = tokio::time::sleep(JOIN_EVERY) => {}
+        }
+        match join_once(&mut cluster, &req).await {
+            Ok(r) => {
+                if failing || r.get_ref().added {
+                    tracing::info!(group = req.group, added = r.get_ref().added, "in the cluster's replica group again");
+                }
+                failing = false;
+            }
+            Err(s) => {
+                if !failing {
+                    tracing::warn!(error = %s.message(), "cannot tell the cluster this node is in its group");
+                }
+                failing = true;
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -126,6 +126,9 @@ pub async fn serve(
         ))
         .max_decoding_message_size(max)
         .max_encoding_message_size(max);
+    // Query nodes that join a replica group themselves (`tandem query-node --join`).
+    let coordinator =
+        tandem_proto::cluster::v1::coordinator_server::CoordinatorServer::new(crate::placement::CoordinatorService(node.clone()));
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_serving::<TandemServer<ClusterService>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -148,6 +151,7 @@ pub async fn serve(
         .add_service(api)
         .add_service(milvus)
         .add_service(replication)
+        .add_service(coordinator)
         .serve_with_incoming_shutdown(incoming, shutdown.cancelled_owned())
         .await
         .map_err(|e| ClusterError::Internal(format!("grpc server: {e}")));

@@ -998,49 +998,71 @@ impl<T: Tandem> mm::milvus_service_server::MilvusService for MilvusApi<T> {
     }
 }
 
-/// The cluster's own process as a node id: the proxy, and the leader of every shard.
+/// The cluster's own process as a node id: the proxy, and the leader of a shard no query node
+/// leads.
 const CLUSTER_NODE: i64 = 1;
 
+/// One replica group as Milvus reports a replica: the node ids of its live query nodes, and per
+/// shard the one that leads it (keeps and searches its growing rows).
+#[derive(Debug, Default, PartialEq)]
+struct Group {
+    nodes: Vec<i64>,
+    /// shard -> (node id, address)
+    leaders: std::collections::BTreeMap<u32, (i64, String)>,
+}
+
 /// The cluster's replica groups as Milvus counts replicas (LoadCollection's `replica_number`,
-/// GetReplicas): per group, the node ids of its live query nodes; with `collection`, only the
-/// groups holding it (LoadCollection set them). tandem has no numeric node ids, so query nodes
-/// are numbered from 2 in the order `query_nodes.groups` lists them. A cluster without query
-/// nodes, or a collection no group holds, is one replica, of the cluster's process alone.
-fn replica_groups(cluster: &t::GetClusterInfoResponse, collection: Option<&str>) -> std::collections::BTreeMap<u32, Vec<i64>> {
+/// GetReplicas); with `collection`, only the groups holding it (LoadCollection set them), and
+/// the shards of it that each group's query nodes lead. tandem has no numeric node ids, so query
+/// nodes are numbered from 2 in the order GetClusterInfo lists them (per group, the listed ones,
+/// then those that joined). A cluster without
+/// query nodes, or a collection no group holds, is one replica, of the cluster's process alone.
+fn replica_groups(cluster: &t::GetClusterInfoResponse, collection: Option<&str>) -> std::collections::BTreeMap<u32, Group> {
     // Not listed (a cluster that does not have the collection yet): every group, the default.
     let held = collection.and_then(|name| cluster.collections.iter().find(|c| c.name == name)).map(|c| &c.replica_groups);
-    let mut groups: std::collections::BTreeMap<u32, Vec<i64>> = std::collections::BTreeMap::new();
+    let mut groups: std::collections::BTreeMap<u32, Group> = std::collections::BTreeMap::new();
     for (i, q) in cluster.query_nodes.iter().enumerate() {
         if held.is_some_and(|h| !h.contains(&q.group)) {
             continue;
         }
-        let nodes = groups.entry(q.group).or_default();
-        if q.up {
-            nodes.push(i as i64 + 2);
+        let group = groups.entry(q.group).or_default();
+        if !q.up {
+            continue;
+        }
+        let id = i as i64 + 2;
+        group.nodes.push(id);
+        // Milvus's leader address is host:port, without a scheme.
+        let addr = q.endpoint.split_once("://").map_or(q.endpoint.as_str(), |(_, rest)| rest).trim_end_matches('/');
+        for l in q.led_shards.iter().filter(|l| Some(l.collection.as_str()) == collection) {
+            group.leaders.insert(l.shard, (id, addr.to_string()));
         }
     }
     if groups.is_empty() {
-        groups.insert(0, Vec::new());
+        groups.insert(0, Group::default());
     }
     groups
 }
 
 /// GetReplicas' answer for the collection: one replica per group of [`replica_groups`], replica
-/// ids the group's index + 1, every shard led by [`CLUSTER_NODE`].
-fn replicas_of(s: &t::CollectionSchema, collection_id: i64, groups: std::collections::BTreeMap<u32, Vec<i64>>) -> Vec<mm::ReplicaInfo> {
+/// ids the group's index + 1; a shard no query node of the group leads is led by
+/// [`CLUSTER_NODE`] (it writes every shard and keeps its growing rows too).
+fn replicas_of(s: &t::CollectionSchema, collection_id: i64, groups: std::collections::BTreeMap<u32, Group>) -> Vec<mm::ReplicaInfo> {
     groups
         .into_iter()
-        .map(|(g, nodes)| {
-            let node_ids: Vec<i64> = std::iter::once(CLUSTER_NODE).chain(nodes).collect();
+        .map(|(g, group)| {
+            let node_ids: Vec<i64> = std::iter::once(CLUSTER_NODE).chain(group.nodes).collect();
             mm::ReplicaInfo {
                 replica_id: i64::from(g) + 1,
                 collection_id,
                 shard_replicas: (0..s.shards)
-                    .map(|i| mm::ShardReplica {
-                        leader_id: CLUSTER_NODE,
-                        leader_addr: String::new(),
-                        dm_channel_name: format!("{}_shard{i}", s.name),
-                        node_ids: node_ids.clone(),
+                    .map(|i| {
+                        let (leader_id, leader_addr) = group.leaders.get(&i).cloned().unwrap_or((CLUSTER_NODE, String::new()));
+                        mm::ShardReplica {
+                            leader_id,
+                            leader_addr,
+                            dm_channel_name: format!("{}_shard{i}", s.name),
+                            node_ids: node_ids.clone(),
+                        }
                     })
                     .collect(),
                 node_ids,
@@ -1060,7 +1082,7 @@ mod tests {
     }
 
     #[test]
-    fn replicas_are_the_clusters_groups_led_by_its_own_process() {
+    fn replicas_are_the_clusters_groups_led_by_their_query_nodes_or_its_own_process() {
         let s = t::CollectionSchema { name: "docs".into(), shards: 2, ..Default::default() };
         let q = |group, up| t::QueryNodeStatus { group, up, ..Default::default() };
         // No query nodes: one replica, the cluster's process alone.
@@ -1074,7 +1096,26 @@ mod tests {
         let two = replicas_of(&s, 7, replica_groups(&info, Some("docs")));
         let nodes: Vec<(i64, Vec<i64>)> = two.iter().map(|r| (r.replica_id, r.node_ids.clone())).collect();
         assert_eq!(nodes, [(1, vec![1, 2]), (2, vec![1, 4])]);
-        assert!(two.iter().flat_map(|r| &r.shard_replicas).all(|sr| sr.leader_id == 1));
+        assert!(two.iter().flat_map(|r| &r.shard_replicas).all(|sr| sr.leader_id == 1), "no query node leads a shard");
+        // Shard leaders on query nodes: per group, the live node leading each shard of this
+        // collection (another collection's shards, or a down node's, are not this one's).
+        let led = |c: &str, shard| t::LedShard { collection: c.into(), shard };
+        info.query_nodes[0].endpoint = "http://10.0.0.5:19540".into();
+        info.query_nodes[0].led_shards = vec![led("docs", 1), led("logs", 0)];
+        info.query_nodes[1].led_shards = vec![led("docs", 0)];
+        info.query_nodes[2].endpoint = "http://10.0.0.7:19540".into();
+        info.query_nodes[2].led_shards = vec![led("docs", 0), led("docs", 1)];
+        let led_by: Vec<Vec<(i64, String)>> = replicas_of(&s, 7, replica_groups(&info, Some("docs")))
+            .iter()
+            .map(|r| r.shard_replicas.iter().map(|sr| (sr.leader_id, sr.leader_addr.clone())).collect())
+            .collect();
+        assert_eq!(
+            led_by,
+            [vec![(1, String::new()), (2, "10.0.0.5:19540".into())], vec![(4, "10.0.0.7:19540".into()), (4, "10.0.0.7:19540".into())]]
+        );
+        for q in &mut info.query_nodes {
+            q.led_shards.clear();
+        }
         // Loaded with one replica, in group 1: that group alone; with none, the process alone.
         let status = |groups: Vec<u32>| t::CollectionStatus { name: "docs".into(), replica_groups: groups, ..Default::default() };
         info.collections = vec![status(vec![1])];

@@ -100,6 +100,21 @@ pub fn info_text(info: &pb::GetClusterInfoResponse) -> String {
         out.push_str("\n\n");
         out.push_str(&table(&["query node", "group", "state", "segments", "sub-searches", "stolen", "leads", "growing searched"], &rows));
     }
+    // Who keeps and searches each shard's growing rows, per replica group.
+    let mut leaders: Vec<(&str, u32, u32, &str)> = info
+        .query_nodes
+        .iter()
+        .flat_map(|q| q.led_shards.iter().map(move |l| (l.collection.as_str(), l.shard, q.group, q.endpoint.as_str())))
+        .collect();
+    if !leaders.is_empty() {
+        leaders.sort_unstable();
+        let rows: Vec<Vec<String>> = leaders
+            .into_iter()
+            .map(|(c, shard, group, endpoint)| vec![c.to_string(), shard.to_string(), group.to_string(), endpoint.to_string()])
+            .collect();
+        out.push_str("\n\n");
+        out.push_str(&table(&["collection", "shard", "group", "shard leader"], &rows));
+    }
     out
 }
 
@@ -129,6 +144,7 @@ pub fn info_json(info: &pb::GetClusterInfoResponse) -> serde_json::Value {
             "stolen": q.stolen,
             "shards_led": q.shards_led,
             "growing_searches": q.growing_searches,
+            "led_shards": q.led_shards.iter().map(|l| serde_json::json!({"collection": l.collection, "shard": l.shard})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -148,6 +164,7 @@ mod tests {
             stolen: 2,
             shards_led: 3,
             growing_searches: 5,
+            led_shards: Vec::new(),
         };
         let mut info = pb::GetClusterInfoResponse { cluster_id: "a".into(), role: pb::Role::Leading as i32, ..Default::default() };
         assert!(!info_text(&info).contains("query node"), "a cluster without query nodes lists none");
@@ -169,5 +186,32 @@ mod tests {
         assert_eq!(json["query_nodes"][0]["shards_led"], 3);
         assert_eq!(json["query_nodes"][0]["growing_searches"], 5);
         assert_eq!(json["collections"][0]["replica_groups"], serde_json::json!([0, 1]));
+        assert!(!text.contains("shard leader"), "no node leads a shard: no leaders listed\n{text}");
+        // Shard leaders, one table row per (collection, shard, group), in that order.
+        let led = |c: &str, shard| pb::LedShard { collection: c.into(), shard };
+        info.query_nodes[1].led_shards = vec![led("docs", 1), led("docs", 0)];
+        info.query_nodes[0].led_shards = vec![led("docs", 0)];
+        let text = info_text(&info);
+        let table: Vec<Vec<String>> = text
+            .lines()
+            .skip_while(|l| !l.contains("shard leader"))
+            .skip(1)
+            .filter(|l| !l.starts_with('-'))
+            .map(|l| words(l.into()))
+            .collect();
+        assert_eq!(
+            table,
+            [
+                ["docs", "0", "0", "http://10.0.0.11:19540"],
+                ["docs", "0", "1", "http://10.0.0.13:19540"],
+                ["docs", "1", "1", "http://10.0.0.13:19540"]
+            ],
+            "{text}"
+        );
+        let json = info_json(&info);
+        assert_eq!(
+            json["query_nodes"][1]["led_shards"],
+            serde_json::json!([{"collection": "docs", "shard": 1}, {"collection": "docs", "shard": 0}])
+        );
     }
 }

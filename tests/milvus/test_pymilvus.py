@@ -412,6 +412,11 @@ class WithQueryNodes(MilvusAsserts, unittest.TestCase):
             self.assertLess(time.time(), deadline, f"groups {coll['replica_groups']}, copies {held}; want {groups}, {per_node}")
             time.sleep(0.1)
 
+    @staticmethod
+    def leaders(c, name):
+        """Per replica, the node ids leading its shards, as describe_replica reports them."""
+        return [{s.shard_leader for s in r.shards} for r in c.describe_replica(name)]
+
     def test_replica_number_chooses_the_groups_that_hold_the_collection(self):
         c = MilvusClient(self.deployment.uri("leader"))
         name = "replicated"
@@ -445,11 +450,14 @@ class WithQueryNodes(MilvusAsserts, unittest.TestCase):
         c.load_collection(name, replica_number=1)
         self.wait_copies(name, [0], [sealed, 0])
         self.assertEqual([(r.id, tuple(r.group_nodes)) for r in c.describe_replica(name)], [(1, (1, 2))])
+        # Its shards are led by the group's query node: it keeps and searches their growing rows.
+        self.assertEqual(self.leaders(c, name), [{2}])
         self.assertEqual(nearest(5), 5)
         # Two: both groups again.
         c.load_collection(name, replica_number=2)
         self.wait_copies(name, [0, 1], [sealed, sealed])
         self.assertEqual([(r.id, tuple(r.group_nodes)) for r in c.describe_replica(name)], [(1, (1, 2)), (2, (1, 3))])
+        self.assertEqual(self.leaders(c, name), [{2}, {3}])
         # More than the groups: refused, naming it, and nothing changes.
         self.assertMilvusError(1100, "replica_number 3", c.load_collection, name, replica_number=3)
         self.assertEqual(len(c.describe_replica(name)), 2)
@@ -457,6 +465,7 @@ class WithQueryNodes(MilvusAsserts, unittest.TestCase):
         c.release_collection(name)
         self.wait_copies(name, [], [0, 0])
         self.assertEqual([(r.id, tuple(r.group_nodes)) for r in c.describe_replica(name)], [(1, (1,))])
+        self.assertEqual(self.leaders(c, name), [{1}])
         self.assertEqual(nearest(700), 700)
         c.drop_collection(name)
         c.close()

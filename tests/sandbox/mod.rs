@@ -657,6 +657,33 @@ pub async fn gateway_ready(gw: &tandem_gateway::Running, clusters: usize, collec
     .await;
 }
 
+/// A TCP relay to `to` that holds every chunk the server sends back for `delay`: to the proxy,
+/// a query node on a slow machine or link.
+pub async fn slow_relay(to: std::net::SocketAddr, delay: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((inbound, _)) = listener.accept().await {
+            let Ok(outbound) = tokio::net::TcpStream::connect(to).await else { continue };
+            let ((mut from_client, mut to_client), (mut from_node, mut to_node)) = (inbound.into_split(), outbound.into_split());
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut from_client, &mut to_node).await;
+            });
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 << 10];
+                while let Ok(n @ 1..) = from_node.read(&mut buf).await {
+                    tokio::time::sleep(delay).await;
+                    if to_client.write_all(&buf[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    format!("http://{addr}")
+}
+
 /// A query node (`tandem query-node`) served in the test's process, with a scratch directory of
 /// its own.
 pub struct QueryNode {
@@ -671,12 +698,27 @@ impl QueryNode {
     }
 
     pub async fn start_at(listen: &str, name: &str) -> QueryNode {
+        QueryNode::try_start(listen, name, None).await.unwrap()
+    }
+
+    /// A node that joins replica group `group` of the cluster at `cluster` itself
+    /// (`tandem query-node --join`), advertising `advertise` (its own address when empty).
+    pub async fn start_joining(name: &str, cluster: &str, group: u32, advertise: &str) -> tandem_cluster::error::Result<QueryNode> {
+        let join = tandem_cluster::query_node::JoinOptions { cluster: cluster.into(), group, advertise: advertise.into() };
+        QueryNode::try_start("127.0.0.1:0", name, Some(join)).await
+    }
+
+    async fn try_start(
+        listen: &str,
+        name: &str,
+        join: Option<tandem_cluster::query_node::JoinOptions>,
+    ) -> tandem_cluster::error::Result<QueryNode> {
         use tandem_cluster::query_node::{QueryNodeOptions, serve};
         let scratch = tempfile::tempdir().unwrap();
         let stop = tokio_util::sync::CancellationToken::new();
-        let opts = QueryNodeOptions { name: name.into(), scratch_dir: scratch.path().to_path_buf(), search_threads: 1 };
-        let running = serve(listen, opts, stop.clone()).await.unwrap();
-        QueryNode { running, stop, _scratch: scratch }
+        let opts = QueryNodeOptions { name: name.into(), scratch_dir: scratch.path().to_path_buf(), search_threads: 1, join };
+        let running = serve(listen, opts, stop.clone()).await?;
+        Ok(QueryNode { running, stop, _scratch: scratch })
     }
 
     /// Stops the node: its server and its streams end, and its address refuses connections.
