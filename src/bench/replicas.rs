@@ -18,6 +18,10 @@
 //!    (uncapped, as the writer is), one search in flight, with the shard's leader on the node
 //!    searching them (`query_nodes.shard_leaders`) and with the writer searching them: p50, and
 //!    the CPU the writer's search threads spend per search. The answers must be the same.
+//! 6. **A node joins**: group 0 of one listed node; under load, a new node started with
+//!    `--join` enters the group: failed searches (goal 0), the time until the group's copies
+//!    are evened out over both nodes, and QPS before and after (two capped nodes share each
+//!    search's segments). Goal: QPS after >= 0.9 x 2 x before.
 //!
 //! The writer's memory is reported too (phase 1, R = 1): its segments' bytes and this process's
 //! RSS once every group holds every segment and the writer released their indexes
@@ -46,6 +50,9 @@ const TARGET_SCALE: f64 = 0.9;
 
 /// Slow-node goal: QPS of a fast and a slow group over one fast group's.
 const TARGET_SLOW_NODE: f64 = 0.9;
+
+/// Join goal: QPS of a group of two nodes (one joined) over the QPS of its first node alone.
+const TARGET_JOIN: f64 = 0.9 * 2.0;
 
 #[derive(Debug, clap::Args)]
 pub struct ReplicasBenchArgs {
@@ -95,7 +102,28 @@ struct Report {
     node_loss: NodeLoss,
     writer_memory: WriterMemory,
     growing: GrowingRows,
+    join: NodeJoin,
     targets: Vec<Target>,
+}
+
+/// Phase 6: a node joins a group of one under load (`tandem query-node --join`).
+#[derive(Debug, Serialize)]
+struct NodeJoin {
+    /// The group's one listed node alone, and the group once the joined node holds its share.
+    qps_before: f64,
+    qps_after: f64,
+    ratio: f64,
+    recall_after: f64,
+    /// While the node joins: searches, failures, and the latencies of those sent after the
+    /// node was started.
+    searches: u64,
+    failed: u64,
+    first_error: Option<String>,
+    after_start: Latency,
+    /// From the node's start until the group's copies differ by one at most between its nodes.
+    balanced_ms: f64,
+    /// The copies each node holds then.
+    copies: Vec<u64>,
 }
 
 /// Phase 5: growing rows searched by the shard's leader on a query node, and by the writer.
@@ -278,24 +306,34 @@ fn set_cap(dir: &Path, cpus: Option<f64>) -> anyhow::Result<()> {
 }
 
 fn start_nodes(count: usize, cpus: f64, scratch: &Path) -> anyhow::Result<(Nodes, String)> {
-    let exe = std::env::current_exe().context("the tandem binary")?;
     let mut nodes = Nodes { children: Vec::new(), endpoints: Vec::new(), cgroups: Vec::new() };
     let mut kind = "";
-    for i in 0..count {
+    for _ in 0..count {
+        kind = nodes.start(cpus, scratch, &[])?;
+    }
+    Ok((nodes, kind.to_string()))
+}
+
+impl Nodes {
+    /// Starts one more query node (with `extra` arguments), capped at `cpus`; returns the
+    /// cgroup kind.
+    fn start(&mut self, cpus: f64, scratch: &Path, extra: &[&str]) -> anyhow::Result<&'static str> {
+        let exe = std::env::current_exe().context("the tandem binary")?;
+        let i = self.children.len();
         let mut cmd = std::process::Command::new(&exe);
         cmd.args(["query-node", "--listen", "127.0.0.1:0", "--search-threads", "1", "--name", &format!("bench-qn{i}")])
             .arg("--scratch-dir")
             .arg(scratch.join(format!("qn{i}")))
+            .args(extra)
             .env("RUST_LOG", "warn");
         let (child, addr) = crate::cli::cluster::spawn_listening(&mut cmd).context("starting a query node")?;
         let pid = child.id();
-        nodes.children.push(child);
-        nodes.endpoints.push(format!("http://{addr}"));
-        let (dir, k) = cap_cpu(pid, cpus, &format!("tandem-bench-qn{i}-{}", std::process::id()))?;
-        nodes.cgroups.push(dir);
-        kind = k;
+        self.children.push(child);
+        self.endpoints.push(format!("http://{addr}"));
+        let (dir, kind) = cap_cpu(pid, cpus, &format!("tandem-bench-qn{i}-{}", std::process::id()))?;
+        self.cgroups.push(dir);
+        Ok(kind)
     }
-    Ok((nodes, kind.to_string()))
 }
 
 pub async fn run(a: ReplicasBenchArgs) -> anyhow::Result<()> {
@@ -474,6 +512,9 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
     let (run, restored) = run;
     // The killed node was ep[0]: ep[1] serves the growing-rows phase.
     let growing = growing_rows(&data, a, &ds, &truth, &ep[1], &nodes.cgroups[1]).await?;
+    // ep[1] again, capped again, as the group's listed node.
+    set_cap(&nodes.cgroups[1], Some(a.node_cpus))?;
+    let join = node_joins(&data, a, &ds, &truth, &ep[1], &mut nodes, scratch.path()).await?;
     let node_loss = NodeLoss {
         searches: run.searches,
         failed: run.failed,
@@ -514,6 +555,18 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         goal: format!("0 of the {} queries both runs asked (growing rows on the shard's leader vs in the writer)", both.len()),
         met: differ == 0 && !both.is_empty(),
     });
+    targets.push(Target {
+        name: "failed_searches_on_node_join".into(),
+        value: join.failed as f64,
+        goal: "0".into(),
+        met: join.failed == 0,
+    });
+    targets.push(Target {
+        name: "join_qps_gain".into(),
+        value: join.ratio,
+        goal: format!(">= {TARGET_JOIN} (a group of two nodes, one joined, vs its first node alone)"),
+        met: join.ratio >= TARGET_JOIN,
+    });
     let po = proxy_overhead.context("no proxy overhead measured")?;
     targets.push(Target {
         name: "recall_unchanged".into(),
@@ -540,7 +593,61 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         node_loss,
         writer_memory: writer_memory.context("no writer memory measured")?,
         growing,
+        join,
         targets,
+    })
+}
+
+/// Phase 6 (see the module's comment): group 0 is `listed` alone; under load a new node joins
+/// it, and the placement evens the group's copies out over both.
+async fn node_joins(
+    data: &Path,
+    a: &ReplicasBenchArgs,
+    ds: &Arc<Dataset>,
+    truth: &Arc<Vec<Vec<i64>>>,
+    listed: &str,
+    nodes: &mut Nodes,
+    scratch: &Path,
+) -> anyhow::Result<NodeJoin> {
+    use tandem_cluster::fanout::Fanout;
+    let member = Member::start(writer_config(data, a, vec![vec![listed.to_string()]])).await?;
+    let segments = wait_placed(&member, 1).await?;
+    let placement = member.placement().context("no placement")?.clone();
+    let endpoint = member.endpoint();
+    let length = Duration::from_secs_f64(a.duration_secs);
+    let before = closed_loop(&endpoint, ds, truth, a, a.concurrency, length, None).await?;
+    let started = Arc::new(Mutex::new(None::<Instant>));
+    let load = closed_loop(&endpoint, ds, truth, a, a.concurrency, length + Duration::from_secs(1), Some(started.clone()));
+    let join = async {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let at = Instant::now();
+        *started.lock() = Some(at);
+        nodes.start(a.node_cpus, scratch, &["--join", &endpoint, "--group", "0"])?;
+        loop {
+            let held: Vec<u64> = placement.query_nodes().iter().map(|q| q.segments).collect();
+            if held.len() == 2 && held.iter().sum::<u64>() == segments as u64 && held[0].abs_diff(held[1]) <= 1 {
+                return anyhow::Ok((at.elapsed(), held));
+            }
+            ensure!(at.elapsed() < Duration::from_secs(120), "the group was not evened out in 120 s: copies {held:?} of {segments}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    };
+    let (during, balanced) = tokio::join!(load, join);
+    let (during, (balanced, copies)) = (during?, balanced?);
+    let after = closed_loop(&endpoint, ds, truth, a, a.concurrency, length, None).await;
+    member.stop(crate::config::MEMBER_DRAIN).await?;
+    let after = after?;
+    Ok(NodeJoin {
+        qps_before: before.qps,
+        qps_after: after.qps,
+        ratio: after.qps / before.qps,
+        recall_after: after.recall,
+        searches: during.searches,
+        failed: during.failed,
+        first_error: during.first_error,
+        after_start: during.after_kill,
+        balanced_ms: balanced.as_secs_f64() * 1e3,
+        copies,
     })
 }
 
@@ -845,6 +952,20 @@ fn print(r: &Report) {
             run.growing_here
         );
     }
+    let j = &r.join;
+    println!(
+        "node joins (--join) under load: {} searches, {} failed; after its start p50 {:.2} ms p99 {:.2} ms; group evened out in {:.0} ms (copies {:?}); {:.0} qps before, {:.0} after = {:.2} x, recall {:.4}",
+        j.searches,
+        j.failed,
+        j.after_start.p50_ms,
+        j.after_start.p99_ms,
+        j.balanced_ms,
+        j.copies,
+        j.qps_before,
+        j.qps_after,
+        j.ratio,
+        j.recall_after
+    );
     for t in &r.targets {
         println!("target {:<32} {:>8.3}  goal {:<50} {}", t.name, t.value, t.goal, if t.met { "met" } else { "MISSED" });
     }
