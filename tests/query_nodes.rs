@@ -934,8 +934,8 @@ async fn a_query_node_that_joins_a_group_gets_its_share_and_is_kept_across_a_res
     }
     assert!(joined.searches() > 0, "the joined node answers none of its group's searches");
     let info = c.get_cluster_info(pb::GetClusterInfoRequest {}).await.unwrap().into_inner();
-    let nodes: Vec<(u32, String)> = info.query_nodes.iter().map(|q| (q.group, q.endpoint.clone())).collect();
-    assert_eq!(nodes, [(0, listed[0].endpoint()), (0, joined.endpoint()), (1, listed[1].endpoint())]);
+    let nodes: Vec<(u32, String, bool)> = info.query_nodes.iter().map(|q| (q.group, q.endpoint.clone(), q.joined)).collect();
+    assert_eq!(nodes, [(0, listed[0].endpoint(), false), (0, joined.endpoint(), true), (1, listed[1].endpoint(), false)]);
 
     // Refused, naming the value; nothing changes.
     let mut coordinator = qn::coordinator_client::CoordinatorClient::connect(cluster.clone()).await.unwrap();

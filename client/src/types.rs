@@ -702,6 +702,8 @@ pub struct QueryNodeStatus {
     pub growing_searches: u64,
     /// The shards it leads: (collection, shard number).
     pub led_shards: Vec<(String, u32)>,
+    /// It joined its group itself (`tandem query-node --join`) rather than being listed.
+    pub joined: bool,
 }
 
 impl From<pb::QueryNodeStatus> for QueryNodeStatus {
@@ -716,6 +718,7 @@ impl From<pb::QueryNodeStatus> for QueryNodeStatus {
             shards_led: q.shards_led,
             growing_searches: q.growing_searches,
             led_shards: q.led_shards.into_iter().map(|l| (l.collection, l.shard)).collect(),
+            joined: q.joined,
         }
     }
 }
@@ -736,6 +739,7 @@ impl From<&QueryNodeStatus> for pb::QueryNodeStatus {
                 .iter()
                 .map(|(collection, shard)| pb::LedShard { collection: collection.clone(), shard: *shard })
                 .collect(),
+            joined: q.joined,
         }
     }
 }

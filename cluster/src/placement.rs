@@ -908,6 +908,7 @@ impl Fanout for Placement {
                     shards_led: led_shards.len() as u32,
                     growing_searches: node.led.load(Ordering::Relaxed),
                     led_shards,
+                    joined: node.last_join.lock().is_some(),
                 });
             }
         }

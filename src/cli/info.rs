@@ -144,6 +144,7 @@ pub fn info_json(info: &pb::GetClusterInfoResponse) -> serde_json::Value {
             "stolen": q.stolen,
             "shards_led": q.shards_led,
             "growing_searches": q.growing_searches,
+            "joined": q.joined,
             "led_shards": q.led_shards.iter().map(|l| serde_json::json!({"collection": l.collection, "shard": l.shard})).collect::<Vec<_>>(),
         })).collect::<Vec<_>>(),
     })
@@ -165,6 +166,7 @@ mod tests {
             shards_led: 3,
             growing_searches: 5,
             led_shards: Vec::new(),
+            joined: false,
         };
         let mut info = pb::GetClusterInfoResponse { cluster_id: "a".into(), role: pb::Role::Leading as i32, ..Default::default() };
         assert!(!info_text(&info).contains("query node"), "a cluster without query nodes lists none");
@@ -185,6 +187,7 @@ mod tests {
         assert_eq!(json["query_nodes"][0]["stolen"], 2);
         assert_eq!(json["query_nodes"][0]["shards_led"], 3);
         assert_eq!(json["query_nodes"][0]["growing_searches"], 5);
+        assert_eq!(json["query_nodes"][0]["joined"], false);
         assert_eq!(json["collections"][0]["replica_groups"], serde_json::json!([0, 1]));
         assert!(!text.contains("shard leader"), "no node leads a shard: no leaders listed\n{text}");
         // Shard leaders, one table row per (collection, shard, group), in that order.
