@@ -76,6 +76,9 @@ use crate::segment::{SearchPlan, SegmentId, TopK, merge_topk};
 /// How often segments are placed and failed nodes probed.
 pub const PLACE_EVERY: Duration = Duration::from_millis(300);
 
+/// How long a stopping placement loop may take to keep its state once more.
+const FINAL_SAVE: Duration = Duration::from_secs(2);
+
 /// A joined query node that is down and has not joined again for this long has left its group
 /// (it tells the cluster every 2 s while it runs): it is no longer probed, listed or kept.
 pub const JOIN_EXPIRES: Duration = Duration::from_secs(30);
@@ -475,21 +478,28 @@ impl Placement {
 
     /// Places segments until `stop` fires or the node is gone. Holds the node only during a
     /// round, and a round ends at once when `stop` fires: a stopped node's data directory is
-    /// free for the next start as soon as the member has stopped.
+    /// free for the next start as soon as the member has stopped. The placement is kept once
+    /// more on the way out: a round cut short, or one whose copies were loaded but which had not
+    /// reached its save (index releases and leaders come first), would otherwise leave the next
+    /// start an older state and make it load those copies again.
     pub async fn run(self: Arc<Self>, node: Weak<Node>, stop: CancellationToken) {
         let _ = self.node.set(node.clone());
         let mut every = tokio::time::interval(PLACE_EVERY);
         every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => break,
                 _ = every.tick() => {}
             }
             let Some(node) = node.upgrade() else { return };
             tokio::select! {
-                _ = stop.cancelled() => return,
+                _ = stop.cancelled() => break,
                 () = self.place(&node) => {}
             }
+        }
+        // Bounded: a store that does not answer must not hold the member's stop.
+        if tokio::time::timeout(FINAL_SAVE, self.save()).await.is_err() {
+            tracing::warn!("the placement of segment copies was not kept on the way out: its store did not answer");
         }
     }
 
