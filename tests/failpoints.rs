@@ -480,14 +480,7 @@ async fn a_copy_that_fails_mid_search_leaves_the_straggler_to_answer() {
     let scenario = fail::FailScenario::setup();
     let (fast, slow) = (QueryNode::start("qa1").await, QueryNode::start("qb1").await);
     let groups = vec![vec![fast.endpoint()], vec![slow_relay(slow.running.addr, Duration::from_millis(40)).await]];
-    let sb = Sandbox::builder()
-        .cluster_with("a", move |c| {
-            c.segment.seal_rows = 300;
-            c.query_nodes.groups = groups.clone();
-        })
-        .build()
-        .await;
-    let mut a = sb.client("a").await;
+    let (sb, mut a) = cluster_over(groups, true).await;
     create(&mut a, 8, 2).await;
     insert(&mut a, 0..1800, 8).await.unwrap();
     a.flush(pb::FlushRequest { collection: C.into() }).await.unwrap();
@@ -536,15 +529,7 @@ async fn a_copy_that_fails_mid_search_leaves_the_straggler_to_answer() {
 async fn a_search_routed_before_its_growing_rows_were_trimmed_finds_them() {
     let scenario = fail::FailScenario::setup();
     let qn = QueryNode::start("q1").await;
-    let endpoint = qn.endpoint();
-    let sb = Sandbox::builder()
-        .cluster_with("a", move |c| {
-            c.segment.seal_rows = 300;
-            c.query_nodes.groups = vec![vec![endpoint.clone()]];
-        })
-        .build()
-        .await;
-    let mut a = sb.client("a").await;
+    let (sb, mut a) = cluster_over(vec![vec![qn.endpoint()]], true).await;
     create(&mut a, 8, 1).await;
     insert(&mut a, 0..100, 8).await.unwrap();
     let placement = sb.placement("a").await.unwrap();
@@ -603,18 +588,24 @@ async fn cluster_whose_node_is_refused_once(shard_leaders: bool) -> (QueryNode, 
     let qn = QueryNode::start("q1").await;
     let before = hits("replication::local_subscribe");
     fail::cfg("replication::local_subscribe", "1*return").unwrap();
-    let endpoint = qn.endpoint();
+    let (sb, mut a) = cluster_over(vec![vec![qn.endpoint()]], shard_leaders).await;
+    a.create_collection(pb::CreateCollectionRequest { schema: Some(schema(C, 8, pb::Metric::L2, hnsw(16, 64), 1, vec![])) }).await.unwrap();
+    (qn, sb, a, before)
+}
+
+/// A cluster `a` (300 rows a segment) whose query nodes are `groups`, with shard leaders on them
+/// or not; no collection yet.
+async fn cluster_over(groups: Vec<Vec<String>>, shard_leaders: bool) -> (Sandbox, Client) {
     let sb = Sandbox::builder()
         .cluster_with("a", move |c| {
             c.segment.seal_rows = 300;
-            c.query_nodes.groups = vec![vec![endpoint.clone()]];
+            c.query_nodes.groups = groups.clone();
             c.query_nodes.shard_leaders = shard_leaders;
         })
         .build()
         .await;
-    let mut a = sb.client("a").await;
-    a.create_collection(pb::CreateCollectionRequest { schema: Some(schema(C, 8, pb::Metric::L2, hnsw(16, 64), 1, vec![])) }).await.unwrap();
-    (qn, sb, a, before)
+    let a = sb.client("a").await;
+    (sb, a)
 }
 
 /// A STRONG search of 4 queries, k 10.

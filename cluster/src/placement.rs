@@ -173,6 +173,11 @@ impl QueryNodeHandle {
         self.up.load(Ordering::Acquire) && !self.has_left()
     }
 
+    /// It joined its group (`Coordinator.Join`) rather than being listed in `query_nodes.groups`.
+    pub fn joined(&self) -> bool {
+        self.last_join.lock().is_some()
+    }
+
     /// A joined node gone for good (see `left`).
     pub fn has_left(&self) -> bool {
         self.left.load(Ordering::Acquire)
@@ -222,8 +227,6 @@ pub struct Placement {
     /// (`Coordinator.Join`). Nodes are only ever added, so a node's index in its group, which
     /// `copies` and a search's routes hold, stays valid in every later list.
     groups: RwLock<Arc<Groups>>,
-    /// The endpoints `query_nodes.groups` lists: the others joined, and are kept in the state.
-    listed: HashSet<String>,
     /// Per segment, per group: the node (index in the group) holding its copy.
     copies: RwLock<HashMap<SegKey, Vec<Option<usize>>>>,
     /// Per collection id, the groups holding its copies, sorted, when `LoadCollection` set
@@ -265,7 +268,6 @@ impl Placement {
         Ok(Arc::new(Placement {
             source,
             groups: RwLock::new(Arc::new(groups)),
-            listed: cfg.groups.iter().flatten().cloned().collect(),
             copies: RwLock::new(HashMap::new()),
             replicas: RwLock::new(HashMap::new()),
             next_group: AtomicUsize::new(0),
@@ -299,10 +301,11 @@ impl Placement {
             .map_err(|e| ClusterError::Corrupt(format!("the placement state in {} does not parse: {e}", store.describe())))?;
         // The user's setting, whatever became of the copies. A group no longer configured is
         // left out (the collection has fewer replicas until it is loaded again).
+        let total = self.groups.read().len();
         *self.replicas.write() = state
             .replicas
             .iter()
-            .map(|r| (r.collection_id, r.groups.iter().map(|&g| g as usize).filter(|&g| g < self.groups().len()).collect()))
+            .map(|r| (r.collection_id, r.groups.iter().map(|&g| g as usize).filter(|&g| g < total).collect()))
             .collect();
         // The nodes that joined, before the copies they hold are mapped.
         for j in &state.joined {
@@ -360,7 +363,7 @@ impl Placement {
         replicas.sort_unstable_by_key(|r| r.collection_id);
         let joined = (groups.iter().enumerate())
             .flat_map(|(g, nodes)| nodes.iter().map(move |n| (g, n)))
-            .filter(|(_, n)| !self.listed.contains(&n.endpoint) && !n.has_left())
+            .filter(|(_, n)| n.joined() && !n.has_left())
             .map(|(g, n)| qn::JoinedNode { endpoint: n.endpoint.clone(), group: g as u32 })
             .collect();
         qn::PlacementState { copies: list, source: self.source.clone(), replicas, joined }.encode_to_vec()
@@ -918,7 +921,7 @@ impl Fanout for Placement {
                     shards_led: led_shards.len() as u32,
                     growing_searches: node.led.load(Ordering::Relaxed),
                     led_shards,
-                    joined: node.last_join.lock().is_some(),
+                    joined: node.joined(),
                 });
             }
         }
@@ -992,7 +995,8 @@ impl Fanout for Placement {
 
     fn search(&self, collection: &Collection, plan: &SearchPlan<'_>) -> Result<TopK> {
         let Routed { remote, known, led } = self.route(collection);
-        // After routing: it has every node the routes name.
+        // After routing: it has every node the routes name. The search's sub-searches, and the
+        // copies asked mid-search, all use this one list.
         let groups = self.groups();
         // Failpoint: the search waits here (the argument, in ms) with its view taken, while the
         // cluster may seal rows and its leaders trim them. On the search pool, so a plain sleep.
@@ -1035,7 +1039,7 @@ impl Fanout for Placement {
             }
             let part = Sent { g, n, shard, segments: route.segments.clone(), growing: route.growing };
             let queued = queued.entry((g, n)).or_insert_with(|| Arc::new(InFlight::new(node))).clone();
-            let abort = self.send(&mut calls, &template, &part, queued, Done::Own(sent.len()));
+            let abort = self.send(&groups, &mut calls, &template, &part, queued, Done::Own(sent.len()));
             sent.push((part, abort));
         }
         // From here on only the calls hold their node's count.
@@ -1057,7 +1061,7 @@ impl Fanout for Placement {
                 }
             })
             .collect::<Result<Vec<_>>>()?;
-        let answers = self.runtime.block_on(self.gather(&template, sent, calls, started));
+        let answers = self.runtime.block_on(self.gather(&groups, &template, sent, calls, started));
         for (sent, answered) in answers {
             let (g, n, shard) = (sent.g, sent.n, sent.shard);
             let segs = &sent.segments;
@@ -1148,13 +1152,14 @@ impl Placement {
     /// queue while `queued` lives; the call ends in `calls`, tagged `done`.
     fn send(
         &self,
+        groups: &Groups,
         calls: &mut tokio::task::JoinSet<(Done, Answer)>,
         template: &qn::SegmentSearchRequest,
         sent: &Sent,
         queued: Arc<InFlight>,
         done: Done,
     ) -> tokio::task::AbortHandle {
-        let node = self.groups.read()[sent.g][sent.n].clone();
+        let node = groups[sent.g][sent.n].clone();
         let req = qn::SegmentSearchRequest {
             shard: sent.shard,
             segments: sent.segments.clone(),
@@ -1208,12 +1213,12 @@ impl Placement {
     /// the straggler to answer.
     async fn gather(
         &self,
+        groups: &Groups,
         template: &qn::SegmentSearchRequest,
         sent: Vec<(Sent, tokio::task::AbortHandle)>,
         mut calls: tokio::task::JoinSet<(Done, Answer)>,
         started: std::time::Instant,
     ) -> Vec<(Sent, Answer)> {
-        let groups = self.groups();
         let mut resolved = vec![false; sent.len()];
         // Per sub-search: None until stealing was tried; then the copies asked, with their
         // answers as they come (empty: none was asked, or one failed).
@@ -1221,7 +1226,7 @@ impl Placement {
         let mut stolen: Vec<Option<Copies>> = (0..sent.len()).map(|_| None).collect();
         let mut out = Vec::with_capacity(sent.len());
         while resolved.contains(&false) {
-            let usual = self.fastest_answer();
+            let usual = fastest_answer(groups);
             let steal = self.steal && usual.is_some() && (0..sent.len()).any(|i| !resolved[i] && stolen[i].is_none());
             let at = started + usual.unwrap_or_default() * 2 + STEAL_SLACK;
             let next = tokio::select! {
@@ -1236,7 +1241,7 @@ impl Placement {
                         .collect();
                     for i in 0..sent.len() {
                         if !resolved[i] && stolen[i].is_none() {
-                            stolen[i] = Some(self.steal_from(template, i, &sent[i].0, &idle, &mut calls));
+                            stolen[i] = Some(self.steal_from(groups, template, i, &sent[i].0, &idle, &mut calls));
                         }
                     }
                     continue;
@@ -1290,13 +1295,13 @@ impl Placement {
     /// takes the growing rows.
     fn steal_from(
         &self,
+        groups: &Groups,
         template: &qn::SegmentSearchRequest,
         i: usize,
         straggler: &Sent,
         idle: &HashSet<(usize, usize)>,
         calls: &mut tokio::task::JoinSet<(Done, Answer)>,
     ) -> Vec<(Sent, tokio::task::AbortHandle, Option<Answer>)> {
-        let groups = self.groups();
         let (collection_id, shard) = (template.collection_id, straggler.shard);
         let holding = self.holding(collection_id);
         let mut by_node: HashMap<(usize, usize), Vec<SegmentId>> = HashMap::new();
@@ -1330,18 +1335,17 @@ impl Placement {
             metrics::counter!("tandem_proxy_stolen_total").increment(1);
             let growing = growing.filter(|&(at, _)| at == (g, n)).map(|(_, from)| from);
             let sent = Sent { g, n, shard, segments, growing };
-            let abort = self.send(calls, template, &sent, Arc::new(InFlight::new(node)), Done::Stolen(i, asked.len()));
+            let abort = self.send(groups, calls, template, &sent, Arc::new(InFlight::new(node)), Done::Stolen(i, asked.len()));
             asked.push((sent, abort, None));
         }
         tracing::debug!(endpoint = %groups[straggler.g][straggler.n].endpoint, copies = asked.len(), "a straggling sub-search's segments asked of idle copies");
         asked
     }
+}
 
-    /// The usual answer time of the fastest live node that has answered.
-    fn fastest_answer(&self) -> Option<Duration> {
-        let groups = self.groups();
-        (groups.iter().flatten()).filter(|n| n.is_up()).filter_map(|n| n.usual_answer()).min()
-    }
+/// The usual answer time of the fastest live node of `groups` that has answered.
+fn fastest_answer(groups: &Groups) -> Option<Duration> {
+    (groups.iter().flatten()).filter(|n| n.is_up()).filter_map(|n| n.usual_answer()).min()
 }
 
 /// A sub-search's answer as a `TopK` of `nq` lists.

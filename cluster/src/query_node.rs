@@ -202,13 +202,14 @@ impl Tail {
         }
         let old = std::mem::replace(&mut self.rows, Growing::new(0));
         let r = old.rows;
-        let rows = crate::segment::Rows::new(
-            r.ids[keep..].to_vec(),
-            r.insert_ts[keep..].to_vec(),
-            r.vectors[keep * dim..].to_vec(),
-            r.payloads[keep..].to_vec(),
-            dim,
-        );
+        // The kept rows' norms are kept too, not computed again.
+        let rows = crate::segment::Rows {
+            ids: r.ids[keep..].to_vec(),
+            insert_ts: r.insert_ts[keep..].to_vec(),
+            vectors: r.vectors[keep * dim..].to_vec(),
+            norms: r.norms[keep..].to_vec(),
+            payloads: r.payloads[keep..].to_vec(),
+        };
         self.rows = Growing { id: 0, first_lsn: 0, first_row: 0, rows, delete_ts: old.delete_ts[keep..].to_vec() };
         self.pos.drain(..keep);
         self.live = (0..self.rows.rows.len())

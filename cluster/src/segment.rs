@@ -265,6 +265,11 @@ impl Growing {
         Growing { id, first_lsn: 0, first_row: 0, rows: Rows::default(), delete_ts: Vec::new() }
     }
 
+    /// Where its rows begin in the log (`None` while empty).
+    pub fn start(&self) -> Option<(Lsn, u32)> {
+        (!self.rows.is_empty()).then_some((self.first_lsn, self.first_row))
+    }
+
     /// Appends row `row_in_record` of the record at `lsn`.
     pub fn push(&mut self, lsn: Lsn, row_in_record: u32, id: i64, ts: Ts, vector: &[f32], row: Row) -> u32 {
         if self.rows.is_empty() {

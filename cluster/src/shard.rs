@@ -759,8 +759,7 @@ impl Shard {
     /// them, in a segment sealed since or still growing, is at that position or later.
     pub fn view(&self) -> (Vec<Arc<Sealed>>, Option<(Lsn, u32)>) {
         let st = self.state.read();
-        let growing = (!st.growing.rows.is_empty()).then_some((st.growing.first_lsn, st.growing.first_row));
-        (st.sealed.values().cloned().collect(), growing)
+        (st.sealed.values().cloned().collect(), st.growing.start())
     }
 
     /// Where a shard leader's growing rows must begin to cover every later search's growing
@@ -770,7 +769,7 @@ impl Shard {
     /// (the one before the growing rows would be).
     pub fn growing_start(&self) -> (Lsn, u32) {
         let st = self.state.read();
-        if st.growing.rows.is_empty() { (self.wal.last_lsn() + 1, 0) } else { (st.growing.first_lsn, st.growing.first_row) }
+        st.growing.start().unwrap_or_else(|| (self.wal.last_lsn() + 1, 0))
     }
 
     pub fn search(&self, plan: &SearchPlan<'_>) -> Result<TopK> {
