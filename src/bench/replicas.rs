@@ -519,7 +519,7 @@ async fn bench(a: &ReplicasBenchArgs) -> anyhow::Result<Report> {
         searches: run.searches,
         failed: run.failed,
         first_error: run.first_error,
-        after_kill: run.after_kill,
+        after_kill: run.after_since,
         restored_ms: restored.as_secs_f64() * 1e3,
         rerouted,
     };
@@ -645,7 +645,7 @@ async fn node_joins(
         searches: during.searches,
         failed: during.failed,
         first_error: during.first_error,
-        after_start: during.after_kill,
+        after_start: during.after_since,
         balanced_ms: balanced.as_secs_f64() * 1e3,
         copies,
     })
@@ -803,7 +803,8 @@ struct LoopRun {
     searches: u64,
     failed: u64,
     first_error: Option<String>,
-    after_kill: Latency,
+    /// Searches sent after the instant `since` held (the kill, or the joining node's start).
+    after_since: Latency,
     /// The first answer to each query (`None`: never asked).
     answers: Vec<Option<Vec<i64>>>,
 }
@@ -886,7 +887,7 @@ async fn closed_loop(
         searches: searches + failed.load(Ordering::Relaxed),
         failed: failed.load(Ordering::Relaxed),
         first_error: first_error.lock().take(),
-        after_kill: summarize(after),
+        after_since: summarize(after),
         answers: answers_kept,
     })
 }
